@@ -1,0 +1,54 @@
+"""Domain errors shared by every part of the product.
+
+Core code (model loading, image decoding, the gallery index) raises these and
+knows nothing of gRPC. `imagesearch.serving` is the one place that maps them to
+gRPC status codes; the CLI maps them to exit messages. Each class names the
+status code it stands for, so adding an error never means touching a mapping.
+"""
+
+from __future__ import annotations
+
+
+class ImageSearchError(Exception):
+    """Base class. `status` is the name of a grpc.StatusCode member."""
+
+    status = "INTERNAL"
+
+
+class InvalidArgument(ImageSearchError, ValueError):
+    """Bad input: undecodable image, wrong dimension, NaN vector, empty name..."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class InvalidImage(InvalidArgument):
+    """Bytes that are not a decodable image (empty, truncated, not an image)."""
+
+
+class ResourceExhausted(ImageSearchError):
+    """Input over an advertised limit (bytes, pixels, stream length)."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class NotFound(ImageSearchError, LookupError):
+    """An unknown collection."""
+
+    status = "NOT_FOUND"
+
+
+class FailedPrecondition(ImageSearchError):
+    """The request is well formed but the system's state forbids it, e.g. a
+    vector from another model than the collection's."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class WeightsUnavailable(FailedPrecondition):
+    """Pretrained weights cannot be had here; the message names the ways out."""
+
+
+class Unavailable(ImageSearchError):
+    """The service is still loading or is shutting down: retry later."""
+
+    status = "UNAVAILABLE"

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from imagesearch import serving
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOTHING = Path(
+    __import__("os").environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
+
+
+@pytest.fixture
+def grpc_server():
+    """Factory: start an in-process server on 127.0.0.1:0 through the project's
+    `build_server` (health, reflection, interceptors) and return
+    (RunningServer, channel). Everything is stopped at teardown."""
+    started = []
+
+    def start(register, service_names, config: serving.ServerConfig | None = None, serving_now=True):
+        config = config or serving.ServerConfig(host="127.0.0.1", port=0, grace_s=1.0)
+        running = serving.build_server(config, register, service_names)
+        if serving_now:
+            running.set_serving(True)
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        started.append((running, channel))
+        return running, channel
+
+    yield start
+    for running, channel in started:
+        channel.close()
+        running.stop(0).wait()
+
+
+@pytest.fixture(scope="session")
+def clothing_dir() -> Path:
+    if not (CLOTHING / "train").is_dir():
+        pytest.skip(f"clothing-small data set not found at {CLOTHING} (set IMAGESEARCH_CLOTHING_DIR)")
+    return CLOTHING

