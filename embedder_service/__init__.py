@@ -1,0 +1,1 @@
+"""embedder_service"""
