@@ -31,6 +31,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # e.g. 8660 x 5773; PIL's own bomb guard 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The only PIL plugins decode_image lets loose on untrusted bytes ("JPEG" covers
+# the multi-picture MPO files of phone cameras). Others are refused as "not a
+# recognised image": EPS would run Ghostscript, and PPM or XBM accept plain text.
+DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 _INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
@@ -91,24 +95,31 @@ def decode_image(
         raise errors.ResourceExhausted(
             f"{label}image is {len(data):,} bytes, over the limit of {max_bytes:,} bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise errors.ResourceExhausted(
-                    f"{label}image is {width}x{height} = {width * height:,} pixels, "
-                    f"over the limit of {max_pixels:,} pixels")
-            if width < 1 or height < 1:
-                raise errors.InvalidImage(f"{label}image has no pixels ({width}x{height})")
-            img.seek(0)  # first frame of GIF/APNG/multi-page TIFF
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+        if max_pixels is None:
+            with warnings.catch_warnings():  # no limit of ours: PIL's bomb guard is the limit
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        else:
+            # Our limit decides, below, and names itself in the message. (No
+            # catch_warnings here: it swaps process-wide filters, which is not
+            # thread-safe, and the embedder decodes on a thread pool.)
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise errors.ResourceExhausted(
+                f"{label}image is {width}x{height} = {width * height:,} pixels, "
+                f"over the limit of {max_pixels:,} pixels")
+        if width < 1 or height < 1:
+            raise errors.InvalidImage(f"{label}image has no pixels ({width}x{height})")
+        img.seek(0)  # first frame of GIF/APNG/multi-page TIFF
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
     except errors.ImageSearchError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise errors.ResourceExhausted(f"{label}image over the pixel limit: {exc}") from None
+        limit = f" of {max_pixels:,} pixels" if max_pixels is not None else ""
+        raise errors.ResourceExhausted(f"{label}image over the pixel limit{limit}: {exc}") from None
     except Image.UnidentifiedImageError:
         raise errors.InvalidImage(
             f"{label}not a recognised image ({len(data):,} bytes; "
