@@ -1,0 +1,239 @@
+"""`EmbedderClient`: the EmbedderService through its generated stub.
+
+Every call has a deadline; UNAVAILABLE is retried by gRPC's retry policy; the
+message limit comes from GetModelInfo; a comma-separated list of replicas is
+balanced by gRPC's round_robin (each call and each stream goes to the next
+replica, so bulk work is cut into several concurrent streams)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, ManagedChannel, RetryPolicy, Security
+from clients.errors import SERVE_HINT, ClientError, UsageError, from_rpc_error
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+ADDRESS_ENV = "IMAGESEARCH_EMBEDDER"
+HINT = SERVE_HINT.format(flag="--embedder", env=ADDRESS_ENV)
+# Per-item allowance added to a stream's deadline (a slow CPU model, queued behind other streams).
+PER_ITEM_S = 2.0
+
+
+@dataclasses.dataclass
+class EmbedResult:
+    """One item's answer: a unit vector or an error (code + message)."""
+
+    id: str
+    vector: np.ndarray | None = None
+    fingerprint: str = ""
+    code: grpc.StatusCode | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.vector is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+    """An item to embed: an id and a loader for its bytes (read lazily, so a
+    large folder is never held in memory). The loader raises OSError or
+    ClientError for a file that cannot be sent; that item gets an error result."""
+
+    id: str
+    load: Callable[[], bytes]
+
+
+def _status(code: int) -> grpc.StatusCode:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.UNKNOWN
+
+
+class EmbedderClient:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, security: Security | None = None,
+                 timeout: float = 30.0, retry: RetryPolicy | None = RetryPolicy(),
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, per_item_s: float = PER_ITEM_S):
+        self.address = address
+        self.security = security or Security()
+        self.timeout = timeout
+        self.retry = retry
+        self.per_item_s = per_item_s
+        self._info: embedder_pb2.GetModelInfoResponse | None = None
+        self._open(max_message_bytes)
+
+    def _open(self, max_message_bytes: int) -> None:
+        self._channel = ManagedChannel(self.address, [SERVICE], security=self.security, retry=self.retry,
+                                       max_message_bytes=max_message_bytes)
+        self.stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel.channel)
+
+    @property
+    def replicas(self) -> int:
+        return max(1, self.address.count(",") + 1)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self._channel.max_message_bytes
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _error(self, exc: grpc.RpcError, hint: str = "") -> ClientError:
+        return from_rpc_error(exc, "embedder", self.address, hint=hint or HINT)
+
+    def wait_ready(self, *, connect_timeout: float = 5.0, ready_timeout: float = 600.0) -> "EmbedderClient":
+        self._channel.wait_ready("embedder", connect_timeout=connect_timeout, ready_timeout=ready_timeout,
+                                 hint=HINT)
+        return self
+
+    def model_info(self, *, refresh: bool = False) -> embedder_pb2.GetModelInfoResponse:
+        """GetModelInfo, cached. The first call also adopts the server's message
+        limit for this channel (reopening it when it differs)."""
+        if self._info is not None and not refresh:
+            return self._info
+        try:
+            info = self.stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        self._info = info
+        if info.max_message_bytes and info.max_message_bytes != self._channel.max_message_bytes:
+            log.debug("adopting the embedder's message limit of %d bytes", info.max_message_bytes)
+            old = self._channel
+            self._open(int(info.max_message_bytes))
+            old.close()
+        return info
+
+    def embed(self, image: bytes, name: str = "", *, timeout: float | None = None) -> EmbedResult:
+        """One image -> its vector. Bad input raises a UsageError naming it."""
+        try:
+            reply = self.stub.Embed(embedder_pb2.EmbedRequest(image=image, name=name),
+                                    timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc, hint=f"input {name!r}" if name else "") from None
+        return EmbedResult(name, np.asarray(reply.vector, dtype=np.float32), reply.fingerprint)
+
+    def stream_deadline(self, n_items: int) -> float:
+        return self.timeout + self.per_item_s * n_items
+
+    def embed_stream(self, items: Sequence[ImageSource], *, timeout: float | None = None) -> Iterator[EmbedResult]:
+        """One EmbedStream call over `items`: yields one result per item as
+        answers arrive (out of order). Items whose bytes cannot be loaded get an
+        error result without being sent. A failing call raises ClientError
+        after yielding what was answered."""
+        by_id = {item.id: item for item in items}
+        if len(by_id) != len(items):
+            raise ValueError("embed_stream: item ids must be unique")
+        unsent: list[EmbedResult] = []
+        lock = threading.Lock()
+
+        def requests():
+            for item in items:
+                try:
+                    data = item.load()
+                except OSError as exc:
+                    with lock:
+                        unsent.append(EmbedResult(item.id, code=grpc.StatusCode.INVALID_ARGUMENT,
+                                                  error=f"cannot read {item.id}: {exc.strerror or exc}"))
+                    continue
+                except ClientError as exc:
+                    with lock:
+                        unsent.append(EmbedResult(item.id, code=exc.code or grpc.StatusCode.INVALID_ARGUMENT,
+                                                  error=str(exc)))
+                    continue
+                yield embedder_pb2.EmbedStreamRequest(id=item.id, image=data)
+
+        answered: set[str] = set()
+        call = self.stub.EmbedStream(requests(), timeout=timeout or self.stream_deadline(len(items)))
+        try:
+            for reply in call:
+                if reply.id not in by_id or reply.id in answered:
+                    log.warning("the embedder answered an unknown or repeated id %r; ignored", reply.id)
+                    continue
+                answered.add(reply.id)
+                if reply.HasField("error"):
+                    yield EmbedResult(reply.id, fingerprint=reply.fingerprint, code=_status(reply.error.code),
+                                      error=reply.error.message)
+                else:
+                    yield EmbedResult(reply.id, np.asarray(reply.embedding.vector, dtype=np.float32),
+                                      reply.fingerprint)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()  # a no-op once the call has ended; stops it if the caller walked away
+        with lock:
+            for result in unsent:
+                answered.add(result.id)
+                yield result
+        for item in items:
+            if item.id not in answered:
+                yield EmbedResult(item.id, code=grpc.StatusCode.INTERNAL,
+                                  error=f"the embedder at {self.address} ended the stream without answering")
+
+    def embed_many(self, items: Sequence[ImageSource], *, chunk_size: int = 32,
+                   concurrency: int | None = None) -> Iterator[EmbedResult]:
+        """Bulk embedding: `items` cut into chunks, each its own EmbedStream,
+        `concurrency` streams at a time (default: 2 per replica, so round_robin
+        keeps every replica busy). Yields results as they arrive. A chunk whose
+        call fails yields error results for its unanswered items (the others go on)."""
+        chunks = [list(items[i:i + chunk_size]) for i in range(0, len(items), max(1, chunk_size))]
+        workers = concurrency or 2 * self.replicas
+        results: "queue.Queue[EmbedResult | None]" = queue.Queue()
+
+        def run(chunk: list[ImageSource]) -> None:
+            done: set[str] = set()
+            try:
+                for result in self.embed_stream(chunk):
+                    done.add(result.id)
+                    results.put(result)
+            except ClientError as exc:
+                for item in chunk:
+                    if item.id not in done:
+                        results.put(EmbedResult(item.id, code=exc.code or grpc.StatusCode.UNKNOWN, error=str(exc)))
+            finally:
+                results.put(None)
+
+        with futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="embed") as pool:
+            for chunk in chunks:
+                pool.submit(run, chunk)
+            remaining = len(chunks)
+            while remaining:
+                result = results.get()
+                if result is None:
+                    remaining -= 1
+                else:
+                    yield result
+
+
+def file_source(item_id: str, path, max_bytes: int = 0) -> ImageSource:
+    """An ImageSource reading `path`, refusing files over `max_bytes` (the
+    server's advertised limit) before they are sent."""
+    def load() -> bytes:
+        p = Path(path)
+        if max_bytes:
+            size = p.stat().st_size
+            if size > max_bytes:
+                raise UsageError(f"{item_id} is {size} bytes, over the embedder's limit of {max_bytes} bytes",
+                                 code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+        return p.read_bytes()
+
+    return ImageSource(item_id, load)

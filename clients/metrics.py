@@ -1,0 +1,204 @@
+"""Retrieval metrics for `{query: [ranked gallery names]}` results against
+`{query: [relevant gallery names]}` ground truth.
+
+- AP@k: sum over ranks i <= k of precision@i at each relevant hit, divided by
+  min(|relevant|, k), so a perfect top-k scores 1 even when more than k are
+  relevant. mAP@k is its mean over queries.
+- precision@k: relevant hits in the top k / k (a list shorter than k counts
+  the missing places as misses).
+- recall@k: relevant hits in the top k / |relevant|.
+- top-1: 1 when the first result is relevant.
+
+A name repeated in a ranking counts once (at its first place). Queries whose
+ground truth is empty are left out of the means and counted apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from clients.errors import UsageError
+from clients.files import list_images
+
+
+def _hits(ranked: Sequence[str], relevant: set[str], k: int) -> list[bool]:
+    seen: set[str] = set()
+    hits = []
+    for name in ranked[:k]:
+        hits.append(name in relevant and name not in seen)
+        seen.add(name)
+    return hits
+
+
+def average_precision(ranked: Sequence[str], relevant, k: int = 10) -> float:
+    relevant = set(relevant)
+    if not relevant:
+        raise ValueError("average precision is undefined without relevant items")
+    total, found = 0.0, 0
+    for i, hit in enumerate(_hits(ranked, relevant, k), start=1):
+        if hit:
+            found += 1
+            total += found / i
+    return total / min(len(relevant), k)
+
+
+def precision_at_k(ranked: Sequence[str], relevant, k: int = 10) -> float:
+    return sum(_hits(ranked, set(relevant), k)) / k
+
+
+def recall_at_k(ranked: Sequence[str], relevant, k: int = 10) -> float:
+    relevant = set(relevant)
+    if not relevant:
+        raise ValueError("recall is undefined without relevant items")
+    return sum(_hits(ranked, relevant, k)) / len(relevant)
+
+
+def top1(ranked: Sequence[str], relevant) -> float:
+    return float(bool(ranked) and ranked[0] in set(relevant))
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryScore:
+    query: str
+    ap: float
+    precision: float
+    recall: float
+    top1: float
+    relevant: int
+    answered: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    k: int
+    queries: int              # queries scored (ground truth with at least one relevant item)
+    map: float
+    precision: float
+    recall: float
+    top1: float
+    missing: list[str]        # ground-truth queries absent from the results (scored 0)
+    no_relevant: list[str]    # ground-truth queries with no relevant items (left out)
+    per_query: list[QueryScore]
+
+    def to_dict(self) -> dict:
+        return {
+            "k": self.k, "queries": self.queries,
+            f"map@{self.k}": self.map, f"precision@{self.k}": self.precision,
+            f"recall@{self.k}": self.recall, "top1": self.top1,
+            "missing": self.missing, "no_relevant": self.no_relevant,
+            "per_query": [dataclasses.asdict(q) for q in self.per_query],
+        }
+
+
+def evaluate(results: Mapping[str, Sequence[str]], ground_truth: Mapping[str, Sequence[str]],
+             k: int = 10) -> Evaluation:
+    """Score `results` against `ground_truth`. Every query in the results must
+    be in the ground truth (UsageError otherwise); ground-truth queries absent
+    from the results score 0 and are listed in `missing`."""
+    if k < 1:
+        raise UsageError(f"--k must be at least 1 (got {k})")
+    unknown = sorted(set(results) - set(ground_truth))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UsageError(
+            f"{len(unknown)} of {len(results)} queries in the results are not in the ground truth: {shown}. "
+            "Check that both files use the same query names (paths relative to the query folder)")
+    scores, missing, no_relevant = [], [], []
+    for query in sorted(ground_truth):
+        relevant = set(ground_truth[query])
+        if not relevant:
+            no_relevant.append(query)
+            continue
+        ranked = results.get(query)
+        if ranked is None:
+            missing.append(query)
+            scores.append(QueryScore(query, 0.0, 0.0, 0.0, 0.0, len(relevant), False))
+            continue
+        scores.append(QueryScore(query, average_precision(ranked, relevant, k), precision_at_k(ranked, relevant, k),
+                                 recall_at_k(ranked, relevant, k), top1(ranked, relevant), len(relevant), True))
+    n = len(scores)
+
+    def mean(field: str) -> float:
+        return sum(getattr(s, field) for s in scores) / n if n else 0.0
+
+    return Evaluation(k, n, mean("ap"), mean("precision"), mean("recall"), mean("top1"), missing, no_relevant, scores)
+
+
+def format_table(ev: Evaluation, title: str = "") -> str:
+    rows = [(f"mAP@{ev.k}", ev.map), (f"precision@{ev.k}", ev.precision), (f"recall@{ev.k}", ev.recall),
+            ("top-1", ev.top1)]
+    lines = [title] if title else []
+    lines.append(f"{'metric':<14} {'value':>7}")
+    lines.extend(f"{name:<14} {value:>7.4f}" for name, value in rows)
+    lines.append(f"{'queries':<14} {ev.queries:>7d}")
+    if ev.missing:
+        lines.append(f"{len(ev.missing)} ground-truth queries had no results and scored 0: "
+                     + ", ".join(ev.missing[:5]) + (" ..." if len(ev.missing) > 5 else ""))
+    if ev.no_relevant:
+        lines.append(f"{len(ev.no_relevant)} ground-truth queries list no relevant items and were left out")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _load_json(path: str | os.PathLike, what: str):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} file {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the {what} file {path} is not UTF-8 text (is it JSON?)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"the {what} file {path} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}") from None
+
+
+def validate_mapping(data, source: str, what: str) -> dict[str, list[str]]:
+    """`{str: [str, ...]}` or a UsageError naming the first bad entry."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: the {what} must be a JSON object {{query file: [gallery files]}}, "
+                         f"not a {type(data).__name__}")
+    out: dict[str, list[str]] = {}
+    for query, names in data.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"{source}: the {what} entry for {query!r} must be a list of gallery file names "
+                             f"(strings), got {json.dumps(names)[:80]}")
+        out[query] = names
+    return out
+
+
+def load_results(path: str | os.PathLike) -> dict[str, list[str]]:
+    return validate_mapping(_load_json(path, "results"), str(path), "results")
+
+
+def load_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
+    return validate_mapping(_load_json(path, "ground-truth"), str(path), "ground truth")
+
+
+def labels_from_folders(query_dir: str | os.PathLike, gallery_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """Ground truth from class folders: `query/<class>/x.jpg` is relevant to
+    every `gallery/<class>/...` image. Names are relative to each folder."""
+    by_class: dict[str, list[str]] = {}
+    gallery = list_images(gallery_dir, what="gallery folder")
+    for name, _ in gallery.images:
+        if "/" not in name:
+            raise UsageError(f"--labels-from-folders: gallery image {name} is not inside a class folder "
+                             f"(expected {gallery_dir}/<class>/{name})")
+        by_class.setdefault(name.split("/", 1)[0], []).append(name)
+    truth: dict[str, list[str]] = {}
+    for name, _ in list_images(query_dir, what="query folder").images:
+        if "/" not in name:
+            raise UsageError(f"--labels-from-folders: query image {name} is not inside a class folder "
+                             f"(expected {query_dir}/<class>/{name})")
+        truth[name] = by_class.get(name.split("/", 1)[0], [])
+    if not truth:
+        raise UsageError(f"--labels-from-folders: no images under {query_dir}")
+    return truth

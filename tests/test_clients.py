@@ -1,0 +1,333 @@
+"""The client library over real channels to in-process servers built with the
+project's `build_server`: gRPC's retry on UNAVAILABLE, deadlines, the bearer
+token, TLS, message limits from GetModelInfo, out-of-order stream answers,
+round_robin over two servers, and clear errors for an unreachable service."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.channels import RetryPolicy, Security, resolve_target
+from clients.embedder import EmbedderClient, ImageSource
+from clients.errors import ClientError, ServiceUnavailable, UsageError
+from clients.ranker import RankerClient
+from imagesearch import errors, serving
+from imagesearch.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
+
+EMBEDDER = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
+RANKER = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
+
+
+def vector_for(data: bytes, dim: int = 4) -> list[float]:
+    v = np.frombuffer(data.ljust(dim, b"\0")[:dim], dtype=np.uint8).astype(np.float32) + 1
+    return (v / np.linalg.norm(v)).tolist()
+
+
+class FakeEmbedder(embedder_pb2_grpc.EmbedderServiceServicer):
+    """Answers streams in reverse order; b"bad" is an undecodable image;
+    the first `unavailable` calls of any method fail with UNAVAILABLE."""
+
+    def __init__(self, *, unavailable: int = 0, max_message_bytes: int = 1 << 20, delay_s: float = 0.0,
+                 tag: str = "fp"):
+        self.unavailable = unavailable
+        self.max_message_bytes = max_message_bytes
+        self.delay_s = delay_s
+        self.tag = tag
+        self.calls: list[str] = []
+        self.metadata: list[dict] = []
+        self.lock = threading.Lock()
+
+    def _enter(self, method, context):
+        with self.lock:
+            self.calls.append(method)
+            self.metadata.append(dict(context.invocation_metadata()))
+            if self.unavailable > 0:
+                self.unavailable -= 1
+                raise errors.Unavailable("still loading")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+
+    def GetModelInfo(self, request, context):
+        self._enter("GetModelInfo", context)
+        return embedder_pb2.GetModelInfoResponse(backbone="fake", dim=4, fingerprint=self.tag,
+                                                 max_message_bytes=self.max_message_bytes, max_image_bytes=10_000)
+
+    def Embed(self, request, context):
+        self._enter("Embed", context)
+        if request.image == b"bad":
+            raise errors.InvalidImage(f"{request.name or 'image'}: not an image")
+        return embedder_pb2.EmbedResponse(vector=vector_for(request.image), fingerprint=self.tag)
+
+    def EmbedStream(self, request_iterator, context):
+        self._enter("EmbedStream", context)
+        requests = list(request_iterator)
+        for req in reversed(requests):
+            if req.image == b"bad":
+                code, message = serving.item_error_fields(errors.InvalidImage(f"{req.id}: not an image"))
+                yield embedder_pb2.EmbedStreamResponse(id=req.id, error=common_pb2.ItemError(code=code, message=message),
+                                                       fingerprint=self.tag)
+            else:
+                yield embedder_pb2.EmbedStreamResponse(
+                    id=req.id, embedding=embedder_pb2.Embedding(vector=vector_for(req.image)), fingerprint=self.tag)
+
+
+class FakeRanker(ranker_pb2_grpc.RankerServiceServicer):
+    def __init__(self):
+        self.items: dict[str, list[float]] = {}
+        self.metadata: list[dict] = []
+
+    def Upsert(self, request_iterator, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        n = 0
+        for req in request_iterator:
+            self.items[req.name] = list(req.vector)
+            n += 1
+        return ranker_pb2.UpsertResponse(upserted=n, inserted=n)
+
+    def Search(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        q = np.asarray(request.vector)
+        scored = sorted(((-float(np.dot(q, v)), name) for name, v in self.items.items()))
+        for rank, (score, name) in enumerate(scored[:request.top_k or 10], start=1):
+            yield ranker_pb2.SearchResponse(match=ranker_pb2.Match(rank=rank, name=name, score=-score))
+
+
+def start(grpc_server, *servicers, config=None):
+    def register(server):
+        for s in servicers:
+            if isinstance(s, FakeEmbedder):
+                embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(s, server)
+            else:
+                ranker_pb2_grpc.add_RankerServiceServicer_to_server(s, server)
+    running, _ = grpc_server(register, [EMBEDDER, RANKER], config=config)
+    return f"127.0.0.1:{running.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- retry, deadlines, readiness
+
+
+def test_unavailable_is_retried_by_grpc(grpc_server):
+    fake = FakeEmbedder(unavailable=2)
+    with EmbedderClient(start(grpc_server, fake), timeout=10) as client:
+        info = client.model_info()
+    assert info.backbone == "fake"
+    assert fake.calls == ["GetModelInfo"] * 3  # two UNAVAILABLE, then the answer
+
+
+def test_without_retries_unavailable_is_a_clear_error(grpc_server):
+    fake = FakeEmbedder(unavailable=1)
+    with EmbedderClient(start(grpc_server, fake), timeout=10, retry=None) as client:
+        with pytest.raises(ServiceUnavailable, match=r"is it running\? start it with `imagesearch serve"):
+            client.model_info()
+    assert fake.calls == ["GetModelInfo"]
+
+
+def test_retries_give_up_after_max_attempts(grpc_server):
+    fake = FakeEmbedder(unavailable=10)
+    with EmbedderClient(start(grpc_server, fake), timeout=10,
+                        retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01)) as client:
+        with pytest.raises(ServiceUnavailable):
+            client.model_info()
+    assert len(fake.calls) == 3
+
+
+def test_every_call_has_a_deadline(grpc_server):
+    fake = FakeEmbedder(delay_s=1.5)
+    with EmbedderClient(start(grpc_server, fake), timeout=0.3) as client:
+        with pytest.raises(ClientError, match="did not answer in time.*--timeout") as info:
+            client.model_info()
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.exit_code == 1
+
+
+def test_unreachable_service_says_how_to_start_it():
+    with EmbedderClient(f"127.0.0.1:{free_port()}", timeout=2) as client:
+        t0 = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match=r"cannot reach the embedder.*is it running\? "
+                                                     r"start it with `imagesearch serve"):
+            client.wait_ready(connect_timeout=1.0)
+        assert time.monotonic() - t0 < 10
+
+
+def test_wait_ready_waits_for_serving(grpc_server):
+    fake = FakeEmbedder()
+    holder = {}
+
+    def register(server):
+        embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(fake, server)
+
+    running, _ = grpc_server(register, [EMBEDDER], serving_now=False)
+    holder["timer"] = threading.Timer(0.8, running.set_serving, args=(True,))
+    holder["timer"].start()
+    t0 = time.monotonic()
+    with EmbedderClient(f"127.0.0.1:{running.port}") as client:
+        client.wait_ready(connect_timeout=0.5, ready_timeout=10)  # answers NOT_SERVING, then SERVING
+    assert time.monotonic() - t0 >= 0.7
+
+
+# ---------------------------------------------------------------- streams and limits
+
+
+def test_embed_stream_matches_out_of_order_answers_by_id(grpc_server):
+    fake = FakeEmbedder()
+    items = [ImageSource(f"img{i}", (lambda i=i: bytes([i + 1]) * 8)) for i in range(5)]
+    items.insert(2, ImageSource("broken", lambda: b"bad"))
+    with EmbedderClient(start(grpc_server, fake)) as client:
+        results = {r.id: r for r in client.embed_stream(items)}
+    assert set(results) == {i.id for i in items}
+    for i in range(5):
+        assert np.allclose(results[f"img{i}"].vector, vector_for(bytes([i + 1]) * 8), atol=1e-6)
+    assert not results["broken"].ok
+    assert results["broken"].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "broken: not an image" in results["broken"].error
+
+
+def test_unreadable_item_gets_an_error_and_the_rest_go_on(grpc_server):
+    def fail():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    with EmbedderClient(start(grpc_server, FakeEmbedder())) as client:
+        results = {r.id: r for r in client.embed_stream([ImageSource("gone.jpg", fail),
+                                                         ImageSource("ok.jpg", lambda: b"abcd")])}
+    assert results["ok.jpg"].ok
+    assert "cannot read gone.jpg: No such file or directory" in results["gone.jpg"].error
+
+
+def test_embed_many_uses_one_stream_per_chunk(grpc_server):
+    fake = FakeEmbedder()
+    items = [ImageSource(f"{i:02d}", (lambda i=i: bytes([i + 1]) * 4)) for i in range(10)]
+    with EmbedderClient(start(grpc_server, fake)) as client:
+        results = list(client.embed_many(items, chunk_size=3, concurrency=2))
+    assert sorted(r.id for r in results) == [i.id for i in items]
+    assert all(r.ok for r in results)
+    assert fake.calls.count("EmbedStream") == 4
+
+
+def test_message_limit_comes_from_model_info(grpc_server):
+    fake = FakeEmbedder(max_message_bytes=2000)
+    with EmbedderClient(start(grpc_server, fake)) as client:
+        assert client.max_message_bytes == 64 << 20
+        client.model_info()
+        assert client.max_message_bytes == 2000
+        assert client.embed(b"x" * 100).ok
+        with pytest.raises(UsageError, match="RESOURCE_EXHAUSTED"):
+            client.embed(b"x" * 5000)  # refused by this channel before it is sent
+    assert fake.calls.count("Embed") == 1
+
+
+def test_bad_image_is_a_usage_error_naming_it(grpc_server):
+    with EmbedderClient(start(grpc_server, FakeEmbedder())) as client:
+        with pytest.raises(UsageError, match="cat.jpg: not an image") as info:
+            client.embed(b"bad", name="cat.jpg")
+    assert info.value.exit_code == 2
+
+
+# ---------------------------------------------------------------- token and TLS
+
+
+def test_token_is_sent_on_every_call(grpc_server):
+    emb, rank = FakeEmbedder(), FakeRanker()
+    config = serving.ServerConfig(host="127.0.0.1", port=0, grace_s=1.0, auth_token="s3cret")
+    address = start(grpc_server, emb, rank, config=config)
+    security = Security(auth_token="s3cret")
+    with EmbedderClient(address, security=security) as e, RankerClient(address, security=security) as r:
+        e.wait_ready()
+        e.model_info()
+        e.embed(b"abcd")
+        list(e.embed_stream([ImageSource("a", lambda: b"abcd")]))
+        r.upsert_vectors("c", [("a", [1.0, 0, 0, 0])], "fp")
+        assert [m.name for m in r.search("c", [1.0, 0, 0, 0])] == ["a"]
+    assert all(m.get("authorization") == "Bearer s3cret" for m in emb.metadata + rank.metadata)
+    assert len(emb.metadata) == 3 and len(rank.metadata) == 2
+
+
+def test_missing_token_says_what_to_do(grpc_server):
+    config = serving.ServerConfig(host="127.0.0.1", port=0, grace_s=1.0, auth_token="s3cret")
+    address = start(grpc_server, FakeEmbedder(), config=config)
+    with EmbedderClient(address) as client:
+        client.wait_ready()  # health needs no token
+        with pytest.raises(UsageError, match="--auth-token or set IMAGESEARCH_AUTH_TOKEN"):
+            client.model_info()
+
+
+def test_mutual_tls_with_token(tmp_path):
+    certs = pytest.importorskip("tests.certs")
+    pki = certs.make_pki(tmp_path)
+    fake = FakeEmbedder()
+    config = serving.ServerConfig(host="127.0.0.1", port=0, grace_s=1.0, auth_token="t", tls_cert=pki.server_cert,
+                                  tls_key=pki.server_key, tls_client_ca=pki.ca)
+    running = serving.build_server(config, lambda s: embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(fake, s),
+                                   [EMBEDDER])
+    running.set_serving(True)
+    try:
+        address = f"127.0.0.1:{running.port}"
+        good = Security(ca=pki.ca, cert=pki.client_cert, key=pki.client_key, auth_token="t")
+        with EmbedderClient(address, security=good) as client:
+            client.wait_ready()
+            assert client.model_info().backbone == "fake"
+        assert fake.metadata[-1]["authorization"] == "Bearer t"
+        with EmbedderClient(address, security=Security(ca=pki.ca, auth_token="t"), timeout=3,
+                            retry=None) as no_cert:
+            with pytest.raises(ClientError):
+                no_cert.model_info()
+        with pytest.raises(UsageError, match="--tls-cert and --tls-key go together"):
+            EmbedderClient(address, security=Security(cert=pki.client_cert))
+    finally:
+        running.stop(0).wait()
+
+
+def test_missing_ca_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="cannot read --tls-ca file"):
+        EmbedderClient("127.0.0.1:1", security=Security(ca=tmp_path / "none.pem"))
+
+
+# ---------------------------------------------------------------- targets and round_robin
+
+
+@pytest.mark.parametrize("given,target", [
+    ("127.0.0.1:50051", "127.0.0.1:50051"),
+    ("embedder.internal:50051", "embedder.internal:50051"),
+    ("127.0.0.1:1,127.0.0.1:2", "ipv4:127.0.0.1:1,127.0.0.1:2"),
+    ("localhost:1, 10.0.0.2:2", "ipv4:127.0.0.1:1,10.0.0.2:2"),
+    ("[::1]:1,[::1]:2", "ipv6:[::1]:1,[::1]:2"),
+    ("dns:///embedder:50051", "dns:///embedder:50051"),
+])
+def test_resolve_target(given, target):
+    assert resolve_target(given) == target
+
+
+@pytest.mark.parametrize("bad", ["", "nohost", "a:b", "host-a:1,host-b:2", "127.0.0.1:1,[::1]:2", "1.2.3.4:70000"])
+def test_bad_addresses(bad):
+    with pytest.raises(UsageError):
+        resolve_target(bad)
+
+
+def test_ranker_takes_one_address():
+    with pytest.raises(UsageError, match="one address"):
+        RankerClient("127.0.0.1:1,127.0.0.1:2")
+
+
+def test_round_robin_spreads_calls_and_streams_over_replicas(grpc_server):
+    a, b = FakeEmbedder(tag="a"), FakeEmbedder(tag="b")
+    address = f"{start(grpc_server, a)},{start(grpc_server, b)}"
+    items = [ImageSource(str(i), (lambda i=i: bytes([i + 1]) * 4)) for i in range(16)]
+    with EmbedderClient(address) as client:
+        client.wait_ready()
+        # round_robin connects to every replica as they become ready; a few calls settle it
+        tags = [client.embed(b"abcd").fingerprint for _ in range(20)]
+        streamed = list(client.embed_many(items, chunk_size=2))
+    assert tags.count("a") >= 5 and tags.count("b") >= 5
+    assert {r.fingerprint for r in streamed} == {"a", "b"}
+    assert a.calls.count("EmbedStream") + b.calls.count("EmbedStream") == 8
