@@ -1,0 +1,89 @@
+"""`python -m ranker_service` / `imagesearch-ranker`: serve RankerService.
+
+    imagesearch-ranker --db gallery.db --port 50052
+
+Opens (creating if missing) and locks the SQLite database, starts the gRPC
+server (health NOT_SERVING, RPCs UNAVAILABLE), loads every collection into
+memory, then turns health SERVING. SIGTERM/SIGINT drain in-flight calls and
+close the database. A database that cannot be used (read-only, locked by
+another process, corrupt) ends the process with exit status 1 and a message.
+"""
+
+from __future__ import annotations
+
+import os
+
+# BLAS threads must be set before numpy loads: one search is a memory-bound
+# matrix-vector product, and several run at once on gRPC threads.
+_BLAS_THREADS = os.environ.get("IMAGESEARCH_RANKER_BLAS_THREADS") or str(min(4, os.cpu_count() or 1))
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, _BLAS_THREADS)
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from imagesearch import serving  # noqa: E402
+
+from .gallery import DEFAULT_BATCH_SIZE, Gallery  # noqa: E402
+from .service import DEFAULT_MAX_BATCH, SERVICE_NAME, register  # noqa: E402
+from .store import GalleryStore, StoreError  # noqa: E402
+
+log = logging.getLogger("ranker_service")
+
+ENV = "IMAGESEARCH_RANKER"
+DEFAULT_PORT = 50052
+SYNC_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagesearch-ranker",
+        description="RankerService: gallery vectors in SQLite and in memory, cosine top-k over gRPC.")
+    serving.add_server_arguments(parser, env_prefix=ENV, default_port=DEFAULT_PORT)
+    serving.add_logging_arguments(parser)
+    r = parser.add_argument_group("ranker")
+    r.add_argument("--db", default=serving.env_default(f"{ENV}_DB", "ranker.db"),
+                   help=f"SQLite database file, created if missing (env {ENV}_DB; default %(default)s)")
+    r.add_argument("--batch-size", type=int, default=serving.env_default(f"{ENV}_BATCH_SIZE", DEFAULT_BATCH_SIZE),
+                   help="Upsert items per SQLite transaction (one fsync each) (default %(default)s)")
+    r.add_argument("--max-batch", type=int, default=serving.env_default(f"{ENV}_MAX_BATCH", DEFAULT_MAX_BATCH),
+                   help="most SearchStream queries answered by one matrix product (default %(default)s)")
+    r.add_argument("--busy-timeout", type=float, default=serving.env_default(f"{ENV}_BUSY_TIMEOUT", 5.0),
+                   help="seconds to wait for a database locked by another process (default %(default)s)")
+    r.add_argument("--max-db-mb", type=float, default=serving.env_default(f"{ENV}_MAX_DB_MB", 0.0),
+                   help="refuse writes (RESOURCE_EXHAUSTED) that would grow the database past this size; "
+                        "0 = no limit (default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    serving.configure_logging(args.log_level)
+    if args.batch_size < 1 or args.max_batch < 1:
+        raise SystemExit("error: --batch-size and --max-batch must be at least 1")
+    config = serving.ServerConfig.from_args(args)
+    try:
+        store = GalleryStore.open(args.db, busy_timeout=args.busy_timeout,
+                                  max_bytes=int(args.max_db_mb * 1e6) if args.max_db_mb > 0 else None)
+    except StoreError as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(f"error: {exc}") from None
+    log.info("database %s (journal_mode=%s, synchronous=%s, locking_mode=%s); BLAS threads %s",
+             args.db, store.pragma("journal_mode"), SYNC_NAMES.get(store.pragma("synchronous")), store.pragma("locking_mode"),
+             _BLAS_THREADS)
+    gallery = Gallery(store, batch_size=args.batch_size)
+    running = serving.build_server(config, register(gallery, max_batch=args.max_batch), [SERVICE_NAME])
+    try:
+        gallery.load()
+    except (StoreError, MemoryError) as exc:
+        log.error("cannot start: %s", exc)
+        running.stop(0).wait()
+        store.close()
+        raise SystemExit(f"error: {exc}") from None
+    running.set_serving(True)
+    serving.serve_until_signalled(running, on_stop=gallery.close)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

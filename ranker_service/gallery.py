@@ -1,0 +1,309 @@
+"""The ranker's core: the SQLite store and the in-memory index kept in step.
+
+Order of a write: validate, commit to SQLite, then apply to memory, all under
+one write lock. So memory never holds what the database does not, and memory
+applies writes in the order the database committed them. Searches touch only
+memory (no lock shared with writers but the collection's readers-writer lock).
+
+Upsert streams are committed in batches (`batch_size` items per transaction:
+one fsync each). An item that fails validation first commits the valid items
+before it, then fails the call with a message naming the item (index and
+name), what was wrong, and how many items of the call were committed. A
+failed commit rolls its batch back and says which items it held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from imagesearch import errors
+
+from .index import CollectionStats, GalleryIndex, Match, Query
+from .store import GalleryStore, StoreError, UpsertRow
+from .vectors import STORED_DTYPE, check_collection, check_name, stored_form, unit_vector
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsertItem:
+    collection: str
+    name: str
+    vector: Sequence[float] | np.ndarray
+    fingerprint: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsertResult:
+    upserted: int
+    inserted: int
+    replaced: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteResult:
+    deleted: int
+    not_found: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    collections: int
+    vectors: int
+    seconds: float
+    memory_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+    index: int
+    collection: str
+    name: str
+    vector: np.ndarray  # float32 unit
+    fingerprint: str
+
+    @property
+    def what(self) -> str:
+        return describe_item(self.index, self.name)
+
+
+def describe_item(index: int, name: str) -> str:
+    return f"item {index} (name {name!r})"
+
+
+def _check_fits(collection: str, dim: int, fingerprint: str, item: _Pending) -> None:
+    if item.vector.shape[0] != dim:
+        raise errors.InvalidArgument(
+            f"{item.what}: vector has {item.vector.shape[0]} values but collection {collection!r} has dimension {dim}")
+    if item.fingerprint != fingerprint:
+        raise errors.FailedPrecondition(
+            f"{item.what}: fingerprint {item.fingerprint!r} differs from collection {collection!r}'s "
+            f"{fingerprint!r}: vectors of another model (or preprocessing) cannot share a collection")
+
+
+def _with_progress(exc: errors.ImageSearchError, committed: int) -> errors.ImageSearchError:
+    """The same kind of error, its message ending with the call's progress."""
+    return type(exc)(f"{exc} [{committed} items of this call were committed before it; nothing from it on]")
+
+
+class Gallery:
+    """Store + index. Thread-safe. `load()` before use; `close()` at the end."""
+
+    def __init__(self, store: GalleryStore, index: GalleryIndex | None = None, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.store = store
+        self.index = index or GalleryIndex()
+        self.batch_size = batch_size
+        self._write_lock = threading.Lock()
+        self._ready = False
+        self._closed = False
+
+    # ------------------------------------------------------------ life cycle
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._closed
+
+    def load(self) -> LoadReport:
+        """Every stored vector into memory: per collection one matrix
+        preallocated to its row count, each BLOB copied once, straight into
+        its row. Raises StoreError for a damaged database."""
+        start = time.perf_counter()
+        path = self.store.path
+        collections = {}
+        for meta in self.store.collections():
+            collections[meta.name] = self.index.create(
+                meta.name, meta.dim, meta.fingerprint, created_at=meta.created_at, updated_at=meta.updated_at,
+                capacity=meta.count)
+        count = 0
+        for collection, name, dim, blob in self.store.iter_rows():
+            coll = collections.get(collection)
+            if coll is None:
+                raise StoreError(f"{path}: vector {name!r} belongs to collection {collection!r}, which is not in "
+                                 "the collections table: the database is damaged")
+            if dim != coll.dim or not isinstance(blob, bytes) or len(blob) != coll.dim * STORED_DTYPE.itemsize:
+                size = len(blob) if isinstance(blob, (bytes, str)) else type(blob).__name__
+                raise StoreError(
+                    f"{path}: vector {name!r} of collection {collection!r} has dim {dim} and a {size}-byte BLOB; "
+                    f"the collection's dimension is {coll.dim} ({coll.dim * STORED_DTYPE.itemsize} bytes): "
+                    "the database is damaged")
+            coll.load_row(name, np.frombuffer(blob, dtype=STORED_DTYPE))
+            count += 1
+        for coll in collections.values():
+            bad = coll.first_nonfinite()
+            if bad is not None:
+                raise StoreError(f"{path}: vector {bad!r} of collection {coll.name!r} holds NaN or Inf: "
+                                 "the database is damaged")
+        self._ready = True
+        report = LoadReport(len(collections), count, time.perf_counter() - start, self.memory_bytes())
+        log.info("loaded %d vectors in %d collections from %s in %.2fs (%.1f MB in memory)",
+                 report.vectors, report.collections, path, report.seconds, report.memory_bytes / 1e6)
+        return report
+
+    def close(self) -> None:
+        """Wait for the write in flight, then close the database."""
+        with self._write_lock:
+            self._closed = True
+            self.store.close()
+        log.info("closed %s", self.store.path)
+
+    def _require_ready(self) -> None:
+        if self._closed:
+            raise errors.Unavailable("the ranker is shutting down")
+        if not self._ready:
+            raise errors.Unavailable("the ranker is still loading its database: retry shortly")
+
+    # ------------------------------------------------------------ writes
+
+    def _prepare(self, index: int, item: UpsertItem) -> _Pending:
+        what = describe_item(index, item.name)
+        check_collection(item.collection, what=what)
+        check_name(item.name, what=what)
+        vector = stored_form(unit_vector(item.vector, what=what))
+        return _Pending(index, item.collection, item.name, vector, item.fingerprint)
+
+    def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
+        """Validate and commit a stream of items in batches; see the module docstring."""
+        self._require_ready()
+        pending: list[_Pending] = []
+        pending_specs: dict[str, tuple[int, str]] = {}  # collections first seen in `pending`
+        committed = inserted = replaced = 0
+
+        def flush() -> None:
+            nonlocal committed, inserted, replaced
+            if not pending:
+                return
+            batch = list(pending)
+            pending.clear()
+            pending_specs.clear()
+            try:
+                ins, rep, failure = self._commit(batch)
+            except errors.ImageSearchError as exc:
+                first, last = batch[0], batch[-1]
+                raise type(exc)(
+                    f"{exc}: items {first.index}..{last.index} (names {first.name!r}..{last.name!r}) were not "
+                    f"committed; {committed} items of this call were committed before them") from exc
+            committed += ins + rep
+            inserted += ins
+            replaced += rep
+            if failure is not None:
+                raise _with_progress(failure, committed)
+
+        for i, item in enumerate(items):
+            try:
+                p = self._prepare(i, item)
+                coll = self.index.find(p.collection)
+                spec = (coll.dim, coll.fingerprint) if coll is not None else pending_specs.get(p.collection)
+                if spec is None:
+                    pending_specs[p.collection] = (p.vector.shape[0], p.fingerprint)
+                else:
+                    _check_fits(p.collection, *spec, p)
+            except errors.ImageSearchError as exc:
+                flush()
+                raise _with_progress(exc, committed) from None
+            pending.append(p)
+            if len(pending) >= self.batch_size:
+                flush()
+        flush()
+        return UpsertResult(committed, inserted, replaced)
+
+    def _commit(self, batch: list[_Pending]) -> tuple[int, int, errors.ImageSearchError | None]:
+        """Commit the longest valid prefix of `batch` (checked against the
+        collections as they are now), then apply it to memory. Returns
+        (inserted, replaced, the error of the first invalid item or None)."""
+        with self._write_lock:
+            if self._closed:
+                raise errors.Unavailable("the ranker is shutting down")
+            specs: dict[str, tuple[int, str]] = {}
+            new_collections: list[tuple[str, int, str]] = []
+            ok: list[_Pending] = []
+            failure = None
+            for p in batch:
+                coll = self.index.find(p.collection)
+                spec = (coll.dim, coll.fingerprint) if coll is not None else specs.get(p.collection)
+                if spec is None:
+                    specs[p.collection] = (p.vector.shape[0], p.fingerprint)
+                    new_collections.append((p.collection, p.vector.shape[0], p.fingerprint))
+                else:
+                    try:
+                        _check_fits(p.collection, *spec, p)
+                    except errors.ImageSearchError as exc:
+                        failure = exc
+                        break
+                ok.append(p)
+            if not ok:
+                return 0, 0, failure
+            now = time.time()
+            existing = self.store.upsert(
+                [UpsertRow(p.collection, p.name, p.vector, p.fingerprint) for p in ok], new_collections, now)
+            inserted = replaced = 0
+            seen = set(existing)
+            by_collection: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+            for p in ok:
+                key = (p.collection, p.name)
+                if key in seen:
+                    replaced += 1
+                else:
+                    inserted += 1
+                    seen.add(key)
+                names, vectors = by_collection.setdefault(p.collection, ([], []))
+                names.append(p.name)
+                vectors.append(p.vector)
+            try:
+                for collection, (names, vectors) in by_collection.items():
+                    fingerprint = specs[collection][1] if collection in specs else ""  # used if new
+                    self.index.upsert(collection, names, np.stack(vectors), fingerprint, now)
+            except Exception as exc:  # pragma: no cover - e.g. MemoryError
+                log.exception("committed %d items but could not add them to memory", len(ok))
+                raise errors.ImageSearchError(
+                    f"{len(ok)} items were committed to the database but could not be added to memory ({exc!r}): "
+                    "restart the ranker to load them") from exc
+            return inserted, replaced, failure
+
+    def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
+        self._require_ready()
+        check_collection(collection, what="delete")
+        for i, name in enumerate(names):
+            check_name(name, what=f"delete: names[{i}]")
+        with self._write_lock:
+            if self._closed:
+                raise errors.Unavailable("the ranker is shutting down")
+            coll = self.index.get(collection)
+            now = time.time()
+            deleted = self.store.delete(collection, names, now)
+            coll.delete(deleted, now)
+        gone = set(deleted)
+        return DeleteResult(len(deleted), [n for n in dict.fromkeys(names) if n not in gone])
+
+    # ------------------------------------------------------------ reads
+
+    def search(self, query: Query) -> list[Match]:
+        self._require_ready()
+        return self.index.search(query)
+
+    def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
+        self._require_ready()
+        return self.index.search_many(queries)
+
+    def stats(self, collection: str | None = None) -> list[CollectionStats]:
+        self._require_ready()
+        if collection:
+            check_collection(collection, what="stats")
+        return self.index.stats(collection or None)
+
+    def memory_bytes(self) -> int:
+        return sum(s.memory_bytes for s in self.index.stats())
+
+    @property
+    def max_top_k(self) -> int:
+        return self.index.max_top_k

@@ -1,0 +1,370 @@
+"""The in-memory gallery: per collection, one contiguous float32 matrix of unit
+vectors plus its names; cosine top-k by one BLAS product. No SQLite, no gRPC.
+
+Concurrency (why a readers-writer lock, not copy-on-write)
+-----------------------------------------------------------
+Searches read `matrix[:n]` and `names`; writes replace rows in place, append
+rows and compact deletions by moving the last row into the hole. A search
+must never see a row half overwritten, nor a names list out of step with the
+matrix. Copy-on-write would give lock-free reads, but a replace or a delete
+touches rows *inside* `[:n]`, so every write would copy the whole matrix
+(512 MB at 100k x 1280): an O(n) write, and twice the memory while it runs.
+A readers-writer lock keeps writes O(batch): searches hold the read lock for
+their product and selection (many at once: numpy releases the GIL), a write
+holds the write lock only while it copies its own batch of rows and fixes the
+names (microseconds to a millisecond). The one O(n) step, growing the matrix,
+happens *outside* the write lock: the writer (alone, under the collection's
+write mutex) copies the old rows into the bigger matrix while searches go on
+reading the old one, and only the swap of the two takes the write lock. The
+lock prefers writers, so a stream of searches cannot starve an upsert.
+
+Memory
+------
+Rows live in one C-contiguous `(capacity, dim)` float32 array. Appends grow it
+geometrically by 1/16 (at least 64 rows): amortised O(1) copies per append
+with at most ~6% slack; the slack rows come from `np.empty`, so the pages of
+a large matrix are not even resident until written. Deletions swap the last
+row into the hole; when slack passes 1/8 the matrix shrinks back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from imagesearch import errors
+
+from .ranking import score_margin, select_top_k
+from .rwlock import ReadWriteLock
+from .vectors import MAX_TOP_K, check_collection, check_top_k, unit_vector
+
+GROWTH_DIVISOR = 16     # grow by capacity/16 ...
+MIN_GROWTH_ROWS = 64    # ... but at least this many rows
+SHRINK_DIVISOR = 8      # shrink when slack exceeds count/8 (and MIN_GROWTH_ROWS)
+
+
+def grown_capacity(needed: int) -> int:
+    return needed + max(MIN_GROWTH_ROWS, needed // GROWTH_DIVISOR)
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    rank: int  # 1-based
+    name: str
+    score: float  # cosine similarity (float64 computed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    collection: str
+    vector: Sequence[float] | np.ndarray
+    top_k: int = 0  # 0 = default
+    fingerprint: str = ""  # "" = no check
+    id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionStats:
+    name: str
+    count: int
+    dim: int
+    fingerprint: str
+    memory_bytes: int
+    created_at: float
+    updated_at: float
+
+
+def describe_query(query: Query, position: int | None = None) -> str:
+    if query.id:
+        return f"query {query.id!r}"
+    return "query" if position is None else f"query #{position}"
+
+
+class Collection:
+    """One collection's vectors in memory. Thread-safe; see the module docstring."""
+
+    def __init__(self, name: str, dim: int, fingerprint: str, *, created_at: float | None = None,
+                 updated_at: float | None = None, capacity: int = 0):
+        if dim <= 0:
+            raise ValueError(f"dimension must be positive, got {dim}")
+        now = time.time()
+        self.name = name
+        self.dim = int(dim)
+        self.fingerprint = fingerprint
+        self.created_at = now if created_at is None else created_at
+        self.updated_at = self.created_at if updated_at is None else updated_at
+        self.margin = score_margin(self.dim)
+        self._matrix = np.empty((capacity, self.dim), dtype=np.float32)
+        self._n = 0
+        self._names: list[str] = []
+        self._rows: dict[str, int] = {}
+        self._names_bytes = 0
+        self._rw = ReadWriteLock()
+        self._write_mutex = threading.Lock()
+
+    # ------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def capacity(self) -> int:
+        return self._matrix.shape[0]
+
+    def __contains__(self, name: str) -> bool:
+        with self._rw.read():
+            return name in self._rows
+
+    def names(self) -> list[str]:
+        with self._rw.read():
+            return list(self._names)
+
+    def vector(self, name: str) -> np.ndarray:
+        """A copy of the stored unit vector of `name` (KeyError if absent)."""
+        with self._rw.read():
+            return self._matrix[self._rows[name]].copy()
+
+    def snapshot(self) -> tuple[np.ndarray, list[str]]:
+        """Copies of (matrix[:n], names), consistent with each other."""
+        with self._rw.read():
+            return self._matrix[: self._n].copy(), list(self._names)
+
+    def memory_bytes(self) -> int:
+        """Matrix (whole capacity) + names list + name->row dict + the name strings."""
+        with self._rw.read():
+            return (self._matrix.nbytes + sys.getsizeof(self._names) + sys.getsizeof(self._rows)
+                    + self._names_bytes)
+
+    def stats(self) -> CollectionStats:
+        return CollectionStats(self.name, len(self), self.dim, self.fingerprint, self.memory_bytes(),
+                               self.created_at, self.updated_at)
+
+    def search(self, queries64: np.ndarray, top_ks: Sequence[int]) -> list[list[tuple[str, float]]]:
+        """Top-k of each row of `queries64` ((b, dim) float64 unit vectors, already
+        checked): one float32 matrix-vector (b = 1) or matrix-matrix product."""
+        queries64 = np.atleast_2d(queries64)
+        if queries64.shape[1] != self.dim or queries64.shape[0] != len(top_ks):
+            raise ValueError(f"queries of shape {queries64.shape} for dim {self.dim} and {len(top_ks)} top_k values")
+        q32 = queries64.astype(np.float32)
+        with self._rw.read():
+            n = self._n
+            if n == 0:
+                return [[] for _ in top_ks]
+            matrix = self._matrix[:n]
+            if q32.shape[0] == 1:
+                scores = (matrix @ q32[0])[np.newaxis]
+            else:
+                scores = q32 @ matrix.T
+            return [select_top_k(scores[i], matrix, self._names, queries64[i], int(k), self.margin)
+                    for i, k in enumerate(top_ks)]
+
+    # ------------------------------------------------------------ writing
+
+    def load_row(self, name: str, vector: np.ndarray) -> None:
+        """Start-up loading: append one stored row straight into the
+        preallocated matrix (grows only if the capacity given was too small)."""
+        with self._write_mutex:
+            if name in self._rows:
+                raise ValueError(f"collection {self.name!r}: name {name!r} loaded twice")
+            if self._n == self.capacity:
+                self._resize(grown_capacity(self._n + 1))
+            self._matrix[self._n] = vector
+            self._append_name(name)
+
+    def upsert(self, names: Sequence[str], vectors32: np.ndarray, updated_at: float | None = None) -> tuple[int, int]:
+        """Insert or replace rows (the last of repeated names wins). `vectors32`
+        is (len(names), dim) float32 unit rows. Returns (inserted, replaced)."""
+        vectors32 = np.asarray(vectors32, dtype=np.float32)
+        if vectors32.ndim != 2 or vectors32.shape != (len(names), self.dim):
+            raise ValueError(f"{len(names)} names with vectors of shape {vectors32.shape} for dim {self.dim}")
+        with self._write_mutex:
+            last: dict[str, int] = {}
+            for j, name in enumerate(names):
+                last[name] = j
+            new_names, new_src, old_rows, old_src = [], [], [], []
+            for name, j in last.items():
+                row = self._rows.get(name)
+                if row is None:
+                    new_names.append(name)
+                    new_src.append(j)
+                else:
+                    old_rows.append(row)
+                    old_src.append(j)
+            n = self._n
+            needed = n + len(new_names)
+            matrix = self._matrix
+            if needed > matrix.shape[0]:
+                # The O(n) copy runs outside the write lock: searches keep
+                # reading the old matrix; no other writer exists (write mutex).
+                bigger = np.empty((grown_capacity(needed), self.dim), dtype=np.float32)
+                bigger[:n] = matrix[:n]
+                matrix = bigger
+            with self._rw.write():
+                if old_rows:
+                    matrix[old_rows] = vectors32[old_src]
+                if new_names:
+                    matrix[n:needed] = vectors32[new_src]
+                self._matrix = matrix
+                for name in new_names:
+                    self._append_name(name)
+                if updated_at is not None:
+                    self.updated_at = updated_at
+            return len(new_names), len(names) - len(new_names)
+
+    def delete(self, names: Iterable[str], updated_at: float | None = None) -> list[str]:
+        """Remove names (compacting: the last row moves into the hole).
+        Returns the names that were removed."""
+        removed = []
+        with self._write_mutex:
+            with self._rw.write():
+                for name in names:
+                    row = self._rows.pop(name, None)
+                    if row is None:
+                        continue
+                    last = self._n - 1
+                    if row != last:
+                        moved = self._names[last]
+                        self._matrix[row] = self._matrix[last]
+                        self._names[row] = moved
+                        self._rows[moved] = row
+                    self._names.pop()
+                    self._n = last
+                    self._names_bytes -= sys.getsizeof(name)
+                    removed.append(name)
+                if updated_at is not None and removed:
+                    self.updated_at = updated_at
+            if self.capacity - self._n > max(MIN_GROWTH_ROWS, self._n // SHRINK_DIVISOR):
+                self._resize(grown_capacity(self._n) if self._n else 0)
+        return removed
+
+    def first_nonfinite(self, chunk_rows: int = 4096) -> str | None:
+        """The name of the first row holding NaN/Inf (a damaged database), or None."""
+        with self._rw.read():
+            for start in range(0, self._n, chunk_rows):
+                block = self._matrix[start:min(start + chunk_rows, self._n)]
+                if not np.isfinite(block).all():
+                    bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                    return self._names[bad]
+        return None
+
+    def _append_name(self, name: str) -> None:
+        self._rows[name] = self._n
+        self._names.append(name)
+        self._names_bytes += sys.getsizeof(name)
+        self._n += 1
+
+    def _resize(self, capacity: int) -> None:
+        """Caller holds the write mutex: copy outside the write lock, swap inside."""
+        matrix = np.empty((capacity, self.dim), dtype=np.float32)
+        matrix[: self._n] = self._matrix[: self._n]
+        with self._rw.write():
+            self._matrix = matrix
+
+
+class GalleryIndex:
+    """All collections in memory: validated search over them. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._collections: dict[str, Collection] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, collection: str) -> bool:
+        return collection in self._collections
+
+    def collection_names(self) -> list[str]:
+        return sorted(self._collections)
+
+    def get(self, collection: str) -> Collection:
+        try:
+            return self._collections[collection]
+        except KeyError:
+            known = sorted(self._collections)
+            listing = ", ".join(repr(c) for c in known[:10]) + (" ..." if len(known) > 10 else "")
+            raise errors.NotFound(
+                f"unknown collection {collection!r} (known: {listing or 'none yet'})") from None
+
+    def find(self, collection: str) -> Collection | None:
+        return self._collections.get(collection)
+
+    def create(self, collection: str, dim: int, fingerprint: str, *, created_at: float | None = None,
+               updated_at: float | None = None, capacity: int = 0) -> Collection:
+        with self._lock:
+            if collection in self._collections:
+                raise ValueError(f"collection {collection!r} exists already")
+            coll = Collection(collection, dim, fingerprint, created_at=created_at, updated_at=updated_at,
+                              capacity=capacity)
+            self._collections[collection] = coll
+            return coll
+
+    def upsert(self, collection: str, names: Sequence[str], vectors32: np.ndarray, fingerprint: str = "",
+               updated_at: float | None = None) -> tuple[int, int]:
+        """Rows into a collection, created on first use with these vectors'
+        dimension and this fingerprint (no validation here: `Gallery` validates
+        before it commits; this is the memory half of a committed write)."""
+        vectors32 = np.asarray(vectors32, dtype=np.float32)
+        coll = self._collections.get(collection)
+        if coll is None:
+            with self._lock:
+                coll = self._collections.get(collection)
+                if coll is None:
+                    coll = Collection(collection, vectors32.shape[1], fingerprint,
+                                      created_at=updated_at, updated_at=updated_at)
+                    self._collections[collection] = coll
+        return coll.upsert(names, vectors32, updated_at)
+
+    # ------------------------------------------------------------ search
+
+    def prepare(self, query: Query, what: str) -> tuple[Collection, np.ndarray, int]:
+        """Validate a query: (collection, float64 unit query, k). Raises the
+        domain error that fits (InvalidArgument, NotFound, FailedPrecondition)."""
+        k = check_top_k(query.top_k, what=what)
+        check_collection(query.collection, what=what)
+        coll = self.get(query.collection)
+        if query.fingerprint and query.fingerprint != coll.fingerprint:
+            raise errors.FailedPrecondition(
+                f"{what}: fingerprint {query.fingerprint!r} differs from collection {coll.name!r}'s "
+                f"{coll.fingerprint!r}: the query vector comes from another model (or preprocessing)")
+        vector = unit_vector(query.vector, what=what, dim=coll.dim)
+        return coll, vector, k
+
+    def search(self, query: Query, what: str | None = None) -> list[Match]:
+        coll, vector, k = self.prepare(query, what or describe_query(query))
+        (found,) = coll.search(vector[np.newaxis], [k])
+        return [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
+
+    def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
+        """Each query's matches, or the domain error it failed with. Valid
+        queries on one collection share one matrix-matrix product."""
+        results: list[list[Match] | errors.ImageSearchError] = [[] for _ in queries]
+        groups: dict[str, tuple[Collection, list[int], list[np.ndarray], list[int]]] = {}
+        for i, query in enumerate(queries):
+            try:
+                coll, vector, k = self.prepare(query, describe_query(query, i))
+            except errors.ImageSearchError as exc:
+                results[i] = exc
+                continue
+            group = groups.setdefault(coll.name, (coll, [], [], []))
+            group[1].append(i)
+            group[2].append(vector)
+            group[3].append(k)
+        for coll, positions, vectors, ks in groups.values():
+            found = coll.search(np.stack(vectors), ks)
+            for i, matches in zip(positions, found):
+                results[i] = [Match(rank, name, score) for rank, (name, score) in enumerate(matches, 1)]
+        return results
+
+    # ------------------------------------------------------------ stats
+
+    def stats(self, collection: str | None = None) -> list[CollectionStats]:
+        if collection:
+            return [self.get(collection).stats()]
+        return [self._collections[name].stats() for name in sorted(self._collections)]
+
+    @property
+    def max_top_k(self) -> int:
+        return MAX_TOP_K

@@ -1,0 +1,131 @@
+"""`RankerService` over gRPC: a thin servicer over `Gallery`.
+
+The servicer converts protos to the core's plain types and back; the core
+raises `imagesearch.errors`, which `imagesearch.serving`'s interceptor maps to
+status codes. Inside `SearchStream` a failed query becomes that query's
+`error` answer and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Iterable, Iterator, TypeVar
+
+import grpc
+
+from imagesearch import errors, serving
+from imagesearch.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
+
+from .gallery import Gallery, UpsertItem
+from .index import Match, Query
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
+DEFAULT_MAX_BATCH = 64
+
+T = TypeVar("T")
+
+
+def gather_batches(requests: Iterable[T], max_batch: int) -> Iterator[list[T]]:
+    """Batches of what has arrived: block for one request, then take every
+    request already waiting, up to `max_batch`. A reader thread pulls from the
+    stream into a bounded queue (so a fast client meets gRPC flow control, not
+    unbounded memory). An error from the stream (a cancelled call) ends the
+    batches after those already read."""
+    box: queue.Queue = queue.Queue(maxsize=max(1, 4 * max_batch))
+    end = object()
+
+    def pump() -> None:
+        try:
+            for request in requests:
+                box.put(request)
+        except grpc.RpcError:
+            log.debug("request stream ended by the client")
+        except Exception:  # pragma: no cover - logged, the stream just ends
+            log.exception("reading the request stream failed")
+        finally:
+            box.put(end)
+
+    threading.Thread(target=pump, name="search-stream-reader", daemon=True).start()
+    while True:
+        first = box.get()
+        if first is end:
+            return
+        batch = [first]
+        finished = False
+        while len(batch) < max_batch:
+            try:
+                nxt = box.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is end:
+                finished = True
+                break
+            batch.append(nxt)
+        yield batch
+        if finished:
+            return
+
+
+def _match(m: Match) -> ranker_pb2.Match:
+    return ranker_pb2.Match(rank=m.rank, name=m.name, score=m.score)
+
+
+class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
+    def __init__(self, gallery: Gallery, *, max_batch: int = DEFAULT_MAX_BATCH):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.gallery = gallery
+        self.max_batch = max_batch
+
+    def Upsert(self, request_iterator, context):
+        result = self.gallery.upsert(
+            UpsertItem(r.collection, r.name, r.vector, r.fingerprint) for r in request_iterator)
+        return ranker_pb2.UpsertResponse(upserted=result.upserted, inserted=result.inserted,
+                                         replaced=result.replaced)
+
+    def Delete(self, request, context):
+        result = self.gallery.delete(request.collection, list(request.names))
+        return ranker_pb2.DeleteResponse(deleted=result.deleted, not_found=result.not_found)
+
+    def Search(self, request, context):
+        matches = self.gallery.search(Query(request.collection, request.vector, request.top_k, request.fingerprint))
+        for m in matches:
+            yield ranker_pb2.SearchResponse(match=_match(m))
+
+    def SearchStream(self, request_iterator, context):
+        for batch in gather_batches(request_iterator, self.max_batch):
+            queries = [Query(r.collection, r.vector, r.top_k, r.fingerprint, r.id) for r in batch]
+            try:
+                results = self.gallery.search_many(queries)
+            except errors.ImageSearchError as exc:  # e.g. still loading: every query of the batch gets it
+                results = [exc] * len(queries)
+            for query, result in zip(queries, results):
+                if isinstance(result, errors.ImageSearchError):
+                    code, message = serving.item_error_fields(result)
+                    yield ranker_pb2.SearchStreamResponse(
+                        id=query.id, error=common_pb2.ItemError(code=code, message=message))
+                else:
+                    yield ranker_pb2.SearchStreamResponse(id=query.id, matches=[_match(m) for m in result])
+
+    def GetStats(self, request, context):
+        stats = self.gallery.stats(request.collection or None)
+        return ranker_pb2.GetStatsResponse(
+            collections=[ranker_pb2.CollectionStats(
+                name=s.name, count=s.count, dim=s.dim, fingerprint=s.fingerprint, memory_bytes=s.memory_bytes,
+                created_at=s.created_at, updated_at=s.updated_at) for s in stats],
+            memory_bytes=sum(s.memory_bytes for s in stats),
+            max_top_k=self.gallery.max_top_k)
+
+
+def register(gallery: Gallery, *, max_batch: int = DEFAULT_MAX_BATCH):
+    """A `register(server)` callback for `imagesearch.serving.build_server`."""
+    servicer = RankerServicer(gallery, max_batch=max_batch)
+
+    def add(server: grpc.Server) -> None:
+        ranker_pb2_grpc.add_RankerServiceServicer_to_server(servicer, server)
+
+    return add

@@ -1,0 +1,362 @@
+"""The ranker's SQLite database, through sqlite-utils.
+
+Tables (see `migrations.py`): `collections` (name, dim, fingerprint,
+timestamps) and `vectors` (one row per (collection, name): the unit vector as
+a float32 little-endian BLOB, its dim, the model fingerprint, timestamps).
+
+Durability settings, chosen so that an acknowledged write survives `kill -9`
+(and a power cut):
+
+- `journal_mode=WAL`: a commit appends to the -wal file; a crash mid-commit
+  leaves a torn frame that recovery ignores, never a half-written row.
+- `synchronous=FULL`: the WAL is fsync'ed at every commit, before the commit
+  returns and so before any acknowledgement. (`NORMAL` would already survive
+  kill -9, since the OS keeps the written pages, but not a power cut; batches
+  of a few hundred items amortise the one fsync per commit.)
+- `locking_mode=EXCLUSIVE`: the ranker keeps its file locked while it runs.
+  A second ranker on the same file would otherwise serve a stale memory
+  matrix; here it is refused at start with a clear message. (It also means
+  the WAL needs no -shm file.) Other readers must wait for the ranker to stop.
+- `page_size=16384` for new files: two or three 1280-d rows per page instead
+  of one row plus an overflow page each.
+
+Each write is one explicit `BEGIN IMMEDIATE ... COMMIT` transaction around
+sqlite-utils' batched `insert_all`/`upsert_all` (which nest inside it as
+savepoints), so a batch is committed whole or not at all. (A bare
+`with db.conn:` is not enough with sqlite-utils 4, whose `execute()` commits
+any implicit transaction it opened itself.)
+
+Start-up problems (missing folder, read-only file or folder, file locked by
+another process, not a database, damaged rows, database from a newer
+version) raise `StoreError` with a message for a person. Failures during a
+write raise the domain error that fits (`ResourceExhausted` when the database
+is full, `Unavailable` for I/O errors, ...); the transaction is rolled back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sqlite_utils
+
+from imagesearch import errors
+
+from .migrations import MIGRATIONS, UnknownMigrations
+from .vectors import from_blob, to_blob
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 16384
+SYNCHRONOUS = "FULL"
+# Rows per multi-row INSERT statement (7 columns: well under SQLite's variable limit).
+SQL_BATCH_ROWS = 100
+# Names per `IN (...)` lookup.
+LOOKUP_CHUNK = 500
+
+if not hasattr(sqlite_utils.Database, "atomic"):  # pragma: no cover - depends on the installed version
+    raise ImportError("ranker_service needs sqlite-utils >= 4 (nested savepoints inside an explicit transaction)")
+
+
+class StoreError(Exception):
+    """The database cannot be opened or loaded; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredCollection:
+    name: str
+    dim: int
+    fingerprint: str
+    created_at: float
+    updated_at: float
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsertRow:
+    collection: str
+    name: str
+    vector: np.ndarray  # float32 unit vector (stored as is)
+    fingerprint: str
+
+
+def _errorname(exc: sqlite3.Error) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    if name:
+        return name
+    text = str(exc).lower()  # Python < 3.11 has no sqlite_errorname
+    for needle, guess in (("locked", "SQLITE_BUSY"), ("readonly", "SQLITE_READONLY"), ("not a database", "SQLITE_NOTADB"),
+                          ("malformed", "SQLITE_CORRUPT"), ("full", "SQLITE_FULL"), ("disk i/o", "SQLITE_IOERR"),
+                          ("unable to open", "SQLITE_CANTOPEN")):
+        if needle in text:
+            return guess
+    return "SQLITE_ERROR"
+
+
+def describe_open_error(path: Path, exc: BaseException) -> str:
+    """A message for a person about why `path` cannot be used."""
+    if isinstance(exc, UnknownMigrations):
+        return f"{path}: {exc}; upgrade the ranker or use another --db"
+    name = _errorname(exc) if isinstance(exc, sqlite3.Error) else ""
+    if name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
+        return (f"{path} is locked by another process (another ranker on the same file?): the ranker needs the "
+                f"database to itself; stop the other process or use another --db ({exc})")
+    if name.startswith("SQLITE_READONLY"):
+        return f"{path} is read-only: the ranker must write to it and to its folder; fix the permissions ({exc})"
+    if name.startswith("SQLITE_NOTADB"):
+        return f"{path} is not a SQLite database (corrupt, or another kind of file): move it away or use another --db"
+    if name.startswith("SQLITE_CORRUPT"):
+        return (f"{path} is damaged ({exc}): restore it from a backup, or try `sqlite3 {path} .recover`, "
+                "or use another --db")
+    if name.startswith("SQLITE_FULL"):
+        return f"{path}: the disk is full ({exc})"
+    if name.startswith("SQLITE_CANTOPEN"):
+        return f"cannot open {path} ({exc}): check that its folder exists and is writable"
+    return f"cannot use {path}: {exc}"
+
+
+def write_error(exc: sqlite3.Error, doing: str) -> errors.ImageSearchError:
+    """The domain error for a failed write (its transaction is rolled back)."""
+    name = _errorname(exc)
+    if name.startswith("SQLITE_FULL"):
+        return errors.ResourceExhausted(f"{doing}: the database is full (its --max-db-mb limit or the disk): {exc}")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR")):
+        return errors.Unavailable(f"{doing}: storage unavailable, retry later: {exc}")
+    if name.startswith("SQLITE_READONLY"):
+        return errors.FailedPrecondition(f"{doing}: the database has become read-only: {exc}")
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return errors.ImageSearchError(f"{doing}: the database is damaged: {exc}")
+    return errors.ImageSearchError(f"{doing}: database error: {exc}")
+
+
+class GalleryStore:
+    """The one connection to the ranker's database. Thread-safe (one lock)."""
+
+    def __init__(self, path: Path, db: sqlite_utils.Database):
+        self.path = path
+        self.db = db
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, busy_timeout: float = 5.0, max_bytes: int | None = None) -> "GalleryStore":
+        """Open (creating if missing) and migrate the database; lock it for this
+        process. Raises StoreError with a clear message when it cannot be used."""
+        path = Path(path)
+        folder = path.parent if str(path.parent) else Path(".")
+        if path.exists() and not path.is_file():
+            raise StoreError(f"{path} is not a file")
+        if not folder.is_dir():
+            raise StoreError(f"cannot create {path}: the folder {folder} does not exist")
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise StoreError(f"{path} is read-only (or unreadable): the ranker must write to it; fix its permissions "
+                             "or copy it somewhere writable")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"the folder {folder} is not writable: SQLite must create {path.name}-wal next to "
+                             "the database")
+        conn = None
+        try:
+            conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # no effect on an existing file
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{path}: cannot switch to WAL mode (journal_mode stays {mode!r}): "
+                                 "is the file or its folder read-only?")
+            conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if max_bytes:
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count = {max(1, int(max_bytes) // page_size)}")
+            # Take the write lock now (and, in EXCLUSIVE mode, keep it): a
+            # read-only or locked file fails here, at start, not at the first upsert.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("COMMIT")
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            applied = MIGRATIONS.apply(db)
+            if applied:
+                log.info("%s: applied migrations %s", path, ", ".join(applied))
+            store = cls(path, db)
+            store._check_schema()
+            return store
+        except StoreError:
+            if conn is not None:
+                conn.close()
+            raise
+        except (sqlite3.Error, UnknownMigrations) as exc:
+            if conn is not None:
+                conn.close()
+            raise StoreError(describe_open_error(path, exc)) from exc
+
+    def _check_schema(self) -> None:
+        for table, columns in (("collections", {"name", "dim", "fingerprint", "created_at", "updated_at"}),
+                               ("vectors", {"collection", "name", "dim", "fingerprint", "vector",
+                                            "created_at", "updated_at"})):
+            have = set(self.db[table].columns_dict) if self.db[table].exists() else set()
+            if not columns <= have:
+                raise StoreError(f"{self.path}: table {table!r} lacks columns {sorted(columns - have)}: "
+                                 "not a ranker database")
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.db.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def pragma(self, name: str):
+        with self._lock:
+            return self.db.execute(f"PRAGMA {name}").fetchone()[0]
+
+    # ------------------------------------------------------------ reading
+
+    def collections(self) -> list[StoredCollection]:
+        with self._lock:
+            try:
+                counts = dict(self.db.execute(
+                    "SELECT collection, count(*) FROM vectors GROUP BY collection").fetchall())
+                rows = self.db.execute(
+                    "SELECT name, dim, fingerprint, created_at, updated_at FROM collections ORDER BY name").fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(describe_open_error(self.path, exc)) from exc
+        return [StoredCollection(name, int(dim), fingerprint, created_at, updated_at, counts.get(name, 0))
+                for name, dim, fingerprint, created_at, updated_at in rows]
+
+    def iter_rows(self) -> Iterator[tuple[str, str, int, bytes]]:
+        """(collection, name, dim, blob) of every stored vector, in rowid order
+        (one sequential pass over the file). For start-up loading."""
+        with self._lock:
+            cursor = self.db.conn.execute("SELECT collection, name, dim, vector FROM vectors ORDER BY rowid")
+            try:
+                yield from cursor
+            except sqlite3.Error as exc:
+                raise StoreError(describe_open_error(self.path, exc)) from exc
+            finally:
+                cursor.close()
+
+    def vector(self, collection: str, name: str) -> np.ndarray | None:
+        """The stored float32 vector of (collection, name), or None."""
+        with self._lock:
+            row = self.db.execute("SELECT dim, vector FROM vectors WHERE collection = ? AND name = ?",
+                                  [collection, name]).fetchone()
+        return None if row is None else from_blob(row[1], row[0]).copy()
+
+    def names(self, collection: str) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self.db.execute(
+                "SELECT name FROM vectors WHERE collection = ? ORDER BY name", [collection]).fetchall()]
+
+    # ------------------------------------------------------------ writing
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:  # pragma: no cover - the original error matters more
+                    log.exception("rollback failed")
+            raise
+
+    def _existing(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        by_collection: dict[str, list[str]] = {}
+        for collection, name in keys:
+            by_collection.setdefault(collection, []).append(name)
+        found = set()
+        for collection, names in by_collection.items():
+            for start in range(0, len(names), LOOKUP_CHUNK):
+                chunk = names[start:start + LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for (name,) in self.db.execute(
+                        f"SELECT name FROM vectors WHERE collection = ? AND name IN ({marks})", [collection, *chunk]):
+                    found.add((collection, name))
+        return found
+
+    def upsert(self, rows: Sequence[UpsertRow], new_collections: Sequence[tuple[str, int, str]] = (),
+               now: float | None = None) -> set[tuple[str, str]]:
+        """Commit `rows` in one transaction (the last of repeated keys wins),
+        creating `new_collections` [(name, dim, fingerprint)] first. Returns the
+        (collection, name) keys that existed before (replaced, not inserted).
+        Raises a domain error (nothing committed) when the write fails."""
+        now = time.time() if now is None else now
+        with self._lock:
+            if self._closed:
+                raise errors.Unavailable("the ranker is shutting down: its database is closed")
+            try:
+                with self._transaction():
+                    if new_collections:
+                        self.db["collections"].insert_all(
+                            ({"name": name, "dim": dim, "fingerprint": fp, "created_at": now, "updated_at": now}
+                             for name, dim, fp in new_collections), batch_size=SQL_BATCH_ROWS)
+                    last = {(r.collection, r.name): r for r in rows}
+                    existing = self._existing(last)
+                    fresh = [{"collection": r.collection, "name": r.name, "dim": int(r.vector.shape[0]),
+                              "fingerprint": r.fingerprint, "vector": to_blob(r.vector),
+                              "created_at": now, "updated_at": now}
+                             for key, r in last.items() if key not in existing]
+                    again = [{"collection": r.collection, "name": r.name, "dim": int(r.vector.shape[0]),
+                              "fingerprint": r.fingerprint, "vector": to_blob(r.vector), "updated_at": now}
+                             for key, r in last.items() if key in existing]
+                    if fresh:
+                        self.db["vectors"].insert_all(fresh, batch_size=SQL_BATCH_ROWS)
+                    if again:  # created_at is not in these records: it stays
+                        self.db["vectors"].upsert_all(again, pk=("collection", "name"), batch_size=SQL_BATCH_ROWS)
+                    for collection in {r.collection for r in rows}:
+                        self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
+            except sqlite3.Error as exc:
+                raise write_error(exc, f"committing {len(rows)} items") from exc
+        return existing
+
+    def delete(self, collection: str, names: Sequence[str], now: float | None = None) -> list[str]:
+        """Delete names in one transaction; returns those that existed."""
+        now = time.time() if now is None else now
+        with self._lock:
+            if self._closed:
+                raise errors.Unavailable("the ranker is shutting down: its database is closed")
+            try:
+                with self._transaction():
+                    existing = [name for _, name in self._existing((collection, n) for n in dict.fromkeys(names))]
+                    for start in range(0, len(existing), LOOKUP_CHUNK):
+                        chunk = existing[start:start + LOOKUP_CHUNK]
+                        marks = ",".join("?" * len(chunk))
+                        self.db.execute(f"DELETE FROM vectors WHERE collection = ? AND name IN ({marks})",
+                                        [collection, *chunk])
+                    if existing:
+                        self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
+            except sqlite3.Error as exc:
+                raise write_error(exc, f"deleting {len(names)} names from {collection!r}") from exc
+        return existing
+
+
+def bulk_load(store: GalleryStore, collection: str, names: Sequence[str], vectors32: np.ndarray,
+              fingerprint: str = "", batch: int = 2000) -> None:
+    """Write many float32 unit vectors straight through the store, `batch`
+    per transaction (benchmarks, imports). No validation: the caller
+    normalises (see `vectors.unit_vector`); a running ranker holds the lock."""
+    vectors32 = np.asarray(vectors32, dtype=np.float32)
+    known = {c.name for c in store.collections()}
+    for start in range(0, len(names), batch):
+        rows = [UpsertRow(collection, names[i], vectors32[i], fingerprint)
+                for i in range(start, min(start + batch, len(names)))]
+        new = [] if collection in known else [(collection, int(vectors32.shape[1]), fingerprint)]
+        store.upsert(rows, new)
+        known.add(collection)
