@@ -99,7 +99,7 @@ class EmbedderClient:
         self.close()
 
     def _error(self, exc: grpc.RpcError, hint: str = "") -> ClientError:
-        return from_rpc_error(exc, "embedder", self.address, hint=hint or HINT)
+        return from_rpc_error(exc, "embedder", self.address, hint=hint, unavailable_hint=HINT)
 
     def wait_ready(self, *, connect_timeout: float = 5.0, ready_timeout: float = 600.0) -> "EmbedderClient":
         self._channel.wait_ready("embedder", connect_timeout=connect_timeout, ready_timeout=ready_timeout,

@@ -44,13 +44,17 @@ class ServiceUnavailable(ClientError):
     exit_code = EXIT_RUNTIME
 
 
-def from_rpc_error(exc: grpc.RpcError, what: str, address: str, *, hint: str = "") -> ClientError:
-    """A ClientError naming the service, its address and the way out."""
+def from_rpc_error(exc: grpc.RpcError, what: str, address: str, *, hint: str = "",
+                   unavailable_hint: str = "") -> ClientError:
+    """A ClientError naming the service, its address and the way out: `hint`
+    for an answer the caller can act on, `unavailable_hint` (how to start the
+    service) for UNAVAILABLE."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServiceUnavailable(
-            f"the {what} at {address} is unavailable ({details}): is it running? {hint}".rstrip(), code=code)
+            f"the {what} at {address} is unavailable ({details}): is it running? {unavailable_hint}".rstrip(),
+            code=code)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ClientError(f"the {what} at {address} did not answer in time ({details}); "
                            "raise --timeout, or check that it is not overloaded", code=code)

@@ -79,7 +79,7 @@ class RankerClient:
         self.close()
 
     def _error(self, exc: grpc.RpcError, hint: str = "") -> ClientError:
-        return from_rpc_error(exc, "ranker", self.address, hint=hint or HINT)
+        return from_rpc_error(exc, "ranker", self.address, hint=hint, unavailable_hint=HINT)
 
     def wait_ready(self, *, connect_timeout: float = 5.0, ready_timeout: float = 600.0) -> "RankerClient":
         self._channel.wait_ready("ranker", connect_timeout=connect_timeout, ready_timeout=ready_timeout, hint=HINT)
