@@ -331,3 +331,31 @@ def test_round_robin_spreads_calls_and_streams_over_replicas(grpc_server):
     assert tags.count("a") >= 5 and tags.count("b") >= 5
     assert {r.fingerprint for r in streamed} == {"a", "b"}
     assert a.calls.count("EmbedStream") + b.calls.count("EmbedStream") == 8
+
+
+@pytest.mark.slow
+def test_round_robin_over_two_embedder_processes():
+    """Two real embedder processes behind one `ipv4:` target: both get calls
+    and streams. They differ only in ways the answers show: B serves random
+    weights (another fingerprint) and a smaller max batch."""
+    from tests.procs import ServiceProcess
+
+    a = ServiceProcess("embedder_service", "--backbone", "efficientnet_lite0", "--max-batch", "8")
+    try:
+        b = ServiceProcess("embedder_service", "--backbone", "efficientnet_lite0", "--weights", "none",
+                           "--max-batch", "4")
+        try:
+            from clients.demo import find_photos
+
+            photo = find_photos()[0].read_bytes()
+            items = [ImageSource(str(i), lambda: photo) for i in range(8)]
+            with EmbedderClient(f"127.0.0.1:{a.port},127.0.0.1:{b.port}", timeout=60) as client:
+                client.wait_ready()
+                batches = {client.model_info(refresh=True).max_batch for _ in range(10)}
+                fingerprints = {r.fingerprint for r in client.embed_many(items, chunk_size=1, concurrency=4)}
+            assert batches == {8, 4}
+            assert len(fingerprints) == 2
+        finally:
+            b.terminate()
+    finally:
+        a.terminate()
