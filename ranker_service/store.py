@@ -21,8 +21,8 @@ Durability settings, chosen so that an acknowledged write survives `kill -9`
   of one row plus an overflow page each.
 
 Each write is one explicit `BEGIN IMMEDIATE ... COMMIT` transaction around
-sqlite-utils' batched `insert_all`/`upsert_all` (which nest inside it as
-savepoints), so a batch is committed whole or not at all. (A bare
+sqlite-utils' batched `insert_all` (which nests inside it as a savepoint)
+and one `executemany` UPDATE for replaced rows (keeping their created_at), so a batch is committed whole or not at all. (A bare
 `with db.conn:` is not enough with sqlite-utils 4, whose `execute()` commits
 any implicit transaction it opened itself.)
 
@@ -313,13 +313,14 @@ class GalleryStore:
                               "fingerprint": r.fingerprint, "vector": to_blob(r.vector),
                               "created_at": now, "updated_at": now}
                              for key, r in last.items() if key not in existing]
-                    again = [{"collection": r.collection, "name": r.name, "dim": int(r.vector.shape[0]),
-                              "fingerprint": r.fingerprint, "vector": to_blob(r.vector), "updated_at": now}
+                    again = [(int(r.vector.shape[0]), r.fingerprint, to_blob(r.vector), now, r.collection, r.name)
                              for key, r in last.items() if key in existing]
                     if fresh:
                         self.db["vectors"].insert_all(fresh, batch_size=SQL_BATCH_ROWS)
-                    if again:  # created_at is not in these records: it stays
-                        self.db["vectors"].upsert_all(again, pk=("collection", "name"), batch_size=SQL_BATCH_ROWS)
+                    if again:  # an UPDATE, not an upsert: created_at stays
+                        self.db.conn.executemany(
+                            "UPDATE vectors SET dim = ?, fingerprint = ?, vector = ?, updated_at = ? "
+                            "WHERE collection = ? AND name = ?", again)
                     for collection in {r.collection for r in rows}:
                         self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
             except sqlite3.Error as exc:
@@ -327,14 +328,16 @@ class GalleryStore:
         return existing
 
     def delete(self, collection: str, names: Sequence[str], now: float | None = None) -> list[str]:
-        """Delete names in one transaction; returns those that existed."""
+        """Delete names in one transaction; returns those that existed, in request order."""
         now = time.time() if now is None else now
         with self._lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down: its database is closed")
             try:
                 with self._transaction():
-                    existing = [name for _, name in self._existing((collection, n) for n in dict.fromkeys(names))]
+                    wanted = list(dict.fromkeys(names))  # request order, without repeats
+                    found = self._existing((collection, n) for n in wanted)
+                    existing = [n for n in wanted if (collection, n) in found]
                     for start in range(0, len(existing), LOOKUP_CHUNK):
                         chunk = existing[start:start + LOOKUP_CHUNK]
                         marks = ",".join("?" * len(chunk))

@@ -96,7 +96,7 @@ def unit_vector(values: Sequence[float] | np.ndarray, *, what: str, dim: int | N
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
         raise errors.InvalidArgument(
-            f"{what}: vector[{bad}] is {v[bad]!r}: values must be finite (no NaN or Inf)")
+            f"{what}: vector[{bad}] is {float(v[bad])}: values must be finite (no NaN or Inf)")
     norm = float(np.linalg.norm(v))
     if norm == 0.0:
         raise errors.InvalidArgument(f"{what}: all-zero vector has no direction: it cannot be normalised")
