@@ -255,6 +255,10 @@ class ManagedChannel:
                     raise ServiceUnavailable(
                         f"the {what} at {self.address} did not become ready in {ready_timeout:.0f}s "
                         f"({last_error}); check its log")
+                tls = (" If it is, check the TLS settings: --tls-ca, and --tls-cert/--tls-key when it wants "
+                       "client certificates." if self.security.uses_tls else
+                       " If it serves TLS, pass --tls-ca." if "closed" in last_error or "handshake" in last_error.lower()
+                       else "")
                 raise ServiceUnavailable(
-                    f"cannot reach the {what} at {self.address} ({last_error}): is it running? {hint}".rstrip())
+                    f"cannot reach the {what} at {self.address} ({last_error}): is it running? {hint}".rstrip() + tls)
             time.sleep(0.2)

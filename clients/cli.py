@@ -143,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mutual TLS)")
-    p.add_argument("--tls-ca", type=Path,
-                   help="CA to verify the services with for the readiness check (default: --tls-cert itself)")
+    p.add_argument("--probe-tls-ca", type=Path,
+                   help="with TLS: CA bundle that serve verifies the services with in its own health checks "
+                        "(default: --tls-cert itself, right for a self-signed certificate)")
+    p.add_argument("--probe-tls-cert", type=Path,
+                   help="with --tls-client-ca: a client certificate signed by that CA, for serve's own health checks")
+    p.add_argument("--probe-tls-key", type=Path, help="private key of --probe-tls-cert")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("index", parents=[client], help="embed and store every image under a folder",
@@ -463,9 +467,13 @@ def cmd_serve(args) -> int:
         tls_args = ["--tls-cert", str(args.tls_cert), "--tls-key", str(args.tls_key)]
         if args.tls_client_ca:
             tls_args += ["--tls-client-ca", str(args.tls_client_ca)]
-        probe = Security(tls=True, ca=args.tls_ca or args.tls_cert,
-                         cert=args.tls_cert if args.tls_client_ca else None,
-                         key=args.tls_key if args.tls_client_ca else None)
+        if args.tls_client_ca and not (args.probe_tls_cert and args.probe_tls_key):
+            raise UsageError("--tls-client-ca (mutual TLS) needs --probe-tls-cert and --probe-tls-key: a client "
+                             "certificate signed by that CA, so that serve can check the services' health")
+        probe = Security(tls=True, ca=args.probe_tls_ca or args.tls_cert, cert=args.probe_tls_cert,
+                         key=args.probe_tls_key)
+    elif args.tls_client_ca:
+        raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
     emb_args = embedder_args(checkpoint=args.checkpoint, backbone=args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE),
                              weights=args.weights, device=args.device)
     with Services() as services:

@@ -59,8 +59,8 @@ def from_rpc_error(exc: grpc.RpcError, what: str, address: str, *, hint: str = "
         return ClientError(f"the {what} at {address} did not answer in time ({details}); "
                            "raise --timeout, or check that it is not overloaded", code=code)
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return UsageError(f"the {what} at {address} refused the call: {details} "
-                          "(pass --auth-token or set IMAGESEARCH_AUTH_TOKEN)", code=code)
+        advice = "" if "--auth-token" in details else " (pass --auth-token or set IMAGESEARCH_AUTH_TOKEN)"
+        return UsageError(f"the {what} at {address} refused the call: {details}{advice}", code=code)
     message = f"the {what} at {address} answered {code.name}: {details}"
     if hint:
         message += f" ({hint})"

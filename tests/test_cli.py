@@ -254,7 +254,7 @@ def test_serve_index_query_search_then_sigterm(tmp_path, capsys):
         assert "--auth-token" in capsys.readouterr().err
     finally:
         serve.terminate()  # SIGTERM: serve stops both services and exits 0
-        rest, _ = serve.communicate(timeout=60)
+        _, rest = serve.communicate(timeout=60)
     assert serve.returncode == 0, "".join(lines) + rest
     assert "SIGTERM: stopping the services" in rest and rest.rstrip().endswith("stopped")
     capsys.readouterr()
