@@ -15,7 +15,7 @@ import os
 
 # BLAS threads must be set before numpy loads: one search is a memory-bound
 # matrix-vector product, and several run at once on gRPC threads.
-_BLAS_THREADS = os.environ.get("IMAGESEARCH_RANKER_BLAS_THREADS") or str(min(4, os.cpu_count() or 1))
+_BLAS_THREADS = os.environ.get("IMAGESEARCH_RANKER_BLAS_THREADS") or "1"
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _BLAS_THREADS)
 

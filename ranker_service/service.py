@@ -34,40 +34,55 @@ def gather_batches(requests: Iterable[T], max_batch: int) -> Iterator[list[T]]:
     request already waiting, up to `max_batch`. A reader thread pulls from the
     stream into a bounded queue (so a fast client meets gRPC flow control, not
     unbounded memory). An error from the stream (a cancelled call) ends the
-    batches after those already read."""
+    batches after those already read; closing the generator stops the reader."""
     box: queue.Queue = queue.Queue(maxsize=max(1, 4 * max_batch))
     end = object()
+    closed = threading.Event()
+
+    def put(item) -> bool:
+        while not closed.is_set():
+            try:
+                box.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def pump() -> None:
         try:
             for request in requests:
-                box.put(request)
+                if not put(request):
+                    return
         except grpc.RpcError:
             log.debug("request stream ended by the client")
         except Exception:  # pragma: no cover - logged, the stream just ends
             log.exception("reading the request stream failed")
         finally:
-            box.put(end)
+            put(end)
 
-    threading.Thread(target=pump, name="search-stream-reader", daemon=True).start()
-    while True:
-        first = box.get()
-        if first is end:
-            return
-        batch = [first]
-        finished = False
-        while len(batch) < max_batch:
-            try:
-                nxt = box.get_nowait()
-            except queue.Empty:
-                break
-            if nxt is end:
-                finished = True
-                break
-            batch.append(nxt)
-        yield batch
-        if finished:
-            return
+    reader = threading.Thread(target=pump, name="search-stream-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            first = box.get()
+            if first is end:
+                return
+            batch = [first]
+            finished = False
+            while len(batch) < max_batch:
+                try:
+                    nxt = box.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is end:
+                    finished = True
+                    break
+                batch.append(nxt)
+            yield batch
+            if finished:
+                return
+    finally:
+        closed.set()
 
 
 def _match(m: Match) -> ranker_pb2.Match:
@@ -99,6 +114,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def SearchStream(self, request_iterator, context):
         for batch in gather_batches(request_iterator, self.max_batch):
             queries = [Query(r.collection, r.vector, r.top_k, r.fingerprint, r.id) for r in batch]
+            log.debug("SearchStream: %d queries in one batch", len(queries))
             try:
                 results = self.gallery.search_many(queries)
             except errors.ImageSearchError as exc:  # e.g. still loading: every query of the batch gets it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -149,6 +150,24 @@ def test_gather_batches_takes_what_has_arrived_up_to_the_cap():
     assert [x for b in batches for x in b] == list(range(200))
     assert max(len(b) for b in batches) <= 16
     assert len(batches) < 200  # what had arrived was answered together
+
+
+def test_gather_batches_stops_its_reader_when_closed_early():
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    before = threading.active_count()
+    batches = gather_batches(endless(), 4)
+    assert next(batches) and next(batches)
+    batches.close()  # e.g. the client went away: the reader must not block forever on a full queue
+    for _ in range(50):
+        if threading.active_count() <= before:
+            break
+        time.sleep(0.05)
+    assert threading.active_count() <= before
 
 
 def test_get_stats(stub, gallery):
