@@ -46,6 +46,16 @@ def parse_report(text: str) -> ReportParser:
     return p
 
 
+def test_cli_imports_only_the_contracts():
+    """clients -> contracts: no torch, no service or trainer code (the CLI starts fast)."""
+    code = ("import sys, clients.cli, clients.pipeline, clients.services, clients.demo, clients.report; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'torchvision', 'timm', 'embedder_service', 'ranker_service', 'trainer', 'bench'}); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # ---------------------------------------------------------------- evaluate
 
 
