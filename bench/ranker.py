@@ -275,6 +275,20 @@ def bench_seed_loop(args, rng: np.random.Generator) -> dict:
             "speedup_core_vs_loop": loop_s / core_s, "results_agree": bool(agree)}
 
 
+def bench_request_build(dim: int, rng: np.random.Generator, reps: int = 300) -> dict:
+    """Client side: a SearchRequest built from a numpy array vs from a list."""
+    v = rng.standard_normal(dim).astype(np.float32)
+    out = {}
+    for name, value in (("ndarray", v), ("list", v.tolist())):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            pb.SearchRequest(collection=COLLECTION, vector=value, top_k=K)
+            ts.append(time.perf_counter() - t0)
+        out[f"{name}_ms"] = pct(ts, 50) * 1e3
+    return out
+
+
 def table(results: dict) -> str:
     lines = []
     row = "| {:<44} | {:>12} | {:>10} | {:>16} |".format
@@ -313,6 +327,9 @@ def table(results: dict) -> str:
     lines.append(row(f"G={s['G']} seed loop / core per query (ms)",
                      f"{s['loop_ms_per_query']:.1f} / {s['core_ms_per_query']:.3f}",
                      f"{s['speedup_core_vs_loop']:.0f}x", "speed-up"))
+    c = results["client_request_build"]
+    lines.append(row("client: SearchRequest from ndarray / list (ms)",
+                     f"{c['ndarray_ms']:.3f} / {c['list_ms']:.3f}", "", ""))
     return "\n".join(lines)
 
 
@@ -352,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
             for f in workdir.glob(f"g{G}.db*"):
                 f.unlink()
     results["seed_loop"] = bench_seed_loop(args, rng)
+    results["client_request_build"] = bench_request_build(args.dim, rng)
     text = table(results)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -308,7 +308,10 @@ def test_rwlock_excludes_writers_and_prefers_them():
         tw = threading.Thread(target=writer)
         tw.start()
         writer_started.wait()
-        time.sleep(0.1)  # the writer now waits for our read lock
+        deadline = time.monotonic() + 10
+        while lock._writers_waiting == 0 and time.monotonic() < deadline:  # the writer now waits for us
+            time.sleep(0.01)
+        assert lock._writers_waiting == 1
         tr = threading.Thread(target=late_reader)
         tr.start()
         time.sleep(0.1)

@@ -260,3 +260,18 @@ def test_closed_gallery_refuses_writes(db_path):
     gallery.close()
     with pytest.raises(errors.Unavailable, match="shutting down"):
         gallery.upsert([UpsertItem("c", "a", [1.0], "")])
+
+
+def test_gallery_is_unavailable_until_loaded_and_validates_deletes(db_path):
+    gallery = Gallery(GalleryStore.open(db_path))
+    with pytest.raises(errors.Unavailable, match="still loading"):
+        gallery.search(Query("c", [1.0, 0.0]))
+    gallery.load()
+    gallery.upsert([UpsertItem("c", "a", [1.0, 0.0], "")])
+    with pytest.raises(errors.InvalidArgument, match=r"names\[1\]: empty name"):
+        gallery.delete("c", ["a", ""])
+    with pytest.raises(errors.NotFound, match="unknown collection 'nope'"):
+        gallery.delete("nope", ["a"])
+    assert gallery.delete("c", []).deleted == 0
+    assert gallery.store.names("c") == ["a"]
+    gallery.close()
