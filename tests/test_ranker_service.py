@@ -349,3 +349,14 @@ def test_full_db_during_a_write_is_an_error_status_and_the_db_stays_sound(tmp_pa
     assert names == [f"n{i:03d}" for i in range(stats.count)]
     for i, name in enumerate(names):
         assert blobs[name] == unit32(vectors[i]).astype("<f4").tobytes()
+
+
+def test_the_ranker_imports_neither_torch_nor_the_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, ranker_service.__main__, ranker_service.service; "
+            "bad = {'torch', 'trainer', 'embedder_service', 'clients'} & {m.split('.')[0] for m in sys.modules}; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
