@@ -1,0 +1,163 @@
+"""`python -m embedder_service` / `imagesearch-embedder`: serve EmbedderService.
+
+Start-up order: bind and start the server (health NOT_SERVING, RPCs answer
+UNAVAILABLE), load the model, warm it up, then mark health SERVING. SIGTERM /
+SIGINT: health NOT_SERVING, drain in-flight calls for --grace seconds, then
+stop the batcher's threads. A model that cannot be loaded (weights missing,
+bad checkpoint, no GPU) ends the process with a one-line error, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from imagesearch import errors, serving
+
+log = logging.getLogger("embedder_service")
+
+ENV = "IMAGESEARCH_EMBEDDER"
+DEFAULT_PORT = 50051
+BACKBONE_CHOICES = ("efficientnet_b4", "efficientnet_lite0", "efficientnet_lite2")
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024  # = trainer.preprocessing.DEFAULT_MAX_IMAGE_BYTES
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # = trainer.preprocessing.DEFAULT_MAX_IMAGE_PIXELS
+# Room for the other fields and protobuf framing around the largest image.
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+def _env(name: str, default):
+    return serving.env_default(f"{ENV}_{name}", default)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imagesearch-embedder",
+        description="gRPC EmbedderService: encoded images in, L2-normalised float32 vectors out.")
+    serving.add_server_arguments(p, env_prefix=ENV, default_port=DEFAULT_PORT)
+    # Unary callers each hold a handler thread while their item waits for a batch.
+    p.set_defaults(max_workers=int(_env("MAX_WORKERS", 64)))
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint", default=_env("CHECKPOINT", None),
+                   help=f"trainer checkpoint to serve; backbone and preprocessing come from its meta "
+                        f"(env {ENV}_CHECKPOINT)")
+    m.add_argument("--backbone", choices=BACKBONE_CHOICES, default=_env("BACKBONE", None),
+                   help=f"backbone without --checkpoint (env {ENV}_BACKBONE; default efficientnet_lite0)")
+    m.add_argument("--weights", default=_env("WEIGHTS", None),
+                   help=f"imagenet | none | FILE (state_dict), without --checkpoint "
+                        f"(env {ENV}_WEIGHTS; default imagenet)")
+    m.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("DEVICE", "auto"),
+                   help=f"auto = cuda when there is one (env {ENV}_DEVICE; default %(default)s)")
+    m.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=_env("PRECISION", "auto"),
+                   help=f"autocast dtype; auto = fp16 on CUDA, fp32 on CPU (env {ENV}_PRECISION; "
+                        f"default %(default)s)")
+    m.add_argument("--threads", type=int, default=_env("THREADS", 0),
+                   help=f"torch intra-op threads; 0 = IMAGESEARCH_TORCH_THREADS or torch's default "
+                        f"(env {ENV}_THREADS)")
+    b = p.add_argument_group("batching and limits")
+    b.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", 32),
+                   help=f"largest batch the model runs (env {ENV}_MAX_BATCH; default %(default)s)")
+    b.add_argument("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 5.0),
+                   help=f"longest a batch waits to fill after its first item (env {ENV}_MAX_WAIT_MS; "
+                        f"default %(default)s)")
+    b.add_argument("--decode-workers", type=int, default=_env("DECODE_WORKERS", 0),
+                   help=f"threads that decode and preprocess; 0 = min(8, CPU count) "
+                        f"(env {ENV}_DECODE_WORKERS)")
+    b.add_argument("--stream-window", type=int, default=_env("STREAM_WINDOW", 0),
+                   help=f"items one EmbedStream may have in flight before the server stops reading it; "
+                        f"0 = 2 x --max-batch (env {ENV}_STREAM_WINDOW)")
+    b.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
+                   help=f"largest encoded image (env {ENV}_MAX_IMAGE_BYTES; default %(default)s); "
+                        f"the gRPC message limit is this plus {MESSAGE_OVERHEAD_BYTES}")
+    b.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+                   help=f"largest decoded width x height (env {ENV}_MAX_IMAGE_PIXELS; default %(default)s)")
+    serving.add_logging_arguments(p)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for flag, value, least in [("--max-batch", args.max_batch, 1), ("--max-wait-ms", args.max_wait_ms, 0),
+                               ("--max-image-bytes", args.max_image_bytes, 1),
+                               ("--max-image-pixels", args.max_image_pixels, 1),
+                               ("--threads", args.threads, 0), ("--decode-workers", args.decode_workers, 0),
+                               ("--stream-window", args.stream_window, 0), ("--max-workers", args.max_workers, 1)]:
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, not {value}")
+    if args.backbone is not None and args.backbone not in BACKBONE_CHOICES:  # from the environment
+        parser.error(f"{ENV}_BACKBONE={args.backbone!r}: choose one of {', '.join(BACKBONE_CHOICES)}")
+    for flag, value, choices in [("--device", args.device, ("auto", "cpu", "cuda")),
+                                 ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16"))]:
+        if value not in choices:
+            parser.error(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+    if args.checkpoint and args.weights:
+        parser.error("--checkpoint and --weights exclude each other: a checkpoint holds its own weights")
+    # Fail before binding a port, and before the seconds it takes to import torch.
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if args.weights not in (None, "imagenet", "none") and not Path(args.weights).is_file():
+        parser.error(f"--weights {args.weights}: no such file; use imagenet, none or a path to a weights file")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    serving.configure_logging(args.log_level)
+    from embedder_service.servicer import EmbedderServicer, Limits, SERVICE_NAME, register
+
+    max_message_bytes = args.max_image_bytes + MESSAGE_OVERHEAD_BYTES
+    limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                    max_batch=args.max_batch, max_message_bytes=max_message_bytes,
+                    stream_window=args.stream_window or 2 * args.max_batch)
+    servicer = EmbedderServicer(limits)
+    config = serving.ServerConfig.from_args(args, max_message_bytes=max_message_bytes)
+    running = serving.build_server(config, register(servicer), [SERVICE_NAME])
+    try:
+        batcher = _load(args, servicer, limits)
+    except errors.ImageSearchError as exc:
+        running.stop(0).wait()
+        log.error("cannot serve: %s", exc)
+        return 2
+    except BaseException:
+        running.stop(0).wait()
+        raise
+    running.set_serving(True)
+    log.info("serving %s", SERVICE_NAME)
+    serving.serve_until_signalled(running, on_stop=batcher.close)
+    return 0
+
+
+def _load(args, servicer, limits):
+    """Import torch, load and warm up the model, attach it to the servicer."""
+    import torch  # noqa: F401  (heavy: only after the port is bound and health answers)
+    from PIL import Image
+
+    from embedder_service.batcher import Batcher
+    from embedder_service.embedder import Embedder, default_prepare_workers
+    from trainer.models import set_threads_from_env
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        set_threads_from_env()
+    # decode_image checks --max-image-pixels against the header before any pixel
+    # is decoded; PIL's own process-wide guard would only speak first, in its words.
+    Image.MAX_IMAGE_PIXELS = None
+    embedder = Embedder.load(checkpoint=args.checkpoint, backbone=args.backbone, weights=args.weights,
+                             device=args.device, precision=args.precision,
+                             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                             max_batch=args.max_batch)
+    embedder.warm_up()
+    workers = args.decode_workers or default_prepare_workers()
+    batcher = Batcher(lambda item: embedder.decode(*item), embedder.embed_tensors,
+                      max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000.0, prepare_workers=workers)
+    servicer.attach(embedder, batcher)
+    log.info("torch threads %d, decode workers %d, max batch %d, max wait %.1f ms, stream window %d",
+             torch.get_num_threads(), workers, args.max_batch, args.max_wait_ms, limits.stream_window)
+    return batcher
+
+
+if __name__ == "__main__":
+    sys.exit(main())

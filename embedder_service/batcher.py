@@ -1,0 +1,288 @@
+"""Dynamic batching, independent of gRPC and of the model.
+
+A `Batcher` takes requests one at a time (`submit`), prepares each on a thread
+pool (for the embedder: decode + preprocess), and hands the prepared items to
+`run` in batches on one model thread: a batch closes when it holds `max_batch`
+items or `max_wait_s` after its first item, whichever is first. While the model
+thread runs batch n, the pool prepares batch n+1, so decoding and inference
+overlap.
+
+A request carries an `alive()` callable (for a gRPC call: the call is still
+active and its deadline has not passed). Requests that are no longer alive are
+dropped before preparing and again before inference; their futures fail with
+`Dropped`.
+
+`map_stream` feeds an iterator of (key, payload) through `submit` with at most
+`window` items not yet handed back to the caller (backpressure: a fast client
+cannot make the server queue unbounded memory) and yields (key, done future)
+in completion order.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from concurrent import futures
+from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+
+from imagesearch import errors
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")  # payload as submitted
+T = TypeVar("T")  # prepared item
+R = TypeVar("R")  # result of one item
+K = TypeVar("K")  # caller's key in map_stream
+
+Alive = Callable[[], bool]
+
+
+def _always() -> bool:
+    return True
+
+
+class Dropped(errors.ImageSearchError):
+    """The caller went away (cancelled, or its deadline passed) before its item
+    reached the model; nobody is left to read this error."""
+
+    status = "CANCELLED"
+
+
+@dataclasses.dataclass
+class BatcherStats:
+    """Counters since start; `batch_sizes` maps a batch size to how many batches had it."""
+
+    submitted: int = 0
+    prepare_failed: int = 0
+    dropped: int = 0
+    batches: int = 0
+    items: int = 0
+    batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def snapshot(self) -> "BatcherStats":
+        return dataclasses.replace(self, batch_sizes=collections.Counter(self.batch_sizes))
+
+
+class _Request(Generic[P, T, R]):
+    __slots__ = ("payload", "alive", "future", "prepared")
+
+    def __init__(self, payload: P, alive: Alive):
+        self.payload = payload
+        self.alive = alive
+        self.future: futures.Future[R] = futures.Future()
+        self.prepared: T | None = None
+
+
+_STOP = object()
+
+
+class Batcher(Generic[P, T, R]):
+    """`prepare(payload) -> item` runs on `prepare_workers` threads;
+    `run([item, ...]) -> [result, ...]` runs on one model thread, in batches
+    of up to `max_batch` gathered for at most `max_wait_s`."""
+
+    def __init__(self, prepare: Callable[[P], T], run: Callable[[list[T]], Sequence[R]], *,
+                 max_batch: int = 32, max_wait_s: float = 0.005, prepare_workers: int = 2,
+                 name: str = "batcher"):
+        if max_batch < 1:
+            raise errors.InvalidArgument(f"max_batch must be at least 1, not {max_batch}")
+        if max_wait_s < 0:
+            raise errors.InvalidArgument(f"max_wait_s must be >= 0, not {max_wait_s}")
+        if prepare_workers < 1:
+            raise errors.InvalidArgument(f"prepare_workers must be at least 1, not {prepare_workers}")
+        self._prepare = prepare
+        self._run = run
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.name = name
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()  # prepared requests, then _STOP
+        self._pool = futures.ThreadPoolExecutor(prepare_workers, thread_name_prefix=f"{name}-prepare")
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stats = BatcherStats()
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-model", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def stats(self) -> BatcherStats:
+        with self._lock:
+            return self._stats.snapshot()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, payload: P, alive: Alive | None = None) -> futures.Future[R]:
+        """Queue one item; the future holds its result, the exception `prepare`
+        or `run` raised for it, or `Dropped`."""
+        request: _Request[P, T, R] = _Request(payload, alive or _always)
+        with self._lock:
+            if self._closed:
+                raise errors.Unavailable("the server is shutting down: retry on another replica")
+            self._stats.submitted += 1
+            self._pool.submit(self._prepare_one, request)
+        return request.future
+
+    def map_stream(self, items: Iterable[tuple[K, P]], *, window: int,
+                   alive: Alive | None = None) -> Iterator[tuple[K, futures.Future[R]]]:
+        """Submit (key, payload) pairs read from `items` on a reader thread, never
+        more than `window` ahead of what the caller has taken back, and yield
+        (key, done future) as items complete. An exception raised by `items`
+        itself is re-raised here after the items already read are handed back."""
+        if window < 1:
+            raise errors.InvalidArgument(f"window must be at least 1, not {window}")
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        slots = threading.Semaphore(window)
+        stop = threading.Event()
+        end = object()
+
+        def reader():
+            count, failure = 0, None
+            try:
+                for key, payload in items:
+                    while not slots.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    future = self.submit(payload, alive)
+                    future.add_done_callback(lambda f, key=key: done.put((key, f)))
+                    count += 1
+            except BaseException as exc:  # the request stream broke or was cancelled
+                failure = exc
+            finally:
+                done.put((end, (count, failure)))
+
+        thread = threading.Thread(target=reader, name=f"{self.name}-stream-reader", daemon=True)
+        thread.start()
+        expected, failure, handed = None, None, 0
+        try:
+            while expected is None or handed < expected:
+                key, value = done.get()
+                if key is end:
+                    expected, failure = value
+                    continue
+                handed += 1
+                yield key, value
+                slots.release()
+            if failure is not None:
+                raise failure
+        finally:
+            stop.set()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish what was submitted, stop the model thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._pool.shutdown(wait=True)  # every prepared request is now in _ready
+        self._ready.put(_STOP)
+        self._thread.join(timeout)
+        stats = self.stats
+        log.info("%s stopped: %d items in %d batches, %d dropped, %d failed to prepare",
+                 self.name, stats.items, stats.batches, stats.dropped, stats.prepare_failed)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ workers
+
+    def _drop(self, request: _Request) -> None:
+        with self._lock:
+            self._stats.dropped += 1
+        if not request.future.done():
+            request.future.set_exception(Dropped("the caller cancelled or its deadline passed"))
+
+    def _prepare_one(self, request: _Request) -> None:
+        if not request.future.set_running_or_notify_cancel():
+            with self._lock:
+                self._stats.dropped += 1
+            return
+        if not _is_alive(request):
+            self._drop(request)
+            return
+        try:
+            request.prepared = self._prepare(request.payload)
+        except BaseException as exc:
+            with self._lock:
+                self._stats.prepare_failed += 1
+            if not isinstance(exc, errors.ImageSearchError):
+                log.exception("%s: preparing an item failed", self.name)
+            request.future.set_exception(exc)
+            return
+        self._ready.put(request)
+
+    def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
+        """`first` plus whatever else is ready within max_wait_s, up to max_batch.
+        Returns the batch and whether _STOP was seen."""
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._ready.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._ready.get()
+            if first is _STOP:
+                break
+            batch, stopping = self._gather(first)
+            live = []
+            for request in batch:
+                if _is_alive(request):
+                    live.append(request)
+                else:
+                    self._drop(request)
+            if live:
+                self._run_batch(live)
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        try:
+            results = self._run([r.prepared for r in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: run() gave {len(results)} results for {len(batch)} items")
+        except BaseException as exc:
+            log.exception("%s: a batch of %d failed", self.name, len(batch))
+            for request in batch:
+                request.future.set_exception(exc)
+            return
+        finally:
+            for request in batch:
+                request.prepared = None  # let the tensors go as soon as possible
+        with self._lock:
+            self._stats.batches += 1
+            self._stats.items += len(batch)
+            self._stats.batch_sizes[len(batch)] += 1
+        for request, result in zip(batch, results):
+            request.future.set_result(result)
+
+
+def _is_alive(request: _Request) -> bool:
+    try:
+        return bool(request.alive())
+    except Exception:  # a broken liveness check must not take the model thread down
+        log.exception("alive() raised; treating the request as gone")
+        return False

@@ -1,0 +1,311 @@
+"""The embedder's core alone, without gRPC: the Batcher (with plain functions
+standing in for decode and the model), the Embedder on the real default model,
+autocast dtype selection (the CUDA path's decision, testable on CPU), and the
+command line."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from embedder_service import __main__ as cli
+from embedder_service.batcher import Batcher, Dropped
+from embedder_service.embedder import Embedder, autocast_dtype, bucket_size, cuda_buckets
+from imagesearch import errors
+from tests.test_embedder_inputs import GOOD, encode, photo
+from trainer import preprocessing
+from trainer.checkpoint import load_model
+from trainer.models import fingerprint
+from trainer.preprocessing import load_tensor
+
+WAIT = 10  # seconds a future may take before a test calls it hung
+
+
+class Recorder:
+    """run(): doubles each item and records the batches it saw."""
+
+    def __init__(self, gate: threading.Event | None = None, fail_on=None):
+        self.batches: list[list] = []
+        self.gate = gate
+        self.fail_on = fail_on
+
+    def __call__(self, items):
+        if self.gate is not None:
+            assert self.gate.wait(WAIT)
+        self.batches.append(list(items))
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError(f"model failed on a batch holding {self.fail_on}")
+        return [x * 2 for x in items]
+
+
+# ---------------------------------------------------------------- Batcher
+
+
+def test_items_arriving_together_fill_batches_up_to_max_batch():
+    release = threading.Event()
+
+    def prepare(x):
+        assert release.wait(WAIT)  # hold every item until all are submitted
+        return x
+
+    run = Recorder()
+    with Batcher(prepare, run, max_batch=8, max_wait_s=2.0, prepare_workers=4) as b:
+        futures = [b.submit(i) for i in range(16)]
+        release.set()
+        assert [f.result(WAIT) for f in futures] == [2 * i for i in range(16)]
+        stats = b.stats
+    assert sorted(len(batch) for batch in run.batches) == [8, 8]
+    assert stats.batch_sizes == {8: 2} and stats.items == 16 and stats.submitted == 16
+
+
+def test_a_lone_item_does_not_wait_for_a_full_batch():
+    run = Recorder()
+    with Batcher(lambda x: x, run, max_batch=64, max_wait_s=0.01) as b:
+        assert b.submit(21).result(WAIT) == 42
+    assert run.batches == [[21]]
+
+
+def test_requests_no_longer_alive_never_reach_the_model():
+    run = Recorder()
+    alive_flag = {"late": True}
+
+    def prepare(x):
+        if x == "late":
+            alive_flag["late"] = False  # the caller goes away while its item is being decoded
+        return x
+
+    with Batcher(prepare, run, max_batch=4, max_wait_s=0.01, prepare_workers=1) as b:
+        gone = b.submit("gone", alive=lambda: False)
+        late = b.submit("late", alive=lambda: alive_flag["late"])
+        ok = b.submit("ok")
+        assert ok.result(WAIT) == "okok"
+        for f in (gone, late):
+            with pytest.raises(Dropped):
+                f.result(WAIT)
+        assert b.stats.dropped == 2
+    assert all("gone" not in batch and "late" not in batch for batch in run.batches)
+    assert Dropped("x").status == "CANCELLED"
+
+
+def test_a_cancelled_future_is_not_even_prepared():
+    gate = threading.Event()
+    prepared = []
+
+    def prepare(x):
+        prepared.append(x)
+        assert gate.wait(WAIT)
+        return x
+
+    with Batcher(prepare, Recorder(), max_batch=4, max_wait_s=0.0, prepare_workers=1) as b:
+        first = b.submit(1)  # occupies the only prepare worker
+        second = b.submit(2)
+        assert second.cancel()
+        gate.set()
+        assert first.result(WAIT) == 2
+    assert prepared == [1]
+
+
+def test_a_prepare_error_fails_only_its_own_item():
+    def prepare(x):
+        if x % 3 == 0:
+            raise errors.InvalidImage(f"item {x}: not an image")
+        return x
+
+    run = Recorder()
+    with Batcher(prepare, run, max_batch=4, max_wait_s=0.005) as b:
+        futures = {i: b.submit(i) for i in range(10)}
+        for i, f in futures.items():
+            if i % 3 == 0:
+                with pytest.raises(errors.InvalidImage, match=f"item {i}"):
+                    f.result(WAIT)
+            else:
+                assert f.result(WAIT) == 2 * i
+        assert b.stats.prepare_failed == 4
+    assert sorted(x for batch in run.batches for x in batch) == [1, 2, 4, 5, 7, 8]
+
+
+def test_a_failing_batch_fails_its_items_and_the_batcher_goes_on():
+    run = Recorder(fail_on=13)
+    with Batcher(lambda x: x, run, max_batch=1, max_wait_s=0.0) as b:
+        with pytest.raises(RuntimeError, match="13"):
+            b.submit(13).result(WAIT)
+        assert b.submit(4).result(WAIT) == 8
+
+
+def test_close_finishes_submitted_work_stops_the_thread_and_refuses_more():
+    gate = threading.Event()
+    run = Recorder(gate=gate)
+    b = Batcher(lambda x: x, run, max_batch=2, max_wait_s=0.0)
+    futures = [b.submit(i) for i in range(5)]
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    gate.set()
+    closer.join(WAIT)
+    assert not closer.is_alive() and not b.running
+    assert [f.result(0) for f in futures] == [0, 2, 4, 6, 8]
+    with pytest.raises(errors.Unavailable):
+        b.submit(9)
+
+
+def test_map_stream_keeps_at_most_window_items_in_flight():
+    pulled = []
+
+    def items():
+        for i in range(40):
+            pulled.append(i)
+            yield str(i), i
+
+    window = 4
+    with Batcher(lambda x: x, Recorder(), max_batch=4, max_wait_s=0.001) as b:
+        got = {}
+        for k, (key, future) in enumerate(b.map_stream(items(), window=window), start=1):
+            time.sleep(0.005)  # a slow consumer: the reader would run ahead if it could
+            # the reader holds at most `window` un-returned items plus the one it waits to submit
+            assert len(pulled) <= k + window, (len(pulled), k)
+            got[key] = future.result()
+    assert got == {str(i): 2 * i for i in range(40)}
+
+
+def test_map_stream_hands_back_what_it_read_then_raises_the_iterators_error():
+    def items():
+        yield "a", 1
+        yield "b", 2
+        raise ConnectionError("client went away")
+
+    with Batcher(lambda x: x, Recorder(), max_batch=4, max_wait_s=0.001) as b:
+        seen = []
+        with pytest.raises(ConnectionError):
+            for key, future in b.map_stream(items(), window=8):
+                seen.append((key, future.result()))
+    assert sorted(seen) == [("a", 2), ("b", 4)]
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_batch=0), dict(max_wait_s=-1), dict(prepare_workers=0)])
+def test_batcher_rejects_nonsense_settings(kwargs):
+    with pytest.raises(errors.InvalidArgument):
+        Batcher(lambda x: x, Recorder(), **kwargs)
+
+
+# ---------------------------------------------------------------- autocast (the CUDA path, decided on CPU)
+
+
+def test_autocast_dtype_selection():
+    assert autocast_dtype("cpu") is None
+    assert autocast_dtype("cuda") is torch.float16
+    assert autocast_dtype("cuda", "bf16") is torch.bfloat16
+    assert autocast_dtype("cuda", "fp32") is None
+    assert autocast_dtype("cpu", "bf16") is torch.bfloat16
+    with pytest.raises(errors.InvalidArgument, match="fp16 needs a CUDA"):
+        autocast_dtype("cpu", "fp16")
+    with pytest.raises(errors.InvalidArgument, match="no bfloat16"):
+        autocast_dtype("cuda", "bf16", bf16_supported=False)
+    with pytest.raises(errors.InvalidArgument, match="unknown precision"):
+        autocast_dtype("cuda", "int8")
+
+
+def test_cuda_batches_are_padded_to_a_few_bucket_sizes():
+    assert [bucket_size(n, 32) for n in (1, 2, 3, 5, 8, 9, 17, 31, 32)] == [1, 2, 4, 8, 8, 16, 32, 32, 32]
+    assert [bucket_size(n, 24) for n in (13, 17, 24)] == [16, 24, 24]
+    assert cuda_buckets(32) == [1, 2, 4, 8, 16, 32] and cuda_buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert cuda_buckets(1) == [1]
+
+
+def test_padding_a_batch_changes_no_vector(embedder):
+    """What the CUDA path does (pad with zero images, keep the first n rows), on CPU."""
+    tensors = [embedder.decode(GOOD[n].data) for n in ("jpeg", "png", "bmp")]
+    padded = embedder.embed_tensors(tensors + [torch.zeros_like(tensors[0])] * 5)[:3]
+    assert np.abs(padded - embedder.embed_tensors(tensors)).max() <= 1e-5
+
+
+# ---------------------------------------------------------------- Embedder on the real default model
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    torch.set_num_threads(1)
+    return Embedder.load(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The in-process forward the issue names: load_model + load_tensor + model.embed."""
+    loaded = load_model()
+    loaded.model.eval()
+
+    def embed(data: bytes) -> np.ndarray:
+        with torch.inference_mode():
+            return loaded.model.embed(load_tensor(data, loaded.spec)[None])[0].numpy()
+    embed.loaded = loaded
+    return embed
+
+
+def test_embedder_matches_the_in_process_forward_alone_and_in_any_batch(embedder, reference):
+    images = [GOOD[n].data for n in ("jpeg", "png", "grayscale", "cmyk_tiff", "gif_first_frame")]
+    images.append(encode(photo("astronaut", (300, 300)), "JPEG"))
+    expected = np.stack([reference(d) for d in images])
+    alone = np.stack([embedder.embed_tensors([embedder.decode(d)])[0] for d in images])
+    together = embedder.embed_images(images)
+    reversed_ = embedder.embed_images(images[::-1])[::-1]
+    for got in (alone, together, reversed_):
+        assert got.dtype == np.float32 and got.shape == (len(images), 1280)
+        assert np.abs(got - expected).max() <= 1e-5
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+
+
+def test_embedder_info_and_fingerprint(embedder, reference):
+    info = embedder.info
+    loaded = reference.loaded
+    assert (info.backbone, info.dim, info.device, info.precision, info.weights) == (
+        "efficientnet_lite0", 1280, "cpu", "fp32", "imagenet")
+    assert info.spec == loaded.spec and info.class_names == ()
+    assert info.fingerprint == fingerprint(loaded.model, loaded.spec, loaded.backbone)
+
+
+def test_embedder_decode_enforces_its_limits_and_names_the_item(reference):
+    small = Embedder(reference.loaded, device="cpu", max_image_bytes=100_000, max_image_pixels=100 * 100)
+    with pytest.raises(errors.ResourceExhausted, match="big.jpg.*bytes"):
+        small.decode(b"\xff" * 100_001, "big.jpg")
+    with pytest.raises(errors.ResourceExhausted, match="wide.png.*pixels"):
+        small.decode(encode(photo(size=(200, 60)), "PNG"), "wide.png")
+    with pytest.raises(errors.InvalidImage, match="notes.txt"):
+        small.decode(b"hello", "notes.txt")
+
+
+def test_load_refuses_contradictory_model_options():
+    with pytest.raises(errors.InvalidArgument, match="exclude each other"):
+        Embedder.load(checkpoint="some.pt", weights="imagenet")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_flags_and_their_environment_variables(monkeypatch):
+    args = cli.parse_args([])
+    assert (args.port, args.backbone, args.weights, args.device, args.max_batch) == (50051, None, None, "auto", 32)
+    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_PORT", "6000")
+    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_MAX_BATCH", "4")
+    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_MAX_WAIT_MS", "2.5")
+    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_BACKBONE", "efficientnet_lite2")
+    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_MAX_IMAGE_BYTES", "12345")
+    args = cli.parse_args([])
+    assert (args.port, args.max_batch, args.max_wait_ms, args.backbone, args.max_image_bytes) == (
+        6000, 4, 2.5, "efficientnet_lite2", 12345)
+    assert cli.parse_args(["--max-batch", "2"]).max_batch == 2  # a flag beats the environment
+
+
+@pytest.mark.parametrize("argv", [["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--max-image-bytes", "0"],
+                                  ["--checkpoint", "a.pt", "--weights", "none"], ["--backbone", "resnet50"]])
+def test_nonsense_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_defaults_agree_with_the_decoder():
+    assert cli.DEFAULT_MAX_IMAGE_BYTES == preprocessing.DEFAULT_MAX_IMAGE_BYTES
+    assert cli.DEFAULT_MAX_IMAGE_PIXELS == preprocessing.DEFAULT_MAX_IMAGE_PIXELS
