@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranker-port", type=int, default=int(_env("IMAGESEARCH_RANKER_PORT", 50052)),
                    help="(env IMAGESEARCH_RANKER_PORT; default %(default)s; 0 picks a free one)")
     p.add_argument("--embedder-replicas", type=int, default=1,
-                   help="start N embedder processes on consecutive ports (clients balance over them "
-                        "round-robin: --embedder IP:P1,IP:P2,...) (default %(default)s)")
+                   help="start N embedder processes on ports --embedder-port, +10, +20, ... (clients "
+                        "balance over them round-robin: --embedder IP:P1,IP:P2,...) (default %(default)s)")
     p.add_argument("--auth-token", default=_env(AUTH_TOKEN_ENV),
                    help=f"require this bearer token on every call but health (env {AUTH_TOKEN_ENV})")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
@@ -353,6 +353,17 @@ def _write_html(path: Path, r: QueryReport, *, gallery: Path | None, truth, eval
 # ---------------------------------------------------------------- commands
 
 
+def _check_truth_covers(query_dir: Path, truth: dict | None) -> None:
+    """Every query image must be in the ground truth: said before any work is done."""
+    if truth is None:
+        return
+    names = [n for n, _ in list_images(query_dir, what="query folder").images]
+    unknown = [n for n in names if n not in truth]
+    if unknown:
+        raise UsageError(f"{len(unknown)} of {len(names)} query images are not in the ground truth "
+                         f"(e.g. {', '.join(unknown[:3])}); names are paths relative to {query_dir}")
+
+
 def _require_images(folder: Path, what: str) -> None:
     """Fail fast (before contacting any service) on a missing or empty folder."""
     if not list_images(folder, what=what).images:
@@ -374,6 +385,7 @@ def cmd_query(args) -> int:
     _check_writable(args.out)
     _check_writable(args.html)
     _require_images(args.queries, "query folder")
+    _check_truth_covers(args.queries, truth)
     with _clients(args) as (emb, rank):
         r = query_folder(emb, rank, args.queries, collection=args.collection, top_k=args.top_k,
                          chunk_size=args.chunk_size, concurrency=args.concurrency, progress=args.progress)
@@ -479,7 +491,10 @@ def cmd_serve(args) -> int:
     with Services() as services:
         embedders = []
         for i in range(args.embedder_replicas):
-            port = args.embedder_port + i if args.embedder_port else 0
+            port = args.embedder_port + 10 * i if args.embedder_port else 0
+            if port and port == args.ranker_port:
+                raise UsageError(f"embedder replica {i + 1} would take port {port}, the ranker's: "
+                                 "pick other --embedder-port / --ranker-port values")
             name = "embedder" if args.embedder_replicas == 1 else f"embedder-{i + 1}"
             embedders.append(services.start(name, EMBEDDER_MODULE, [*emb_args, *tls_args], host=args.host,
                                             port=port, env=env, echo=sys.stderr))
@@ -520,15 +535,14 @@ def run_job(args, *, title: str | None = None) -> int:
     _check_writable(html_path)
     _require_images(args.gallery, "gallery folder")
     _require_images(args.query, "query folder")
-    if truth is not None:
-        names = [n for n, _ in list_images(args.query, what="query folder").images]
-        unknown = [n for n in names if n not in truth]
-        if unknown:
-            raise UsageError(f"{len(unknown)} of {len(names)} query images are not in the ground truth "
-                             f"(e.g. {', '.join(unknown[:3])}); names are paths relative to {args.query}")
+    if k > args.top_k:
+        raise UsageError(f"--k {k} is more than --top-k {args.top_k}: the metrics need at least k results")
+    _check_truth_covers(args.query, truth)
 
     security = _security(args)
     with contextlib.ExitStack() as stack:
+        # Entered first, left last: the temporary database outlives the ranker using it.
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imagesearch-")))
         services = stack.enter_context(Services())
         embedder_address, ranker_address = args.embedder, args.ranker
         local = Security(auth_token=security.auth_token)
@@ -544,9 +558,7 @@ def run_job(args, *, title: str | None = None) -> int:
                                                            weights=args.weights, device=args.device), env=env)))
             _say(f"starting an embedder: {model}")
         if not ranker_address:
-            db = args.db
-            if db is None:
-                db = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imagesearch-"))) / "gallery.db"
+            db = args.db or tmp / "gallery.db"
             started.append(("ranker", services.start("ranker", RANKER_MODULE, ["--db", str(db)], env=env)))
             _say(f"starting a ranker: {db}")
         t0 = time.monotonic()

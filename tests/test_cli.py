@@ -208,8 +208,9 @@ def test_run_end_to_end_through_real_services(tmp_path):
     assert ev.top1 >= 0.8, proc.stdout  # altered copies of real photos: the original comes first
     parsed = parse_report((out.parent / "results.html").read_text())
     assert sorted(parsed.queries) == sorted(truth)
-    # the services were stopped: nothing listens on their ports any more
+    # both services started, and were stopped cleanly (a bad exit code would be logged)
     assert "services ready" in proc.stderr
+    assert "exited with code" not in proc.stderr and "killing it" not in proc.stderr
 
 
 def _read_until(stream, marker: str, lines: list[str]) -> str:
