@@ -1,0 +1,99 @@
+"""DistributedDataParallel set-up under torchrun, and the helpers the loop needs.
+
+`python -m trainer ...` is one process (world size 1). The same command
+under `torchrun --nproc_per_node=N -m trainer ...` sees RANK / WORLD_SIZE /
+LOCAL_RANK in its environment and joins a process group: gloo on CPU, nccl
+on CUDA (one GPU per process, cuda:LOCAL_RANK). Rank 0 writes the run
+folder; metrics are summed over ranks with `all_reduce_sums`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def from_env(environ=os.environ) -> DistInfo:
+    if "RANK" not in environ or "WORLD_SIZE" not in environ:
+        return DistInfo()
+    return DistInfo(int(environ["RANK"]), int(environ["WORLD_SIZE"]),
+                    int(environ.get("LOCAL_RANK", environ["RANK"])))
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    if not info.enabled or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend_for(device), **kwargs)
+    log.info("process group: rank %d of %d (%s)", info.rank, info.world_size, backend_for(device))
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sums(values: Sequence[float], device: torch.device) -> list[float]:
+    """Sum each value over every process (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """rank `src`'s value on every process (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every index exactly once across ranks (rank::world), with no padding,
+    so validation metrics summed over ranks are those of the whole split.
+    (DistributedSampler pads with repeats, which is right for training only.)"""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
