@@ -1,0 +1,510 @@
+"""Fine-tune an EfficientNet on an ImageFolder data set.
+
+    imagesearch-train --data DIR --out RUN_DIR [--backbone efficientnet_lite0] ...
+    python -m trainer ...                              (the same)
+    torchrun --nproc_per_node=N -m trainer ...         (DistributedDataParallel)
+
+Shaped like torchvision's references/classification/train.py:
+`get_args_parser()`, `main(args)`, `train_one_epoch(...)`, `evaluate(...)`.
+The recipe is the seed notebook's: its train transforms, Adam, cross-entropy,
+batch 50, lr 1e-4, up to 30 epochs, early stopping on validation loss with
+patience 3 that keeps and restores the best epoch.
+
+RUN_DIR gets args.json, summary.csv (one row per epoch), accuracy.png,
+loss.png, best.pt and last.pt (trainer.checkpoint format; last.pt also holds
+the optimizer, loss-scaler and early-stopping state for --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from imagesearch import errors
+from trainer import amp, distributed
+from trainer.checkpoint import read_checkpoint, save_checkpoint
+from trainer.data import Batch, Collate, ImageFiles, Layout, check_layout
+from trainer.early_stopping import EarlyStopping
+from trainer.models import (BACKBONES, WEIGHTS_CHOICES_HELP, EmbeddingNet, backbone_info, build_model,
+                            default_device, set_threads_from_env)
+from trainer.plots import write_plots
+from trainer.preprocessing import PreprocessSpec, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+PROG = "imagesearch-train"
+SUMMARY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds",
+                  "train_skipped", "val_skipped", "train_images", "val_images", "best")
+
+
+def default_workers(world_size: int = 1) -> int:
+    """DataLoader processes per training process: half the cores (decoding a
+    256 px JPEG is cheap next to a training step), at least 1, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // (2 * max(1, world_size))))
+
+
+# Flags whose value, when not given, comes from the resumed run (else from here).
+DEFAULTS = {
+    "backbone": "efficientnet_b4",
+    "weights": "imagenet",
+    "epochs": 30,
+    "batch_size": 50,
+    "lr": 1e-4,
+    "patience": 3,
+    "image_size": 224,
+    "freeze_backbone": False,
+    "workers": None,  # default_workers(world size)
+    "seed": 42,
+    "device": "auto",
+    "amp": "auto",
+    "channels_last": True,
+}
+# Flags a resumed run cannot change: the model and its optimizer depend on them.
+FIXED_ON_RESUME = ("backbone", "image_size", "freeze_backbone")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, add_help=add_help,
+        description="Fine-tune an ImageNet-pretrained EfficientNet on DIR/train/<class>/* and "
+                    "DIR/val/<class>/*; writes args.json, summary.csv, accuracy.png, loss.png, "
+                    "best.pt and last.pt to RUN_DIR. Run it under `torchrun --nproc_per_node=N -m "
+                    "trainer ...` for DistributedDataParallel.")
+    p.add_argument("--data", metavar="DIR", help="folder with train/<class>/* and val/<class>/*")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder to create (with --resume: that run's folder)")
+    p.add_argument("--backbone", choices=sorted(BACKBONES),
+                   help=f"model (default: {DEFAULTS['backbone']}; the Lite ones have ImageNet weights offline)")
+    p.add_argument("--weights", metavar="{imagenet,none,FILE}",
+                   help=f"starting weights: {WEIGHTS_CHOICES_HELP} (default: imagenet)")
+    p.add_argument("--epochs", type=int, help=f"most epochs to train (default: {DEFAULTS['epochs']})")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help=f"images per step, per process (default: {DEFAULTS['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {DEFAULTS['lr']})")
+    p.add_argument("--patience", type=int,
+                   help=f"stop after this many epochs without a better validation loss "
+                        f"(default: {DEFAULTS['patience']})")
+    p.add_argument("--image-size", type=int, metavar="PX",
+                   help=f"square input size (default: {DEFAULTS['image_size']})")
+    p.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="train the classifier head only (the seed's fine_tune=False); "
+                        "default: all layers trainable")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="DataLoader processes per training process (default: half the cores, 1 to 8)")
+    p.add_argument("--seed", type=int, help=f"random seed (default: {DEFAULTS['seed']})")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto = cuda when there is one)")
+    p.add_argument("--amp", choices=amp.CHOICES,
+                   help="mixed precision: auto = bf16 (else fp16 + loss scaling) on CUDA, off on CPU "
+                        "(default: auto)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
+                   help="keep NCHW tensors (channels-last is faster for these convnets on CPU and GPU)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its last.pt: weights, optimizer, epoch and early-stopping "
+                        "state; flags not given take that run's values")
+    p.add_argument("--log-level", default=os.environ.get("IMAGESEARCH_LOG_LEVEL", "INFO"),
+                   help="logging level (default: INFO, env IMAGESEARCH_LOG_LEVEL)")
+    return p
+
+
+# ---------------------------------------------------------------- training loop
+
+def _core(model: nn.Module) -> EmbeddingNet:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _to_device(batch: Batch, device: torch.device, channels_last: bool):
+    images = batch.images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch.targets.to(device, non_blocking=True)
+
+
+class SkipLog:
+    """Warns once per bad file; counts skipped items per epoch."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def record(self, batch: Batch) -> int:
+        for item in batch.skipped:
+            if item.path not in self.seen:
+                self.seen.add(item.path)
+                log.warning("skipping %s", item.reason)
+        return len(batch.skipped)
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    loader, device: torch.device, epoch: int, precision: amp.Precision,
+                    scaler: torch.amp.GradScaler, *, freeze_backbone: bool = False,
+                    channels_last: bool = False, skip_log: SkipLog | None = None,
+                    progress: bool = True, desc: str = "") -> dict:
+    """One pass over `loader`. `criterion` sums over the batch (reduction="sum");
+    the step uses the batch mean. Returns loss, accuracy, images and skipped,
+    summed over every process of a distributed run."""
+    model.train()
+    if freeze_backbone:
+        _core(model).body.eval()  # frozen means frozen: BatchNorm statistics too
+    skip_log = skip_log or SkipLog()
+    distributed_run = isinstance(model, nn.parallel.DistributedDataParallel)
+    loss_sum = correct = seen = skipped = 0.0
+    bar = tqdm(loader, desc=desc or f"epoch {epoch} train", unit="batch", disable=not progress,
+               dynamic_ncols=True, leave=False, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    for batch in bar:
+        skipped += skip_log.record(batch)
+        if len(batch.targets) == 1:
+            # BatchNorm cannot train on one image (one value per channel at small sizes), and
+            # its statistics would be noise: leave it out (a final partial batch, or bad files).
+            batch = Batch(batch.images[:0], batch.targets[:0], batch.skipped)
+        n = len(batch.targets)
+        if n == 0 and not distributed_run:
+            continue  # nothing to learn from; an Adam step on zero gradients would still move the weights
+        images, targets = _to_device(batch, device, channels_last)
+        with precision.autocast():
+            logits = model(images)
+        batch_loss = criterion(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(batch_loss / max(n, 1)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += batch_loss.item()
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += n
+        if seen:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+    bar.close()
+    return _metrics(loss_sum, correct, seen, skipped, device)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, criterion: nn.Module, loader, device: torch.device,
+             precision: amp.Precision, *, channels_last: bool = False, skip_log: SkipLog | None = None,
+             progress: bool = True, desc: str = "validate") -> dict:
+    """Loss and accuracy over `loader` (summed over every process)."""
+    model = _core(model)  # no DDP collectives: ranks may hold different numbers of batches
+    model.eval()
+    skip_log = skip_log or SkipLog()
+    loss_sum = correct = seen = skipped = 0.0
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False,
+               file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30)
+    for batch in bar:
+        skipped += skip_log.record(batch)
+        if len(batch.targets) == 0:
+            continue
+        images, targets = _to_device(batch, device, channels_last)
+        with precision.autocast():
+            logits = model(images)
+        loss_sum += criterion(logits.float(), targets).item()
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(targets)
+    bar.close()
+    return _metrics(loss_sum, correct, seen, skipped, device)
+
+
+def _metrics(loss_sum, correct, seen, skipped, device) -> dict:
+    loss_sum, correct, seen, skipped = distributed.all_reduce_sums([loss_sum, correct, seen, skipped], device)
+    return {"loss": loss_sum / seen if seen else math.nan,
+            "accuracy": correct / seen if seen else math.nan,
+            "images": int(seen), "skipped": int(skipped)}
+
+
+# ---------------------------------------------------------------- run folder
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_summary(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    _atomic_write_text(path, buf.getvalue())
+
+
+def _args_dict(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
+
+
+# ---------------------------------------------------------------- set-up
+
+@dataclasses.dataclass
+class TrainResult:
+    model: EmbeddingNet  # holds the best epoch's weights
+    run_dir: Path
+    history: list[dict]
+    best_epoch: int
+    stopped_early: bool
+
+
+def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Namespace:
+    """Fill flags that were not given: from the resumed run, else DEFAULTS."""
+    args = argparse.Namespace(**vars(args))
+    saved = (resumed or {}).get("args", {})
+    if resumed is not None:
+        for key in FIXED_ON_RESUME:
+            given = getattr(args, key)
+            if given is not None and key in saved and given != saved[key]:
+                raise errors.InvalidArgument(
+                    f"--{key.replace('_', '-')} {given} differs from the resumed run's {saved[key]}; "
+                    f"a resumed run keeps its model: drop the flag or start a new run with another --out")
+        if args.data is None:
+            args.data = saved.get("data")
+    for key, default in DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, saved.get(key, default) if key not in ("workers", "device") else default)
+    return args
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--patience", args.patience, 1), ("--image-size", args.image_size, 8),
+                             ("--workers", args.workers, 0)):
+        if value is not None and value < low:
+            raise errors.InvalidArgument(f"{flag} {value}: must be at least {low}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise errors.InvalidArgument(f"--lr {args.lr}: must be a positive number")
+
+
+def _run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """(run folder, resume folder or None), refusing to overwrite a run."""
+    if args.resume:
+        resume = Path(args.resume)
+        if not (resume / "last.pt").is_file():
+            raise errors.InvalidArgument(
+                f"--resume {resume}: no last.pt there; pass the RUN_DIR of an earlier run")
+        if args.out and Path(args.out).resolve() != resume.resolve():
+            raise errors.InvalidArgument(
+                f"--out {args.out} with --resume {resume}: a resumed run continues in its own folder; "
+                f"drop --out")
+        return resume, resume
+    if not args.out:
+        raise errors.InvalidArgument("--out RUN_DIR is required (or --resume RUN_DIR)")
+    if not args.data:
+        raise errors.InvalidArgument("--data DIR is required (a folder with train/<class>/* and val/<class>/*)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise errors.InvalidArgument(f"--out {out} is a file, not a folder")
+    taken = [n for n in ("last.pt", "best.pt", "summary.csv") if (out / n).exists()]
+    if taken:
+        raise errors.InvalidArgument(
+            f"--out {out} already holds a run ({', '.join(taken)}); continue it with --resume {out}, "
+            f"or choose another --out")
+    return out, None
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _loaders(layout: Layout, spec: PreprocessSpec, args, dist_info: distributed.DistInfo,
+             device: torch.device):
+    collate = Collate(spec.input_size)
+    train_set = ImageFiles(layout.train.samples, train_transform(spec))
+    val_set = ImageFiles(layout.val.samples, eval_transform(spec))
+    train_sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                       shuffle=True, seed=args.seed, drop_last=False)
+    val_sampler = distributed.ShardSampler(len(val_set), dist_info.rank, dist_info.world_size)
+    common = {"batch_size": args.batch_size, "num_workers": args.workers, "collate_fn": collate,
+              "pin_memory": device.type == "cuda"}
+    if args.workers > 0:
+        common["prefetch_factor"] = 2
+    train_loader = DataLoader(train_set, sampler=train_sampler, **common)
+    val_loader = DataLoader(val_set, sampler=val_sampler, **common)
+    return train_loader, val_loader, train_sampler
+
+
+def _meta(args, layout: Layout, spec: PreprocessSpec, epoch: int, row: dict | None, best_epoch: int) -> dict:
+    info = backbone_info(args.backbone)
+    return {
+        "backbone": args.backbone,
+        "class_names": list(layout.class_names),
+        "preprocess": spec.to_dict(),
+        "embedding_dim": info.dim,
+        "epoch": epoch,
+        "metrics": dict(row or {}),
+        "best_epoch": best_epoch,
+        "weights": args.weights,  # what training started from
+        "freeze_backbone": bool(args.freeze_backbone),
+        "args": _args_dict(args),
+        "torch": str(torch.__version__),
+    }
+
+
+def main(args: argparse.Namespace) -> TrainResult:
+    """Train as `args` says. Raises `errors.ImageSearchError` for anything the
+    user must fix, always before the first training step."""
+    set_threads_from_env()
+    dist_info = distributed.from_env()
+    run_dir, resume_dir = _run_dir(args)
+    resumed = read_checkpoint(resume_dir / "last.pt") if resume_dir else None
+    args = _resolve_args(args, resumed["meta"] if resumed else None)
+    if args.workers is None:
+        args.workers = default_workers(dist_info.world_size)
+    _check_numbers(args)
+
+    device = default_device(args.device)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    precision = amp.precision_for(device, args.amp)
+    if precision.device_type == "cpu" and precision.mode == "fp16":
+        log.warning("--amp fp16 on CPU is slow and meant for testing; bf16 or off are the CPU choices")
+
+    layout = check_layout(args.data)
+    if resumed and list(layout.class_names) != list(resumed["meta"]["class_names"]):
+        raise errors.InvalidArgument(
+            f"--data {args.data} has classes {list(layout.class_names)}, but the resumed run was trained on "
+            f"{resumed['meta']['class_names']}")
+    info = backbone_info(args.backbone)
+    spec = PreprocessSpec(args.image_size, info.preprocess.mean, info.preprocess.std,
+                          info.preprocess.interpolation)
+    num_classes = len(layout.class_names)
+
+    _seed_all(args.seed)
+    if resumed:
+        model = EmbeddingNet(args.backbone, num_classes=num_classes)
+        model.load_state_dict(resumed["state_dict"], strict=True)
+    else:
+        model = build_model(args.backbone, args.weights, num_classes)  # WeightsUnavailable: before training
+    if args.freeze_backbone:
+        model.body.requires_grad_(False)
+    distributed.init(dist_info, device)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr)
+    scaler = precision.grad_scaler()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    stopper = EarlyStopping(args.patience)
+    history: list[dict] = []
+    start_epoch = 0
+    best_state = None
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+        if resumed.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(resumed["scaler"])
+        stopper.load_state_dict(resumed["early_stopping"])
+        history = list(resumed.get("history", []))
+        start_epoch = int(resumed["meta"]["epoch"])
+        if (run_dir / "best.pt").is_file():
+            best = read_checkpoint(run_dir / "best.pt")
+            if int(best["meta"]["epoch"]) == stopper.best_epoch:
+                best_state = best["state_dict"]
+        if best_state is None and stopper.best_epoch:
+            raise errors.InvalidArgument(
+                f"--resume {run_dir}: best.pt is missing or not from the best epoch "
+                f"{stopper.best_epoch} that last.pt records; cannot restore the best weights")
+        del resumed
+
+    train_loader, val_loader, train_sampler = _loaders(layout, spec, args, dist_info, device)
+    main_proc = dist_info.is_main
+    if main_proc:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"world_size": dist_info.world_size, "device": str(device), "amp": precision.mode,
+                    "class_names": list(layout.class_names), "preprocess": spec.to_dict(),
+                    "train_images": len(layout.train.samples), "val_images": len(layout.val.samples),
+                    "resumed_at_epoch": start_epoch or None, "torch": str(torch.__version__)}
+        _atomic_write_text(run_dir / "args.json",
+                           json.dumps({**_args_dict(args), "resolved": resolved}, indent=2) + "\n")
+    trainable = sum(p.numel() for p in params)
+    log.info("data %s: %d classes, %d train / %d val images; %s (weights %s, %s), %s trainable parameters; "
+             "device %s x%d, amp %s, batch %d, lr %g, workers %d", args.data, num_classes,
+             len(layout.train.samples), len(layout.val.samples), args.backbone,
+             args.weights if not start_epoch else f"resumed at epoch {start_epoch}",
+             "frozen backbone" if args.freeze_backbone else "all layers", f"{trainable:,}", device,
+             dist_info.world_size, precision.mode, args.batch_size, args.lr, args.workers)
+
+    if start_epoch >= args.epochs:
+        log.info("nothing to do: %s is at epoch %d of --epochs %d (pass a larger --epochs to go on)",
+                 run_dir, start_epoch, args.epochs)
+    elif stopper.should_stop:
+        log.info("nothing to do: %s stopped early (%d epochs without a better validation loss, patience %d; "
+                 "pass a larger --patience to go on)", run_dir, stopper.bad_epochs, args.patience)
+
+    skip_log = SkipLog()
+    stopped_early = stopper.should_stop
+    epoch = start_epoch
+    while epoch < args.epochs and not stopper.should_stop:
+        epoch += 1
+        _seed_all(args.seed + 10_000 * epoch + dist_info.rank)  # same augmentations after --resume
+        train_sampler.set_epoch(epoch)
+        started = time.monotonic()
+        tr = train_one_epoch(train_model, criterion, optimizer, train_loader, device, epoch, precision, scaler,
+                             freeze_backbone=bool(args.freeze_backbone), channels_last=args.channels_last,
+                             skip_log=skip_log, progress=main_proc, desc=f"epoch {epoch}/{args.epochs} train")
+        va = evaluate(train_model, criterion, val_loader, device, precision, channels_last=args.channels_last,
+                      skip_log=skip_log, progress=main_proc, desc=f"epoch {epoch}/{args.epochs} val")
+        improved = stopper.step(epoch, va["loss"])
+        if improved:
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+               "val_loss": va["loss"], "val_accuracy": va["accuracy"], "lr": optimizer.param_groups[0]["lr"],
+               "seconds": round(time.monotonic() - started, 1), "train_skipped": tr["skipped"],
+               "val_skipped": va["skipped"], "train_images": tr["images"], "val_images": va["images"],
+               "best": int(improved)}
+        history.append(row)
+        if main_proc:
+            meta = _meta(args, layout, spec, epoch, row, stopper.best_epoch)
+            if improved:
+                save_checkpoint(run_dir / "best.pt", model, meta)
+            save_checkpoint(run_dir / "last.pt", model, meta, optimizer.state_dict(),
+                            extra={"scaler": scaler.state_dict(), "early_stopping": stopper.state_dict(),
+                                   "history": history})
+            write_summary(run_dir / "summary.csv", history)
+            write_plots(run_dir, history, stopper.best_epoch, title=args.backbone)
+        skipped = tr["skipped"] + va["skipped"]
+        log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f%s | lr %g | %.0fs%s",
+                 epoch, args.epochs, tr["loss"], tr["accuracy"], va["loss"], va["accuracy"],
+                 " (best)" if improved else f" (best: epoch {stopper.best_epoch}, {stopper.bad_epochs}/"
+                                            f"{args.patience} without improvement)",
+                 row["lr"], row["seconds"], f" | skipped {skipped} bad files" if skipped else "")
+        if stopper.should_stop:
+            stopped_early = True
+            log.info("early stop after epoch %d: validation loss has not beaten epoch %d's %.4f for %d epochs",
+                     epoch, stopper.best_epoch, stopper.best_loss, stopper.bad_epochs)
+        distributed.barrier()
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        best = next((r for r in history if r["epoch"] == stopper.best_epoch), None)
+        if best is not None:
+            log.info("restored the best epoch's weights: epoch %d (val loss %.4f, val acc %.4f) -> %s",
+                     best["epoch"], best["val_loss"], best["val_accuracy"], run_dir / "best.pt")
+    else:
+        log.warning("no epoch had a finite validation loss; best.pt was not written")
+    return TrainResult(model, run_dir, history, stopper.best_epoch, stopped_early)
