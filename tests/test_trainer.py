@@ -362,3 +362,11 @@ def test_b4_imagenet_weights_unavailable_offline_fails_before_training(tiny_data
     for way_out in ("--weights PATH", "--weights none", "efficientnet_lite0"):
         assert way_out in err
     assert "epoch 1" not in err and not (out / "summary.csv").exists()
+
+
+def test_the_trainer_never_imports_grpc():
+    code = ("import sys, trainer.__main__, trainer.train, trainer.checkpoint; "
+            "bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', 'grpc_'))); "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -373,6 +373,8 @@ def main(args: argparse.Namespace) -> TrainResult:
     device = default_device(args.device)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     precision = amp.precision_for(device, args.amp)
     if precision.device_type == "cpu" and precision.mode == "fp16":
         log.warning("--amp fp16 on CPU is slow and meant for testing; bf16 or off are the CPU choices")

@@ -1,0 +1,47 @@
+"""A trainer checkpoint serves through the embedder: `python -m embedder_service
+--checkpoint RUN_DIR/best.pt` (a real process) reports the checkpoint's model and
+returns the same vectors as the model loaded in-process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
+from tests.procs import ServiceProcess
+from tests.test_trainer import make_dataset, tiny_args
+from trainer.__main__ import main as cli_main
+from trainer.checkpoint import load_checkpoint
+from trainer.models import fingerprint
+from trainer.preprocessing import load_tensor
+
+
+@pytest.mark.slow
+def test_best_checkpoint_serves_through_the_embedder(tmp_path):
+    torch.set_num_threads(1)
+    data = make_dataset(tmp_path / "data", bad_files=False)
+    out = tmp_path / "run"
+    assert cli_main(tiny_args(data, out, "--lr", "3e-3")) == 0
+    best = out / "best.pt"
+    loaded = load_checkpoint(best)
+    loaded.model.eval()
+    image = (data / "val" / "green" / "1.jpg").read_bytes()
+    with torch.no_grad():
+        expected = loaded.model.embed(load_tensor(image, loaded.spec).unsqueeze(0))[0].numpy()
+
+    service = ServiceProcess("embedder_service", "--checkpoint", str(best), "--device", "cpu")
+    try:
+        with service.channel() as channel:
+            stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
+            info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=30)
+            assert info.backbone == "efficientnet_lite0" and info.dim == 1280 and info.input_size == 32
+            assert list(info.class_names) == ["blue", "green", "red"]
+            assert list(info.mean) == pytest.approx([0.5] * 3) and info.interpolation == "bicubic"
+            assert info.fingerprint == fingerprint(loaded.model, loaded.spec, loaded.backbone)
+            reply = stub.Embed(embedder_pb2.EmbedRequest(image=image, name="1.jpg"), timeout=30)
+            vector = np.asarray(reply.vector, dtype=np.float32)
+            assert vector.shape == (1280,) and reply.fingerprint == info.fingerprint
+            np.testing.assert_allclose(vector, expected, atol=2e-5)
+    finally:
+        service.terminate()
