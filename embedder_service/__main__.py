@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, Limits, register
 from imagesearch import errors, serving
 
 log = logging.getLogger("embedder_service")
@@ -53,8 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"autocast dtype; auto = fp16 on CUDA, fp32 on CPU (env {ENV}_PRECISION; "
                         f"default %(default)s)")
     m.add_argument("--threads", type=int, default=_env("THREADS", 0),
-                   help=f"torch intra-op threads; 0 = IMAGESEARCH_TORCH_THREADS or torch's default "
-                        f"(env {ENV}_THREADS)")
+                   help=f"torch intra-op threads; 0 = IMAGESEARCH_TORCH_THREADS, else 1 on CUDA and "
+                        f"torch's default (the CPU count) on CPU (env {ENV}_THREADS)")
     b = p.add_argument_group("batching and limits")
     b.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", 32),
                    help=f"largest batch the model runs (env {ENV}_MAX_BATCH; default %(default)s)")
@@ -105,8 +107,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     serving.configure_logging(args.log_level)
-    from embedder_service.servicer import EmbedderServicer, Limits, SERVICE_NAME, register
-
     max_message_bytes = args.max_image_bytes + MESSAGE_OVERHEAD_BYTES
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_batch=args.max_batch, max_message_bytes=max_message_bytes,
@@ -149,6 +149,11 @@ def _load(args, servicer, limits):
                              device=args.device, precision=args.precision,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                              max_batch=args.max_batch)
+    if embedder.device.type == "cuda" and not args.threads and not os.environ.get("IMAGESEARCH_TORCH_THREADS"):
+        # On a GPU, torch's CPU work is the per-image preprocessing on the decode
+        # threads: parallelism comes from those threads, not from OpenMP teams of
+        # CPU-count threads inside each of them.
+        torch.set_num_threads(1)
     embedder.warm_up()
     workers = args.decode_workers or default_prepare_workers()
     batcher = Batcher(lambda item: embedder.decode(*item), embedder.embed_tensors,
