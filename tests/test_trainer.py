@@ -26,9 +26,8 @@ from trainer import amp
 from trainer import train as train_mod
 from trainer.__main__ import main as cli_main
 from trainer.checkpoint import FORMAT, load_checkpoint
-from trainer.data import Batch, Collate, ImageFiles, Skipped, check_layout
+from trainer.data import Collate, ImageFiles, check_layout
 from trainer.early_stopping import EarlyStopping
-from trainer.models import build_model
 from trainer.preprocessing import PreprocessSpec, eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,6 +265,10 @@ def test_run_folder_and_checkpoint_format(tiny_data, tmp_path):
     assert cli_main(tiny_args(tiny_data, out, "--epochs", "2", "--lr", "3e-3")) == 0
     assert RUN_FILES <= {p.name for p in out.iterdir()}
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files left"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in RUN_FILES:  # as open() would create them, not mkstemp's 0600
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
     args = json.loads((out / "args.json").read_text())
     assert args["backbone"] == "efficientnet_lite0" and args["epochs"] == 2 and args["batch_size"] == 4

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from imagesearch import errors
+from trainer.files import atomic_write
 from trainer.models import EmbeddingNet, backbone_info, build_model
 from trainer.preprocessing import PreprocessSpec
 
@@ -42,25 +42,13 @@ class LoadedModel:
 
 def save_checkpoint(path: str | os.PathLike, model: EmbeddingNet, meta: dict,
                     optimizer_state: dict | None = None, extra: dict | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": meta}
     if optimizer_state is not None:
         payload["optimizer"] = optimizer_state
     if extra:
         payload.update(extra)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

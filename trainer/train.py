@@ -27,13 +27,11 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -43,6 +41,7 @@ from trainer import amp, distributed
 from trainer.checkpoint import read_checkpoint, save_checkpoint
 from trainer.data import Batch, Collate, ImageFiles, Layout, check_layout
 from trainer.early_stopping import EarlyStopping
+from trainer.files import atomic_write_text
 from trainer.models import (BACKBONES, WEIGHTS_CHOICES_HELP, EmbeddingNet, backbone_info, build_model,
                             default_device, set_threads_from_env)
 from trainer.plots import write_plots
@@ -227,24 +226,13 @@ def _metrics(loss_sum, correct, seen, skipped, device) -> dict:
 
 # ---------------------------------------------------------------- run folder
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_summary(path: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in history:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _args_dict(args: argparse.Namespace) -> dict:
@@ -441,7 +429,7 @@ def main(args: argparse.Namespace) -> TrainResult:
                     "class_names": list(layout.class_names), "preprocess": spec.to_dict(),
                     "train_images": len(layout.train.samples), "val_images": len(layout.val.samples),
                     "resumed_at_epoch": start_epoch or None, "torch": str(torch.__version__)}
-        _atomic_write_text(run_dir / "args.json",
+        atomic_write_text(run_dir / "args.json",
                            json.dumps({**_args_dict(args), "resolved": resolved}, indent=2) + "\n")
     trainable = sum(p.numel() for p in params)
     log.info("data %s: %d classes, %d train / %d val images; %s (weights %s, %s), %s trainable parameters; "
