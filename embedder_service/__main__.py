@@ -68,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"(env {ENV}_DECODE_WORKERS)")
     b.add_argument("--stream-window", type=int, default=_env("STREAM_WINDOW", 0),
                    help=f"items one EmbedStream may have in flight before the server stops reading it; "
-                        f"0 = 2 x --max-batch (env {ENV}_STREAM_WINDOW)")
+                        f"0 = --max-batch on CPU, 2 x --max-batch on CUDA (env {ENV}_STREAM_WINDOW)")
     b.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
                    help=f"largest encoded image (env {ENV}_MAX_IMAGE_BYTES; default %(default)s); "
                         f"the gRPC message limit is this plus {MESSAGE_OVERHEAD_BYTES}")
@@ -108,14 +108,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     serving.configure_logging(args.log_level)
     max_message_bytes = args.max_image_bytes + MESSAGE_OVERHEAD_BYTES
-    limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                    max_batch=args.max_batch, max_message_bytes=max_message_bytes,
-                    stream_window=args.stream_window or 2 * args.max_batch)
-    servicer = EmbedderServicer(limits)
+    servicer = EmbedderServicer()
     config = serving.ServerConfig.from_args(args, max_message_bytes=max_message_bytes)
     running = serving.build_server(config, register(servicer), [SERVICE_NAME])
     try:
-        batcher = _load(args, servicer, limits)
+        batcher = _load(args, servicer, max_message_bytes)
     except errors.ImageSearchError as exc:
         running.stop(0).wait()
         log.error("cannot serve: %s", exc)
@@ -129,7 +126,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def _load(args, servicer, limits):
+def default_stream_window(max_batch: int, device_type: str) -> int:
+    """Items one stream may have in flight. On a GPU, 2 batches: the decode
+    threads prepare the next batch while the GPU runs this one. On CPU, one
+    batch: decoding further ahead competes with the model for the same cores
+    (measured on 2 cores: a window of 1 x max-batch streamed faster than 2 x)."""
+    return 2 * max_batch if device_type == "cuda" else max_batch
+
+
+def _load(args, servicer, max_message_bytes: int):
     """Import torch, load and warm up the model, attach it to the servicer."""
     import torch  # noqa: F401  (heavy: only after the port is bound and health answers)
     from PIL import Image
@@ -158,7 +163,10 @@ def _load(args, servicer, limits):
     workers = args.decode_workers or default_prepare_workers()
     batcher = Batcher(lambda item: embedder.decode(*item), embedder.embed_tensors,
                       max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000.0, prepare_workers=workers)
-    servicer.attach(embedder, batcher)
+    limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                    max_batch=args.max_batch, max_message_bytes=max_message_bytes,
+                    stream_window=args.stream_window or default_stream_window(args.max_batch, embedder.device.type))
+    servicer.attach(embedder, batcher, limits)
     log.info("torch threads %d, decode workers %d, max batch %d, max wait %.1f ms, stream window %d",
              torch.get_num_threads(), workers, args.max_batch, args.max_wait_ms, limits.stream_window)
     return batcher

@@ -48,46 +48,44 @@ def alive_check(context: grpc.ServicerContext) -> Callable[[], bool]:
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
-    def __init__(self, limits: Limits):
-        self.limits = limits
-        self._embedder = None
-        self._batcher = None
+    def __init__(self):
+        self._core_parts = None
 
-    def attach(self, embedder, batcher) -> None:
-        """Start answering with this core (an `Embedder` and its `Batcher`)."""
-        self._embedder, self._batcher = embedder, batcher
+    def attach(self, embedder, batcher, limits: Limits) -> None:
+        """Start answering with this core (an `Embedder` and its `Batcher`) within `limits`."""
+        self._core_parts = (embedder, batcher, limits)
 
     def _core(self):
-        if self._embedder is None or self._batcher is None:
+        if self._core_parts is None:
             raise errors.Unavailable("the embedder is still loading its model (health NOT_SERVING); retry shortly")
-        return self._embedder, self._batcher
+        return self._core_parts
 
     # ------------------------------------------------------------ RPCs
 
     def Embed(self, request: embedder_pb2.EmbedRequest, context) -> embedder_pb2.EmbedResponse:
-        embedder, batcher = self._core()
+        embedder, batcher, _ = self._core()
         future = batcher.submit((request.image, request.name or "image"), alive_check(context))
         vector = future.result()  # raises the item's domain error (InvalidImage, ResourceExhausted, ...)
         return embedder_pb2.EmbedResponse(vector=vector.tolist(), fingerprint=embedder.info.fingerprint)
 
     def EmbedStream(self, request_iterator, context):
-        embedder, batcher = self._core()
+        embedder, batcher, limits = self._core()
         fingerprint = embedder.info.fingerprint
         items = ((req.id, (req.image, f"item {req.id!r}")) for req in request_iterator)
-        for item_id, future in batcher.map_stream(items, window=self.limits.stream_window,
+        for item_id, future in batcher.map_stream(items, window=limits.stream_window,
                                                   alive=alive_check(context)):
             yield _stream_response(item_id, future, fingerprint)
 
     def GetModelInfo(self, request, context) -> embedder_pb2.GetModelInfoResponse:
-        embedder, batcher = self._core()
+        embedder, _, limits = self._core()
         info = embedder.info
         return embedder_pb2.GetModelInfoResponse(
             backbone=info.backbone, dim=info.dim, input_size=info.spec.input_size,
             mean=info.spec.mean, std=info.spec.std, interpolation=info.spec.interpolation,
             device=info.device, fingerprint=info.fingerprint, weights=info.weights,
-            class_names=info.class_names, max_image_bytes=self.limits.max_image_bytes,
-            max_image_pixels=self.limits.max_image_pixels, max_batch=self.limits.max_batch,
-            max_message_bytes=self.limits.max_message_bytes)
+            class_names=info.class_names, max_image_bytes=limits.max_image_bytes,
+            max_image_pixels=limits.max_image_pixels, max_batch=limits.max_batch,
+            max_message_bytes=limits.max_message_bytes)
 
 
 def _stream_response(item_id: str, future: futures.Future, fingerprint: str) -> embedder_pb2.EmbedStreamResponse:

@@ -306,6 +306,11 @@ def test_nonsense_flags_are_refused(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_default_stream_window_is_one_batch_on_cpu_two_on_cuda():
+    assert cli.default_stream_window(8, "cpu") == 8
+    assert cli.default_stream_window(64, "cuda") == 128
+
+
 def test_cli_defaults_agree_with_the_decoder():
     assert cli.DEFAULT_MAX_IMAGE_BYTES == preprocessing.DEFAULT_MAX_IMAGE_BYTES
     assert cli.DEFAULT_MAX_IMAGE_PIXELS == preprocessing.DEFAULT_MAX_IMAGE_PIXELS

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from embedder_service.__main__ import MESSAGE_OVERHEAD_BYTES
-from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, Limits, register
+from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, register
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from tests.procs import ROOT, ServiceProcess
 from tests.test_embedder_inputs import BAD, GOOD, LIMIT_BYTES, LIMIT_PIXELS, encode, photo
@@ -145,7 +145,7 @@ def test_a_message_over_the_grpc_limit_is_resource_exhausted(stub, server):
 
 def test_before_the_model_is_loaded_rpcs_are_unavailable(grpc_server):
     """The servicer without a model (as between bind and load): UNAVAILABLE."""
-    servicer = EmbedderServicer(Limits(LIMIT_BYTES, LIMIT_PIXELS, MAX_BATCH, LIMIT_BYTES + 1, 16))
+    servicer = EmbedderServicer()
     running, channel = grpc_server(register(servicer), [SERVICE_NAME], serving_now=False)
     stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
     calls = [lambda: stub.Embed(embedder_pb2.EmbedRequest(image=b"x"), timeout=5),
