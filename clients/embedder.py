@@ -13,13 +13,14 @@ import queue
 import threading
 from concurrent import futures
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
 
-from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, ManagedChannel, RetryPolicy, Security
-from clients.errors import SERVE_HINT, ClientError, UsageError, from_rpc_error
+from clients.base import ServiceClient, status_from_code
+from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
+from clients.errors import SERVE_HINT, ClientError, UsageError
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,54 +58,22 @@ class ImageSource:
     load: Callable[[], bytes]
 
 
-def _status(code: int) -> grpc.StatusCode:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status
-    return grpc.StatusCode.UNKNOWN
+class EmbedderClient(ServiceClient):
+    what = "embedder"
+    hint = HINT
+    service = SERVICE
+    stub_class = embedder_pb2_grpc.EmbedderServiceStub
 
-
-class EmbedderClient:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, security: Security | None = None,
                  timeout: float = 30.0, retry: RetryPolicy | None = RetryPolicy(),
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, per_item_s: float = PER_ITEM_S):
-        self.address = address
-        self.security = security or Security()
-        self.timeout = timeout
-        self.retry = retry
-        self.per_item_s = per_item_s
         self._info: embedder_pb2.GetModelInfoResponse | None = None
-        self._open(max_message_bytes)
-
-    def _open(self, max_message_bytes: int) -> None:
-        self._channel = ManagedChannel(self.address, [SERVICE], security=self.security, retry=self.retry,
-                                       max_message_bytes=max_message_bytes)
-        self.stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel.channel)
+        super().__init__(address, security=security, timeout=timeout, retry=retry,
+                         max_message_bytes=max_message_bytes, per_item_s=per_item_s)
 
     @property
     def replicas(self) -> int:
         return max(1, self.address.count(",") + 1)
-
-    @property
-    def max_message_bytes(self) -> int:
-        return self._channel.max_message_bytes
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _error(self, exc: grpc.RpcError, hint: str = "") -> ClientError:
-        return from_rpc_error(exc, "embedder", self.address, hint=hint, unavailable_hint=HINT)
-
-    def wait_ready(self, *, connect_timeout: float = 5.0, ready_timeout: float = 600.0) -> "EmbedderClient":
-        self._channel.wait_ready("embedder", connect_timeout=connect_timeout, ready_timeout=ready_timeout,
-                                 hint=HINT)
-        return self
 
     def model_info(self, *, refresh: bool = False) -> embedder_pb2.GetModelInfoResponse:
         """GetModelInfo, cached. The first call also adopts the server's message
@@ -131,9 +100,6 @@ class EmbedderClient:
         except grpc.RpcError as exc:
             raise self._error(exc, hint=f"input {name!r}" if name else "") from None
         return EmbedResult(name, np.asarray(reply.vector, dtype=np.float32), reply.fingerprint)
-
-    def stream_deadline(self, n_items: int) -> float:
-        return self.timeout + self.per_item_s * n_items
 
     def embed_stream(self, items: Sequence[ImageSource], *, timeout: float | None = None) -> Iterator[EmbedResult]:
         """One EmbedStream call over `items`: yields one result per item as
@@ -171,7 +137,7 @@ class EmbedderClient:
                     continue
                 answered.add(reply.id)
                 if reply.HasField("error"):
-                    yield EmbedResult(reply.id, fingerprint=reply.fingerprint, code=_status(reply.error.code),
+                    yield EmbedResult(reply.id, fingerprint=reply.fingerprint, code=status_from_code(reply.error.code),
                                       error=reply.error.message)
                 else:
                     yield EmbedResult(reply.id, np.asarray(reply.embedding.vector, dtype=np.float32),

@@ -10,8 +10,9 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, ManagedChannel, RetryPolicy, Security
-from clients.errors import SERVE_HINT, ClientError, UsageError, from_rpc_error
+from clients.base import ServiceClient, status_from_code
+from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
+from clients.errors import SERVE_HINT, UsageError
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,49 +45,24 @@ class SearchResult:
         return self.code is None
 
 
-def _status(code: int) -> grpc.StatusCode:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status
-    return grpc.StatusCode.UNKNOWN
-
-
 def _vector(vector) -> list[float]:
     return np.asarray(vector, dtype=np.float32).ravel().tolist()
 
 
-class RankerClient:
+class RankerClient(ServiceClient):
+    what = "ranker"
+    hint = HINT
+    service = SERVICE
+    stub_class = ranker_pb2_grpc.RankerServiceStub
+
     def __init__(self, address: str = DEFAULT_ADDRESS, *, security: Security | None = None,
                  timeout: float = 30.0, retry: RetryPolicy | None = RetryPolicy(),
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, per_item_s: float = PER_ITEM_S):
         if "," in address and not address.startswith(("ipv4:", "ipv6:", "dns:")):
             raise UsageError(f"--ranker takes one address, not a list ({address!r}): "
                              "the ranker holds the gallery, so all clients must talk to the same one")
-        self.address = address
-        self.timeout = timeout
-        self.per_item_s = per_item_s
-        self._channel = ManagedChannel(address, [SERVICE], security=security, retry=retry,
-                                       max_message_bytes=max_message_bytes)
-        self.stub = ranker_pb2_grpc.RankerServiceStub(self._channel.channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _error(self, exc: grpc.RpcError, hint: str = "") -> ClientError:
-        return from_rpc_error(exc, "ranker", self.address, hint=hint, unavailable_hint=HINT)
-
-    def wait_ready(self, *, connect_timeout: float = 5.0, ready_timeout: float = 600.0) -> "RankerClient":
-        self._channel.wait_ready("ranker", connect_timeout=connect_timeout, ready_timeout=ready_timeout, hint=HINT)
-        return self
-
-    def stream_deadline(self, n_items: int) -> float:
-        return self.timeout + self.per_item_s * n_items
+        super().__init__(address, security=security, timeout=timeout, retry=retry,
+                         max_message_bytes=max_message_bytes, per_item_s=per_item_s)
 
     # ------------------------------------------------------------------ calls
 
@@ -153,7 +129,7 @@ class RankerClient:
             for reply in call:
                 matches = [Match(m.rank, m.name, m.score) for m in reply.matches]
                 if reply.HasField("error") and reply.error.code:
-                    yield SearchResult(reply.id, matches, _status(reply.error.code), reply.error.message)
+                    yield SearchResult(reply.id, matches, status_from_code(reply.error.code), reply.error.message)
                 else:
                     yield SearchResult(reply.id, matches)
         except grpc.RpcError as exc:

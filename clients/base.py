@@ -1,0 +1,71 @@
+"""What every service client shares: the managed channel, deadlines,
+readiness, error translation and status codes carried inside stream items."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import grpc
+
+from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, ManagedChannel, RetryPolicy, Security
+from clients.errors import ClientError, from_rpc_error
+
+
+def status_from_code(code: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a numeric code (as in common.ItemError)."""
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.UNKNOWN
+
+
+class ServiceClient:
+    """A stub over a ManagedChannel. Subclasses set `what` (the service's name
+    in messages), `hint` (how to start it), `service` (its full proto name)
+    and `stub_class`."""
+
+    what: str
+    hint: str
+    service: str
+    stub_class: Callable
+
+    def __init__(self, address: str, *, security: Security | None, timeout: float, retry: RetryPolicy | None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, per_item_s: float):
+        self.address = address
+        self.security = security or Security()
+        self.timeout = timeout
+        self.retry = retry
+        self.per_item_s = per_item_s
+        self._open(max_message_bytes)
+
+    def _open(self, max_message_bytes: int) -> None:
+        self._channel = ManagedChannel(self.address, [self.service], security=self.security, retry=self.retry,
+                                       max_message_bytes=max_message_bytes)
+        self.stub = self.stub_class(self._channel.channel)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self._channel.max_message_bytes
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _error(self, exc: grpc.RpcError, hint: str = "") -> ClientError:
+        return from_rpc_error(exc, self.what, self.address, hint=hint, unavailable_hint=self.hint)
+
+    def wait_ready(self, *, connect_timeout: float = 5.0, ready_timeout: float = 600.0):
+        self._channel.wait_ready(self.what, connect_timeout=connect_timeout, ready_timeout=ready_timeout,
+                                 hint=self.hint)
+        return self
+
+    def stream_deadline(self, n_items: int) -> float:
+        """A stream's deadline: the call timeout plus an allowance per item."""
+        return self.timeout + self.per_item_s * n_items
+
+
