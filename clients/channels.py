@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.errors import ServiceUnavailable, UsageError
@@ -129,13 +130,32 @@ def _split_host_port(part: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def retryable_methods(service_names: Sequence[str]) -> list[dict]:
+    """Service-config names of the methods gRPC may retry: all but the
+    bidirectional streams (EmbedStream, SearchStream).
+
+    grpcio (seen with 1.85) leaves a retried bidirectional call hanging, past
+    its deadline, when the server dies after the client has half-closed and
+    before the first answer (tests/test_faults_streams.py). Such a call fails
+    at once with UNAVAILABLE instead; its caller (index, query) reports what
+    was not done. A service whose descriptor is not loaded is named whole."""
+    names: list[dict] = []
+    for service in service_names:
+        try:
+            descriptor = descriptor_pool.Default().FindServiceByName(service)
+        except KeyError:
+            names.append({"service": service})
+            continue
+        names += [{"service": service, "method": m.name} for m in descriptor.methods
+                  if not (m.client_streaming and m.server_streaming)]
+    return names
+
+
 def service_config(service_names: Sequence[str], retry: RetryPolicy | None) -> dict:
     config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
-    if retry is not None and retry.max_attempts > 1:
-        config["methodConfig"] = [{
-            "name": [{"service": name} for name in service_names],
-            "retryPolicy": retry.to_service_config(),
-        }]
+    names = retryable_methods(service_names)
+    if retry is not None and retry.max_attempts > 1 and names:
+        config["methodConfig"] = [{"name": names, "retryPolicy": retry.to_service_config()}]
     return config
 
 
