@@ -1,0 +1,209 @@
+"""Embedder faults, on real processes:
+
+- the embedder is killed (SIGKILL) in the middle of an `imagesearch index` run:
+  the CLI exits non-zero and names every file that was not indexed; a re-run
+  with an embedder back completes the gallery, with no duplicates;
+- calls whose deadline passes while they wait are dropped by the server
+  (counted by the batcher, never run by the model), and the next call is
+  answered correctly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.demo import find_photos
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
+from tests.procs import ROOT, ServiceProcess
+
+TOL = 1e-5
+
+
+def small_photos(n: int, max_side: int = 160) -> list[bytes]:
+    """n different real photos as small JPEGs (crops and mirror images of the
+    scikit-image / scikit-learn sample photos)."""
+    from PIL import Image, ImageOps
+
+    paths = find_photos()
+    out = []
+    for i in range(n):
+        with Image.open(paths[i % len(paths)]) as img:
+            img = img.convert("RGB")
+            variant = i // len(paths)
+            if variant % 2:
+                img = ImageOps.mirror(img)
+            w, h = img.size
+            f = 1.0 - 0.1 * (variant // 2)
+            img = img.crop((0, 0, int(w * f), int(h * f)))
+            img.thumbnail((max_side, max_side))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=90)
+            out.append(buf.getvalue())
+    return out
+
+
+def write_gallery(folder: Path, n: int) -> list[str]:
+    """n photos under folder/a and folder/b; returns their names (relative paths)."""
+    names = []
+    for i, data in enumerate(small_photos(n)):
+        name = f"{'ab'[i % 2]}/img-{i:03d}.jpg"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+        names.append(name)
+    return names
+
+
+def index_command(gallery: Path, embedder: ServiceProcess, ranker: ServiceProcess) -> list[str]:
+    return [sys.executable, "-m", "clients.cli", "index", str(gallery), "--embedder", embedder.address,
+            "--ranker", ranker.address, "--collection", "g", "--chunk-size", "4", "--concurrency", "1",
+            "--no-progress", "--connect-timeout", "10"]
+
+
+def stored_count(stub) -> int:
+    try:
+        (stats,) = stub.GetStats(ranker_pb2.GetStatsRequest(collection="g"), timeout=10).collections
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return 0
+        raise
+    return stats.count
+
+
+def not_indexed_section(stderr: str) -> str:
+    head, sep, tail = stderr.partition("images not indexed:")
+    assert sep, stderr
+    return tail
+
+
+@pytest.mark.slow
+def test_embedder_killed_during_index_then_a_rerun_completes_the_gallery(tmp_path):
+    gallery = tmp_path / "gallery"
+    names = write_gallery(gallery, 64)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("IMAGESEARCH_EMBEDDER", None)
+    env.pop("IMAGESEARCH_RANKER", None)
+    db = tmp_path / "g.db"
+    with ServiceProcess("ranker_service", "--db", str(db)) as ranker, ranker.channel() as channel:
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        embedder = ServiceProcess("embedder_service", "--max-batch", "4", "--max-wait-ms", "2")
+        try:
+            cli = subprocess.Popen(index_command(gallery, embedder, ranker), cwd=ROOT, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            # Kill once two chunks are committed: 14 chunks are still to come.
+            deadline = time.monotonic() + 300
+            while stored_count(stub) < 8:
+                assert cli.poll() is None, "the index run ended before the embedder was killed:\n" + cli.stderr.read()
+                assert time.monotonic() < deadline, "no progress"
+                time.sleep(0.02)
+            embedder.kill()
+            out, err = cli.communicate(timeout=300)
+        finally:
+            embedder.kill()
+        first = stored_count(stub)
+
+        assert cli.returncode == 1, err  # a runtime failure, not a usage error
+        assert 8 <= first < len(names), first
+        assert f"indexed {first} of {len(names)} images" in err, err
+        section = not_indexed_section(err)
+        assert f"{len(names) - first} images not indexed:" in err
+        stored = set(search_all(stub, len(names)))
+        assert len(stored) == first
+        for name in names:  # every file not indexed is named; no indexed file is
+            assert (name in section) == (name not in stored), (name, err)
+        assert "UNAVAILABLE" in section and "run the same `imagesearch index` again" in err
+
+        with ServiceProcess("embedder_service", "--max-batch", "4", "--max-wait-ms", "2") as again:
+            rerun = subprocess.run(index_command(gallery, again, ranker), cwd=ROOT, env=env, capture_output=True,
+                                   text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"indexed {len(names)} of {len(names)} images" in rerun.stderr
+        assert f"({len(names) - first} new, {first} replaced)" in rerun.stderr
+        assert stored_count(stub) == len(names)
+        everything = search_all(stub, len(names))
+        assert sorted(everything) == sorted(names)  # each name once
+    assert ranker.proc.returncode == 0
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        total, distinct = conn.execute("SELECT count(*), count(DISTINCT name) FROM vectors").fetchone()
+    assert total == distinct == len(names)
+
+
+def search_all(stub, k: int) -> list[str]:
+    """Every name in collection 'g' (a top-k over all of it)."""
+    (stats,) = stub.GetStats(ranker_pb2.GetStatsRequest(collection="g"), timeout=10).collections
+    query = [1.0] * stats.dim
+    return [r.match.name for r in stub.Search(ranker_pb2.SearchRequest(collection="g", vector=query, top_k=k),
+                                              timeout=30)]
+
+
+# ---------------------------------------------------------------- deadlines
+
+
+STREAM = 96
+EXPIRING = 100
+
+
+@pytest.mark.slow
+def test_calls_whose_deadline_passes_are_dropped_not_run():
+    """A stream keeps the model busy with a full window queued ahead; 100 Embed
+    calls with a 0.25 s deadline arrive behind it. The server must drop them
+    (count them as dropped, never run them), and answer the next call."""
+    photos = small_photos(STREAM)
+    proc = ServiceProcess("embedder_service", "--max-batch", "8", "--max-wait-ms", "5", "--stream-window", "64",
+                          "--decode-workers", "2")
+    try:
+        with proc.channel() as channel:
+            stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
+            probe = photos[5]
+            want = np.asarray(stub.Embed(embedder_pb2.EmbedRequest(image=probe), timeout=120).vector, np.float32)
+
+            first_back = threading.Event()
+            streamed: list = []
+
+            def consume():
+                requests = (embedder_pb2.EmbedStreamRequest(id=str(i), image=d) for i, d in enumerate(photos))
+                for reply in stub.EmbedStream(requests, timeout=600):
+                    streamed.append(reply)
+                    first_back.set()
+
+            consumer = threading.Thread(target=consume)
+            consumer.start()
+            assert first_back.wait(300)
+            expiring = [stub.Embed.future(embedder_pb2.EmbedRequest(image=photos[i % 8], name=f"late-{i}"),
+                                          timeout=0.25) for i in range(EXPIRING)]
+            codes = [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in expiring]
+            still_streaming = len(streamed) < STREAM
+            consumer.join(600)
+            # The server is not clogged by the expired work: the next call gets the right vector.
+            got = np.asarray(stub.Embed(embedder_pb2.EmbedRequest(image=probe), timeout=120).vector, np.float32)
+        assert proc.terminate() == 0
+    finally:
+        proc.kill()
+    assert still_streaming, "the stream ended before the expiring calls were answered: make it longer"
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * EXPIRING
+    assert len(streamed) == STREAM and all(r.WhichOneof("result") == "embedding" for r in streamed)
+    assert np.abs(got - want).max() <= TOL
+
+    m = re.search(r"batcher stopped: (\d+) items in (\d+) batches, (\d+) dropped, (\d+) failed to prepare",
+                  proc.output)
+    assert m, proc.output
+    items, batches, dropped, failed = map(int, m.groups())
+    run_late = items - (STREAM + 2)  # expired calls that the model ran anyway
+    assert failed == 0
+    assert 0 <= run_late <= EXPIRING // 10, (items, dropped)
+    # The expired calls reached the server (most of them: some expire on the
+    # way, in the client or in gRPC's queue) and were dropped there.
+    assert dropped >= EXPIRING // 4 and dropped + run_late <= EXPIRING, (items, dropped)
