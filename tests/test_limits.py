@@ -15,6 +15,7 @@ import pytest
 
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
+from ranker_service.service import gather_batches
 from tests.procs import ServiceProcess
 
 BATCH = 16
@@ -87,3 +88,26 @@ def test_an_upsert_stream_is_committed_batch_by_batch_while_it_is_open(stub, ran
         assert reply.upserted == len(vectors)
         assert seen_mid_call == [3 * BATCH]
         assert count() == len(vectors)
+
+
+def test_search_stream_reads_at_most_four_batches_ahead():
+    """No limit on a SearchStream's length either: the server's reader runs at
+    most 4 x --max-batch queries ahead of the answers, then gRPC flow control
+    holds the client's sends."""
+    pulled = []
+
+    def endless():
+        while True:
+            pulled.append(1)
+            yield len(pulled)
+
+    max_batch = 8
+    batches = gather_batches(endless(), max_batch)
+    first = next(batches)
+    bound = len(first) + 4 * max_batch + 1  # the queue, plus the one item its reader holds
+    deadline = time.monotonic() + 30
+    while len(pulled) < bound and time.monotonic() < deadline:  # let the reader run as far as it can
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(pulled) == bound
+    batches.close()
