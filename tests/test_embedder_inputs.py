@@ -117,6 +117,7 @@ def good_inputs() -> dict[str, Case]:
     exif[0x0112] = 6
     cases = {
         "jpeg": _lossy(encode(p, "JPEG", quality=95)),
+        "mpo_first_picture": _lossy(encode(p, "MPO", quality=95, save_all=True, append_images=[photo("coffee")])),
         "png": Case(encode(p, "PNG"), rgb),
         "webp_lossless": Case(encode(p, "WEBP", lossless=True), rgb),
         "webp_lossy": _lossy(encode(p, "WEBP", quality=90)),
@@ -211,6 +212,7 @@ def test_the_cases_are_what_they_claim():
     assert opened("cmyk_tiff").mode == "CMYK" and opened("cmyk_jpeg").mode == "CMYK"
     assert opened("gray16_png").mode.startswith("I")
     assert opened("gif_first_frame").n_frames == 2
+    assert opened("mpo_first_picture").format == "MPO" and opened("mpo_first_picture").n_frames == 2
     assert opened("exif_rotate90_png").getexif()[0x0112] == 6
     assert opened("exif_rotate90_png").size == (SIZE[1], SIZE[0])  # stored sideways
     second = opened("gif_first_frame")

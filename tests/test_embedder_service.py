@@ -143,6 +143,16 @@ def test_a_message_over_the_grpc_limit_is_resource_exhausted(stub, server):
     assert embed(stub, GOOD["png"].data).shape == (1280,)  # and the server goes on
 
 
+def test_a_stream_message_over_the_grpc_limit_ends_that_stream_only(stub):
+    too_big = b"\x00" * (LIMIT_BYTES + MESSAGE_OVERHEAD_BYTES + 1)
+    requests = [embedder_pb2.EmbedStreamRequest(id="ok", image=GOOD["png"].data),
+                embedder_pb2.EmbedStreamRequest(id="huge", image=too_big)]
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.EmbedStream(iter(requests), timeout=30))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert set(stream(stub, [("next", GOOD["png"].data)])) == {"next"}  # other streams are unaffected
+
+
 def test_before_the_model_is_loaded_rpcs_are_unavailable(grpc_server):
     """The servicer without a model (as between bind and load): UNAVAILABLE."""
     servicer = EmbedderServicer()
