@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from embedder_service.embedder import Embedder  # noqa: E402
