@@ -1,9 +1,10 @@
-"""Ranker limits not covered elsewhere, over a real process: the longest item
+"""Limits not covered elsewhere. Over a real ranker process: the longest item
 name, the largest dimension, and an Upsert stream of any length (committed
 batch by batch while the call is still open, so the server never holds more
-than one batch of a call). The README's limits table names the test behind
-each limit (the other rows are in test_embedder_*.py, test_ranker_service.py
-and test_serving.py)."""
+than one batch of a call); SearchStream's bounded read-ahead; the CLI's
+refusal of files over the embedder's byte limit. The README's limits table
+names the test behind each limit (the other rows are in test_embedder_*.py,
+test_ranker_service.py, test_serving.py, test_clients.py and test_cli.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import grpc
 import numpy as np
 import pytest
 
+from clients.embedder import file_source
+from clients.errors import UsageError
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from ranker_service.service import gather_batches
@@ -111,3 +114,15 @@ def test_search_stream_reads_at_most_four_batches_ahead():
     time.sleep(0.2)
     assert len(pulled) == bound
     batches.close()
+
+
+def test_the_cli_refuses_files_over_the_embedders_byte_limit_before_sending(tmp_path):
+    """`index`/`query` read files through `file_source` with the limit from
+    GetModelInfo: a file over it becomes that item's RESOURCE_EXHAUSTED."""
+    path = tmp_path / "big.jpg"
+    path.write_bytes(b"\xff" * 1001)
+    with pytest.raises(UsageError) as info:
+        file_source("big.jpg", path, max_bytes=1000).load()
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "big.jpg is 1001 bytes, over the embedder's limit of 1000 bytes" in str(info.value)
+    assert file_source("big.jpg", path, max_bytes=1001).load() == path.read_bytes()
