@@ -97,6 +97,7 @@ def _stream_response(item_id: str, future: futures.Future, fingerprint: str) -> 
         log.error("item %r failed: %s: %s", item_id, type(exc).__name__, exc)
         exc = errors.ImageSearchError(f"item {item_id!r}: internal error ({type(exc).__name__}: {exc})")
     code, message = serving.item_error_fields(exc)
+    log.info("EmbedStream item %r -> %s", item_id, message)  # as the interceptor logs a failed Embed
     return embedder_pb2.EmbedStreamResponse(id=item_id, error=common_pb2.ItemError(code=code, message=message))
 
 
