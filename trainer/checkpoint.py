@@ -58,7 +58,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise errors.InvalidArgument(f"cannot read checkpoint {path}: {exc}") from None
+        raise errors.InvalidArgument(
+            f"cannot read checkpoint {path} as a torch file ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise errors.InvalidArgument(
             f"{path} is not an imagesearch checkpoint (no format {FORMAT!r}); "

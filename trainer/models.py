@@ -230,7 +230,8 @@ def build_model(backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise errors.InvalidArgument(f"cannot read weights file {path}: {exc}") from None
+            raise errors.InvalidArgument(
+                f"cannot read weights file {path} as a torch file ({type(exc).__name__}: {exc})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict):
