@@ -22,7 +22,7 @@ import torch
 
 from imagesearch import errors
 from trainer.files import atomic_write
-from trainer.models import EmbeddingNet, backbone_info, build_model
+from trainer.models import EmbeddingNet, backbone_info, build_model, load_tensors
 from trainer.preprocessing import PreprocessSpec
 
 FORMAT = "imagesearch.checkpoint/1"
@@ -55,11 +55,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise errors.InvalidArgument(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise errors.InvalidArgument(
-            f"cannot read checkpoint {path} as a torch file ({type(exc).__name__}: {exc})") from None
+    payload = load_tensors(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise errors.InvalidArgument(
             f"{path} is not an imagesearch checkpoint (no format {FORMAT!r}); "

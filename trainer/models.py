@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import socket
 from pathlib import Path
 from typing import Callable
@@ -182,6 +183,12 @@ class EmbeddingNet(nn.Module):
         head = {k: v for k, v in mapped.items() if k.startswith("head.")}
         head_fits = head and all(k in own and own[k].shape == v.shape for k, v in head.items())
         body = {k: v for k, v in mapped.items() if k.startswith("body.")}
+        wrong = [k for k, v in body.items() if k in own and own[k].shape != v.shape]
+        if wrong:
+            raise errors.InvalidArgument(
+                f"weights do not fit {self.backbone}: {len(wrong)} tensors have other shapes, e.g. {wrong[0]} "
+                f"is {tuple(body[wrong[0]].shape)} but {self.backbone} needs {tuple(own[wrong[0]].shape)} "
+                f"(weights of another backbone?)")
         missing, unexpected = self.load_state_dict({**body, **(head if head_fits else {})}, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected or not body:
@@ -227,11 +234,7 @@ def build_model(backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
         if not path.is_file():
             raise errors.InvalidArgument(
                 f"--weights {weights!r}: no such file; use imagenet, none or a path to a weights file")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise errors.InvalidArgument(
-                f"cannot read weights file {path} as a torch file ({type(exc).__name__}: {exc})") from None
+        state = load_tensors(path, "weights file")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict):
@@ -243,6 +246,19 @@ def build_model(backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
     if num_classes != IMAGENET_CLASSES:
         model.replace_head(num_classes)
     return model
+
+
+def load_tensors(path: Path, what: str):
+    """`torch.load(path, weights_only=True)` with a clear error: tensors and
+    plain containers only, never code from the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise errors.InvalidArgument(
+            f"cannot read {what} {path}: not a torch file of tensors (a corrupt file, or a whole pickled "
+            f"model rather than a state_dict: re-save it with torch.save(model.state_dict(), path))") from None
+    except Exception as exc:
+        raise errors.InvalidArgument(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
 
 
 def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str) -> str:
