@@ -399,15 +399,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     if args.clients < 1 or args.seconds <= 0 or args.gallery < 1 or args.images < 1:
         raise SystemExit("error: --clients, --seconds, --gallery and --images must be positive")
+    if bool(args.embedder) != bool(args.ranker):
+        raise SystemExit("error: give both --embedder and --ranker (running services), or neither (started here)")
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
         emb, rank = args.embedder, args.ranker
-        if not (emb and rank):
+        if not emb:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="imagesearch-load-"))
-            started = stack.enter_context(start_services(
+            emb, rank = stack.enter_context(start_services(
                 workdir, backbone=args.backbone, checkpoint=args.checkpoint, device=args.device,
                 torch_threads=args.torch_threads, embedder_extra=args.embedder_arg))
-            emb, rank = emb or started[0], rank or started[1]
         t0 = time.perf_counter()
         workload = prepare(emb, rank, images=args.images, gallery=args.gallery, queries=args.queries,
                            top_k=args.top_k, seed=args.seed, collection=args.collection, timeout=args.timeout)
