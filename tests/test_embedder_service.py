@@ -320,7 +320,9 @@ def test_sigterm_drains_in_flight_work_and_stops_the_batcher():
             consumer.join(300)
             vectors = [np.asarray(f.result().vector) for f in unary]
             for f in expired:
-                assert f.exception() is not None and f.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                # CANCELLED when the server's drop reaches the client before the client's own timer fires
+                assert f.exception() is not None and f.exception().code() in (
+                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
         assert proc.proc.wait(60) == 0
     finally:
         proc.kill()
