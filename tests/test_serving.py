@@ -3,6 +3,8 @@ message limits and graceful stop, on a real in-process server over a real channe
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,7 +38,10 @@ class FakeRanker(ranker_pb2_grpc.RankerServiceServicer):
             else:
                 yield ranker_pb2.SearchStreamResponse(id=req.id)
 
+    upserts_entered = threading.Semaphore(0)
+
     def Upsert(self, request_iterator, context):
+        FakeRanker.upserts_entered.release()
         n = sum(1 for _ in request_iterator)
         return ranker_pb2.UpsertResponse(upserted=n)
 
@@ -152,3 +157,43 @@ class TestToken:
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
             health_pb2.HealthCheckResponse.SERVING
+
+
+def test_calls_past_the_concurrency_cap_are_refused_at_once(grpc_server):
+    config = serving.ServerConfig(host="127.0.0.1", port=0, max_concurrent_rpcs=2, grace_s=1)
+    _, channel = grpc_server(register, [SERVICE], config=config)
+    stub = ranker_pb2_grpc.RankerServiceStub(channel)
+    release = threading.Event()
+
+    def held_open():
+        yield ranker_pb2.UpsertRequest()
+        release.wait(10)
+
+    while FakeRanker.upserts_entered.acquire(blocking=False):
+        pass
+    open_calls = [stub.Upsert.future(held_open(), timeout=20) for _ in range(2)]
+    try:
+        for _ in open_calls:  # both streams are running in the server
+            assert FakeRanker.upserts_entered.acquire(timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetStats(ranker_pb2.GetStatsRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        release.set()
+    assert [f.result().upserted for f in open_calls] == [1, 1]
+    assert stub.GetStats(ranker_pb2.GetStatsRequest(), timeout=5).max_top_k == 1000
+
+
+def test_server_flags_parse_with_env_defaults(monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("X_PORT", "5999")
+    monkeypatch.setenv("X_MAX_CONCURRENT_RPCS", "7")
+    parser = argparse.ArgumentParser()
+    serving.add_server_arguments(parser, env_prefix="X", default_port=1)
+    config = serving.ServerConfig.from_args(parser.parse_args([]))
+    assert (config.port, config.max_concurrent_rpcs) == (5999, 7)
+    with pytest.raises(SystemExit, match="go together"):
+        serving.ServerConfig.from_args(parser.parse_args(["--tls-cert", "c.pem"]))
+    with pytest.raises(SystemExit, match="max-concurrent-rpcs"):
+        serving.ServerConfig.from_args(parser.parse_args(["--max-concurrent-rpcs", "-1"]))

@@ -64,6 +64,9 @@ class ServerConfig:
     auth_token: str | None = None
     grace_s: float = 10.0
     max_workers: int = 16
+    # Calls in progress or waiting for a handler thread; past it new calls get
+    # RESOURCE_EXHAUSTED at once instead of queueing without bound. 0 = no cap.
+    max_concurrent_rpcs: int = 1024
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, max_message_bytes: int | None = None) -> "ServerConfig":
@@ -72,6 +75,8 @@ class ServerConfig:
             token = read_token_file(args.auth_token_file)
         if bool(args.tls_cert) != bool(args.tls_key):
             raise SystemExit("error: --tls-cert and --tls-key go together: give both or neither")
+        if args.max_concurrent_rpcs < 0:
+            raise SystemExit("error: --max-concurrent-rpcs must be 0 (no cap) or more")
         if args.tls_client_ca and not args.tls_cert:
             raise SystemExit("error: --tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
         return cls(
@@ -84,6 +89,7 @@ class ServerConfig:
             auth_token=token or None,
             grace_s=args.grace,
             max_workers=args.max_workers,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
         )
 
 
@@ -114,6 +120,10 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, env_prefix: str, de
     g.add_argument("--grace", type=float, default=10.0,
                    help="seconds to drain in-flight calls on SIGTERM (default %(default)s)")
     g.add_argument("--max-workers", type=int, default=16, help="gRPC handler threads (default %(default)s)")
+    g.add_argument("--max-concurrent-rpcs", type=int,
+                   default=env_default(f"{env_prefix}_MAX_CONCURRENT_RPCS", ServerConfig.max_concurrent_rpcs),
+                   help="calls running or queued for a thread; more get RESOURCE_EXHAUSTED at once, 0 = no cap "
+                        f"(env {env_prefix}_MAX_CONCURRENT_RPCS; default %(default)s)")
     s = parser.add_argument_group("security")
     s.add_argument("--tls-cert", type=Path, default=env_default(f"{env_prefix}_TLS_CERT", None),
                    help="PEM certificate chain: serve TLS")
@@ -287,7 +297,7 @@ def build_server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
         options=options,
-        maximum_concurrent_rpcs=None,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
     )
     register(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
