@@ -76,7 +76,8 @@ class _Pending:
 
 
 def describe_item(index: int, name: str) -> str:
-    return f"item {index} (name {name!r})"
+    shown = name if len(name) <= 80 else f"{name[:60]}...({len(name)} characters)"
+    return f"item {index} (name {shown!r})"
 
 
 def _check_fits(collection: str, dim: int, fingerprint: str, item: _Pending) -> None:
