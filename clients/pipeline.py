@@ -146,27 +146,64 @@ def _run_chunks(chunks: list[list], worker: Callable[[list], None], *, concurren
     pool.shutdown()
 
 
+class _Job:
+    """What indexing and querying share: the image listing, the report, the
+    progress bar, the lock over the report, and stopping new chunks once a
+    service has failed."""
+
+    def __init__(self, folder: str | Path, what: str, desc: str, progress: bool | None, make_report):
+        self.start = time.monotonic()
+        listing = list_images(folder, what=what)
+        if not listing.images:
+            raise UsageError(f"no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.images = listing.images
+        self.report = make_report(folder=listing.root, total_images=len(listing.images), skipped=listing.skipped)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.bar = _Progress(len(listing.images), desc, progress)
+
+    def skipped_after_failure(self, names: list[str]) -> bool:
+        """True (and the names reported as not done) once a service has failed."""
+        if not self.stop.is_set():
+            return False
+        with self.lock:
+            self.report.failed.update({n: _reason(grpc.StatusCode.ABORTED, "not done: stopped after an "
+                                                  f"earlier error ({self.report.service_error})") for n in names})
+        self.bar.update(len(names))
+        return True
+
+    @staticmethod
+    def not_done(cause: ClientError | None) -> str:
+        return (_error_reason(cause, "not done: ") if cause is not None
+                else _reason(grpc.StatusCode.UNKNOWN, "not done: no answer"))
+
+    def service_failed(self, cause: ClientError | None) -> None:
+        """Record the first service failure and stop new chunks (call under the lock)."""
+        if cause is not None:
+            if not self.report.service_error:
+                self.report.service_error = str(cause)
+            self.stop.set()
+
+    def run(self, worker: Callable[[list], None], *, chunk_size: int, concurrency: int):
+        try:
+            _run_chunks(_chunks(self.images, chunk_size), worker, concurrency=concurrency)
+        finally:
+            self.bar.close()
+        self.report.seconds = time.monotonic() - self.start
+        return self.report
+
+
 def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path, *, collection: str,
                  chunk_size: int = 32, concurrency: int | None = None, progress: bool | None = None) -> IndexReport:
-    start = time.monotonic()
-    listing = list_images(folder, what="gallery folder")
-    report = IndexReport(folder=listing.root, total_images=len(listing.images), skipped=listing.skipped,
-                         collection=collection)
-    if not listing.images:
-        raise UsageError(f"no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    job = _Job(folder, "gallery folder", "indexing", progress,
+               lambda **kw: IndexReport(collection=collection, **kw))
+    report, bar = job.report, job.bar
     info = embedder.model_info()
     check_collection_model(embedder, ranker, collection, must_exist=False)
-    lock = threading.Lock()
-    stop = threading.Event()
-    bar = _Progress(len(listing.images), "indexing", progress)
 
     def worker(chunk: list[tuple[str, Path]]) -> None:
         names = [name for name, _ in chunk]
-        if stop.is_set():
-            with lock:
-                report.failed.update({n: _reason(grpc.StatusCode.ABORTED, "not done: stopped after an "
-                                                 f"earlier error ({report.service_error})") for n in names})
-            bar.update(len(chunk))
+        if job.skipped_after_failure(names):
             return
         sources = [file_source(name, path, info.max_image_bytes) for name, path in chunk]
         sent: list[str] = []
@@ -192,7 +229,7 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
             reply = ranker.upsert(requests(), timeout=embedder.stream_deadline(len(chunk)) + ranker.timeout)
         except ClientError as exc:
             upsert_error = exc
-        with lock:
+        with job.lock:
             if reply is not None:
                 report.done += len(sent)
                 report.inserted += reply.inserted
@@ -205,47 +242,25 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
                 elif upsert_error is not None and name in sent:
                     report.failed[name] = _error_reason(upsert_error, "not confirmed by the ranker: ")
                 elif name not in sent:
-                    cause = embed_error[0] if embed_error else upsert_error
-                    report.failed[name] = (_error_reason(cause, "not done: ") if cause is not None
-                                           else _reason(grpc.StatusCode.UNKNOWN, "not done: no answer"))
-            cause = embed_error[0] if embed_error else upsert_error
-            if cause is not None:
-                if not report.service_error:
-                    report.service_error = str(cause)
-                stop.set()
+                    report.failed[name] = job.not_done(embed_error[0] if embed_error else upsert_error)
+            job.service_failed(embed_error[0] if embed_error else upsert_error)
         bar.update(len(chunk) - len(sent) - len(failed))
 
-    try:
-        _run_chunks(_chunks(listing.images, chunk_size), worker,
-                    concurrency=concurrency or 2 * embedder.replicas)
-    finally:
-        bar.close()
-    report.seconds = time.monotonic() - start
-    return report
+    return job.run(worker, chunk_size=chunk_size, concurrency=concurrency or 2 * embedder.replicas)
 
 
 def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path, *, collection: str,
                  top_k: int = 10, chunk_size: int = 32, concurrency: int | None = None,
                  progress: bool | None = None) -> QueryReport:
-    start = time.monotonic()
-    listing = list_images(folder, what="query folder")
-    report = QueryReport(folder=listing.root, total_images=len(listing.images), skipped=listing.skipped,
-                         collection=collection, top_k=top_k)
-    if not listing.images:
-        raise UsageError(f"no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    job = _Job(folder, "query folder", "querying", progress,
+               lambda **kw: QueryReport(collection=collection, top_k=top_k, **kw))
+    report, bar = job.report, job.bar
     info = embedder.model_info()
     check_collection_model(embedder, ranker, collection, must_exist=True)
-    lock = threading.Lock()
-    stop = threading.Event()
-    bar = _Progress(len(listing.images), "querying", progress)
 
     def worker(chunk: list[tuple[str, Path]]) -> None:
         names = [name for name, _ in chunk]
-        if stop.is_set():
-            with lock:
-                report.failed.update({n: _reason(grpc.StatusCode.ABORTED, "not done: stopped after an "
-                                                 f"earlier error ({report.service_error})") for n in names})
-            bar.update(len(chunk))
+        if job.skipped_after_failure(names):
             return
         sources = [file_source(name, path, info.max_image_bytes) for name, path in chunk]
         failed: dict[str, str] = {}
@@ -275,7 +290,7 @@ def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
                     failed[answer.id] = _reason(answer.code, answer.error)
         except ClientError as exc:
             search_error = exc
-        with lock:
+        with job.lock:
             report.results.update(answered)
             report.done += len(answered)
             for name in names:
@@ -284,20 +299,8 @@ def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
                 if name in failed:
                     report.failed[name] = failed[name]
                 else:
-                    cause = embed_error[0] if embed_error else search_error
-                    report.failed[name] = (_error_reason(cause, "not done: ") if cause is not None
-                                           else _reason(grpc.StatusCode.UNKNOWN, "not done: no answer"))
+                    report.failed[name] = job.not_done(embed_error[0] if embed_error else search_error)
                     bar.update(1)
-            cause = embed_error[0] if embed_error else search_error
-            if cause is not None:
-                if not report.service_error:
-                    report.service_error = str(cause)
-                stop.set()
+            job.service_failed(embed_error[0] if embed_error else search_error)
 
-    try:
-        _run_chunks(_chunks(listing.images, chunk_size), worker,
-                    concurrency=concurrency or 2 * embedder.replicas)
-    finally:
-        bar.close()
-    report.seconds = time.monotonic() - start
-    return report
+    return job.run(worker, chunk_size=chunk_size, concurrency=concurrency or 2 * embedder.replicas)
