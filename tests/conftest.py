@@ -39,3 +39,25 @@ def clothing_dir() -> Path:
     if not (CLOTHING / "train").is_dir():
         pytest.skip(f"clothing-small data set not found at {CLOTHING} (set IMAGESEARCH_CLOTHING_DIR)")
     return CLOTHING
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The in-process forward the embedder must equal: load_model + load_tensor
+    + model.embed, on the CPU with one thread. Returns embed(bytes) -> vector;
+    `embed.loaded` is the LoadedModel."""
+    import numpy as np
+    import torch
+
+    from trainer.checkpoint import load_model
+    from trainer.preprocessing import load_tensor
+
+    torch.set_num_threads(1)
+    loaded = load_model()
+    loaded.model.eval()
+
+    def embed(data: bytes) -> np.ndarray:
+        with torch.inference_mode():
+            return loaded.model.embed(load_tensor(data, loaded.spec)[None])[0].numpy()
+    embed.loaded = loaded
+    return embed

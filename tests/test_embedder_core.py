@@ -18,9 +18,7 @@ from embedder_service.embedder import Embedder, autocast_dtype, bucket_size, cud
 from imagesearch import errors
 from tests.test_embedder_inputs import GOOD, encode, photo
 from trainer import preprocessing
-from trainer.checkpoint import load_model
 from trainer.models import fingerprint
-from trainer.preprocessing import load_tensor
 
 WAIT = 10  # seconds a future may take before a test calls it hung
 
@@ -228,19 +226,6 @@ def test_padding_a_batch_changes_no_vector(embedder):
 def embedder():
     torch.set_num_threads(1)
     return Embedder.load(device="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """The in-process forward the issue names: load_model + load_tensor + model.embed."""
-    loaded = load_model()
-    loaded.model.eval()
-
-    def embed(data: bytes) -> np.ndarray:
-        with torch.inference_mode():
-            return loaded.model.embed(load_tensor(data, loaded.spec)[None])[0].numpy()
-    embed.loaded = loaded
-    return embed
 
 
 def test_embedder_matches_the_in_process_forward_alone_and_in_any_batch(embedder, reference):

@@ -56,20 +56,6 @@ def stub(server):
         yield embedder_pb2_grpc.EmbedderServiceStub(channel)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """The in-process forward of the same model: load_model + load_tensor + model.embed."""
-    torch.set_num_threads(1)
-    loaded = load_model()
-    loaded.model.eval()
-
-    def embed(data: bytes) -> np.ndarray:
-        with torch.inference_mode():
-            return loaded.model.embed(load_tensor(data, loaded.spec)[None])[0].numpy()
-    embed.loaded = loaded
-    return embed
-
-
 def embed(stub, data: bytes, name: str = "") -> np.ndarray:
     response = stub.Embed(embedder_pb2.EmbedRequest(image=data, name=name), timeout=60)
     return np.asarray(response.vector, dtype=np.float32)
