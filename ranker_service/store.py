@@ -262,20 +262,28 @@ class GalleryStore:
     # ------------------------------------------------------------ writing
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error."""
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
+    def _transaction(self, doing: str) -> Iterator[None]:
+        """One write transaction under the store's lock: BEGIN IMMEDIATE, COMMIT,
+        ROLLBACK on any error. A closed store is UNAVAILABLE; an SQLite error
+        becomes the domain error of `write_error` (nothing committed)."""
+        with self._lock:
+            if self._closed:
+                raise errors.Unavailable("the ranker is shutting down: its database is closed")
+            conn = self.db.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:  # pragma: no cover - the original error matters more
-                    log.exception("rollback failed")
-            raise
+                    yield
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        try:
+                            conn.execute("ROLLBACK")
+                        except sqlite3.Error:  # pragma: no cover - the original error matters more
+                            log.exception("rollback failed")
+                    raise
+            except sqlite3.Error as exc:
+                raise write_error(exc, doing) from exc
 
     def _existing(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         by_collection: dict[str, list[str]] = {}
@@ -298,55 +306,43 @@ class GalleryStore:
         (collection, name) keys that existed before (replaced, not inserted).
         Raises a domain error (nothing committed) when the write fails."""
         now = time.time() if now is None else now
-        with self._lock:
-            if self._closed:
-                raise errors.Unavailable("the ranker is shutting down: its database is closed")
-            try:
-                with self._transaction():
-                    if new_collections:
-                        self.db["collections"].insert_all(
-                            ({"name": name, "dim": dim, "fingerprint": fp, "created_at": now, "updated_at": now}
-                             for name, dim, fp in new_collections), batch_size=SQL_BATCH_ROWS)
-                    last = {(r.collection, r.name): r for r in rows}
-                    existing = self._existing(last)
-                    fresh = [{"collection": r.collection, "name": r.name, "dim": int(r.vector.shape[0]),
-                              "fingerprint": r.fingerprint, "vector": to_blob(r.vector),
-                              "created_at": now, "updated_at": now}
-                             for key, r in last.items() if key not in existing]
-                    again = [(int(r.vector.shape[0]), r.fingerprint, to_blob(r.vector), now, r.collection, r.name)
-                             for key, r in last.items() if key in existing]
-                    if fresh:
-                        self.db["vectors"].insert_all(fresh, batch_size=SQL_BATCH_ROWS)
-                    if again:  # an UPDATE, not an upsert: created_at stays
-                        self.db.conn.executemany(
-                            "UPDATE vectors SET dim = ?, fingerprint = ?, vector = ?, updated_at = ? "
-                            "WHERE collection = ? AND name = ?", again)
-                    for collection in {r.collection for r in rows}:
-                        self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
-            except sqlite3.Error as exc:
-                raise write_error(exc, f"committing {len(rows)} items") from exc
+        with self._transaction(f"committing {len(rows)} items"):
+            if new_collections:
+                self.db["collections"].insert_all(
+                    ({"name": name, "dim": dim, "fingerprint": fp, "created_at": now, "updated_at": now}
+                     for name, dim, fp in new_collections), batch_size=SQL_BATCH_ROWS)
+            last = {(r.collection, r.name): r for r in rows}
+            existing = self._existing(last)
+            fresh = [{"collection": r.collection, "name": r.name, "dim": int(r.vector.shape[0]),
+                      "fingerprint": r.fingerprint, "vector": to_blob(r.vector),
+                      "created_at": now, "updated_at": now}
+                     for key, r in last.items() if key not in existing]
+            again = [(int(r.vector.shape[0]), r.fingerprint, to_blob(r.vector), now, r.collection, r.name)
+                     for key, r in last.items() if key in existing]
+            if fresh:
+                self.db["vectors"].insert_all(fresh, batch_size=SQL_BATCH_ROWS)
+            if again:  # an UPDATE, not an upsert: created_at stays
+                self.db.conn.executemany(
+                    "UPDATE vectors SET dim = ?, fingerprint = ?, vector = ?, updated_at = ? "
+                    "WHERE collection = ? AND name = ?", again)
+            for collection in {r.collection for r in rows}:
+                self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
         return existing
 
     def delete(self, collection: str, names: Sequence[str], now: float | None = None) -> list[str]:
         """Delete names in one transaction; returns those that existed, in request order."""
         now = time.time() if now is None else now
-        with self._lock:
-            if self._closed:
-                raise errors.Unavailable("the ranker is shutting down: its database is closed")
-            try:
-                with self._transaction():
-                    wanted = list(dict.fromkeys(names))  # request order, without repeats
-                    found = self._existing((collection, n) for n in wanted)
-                    existing = [n for n in wanted if (collection, n) in found]
-                    for start in range(0, len(existing), LOOKUP_CHUNK):
-                        chunk = existing[start:start + LOOKUP_CHUNK]
-                        marks = ",".join("?" * len(chunk))
-                        self.db.execute(f"DELETE FROM vectors WHERE collection = ? AND name IN ({marks})",
-                                        [collection, *chunk])
-                    if existing:
-                        self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
-            except sqlite3.Error as exc:
-                raise write_error(exc, f"deleting {len(names)} names from {collection!r}") from exc
+        with self._transaction(f"deleting {len(names)} names from {collection!r}"):
+            wanted = list(dict.fromkeys(names))  # request order, without repeats
+            found = self._existing((collection, n) for n in wanted)
+            existing = [n for n in wanted if (collection, n) in found]
+            for start in range(0, len(existing), LOOKUP_CHUNK):
+                chunk = existing[start:start + LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                self.db.execute(f"DELETE FROM vectors WHERE collection = ? AND name IN ({marks})",
+                                [collection, *chunk])
+            if existing:
+                self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
         return existing
 
 
