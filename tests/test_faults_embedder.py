@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import sqlite3
@@ -25,7 +24,7 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.demo import find_photos
+from bench.load import sample_photos
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 from tests.procs import ROOT, ServiceProcess
 
@@ -33,33 +32,10 @@ TOL = 1e-5
 EMBEDDER_ARGS = ("--device", "cpu", "--max-batch", "4", "--max-wait-ms", "2")
 
 
-def small_photos(n: int, max_side: int = 160) -> list[bytes]:
-    """n different real photos as small JPEGs (crops and mirror images of the
-    scikit-image / scikit-learn sample photos)."""
-    from PIL import Image, ImageOps
-
-    paths = find_photos()
-    out = []
-    for i in range(n):
-        with Image.open(paths[i % len(paths)]) as img:
-            img = img.convert("RGB")
-            variant = i // len(paths)
-            if variant % 2:
-                img = ImageOps.mirror(img)
-            w, h = img.size
-            f = 1.0 - 0.1 * (variant // 2)
-            img = img.crop((0, 0, int(w * f), int(h * f)))
-            img.thumbnail((max_side, max_side))
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=90)
-            out.append(buf.getvalue())
-    return out
-
-
 def write_gallery(folder: Path, n: int) -> list[str]:
     """n photos under folder/a and folder/b; returns their names (relative paths)."""
     names = []
-    for i, data in enumerate(small_photos(n)):
+    for i, data in enumerate(sample_photos(n, max_side=160)):
         name = f"{'ab'[i % 2]}/img-{i:03d}.jpg"
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
@@ -163,7 +139,7 @@ def test_calls_whose_deadline_passes_are_dropped_not_run():
     """A stream keeps the model busy with a full window queued ahead; 100 Embed
     calls with a 0.25 s deadline arrive behind it. The server must drop them
     (count them as dropped, never run them), and answer the next call."""
-    photos = small_photos(STREAM)
+    photos = sample_photos(STREAM, max_side=160)
     proc = ServiceProcess("embedder_service", "--device", "cpu", "--max-batch", "8", "--max-wait-ms", "5",
                           "--stream-window", "64", "--decode-workers", "2")
     try:
