@@ -35,9 +35,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from trainer.models import BACKBONES, build_model, default_device  # noqa: E402
-from trainer.preprocessing import (PreprocessSpec, decode_image, eval_transform, is_image_path,  # noqa: E402
-                                   train_transform)
+from imagesearch.model.backbones import BACKBONES, build_model, default_device  # noqa: E402
+from imagesearch.model.preprocessing import PreprocessSpec, decode_image, eval_transform, is_image_path, train_transform  # noqa: E402
 
 CLOTHING = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
 

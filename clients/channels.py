@@ -23,11 +23,11 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.errors import ServiceUnavailable, UsageError
+from imagesearch.defaults import AUTH_TOKEN_ENV  # noqa: F401 (re-exported for the CLI)
+from imagesearch.defaults import MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-AUTH_TOKEN_ENV = "IMAGESEARCH_AUTH_TOKEN"
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 

@@ -40,11 +40,10 @@ from clients.ranker import ADDRESS_ENV as RANKER_ENV
 from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
 from clients.ranker import RankerClient
 from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, wait_for_signal
+from imagesearch.defaults import BACKBONES, DEFAULT_BACKBONE, EMBEDDER_PORT, MAX_TOP_K, RANKER_PORT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
-BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_b4")
 DEFAULT_COLLECTION = "gallery"
 START_TIMEOUT_S = 600.0
 
@@ -131,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ranker's SQLite file (created if missing; env IMAGESEARCH_DB)")
     p.add_argument("--host", default=_env("IMAGESEARCH_HOST", "127.0.0.1"),
                    help="address both services bind (env IMAGESEARCH_HOST; default %(default)s; 0.0.0.0 for all)")
-    p.add_argument("--embedder-port", type=int, default=int(_env("IMAGESEARCH_EMBEDDER_PORT", 50051)),
+    p.add_argument("--embedder-port", type=int, default=int(_env("IMAGESEARCH_EMBEDDER_PORT", EMBEDDER_PORT)),
                    help="(env IMAGESEARCH_EMBEDDER_PORT; default %(default)s; 0 picks a free one)")
-    p.add_argument("--ranker-port", type=int, default=int(_env("IMAGESEARCH_RANKER_PORT", 50052)),
+    p.add_argument("--ranker-port", type=int, default=int(_env("IMAGESEARCH_RANKER_PORT", RANKER_PORT)),
                    help="(env IMAGESEARCH_RANKER_PORT; default %(default)s; 0 picks a free one)")
     p.add_argument("--embedder-replicas", type=int, default=1,
                    help="start N embedder processes on ports --embedder-port, +10, +20, ... (clients "
@@ -249,8 +248,8 @@ def _security(args) -> Security:
 
 
 def _check_top_k(top_k: int) -> None:
-    if not 1 <= top_k <= 1000:
-        raise UsageError(f"--top-k must be between 1 and 1000 (got {top_k})")
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise UsageError(f"--top-k must be between 1 and {MAX_TOP_K} (got {top_k})")
 
 
 @contextlib.contextmanager

@@ -21,13 +21,14 @@ import numpy as np
 from clients.base import ServiceClient, status_from_code
 from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
 from clients.errors import SERVE_HINT, ClientError, UsageError
+from imagesearch import defaults
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-ADDRESS_ENV = "IMAGESEARCH_EMBEDDER"
+DEFAULT_ADDRESS = defaults.EMBEDDER_ADDRESS
+ADDRESS_ENV = defaults.EMBEDDER_ENV
 HINT = SERVE_HINT.format(flag="--embedder", env=ADDRESS_ENV)
 # Per-item allowance added to a stream's deadline (a slow CPU model, queued behind other streams).
 PER_ITEM_S = 2.0

@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 
 from clients.errors import UsageError
-
-# The extensions the embedder decodes (JPEG, PNG, WebP, BMP, GIF, TIFF).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from imagesearch.defaults import (
+    IMAGE_EXTENSIONS,  # noqa: F401 (re-exported)
+    is_image_path,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,10 +20,6 @@ class FolderListing:
     root: Path
     images: list[tuple[str, Path]]   # (relative posix name, path), sorted by name
     skipped: list[tuple[str, str]]   # (relative posix name, why)
-
-
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def list_images(folder: str | os.PathLike, *, what: str = "folder") -> FolderListing:
@@ -49,7 +46,7 @@ def list_images(folder: str | os.PathLike, *, what: str = "folder") -> FolderLis
             name = path.relative_to(root).as_posix()
             if filename.startswith("."):
                 skipped.append((name, "hidden file"))
-            elif not is_image_name(filename):
+            elif not is_image_path(filename):
                 skipped.append((name, "not an image (extension)"))
             elif not path.is_file():
                 skipped.append((name, "not a regular file"))

@@ -13,13 +13,14 @@ import numpy as np
 from clients.base import ServiceClient, status_from_code
 from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
 from clients.errors import SERVE_HINT, UsageError
+from imagesearch import defaults
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
-DEFAULT_ADDRESS = "127.0.0.1:50052"
-ADDRESS_ENV = "IMAGESEARCH_RANKER"
+DEFAULT_ADDRESS = defaults.RANKER_ADDRESS
+ADDRESS_ENV = defaults.RANKER_ENV
 HINT = SERVE_HINT.format(flag="--ranker", env=ADDRESS_ENV)
 PER_ITEM_S = 2.0
 

@@ -16,15 +16,11 @@ import sys
 from pathlib import Path
 
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, Limits, register
-from imagesearch import errors, serving
+from imagesearch import defaults, errors, serving
 
 log = logging.getLogger("embedder_service")
 
-ENV = "IMAGESEARCH_EMBEDDER"
-DEFAULT_PORT = 50051
-BACKBONE_CHOICES = ("efficientnet_b4", "efficientnet_lite0", "efficientnet_lite2")
-DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024  # = trainer.preprocessing.DEFAULT_MAX_IMAGE_BYTES
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # = trainer.preprocessing.DEFAULT_MAX_IMAGE_PIXELS
+ENV = defaults.EMBEDDER_ENV
 # Room for the other fields and protobuf framing around the largest image.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 
@@ -37,15 +33,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imagesearch-embedder",
         description="gRPC EmbedderService: encoded images in, L2-normalised float32 vectors out.")
-    serving.add_server_arguments(p, env_prefix=ENV, default_port=DEFAULT_PORT)
+    serving.add_server_arguments(p, env_prefix=ENV, default_port=defaults.EMBEDDER_PORT)
     # Unary callers each hold a handler thread while their item waits for a batch.
     p.set_defaults(max_workers=int(_env("MAX_WORKERS", 64)))
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", default=_env("CHECKPOINT", None),
                    help=f"trainer checkpoint to serve; backbone and preprocessing come from its meta "
                         f"(env {ENV}_CHECKPOINT)")
-    m.add_argument("--backbone", choices=BACKBONE_CHOICES, default=_env("BACKBONE", None),
-                   help=f"backbone without --checkpoint (env {ENV}_BACKBONE; default efficientnet_lite0)")
+    m.add_argument("--backbone", choices=defaults.BACKBONES, default=_env("BACKBONE", None),
+                   help=f"backbone without --checkpoint (env {ENV}_BACKBONE; default {defaults.DEFAULT_BACKBONE})")
     m.add_argument("--weights", default=_env("WEIGHTS", None),
                    help=f"imagenet | none | FILE (state_dict), without --checkpoint "
                         f"(env {ENV}_WEIGHTS; default imagenet)")
@@ -69,10 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     b.add_argument("--stream-window", type=int, default=_env("STREAM_WINDOW", 0),
                    help=f"items one EmbedStream may have in flight before the server stops reading it; "
                         f"0 = --max-batch on CPU, 2 x --max-batch on CUDA (env {ENV}_STREAM_WINDOW)")
-    b.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
+    b.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", defaults.MAX_IMAGE_BYTES),
                    help=f"largest encoded image (env {ENV}_MAX_IMAGE_BYTES; default %(default)s); "
                         f"the gRPC message limit is this plus {MESSAGE_OVERHEAD_BYTES}")
-    b.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+    b.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", defaults.MAX_IMAGE_PIXELS),
                    help=f"largest decoded width x height (env {ENV}_MAX_IMAGE_PIXELS; default %(default)s)")
     serving.add_logging_arguments(p)
     return p
@@ -88,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                ("--stream-window", args.stream_window, 0), ("--max-workers", args.max_workers, 1)]:
         if value < least:
             parser.error(f"{flag} must be at least {least}, not {value}")
-    if args.backbone is not None and args.backbone not in BACKBONE_CHOICES:  # from the environment
-        parser.error(f"{ENV}_BACKBONE={args.backbone!r}: choose one of {', '.join(BACKBONE_CHOICES)}")
+    if args.backbone is not None and args.backbone not in defaults.BACKBONES:  # from the environment
+        parser.error(f"{ENV}_BACKBONE={args.backbone!r}: choose one of {', '.join(defaults.BACKBONES)}")
     for flag, value, choices in [("--device", args.device, ("auto", "cpu", "cuda")),
                                  ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16"))]:
         if value not in choices:
@@ -141,7 +137,7 @@ def _load(args, servicer, max_message_bytes: int):
 
     from embedder_service.batcher import Batcher
     from embedder_service.embedder import Embedder, default_prepare_workers
-    from trainer.models import set_threads_from_env
+    from imagesearch.model.backbones import set_threads_from_env
 
     if args.threads:
         torch.set_num_threads(args.threads)

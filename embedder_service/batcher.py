@@ -45,13 +45,6 @@ def _always() -> bool:
     return True
 
 
-class Dropped(errors.ImageSearchError):
-    """The caller went away (cancelled, or its deadline passed) before its item
-    reached the model; nobody is left to read this error."""
-
-    status = "CANCELLED"
-
-
 @dataclasses.dataclass
 class BatcherStats:
     """Counters since start; `batch_sizes` maps a batch size to how many batches had it."""
@@ -201,7 +194,7 @@ class Batcher(Generic[P, T, R]):
         with self._lock:
             self._stats.dropped += 1
         if not request.future.done():
-            request.future.set_exception(Dropped("the caller cancelled or its deadline passed"))
+            request.future.set_exception(errors.Dropped("the caller cancelled or its deadline passed"))
 
     def _prepare_one(self, request: _Request) -> None:
         if not request.future.set_running_or_notify_cancel():

@@ -1,9 +1,9 @@
 """The embedder core: a loaded model on a device, image bytes in, unit vectors out.
 
 Knows nothing of gRPC. `decode` turns one encoded image into the model's input
-tensor with the project's one preprocessing path (`trainer.preprocessing`);
+tensor with the project's one preprocessing path (`imagesearch.model.preprocessing`);
 `embed_tensors` runs a batch through the one model definition
-(`trainer.models.EmbeddingNet.embed`) under `torch.inference_mode()`, in
+(`imagesearch.model.backbones.EmbeddingNet.embed`) under `torch.inference_mode()`, in
 channels_last, with fp16/bf16 autocast on CUDA, and returns float32 unit
 vectors. The batching lives in `embedder_service.batcher`.
 """
@@ -20,10 +20,14 @@ import numpy as np
 import torch
 
 from imagesearch import errors
-from trainer.checkpoint import LoadedModel, load_model
-from trainer.models import DEFAULT_BACKBONE, default_device, fingerprint
-from trainer.preprocessing import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, PreprocessSpec,
-                                   load_tensor)
+from imagesearch.model.backbones import DEFAULT_BACKBONE, default_device, fingerprint
+from imagesearch.model.checkpoint import LoadedModel, load_model
+from imagesearch.model.preprocessing import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    PreprocessSpec,
+    load_tensor,
+)
 
 log = logging.getLogger(__name__)
 

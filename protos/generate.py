@@ -2,7 +2,7 @@
 
 The one way to (re)generate `*_pb2.py`, `*_pb2.pyi` and `*_pb2_grpc.py`:
 
-    python protos/generate.py            # writes next to the .proto files
+    python protos/generate.py            # writes imagesearch/v1/ at the repository root
     python protos/generate.py --out DIR  # writes into DIR/imagesearch/v1/
 
 The proto path mirrors the Python import path (imagesearch/v1/x.proto ->
@@ -21,6 +21,7 @@ from pathlib import Path
 GRPCIO_TOOLS_VERSION = "1.85.1"  # keep equal to the dev pin in pyproject.toml
 
 PROTO_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PROTO_ROOT.parent  # generated code lives in the shared core, imagesearch/v1/
 PROTO_FILES = sorted((PROTO_ROOT / "imagesearch" / "v1").glob("*.proto"))
 
 
@@ -52,7 +53,7 @@ def generate(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="output root (default: protos/)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT, help="output root (default: the repository root)")
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path)

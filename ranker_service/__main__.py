@@ -23,16 +23,15 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from imagesearch import serving  # noqa: E402
-
-from .gallery import DEFAULT_BATCH_SIZE, Gallery  # noqa: E402
-from .service import DEFAULT_MAX_BATCH, SERVICE_NAME, register  # noqa: E402
-from .store import GalleryStore, StoreError  # noqa: E402
+from imagesearch import defaults, serving  # noqa: E402
+from imagesearch.errors import StoreError  # noqa: E402
+from ranker_service.gallery import DEFAULT_BATCH_SIZE, Gallery  # noqa: E402
+from ranker_service.servicer import DEFAULT_MAX_BATCH, SERVICE_NAME, register  # noqa: E402
+from ranker_service.store import GalleryStore  # noqa: E402
 
 log = logging.getLogger("ranker_service")
 
-ENV = "IMAGESEARCH_RANKER"
-DEFAULT_PORT = 50052
+ENV = defaults.RANKER_ENV
 SYNC_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 
@@ -40,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagesearch-ranker",
         description="RankerService: gallery vectors in SQLite and in memory, cosine top-k over gRPC.")
-    serving.add_server_arguments(parser, env_prefix=ENV, default_port=DEFAULT_PORT)
+    serving.add_server_arguments(parser, env_prefix=ENV, default_port=defaults.RANKER_PORT)
     serving.add_logging_arguments(parser)
     r = parser.add_argument_group("ranker")
     r.add_argument("--db", default=serving.env_default(f"{ENV}_DB", "ranker.db"),

@@ -23,10 +23,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from imagesearch import errors
-
-from .index import CollectionStats, GalleryIndex, Match, Query
-from .store import GalleryStore, StoreError, UpsertRow
-from .vectors import STORED_DTYPE, check_collection, check_name, stored_form, unit_vector
+from imagesearch.errors import StoreError
+from ranker_service.index import CollectionStats, GalleryIndex, Match, Query
+from ranker_service.store import GalleryStore, UpsertRow
+from ranker_service.vectors import STORED_DTYPE, check_collection, check_name, stored_form, unit_vector
 
 log = logging.getLogger(__name__)
 

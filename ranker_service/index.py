@@ -38,10 +38,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from imagesearch import errors
-
-from .ranking import score_margin, select_top_k
-from .rwlock import ReadWriteLock
-from .vectors import MAX_TOP_K, check_collection, check_top_k, unit_vector
+from ranker_service.ranking import score_margin, select_top_k
+from ranker_service.rwlock import ReadWriteLock
+from ranker_service.vectors import MAX_TOP_K, check_collection, check_top_k, unit_vector
 
 GROWTH_DIVISOR = 16     # grow by capacity/16 ...
 MIN_GROWTH_ROWS = 64    # ... but at least this many rows

@@ -16,14 +16,12 @@ from typing import Callable
 
 import sqlite_utils
 
+from imagesearch.errors import UnknownMigrations
+
 MIGRATIONS_TABLE = "_ranker_migrations"
 _NAME = re.compile(r"^m(\d{3})_\w+$")
 
 Migration = Callable[[sqlite_utils.Database], None]
-
-
-class UnknownMigrations(RuntimeError):
-    """The database records migrations this version does not have."""
 
 
 class Migrations:

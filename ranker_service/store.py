@@ -49,9 +49,9 @@ import numpy as np
 import sqlite_utils
 
 from imagesearch import errors
-
-from .migrations import MIGRATIONS, UnknownMigrations
-from .vectors import from_blob, to_blob
+from imagesearch.errors import StoreError, UnknownMigrations
+from ranker_service.migrations import MIGRATIONS
+from ranker_service.vectors import from_blob, to_blob
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ LOOKUP_CHUNK = 500
 
 if not hasattr(sqlite_utils.Database, "atomic"):  # pragma: no cover - depends on the installed version
     raise ImportError("ranker_service needs sqlite-utils >= 4 (nested savepoints inside an explicit transaction)")
-
-
-class StoreError(Exception):
-    """The database cannot be opened or loaded; the message says why and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

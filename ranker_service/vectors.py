@@ -18,9 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from imagesearch import errors
+from imagesearch.defaults import DEFAULT_TOP_K, MAX_TOP_K
 
-DEFAULT_TOP_K = 10
-MAX_TOP_K = 1000
 MAX_DIM = 65536
 MAX_COLLECTION_CHARS = 128
 MAX_NAME_CHARS = 4096

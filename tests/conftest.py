@@ -49,8 +49,8 @@ def reference():
     import numpy as np
     import torch
 
-    from trainer.checkpoint import load_model
-    from trainer.preprocessing import load_tensor
+    from imagesearch.model.checkpoint import load_model
+    from imagesearch.model.preprocessing import load_tensor
 
     torch.set_num_threads(1)
     loaded = load_model()

@@ -14,7 +14,7 @@ from google.protobuf import descriptor_pb2
 from imagesearch.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-V1 = ROOT / "protos" / "imagesearch" / "v1"
+V1 = ROOT / "imagesearch" / "v1"  # generated code, in the shared core
 
 EXPECTED = {
     "EmbedderService": {
@@ -89,6 +89,11 @@ def test_committed_generated_code_matches_the_generator(tmp_path):
     match, mismatch, errors = filecmp.cmpfiles(fresh, V1, generated, shallow=False)
     assert not mismatch and not errors, (
         f"committed code differs from the .proto files for {mismatch + errors}: run python protos/generate.py")
+
+
+def test_protos_hold_only_contracts_and_their_generator():
+    runtime = [p.relative_to(ROOT).as_posix() for p in (ROOT / "protos").rglob("*.py") if p.name != "generate.py"]
+    assert not runtime, f"runtime Python under protos/: {runtime}; it belongs in imagesearch/"
 
 
 def test_buf_lint_passes():

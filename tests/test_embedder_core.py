@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from embedder_service import __main__ as cli
-from embedder_service.batcher import Batcher, Dropped
+from embedder_service.batcher import Batcher
 from embedder_service.embedder import Embedder, autocast_dtype, bucket_size, cuda_buckets
 from imagesearch import errors
+from imagesearch.errors import Dropped
+from imagesearch.model.backbones import fingerprint
 from tests.test_embedder_inputs import GOOD, encode, photo
-from trainer import preprocessing
-from trainer.models import fingerprint
 
 WAIT = 10  # seconds a future may take before a test calls it hung
 
@@ -294,8 +294,3 @@ def test_nonsense_flags_are_refused(argv, capsys):
 def test_default_stream_window_is_one_batch_on_cpu_two_on_cuda():
     assert cli.default_stream_window(8, "cpu") == 8
     assert cli.default_stream_window(64, "cuda") == 128
-
-
-def test_cli_defaults_agree_with_the_decoder():
-    assert cli.DEFAULT_MAX_IMAGE_BYTES == preprocessing.DEFAULT_MAX_IMAGE_BYTES
-    assert cli.DEFAULT_MAX_IMAGE_PIXELS == preprocessing.DEFAULT_MAX_IMAGE_PIXELS

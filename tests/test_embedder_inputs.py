@@ -1,5 +1,5 @@
 """Every kind of input the embedder takes or refuses, checked at the decoder
-(trainer.preprocessing.decode_image, the one decoder) against pixels computed
+(imagesearch.model.preprocessing.decode_image, the one decoder) against pixels computed
 independently. tests/test_embedder_service.py sends the same inputs through
 the real server process."""
 
@@ -16,7 +16,7 @@ import skimage.data
 from PIL import Image
 
 from imagesearch import errors
-from trainer.preprocessing import decode_image
+from imagesearch.model.preprocessing import decode_image
 
 SIZE = (180, 120)  # (width, height) of the test photos
 

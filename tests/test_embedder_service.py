@@ -24,12 +24,12 @@ from PIL import Image
 
 from embedder_service.__main__ import MESSAGE_OVERHEAD_BYTES
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, register
+from imagesearch.model.backbones import build_model, fingerprint
+from imagesearch.model.checkpoint import load_model, save_checkpoint
+from imagesearch.model.preprocessing import PreprocessSpec, load_tensor
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from tests.procs import ROOT, ServiceProcess
 from tests.test_embedder_inputs import BAD, GOOD, LIMIT_BYTES, LIMIT_PIXELS, encode, photo
-from trainer.checkpoint import load_model, save_checkpoint
-from trainer.models import build_model, fingerprint
-from trainer.preprocessing import PreprocessSpec, load_tensor
 
 MAX_BATCH = 8
 SERVER_ARGS = ("--max-batch", str(MAX_BATCH), "--max-wait-ms", "10", "--max-image-bytes", str(LIMIT_BYTES),

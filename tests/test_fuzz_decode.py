@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from imagesearch import errors
-from trainer.preprocessing import decode_image
+from imagesearch.model.preprocessing import decode_image
 
 MAX_PIXELS = 4_000_000
 

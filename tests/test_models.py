@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from imagesearch import errors
-from trainer.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint
-from trainer.models import BACKBONES, EmbeddingNet, build_model, fingerprint, load_by_key_order
+from imagesearch.model.backbones import BACKBONES, EmbeddingNet, build_model, fingerprint, load_by_key_order
+from imagesearch.model.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint
 
 torch.set_num_threads(1)
 
@@ -32,10 +32,10 @@ def test_b4_loads_a_local_torchvision_weights_file(tmp_path):
 
 
 def test_lite0_imagenet_weights_classify_a_real_photo():
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
-    from trainer.preprocessing import preprocess
+    from imagesearch.model.preprocessing import preprocess
 
     loaded = load_model(backbone="efficientnet_lite0", weights="imagenet")
     model = loaded.model.eval()

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
-from ranker_service.service import SERVICE_NAME, gather_batches
+from ranker_service.servicer import SERVICE_NAME, gather_batches
 from tests.procs import ServiceProcess
 from tests.test_ranker_store import make_read_only
 
@@ -355,7 +355,7 @@ def test_the_ranker_imports_neither_torch_nor_the_trainer():
     import subprocess
     import sys
 
-    code = ("import sys, ranker_service.__main__, ranker_service.service; "
+    code = ("import sys, ranker_service.__main__, ranker_service.servicer; "
             "bad = {'torch', 'trainer', 'embedder_service', 'clients'} & {m.split('.')[0] for m in sys.modules}; "
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

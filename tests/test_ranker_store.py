@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from imagesearch import errors
+from imagesearch.errors import StoreError
 from ranker_service.gallery import Gallery, UpsertItem
 from ranker_service.index import Query
 from ranker_service.migrations import MIGRATIONS, MIGRATIONS_TABLE
-from ranker_service.store import GalleryStore, StoreError, UpsertRow
+from ranker_service.store import GalleryStore, UpsertRow
 
 
 def unit32(v) -> np.ndarray:

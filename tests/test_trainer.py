@@ -22,13 +22,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from imagesearch import errors
+from imagesearch.model.checkpoint import FORMAT, load_checkpoint
+from imagesearch.model.preprocessing import PreprocessSpec, eval_transform
 from trainer import amp
 from trainer import train as train_mod
 from trainer.__main__ import main as cli_main
-from trainer.checkpoint import FORMAT, load_checkpoint
 from trainer.data import Collate, ImageFiles, check_layout
 from trainer.early_stopping import EarlyStopping
-from trainer.preprocessing import PreprocessSpec, eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"blue": (30, 40, 210), "green": (30, 190, 40), "red": (215, 35, 30)}
@@ -368,7 +368,7 @@ def test_b4_imagenet_weights_unavailable_offline_fails_before_training(tiny_data
 
 
 def test_the_trainer_never_imports_grpc():
-    code = ("import sys, trainer.__main__, trainer.train, trainer.checkpoint; "
+    code = ("import sys, trainer.__main__, trainer.train, imagesearch.model.checkpoint; "
             "bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', 'grpc_'))); "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from imagesearch.model.checkpoint import load_checkpoint
 from trainer.__main__ import main as cli_main
-from trainer.checkpoint import load_checkpoint
 
 TRAIN_PER_CLASS = 40
 VAL_PER_CLASS = 12  # the smallest val class (skirt) has 12

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from imagesearch.model.checkpoint import FORMAT, load_checkpoint
 from tests.test_trainer import RUN_FILES, make_dataset
-from trainer.checkpoint import FORMAT, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from imagesearch.model.backbones import fingerprint
+from imagesearch.model.checkpoint import load_checkpoint
+from imagesearch.model.preprocessing import load_tensor
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from tests.procs import ServiceProcess
 from tests.test_trainer import make_dataset, tiny_args
 from trainer.__main__ import main as cli_main
-from trainer.checkpoint import load_checkpoint
-from trainer.models import fingerprint
-from trainer.preprocessing import load_tensor
 
 
 @pytest.mark.slow

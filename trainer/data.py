@@ -6,7 +6,7 @@ torchvision's ImageFolder). `check_layout` finds every problem that would
 only show up later (a missing split, a class on one side only, an empty
 class) and raises one `errors.InvalidArgument` that says what to fix.
 
-`ImageFiles` decodes with `trainer.preprocessing.decode_image`, the same
+`ImageFiles` decodes with `imagesearch.model.preprocessing.decode_image`, the same
 decoder the embedder uses. A file that cannot be read or decoded does not
 stop training: the item comes back as a `Skipped` record, `Collate` drops it
 from the batch and passes it on, and the training loop warns once per file
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from imagesearch import errors
-from trainer.preprocessing import IMAGE_EXTENSIONS, decode_image, is_image_path
+from imagesearch.model.preprocessing import IMAGE_EXTENSIONS, decode_image, is_image_path
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from trainer.files import atomic_write  # noqa: E402
+from imagesearch.files import atomic_write  # noqa: E402
 
 
 def _plot(path: Path, epochs, train, val, ylabel: str, title: str, best_epoch: int | None) -> None:

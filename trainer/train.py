@@ -11,7 +11,7 @@ batch 50, lr 1e-4, up to 30 epochs, early stopping on validation loss with
 patience 3 that keeps and restores the best epoch.
 
 RUN_DIR gets args.json, summary.csv (one row per epoch), accuracy.png,
-loss.png, best.pt and last.pt (trainer.checkpoint format; last.pt also holds
+loss.png, best.pt and last.pt (imagesearch.model.checkpoint format; last.pt also holds
 the optimizer, loss-scaler and early-stopping state for --resume).
 """
 
@@ -37,15 +37,23 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from imagesearch import errors
+from imagesearch.defaults import DEFAULT_BACKBONE
+from imagesearch.files import atomic_write_text
+from imagesearch.model.backbones import (
+    BACKBONES,
+    WEIGHTS_CHOICES_HELP,
+    EmbeddingNet,
+    backbone_info,
+    build_model,
+    default_device,
+    set_threads_from_env,
+)
+from imagesearch.model.checkpoint import read_checkpoint, save_checkpoint
+from imagesearch.model.preprocessing import PreprocessSpec, eval_transform, train_transform
 from trainer import amp, distributed
-from trainer.checkpoint import read_checkpoint, save_checkpoint
 from trainer.data import Batch, Collate, ImageFiles, Layout, check_layout
 from trainer.early_stopping import EarlyStopping
-from trainer.files import atomic_write_text
-from trainer.models import (BACKBONES, WEIGHTS_CHOICES_HELP, EmbeddingNet, backbone_info, build_model,
-                            default_device, set_threads_from_env)
 from trainer.plots import write_plots
-from trainer.preprocessing import PreprocessSpec, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +70,7 @@ def default_workers(world_size: int = 1) -> int:
 
 # Flags whose value, when not given, comes from the resumed run (else from here).
 DEFAULTS = {
-    "backbone": "efficientnet_b4",
+    "backbone": DEFAULT_BACKBONE,
     "weights": "imagenet",
     "epochs": 30,
     "batch_size": 50,

@@ -17,9 +17,8 @@ import grpc
 
 from imagesearch import errors, serving
 from imagesearch.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
-
-from .gallery import Gallery, UpsertItem
-from .index import Match, Query
+from ranker_service.gallery import Gallery, UpsertItem
+from ranker_service.index import Match, Query
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from imagesearch import errors
-from trainer.files import atomic_write
-from trainer.models import EmbeddingNet, backbone_info, build_model, load_tensors
-from trainer.preprocessing import PreprocessSpec
+from imagesearch.defaults import DEFAULT_BACKBONE
+from imagesearch.files import atomic_write
+from imagesearch.model.backbones import EmbeddingNet, backbone_info, build_model, load_tensors
+from imagesearch.model.preprocessing import PreprocessSpec
 
 FORMAT = "imagesearch.checkpoint/1"
 
@@ -73,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model, spec, meta["backbone"], str(path), class_names, meta)
 
 
-def load_model(checkpoint: str | os.PathLike | None = None, backbone: str = "efficientnet_lite0",
+def load_model(checkpoint: str | os.PathLike | None = None, backbone: str = DEFAULT_BACKBONE,
                weights: str = "imagenet") -> LoadedModel:
     """The model an embedder serves: a trainer checkpoint (backbone and
     preprocessing from its meta), else `backbone` with `weights`."""

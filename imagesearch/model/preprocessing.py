@@ -16,6 +16,7 @@ import functools
 import io
 import struct
 import warnings
+
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
@@ -23,14 +24,12 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from imagesearch import errors
-
-# Defaults that GetModelInfo advertises; the servers can lower or raise them.
-DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # e.g. 8660 x 5773; PIL's own bomb guard is 89 Mpx
+from imagesearch.defaults import IMAGE_EXTENSIONS, is_image_path  # noqa: F401 (re-exported)
+from imagesearch.defaults import MAX_IMAGE_BYTES as DEFAULT_MAX_IMAGE_BYTES
+from imagesearch.defaults import MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # The only PIL plugins decode_image lets loose on untrusted bytes ("JPEG" covers
 # the multi-picture MPO files of phone cameras). Others are refused as "not a
 # recognised image": EPS would run Ghostscript, and PPM or XBM accept plain text.
@@ -191,6 +190,3 @@ def load_tensor(data: bytes, spec: PreprocessSpec, *, name: str = "",
     """Encoded bytes -> model input tensor: decode_image + preprocess."""
     return preprocess(decode_image(data, name=name, max_bytes=max_bytes, max_pixels=max_pixels), spec)
 
-
-def is_image_path(path) -> bool:
-    return str(path).lower().endswith(IMAGE_EXTENSIONS)

@@ -52,3 +52,18 @@ class Unavailable(ImageSearchError):
     """The service is still loading or is shutting down: retry later."""
 
     status = "UNAVAILABLE"
+
+
+class Dropped(ImageSearchError):
+    """The caller went away (cancelled, or its deadline passed) before its item
+    reached the model; nobody is left to read this error."""
+
+    status = "CANCELLED"
+
+
+class StoreError(ImageSearchError):
+    """The ranker's database cannot be opened or loaded; the message says why and what to do."""
+
+
+class UnknownMigrations(ImageSearchError):
+    """The database records migrations this version does not have."""

