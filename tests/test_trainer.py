@@ -91,7 +91,8 @@ def read_summary(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("breakage, expect", [
     ("no_val", ["val/", "missing"]),
     ("no_train", ["train/", "missing"]),
-    ("class_only_in_train", ["red", "not in val/"]),
+    ("val_split_with_val", ["val/ folder", "drop --val-split"]),
+    ("val_split_out_of_range", ["--val-split 1.5", "fraction"]),
     ("class_only_in_val", ["purple", "not in train/"]),
     ("empty_class", ["val/green/", "empty"]),
     ("one_class", ["at least 2"]),
@@ -104,8 +105,12 @@ def test_bad_layout_is_exit_2_with_what_to_fix(tmp_path, capsys, breakage, expec
         shutil.rmtree(data / "val")
     elif breakage == "no_train":
         shutil.rmtree(data / "train")
-    elif breakage == "class_only_in_train":
-        shutil.rmtree(data / "val" / "red")
+    extra = []
+    if breakage == "val_split_with_val":
+        extra = ["--val-split", "0.2"]
+    elif breakage == "val_split_out_of_range":
+        shutil.rmtree(data / "val")
+        extra = ["--val-split", "1.5"]
     elif breakage == "class_only_in_val":
         (data / "val" / "purple").mkdir()
         (data / "val" / "purple" / "a.jpg").write_bytes((data / "val" / "red" / "0.png").read_bytes())
@@ -118,9 +123,9 @@ def test_bad_layout_is_exit_2_with_what_to_fix(tmp_path, capsys, breakage, expec
             shutil.rmtree(data / split / "green")
             shutil.rmtree(data / split / "blue")
     out = tmp_path / "run"
-    assert cli_main(tiny_args(data, out)) == 2
+    assert cli_main(tiny_args(data, out, *extra)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("imagesearch-train: error: --data")
+    assert err.startswith("imagesearch-train: error: --")
     for word in expect:
         assert word in err
     assert not out.exists() or not any(out.iterdir()), "nothing may be written before the data is fixed"
@@ -143,6 +148,56 @@ def test_layout_counts_classes_in_sorted_order(tiny_data):
     assert layout.class_names == ("blue", "green", "red")
     assert layout.train.counts() == {"blue": 6, "green": 6, "red": 8}  # + corrupt + truncated
     assert layout.val.counts() == {"blue": 3, "green": 3, "red": 3}
+
+
+def test_val_may_hold_a_subset_of_the_train_classes(tmp_path):
+    import shutil
+
+    data = make_dataset(tmp_path / "data", n_train=3, n_val=2, bad_files=False)
+    shutil.rmtree(data / "val" / "green")
+    layout = check_layout(data)
+    assert layout.class_names == ("blue", "green", "red")  # indices always from train/
+    assert layout.val.counts() == {"blue": 2, "green": 0, "red": 2}
+    assert {t for _, t in layout.val.samples} == {0, 2}
+    result = run_in_process(tiny_args(data, tmp_path / "run"))
+    assert load_checkpoint(result.run_dir / "best.pt").class_names == ["blue", "green", "red"]
+
+
+def test_val_split_is_stratified_seeded_and_kept_for_resume(tmp_path):
+    import shutil
+
+    data = make_dataset(tmp_path / "data", n_train=10, n_val=1, bad_files=False)
+    shutil.rmtree(data / "val")
+    first = check_layout(data, val_split=0.2, seed=7)
+    assert first.val.counts() == {"blue": 2, "green": 2, "red": 2}
+    assert first.train.counts() == {"blue": 8, "green": 8, "red": 8}
+    assert not set(first.val.samples) & set(first.train.samples)
+    assert check_layout(data, val_split=0.2, seed=7).val.samples == first.val.samples  # seeded
+    assert check_layout(data, val_split=0.2, seed=8).val.samples != first.val.samples
+
+    out = tmp_path / "run"
+    run_in_process(tiny_args(data, out, "--val-split", "0.2", "--seed", "7"))
+    saved = json.loads((out / "val_split.json").read_text())
+    assert saved["seed"] == 7 and len(saved["val"]) == 6
+    assert sorted(saved["val"]) == sorted(Path(p).relative_to(data / "train").as_posix()
+                                          for p, _ in first.val.samples)
+    # A new file in train/ must not move the recorded split on resume.
+    (data / "train" / "blue" / "new.png").write_bytes((data / "train" / "blue" / "0.png").read_bytes())
+    run_in_process(["--resume", str(out), "--epochs", "2", "--workers", "0", "--log-level", "WARNING"])
+    assert json.loads((out / "val_split.json").read_text()) == saved
+    resolved = json.loads((out / "args.json").read_text())["resolved"]
+    assert resolved["val_images"] == 6 and resolved["train_images"] == 25
+
+
+def test_val_split_that_lost_its_files_is_an_error(tmp_path):
+    import shutil
+
+    data = make_dataset(tmp_path / "data", n_train=4, n_val=1, bad_files=False)
+    shutil.rmtree(data / "val")
+    carved = check_layout(data, val_split=0.25, seed=1).carved
+    (data / "train" / carved["val"][0]).unlink()
+    with pytest.raises(errors.InvalidArgument, match="no longer in train/"):
+        check_layout(data, carved=carved)
 
 
 # ---------------------------------------------------------------- bad files

@@ -1,10 +1,15 @@
 """Training data: the ImageFolder layout check and a dataset that skips bad files.
 
-Layout: ``DIR/train/<class>/...`` and ``DIR/val/<class>/...`` with the same
-class folders on both sides (files may sit in sub-folders of a class, as with
-torchvision's ImageFolder). `check_layout` finds every problem that would
-only show up later (a missing split, a class on one side only, an empty
-class) and raises one `errors.InvalidArgument` that says what to fix.
+Layout: ``DIR/train/<class>/...`` and ``DIR/val/<class>/...`` (files may sit
+in sub-folders of a class, as with torchvision's ImageFolder). The classes and
+their indices always come from train/; val/ may hold a subset of them (public
+datasets' official splits often do), never a class train/ lacks. Without
+val/, ``--val-split F`` carves a stratified, seeded validation split out of
+train/; the split is written to the run folder (`val_split.json`) so a resumed
+run and a later evaluation see the same one. `check_layout` finds every
+problem that would only show up later (a missing split, a val class train/
+lacks, an empty class) and raises one `errors.InvalidArgument` that says what
+to fix.
 
 `ImageFiles` decodes with `imagesearch.model.preprocessing.decode_image`, the same
 decoder the embedder uses. A file that cannot be read or decoded does not
@@ -16,8 +21,10 @@ and counts it in the summary.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,6 +37,7 @@ from imagesearch.model.preprocessing import IMAGE_EXTENSIONS, decode_image, is_i
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+SPLIT_FILE = "val_split.json"  # in the run folder: the validation split carved by --val-split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,9 @@ class Layout:
     class_names: tuple[str, ...]
     train: Split
     val: Split
+    # Set when the validation split was carved out of train/ (--val-split): what to
+    # write to the run folder so that a resume sees the same split.
+    carved: dict | None = None
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -69,53 +80,124 @@ def _image_files(class_dir: Path) -> list[str]:
     return found
 
 
-def check_layout(data_dir: str | os.PathLike) -> Layout:
+def check_layout(data_dir: str | os.PathLike, *, val_split: float | None = None, seed: int = 42,
+                 carved: dict | None = None) -> Layout:
     """Scan DIR/train and DIR/val; raise `errors.InvalidArgument` naming every
-    problem at once (missing split, classes on one side only, empty classes)."""
+    problem at once (missing split, a val class train/ lacks, empty classes).
+
+    Without DIR/val, `val_split` (a fraction) carves a stratified validation
+    split out of train/ with `seed`; `carved` (a `Layout.carved` written by an
+    earlier run) restores exactly that split instead."""
     root = Path(data_dir)
     expected = f"expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg (ImageFolder layout)"
     if not root.is_dir():
         raise errors.InvalidArgument(f"--data {root}: no such directory; {expected}")
-    missing = [s for s in SPLITS if not (root / s).is_dir()]
-    if missing:
+    if not (root / "train").is_dir():
+        raise errors.InvalidArgument(f"--data {root}: missing train/ folder; {expected}")
+    has_val = (root / "val").is_dir()
+    if val_split is not None and not 0 < val_split < 1:
+        raise errors.InvalidArgument(f"--val-split {val_split}: must be a fraction between 0 and 1, e.g. 0.1")
+    if has_val and (val_split is not None or carved is not None):
         raise errors.InvalidArgument(
-            f"--data {root}: missing {' and '.join(f'{s}/' for s in missing)} folder; {expected}")
+            f"--data {root} has a val/ folder, so --val-split (which carves val from train/ when there is no "
+            f"val/) does not apply: drop --val-split, or use a data folder without val/")
+    if not has_val and val_split is None and carved is None:
+        raise errors.InvalidArgument(
+            f"--data {root}: missing val/ folder; {expected}, or pass --val-split 0.1 to carve a validation "
+            f"split out of train/")
 
-    classes = {s: _class_dirs(root / s) for s in SPLITS}
     problems = []
-    for s in SPLITS:
-        if not classes[s]:
-            problems.append(f"{root / s} has no class folders")
-    only_train = sorted(set(classes["train"]) - set(classes["val"]))
-    only_val = sorted(set(classes["val"]) - set(classes["train"]))
-    if only_train:
-        problems.append(f"class(es) {', '.join(only_train)} in train/ but not in val/ "
-                        f"(add {', '.join(f'val/{c}/' for c in only_train)} with images, or remove them from train/)")
-    if only_val:
-        problems.append(f"class(es) {', '.join(only_val)} in val/ but not in train/ "
-                        f"(add {', '.join(f'train/{c}/' for c in only_val)} with images, or remove them from val/)")
-
-    class_names = tuple(sorted(set(classes["train"]) & set(classes["val"])))
-    files: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
+    class_names = tuple(_class_dirs(root / "train"))
+    if not class_names:
+        problems.append(f"{root / 'train'} has no class folders")
     empty = []
-    for s in SPLITS:
-        for c in class_names:
-            files[s][c] = _image_files(root / s / c)
-            if not files[s][c]:
-                empty.append(f"{s}/{c}/")
+    train_files = {}
+    for c in class_names:
+        train_files[c] = _image_files(root / "train" / c)
+        if not train_files[c]:
+            empty.append(f"train/{c}/")
+    val_files: dict[str, list[str]] = {}
+    if has_val:
+        val_classes = _class_dirs(root / "val")
+        unknown = sorted(set(val_classes) - set(class_names))
+        if unknown:
+            problems.append(f"class(es) {', '.join(unknown)} in val/ but not in train/ (the classes come from "
+                            f"train/: add {', '.join(f'train/{c}/' for c in unknown)} with images, or remove "
+                            f"them from val/)")
+        for c in val_classes:
+            if c in class_names:
+                val_files[c] = _image_files(root / "val" / c)
+                if not val_files[c]:
+                    empty.append(f"val/{c}/")
+        if not val_classes:
+            problems.append(f"{root / 'val'} has no class folders")
     if empty:
         problems.append(f"empty class folder(s), no image files ({'/'.join(IMAGE_EXTENSIONS)}) in "
-                        f"{', '.join(empty)} (add images or remove the class from both train/ and val/)")
+                        f"{', '.join(empty)} (add images or remove the class folder)")
     if not problems and len(class_names) < 2:
         problems.append(f"only one class ({class_names[0]}); a classifier needs at least 2 class folders")
     if problems:
         raise errors.InvalidArgument(f"--data {root}: " + "; ".join(problems))
 
-    splits = {}
-    for s in SPLITS:
-        samples = tuple((path, i) for i, c in enumerate(class_names) for path in files[s][c])
-        splits[s] = Split(root / s, class_names, samples)
-    return Layout(root, class_names, splits["train"], splits["val"])
+    if not has_val:
+        if carved is None:
+            carved = carve_split(root / "train", train_files, val_split, seed)
+        train_files, val_files = _apply_carved(root, train_files, carved)
+    missing = [c for c in class_names if c not in val_files]
+    if missing:
+        log.info("val/ has no images of %d of the %d classes (%s): they are trained on, not validated",
+                 len(missing), len(class_names), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+
+    def split(name: str, files: dict[str, list[str]]) -> Split:
+        samples = tuple((path, i) for i, c in enumerate(class_names) for path in files.get(c, ()))
+        return Split(root / name, class_names, samples)
+
+    return Layout(root, class_names, split("train", train_files), split("val", val_files),
+                  carved if not has_val else None)
+
+
+def carve_split(train_dir: Path, files: dict[str, list[str]], fraction: float, seed: int) -> dict:
+    """A stratified validation split: in each class with at least 2 images,
+    round(fraction x n) of them (at least 1, never all), chosen with `seed`."""
+    val: list[str] = []
+    for c in sorted(files):
+        paths = sorted(files[c])
+        if len(paths) < 2:
+            continue
+        k = min(len(paths) - 1, max(1, round(fraction * len(paths))))
+        val.extend(random.Random(f"{seed}:{c}").sample(paths, k))
+    return {"val_split": fraction, "seed": seed,
+            "val": sorted(Path(p).relative_to(train_dir).as_posix() for p in val)}
+
+
+def _apply_carved(root: Path, files: dict[str, list[str]], carved: dict):
+    chosen = set(carved.get("val") or ())
+    train: dict[str, list[str]] = {}
+    val: dict[str, list[str]] = {}
+    for c, paths in files.items():
+        for p in paths:
+            rel = Path(p).relative_to(root / "train").as_posix()
+            (val if rel in chosen else train).setdefault(c, []).append(p)
+    found = sum(len(v) for v in val.values())
+    if found != len(chosen):
+        raise errors.InvalidArgument(
+            f"--data {root}: {len(chosen) - found} of the {len(chosen)} validation images recorded in "
+            f"{SPLIT_FILE} are no longer in train/; the split cannot be restored (start a new run)")
+    return train, val
+
+
+def read_split(run_dir: Path) -> dict | None:
+    """The carved split an earlier run wrote, or None."""
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        carved = json.loads(path.read_text())
+        if not isinstance(carved.get("val"), list):
+            raise ValueError("no 'val' list")
+    except (ValueError, AttributeError) as exc:
+        raise errors.InvalidArgument(f"{path} is damaged ({exc}); start a new run") from None
+    return carved
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ from imagesearch.model.backbones import (
 from imagesearch.model.checkpoint import read_checkpoint, save_checkpoint
 from imagesearch.model.preprocessing import PreprocessSpec, eval_transform, train_transform
 from trainer import amp, distributed
-from trainer.data import Batch, Collate, ImageFiles, Layout, check_layout
+from trainer.data import SPLIT_FILE, Batch, Collate, ImageFiles, Layout, check_layout, read_split
 from trainer.early_stopping import EarlyStopping
 from trainer.plots import write_plots
 
@@ -83,6 +83,7 @@ DEFAULTS = {
     "device": "auto",
     "amp": "auto",
     "channels_last": True,
+    "val_split": None,
 }
 # Flags a resumed run cannot change: the model and its optimizer depend on them.
 FIXED_ON_RESUME = ("backbone", "image_size", "freeze_backbone")
@@ -95,7 +96,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     "DIR/val/<class>/*; writes args.json, summary.csv, accuracy.png, loss.png, "
                     "best.pt and last.pt to RUN_DIR. Run it under `torchrun --nproc_per_node=N -m "
                     "trainer ...` for DistributedDataParallel.")
-    p.add_argument("--data", metavar="DIR", help="folder with train/<class>/* and val/<class>/*")
+    p.add_argument("--data", metavar="DIR",
+                   help="folder with train/<class>/* and val/<class>/* (val/ may hold a subset of the classes)")
+    p.add_argument("--val-split", type=float, metavar="F",
+                   help="without DIR/val: carve a stratified, seeded validation split of this fraction out of "
+                        "train/ (e.g. 0.1); written to RUN_DIR/val_split.json so a resume sees the same split")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder to create (with --resume: that run's folder)")
     p.add_argument("--backbone", choices=sorted(BACKBONES),
                    help=f"model (default: {DEFAULTS['backbone']}; the Lite ones have ImageNet weights offline)")
@@ -375,7 +380,8 @@ def main(args: argparse.Namespace) -> TrainResult:
     if precision.device_type == "cpu" and precision.mode == "fp16":
         log.warning("--amp fp16 on CPU is slow and meant for testing; bf16 or off are the CPU choices")
 
-    layout = check_layout(args.data)
+    carved = read_split(run_dir) if resume_dir else None
+    layout = check_layout(args.data, val_split=None if carved else args.val_split, seed=args.seed, carved=carved)
     if resumed and list(layout.class_names) != list(resumed["meta"]["class_names"]):
         raise errors.InvalidArgument(
             f"--data {args.data} has classes {list(layout.class_names)}, but the resumed run was trained on "
@@ -437,6 +443,8 @@ def main(args: argparse.Namespace) -> TrainResult:
                     "class_names": list(layout.class_names), "preprocess": spec.to_dict(),
                     "train_images": len(layout.train.samples), "val_images": len(layout.val.samples),
                     "resumed_at_epoch": start_epoch or None, "torch": str(torch.__version__)}
+        if layout.carved is not None:
+            atomic_write_text(run_dir / SPLIT_FILE, json.dumps(layout.carved, indent=1) + "\n")
         atomic_write_text(run_dir / "args.json",
                            json.dumps({**_args_dict(args), "resolved": resolved}, indent=2) + "\n")
     trainable = sum(p.numel() for p in params)
