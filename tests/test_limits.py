@@ -2,7 +2,7 @@
 name, the largest dimension, and an Upsert stream of any length (committed
 batch by batch while the call is still open, so the server never holds more
 than one batch of a call); SearchStream's bounded read-ahead; the CLI's
-refusal of files over the embedder's byte limit. The README's limits table
+refusal of files over the embedder's byte limit. The limits table in docs/operations.md
 names the test behind each limit (the other rows are in test_embedder_*.py,
 test_ranker_service.py, test_serving.py, test_clients.py and test_cli.py)."""
 
