@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimagesearch/v1/common.proto\x12\x0eimagesearch.v1\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimagesearch/v1/common.proto\x12\x0eimagesearch.v1\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tB\x8e\x01\n\x12\x63om.imagesearch.v1B\x0b\x43ommonProtoP\x01Z/imagesearch/gen/go/imagesearch/v1;imagesearchv1\xa2\x02\x03IXX\xaa\x02\x0eImageSearch.V1\xca\x02\x0eImageSearch\\V1\xea\x02\x0fImageSearch::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagesearch.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\022com.imagesearch.v1B\013CommonProtoP\001Z/imagesearch/gen/go/imagesearch/v1;imagesearchv1\242\002\003IXX\252\002\016ImageSearch.V1\312\002\016ImageSearch\\V1\352\002\017ImageSearch::V1'
   _globals['_ITEMERROR']._serialized_start=47
   _globals['_ITEMERROR']._serialized_end=89
 # @@protoc_insertion_point(module_scope)
