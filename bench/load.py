@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from clients.demo import find_photos  # noqa: E402
+from clients.cli.demo import find_photos  # noqa: E402
 from clients.embedder import EmbedderClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
@@ -161,7 +161,7 @@ def prepare(embedder_address: str, ranker_address: str, *, images: int = 16, gal
         vectors = vectors[order]
         for start in range(0, len(names), UPSERT_CHUNK):
             stop = start + UPSERT_CHUNK
-            rank.upsert_vectors(collection, zip(names[start:stop], vectors[start:stop]), info.fingerprint)
+            rank.upsert(collection, zip(names[start:stop], vectors[start:stop]), fingerprint=info.fingerprint)
         (stats,) = rank.stats(collection).collections
         if stats.count != len(names):
             raise RuntimeError(f"collection {collection!r} holds {stats.count} vectors, not {len(names)}: "

@@ -28,9 +28,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from clients import metrics  # noqa: E402
+from clients.cli.jobs import index_folder, query_folder  # noqa: E402
 from clients.embedder import EmbedderClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
-from clients.pipeline import index_folder, query_folder  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
 from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
 

@@ -2,12 +2,25 @@
 
     from clients import EmbedderClient, RankerClient
 
-Only the contracts (`imagesearch.v1`) are imported: no torch, no service code."""
+Callers see typed values (clients.types), never protobuf. Only the contracts
+(`imagesearch.v1`) are imported: no torch, no service code."""
 
 from clients.channels import RetryPolicy, Security
-from clients.embedder import EmbedderClient, EmbedResult, ImageSource
+from clients.embedder import EmbedderClient, ImageSource, file_source
 from clients.errors import ClientError, ServiceUnavailable, UsageError
-from clients.ranker import Match, RankerClient, SearchResult
+from clients.ranker import RankerClient
+from clients.types import (
+    CollectionStats,
+    DeleteResult,
+    Embedding,
+    Failure,
+    Match,
+    ModelInfo,
+    SearchResult,
+    Stats,
+    UpsertResult,
+)
 
-__all__ = ["ClientError", "EmbedResult", "EmbedderClient", "ImageSource", "Match", "RankerClient", "RetryPolicy",
-           "SearchResult", "Security", "ServiceUnavailable", "UsageError"]
+__all__ = ["ClientError", "CollectionStats", "DeleteResult", "EmbedderClient", "Embedding", "Failure", "ImageSource",
+           "Match", "ModelInfo", "RankerClient", "RetryPolicy", "SearchResult", "Security", "ServiceUnavailable",
+           "Stats", "UpsertResult", "UsageError", "file_source"]

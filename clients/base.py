@@ -1,5 +1,5 @@
 """What every service client shares: the managed channel, deadlines,
-readiness, error translation and status codes carried inside stream items."""
+readiness and error translation."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ import grpc
 
 from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, ManagedChannel, RetryPolicy, Security
 from clients.errors import ClientError, from_rpc_error
-
-
-def status_from_code(code: int) -> grpc.StatusCode:
-    """The grpc.StatusCode of a numeric code (as in common.ItemError)."""
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status
-    return grpc.StatusCode.UNKNOWN
 
 
 class ServiceClient:

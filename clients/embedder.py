@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import grpc
-import numpy as np
 
-from clients.base import ServiceClient, status_from_code
+from clients import wire
+from clients.base import ServiceClient
 from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
 from clients.errors import SERVE_HINT, ClientError, UsageError
+from clients.types import Embedding, Failure, ModelInfo
 from imagesearch import defaults
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -34,28 +35,13 @@ HINT = SERVE_HINT.format(flag="--embedder", env=ADDRESS_ENV)
 PER_ITEM_S = 2.0
 
 
-@dataclasses.dataclass
-class EmbedResult:
-    """One item's answer: a unit vector or an error (code + message)."""
-
-    id: str
-    vector: np.ndarray | None = None
-    fingerprint: str = ""
-    code: grpc.StatusCode | None = None
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.vector is not None
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageSource:
-    """An item to embed: an id and a loader for its bytes (read lazily, so a
+    """An item to embed: its name and a loader for its bytes (read lazily, so a
     large folder is never held in memory). The loader raises OSError or
-    ClientError for a file that cannot be sent; that item gets an error result."""
+    ClientError for a file that cannot be sent; that item gets a Failure."""
 
-    id: str
+    name: str
     load: Callable[[], bytes]
 
 
@@ -68,7 +54,7 @@ class EmbedderClient(ServiceClient):
     def __init__(self, address: str = DEFAULT_ADDRESS, *, security: Security | None = None,
                  timeout: float = 30.0, retry: RetryPolicy | None = RetryPolicy(),
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, per_item_s: float = PER_ITEM_S):
-        self._info: embedder_pb2.GetModelInfoResponse | None = None
+        self._info: ModelInfo | None = None
         super().__init__(address, security=security, timeout=timeout, retry=retry,
                          max_message_bytes=max_message_bytes, per_item_s=per_item_s)
 
@@ -76,41 +62,42 @@ class EmbedderClient(ServiceClient):
     def replicas(self) -> int:
         return max(1, self.address.count(",") + 1)
 
-    def model_info(self, *, refresh: bool = False) -> embedder_pb2.GetModelInfoResponse:
+    def model_info(self, *, refresh: bool = False) -> ModelInfo:
         """GetModelInfo, cached. The first call also adopts the server's message
         limit for this channel (reopening it when it differs)."""
         if self._info is not None and not refresh:
             return self._info
         try:
-            info = self.stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=self.timeout)
+            info = wire.model_info(self.stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=self.timeout))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         self._info = info
         if info.max_message_bytes and info.max_message_bytes != self._channel.max_message_bytes:
             log.debug("adopting the embedder's message limit of %d bytes", info.max_message_bytes)
             old = self._channel
-            self._open(int(info.max_message_bytes))
+            self._open(info.max_message_bytes)
             old.close()
         return info
 
-    def embed(self, image: bytes, name: str = "", *, timeout: float | None = None) -> EmbedResult:
+    def embed(self, image: bytes, name: str = "", *, timeout: float | None = None) -> Embedding:
         """One image -> its vector. Bad input raises a UsageError naming it."""
         try:
             reply = self.stub.Embed(embedder_pb2.EmbedRequest(image=image, name=name),
                                     timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise self._error(exc, hint=f"input {name!r}" if name else "") from None
-        return EmbedResult(name, np.asarray(reply.vector, dtype=np.float32), reply.fingerprint)
+        return Embedding(name, wire.vector(reply.vector), reply.fingerprint)
 
-    def embed_stream(self, items: Sequence[ImageSource], *, timeout: float | None = None) -> Iterator[EmbedResult]:
-        """One EmbedStream call over `items`: yields one result per item as
-        answers arrive (out of order). Items whose bytes cannot be loaded get an
-        error result without being sent. A failing call raises ClientError
+    def embed_stream(self, items: Sequence[ImageSource], *,
+                     timeout: float | None = None) -> Iterator[Embedding | Failure]:
+        """One EmbedStream call over `items`: yields one Embedding or Failure per
+        item as answers arrive (out of order). Items whose bytes cannot be
+        loaded fail without being sent. A failing call raises ClientError
         after yielding what was answered."""
-        by_id = {item.id: item for item in items}
-        if len(by_id) != len(items):
-            raise ValueError("embed_stream: item ids must be unique")
-        unsent: list[EmbedResult] = []
+        by_name = {item.name: item for item in items}
+        if len(by_name) != len(items):
+            raise ValueError("embed_stream: item names must be unique")
+        unsent: list[Failure] = []
         lock = threading.Lock()
 
         def requests():
@@ -118,64 +105,61 @@ class EmbedderClient(ServiceClient):
                 try:
                     data = item.load()
                 except OSError as exc:
-                    with lock:
-                        unsent.append(EmbedResult(item.id, code=grpc.StatusCode.INVALID_ARGUMENT,
-                                                  error=f"cannot read {item.id}: {exc.strerror or exc}"))
-                    continue
+                    failed = Failure(item.name, grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"cannot read {item.name}: {exc.strerror or exc}")
                 except ClientError as exc:
-                    with lock:
-                        unsent.append(EmbedResult(item.id, code=exc.code or grpc.StatusCode.INVALID_ARGUMENT,
-                                                  error=str(exc)))
+                    failed = Failure(item.name, exc.code or grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                else:
+                    yield embedder_pb2.EmbedStreamRequest(id=item.name, image=data)
                     continue
-                yield embedder_pb2.EmbedStreamRequest(id=item.id, image=data)
+                with lock:
+                    unsent.append(failed)
 
         answered: set[str] = set()
         call = self.stub.EmbedStream(requests(), timeout=timeout or self.stream_deadline(len(items)))
         try:
             for reply in call:
-                if reply.id not in by_id or reply.id in answered:
-                    log.warning("the embedder answered an unknown or repeated id %r; ignored", reply.id)
+                if reply.id not in by_name or reply.id in answered:
+                    log.warning("the embedder answered an unknown or repeated id %r; ignored", reply.id[:200])
                     continue
                 answered.add(reply.id)
                 if reply.HasField("error"):
-                    yield EmbedResult(reply.id, fingerprint=reply.fingerprint, code=status_from_code(reply.error.code),
-                                      error=reply.error.message)
+                    yield wire.failure(reply.id, reply.error)
                 else:
-                    yield EmbedResult(reply.id, np.asarray(reply.embedding.vector, dtype=np.float32),
-                                      reply.fingerprint)
+                    yield Embedding(reply.id, wire.vector(reply.embedding.vector), reply.fingerprint)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         finally:
             call.cancel()  # a no-op once the call has ended; stops it if the caller walked away
         with lock:
-            for result in unsent:
-                answered.add(result.id)
-                yield result
+            for failed in unsent:
+                answered.add(failed.name)
+                yield failed
         for item in items:
-            if item.id not in answered:
-                yield EmbedResult(item.id, code=grpc.StatusCode.INTERNAL,
-                                  error=f"the embedder at {self.address} ended the stream without answering")
+            if item.name not in answered:
+                yield Failure(item.name, grpc.StatusCode.INTERNAL,
+                              f"the embedder at {self.address} ended the stream without answering")
 
     def embed_many(self, items: Sequence[ImageSource], *, chunk_size: int = 32,
-                   concurrency: int | None = None) -> Iterator[EmbedResult]:
+                   concurrency: int | None = None) -> Iterator[Embedding | Failure]:
         """Bulk embedding: `items` cut into chunks, each its own EmbedStream,
         `concurrency` streams at a time (default: 2 per replica, so round_robin
-        keeps every replica busy). Yields results as they arrive. A chunk whose
-        call fails yields error results for its unanswered items (the others go on)."""
+        keeps every replica busy). Yields outcomes as they arrive. A chunk whose
+        call fails yields Failures for its unanswered items (the others go on)."""
         chunks = [list(items[i:i + chunk_size]) for i in range(0, len(items), max(1, chunk_size))]
         workers = concurrency or 2 * self.replicas
-        results: "queue.Queue[EmbedResult | None]" = queue.Queue()
+        results: queue.Queue[Embedding | Failure | None] = queue.Queue()
 
         def run(chunk: list[ImageSource]) -> None:
             done: set[str] = set()
             try:
                 for result in self.embed_stream(chunk):
-                    done.add(result.id)
+                    done.add(result.name)
                     results.put(result)
             except ClientError as exc:
                 for item in chunk:
-                    if item.id not in done:
-                        results.put(EmbedResult(item.id, code=exc.code or grpc.StatusCode.UNKNOWN, error=str(exc)))
+                    if item.name not in done:
+                        results.put(Failure(item.name, exc.code or grpc.StatusCode.UNKNOWN, str(exc)))
             finally:
                 results.put(None)
 
@@ -191,7 +175,7 @@ class EmbedderClient(ServiceClient):
                     yield result
 
 
-def file_source(item_id: str, path, max_bytes: int = 0) -> ImageSource:
+def file_source(name: str, path, max_bytes: int = 0) -> ImageSource:
     """An ImageSource reading `path`, refusing files over `max_bytes` (the
     server's advertised limit) before they are sent."""
     def load() -> bytes:
@@ -199,8 +183,8 @@ def file_source(item_id: str, path, max_bytes: int = 0) -> ImageSource:
         if max_bytes:
             size = p.stat().st_size
             if size > max_bytes:
-                raise UsageError(f"{item_id} is {size} bytes, over the embedder's limit of {max_bytes} bytes",
+                raise UsageError(f"{name} is {size} bytes, over the embedder's limit of {max_bytes} bytes",
                                  code=grpc.StatusCode.RESOURCE_EXHAUSTED)
         return p.read_bytes()
 
-    return ImageSource(item_id, load)
+    return ImageSource(name, load)

@@ -13,8 +13,10 @@ EXIT_USAGE = 2
 
 SERVE_HINT = "start it with `imagesearch serve --db gallery.db` (or point {flag} / {env} at a running one)"
 
-# Status codes that mean the caller has to change something, not just retry.
-_INPUT_CODES = {
+# Status codes that mean the caller has to change something (the input, a flag,
+# the token), not just retry: a call failing with one is a UsageError (exit 2),
+# and an item failing with one is a bad input, not a service's trouble.
+INPUT_CODES = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION,
@@ -22,7 +24,7 @@ _INPUT_CODES = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.OUT_OF_RANGE,
-}
+})
 
 
 class ClientError(Exception):
@@ -64,5 +66,5 @@ def from_rpc_error(exc: grpc.RpcError, what: str, address: str, *, hint: str = "
     message = f"the {what} at {address} answered {code.name}: {details}"
     if hint:
         message += f" ({hint})"
-    cls = UsageError if code in _INPUT_CODES else ClientError
+    cls = UsageError if code in INPUT_CODES else ClientError
     return cls(message, code=code)

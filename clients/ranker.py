@@ -3,16 +3,16 @@ deadline on every call and gRPC's retry on UNAVAILABLE."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 import grpc
-import numpy as np
 
-from clients.base import ServiceClient, status_from_code
+from clients import wire
+from clients.base import ServiceClient
 from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
 from clients.errors import SERVE_HINT, UsageError
+from clients.types import DeleteResult, Embedding, Failure, Match, SearchResult, Stats, UpsertResult
 from imagesearch import defaults
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 
@@ -25,29 +25,16 @@ HINT = SERVE_HINT.format(flag="--ranker", env=ADDRESS_ENV)
 PER_ITEM_S = 2.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Match:
-    rank: int
-    name: str
-    score: float
+# An item to store or a query: an Embedding (its own name, vector and
+# fingerprint), or a (name, vector) pair that takes the call's fingerprint.
+Item = Union[Embedding, tuple[str, Any]]
 
 
-@dataclasses.dataclass
-class SearchResult:
-    """One query's answer from SearchStream: matches, or an error."""
-
-    id: str
-    matches: list[Match]
-    code: grpc.StatusCode | None = None
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.code is None
-
-
-def _vector(vector) -> list[float]:
-    return np.asarray(vector, dtype=np.float32).ravel().tolist()
+def _item(item: Item, fingerprint: str) -> tuple[str, Any, str]:
+    if isinstance(item, Embedding):
+        return item.name, item.vector, item.fingerprint or fingerprint
+    name, vector = item
+    return name, vector, fingerprint
 
 
 class RankerClient(ServiceClient):
@@ -67,21 +54,30 @@ class RankerClient(ServiceClient):
 
     # ------------------------------------------------------------------ calls
 
-    def stats(self, collection: str = "") -> ranker_pb2.GetStatsResponse:
+    def stats(self, collection: str = "") -> Stats:
         try:
-            return self.stub.GetStats(ranker_pb2.GetStatsRequest(collection=collection), timeout=self.timeout)
+            return wire.stats(self.stub.GetStats(ranker_pb2.GetStatsRequest(collection=collection),
+                                                 timeout=self.timeout))
         except grpc.RpcError as exc:
             hint = ""
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 hint = f"index a gallery into it first: imagesearch index GALLERY_DIR --collection {collection}"
             raise self._error(exc, hint) from None
 
-    def upsert(self, requests: Iterable[ranker_pb2.UpsertRequest], *, timeout: float | None = None,
-               expected_items: int = 0) -> ranker_pb2.UpsertResponse:
-        """One Upsert call over `requests` (which may be a generator fed by an
-        embedding stream). Returns what the server committed."""
+    def upsert(self, collection: str, items: Iterable[Item], *, fingerprint: str = "",
+               timeout: float | None = None) -> UpsertResult:
+        """One Upsert call storing `items` (which may be a generator fed by an
+        embedding stream: each is sent as it comes). Returns what the server
+        committed. The deadline is `timeout`, or the call timeout plus the
+        per-item allowance for `len(items)` items when that is known."""
+        def requests():
+            for item in items:
+                name, vector, fp = _item(item, fingerprint)
+                yield wire.set_vector(ranker_pb2.UpsertRequest(collection=collection, name=name, fingerprint=fp),
+                                      vector)
+
         try:
-            return self.stub.Upsert(iter(requests), timeout=timeout or self.stream_deadline(expected_items))
+            return wire.upsert_result(self.stub.Upsert(requests(), timeout=timeout or self._deadline(items)))
         except grpc.RpcError as exc:
             hint = ""
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
@@ -89,28 +85,21 @@ class RankerClient(ServiceClient):
                         "or delete this one's database and index again")
             raise self._error(exc, hint) from None
 
-    def upsert_vectors(self, collection: str, items: Iterable[tuple[str, Sequence[float]]],
-                       fingerprint: str, *, timeout: float | None = None) -> ranker_pb2.UpsertResponse:
-        items = list(items)
-        return self.upsert((ranker_pb2.UpsertRequest(collection=collection, name=name, vector=_vector(v),
-                                                     fingerprint=fingerprint) for name, v in items),
-                           timeout=timeout, expected_items=len(items))
-
-    def delete(self, collection: str, names: Sequence[str]) -> ranker_pb2.DeleteResponse:
+    def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
         try:
-            return self.stub.Delete(ranker_pb2.DeleteRequest(collection=collection, names=list(names)),
-                                    timeout=self.timeout)
+            return wire.delete_result(self.stub.Delete(ranker_pb2.DeleteRequest(collection=collection,
+                                                                                names=list(names)),
+                                                       timeout=self.timeout))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
     def search(self, collection: str, vector, *, top_k: int = 10, fingerprint: str = "",
                timeout: float | None = None) -> list[Match]:
         """One query -> its ranked matches, best first."""
-        request = ranker_pb2.SearchRequest(collection=collection, vector=_vector(vector), top_k=top_k,
-                                           fingerprint=fingerprint)
+        request = wire.set_vector(ranker_pb2.SearchRequest(collection=collection, top_k=top_k,
+                                                           fingerprint=fingerprint), vector)
         try:
-            return [Match(r.match.rank, r.match.name, r.match.score)
-                    for r in self.stub.Search(request, timeout=timeout or self.timeout)]
+            return [wire.match(r.match) for r in self.stub.Search(request, timeout=timeout or self.timeout)]
         except grpc.RpcError as exc:
             raise self._error(exc, self._search_hint(exc, collection)) from None
 
@@ -122,18 +111,27 @@ class RankerClient(ServiceClient):
             return "the gallery was indexed with another model: index it again with the model you query with"
         return ""
 
-    def search_stream(self, requests: Iterable[ranker_pb2.SearchStreamRequest], *,
-                      timeout: float | None = None, expected_items: int = 0) -> Iterator[SearchResult]:
-        """SearchStream: one answer per request id, as they arrive."""
-        call = self.stub.SearchStream(iter(requests), timeout=timeout or self.stream_deadline(expected_items))
+    def search_stream(self, collection: str, queries: Iterable[Item], *, top_k: int = 10, fingerprint: str = "",
+                      timeout: float | None = None) -> Iterator[SearchResult | Failure]:
+        """SearchStream: every query (named; sent as it comes) answered by a
+        SearchResult or a Failure under its name, as answers arrive."""
+        def requests():
+            for query in queries:
+                name, vector, fp = _item(query, fingerprint)
+                yield wire.set_vector(ranker_pb2.SearchStreamRequest(id=name, collection=collection, top_k=top_k,
+                                                                     fingerprint=fp), vector)
+
+        call = self.stub.SearchStream(requests(), timeout=timeout or self._deadline(queries))
         try:
             for reply in call:
-                matches = [Match(m.rank, m.name, m.score) for m in reply.matches]
                 if reply.HasField("error") and reply.error.code:
-                    yield SearchResult(reply.id, matches, status_from_code(reply.error.code), reply.error.message)
+                    yield wire.failure(reply.id, reply.error)
                 else:
-                    yield SearchResult(reply.id, matches)
+                    yield SearchResult(reply.id, [wire.match(m) for m in reply.matches])
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         finally:
             call.cancel()
+
+    def _deadline(self, items) -> float:
+        return self.stream_deadline(len(items) if hasattr(items, "__len__") else 0)

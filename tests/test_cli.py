@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from clients import cli, demo, metrics, report
+from clients import cli, metrics
+from clients.cli import demo, report
+from clients.types import Match
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,7 @@ def parse_report(text: str) -> ReportParser:
 
 def test_cli_imports_only_the_contracts():
     """clients -> contracts: no torch, no service or trainer code (the CLI starts fast)."""
-    code = ("import sys, clients.cli, clients.pipeline, clients.services, clients.demo, clients.report; "
+    code = ("import sys, clients.cli.parser, clients.cli.commands, clients.cli.jobs, clients.services; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & "
             "{'torch', 'torchvision', 'timm', 'embedder_service', 'ranker_service', 'trainer', 'bench'}); "
             "print(bad); sys.exit(1 if bad else 0)")
@@ -149,8 +151,8 @@ def test_html_report_holds_every_query_with_thumbnails(tmp_path):
         shutil.copy(p, tmp_path / "g" / p.name)
     shutil.copy(photos[0], tmp_path / "q" / "sub" / "first.png")
     shutil.copy(photos[1], tmp_path / "q" / "second <b>.png")  # a name that needs escaping
-    queries = [("sub/first.png", [report.ReportMatch(1, photos[0].name, 0.98), report.ReportMatch(2, photos[2].name, 0.4)]),
-               ("second <b>.png", [report.ReportMatch(1, photos[3].name, 0.5), report.ReportMatch(2, "gone.jpg", 0.1)])]
+    queries = [("sub/first.png", [Match(1, photos[0].name, 0.98), Match(2, photos[2].name, 0.4)]),
+               ("second <b>.png", [Match(1, photos[3].name, 0.5), Match(2, "gone.jpg", 0.1)])]
     truth = {"sub/first.png": [photos[0].name], "second <b>.png": [photos[1].name]}
     ev = metrics.evaluate({q: [m.name for m in ms] for q, ms in queries}, truth, k=2)
     text = report.render("t", queries, query_root=tmp_path / "q", gallery_root=tmp_path / "g", ground_truth=truth,

@@ -185,13 +185,13 @@ def test_embed_stream_matches_out_of_order_answers_by_id(grpc_server):
     items = [ImageSource(f"img{i}", (lambda i=i: bytes([i + 1]) * 8)) for i in range(5)]
     items.insert(2, ImageSource("broken", lambda: b"bad"))
     with EmbedderClient(start(grpc_server, fake)) as client:
-        results = {r.id: r for r in client.embed_stream(items)}
-    assert set(results) == {i.id for i in items}
+        results = {r.name: r for r in client.embed_stream(items)}
+    assert set(results) == {i.name for i in items}
     for i in range(5):
         assert np.allclose(results[f"img{i}"].vector, vector_for(bytes([i + 1]) * 8), atol=1e-6)
     assert not results["broken"].ok
     assert results["broken"].code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "broken: not an image" in results["broken"].error
+    assert "broken: not an image" in results["broken"].message
 
 
 def test_unreadable_item_gets_an_error_and_the_rest_go_on(grpc_server):
@@ -199,10 +199,10 @@ def test_unreadable_item_gets_an_error_and_the_rest_go_on(grpc_server):
         raise FileNotFoundError(2, "No such file or directory")
 
     with EmbedderClient(start(grpc_server, FakeEmbedder())) as client:
-        results = {r.id: r for r in client.embed_stream([ImageSource("gone.jpg", fail),
+        results = {r.name: r for r in client.embed_stream([ImageSource("gone.jpg", fail),
                                                          ImageSource("ok.jpg", lambda: b"abcd")])}
     assert results["ok.jpg"].ok
-    assert "cannot read gone.jpg: No such file or directory" in results["gone.jpg"].error
+    assert "cannot read gone.jpg: No such file or directory" in results["gone.jpg"].message
 
 
 def test_embed_many_uses_one_stream_per_chunk(grpc_server):
@@ -210,7 +210,7 @@ def test_embed_many_uses_one_stream_per_chunk(grpc_server):
     items = [ImageSource(f"{i:02d}", (lambda i=i: bytes([i + 1]) * 4)) for i in range(10)]
     with EmbedderClient(start(grpc_server, fake)) as client:
         results = list(client.embed_many(items, chunk_size=3, concurrency=2))
-    assert sorted(r.id for r in results) == [i.id for i in items]
+    assert sorted(r.name for r in results) == [i.name for i in items]
     assert all(r.ok for r in results)
     assert fake.calls.count("EmbedStream") == 4
 
@@ -247,7 +247,7 @@ def test_token_is_sent_on_every_call(grpc_server):
         e.model_info()
         e.embed(b"abcd")
         list(e.embed_stream([ImageSource("a", lambda: b"abcd")]))
-        r.upsert_vectors("c", [("a", [1.0, 0, 0, 0])], "fp")
+        r.upsert("c", [("a", [1.0, 0, 0, 0])], fingerprint="fp")
         assert [m.name for m in r.search("c", [1.0, 0, 0, 0])] == ["a"]
     assert all(m.get("authorization") == "Bearer s3cret" for m in emb.metadata + rank.metadata)
     assert len(emb.metadata) == 3 and len(rank.metadata) == 2
@@ -345,7 +345,7 @@ def test_round_robin_over_two_embedder_processes():
         b = ServiceProcess("embedder_service", "--backbone", "efficientnet_lite0", "--weights", "none",
                            "--max-batch", "4")
         try:
-            from clients.demo import find_photos
+            from clients.cli.demo import find_photos
 
             photo = find_photos()[0].read_bytes()
             items = [ImageSource(str(i), lambda: photo) for i in range(8)]

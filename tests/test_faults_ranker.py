@@ -87,7 +87,7 @@ def test_a_client_querying_through_a_ranker_restart_gets_right_answers(tmp_path)
 
     second = None
     try:
-        client.upsert_vectors("c", zip(names, vectors), "fp")
+        client.upsert("c", zip(names, vectors), fingerprint="fp")
         thread = threading.Thread(target=query_loop)
         thread.start()
         _wait_for(lambda: len(calls) >= 20, first)

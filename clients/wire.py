@@ -1,0 +1,79 @@
+"""Between the generated messages and the library's types (clients.types):
+the only module besides the two clients that reads or builds protobuf.
+
+Vectors go into a request as the proto's packed `repeated float` bytes made
+straight from the float32 array (no Python list of floats on the way), and
+come out of an answer as a float32 array."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+from google.protobuf import descriptor
+
+from clients.types import CollectionStats, DeleteResult, Failure, Match, ModelInfo, Stats, UpsertResult
+from imagesearch.v1 import common_pb2, embedder_pb2, ranker_pb2
+
+_CODES = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def status_from_code(code: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a numeric code (as in common.ItemError)."""
+    return _CODES.get(code, grpc.StatusCode.UNKNOWN)
+
+
+def failure(name: str, error: common_pb2.ItemError) -> Failure:
+    return Failure(name, status_from_code(error.code), error.message)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def set_vector(message, vector, field: str = "vector"):
+    """Append `vector` (any array-like, made float32 little-endian) to the packed
+    `repeated float` field of `message`, as its wire bytes. Returns `message`."""
+    f = message.DESCRIPTOR.fields_by_name[field]
+    if f.type != descriptor.FieldDescriptor.TYPE_FLOAT or not f.is_repeated:
+        raise TypeError(f"{message.DESCRIPTOR.name}.{field} is not a repeated float field")
+    data = np.ascontiguousarray(np.asarray(vector, dtype="<f4").ravel()).tobytes()
+    message.MergeFromString(_varint(f.number << 3 | 2) + _varint(len(data)) + data)
+    return message
+
+
+def vector(values) -> np.ndarray:
+    """A repeated float field as a float32 array."""
+    return np.asarray(values, dtype=np.float32)
+
+
+def model_info(reply: embedder_pb2.GetModelInfoResponse) -> ModelInfo:
+    return ModelInfo(
+        backbone=reply.backbone, dim=reply.dim, input_size=reply.input_size, mean=tuple(reply.mean),
+        std=tuple(reply.std), device=reply.device, fingerprint=reply.fingerprint, weights=reply.weights,
+        interpolation=reply.interpolation, class_names=tuple(reply.class_names),
+        max_image_bytes=reply.max_image_bytes, max_image_pixels=reply.max_image_pixels, max_batch=reply.max_batch,
+        max_message_bytes=reply.max_message_bytes)
+
+
+def match(m: ranker_pb2.Match) -> Match:
+    return Match(m.rank, m.name, m.score)
+
+
+def stats(reply: ranker_pb2.GetStatsResponse) -> Stats:
+    return Stats(tuple(CollectionStats(c.name, c.count, c.dim, c.fingerprint, c.memory_bytes, c.created_at,
+                                       c.updated_at) for c in reply.collections),
+                 reply.memory_bytes, reply.max_top_k)
+
+
+def upsert_result(reply: ranker_pb2.UpsertResponse) -> UpsertResult:
+    return UpsertResult(reply.upserted, reply.inserted, reply.replaced)
+
+
+def delete_result(reply: ranker_pb2.DeleteResponse) -> DeleteResult:
+    return DeleteResult(reply.deleted, tuple(reply.not_found))
