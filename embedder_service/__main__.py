@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    serving.configure_logging(args.log_level)
+    serving.configure_logging(args.log_level, args.log_format)
     max_message_bytes = args.max_image_bytes + MESSAGE_OVERHEAD_BYTES
     servicer = EmbedderServicer()
     config = serving.ServerConfig.from_args(args, max_message_bytes=max_message_bytes)

@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
-    serving.configure_logging(args.log_level)
+    serving.configure_logging(args.log_level, args.log_format)
     if args.batch_size < 1 or args.max_batch < 1:
         raise SystemExit("error: --batch-size and --max-batch must be at least 1")
     config = serving.ServerConfig.from_args(args)

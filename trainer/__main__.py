@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from imagesearch import errors
+from imagesearch import errors, logs
 from trainer import distributed
 from trainer.train import PROG, get_args_parser
 from trainer.train import main as train_main
@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --log-level {args.log_level!r}: use DEBUG, INFO, WARNING or ERROR", file=sys.stderr)
         return EXIT_USAGE
     rank = f"[rank {dist_info.rank}] " if dist_info.enabled else ""
-    logging.basicConfig(
-        level=level if dist_info.is_main else max(level, logging.WARNING),
-        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s", datefmt="%H:%M:%S")
+    logs.configure_logging(level if dist_info.is_main else max(level, logging.WARNING), args.log_format,
+                           text_format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s", datefmt="%H:%M:%S",
+                           static={"rank": dist_info.rank} if dist_info.enabled else None)
     try:
         train_main(args)
     except errors.ImageSearchError as exc:

@@ -36,8 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from imagesearch import errors
-from imagesearch.defaults import DEFAULT_BACKBONE
+from imagesearch import errors, logs
+from imagesearch.defaults import DEFAULT_BACKBONE, LOG_FORMAT_ENV
 from imagesearch.files import atomic_write_text
 from imagesearch.model.backbones import (
     BACKBONES,
@@ -132,6 +132,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "state; flags not given take that run's values")
     p.add_argument("--log-level", default=os.environ.get("IMAGESEARCH_LOG_LEVEL", "INFO"),
                    help="logging level (default: INFO, env IMAGESEARCH_LOG_LEVEL)")
+    p.add_argument("--log-format", default=os.environ.get(LOG_FORMAT_ENV) or "text", choices=logs.FORMATS,
+                   help=f"text, or json: one object a line (time, level, logger, message, ...) "
+                        f"(env {LOG_FORMAT_ENV}; default %(default)s)")
     return p
 
 
@@ -465,6 +468,8 @@ def main(args: argparse.Namespace) -> TrainResult:
     skip_log = SkipLog()
     stopped_early = stopper.should_stop
     epoch = start_epoch
+    # Progress bars are for a terminal: a JSON log stream gets only JSON lines.
+    bars = main_proc and getattr(args, "log_format", "text") == "text"
     while epoch < args.epochs and not stopper.should_stop:
         epoch += 1
         _seed_all(args.seed + 10_000 * epoch + dist_info.rank)  # same augmentations after --resume
@@ -472,9 +477,9 @@ def main(args: argparse.Namespace) -> TrainResult:
         started = time.monotonic()
         tr = train_one_epoch(train_model, criterion, optimizer, train_loader, device, epoch, precision, scaler,
                              freeze_backbone=bool(args.freeze_backbone), channels_last=args.channels_last,
-                             skip_log=skip_log, progress=main_proc, desc=f"epoch {epoch}/{args.epochs} train")
+                             skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} train")
         va = evaluate(train_model, criterion, val_loader, device, precision, channels_last=args.channels_last,
-                      skip_log=skip_log, progress=main_proc, desc=f"epoch {epoch}/{args.epochs} val")
+                      skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} val")
         improved = stopper.step(epoch, va["loss"])
         if improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

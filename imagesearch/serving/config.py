@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 from pathlib import Path
 
-from imagesearch.defaults import AUTH_TOKEN_ENV, LOG_LEVEL_ENV
+from imagesearch import logs
+from imagesearch.defaults import AUTH_TOKEN_ENV
 from imagesearch.defaults import MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -97,9 +97,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, env_prefix: str, de
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default=os.environ.get(LOG_LEVEL_ENV, "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help=f"(env {LOG_LEVEL_ENV})")
+    """--log-level and --log-format (imagesearch.logs)."""
+    logs.add_logging_arguments(parser)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, fmt: str = "text") -> None:
+    logs.configure_logging(level, fmt)
