@@ -38,8 +38,8 @@ import torch  # noqa: E402
 
 from embedder_service.embedder import Embedder  # noqa: E402
 from imagesearch.model.preprocessing import is_image_path  # noqa: E402
+from imagesearch.testing import ServiceProcess  # noqa: E402
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
-from tests.procs import ServiceProcess  # noqa: E402
 
 CLOTHING = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
 

@@ -21,8 +21,9 @@ Starts an embedder and a ranker as child processes on port 0 (through
 4. prints requests/s, p50 and p99 latency per kind, errors and wrong answers
    as a table, and writes bench/results/load.json.
 
-`run_load` (and `start_services`, `prepare`) are importable: tests/test_load.py
-runs a small load through them and checks every answer independently.
+With --answers FILE.npz it also writes the workload and every answer, so that
+tests/test_load.py can run this command as a process and check each answer
+independently.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import platform
@@ -48,11 +48,11 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from clients.cli.demo import find_photos  # noqa: E402
 from clients.embedder import EmbedderClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
 from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
+from imagesearch.testing import sample_photos  # noqa: E402
 
 KINDS = ("embed", "search")
 TOLERANCE = 1e-5
@@ -82,27 +82,6 @@ def start_services(workdir: str | os.PathLike, *, backbone: str | None = None, c
 
 
 # ---------------------------------------------------------------- the work
-
-
-def sample_photos(n: int, max_side: int = 512) -> list[bytes]:
-    """n distinct real photos as JPEG: the library photos, then crops of them."""
-    from PIL import Image
-
-    paths = find_photos()
-    images = []
-    for i in range(n):
-        with Image.open(paths[i % len(paths)]) as img:
-            img = img.convert("RGB")
-            round_ = i // len(paths)
-            if round_:  # a different crop for every further round
-                w, h = img.size
-                f = 0.9 ** round_
-                img = img.crop((0, 0, max(16, int(w * f)), max(16, int(h * f))))
-            img.thumbnail((max_side, max_side))
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=90)
-            images.append(buf.getvalue())
-    return images
 
 
 def stored_form(vectors: np.ndarray) -> np.ndarray:
@@ -392,7 +371,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedder-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for the embedder started here (repeat), e.g. --embedder-arg=--max-batch=16")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
+    p.add_argument("--answers", type=Path, default=None, metavar="FILE.npz",
+                   help="also write the workload and every answer here, for a check outside the bench")
     return p
+
+
+def write_answers(path: Path, workload: Workload, result: LoadResult) -> None:
+    """The workload (gallery, queries) and every call's answer, as arrays."""
+    embeds = [c for c in result.calls if c.kind == "embed" and c.outcome != "error"]
+    searches = [c for c in result.calls if c.kind == "search" and c.outcome != "error"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, fingerprint=np.array(workload.fingerprint), collection=np.array(workload.collection),
+             gallery_names=np.array(workload.gallery_names), gallery_vectors=workload.gallery_vectors,
+             queries=workload.queries, top_k=np.array(workload.top_k),
+             embed_items=np.array([c.item for c in embeds], dtype=np.int64),
+             embed_vectors=np.array([c.answer for c in embeds], dtype=np.float32).reshape(len(embeds), workload.dim),
+             search_items=np.array([c.item for c in searches], dtype=np.int64),
+             search_names=np.array([[n for n, _ in c.answer] for c in searches], dtype=str).reshape(len(searches), -1),
+             search_scores=np.array([[s for _, s in c.answer] for c in searches], dtype=np.float64).reshape(
+                 len(searches), -1))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -416,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with EmbedderClient(emb) as client:
             info = client.model_info()
         result = run_load(emb, rank, workload, clients=args.clients, seconds=args.seconds, mix=args.mix,
-                          seed=args.seed, timeout=args.timeout)
+                          seed=args.seed, timeout=args.timeout, keep_answers=args.answers is not None)
     load_after = os.getloadavg()
     rows = summarize(result)
     mix = ",".join(f"{k}={v:g}" for k, v in args.mix.items())
@@ -441,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
+    if args.answers:
+        write_answers(args.answers, workload, result)
+        print(f"wrote {args.answers}")
     return results
 
 

@@ -44,12 +44,12 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from imagesearch.testing import ServiceProcess  # noqa: E402
 from imagesearch.v1 import ranker_pb2 as pb  # noqa: E402
 from imagesearch.v1 import ranker_pb2_grpc  # noqa: E402
 from ranker_service.index import GalleryIndex, Query  # noqa: E402
 from ranker_service.servicer import DEFAULT_MAX_BATCH  # noqa: E402
 from ranker_service.store import GalleryStore, bulk_load  # noqa: E402
-from tests.procs import ServiceProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTION = "bench"

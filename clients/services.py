@@ -55,13 +55,15 @@ class ChildService:
     """One service process. `echo` is where its output goes live (None: kept
     in memory only; the tail shows in error messages)."""
 
+    KEEP_LINES: int | None = 400  # output lines kept in memory (None: all)
+
     def __init__(self, what: str, module: str, args: Sequence[str], *, host: str = "127.0.0.1", port: int = 0,
                  env: dict[str, str] | None = None, echo: TextIO | None = None, log_path: str | None = None):
         self.what = what
         self.module = module
         self.host = host
         self.port: int | None = None
-        self.lines: collections.deque[str] = collections.deque(maxlen=400)
+        self.lines: collections.deque[str] = collections.deque(maxlen=self.KEEP_LINES)
         self._echo = echo
         self._log = open(log_path, "a", encoding="utf-8") if log_path else None
         self._port_seen = threading.Event()

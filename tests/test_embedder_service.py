@@ -27,8 +27,8 @@ from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, register
 from imagesearch.model.backbones import build_model, fingerprint
 from imagesearch.model.checkpoint import load_model, save_checkpoint
 from imagesearch.model.preprocessing import PreprocessSpec, load_tensor
+from imagesearch.testing import ROOT, ServiceProcess
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
-from tests.procs import ROOT, ServiceProcess
 from tests.test_embedder_inputs import BAD, GOOD, LIMIT_BYTES, LIMIT_PIXELS, encode, photo
 
 MAX_BATCH = 8

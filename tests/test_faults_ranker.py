@@ -32,9 +32,9 @@ import pytest
 from clients.channels import RetryPolicy
 from clients.errors import ClientError
 from clients.ranker import RankerClient
+from imagesearch.testing import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
-from tests.procs import ServiceProcess
 
 DIM = 32
 TOL = 1e-5

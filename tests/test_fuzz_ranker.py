@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imagesearch.testing import ServiceProcess
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.procs import ServiceProcess
 
 DIM = 8
 FP = "fp-fuzz"

@@ -16,10 +16,10 @@ import pytest
 
 from clients.embedder import file_source
 from clients.errors import UsageError
+from imagesearch.testing import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from ranker_service.servicer import gather_batches
-from tests.procs import ServiceProcess
 
 BATCH = 16
 

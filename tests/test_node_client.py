@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagesearch.testing import ROOT, ServiceProcess
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
-from tests.procs import ROOT, ServiceProcess
 
 NODE_DIR = ROOT / "tests" / "node"
 TOKEN = "node-test-token"

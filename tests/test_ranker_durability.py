@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
+from imagesearch.testing import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
-from tests.procs import ServiceProcess
 
 DIM = 64
 PER_CALL = 40

@@ -15,10 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from imagesearch.testing import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from ranker_service.servicer import SERVICE_NAME, gather_batches
-from tests.procs import ServiceProcess
 from tests.test_ranker_store import make_read_only
 
 DIM = 48

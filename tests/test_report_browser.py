@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT
+from imagesearch.testing import ROOT
 from tests.test_cli import make_photo_set, write_json
 
 CHROMIUM = Path(os.environ.get("IMAGESEARCH_CHROMIUM", "/usr/bin/chromium"))

@@ -1,0 +1,153 @@
+"""Import directions (docs: README "Where things live").
+
+Reads every module's imports with `ast` (imports inside functions included,
+since a lazy import still runs) and follows the project's own modules
+transitively (importing `a.b.c` also runs `a` and `a.b`), so an arrow the
+wrong way fails here even when it goes through a third module.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("imagesearch", "embedder_service", "ranker_service", "trainer", "clients", "bench", "tests")
+
+# (what, modules it applies to, prefixes of what they must never import)
+RULES = [
+    ("the core imports no part built on it", ("imagesearch",),
+     ("embedder_service", "ranker_service", "trainer", "clients", "bench", "tests")),
+    ("the embedder never imports the trainer", ("embedder_service",), ("trainer",)),
+    ("the trainer never imports gRPC", ("trainer",), ("grpc", "grpc_*")),
+    ("the model never imports gRPC", ("imagesearch.model",), ("grpc", "grpc_*")),
+    ("clients never import torch or a service",
+     ("clients",), ("torch", "torchvision", "timm", "embedder_service", "ranker_service", "trainer")),
+    ("the ranker never imports torch or the model", ("ranker_service",), ("torch", "torchvision", "timm",
+                                                                         "imagesearch.model")),
+    ("bench never imports tests", ("bench",), ("tests",)),
+    ("tests never import bench", ("tests",), ("bench",)),
+    ("the shared test helpers are torch-free", ("imagesearch.testing",), ("torch", "torchvision", "timm")),
+    ("the defaults are torch-free", ("imagesearch.defaults",), ("torch", "torchvision", "timm")),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "__pycache__" not in path.parts:
+                modules[module_name(path)] = path
+    return modules
+
+
+MODULES = project_modules()
+
+
+def _resolve_relative(module: str, is_package: bool, level: int, target: str | None) -> str:
+    base = module.split(".")
+    if not is_package:
+        base = base[:-1]
+    base = base[:len(base) - (level - 1)] if level > 1 else base
+    return ".".join(base + ([target] if target else []))
+
+
+@functools.lru_cache(maxsize=None)
+def direct_imports(module: str) -> frozenset[str]:
+    """Every dotted name `module` imports, anywhere in its body."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = _resolve_relative(module, path.name == "__init__.py", node.level, node.module)
+            names.add(base)
+            for alias in node.names:  # `from pkg import mod` imports the module pkg.mod
+                if f"{base}.{alias.name}" in MODULES:
+                    names.add(f"{base}.{alias.name}")
+    return frozenset(n for n in names if n)
+
+
+def with_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def import_closure(module: str) -> dict[str, list[str]]:
+    """Every name `module` imports directly or through project modules,
+    each with the chain of modules that leads to it."""
+    chains: dict[str, list[str]] = {}
+    todo = [(module, [module])]
+    seen = {module}
+    while todo:
+        current, chain = todo.pop()
+        for name in direct_imports(current):
+            for part in with_parents(name):
+                chains.setdefault(part, chain + [part])
+                if part in MODULES and part not in seen:
+                    seen.add(part)
+                    todo.append((part, chain + [part]))
+    return chains
+
+
+def matches(name: str, prefix: str) -> bool:
+    if prefix.endswith("*"):
+        return name.split(".")[0].startswith(prefix[:-1])
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def applies(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(matches(module, p) for p in prefixes)
+
+
+# The shared test helpers reuse the product's launcher (clients.services):
+# they are the one core module that may, and nothing in the product imports them.
+EXEMPT = {"the core imports no part built on it": ("imagesearch.testing",)}
+
+
+@pytest.mark.parametrize("what,sources,forbidden", RULES, ids=[r[0] for r in RULES])
+def test_imports_point_one_way(what, sources, forbidden):
+    checked = [m for m in MODULES if applies(m, sources) and not applies(m, EXEMPT.get(what, ()))]
+    assert checked or sources == ("imagesearch.testing",), f"no module matches {sources}: is the rule stale?"
+    wrong = []
+    for module in checked:
+        for name, chain in sorted(import_closure(module).items()):
+            if applies(name, forbidden):
+                wrong.append(" -> ".join(chain))
+    assert not wrong, f"{what}; these import chains break it:\n" + "\n".join(wrong)
+
+
+def test_the_scanner_sees_imports_inside_functions_and_through_other_modules():
+    # The embedder imports torch only inside a function, after binding its port.
+    assert "torch" in direct_imports("embedder_service.__main__")
+    # The ranker's command reaches grpc only through the shared serving layer.
+    closure = import_closure("ranker_service.__main__")
+    assert "grpc" not in direct_imports("ranker_service.__main__")
+    assert closure["grpc"][0] == "ranker_service.__main__" and len(closure["grpc"]) > 2
+    # `from imagesearch import serving` counts as importing the module imagesearch.serving.
+    assert "imagesearch.serving" in direct_imports("ranker_service.__main__")
+
+
+def test_only_tests_and_benchmarks_import_the_test_helpers():
+    users = sorted(m for m in MODULES if "imagesearch.testing" in direct_imports(m))
+    assert users and all(applies(m, ("tests", "bench")) for m in users), users
+
+
+def test_a_rule_catches_a_forbidden_import():
+    # The embedder imports the model (and so torch): the ranker's rule would flag it.
+    closure = import_closure("embedder_service.embedder")
+    assert any(applies(name, ("torch", "imagesearch.model")) for name in closure)
