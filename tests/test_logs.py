@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from imagesearch import logs
-from tests.procs import ROOT, ServiceProcess
+from imagesearch.testing import ROOT, ServiceProcess
 
 KEYS = ["time", "level", "logger", "message", "method", "code", "peer", "duration"]
 
