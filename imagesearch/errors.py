@@ -37,6 +37,12 @@ class NotFound(ImageSearchError, LookupError):
     status = "NOT_FOUND"
 
 
+class AlreadyExists(ImageSearchError):
+    """Creating what exists already, differently (e.g. a collection of another kind)."""
+
+    status = "ALREADY_EXISTS"
+
+
 class FailedPrecondition(ImageSearchError):
     """The request is well formed but the system's state forbids it, e.g. a
     vector from another model than the collection's."""

@@ -19,15 +19,16 @@ _BLAS_THREADS = os.environ.get("IMAGESEARCH_RANKER_BLAS_THREADS") or "1"
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _BLAS_THREADS)
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import logging
+import sys
 
-from imagesearch import defaults, serving  # noqa: E402
-from imagesearch.errors import StoreError  # noqa: E402
-from ranker_service.gallery import DEFAULT_BATCH_SIZE, Gallery  # noqa: E402
-from ranker_service.servicer import DEFAULT_MAX_BATCH, SERVICE_NAME, register  # noqa: E402
-from ranker_service.store import GalleryStore  # noqa: E402
+from imagesearch import defaults, serving
+from imagesearch.errors import StoreError
+from ranker_service.backend import BACKENDS
+from ranker_service.gallery import DEFAULT_BATCH_SIZE, Gallery
+from ranker_service.servicer import DEFAULT_MAX_BATCH, SERVICE_NAME, register
+from ranker_service.store import GalleryStore
 
 log = logging.getLogger("ranker_service")
 
@@ -42,8 +43,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     serving.add_server_arguments(parser, env_prefix=ENV, default_port=defaults.RANKER_PORT)
     serving.add_logging_arguments(parser)
     r = parser.add_argument_group("ranker")
+    r.add_argument("--backend", choices=BACKENDS, default=serving.env_default(f"{ENV}_BACKEND", "sqlite"),
+                   help="where vectors live: sqlite (--db, in-memory indexes) or milvus (--milvus-uri) "
+                        f"(env {ENV}_BACKEND; default %(default)s)")
     r.add_argument("--db", default=serving.env_default(f"{ENV}_DB", "ranker.db"),
                    help=f"SQLite database file, created if missing (env {ENV}_DB; default %(default)s)")
+    r.add_argument("--milvus-uri", default=serving.env_default(f"{ENV}_MILVUS_URI", ""),
+                   help="--backend milvus: http://host:19530 for a server or cluster, or a local file for "
+                        f"milvus-lite (env {ENV}_MILVUS_URI)")
+    r.add_argument("--milvus-token", default=serving.env_default(f"{ENV}_MILVUS_TOKEN", ""),
+                   help=f"--backend milvus: user:password or API key (env {ENV}_MILVUS_TOKEN; prefer the env)")
     r.add_argument("--batch-size", type=int, default=serving.env_default(f"{ENV}_BATCH_SIZE", DEFAULT_BATCH_SIZE),
                    help="Upsert items per SQLite transaction (one fsync each) (default %(default)s)")
     r.add_argument("--max-batch", type=int, default=serving.env_default(f"{ENV}_MAX_BATCH", DEFAULT_MAX_BATCH),
@@ -62,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1 or args.max_batch < 1:
         raise SystemExit("error: --batch-size and --max-batch must be at least 1")
     config = serving.ServerConfig.from_args(args)
+    if args.backend == "milvus":
+        serve_milvus(args, config)
+        return
     try:
         store = GalleryStore.open(args.db, busy_timeout=args.busy_timeout,
                                   max_bytes=int(args.max_db_mb * 1e6) if args.max_db_mb > 0 else None)
@@ -79,6 +91,23 @@ def main(argv: list[str] | None = None) -> None:
         log.error("cannot start: %s", exc)
         running.stop(0).wait()
         store.close()
+        raise SystemExit(f"error: {exc}") from None
+    running.set_serving(True)
+    serving.serve_until_signalled(running, on_stop=gallery.close)
+
+
+def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig) -> None:
+    from ranker_service.milvus_backend import MilvusGallery
+
+    if not args.milvus_uri:
+        raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
+    gallery = MilvusGallery(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
+    running = serving.build_server(config, register(gallery, max_batch=args.max_batch), [SERVICE_NAME])
+    try:
+        gallery.load()
+    except StoreError as exc:
+        log.error("cannot start: %s", exc)
+        running.stop(0).wait()
         raise SystemExit(f"error: {exc}") from None
     running.set_serving(True)
     serving.serve_until_signalled(running, on_stop=gallery.close)

@@ -19,14 +19,24 @@ import logging
 import threading
 import time
 from typing import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from imagesearch import errors
 from imagesearch.errors import StoreError
+from ranker_service import index_files
 from ranker_service.index import CollectionStats, GalleryIndex, Match, Query
+from ranker_service.kinds import IndexSpec, spec_from_json
 from ranker_service.store import GalleryStore, UpsertRow
-from ranker_service.vectors import STORED_DTYPE, check_collection, check_name, stored_form, unit_vector
+from ranker_service.vectors import (
+    MAX_DIM,
+    STORED_DTYPE,
+    check_collection,
+    check_name,
+    stored_form,
+    unit_vector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +109,14 @@ class Gallery:
     """Store + index. Thread-safe. `load()` before use; `close()` at the end."""
 
     def __init__(self, store: GalleryStore, index: GalleryIndex | None = None, *,
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+                 batch_size: int = DEFAULT_BATCH_SIZE, files_dir: Path | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.store = store
-        self.index = index or GalleryIndex()
+        self.files_dir = files_dir or index_files.folder_for(Path(store.path))
+        self.files_dir.mkdir(exist_ok=True)
+        self.index = index or GalleryIndex(self.files_dir)
+        self._saved: dict[str, int] = {}  # collection -> generation its index files hold
         self.batch_size = batch_size
         self._write_lock = threading.Lock()
         self._ready = False
@@ -116,18 +129,77 @@ class Gallery:
         return self._ready and not self._closed
 
     def load(self) -> LoadReport:
-        """Every stored vector into memory: per collection one matrix
-        preallocated to its row count, each BLOB copied once, straight into
-        its row. Raises StoreError for a damaged database."""
+        """Every collection into memory: from its index files when they hold
+        the collection's current generation (see index_files), else from
+        SQLite: per collection one index preallocated to its row count, each
+        BLOB copied once, straight into it (then built: FAISS kinds), and its
+        index files written again. Raises StoreError for a damaged database."""
         start = time.perf_counter()
         path = self.store.path
         collections = {}
-        for meta in self.store.collections():
-            collections[meta.name] = self.index.create(
-                meta.name, meta.dim, meta.fingerprint, created_at=meta.created_at, updated_at=meta.updated_at,
-                capacity=meta.count)
         count = 0
-        for collection, name, dim, blob in self.store.iter_rows():
+        for meta in self.store.collections():
+            try:
+                spec = spec_from_json(meta.kind, meta.params)
+            except (errors.InvalidArgument, ValueError) as exc:
+                raise StoreError(f"{path}: collection {meta.name!r} has unusable index options "
+                                 f"({meta.kind} {meta.params}): {exc}") from exc
+            t0 = time.perf_counter()
+            coll = index_files.load(meta.name, meta.dim, meta.fingerprint, spec, meta.generation, meta.count,
+                                    self.files_dir, created_at=meta.created_at, updated_at=meta.updated_at)
+            if coll is not None:
+                self.index.add(coll)
+                self._saved[meta.name] = meta.generation
+                count += len(coll)
+                log.info("collection %r (%s, %d vectors): loaded from its index files in %.2fs",
+                         meta.name, spec.label, len(coll), time.perf_counter() - t0)
+                continue
+            collections[meta.name] = (self.index.create(
+                meta.name, meta.dim, meta.fingerprint, spec, created_at=meta.created_at, updated_at=meta.updated_at,
+                capacity=meta.count), meta.generation)
+        if collections:
+            count += self._load_rows({name: coll for name, (coll, _) in collections.items()})
+        for name, (coll, generation) in collections.items():
+            t0 = time.perf_counter()
+            coll.finish_load()
+            bad = coll.first_nonfinite()
+            if bad is not None:
+                raise StoreError(f"{path}: vector {bad!r} of collection {coll.name!r} holds NaN or Inf: "
+                                 "the database is damaged")
+            log.info("collection %r (%s, %d vectors): built from SQLite in %.2fs (after reading rows)",
+                     name, coll.spec.label, len(coll), time.perf_counter() - t0)
+            if coll.spec.label != "exact":  # building was costly: keep it for the next start
+                self._save(coll, generation)
+        self._ready = True
+        report = LoadReport(len(self.index.collection_names()), count, time.perf_counter() - start,
+                            self.memory_bytes())
+        log.info("loaded %d vectors in %d collections from %s in %.2fs (%.1f MB in memory)",
+                 report.vectors, report.collections, path, report.seconds, report.memory_bytes / 1e6)
+        return report
+
+    def _save(self, coll, generation: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            index_files.save(coll, self.files_dir, generation)
+        except OSError as exc:  # the next start rebuilds from SQLite: slower, still correct
+            log.warning("collection %r: cannot write its index files to %s: %s", coll.name, self.files_dir, exc)
+            return
+        self._saved[coll.name] = generation
+        log.info("collection %r: index files written (generation %d) in %.2fs", coll.name, generation,
+                 time.perf_counter() - t0)
+
+    def save_index_files(self) -> None:
+        """Write the index files of every collection changed since they were
+        last written (the caller holds the write lock, or no writes can come)."""
+        for stored in self.store.collections():
+            coll = self.index.find(stored.name)
+            if coll is not None and self._saved.get(stored.name) != stored.generation:
+                self._save(coll, stored.generation)
+
+    def _load_rows(self, collections: dict) -> int:
+        path = self.store.path
+        count = 0
+        for collection, name, dim, blob in self.store.iter_rows(list(collections)):
             coll = collections.get(collection)
             if coll is None:
                 raise StoreError(f"{path}: vector {name!r} belongs to collection {collection!r}, which is not in "
@@ -140,22 +212,23 @@ class Gallery:
                     "the database is damaged")
             coll.load_row(name, np.frombuffer(blob, dtype=STORED_DTYPE))
             count += 1
-        for coll in collections.values():
-            bad = coll.first_nonfinite()
-            if bad is not None:
-                raise StoreError(f"{path}: vector {bad!r} of collection {coll.name!r} holds NaN or Inf: "
-                                 "the database is damaged")
-        self._ready = True
-        report = LoadReport(len(collections), count, time.perf_counter() - start, self.memory_bytes())
-        log.info("loaded %d vectors in %d collections from %s in %.2fs (%.1f MB in memory)",
-                 report.vectors, report.collections, path, report.seconds, report.memory_bytes / 1e6)
-        return report
+        return count
 
     def close(self) -> None:
-        """Wait for the write in flight, then close the database."""
+        """Wait for the write in flight, write the index files of collections
+        changed since they were written, then close the database."""
         with self._write_lock:
+            if self._closed:
+                return
             self._closed = True
+            if self._ready:
+                try:
+                    self.save_index_files()
+                except StoreError as exc:
+                    log.warning("index files not written: %s", exc)
             self.store.close()
+            for coll in self.index.collections():
+                coll.close()
         log.info("closed %s", self.store.path)
 
     def _require_ready(self) -> None:
@@ -285,6 +358,49 @@ class Gallery:
             coll.delete(deleted, now)
         gone = set(deleted)
         return DeleteResult(len(deleted), [n for n in dict.fromkeys(names) if n not in gone])
+
+    def create_collection(self, collection: str, dim: int, fingerprint: str,
+                          spec: IndexSpec) -> tuple[CollectionStats, bool]:
+        """Create an empty collection of this kind; (its stats, True). An
+        existing collection with the same dimension, fingerprint and index
+        options is no error: (its stats, False); with others, AlreadyExists."""
+        self._require_ready()
+        check_collection(collection, what="create collection")
+        if not 1 <= dim <= MAX_DIM:
+            raise errors.InvalidArgument(f"create collection {collection!r}: dimension {dim} is out of range "
+                                         f"1..{MAX_DIM}")
+        spec.check_dim(dim, f"create collection {collection!r}")
+        with self._write_lock:
+            if self._closed:
+                raise errors.Unavailable("the ranker is shutting down")
+            coll = self.index.find(collection)
+            if coll is not None:
+                if (coll.dim, coll.fingerprint, coll.spec) != (dim, fingerprint, spec):
+                    raise errors.AlreadyExists(
+                        f"collection {collection!r} exists with dimension {coll.dim}, fingerprint "
+                        f"{coll.fingerprint!r} and index {coll.spec.label} {coll.spec.params()}: not dimension "
+                        f"{dim}, fingerprint {fingerprint!r}, index {spec.label} {spec.params()}; drop it first")
+                return coll.stats(), False
+            stored = self.store.create_collection(collection, dim, fingerprint, spec.kind, spec.to_json())
+            coll = self.index.create(collection, dim, fingerprint, spec, created_at=stored.created_at,
+                                     updated_at=stored.updated_at)
+        log.info("created collection %r (dim %d, %s %s)", collection, dim, spec.label, spec.params())
+        return coll.stats(), True
+
+    def drop_collection(self, collection: str) -> int:
+        """Delete a collection, its vectors and its index files; returns how many vectors it held."""
+        self._require_ready()
+        check_collection(collection, what="drop collection")
+        with self._write_lock:
+            if self._closed:
+                raise errors.Unavailable("the ranker is shutting down")
+            self.index.get(collection)  # NotFound if unknown
+            count = self.store.drop_collection(collection)
+            self.index.drop(collection)
+            self._saved.pop(collection, None)
+            index_files.remove(collection, self.files_dir)
+        log.info("dropped collection %r (%d vectors)", collection, count)
+        return count
 
     # ------------------------------------------------------------ reads
 

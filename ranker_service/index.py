@@ -1,5 +1,8 @@
 """The in-memory gallery: per collection, one contiguous float32 matrix of unit
 vectors plus its names; cosine top-k by one BLAS product. No SQLite, no gRPC.
+This module holds the `exact` float32 kind (`Collection`); the other kinds
+(`exact` float16, `hnsw`, `ivf_pq`) are `faiss_collection.FaissCollection`,
+with the same interface; `make_collection` picks one for an `IndexSpec`.
 
 Concurrency (why a readers-writer lock, not copy-on-write)
 -----------------------------------------------------------
@@ -34,10 +37,13 @@ import sys
 import threading
 import time
 from typing import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from imagesearch import errors
+from ranker_service.faiss_collection import FaissCollection
+from ranker_service.kinds import EXACT, IndexSpec
 from ranker_service.ranking import score_margin, select_top_k
 from ranker_service.rwlock import ReadWriteLock
 from ranker_service.vectors import MAX_TOP_K, check_collection, check_top_k, unit_vector
@@ -76,6 +82,19 @@ class CollectionStats:
     memory_bytes: int
     created_at: float
     updated_at: float
+    spec: IndexSpec = dataclasses.field(default_factory=IndexSpec)
+
+
+def make_collection(name: str, dim: int, fingerprint: str, spec: IndexSpec | None = None, *,
+                    created_at: float | None = None, updated_at: float | None = None, capacity: int = 0,
+                    files_dir: Path | None = None):
+    """An empty collection of the spec's kind: `Collection` for exact float32,
+    `FaissCollection` for the others."""
+    spec = spec or IndexSpec()
+    if spec.kind == EXACT and not spec.float16:
+        return Collection(name, dim, fingerprint, created_at=created_at, updated_at=updated_at, capacity=capacity)
+    return FaissCollection(name, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
+                           capacity=capacity, files_dir=files_dir)
 
 
 def describe_query(query: Query, position: int | None = None) -> str:
@@ -86,6 +105,9 @@ def describe_query(query: Query, position: int | None = None) -> str:
 
 class Collection:
     """One collection's vectors in memory. Thread-safe; see the module docstring."""
+
+    spec = IndexSpec()
+    dead = 0
 
     def __init__(self, name: str, dim: int, fingerprint: str, *, created_at: float | None = None,
                  updated_at: float | None = None, capacity: int = 0):
@@ -109,6 +131,30 @@ class Collection:
         self._names_bytes = 0
         self._rw = ReadWriteLock()
         self._write_mutex = threading.Lock()
+
+    @classmethod
+    def restore(cls, name: str, dim: int, fingerprint: str, matrix: np.ndarray, names: list[str], *,
+                created_at: float, updated_at: float) -> Collection:
+        """A collection over a loaded (n, dim) float32 matrix (see index_files)."""
+        coll = cls(name, dim, fingerprint, created_at=created_at, updated_at=updated_at)
+        coll._matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        coll._n = matrix.shape[0]
+        coll._names = list(names)
+        coll._rows = {n: i for i, n in enumerate(names)}
+        if len(coll._rows) != coll._n:
+            raise ValueError(f"collection {name!r}: {coll._n} rows, {len(coll._rows)} distinct names")
+        coll._names_bytes = sum(sys.getsizeof(n) for n in names)
+        return coll
+
+    def finish_load(self) -> None:
+        """Nothing to do: rows went straight into the matrix."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def snapshot_view(self) -> tuple[np.ndarray, list[str]]:
+        """(matrix[:n] without a copy, names) for saving; the caller keeps writers out."""
+        return self._matrix[: self._n], self._names
 
     # ------------------------------------------------------------ reading
 
@@ -275,9 +321,10 @@ class Collection:
 class GalleryIndex:
     """All collections in memory: validated search over them. Thread-safe."""
 
-    def __init__(self) -> None:
-        self._collections: dict[str, Collection] = {}
+    def __init__(self, files_dir: Path | None = None) -> None:
+        self._collections: dict[str, Collection | FaissCollection] = {}
         self._lock = threading.Lock()
+        self.files_dir = files_dir  # where ivf_pq keeps its on-disk rows (a temporary folder if None)
 
     def __contains__(self, collection: str) -> bool:
         return collection in self._collections
@@ -297,18 +344,31 @@ class GalleryIndex:
     def find(self, collection: str) -> Collection | None:
         return self._collections.get(collection)
 
-    def create(self, collection: str, dim: int, fingerprint: str, *, created_at: float | None = None,
-               updated_at: float | None = None, capacity: int = 0) -> Collection:
+    def create(self, collection: str, dim: int, fingerprint: str, spec: IndexSpec | None = None, *,
+               created_at: float | None = None, updated_at: float | None = None, capacity: int = 0):
+        coll = make_collection(collection, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
+                               capacity=capacity, files_dir=self.files_dir)
+        return self.add(coll)
+
+    def add(self, coll):
+        """Register a built collection (start-up loading, CreateCollection)."""
         with self._lock:
-            if collection in self._collections:
-                raise ValueError(f"collection {collection!r} exists already")
-            coll = Collection(collection, dim, fingerprint, created_at=created_at, updated_at=updated_at,
-                              capacity=capacity)
-            self._collections[collection] = coll
+            if coll.name in self._collections:
+                raise ValueError(f"collection {coll.name!r} exists already")
+            self._collections[coll.name] = coll
             return coll
 
+    def drop(self, collection: str) -> None:
+        with self._lock:
+            coll = self._collections.pop(collection, None)
+        if coll is not None:
+            coll.close()
+
+    def collections(self) -> list:
+        return [self._collections[name] for name in sorted(self._collections)]
+
     def upsert(self, collection: str, names: Sequence[str], vectors32: np.ndarray, fingerprint: str = "",
-               updated_at: float | None = None) -> tuple[int, int]:
+               updated_at: float | None = None, spec: IndexSpec | None = None) -> tuple[int, int]:
         """Rows into a collection, created on first use with these vectors'
         dimension and this fingerprint (no validation here: `Gallery` validates
         before it commits; this is the memory half of a committed write)."""
@@ -318,8 +378,8 @@ class GalleryIndex:
             with self._lock:
                 coll = self._collections.get(collection)
                 if coll is None:
-                    coll = Collection(collection, vectors32.shape[1], fingerprint,
-                                      created_at=updated_at, updated_at=updated_at)
+                    coll = make_collection(collection, vectors32.shape[1], fingerprint, spec,
+                                           created_at=updated_at, updated_at=updated_at, files_dir=self.files_dir)
                     self._collections[collection] = coll
         return coll.upsert(names, vectors32, updated_at)
 

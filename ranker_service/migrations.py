@@ -102,3 +102,26 @@ def m001_collections_and_vectors(db: sqlite_utils.Database) -> None:
         not_null={"dim", "fingerprint", "vector", "created_at", "updated_at"},
         foreign_keys=[("collection", "collections", "name")],
     )
+
+
+@MIGRATIONS
+def m002_index_kinds_and_generation(db: sqlite_utils.Database) -> None:
+    """A collection's index kind and parameters (JSON; see kinds.py) and the
+    database generation of its last write; `ranker_state` holds the one
+    generation counter. Triggers bump it, and stamp the collection, on every
+    insert, update and delete of a vector row, whoever writes (the ranker or
+    a person with the sqlite3 shell), so index files checked against it at
+    start-up are never taken for current after a change. Existing
+    collections become `exact` float32."""
+    db["collections"].add_column("kind", str, not_null_default="exact")
+    db["collections"].add_column("params", str, not_null_default="{}")
+    db["collections"].add_column("generation", int, not_null_default=0)
+    db["ranker_state"].create({"key": str, "value": int}, pk="key", not_null={"value"})
+    db["ranker_state"].insert({"key": "generation", "value": 0})
+    for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):
+        db.execute(f"""
+            CREATE TRIGGER vectors_generation_{event.lower()} AFTER {event} ON vectors BEGIN
+                UPDATE ranker_state SET value = value + 1 WHERE key = 'generation';
+                UPDATE collections SET generation = (SELECT value FROM ranker_state WHERE key = 'generation')
+                    WHERE name = {row}.collection;
+            END""")

@@ -1,4 +1,5 @@
-"""`RankerService` over gRPC: a thin servicer over `Gallery`.
+"""`RankerService` over gRPC: a thin servicer over a `RankerBackend`
+(`Gallery`: SQLite + in-memory indexes, or `MilvusGallery`).
 
 The servicer converts protos to the core's plain types and back; the core
 raises `imagesearch.errors`, which `imagesearch.serving`'s interceptor maps to
@@ -17,8 +18,10 @@ import grpc
 
 from imagesearch import errors, serving
 from imagesearch.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
-from ranker_service.gallery import Gallery, UpsertItem
-from ranker_service.index import Match, Query
+from ranker_service import kinds
+from ranker_service.backend import RankerBackend
+from ranker_service.gallery import UpsertItem
+from ranker_service.index import CollectionStats, Match, Query
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,37 @@ def _match(m: Match) -> ranker_pb2.Match:
     return ranker_pb2.Match(rank=m.rank, name=m.name, score=m.score)
 
 
+_KIND_TO_PROTO = {kinds.EXACT: ranker_pb2.INDEX_KIND_EXACT, kinds.HNSW: ranker_pb2.INDEX_KIND_HNSW,
+                  kinds.IVF_PQ: ranker_pb2.INDEX_KIND_IVF_PQ}
+_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()} | {ranker_pb2.INDEX_KIND_UNSPECIFIED: kinds.EXACT}
+
+
+def index_spec(options: ranker_pb2.IndexOptions) -> kinds.IndexSpec:
+    kind = _KIND_FROM_PROTO.get(options.kind)
+    if kind is None:
+        raise errors.InvalidArgument(f"unknown index kind {options.kind}")
+    params = {"float16": options.float16, "hnsw_m": options.hnsw_m, "ef_construction": options.ef_construction,
+              "ef_search": options.ef_search, "nlist": options.nlist, "nprobe": options.nprobe,
+              "pq_bytes": options.pq_bytes, "rerank_factor": options.rerank_factor}
+    if kind != kinds.EXACT:
+        params["rerank"] = not options.no_rerank
+    return kinds.make_spec(kind, **params)
+
+
+def index_options(spec: kinds.IndexSpec) -> ranker_pb2.IndexOptions:
+    params = spec.params()
+    rerank = params.pop("rerank", True)
+    return ranker_pb2.IndexOptions(kind=_KIND_TO_PROTO[spec.kind], no_rerank=not rerank, **params)
+
+
+def collection_stats(s: CollectionStats) -> ranker_pb2.CollectionStats:
+    return ranker_pb2.CollectionStats(
+        name=s.name, count=s.count, dim=s.dim, fingerprint=s.fingerprint, memory_bytes=s.memory_bytes,
+        created_at=s.created_at, updated_at=s.updated_at, index=index_options(s.spec))
+
+
 class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
-    def __init__(self, gallery: Gallery, *, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(self, gallery: RankerBackend, *, max_batch: int = DEFAULT_MAX_BATCH):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.gallery = gallery
@@ -129,14 +161,20 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def GetStats(self, request, context):
         stats = self.gallery.stats(request.collection or None)
         return ranker_pb2.GetStatsResponse(
-            collections=[ranker_pb2.CollectionStats(
-                name=s.name, count=s.count, dim=s.dim, fingerprint=s.fingerprint, memory_bytes=s.memory_bytes,
-                created_at=s.created_at, updated_at=s.updated_at) for s in stats],
+            collections=[collection_stats(s) for s in stats],
             memory_bytes=sum(s.memory_bytes for s in stats),
             max_top_k=self.gallery.max_top_k)
 
+    def CreateCollection(self, request, context):
+        stats, created = self.gallery.create_collection(request.collection, request.dim, request.fingerprint,
+                                                        index_spec(request.index))
+        return ranker_pb2.CreateCollectionResponse(collection=collection_stats(stats), created=created)
 
-def register(gallery: Gallery, *, max_batch: int = DEFAULT_MAX_BATCH):
+    def DropCollection(self, request, context):
+        return ranker_pb2.DropCollectionResponse(deleted=self.gallery.drop_collection(request.collection))
+
+
+def register(gallery: RankerBackend, *, max_batch: int = DEFAULT_MAX_BATCH):
     """A `register(server)` callback for `imagesearch.serving.build_server`."""
     servicer = RankerServicer(gallery, max_batch=max_batch)
 

@@ -1,7 +1,8 @@
 """The ranker's SQLite database, through sqlite-utils.
 
 Tables (see `migrations.py`): `collections` (name, dim, fingerprint,
-timestamps) and `vectors` (one row per (collection, name): the unit vector as
+timestamps, index kind and parameters, generation of its last write),
+`ranker_state` (the generation counter every write bumps) and `vectors` (one row per (collection, name): the unit vector as
 a float32 little-endian BLOB, its dim, the model fingerprint, timestamps).
 
 Durability settings, chosen so that an acknowledged write survives `kill -9`
@@ -42,8 +43,8 @@ import os
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import sqlite_utils
@@ -74,6 +75,9 @@ class StoredCollection:
     created_at: float
     updated_at: float
     count: int
+    kind: str = "exact"
+    params: str = "{}"
+    generation: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +149,7 @@ class GalleryStore:
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, busy_timeout: float = 5.0, max_bytes: int | None = None) -> "GalleryStore":
+    def open(cls, path: str | os.PathLike, *, busy_timeout: float = 5.0, max_bytes: int | None = None) -> GalleryStore:
         """Open (creating if missing) and migrate the database; lock it for this
         process. Raises StoreError with a clear message when it cannot be used."""
         path = Path(path)
@@ -225,17 +229,31 @@ class GalleryStore:
                 counts = dict(self.db.execute(
                     "SELECT collection, count(*) FROM vectors GROUP BY collection").fetchall())
                 rows = self.db.execute(
-                    "SELECT name, dim, fingerprint, created_at, updated_at FROM collections ORDER BY name").fetchall()
+                    "SELECT name, dim, fingerprint, created_at, updated_at, kind, params, generation "
+                    "FROM collections ORDER BY name").fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(describe_open_error(self.path, exc)) from exc
-        return [StoredCollection(name, int(dim), fingerprint, created_at, updated_at, counts.get(name, 0))
-                for name, dim, fingerprint, created_at, updated_at in rows]
+        return [StoredCollection(name, int(dim), fingerprint, created_at, updated_at, counts.get(name, 0), kind,
+                                 params, int(generation))
+                for name, dim, fingerprint, created_at, updated_at, kind, params, generation in rows]
 
-    def iter_rows(self) -> Iterator[tuple[str, str, int, bytes]]:
-        """(collection, name, dim, blob) of every stored vector, in rowid order
-        (one sequential pass over the file). For start-up loading."""
+    def generation(self, collection: str) -> int | None:
+        """The database generation of the collection's last write (None if unknown)."""
         with self._lock:
-            cursor = self.db.conn.execute("SELECT collection, name, dim, vector FROM vectors ORDER BY rowid")
+            row = self.db.execute("SELECT generation FROM collections WHERE name = ?", [collection]).fetchone()
+        return None if row is None else int(row[0])
+
+    def iter_rows(self, collections: Sequence[str] | None = None) -> Iterator[tuple[str, str, int, bytes]]:
+        """(collection, name, dim, blob) of every stored vector (of `collections`
+        only, if given), in rowid order (one sequential pass over the file).
+        For start-up loading."""
+        where, args = "", []
+        if collections is not None:
+            where = f" WHERE collection IN ({','.join('?' * len(collections))})"
+            args = list(collections)
+        with self._lock:
+            cursor = self.db.conn.execute(f"SELECT collection, name, dim, vector FROM vectors{where} ORDER BY rowid",
+                                          args)
             try:
                 yield from cursor
             except sqlite3.Error as exc:
@@ -303,9 +321,10 @@ class GalleryStore:
         Raises a domain error (nothing committed) when the write fails."""
         now = time.time() if now is None else now
         with self._transaction(f"committing {len(rows)} items"):
-            if new_collections:
+            if new_collections:  # implicit creation: the default kind, exact float32
                 self.db["collections"].insert_all(
-                    ({"name": name, "dim": dim, "fingerprint": fp, "created_at": now, "updated_at": now}
+                    ({"name": name, "dim": dim, "fingerprint": fp, "created_at": now, "updated_at": now,
+                      "kind": "exact", "params": "{}"}
                      for name, dim, fp in new_collections), batch_size=SQL_BATCH_ROWS)
             last = {(r.collection, r.name): r for r in rows}
             existing = self._existing(last)
@@ -321,9 +340,34 @@ class GalleryStore:
                 self.db.conn.executemany(
                     "UPDATE vectors SET dim = ?, fingerprint = ?, vector = ?, updated_at = ? "
                     "WHERE collection = ? AND name = ?", again)
-            for collection in {r.collection for r in rows}:
+            for collection in {r.collection for r in rows}:  # (triggers bump the generation)
                 self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
         return existing
+
+    def _bump(self) -> int:
+        """The next database generation (inside a write transaction; writes to
+        `vectors` bump it by trigger, see migrations.m002)."""
+        self.db.execute("UPDATE ranker_state SET value = value + 1 WHERE key = 'generation'")
+        return int(self.db.execute("SELECT value FROM ranker_state WHERE key = 'generation'").fetchone()[0])
+
+    def create_collection(self, name: str, dim: int, fingerprint: str, kind: str, params: str,
+                          now: float | None = None) -> StoredCollection:
+        """Create an empty collection (the caller checked it does not exist)."""
+        now = time.time() if now is None else now
+        with self._transaction(f"creating collection {name!r}"):
+            generation = self._bump()
+            self.db["collections"].insert({"name": name, "dim": dim, "fingerprint": fingerprint, "created_at": now,
+                                           "updated_at": now, "kind": kind, "params": params,
+                                           "generation": generation})
+        return StoredCollection(name, dim, fingerprint, now, now, 0, kind, params, generation)
+
+    def drop_collection(self, name: str) -> int:
+        """Delete a collection and its vectors in one transaction; returns how many vectors it held."""
+        with self._transaction(f"dropping collection {name!r}"):
+            count = self.db.execute("SELECT count(*) FROM vectors WHERE collection = ?", [name]).fetchone()[0]
+            self.db.execute("DELETE FROM vectors WHERE collection = ?", [name])
+            self.db.execute("DELETE FROM collections WHERE name = ?", [name])
+        return int(count)
 
     def delete(self, collection: str, names: Sequence[str], now: float | None = None) -> list[str]:
         """Delete names in one transaction; returns those that existed, in request order."""

@@ -28,6 +28,8 @@ EXPECTED = {
         "Search": (False, True),
         "SearchStream": (True, True),
         "GetStats": (False, False),
+        "CreateCollection": (False, False),
+        "DropCollection": (False, False),
     },
 }
 

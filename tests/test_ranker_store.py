@@ -76,7 +76,7 @@ def test_new_database_is_wal_fsynced_locked_and_migrated(store, db_path):
     assert store.pragma("locking_mode") == "exclusive"
     assert store.pragma("page_size") == 16384
     applied = [r[0] for r in store.db.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")]
-    assert applied == MIGRATIONS.names == ["m001_collections_and_vectors"]
+    assert applied == MIGRATIONS.names == ["m001_collections_and_vectors", "m002_index_kinds_and_generation"]
     assert {"collections", "vectors"} <= set(store.db.table_names())
     store.close()
     reopened = GalleryStore.open(db_path)
@@ -112,8 +112,8 @@ def test_delete_returns_only_existing_names(store):
 def test_database_from_a_newer_version_is_refused(db_path):
     GalleryStore.open(db_path).close()
     with raw(db_path) as conn:
-        conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES ('m002_future', 'x')")
-    with pytest.raises(StoreError, match="m002_future.*newer version"):
+        conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES ('m099_future', 'x')")
+    with pytest.raises(StoreError, match="m099_future.*newer version"):
         GalleryStore.open(db_path)
 
 

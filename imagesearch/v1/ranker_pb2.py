@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from imagesearch.v1 import common_pb2 as imagesearch_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimagesearch/v1/ranker.proto\x12\x0eimagesearch.v1\x1a\x1bimagesearch/v1/common.proto\"V\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"F\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x10\n\x08inserted\x18\x02 \x01(\x04\x12\x10\n\x08replaced\x18\x03 \x01(\x04\"2\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"4\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x11\n\tnot_found\x18\x02 \x03(\t\"W\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"2\n\x05Match\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"6\n\x0eSearchResponse\x12$\n\x05match\x18\x01 \x01(\x0b\x32\x15.imagesearch.v1.Match\"i\n\x13SearchStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\"t\n\x14SearchStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x07matches\x18\x02 \x03(\x0b\x32\x15.imagesearch.v1.Match\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.imagesearch.v1.ItemError\"%\n\x0fGetStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\x8e\x01\n\x0f\x43ollectionStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nupdated_at\x18\x07 \x01(\x01\"q\n\x10GetStatsResponse\x12\x34\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1f.imagesearch.v1.CollectionStats\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x11\n\tmax_top_k\x18\x03 \x01(\r2\x9c\x03\n\rRankerService\x12I\n\x06Upsert\x12\x1d.imagesearch.v1.UpsertRequest\x1a\x1e.imagesearch.v1.UpsertResponse(\x01\x12G\n\x06\x44\x65lete\x12\x1d.imagesearch.v1.DeleteRequest\x1a\x1e.imagesearch.v1.DeleteResponse\x12I\n\x06Search\x12\x1d.imagesearch.v1.SearchRequest\x1a\x1e.imagesearch.v1.SearchResponse0\x01\x12]\n\x0cSearchStream\x12#.imagesearch.v1.SearchStreamRequest\x1a$.imagesearch.v1.SearchStreamResponse(\x01\x30\x01\x12M\n\x08GetStats\x12\x1f.imagesearch.v1.GetStatsRequest\x1a .imagesearch.v1.GetStatsResponseB\x8e\x01\n\x12\x63om.imagesearch.v1B\x0bRankerProtoP\x01Z/imagesearch/gen/go/imagesearch/v1;imagesearchv1\xa2\x02\x03IXX\xaa\x02\x0eImageSearch.V1\xca\x02\x0eImageSearch\\V1\xea\x02\x0fImageSearch::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimagesearch/v1/ranker.proto\x12\x0eimagesearch.v1\x1a\x1bimagesearch/v1/common.proto\"\xdf\x01\n\x0cIndexOptions\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.imagesearch.v1.IndexKind\x12\x0f\n\x07\x66loat16\x18\x02 \x01(\x08\x12\x0e\n\x06hnsw_m\x18\x03 \x01(\r\x12\x17\n\x0f\x65\x66_construction\x18\x04 \x01(\r\x12\x11\n\tef_search\x18\x05 \x01(\r\x12\r\n\x05nlist\x18\x06 \x01(\r\x12\x0e\n\x06nprobe\x18\x07 \x01(\r\x12\x10\n\x08pq_bytes\x18\x08 \x01(\r\x12\x11\n\tno_rerank\x18\t \x01(\x08\x12\x15\n\rrerank_factor\x18\n \x01(\r\"|\n\x17\x43reateCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12+\n\x05index\x18\x04 \x01(\x0b\x32\x1c.imagesearch.v1.IndexOptions\"`\n\x18\x43reateCollectionResponse\x12\x33\n\ncollection\x18\x01 \x01(\x0b\x32\x1f.imagesearch.v1.CollectionStats\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"+\n\x15\x44ropCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\")\n\x16\x44ropCollectionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"V\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"F\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x10\n\x08inserted\x18\x02 \x01(\x04\x12\x10\n\x08replaced\x18\x03 \x01(\x04\"2\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"4\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x11\n\tnot_found\x18\x02 \x03(\t\"W\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"2\n\x05Match\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"6\n\x0eSearchResponse\x12$\n\x05match\x18\x01 \x01(\x0b\x32\x15.imagesearch.v1.Match\"i\n\x13SearchStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\"t\n\x14SearchStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x07matches\x18\x02 \x03(\x0b\x32\x15.imagesearch.v1.Match\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.imagesearch.v1.ItemError\"%\n\x0fGetStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\xbb\x01\n\x0f\x43ollectionStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nupdated_at\x18\x07 \x01(\x01\x12+\n\x05index\x18\x08 \x01(\x0b\x32\x1c.imagesearch.v1.IndexOptions\"q\n\x10GetStatsResponse\x12\x34\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1f.imagesearch.v1.CollectionStats\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x11\n\tmax_top_k\x18\x03 \x01(\r*i\n\tIndexKind\x12\x1a\n\x16INDEX_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10INDEX_KIND_EXACT\x10\x01\x12\x13\n\x0fINDEX_KIND_HNSW\x10\x02\x12\x15\n\x11INDEX_KIND_IVF_PQ\x10\x03\x32\xe4\x04\n\rRankerService\x12I\n\x06Upsert\x12\x1d.imagesearch.v1.UpsertRequest\x1a\x1e.imagesearch.v1.UpsertResponse(\x01\x12G\n\x06\x44\x65lete\x12\x1d.imagesearch.v1.DeleteRequest\x1a\x1e.imagesearch.v1.DeleteResponse\x12I\n\x06Search\x12\x1d.imagesearch.v1.SearchRequest\x1a\x1e.imagesearch.v1.SearchResponse0\x01\x12]\n\x0cSearchStream\x12#.imagesearch.v1.SearchStreamRequest\x1a$.imagesearch.v1.SearchStreamResponse(\x01\x30\x01\x12M\n\x08GetStats\x12\x1f.imagesearch.v1.GetStatsRequest\x1a .imagesearch.v1.GetStatsResponse\x12\x65\n\x10\x43reateCollection\x12\'.imagesearch.v1.CreateCollectionRequest\x1a(.imagesearch.v1.CreateCollectionResponse\x12_\n\x0e\x44ropCollection\x12%.imagesearch.v1.DropCollectionRequest\x1a&.imagesearch.v1.DropCollectionResponseB\x8e\x01\n\x12\x63om.imagesearch.v1B\x0bRankerProtoP\x01Z/imagesearch/gen/go/imagesearch/v1;imagesearchv1\xa2\x02\x03IXX\xaa\x02\x0eImageSearch.V1\xca\x02\x0eImageSearch\\V1\xea\x02\x0fImageSearch::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,42 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagesearch.v1.ranker_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022com.imagesearch.v1B\013RankerProtoP\001Z/imagesearch/gen/go/imagesearch/v1;imagesearchv1\242\002\003IXX\252\002\016ImageSearch.V1\312\002\016ImageSearch\\V1\352\002\017ImageSearch::V1'
-  _globals['_UPSERTREQUEST']._serialized_start=76
-  _globals['_UPSERTREQUEST']._serialized_end=162
-  _globals['_UPSERTRESPONSE']._serialized_start=164
-  _globals['_UPSERTRESPONSE']._serialized_end=234
-  _globals['_DELETEREQUEST']._serialized_start=236
-  _globals['_DELETEREQUEST']._serialized_end=286
-  _globals['_DELETERESPONSE']._serialized_start=288
-  _globals['_DELETERESPONSE']._serialized_end=340
-  _globals['_SEARCHREQUEST']._serialized_start=342
-  _globals['_SEARCHREQUEST']._serialized_end=429
-  _globals['_MATCH']._serialized_start=431
-  _globals['_MATCH']._serialized_end=481
-  _globals['_SEARCHRESPONSE']._serialized_start=483
-  _globals['_SEARCHRESPONSE']._serialized_end=537
-  _globals['_SEARCHSTREAMREQUEST']._serialized_start=539
-  _globals['_SEARCHSTREAMREQUEST']._serialized_end=644
-  _globals['_SEARCHSTREAMRESPONSE']._serialized_start=646
-  _globals['_SEARCHSTREAMRESPONSE']._serialized_end=762
-  _globals['_GETSTATSREQUEST']._serialized_start=764
-  _globals['_GETSTATSREQUEST']._serialized_end=801
-  _globals['_COLLECTIONSTATS']._serialized_start=804
-  _globals['_COLLECTIONSTATS']._serialized_end=946
-  _globals['_GETSTATSRESPONSE']._serialized_start=948
-  _globals['_GETSTATSRESPONSE']._serialized_end=1061
-  _globals['_RANKERSERVICE']._serialized_start=1064
-  _globals['_RANKERSERVICE']._serialized_end=1476
+  _globals['_INDEXKIND']._serialized_start=1646
+  _globals['_INDEXKIND']._serialized_end=1751
+  _globals['_INDEXOPTIONS']._serialized_start=77
+  _globals['_INDEXOPTIONS']._serialized_end=300
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=302
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=426
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_start=428
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_end=524
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=526
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=569
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=571
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=612
+  _globals['_UPSERTREQUEST']._serialized_start=614
+  _globals['_UPSERTREQUEST']._serialized_end=700
+  _globals['_UPSERTRESPONSE']._serialized_start=702
+  _globals['_UPSERTRESPONSE']._serialized_end=772
+  _globals['_DELETEREQUEST']._serialized_start=774
+  _globals['_DELETEREQUEST']._serialized_end=824
+  _globals['_DELETERESPONSE']._serialized_start=826
+  _globals['_DELETERESPONSE']._serialized_end=878
+  _globals['_SEARCHREQUEST']._serialized_start=880
+  _globals['_SEARCHREQUEST']._serialized_end=967
+  _globals['_MATCH']._serialized_start=969
+  _globals['_MATCH']._serialized_end=1019
+  _globals['_SEARCHRESPONSE']._serialized_start=1021
+  _globals['_SEARCHRESPONSE']._serialized_end=1075
+  _globals['_SEARCHSTREAMREQUEST']._serialized_start=1077
+  _globals['_SEARCHSTREAMREQUEST']._serialized_end=1182
+  _globals['_SEARCHSTREAMRESPONSE']._serialized_start=1184
+  _globals['_SEARCHSTREAMRESPONSE']._serialized_end=1300
+  _globals['_GETSTATSREQUEST']._serialized_start=1302
+  _globals['_GETSTATSREQUEST']._serialized_end=1339
+  _globals['_COLLECTIONSTATS']._serialized_start=1342
+  _globals['_COLLECTIONSTATS']._serialized_end=1529
+  _globals['_GETSTATSRESPONSE']._serialized_start=1531
+  _globals['_GETSTATSRESPONSE']._serialized_end=1644
+  _globals['_RANKERSERVICE']._serialized_start=1754
+  _globals['_RANKERSERVICE']._serialized_end=2366
 # @@protoc_insertion_point(module_scope)

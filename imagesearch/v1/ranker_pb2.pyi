@@ -1,11 +1,79 @@
 from imagesearch.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class IndexKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INDEX_KIND_UNSPECIFIED: _ClassVar[IndexKind]
+    INDEX_KIND_EXACT: _ClassVar[IndexKind]
+    INDEX_KIND_HNSW: _ClassVar[IndexKind]
+    INDEX_KIND_IVF_PQ: _ClassVar[IndexKind]
+INDEX_KIND_UNSPECIFIED: IndexKind
+INDEX_KIND_EXACT: IndexKind
+INDEX_KIND_HNSW: IndexKind
+INDEX_KIND_IVF_PQ: IndexKind
+
+class IndexOptions(_message.Message):
+    __slots__ = ("kind", "float16", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "pq_bytes", "no_rerank", "rerank_factor")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FLOAT16_FIELD_NUMBER: _ClassVar[int]
+    HNSW_M_FIELD_NUMBER: _ClassVar[int]
+    EF_CONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    NLIST_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    PQ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NO_RERANK_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    kind: IndexKind
+    float16: bool
+    hnsw_m: int
+    ef_construction: int
+    ef_search: int
+    nlist: int
+    nprobe: int
+    pq_bytes: int
+    no_rerank: bool
+    rerank_factor: int
+    def __init__(self, kind: _Optional[_Union[IndexKind, str]] = ..., float16: _Optional[bool] = ..., hnsw_m: _Optional[int] = ..., ef_construction: _Optional[int] = ..., ef_search: _Optional[int] = ..., nlist: _Optional[int] = ..., nprobe: _Optional[int] = ..., pq_bytes: _Optional[int] = ..., no_rerank: _Optional[bool] = ..., rerank_factor: _Optional[int] = ...) -> None: ...
+
+class CreateCollectionRequest(_message.Message):
+    __slots__ = ("collection", "dim", "fingerprint", "index")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    dim: int
+    fingerprint: str
+    index: IndexOptions
+    def __init__(self, collection: _Optional[str] = ..., dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., index: _Optional[_Union[IndexOptions, _Mapping]] = ...) -> None: ...
+
+class CreateCollectionResponse(_message.Message):
+    __slots__ = ("collection", "created")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    collection: CollectionStats
+    created: bool
+    def __init__(self, collection: _Optional[_Union[CollectionStats, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class DropCollectionRequest(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    def __init__(self, collection: _Optional[str] = ...) -> None: ...
+
+class DropCollectionResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
     __slots__ = ("collection", "name", "vector", "fingerprint")
@@ -104,7 +172,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class CollectionStats(_message.Message):
-    __slots__ = ("name", "count", "dim", "fingerprint", "memory_bytes", "created_at", "updated_at")
+    __slots__ = ("name", "count", "dim", "fingerprint", "memory_bytes", "created_at", "updated_at", "index")
     NAME_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +180,7 @@ class CollectionStats(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     name: str
     count: int
     dim: int
@@ -119,7 +188,8 @@ class CollectionStats(_message.Message):
     memory_bytes: int
     created_at: float
     updated_at: float
-    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+    index: IndexOptions
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., index: _Optional[_Union[IndexOptions, _Mapping]] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("collections", "memory_bytes", "max_top_k")

@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class RankerServiceStub:
-    """Stores gallery vectors per collection (SQLite, and one in-memory matrix per
-    collection) and answers cosine top-k queries.
+    """Stores gallery vectors per collection (SQLite, and in memory one index per
+    collection, of the collection's kind; or Milvus) and answers cosine top-k
+    queries.
     """
 
     def __init__(self, channel):
@@ -61,11 +62,22 @@ class RankerServiceStub:
                 request_serializer=imagesearch_dot_v1_dot_ranker__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.CreateCollection = channel.unary_unary(
+                '/imagesearch.v1.RankerService/CreateCollection',
+                request_serializer=imagesearch_dot_v1_dot_ranker__pb2.CreateCollectionRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.CreateCollectionResponse.FromString,
+                _registered_method=True)
+        self.DropCollection = channel.unary_unary(
+                '/imagesearch.v1.RankerService/DropCollection',
+                request_serializer=imagesearch_dot_v1_dot_ranker__pb2.DropCollectionRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.DropCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class RankerServiceServicer:
-    """Stores gallery vectors per collection (SQLite, and one in-memory matrix per
-    collection) and answers cosine top-k queries.
+    """Stores gallery vectors per collection (SQLite, and in memory one index per
+    collection, of the collection's kind; or Milvus) and answers cosine top-k
+    queries.
     """
 
     def Upsert(self, request_iterator, context):
@@ -102,7 +114,24 @@ class RankerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Collections, counts, dimensions, fingerprints and memory use.
+        """Collections, counts, dimensions, fingerprints, index kinds and memory use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCollection(self, request, context):
+        """Creates an empty collection with an index kind and its parameters (an
+        Upsert into an unknown collection still creates an exact float32 one).
+        The same call again is no error (created = false); a collection of the
+        same name with another dimension, fingerprint or index is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropCollection(self, request, context):
+        """Deletes a collection and every vector in it (NOT_FOUND if unknown).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,6 +165,16 @@ def add_RankerServiceServicer_to_server(servicer, server):
                     request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.GetStatsRequest.FromString,
                     response_serializer=imagesearch_dot_v1_dot_ranker__pb2.GetStatsResponse.SerializeToString,
             ),
+            'CreateCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCollection,
+                    request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.CreateCollectionRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_ranker__pb2.CreateCollectionResponse.SerializeToString,
+            ),
+            'DropCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropCollection,
+                    request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.DropCollectionRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_ranker__pb2.DropCollectionResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'imagesearch.v1.RankerService', rpc_method_handlers)
@@ -145,8 +184,9 @@ def add_RankerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RankerService:
-    """Stores gallery vectors per collection (SQLite, and one in-memory matrix per
-    collection) and answers cosine top-k queries.
+    """Stores gallery vectors per collection (SQLite, and in memory one index per
+    collection, of the collection's kind; or Milvus) and answers cosine top-k
+    queries.
     """
 
     @staticmethod
@@ -274,6 +314,60 @@ class RankerService:
             '/imagesearch.v1.RankerService/GetStats',
             imagesearch_dot_v1_dot_ranker__pb2.GetStatsRequest.SerializeToString,
             imagesearch_dot_v1_dot_ranker__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.RankerService/CreateCollection',
+            imagesearch_dot_v1_dot_ranker__pb2.CreateCollectionRequest.SerializeToString,
+            imagesearch_dot_v1_dot_ranker__pb2.CreateCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.RankerService/DropCollection',
+            imagesearch_dot_v1_dot_ranker__pb2.DropCollectionRequest.SerializeToString,
+            imagesearch_dot_v1_dot_ranker__pb2.DropCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,47 @@
+"""The one interface the servicer uses, whichever backend holds the vectors.
+
+`Gallery` (SQLite + in-memory indexes, `--backend sqlite`, the default) and
+`MilvusGallery` (`--backend milvus`) both provide it; the backend-agnostic
+tests (tests/test_ranker_backends.py) run against both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from imagesearch import errors
+from ranker_service.gallery import DeleteResult, LoadReport, UpsertItem, UpsertResult
+from ranker_service.index import CollectionStats, Match, Query
+from ranker_service.kinds import IndexSpec
+
+BACKENDS = ("sqlite", "milvus")
+
+
+class RankerBackend(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    def load(self) -> LoadReport: ...
+
+    def close(self) -> None: ...
+
+    def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult: ...
+
+    def delete(self, collection: str, names: Sequence[str]) -> DeleteResult: ...
+
+    def search(self, query: Query) -> list[Match]: ...
+
+    def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]: ...
+
+    def stats(self, collection: str | None = None) -> list[CollectionStats]: ...
+
+    def create_collection(self, collection: str, dim: int, fingerprint: str,
+                          spec: IndexSpec) -> tuple[CollectionStats, bool]: ...
+
+    def drop_collection(self, collection: str) -> int: ...
+
+    def memory_bytes(self) -> int: ...
+
+    @property
+    def max_top_k(self) -> int: ...

@@ -1,0 +1,488 @@
+"""One collection held in a FAISS index: `exact` float16, `hnsw` or `ivf_pq`.
+
+Ids: every stored version of a vector gets a fresh FAISS id (0, 1, 2, ...),
+never reused. A replacement or a delete marks the old id dead in a bitmap of
+live ids; searches pass that bitmap to FAISS as an `IDSelectorBitmap`, so a
+dead id is never returned (HNSW cannot remove ids, and re-adding an id leaves
+the old vector findable). Once dead ids pass `REBUILD_DEAD_SHARE` of the index
+(and `REBUILD_MIN_DEAD`), the collection is rebuilt from its live vectors with
+ids 0..n-1; searches keep using the old index until the new one is swapped in.
+
+Re-rank: the candidates FAISS returns are rescored in float64 from the stored
+float32 vectors (HNSW: its own flat storage; ivf_pq: a float32 file on disk,
+read with pread, so the full vectors take page cache, not process memory;
+exact float16: the float16 rows themselves) and sorted by (-score, name).
+
+`ivf_pq` needs training: below `train_size(nlist)` vectors it answers by an
+exact scan of its on-disk rows, and trains once it has enough.
+
+Locking as in `index.Collection`: one writer at a time (`_write_mutex`), the
+readers-writer lock around every change searches could see.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ranker_service import kinds
+from ranker_service.kinds import EXACT, HNSW, IVF_PQ, IndexSpec
+from ranker_service.ranking import score_margin
+from ranker_service.rwlock import ReadWriteLock
+
+log = logging.getLogger(__name__)
+
+ADD_CHUNK = 16384          # vectors per FAISS add() while loading or rebuilding
+TRAIN_POINTS_PER_LIST = 40  # ivf_pq training sample: this many vectors per list ...
+MIN_TRAIN = 1024            # ... and at least this many (PQ codebooks have 256 entries)
+REBUILD_MIN_DEAD = kinds.REBUILD_MIN_DEAD
+BUILD_THREADS = int(os.environ.get("IMAGESEARCH_RANKER_BUILD_THREADS") or os.cpu_count() or 1)
+
+
+def train_size(nlist: int) -> int:
+    return max(TRAIN_POINTS_PER_LIST * nlist, MIN_TRAIN)
+
+
+class DiskRows:
+    """float32 rows by id in a file (the re-rank source of ivf_pq): appended as
+    ids are given out, read back with pread. Not fsync'ed: SQLite is the truth,
+    and a stale or torn file is rebuilt from it."""
+
+    def __init__(self, path: Path, dim: int, *, truncate: bool = True):
+        self.path = path
+        self.dim = dim
+        self.row_bytes = dim * 4
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0), 0o644)
+
+    def rows(self) -> int:
+        return os.fstat(self._fd).st_size // self.row_bytes
+
+    def write(self, first_id: int, block: np.ndarray) -> None:
+        data = np.ascontiguousarray(block, dtype="<f4").tobytes()
+        offset = first_id * self.row_bytes
+        while data:
+            done = os.pwrite(self._fd, data, offset)
+            data, offset = data[done:], offset + done
+
+    def read(self, ids: Sequence[int]) -> np.ndarray:
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        for j, i in enumerate(ids):
+            out[j] = np.frombuffer(os.pread(self._fd, self.row_bytes, int(i) * self.row_bytes), dtype="<f4")
+        return out
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        data = os.pread(self._fd, (stop - start) * self.row_bytes, start * self.row_bytes)
+        return np.frombuffer(data, dtype="<f4").reshape(-1, self.dim)
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def new_index(spec: IndexSpec, dim: int):
+    """An empty FAISS index of the spec's kind (ivf_pq untrained)."""
+    if spec.kind == EXACT:
+        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    if spec.kind == HNSW:
+        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.ef_construction
+        return index
+    if spec.kind == IVF_PQ:
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, spec.pq_bytes, 8, faiss.METRIC_INNER_PRODUCT)
+        index.own_fields = True
+        quantizer.this.disown()
+        return index
+    raise ValueError(f"no FAISS index for kind {spec.kind!r}")
+
+
+class FaissCollection:
+    """Same interface as `index.Collection`, over a FAISS index."""
+
+    def __init__(self, name: str, dim: int, fingerprint: str, spec: IndexSpec, *, created_at: float | None = None,
+                 updated_at: float | None = None, capacity: int = 0, files_dir: Path | None = None,
+                 rows: DiskRows | None = None):
+        if dim <= 0:
+            raise ValueError(f"dimension must be positive, got {dim}")
+        now = time.time()
+        self.name = name
+        self.dim = int(dim)
+        self.fingerprint = fingerprint
+        self.spec = spec
+        self.created_at = now if created_at is None else created_at
+        self.updated_at = self.created_at if updated_at is None else updated_at
+        self.margin = score_margin(self.dim)
+        self._tmpdir = None
+        if files_dir is None and spec.kind == IVF_PQ:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="ranker-ivfpq-")
+            files_dir = Path(self._tmpdir.name)
+        self.files_dir = files_dir
+        self._index = new_index(spec, self.dim)
+        self._names_by_id: list[str | None] = []
+        self._ids: dict[str, int] = {}
+        self._names_bytes = 0
+        self._live = np.zeros(max(8, (capacity + 7) // 8), dtype=np.uint8)
+        self._dead = 0
+        if rows is None and spec.kind == IVF_PQ:
+            rows = DiskRows(self.rows_path(files_dir), self.dim)
+        self._disk = rows
+        self._loading: list[np.ndarray] = []  # rows given ids but not yet added to FAISS (load, ivf_pq untrained)
+        self._loading_first = 0
+        self._nonfinite: str | None = None
+        self._rw = ReadWriteLock()
+        self._write_mutex = threading.Lock()
+
+    def rows_path(self, files_dir: Path) -> Path:
+        from ranker_service.index_files import stem
+
+        return files_dir / f"{stem(self.name)}.rows.f32"
+
+    @classmethod
+    def restore(cls, name: str, dim: int, fingerprint: str, spec: IndexSpec, index, names_by_id: list[str | None],
+                rows: DiskRows | None, files_dir: Path, *, created_at: float, updated_at: float) -> FaissCollection:
+        """A collection from its saved index and names (see index_files)."""
+        if index.d != dim or index.ntotal != (len(names_by_id) if spec.kind != IVF_PQ or index.is_trained
+                                              else 0):
+            if rows is not None:
+                rows.close()
+            raise ValueError(f"saved index holds {index.ntotal} vectors of dim {index.d}, "
+                             f"names {len(names_by_id)}, expected dim {dim}")
+        coll = cls(name, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
+                   capacity=len(names_by_id), files_dir=files_dir, rows=rows)
+        coll._index = index
+        coll._names_by_id = names_by_id
+        live = np.fromiter((n is not None for n in names_by_id), dtype=bool, count=len(names_by_id))
+        packed = np.packbits(live, bitorder="little")
+        coll._live[: packed.shape[0]] = packed
+        coll._ids = {n: i for i, n in enumerate(names_by_id) if n is not None}
+        coll._dead = len(names_by_id) - len(coll._ids)
+        coll._names_bytes = sum(sys.getsizeof(n) for n in coll._ids)
+        return coll
+
+    def state(self):
+        """(the FAISS index, names by id) for saving; the caller keeps writers out."""
+        return self._index, self._names_by_id
+
+    def flush_rows(self) -> None:
+        if self._disk is not None:
+            self._disk.flush()
+
+    # ------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, name: str) -> bool:
+        with self._rw.read():
+            return name in self._ids
+
+    @property
+    def trained(self) -> bool:
+        return self._index.is_trained
+
+    @property
+    def dead(self) -> int:
+        return self._dead
+
+    def names(self) -> list[str]:
+        with self._rw.read():
+            return list(self._ids)
+
+    def _rows(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 rows of these ids (caller holds the read lock)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._disk is not None:
+            return self._disk.read(ids)
+        return self._index.reconstruct_batch(ids)
+
+    def vector(self, name: str) -> np.ndarray:
+        with self._rw.read():
+            return self._rows([self._ids[name]])[0].copy()
+
+    def snapshot(self) -> tuple[np.ndarray, list[str]]:
+        with self._rw.read():
+            names = list(self._ids)
+            ids = [self._ids[n] for n in names]
+            return self._rows(ids) if ids else np.empty((0, self.dim), np.float32), names
+
+    def memory_bytes(self) -> int:
+        """An estimate: FAISS codes and graph/lists, plus the names and id maps."""
+        with self._rw.read():
+            n = self._index.ntotal
+            if self.spec.kind == EXACT:
+                index_bytes = n * self.dim * 2
+            elif self.spec.kind == HNSW:
+                index_bytes = n * (self.dim * 4 + self.spec.hnsw_m * 2 * 4 + 16)
+            else:
+                index_bytes = n * (self.spec.pq_bytes + 8) + self.spec.nlist * self.dim * 4 + 256 * self.dim * 4
+            return (index_bytes + self._live.nbytes + sys.getsizeof(self._names_by_id) + sys.getsizeof(self._ids)
+                    + self._names_bytes)
+
+    def stats(self):
+        from ranker_service.index import CollectionStats
+
+        return CollectionStats(self.name, len(self), self.dim, self.fingerprint, self.memory_bytes(),
+                               self.created_at, self.updated_at, self.spec)
+
+    def _selector(self):
+        if self._dead == 0:
+            return None
+        return faiss.IDSelectorBitmap(self._live.shape[0], faiss.swig_ptr(self._live))
+
+    def _params(self, sel, fetch: int):
+        if self.spec.kind == HNSW:
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(self.spec.ef_search, fetch)
+        elif self.spec.kind == IVF_PQ:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = self.spec.nprobe
+        else:
+            params = faiss.SearchParameters()
+        if sel is not None:
+            params.sel = sel
+        return params
+
+    def search(self, queries64: np.ndarray, top_ks: Sequence[int]) -> list[list[tuple[str, float]]]:
+        queries64 = np.atleast_2d(queries64)
+        if queries64.shape[1] != self.dim or queries64.shape[0] != len(top_ks):
+            raise ValueError(f"queries of shape {queries64.shape} for dim {self.dim} and {len(top_ks)} top_k values")
+        q32 = np.ascontiguousarray(queries64, dtype=np.float32)
+        with self._rw.read():
+            n = len(self._ids)
+            if n == 0:
+                return [[] for _ in top_ks]
+            kmax = min(max(top_ks), n)
+            if self.spec.kind == EXACT:
+                fetch = min(n, kmax + max(16, kmax))  # float16 scores pick, float64 over the float16 rows orders
+            elif self.spec.rerank:
+                fetch = self.spec.candidates(kmax, n)
+            else:
+                fetch = kmax
+            if self._index.is_trained:
+                sel = self._selector()
+                _, found = self._index.search(q32, fetch, params=self._params(sel, fetch))
+            else:
+                found = self._scan(q32, fetch)
+            return [self._rank(found[i], queries64[i], int(k)) for i, k in enumerate(top_ks)]
+
+    def _scan(self, q32: np.ndarray, fetch: int) -> np.ndarray:
+        """Untrained ivf_pq: exact float32 scan of the on-disk rows, dead ids excluded."""
+        total = len(self._names_by_id)
+        rows = self._disk.read_range(0, total)
+        scores = q32 @ rows.T
+        alive = np.unpackbits(self._live, bitorder="little")[:total].astype(bool)
+        scores[:, ~alive] = -np.inf
+        fetch = min(fetch, int(alive.sum()))
+        top = np.argpartition(-scores, fetch - 1, axis=1)[:, :fetch]
+        return top
+
+    def _rank(self, ids: np.ndarray, query64: np.ndarray, k: int) -> list[tuple[str, float]]:
+        ids = [int(i) for i in ids if i >= 0]
+        if not ids:
+            return []
+        names = [self._names_by_id[i] for i in ids]
+        if not self.spec.rerank and self.spec.kind != EXACT:
+            # FAISS's own order and (approximate) scores are not kept: score the
+            # candidates exactly anyway, but only the first k of them.
+            ids, names = ids[:k], names[:k]
+        scores = (self._rows(ids).astype(np.float64) * query64).sum(axis=1)
+        order = sorted(range(len(ids)), key=lambda j: (-scores[j], names[j]))[:k]
+        return [(names[j], float(scores[j])) for j in order]
+
+    def first_nonfinite(self) -> str | None:
+        return self._nonfinite  # checked row by row as vectors are loaded (see load_row)
+
+    # ------------------------------------------------------------ writing
+
+    def _give_ids(self, names: Sequence[str]) -> int:
+        """Fresh ids for `names` (caller holds the write lock); the old id of a
+        name already present dies. Returns the first new id."""
+        first = len(self._names_by_id)
+        needed = (first + len(names) + 7) // 8
+        if needed > self._live.shape[0]:
+            bigger = np.zeros(max(needed, 2 * self._live.shape[0]), dtype=np.uint8)
+            bigger[: self._live.shape[0]] = self._live
+            self._live = bigger
+        for offset, name in enumerate(names):
+            old = self._ids.get(name)
+            if old is not None:
+                self._kill(old)
+            else:
+                self._names_bytes += sys.getsizeof(name)
+            new = first + offset
+            self._ids[name] = new
+            self._names_by_id.append(name)
+            self._live[new >> 3] |= np.uint8(1 << (new & 7))
+        return first
+
+    def _kill(self, fid: int) -> None:
+        self._live[fid >> 3] &= np.uint8(~(1 << (fid & 7)) & 0xFF)
+        self._names_by_id[fid] = None
+        self._dead += 1
+
+    def _add(self, first_id: int, block: np.ndarray) -> None:
+        """Rows with ids first_id.. into FAISS (trained) or to disk only."""
+        if self._disk is not None:
+            self._disk.write(first_id, block)
+        if self._index.is_trained:
+            faiss.omp_set_num_threads(BUILD_THREADS)
+            if self.spec.kind == IVF_PQ:
+                self._index.add_with_ids(block, np.arange(first_id, first_id + block.shape[0], dtype=np.int64))
+            else:
+                self._index.add(block)
+
+    def load_row(self, name: str, vector: np.ndarray) -> None:
+        """Start-up loading, buffered: rows reach FAISS in chunks (see finish_load)."""
+        if self._nonfinite is None and not np.isfinite(vector.sum(dtype=np.float64)):
+            self._nonfinite = name
+        with self._write_mutex:
+            if name in self._ids:
+                raise ValueError(f"collection {self.name!r}: name {name!r} loaded twice")
+            if not self._loading:
+                self._loading_first = len(self._names_by_id)
+            self._give_ids([name])
+            self._loading.append(vector)
+            if len(self._loading) >= ADD_CHUNK:
+                self._flush_loading()
+
+    def _flush_loading(self) -> None:
+        if self._loading:
+            block = np.stack(self._loading)
+            self._loading = []
+            self._add(self._loading_first, block)
+
+    def finish_load(self) -> None:
+        with self._write_mutex:
+            self._flush_loading()
+            self._train_if_ready()
+
+    def _train_if_ready(self) -> None:
+        """ivf_pq: train on a random sample of the on-disk rows once there are
+        enough, then add every live row (caller holds the write mutex)."""
+        if self._index.is_trained or len(self._ids) < train_size(self.spec.nlist):
+            return
+        t0 = time.perf_counter()
+        index = new_index(self.spec, self.dim)
+        faiss.omp_set_num_threads(BUILD_THREADS)
+        total = len(self._names_by_id)
+        live_ids = np.flatnonzero(np.unpackbits(self._live, bitorder="little")[:total])
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(live_ids, min(live_ids.shape[0], train_size(self.spec.nlist)), replace=False))
+        index.train(self._disk.read(sample))
+        for start in range(0, total, ADD_CHUNK):
+            stop = min(start + ADD_CHUNK, total)
+            ids = live_ids[(live_ids >= start) & (live_ids < stop)]
+            if ids.shape[0]:
+                index.add_with_ids(self._disk.read_range(start, stop)[ids - start], ids.astype(np.int64))
+        with self._rw.write():
+            self._index = index
+        log.info("collection %r: trained ivf_pq on %d of %d vectors and added them in %.1fs",
+                 self.name, sample.shape[0], live_ids.shape[0], time.perf_counter() - t0)
+
+    def upsert(self, names: Sequence[str], vectors32: np.ndarray, updated_at: float | None = None) -> tuple[int, int]:
+        vectors32 = np.ascontiguousarray(vectors32, dtype=np.float32)
+        if vectors32.ndim != 2 or vectors32.shape != (len(names), self.dim):
+            raise ValueError(f"{len(names)} names with vectors of shape {vectors32.shape} for dim {self.dim}")
+        last: dict[str, int] = {}
+        for j, name in enumerate(names):
+            last[name] = j
+        unique = list(last)
+        block = vectors32[list(last.values())]
+        with self._write_mutex:
+            with self._rw.write():
+                replaced = sum(1 for name in unique if name in self._ids)
+                first = self._give_ids(unique)
+                self._add(first, block)
+                if updated_at is not None:
+                    self.updated_at = updated_at
+            self._train_if_ready()
+            self._rebuild_if_needed()
+        return len(unique) - replaced, len(names) - (len(unique) - replaced)
+
+    def delete(self, names: Iterable[str], updated_at: float | None = None) -> list[str]:
+        removed = []
+        with self._write_mutex:
+            with self._rw.write():
+                for name in names:
+                    fid = self._ids.pop(name, None)
+                    if fid is None:
+                        continue
+                    self._kill(fid)
+                    self._names_bytes -= sys.getsizeof(name)
+                    removed.append(name)
+                if updated_at is not None and removed:
+                    self.updated_at = updated_at
+            self._rebuild_if_needed()
+        return removed
+
+    def _rebuild_if_needed(self) -> None:
+        total = len(self._names_by_id)
+        if self._dead >= REBUILD_MIN_DEAD and self._dead > kinds.REBUILD_DEAD_SHARE * total:
+            self.rebuild()
+
+    def rebuild(self) -> None:
+        """A new index of the live vectors with ids 0..n-1 (caller holds the
+        write mutex; searches use the old index until the swap)."""
+        t0 = time.perf_counter()
+        names = list(self._ids)
+        old_ids = np.asarray([self._ids[n] for n in names], dtype=np.int64)
+        order = np.argsort(old_ids)
+        old_ids = old_ids[order]
+        names = [names[i] for i in order]
+        if self.spec.kind == IVF_PQ and self._index.is_trained:
+            index = faiss.clone_index(self._index)  # keeps the trained lists and codebooks
+            index.reset()
+        else:
+            index = new_index(self.spec, self.dim)
+        disk = None
+        if self._disk is not None:
+            disk = DiskRows(self._disk.path.with_suffix(".rebuild"), self.dim)
+        faiss.omp_set_num_threads(BUILD_THREADS)
+        for start in range(0, len(names), ADD_CHUNK):
+            ids = old_ids[start:start + ADD_CHUNK]
+            with self._rw.read():
+                block = self._rows(ids)
+            if disk is not None:
+                disk.write(start, block)
+            if self.spec.kind != IVF_PQ:
+                index.add(block)
+            elif index.is_trained:
+                index.add_with_ids(block, np.arange(start, start + block.shape[0], dtype=np.int64))
+        live = np.zeros(max(8, (len(names) + 7) // 8), dtype=np.uint8)
+        live[: len(names) // 8] = 0xFF
+        for i in range(len(names) // 8 * 8, len(names)):
+            live[i >> 3] |= np.uint8(1 << (i & 7))
+        with self._rw.write():
+            self._index = index
+            self._names_by_id = list(names)
+            self._ids = {name: i for i, name in enumerate(names)}
+            self._live = live
+            self._dead = 0
+            if disk is not None:
+                os.replace(disk.path, self._disk.path)
+                self._disk.close()
+                disk.path = self._disk.path
+                self._disk = disk
+        self._train_if_ready()
+        log.info("collection %r: rebuilt %s index of %d live vectors in %.1fs",
+                 self.name, self.spec.label, len(names), time.perf_counter() - t0)
+
+    def close(self) -> None:
+        with self._rw.write():  # searches in flight finish first
+            if self._disk is not None:
+                self._disk.close()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()

@@ -1,0 +1,142 @@
+"""Index files next to the database, for a fast start-up.
+
+`<db>.index/` holds, per collection (files named by a hash of its name):
+`<stem>.meta.json` (name, kind, parameters, dimension, count and the
+database generation the files reflect), `<stem>.names` (the names by FAISS id
+or row, NUL-separated; "" for a dead id) and the vectors: `<stem>.npy`
+(exact float32 matrix) or `<stem>.faiss` (faiss.write_index; ivf_pq also keeps
+its float32 rows in `<stem>.rows.f32`, the re-rank source).
+
+The database keeps one generation counter, bumped by every write, and each
+collection records the generation of its last write. At start-up a
+collection is loaded from its files only when their meta names the same
+generation, kind, parameters, dimension and count; otherwise it is rebuilt
+from SQLite (and its files are written again). Files are written at a clean
+stop and after a rebuild at start-up; the meta is removed first and written
+last (tmp file + fsync + os.replace), so a crash mid-save leaves no meta, or
+a stale one, never a meta over files it does not describe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ranker_service.faiss_collection import DiskRows, FaissCollection
+from ranker_service.kinds import IVF_PQ, IndexSpec
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+def stem(collection: str) -> str:
+    return hashlib.sha256(collection.encode("utf-8")).hexdigest()[:32]
+
+
+def folder_for(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".index")
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_names(path: Path, names: list[str | None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"\0".join((n or "").encode("utf-8") for n in names))
+    _replace(tmp, path)
+
+
+def read_names(path: Path) -> list[str | None]:
+    data = path.read_bytes()
+    if not data:
+        return []
+    return [n.decode("utf-8") or None for n in data.split(b"\0")]
+
+
+def _meta(coll, spec: IndexSpec, generation: int) -> dict:
+    return {"format": FORMAT, "name": coll.name, "kind": spec.kind, "params": spec.params(), "dim": coll.dim,
+            "fingerprint": coll.fingerprint, "generation": generation, "count": len(coll)}
+
+
+def save(coll, folder: Path, generation: int) -> None:
+    """Write `coll`'s files for database generation `generation`. The caller
+    keeps writers out (the gallery's write lock)."""
+    from ranker_service.index import Collection
+
+    folder.mkdir(exist_ok=True)
+    base = folder / stem(coll.name)
+    meta_path = base.with_suffix(".meta.json")
+    meta_path.unlink(missing_ok=True)
+    if isinstance(coll, Collection):
+        matrix, names = coll.snapshot_view()
+        tmp = base.with_suffix(".npy.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, matrix)
+        _replace(tmp, base.with_suffix(".npy"))
+        write_names(base.with_suffix(".names"), names)
+        spec = IndexSpec()
+    else:
+        spec = coll.spec
+        index, names = coll.state()
+        tmp = base.with_suffix(".faiss.tmp")
+        faiss.write_index(index, str(tmp))
+        _replace(tmp, base.with_suffix(".faiss"))
+        write_names(base.with_suffix(".names"), names)
+        coll.flush_rows()
+    tmp = base.with_suffix(".meta.tmp")
+    tmp.write_text(json.dumps(_meta(coll, spec, generation)))
+    _replace(tmp, meta_path)
+
+
+def load(name: str, dim: int, fingerprint: str, spec: IndexSpec, generation: int, count: int, folder: Path, *,
+         created_at: float, updated_at: float):
+    """The collection from its files, or None when they are missing or stale."""
+    from ranker_service.index import Collection
+
+    base = folder / stem(name)
+    try:
+        meta = json.loads(base.with_suffix(".meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    want = {"format": FORMAT, "name": name, "kind": spec.kind, "params": spec.params(), "dim": dim,
+            "fingerprint": fingerprint, "generation": generation, "count": count}
+    if meta != want:
+        log.info("collection %r: index files are stale (generation %s, database %s): rebuilding from SQLite",
+                 name, meta.get("generation"), generation)
+        return None
+    try:
+        names = read_names(base.with_suffix(".names"))
+        if spec.kind == "exact" and not spec.float16:
+            matrix = np.load(base.with_suffix(".npy"))
+            if matrix.shape != (count, dim) or len(names) != count or None in names:
+                return None
+            return Collection.restore(name, dim, fingerprint, matrix, names, created_at=created_at,
+                                      updated_at=updated_at)
+        index = faiss.read_index(str(base.with_suffix(".faiss")))
+        rows = None
+        if spec.kind == IVF_PQ:
+            rows = DiskRows(base.with_suffix(".rows.f32"), dim, truncate=False)
+            if rows.rows() < len(names):
+                rows.close()
+                return None
+        return FaissCollection.restore(name, dim, fingerprint, spec, index, names, rows, folder,
+                                       created_at=created_at, updated_at=updated_at)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("collection %r: cannot read its index files (%s): rebuilding from SQLite", name, exc)
+        return None
+
+
+def remove(name: str, folder: Path) -> None:
+    base = folder / stem(name)
+    for suffix in (".meta.json", ".names", ".npy", ".faiss", ".rows.f32"):
+        base.with_suffix(suffix).unlink(missing_ok=True)

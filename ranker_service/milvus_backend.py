@@ -1,0 +1,428 @@
+"""The ranker's Milvus backend: the same core interface as `Gallery`, over
+Milvus collections through pymilvus (`--backend milvus --milvus-uri URI`).
+
+Milvus, not SQLite, is then the source of truth: it stores, shards and
+replicates; this process keeps no vectors, only a cache of each collection's
+settings (read from a settings collection in Milvus, so several rankers can
+serve one Milvus). `MilvusClient("./x.db")` opens an embedded milvus-lite
+file, `MilvusClient("http://host:19530", token=...)` a server or cluster.
+
+Held to a Milvus *server's* documented limits, not only milvus-lite's (which
+accepts more):
+- collection names: letters, digits and "_", starting with a letter or "_",
+  at most 255 characters. Ours are free text (1..128 characters), so each maps
+  to `is_<letters/digits of the name>_<sha256 prefix>`; the real name is kept
+  in the settings collection.
+- dimension 2..32,768 (float vectors).
+- writes are upserts (primary key = the item name, VARCHAR of at most 16,384
+  bytes: 4,096 characters of up to 4 bytes).
+- top-k at most 16,384 per search: results are over-fetched (exact: until
+  the float32 scores prove the float64 top-k is inside, see ranking.py; ANN:
+  top_k x rerank_factor) and re-ranked in float64 from the returned vectors,
+  ties broken by name, as the SQLite backend does.
+- consistency level Strong on every collection: a search sees every write
+  acknowledged before it. An upsert is acknowledged once Milvus has written
+  it to its WAL (the message queue), Milvus's durability, not an fsync here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from imagesearch import errors
+from ranker_service import kinds
+from ranker_service.gallery import (
+    DEFAULT_BATCH_SIZE,
+    DeleteResult,
+    LoadReport,
+    UpsertItem,
+    UpsertResult,
+    _check_fits,
+    _Pending,
+    _with_progress,
+    describe_item,
+)
+from ranker_service.index import CollectionStats, Match, Query, describe_query
+from ranker_service.ranking import score_margin
+from ranker_service.vectors import (
+    MAX_TOP_K,
+    check_collection,
+    check_name,
+    check_top_k,
+    stored_form,
+    unit_vector,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_DIM, MAX_DIM = 2, 32768
+MAX_SEARCH_LIMIT = 16384
+MAX_NAME_BYTES = 16384
+SETTINGS = "imagesearch_collections"
+CONSISTENCY = "Strong"
+_NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_]")
+
+
+def milvus_name(collection: str) -> str:
+    """A Milvus collection name for ours: allowed characters only, unique by hash."""
+    readable = _NOT_ALLOWED.sub("_", collection)[:40]
+    return f"is_{readable}_{hashlib.sha256(collection.encode('utf-8')).hexdigest()[:16]}"
+
+
+def _index_params(spec: kinds.IndexSpec) -> tuple[str, dict, dict]:
+    """(Milvus index type, build params, search params) for a spec."""
+    if spec.kind == kinds.HNSW:
+        return "HNSW", {"M": spec.hnsw_m, "efConstruction": spec.ef_construction}, {"ef": spec.ef_search}
+    if spec.kind == kinds.IVF_PQ:
+        return "IVF_PQ", {"nlist": spec.nlist, "m": spec.pq_bytes, "nbits": 8}, {"nprobe": spec.nprobe}
+    return "FLAT", {}, {}
+
+
+class _Coll:
+    def __init__(self, name: str, dim: int, fingerprint: str, spec: kinds.IndexSpec, created_at: float,
+                 updated_at: float):
+        self.name, self.dim, self.fingerprint, self.spec = name, dim, fingerprint, spec
+        self.created_at, self.updated_at = created_at, updated_at
+        self.key = milvus_name(name)
+        self.margin = score_margin(dim)
+
+
+class MilvusGallery:
+    """`Gallery`'s interface over Milvus. Thread-safe. `load()` connects."""
+
+    def __init__(self, uri: str, token: str = "", *, batch_size: int = DEFAULT_BATCH_SIZE, timeout: float = 60.0):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.uri, self.token, self.batch_size, self.timeout = uri, token, batch_size, timeout
+        self.client = None
+        self._colls: dict[str, _Coll] = {}
+        self._lock = threading.Lock()
+        self._ready = False
+        self._closed = False
+
+    # ------------------------------------------------------------ life cycle
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._closed
+
+    def load(self) -> LoadReport:
+        from pymilvus import MilvusClient
+
+        start = time.perf_counter()
+        try:
+            self.client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout)
+            if not self.client.has_collection(SETTINGS):
+                self._create_settings()
+            self.client.load_collection(SETTINGS)
+            rows = self.client.query(SETTINGS, filter='key != ""', output_fields=["*"], consistency_level=CONSISTENCY)
+        except Exception as exc:
+            raise errors.StoreError(f"cannot use Milvus at {self.uri}: {exc}") from exc
+        count = 0
+        for row in rows:
+            coll = self._from_row(row)
+            self.client.load_collection(coll.key)
+            self._colls[coll.name] = coll
+            count += self._count(coll)
+        self._ready = True
+        report = LoadReport(len(self._colls), count, time.perf_counter() - start, 0)
+        log.info("loaded %d vectors in %d collections from Milvus at %s in %.2fs", count, len(self._colls),
+                 self.uri, report.seconds)
+        return report
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self.client is not None:
+                self.client.close()
+        log.info("closed the Milvus connection to %s", self.uri)
+
+    def _require_ready(self) -> None:
+        if self._closed:
+            raise errors.Unavailable("the ranker is shutting down")
+        if not self._ready:
+            raise errors.Unavailable("the ranker is still connecting to Milvus: retry shortly")
+
+    def _call(self, doing: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except errors.ImageSearchError:
+            raise
+        except Exception as exc:
+            raise errors.Unavailable(f"{doing}: Milvus failed, retry later: {exc}") from exc
+
+    # ------------------------------------------------------------ settings
+
+    def _create_settings(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False)
+        schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=255)
+        schema.add_field("settings", DataType.VARCHAR, max_length=65535)
+        schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field
+        index = self.client.prepare_index_params()
+        index.add_index(field_name="v", index_type="FLAT", metric_type="IP")
+        self.client.create_collection(SETTINGS, schema=schema, index_params=index, consistency_level=CONSISTENCY)
+
+    def _from_row(self, row: dict) -> _Coll:
+        s = json.loads(row["settings"])
+        return _Coll(s["name"], int(s["dim"]), s["fingerprint"], kinds.spec_from_json(s["kind"], json.dumps(s["params"])),
+                     float(s["created_at"]), float(s["updated_at"]))
+
+    def _write_settings(self, coll: _Coll) -> None:
+        settings = {"name": coll.name, "dim": coll.dim, "fingerprint": coll.fingerprint, "kind": coll.spec.kind,
+                    "params": coll.spec.params(), "created_at": coll.created_at, "updated_at": coll.updated_at}
+        self._call(f"saving collection {coll.name!r}'s settings", self.client.upsert, SETTINGS,
+                   [{"key": coll.key, "settings": json.dumps(settings), "v": [1.0, 0.0]}])
+
+    def _find(self, collection: str) -> _Coll | None:
+        coll = self._colls.get(collection)
+        if coll is None:  # perhaps created by another ranker on the same Milvus
+            rows = self._call("reading collection settings", self.client.get, SETTINGS, ids=[milvus_name(collection)],
+                              output_fields=["settings"])
+            if rows:
+                coll = self._from_row(rows[0])
+                self._call(f"loading collection {collection!r}", self.client.load_collection, coll.key)
+                self._colls[collection] = coll
+        return coll
+
+    def _get(self, collection: str) -> _Coll:
+        coll = self._find(collection)
+        if coll is None:
+            known = sorted(self._colls)
+            listing = ", ".join(repr(c) for c in known[:10]) + (" ..." if len(known) > 10 else "")
+            raise errors.NotFound(f"unknown collection {collection!r} (known: {listing or 'none yet'})")
+        return coll
+
+    def _create(self, collection: str, dim: int, fingerprint: str, spec: kinds.IndexSpec) -> _Coll:
+        from pymilvus import DataType, MilvusClient
+
+        if not MIN_DIM <= dim <= MAX_DIM:
+            raise errors.InvalidArgument(
+                f"collection {collection!r}: dimension {dim} is outside Milvus's limits {MIN_DIM}..{MAX_DIM}")
+        if spec.float16:
+            raise errors.InvalidArgument("the Milvus backend keeps float32 vectors: float16 is not available")
+        now = time.time()
+        coll = _Coll(collection, dim, fingerprint, spec, now, now)
+        schema = MilvusClient.create_schema(auto_id=False)
+        schema.add_field("name", DataType.VARCHAR, is_primary=True, max_length=MAX_NAME_BYTES)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("created_at", DataType.DOUBLE)
+        schema.add_field("updated_at", DataType.DOUBLE)
+        index_type, build, _ = _index_params(spec)
+        index = self.client.prepare_index_params()
+        index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=build)
+        try:
+            self.client.create_collection(coll.key, schema=schema, index_params=index, consistency_level=CONSISTENCY)
+            self.client.load_collection(coll.key)
+        except Exception as exc:
+            try:
+                self.client.drop_collection(coll.key)
+            except Exception as cleanup:  # noqa: BLE001 - best effort; the first error is the one to report
+                log.warning("could not drop the half-made collection %s: %s", coll.key, cleanup)
+            raise errors.FailedPrecondition(
+                f"Milvus at {self.uri} cannot make a {spec.label} collection {collection!r}: {exc}") from exc
+        self._write_settings(coll)
+        self._colls[collection] = coll
+        log.info("created Milvus collection %s for %r (dim %d, %s)", coll.key, collection, dim, index_type)
+        return coll
+
+    # ------------------------------------------------------------ writes
+
+    def create_collection(self, collection: str, dim: int, fingerprint: str,
+                          spec: kinds.IndexSpec) -> tuple[CollectionStats, bool]:
+        self._require_ready()
+        check_collection(collection, what="create collection")
+        spec.check_dim(dim, f"create collection {collection!r}")
+        with self._lock:
+            coll = self._find(collection)
+            if coll is not None:
+                if (coll.dim, coll.fingerprint, coll.spec) != (dim, fingerprint, spec):
+                    raise errors.AlreadyExists(
+                        f"collection {collection!r} exists with dimension {coll.dim}, fingerprint "
+                        f"{coll.fingerprint!r} and index {coll.spec.label} {coll.spec.params()}; drop it first")
+                return self._stats(coll), False
+            coll = self._create(collection, dim, fingerprint, spec)
+        return self._stats(coll), True
+
+    def drop_collection(self, collection: str) -> int:
+        self._require_ready()
+        check_collection(collection, what="drop collection")
+        with self._lock:
+            coll = self._get(collection)
+            count = self._count(coll)
+            self._call(f"dropping {collection!r}", self.client.drop_collection, coll.key)
+            self._call(f"dropping {collection!r}", self.client.delete, SETTINGS, ids=[coll.key])
+            self._colls.pop(collection, None)
+        return count
+
+    def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
+        self._require_ready()
+        pending: list[_Pending] = []
+        committed = inserted = replaced = 0
+
+        def flush() -> None:
+            nonlocal committed, inserted, replaced
+            if not pending:
+                return
+            batch = list(pending)
+            pending.clear()
+            try:
+                ins, rep = self._commit(batch)
+            except errors.ImageSearchError as exc:
+                first, last = batch[0], batch[-1]
+                raise type(exc)(
+                    f"{exc}: items {first.index}..{last.index} (names {first.name!r}..{last.name!r}) were not "
+                    f"committed; {committed} items of this call were committed before them") from exc
+            committed += ins + rep
+            inserted += ins
+            replaced += rep
+
+        for i, item in enumerate(items):
+            try:
+                what = describe_item(i, item.name)
+                check_collection(item.collection, what=what)
+                check_name(item.name, what=what)
+                if len(item.name.encode("utf-8")) > MAX_NAME_BYTES:
+                    raise errors.InvalidArgument(f"{what}: the name takes more than {MAX_NAME_BYTES} bytes in UTF-8")
+                p = _Pending(i, item.collection, item.name, stored_form(unit_vector(item.vector, what=what)),
+                             item.fingerprint)
+                with self._lock:
+                    coll = self._find(p.collection)
+                    if coll is None:
+                        flush()
+                        coll = self._create(p.collection, p.vector.shape[0], p.fingerprint, kinds.IndexSpec())
+                _check_fits(p.collection, coll.dim, coll.fingerprint, p)
+            except errors.ImageSearchError as exc:
+                flush()
+                raise _with_progress(exc, committed) from None
+            pending.append(p)
+            if len(pending) >= self.batch_size:
+                flush()
+        flush()
+        return UpsertResult(committed, inserted, replaced)
+
+    def _commit(self, batch: list[_Pending]) -> tuple[int, int]:
+        now = time.time()
+        by_coll: dict[str, dict[str, _Pending]] = {}
+        for p in batch:
+            by_coll.setdefault(p.collection, {})[p.name] = p  # the last of repeated names wins
+        inserted = replaced = 0
+        for collection, items in by_coll.items():
+            coll = self._get(collection)
+            existing = {r["name"]: r["created_at"] for r in self._call(
+                "looking up names", self.client.get, coll.key, ids=list(items), output_fields=["name", "created_at"])}
+            rows = [{"name": name, "vector": p.vector.tolist(), "created_at": existing.get(name, now),
+                     "updated_at": now} for name, p in items.items()]
+            self._call(f"upserting {len(rows)} items", self.client.upsert, coll.key, rows)
+            seen = set(existing)
+            for p in batch:
+                if p.collection != collection:
+                    continue
+                if p.name in seen:
+                    replaced += 1
+                else:
+                    inserted += 1
+                    seen.add(p.name)
+            coll.updated_at = now
+            self._write_settings(coll)
+        return inserted, replaced
+
+    def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
+        self._require_ready()
+        check_collection(collection, what="delete")
+        for i, name in enumerate(names):
+            check_name(name, what=f"delete: names[{i}]")
+        coll = self._get(collection)
+        wanted = list(dict.fromkeys(names))
+        found = {r["name"] for r in self._call("looking up names", self.client.get, coll.key, ids=wanted,
+                                               output_fields=["name"])} if wanted else set()
+        existing = [n for n in wanted if n in found]
+        if existing:
+            self._call(f"deleting {len(existing)} names", self.client.delete, coll.key, ids=existing)
+            coll.updated_at = time.time()
+            self._write_settings(coll)
+        return DeleteResult(len(existing), [n for n in wanted if n not in found])
+
+    # ------------------------------------------------------------ reads
+
+    def _prepare(self, query: Query, what: str) -> tuple[_Coll, np.ndarray, int]:
+        k = check_top_k(query.top_k, what=what)
+        check_collection(query.collection, what=what)
+        coll = self._get(query.collection)
+        if query.fingerprint and query.fingerprint != coll.fingerprint:
+            raise errors.FailedPrecondition(
+                f"{what}: fingerprint {query.fingerprint!r} differs from collection {coll.name!r}'s "
+                f"{coll.fingerprint!r}: the query vector comes from another model (or preprocessing)")
+        return coll, unit_vector(query.vector, what=what, dim=coll.dim), k
+
+    def _search(self, coll: _Coll, q64: np.ndarray, k: int) -> list[Match]:
+        _, _, search_params = _index_params(coll.spec)
+        exact = coll.spec.kind == kinds.EXACT
+        fetch = min(MAX_SEARCH_LIMIT, max(2 * k, k + 64) if exact else coll.spec.candidates(k, MAX_SEARCH_LIMIT))
+        q32 = q64.astype(np.float32).tolist()
+        while True:
+            (hits,) = self._call("searching", self.client.search, coll.key, data=[q32], limit=fetch,
+                                 output_fields=["vector"], consistency_level=CONSISTENCY,
+                                 search_params={"metric_type": "IP", "params": search_params})
+            names = [h["name"] if "name" in h else h["id"] for h in hits]
+            if not exact or len(hits) < fetch or fetch >= MAX_SEARCH_LIMIT or len(hits) <= k:
+                break
+            # FLAT scores are float32: the float64 top-k is surely inside only if
+            # the last fetched score is below the k-th by more than the margin.
+            if hits[-1]["distance"] < hits[k - 1]["distance"] - coll.margin:
+                break
+            fetch = min(MAX_SEARCH_LIMIT, 4 * fetch)
+        if not hits:
+            return []
+        vectors = np.asarray([h["entity"]["vector"] for h in hits], dtype=np.float32).astype(np.float64)
+        scores = (vectors * q64).sum(axis=1)
+        order = sorted(range(len(hits)), key=lambda j: (-scores[j], names[j]))[:k]
+        return [Match(rank, names[j], float(scores[j])) for rank, j in enumerate(order, 1)]
+
+    def search(self, query: Query) -> list[Match]:
+        self._require_ready()
+        coll, q64, k = self._prepare(query, describe_query(query))
+        return self._search(coll, q64, k)
+
+    def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
+        self._require_ready()
+        results: list[list[Match] | errors.ImageSearchError] = []
+        for i, query in enumerate(queries):
+            try:
+                coll, q64, k = self._prepare(query, describe_query(query, i))
+                results.append(self._search(coll, q64, k))
+            except errors.ImageSearchError as exc:
+                results.append(exc)
+        return results
+
+    def _count(self, coll: _Coll) -> int:
+        rows = self._call("counting", self.client.query, coll.key, filter="", output_fields=["count(*)"],
+                          consistency_level=CONSISTENCY)
+        return int(rows[0]["count(*)"])
+
+    def _stats(self, coll: _Coll) -> CollectionStats:
+        return CollectionStats(coll.name, self._count(coll), coll.dim, coll.fingerprint, 0, coll.created_at,
+                               coll.updated_at, coll.spec)
+
+    def stats(self, collection: str | None = None) -> list[CollectionStats]:
+        self._require_ready()
+        if collection:
+            check_collection(collection, what="stats")
+            return [self._stats(self._get(collection))]
+        return [self._stats(self._colls[name]) for name in sorted(self._colls)]
+
+    def memory_bytes(self) -> int:
+        return 0  # the vectors live in Milvus
+
+    @property
+    def max_top_k(self) -> int:
+        return MAX_TOP_K
