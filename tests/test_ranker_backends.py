@@ -20,7 +20,7 @@ import pytest
 
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
-from tests.procs import ServiceProcess
+from imagesearch.testing import ServiceProcess
 
 BACKENDS = ["sqlite", "milvus"]
 DIM = 24
