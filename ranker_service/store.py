@@ -273,6 +273,21 @@ class GalleryStore:
             return [r[0] for r in self.db.execute(
                 "SELECT name FROM vectors WHERE collection = ? ORDER BY name", [collection]).fetchall()]
 
+    def copy_to(self, target: Path) -> None:
+        """Copy the committed database into the new file `target` with SQLite's
+        backup API, in one step under the store's lock (no write commits during
+        the copy, so it is one consistent snapshot; readers of memory go on)."""
+        with self._lock:
+            if self._closed:
+                raise errors.Unavailable("the ranker is shutting down: its database is closed")
+            dest = sqlite3.connect(target)
+            try:
+                self.db.conn.backup(dest)
+            except sqlite3.Error as exc:
+                raise write_error(exc, f"backing up into {target}") from exc
+            finally:
+                dest.close()
+
     # ------------------------------------------------------------ writing
 
     @contextlib.contextmanager

@@ -1,0 +1,94 @@
+"""Online backup of the ranker's database while it is being written: every
+copy passes `PRAGMA integrity_check`, is one consistent snapshot (whole
+transactions only), holds exactly the committed vectors, bit for bit, and is
+a standalone file another ranker can open."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+from imagesearch import errors
+from ranker_service.backup import backup_copy, read_chunks
+from ranker_service.store import GalleryStore, UpsertRow
+from ranker_service.vectors import from_blob
+
+DIM = 64
+BATCH = 50
+
+
+def unit_rows(start: int, n: int, rng) -> list[UpsertRow]:
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return [UpsertRow("c", f"n{start + i:06d}", v[i], "fp") for i in range(n)]
+
+
+def test_backup_copies_under_concurrent_writes_are_whole_checked_snapshots(tmp_path):
+    store = GalleryStore.open(tmp_path / "live.db")
+    rng = np.random.default_rng(0)
+    written: dict[str, np.ndarray] = {}
+    store.upsert(first := unit_rows(0, BATCH, rng), [("c", DIM, "fp")])
+    written.update((r.name, r.vector) for r in first)
+    stop = threading.Event()
+    commits = [1]
+
+    def writer():
+        i = BATCH
+        while not stop.is_set():
+            rows = unit_rows(i, BATCH, rng)
+            store.upsert(rows)
+            written.update((r.name, r.vector) for r in rows)
+            commits[0] += 1
+            i += BATCH
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = []
+    try:
+        for _ in range(5):
+            before = commits[0]
+            with backup_copy(store) as copy:
+                after = commits[0]
+                assert copy.path.parent.parent == tmp_path and copy.size == copy.path.stat().st_size
+                conn = sqlite3.connect(copy.path)
+                assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+                assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+                rows = conn.execute("SELECT name, dim, vector FROM vectors").fetchall()
+                conn.close()
+                assert copy.vectors == len(rows) and copy.collections == 1
+                assert len(rows) % BATCH == 0, "a transaction was copied in part"
+                assert before * BATCH <= len(rows) <= (after + 1) * BATCH
+                for name, dim, blob in rows:
+                    np.testing.assert_array_equal(from_blob(blob, dim), written[name])
+                assert b"".join(read_chunks(copy.path, 4096)) == copy.path.read_bytes()
+                seen.append(len(rows))
+            assert not copy.path.exists(), "the temporary copy is deleted"
+    finally:
+        stop.set()
+        thread.join()
+    assert seen == sorted(seen) and seen[-1] > seen[0], f"writes went on between backups: {seen}"
+    store.close()
+
+
+def test_a_copy_opens_as_a_ranker_database_of_its_own(tmp_path):
+    store = GalleryStore.open(tmp_path / "live.db")
+    rows = unit_rows(0, 10, np.random.default_rng(1))
+    store.upsert(rows, [("c", DIM, "fp")])
+    with backup_copy(store) as copy:
+        restored = tmp_path / "restored.db"
+        restored.write_bytes(copy.path.read_bytes())
+    store.close()
+    again = GalleryStore.open(restored)
+    assert [c.count for c in again.collections()] == [10]
+    np.testing.assert_array_equal(again.vector("c", "n000003"), rows[3].vector)
+    again.close()
+
+
+def test_a_closed_store_cannot_be_backed_up(tmp_path):
+    store = GalleryStore.open(tmp_path / "live.db")
+    store.close()
+    with pytest.raises(errors.Unavailable), backup_copy(store):
+        pass
