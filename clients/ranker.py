@@ -3,6 +3,7 @@ deadline on every call and gRPC's retry on UNAVAILABLE."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any, Iterable, Iterator, Sequence, Union
 
@@ -11,9 +12,10 @@ import grpc
 from clients import wire
 from clients.base import ServiceClient
 from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
-from clients.errors import SERVE_HINT, UsageError
-from clients.types import DeleteResult, Embedding, Failure, Match, SearchResult, Stats, UpsertResult
+from clients.errors import SERVE_HINT, ClientError, UsageError
+from clients.types import BackupResult, DeleteResult, Embedding, Failure, Match, SearchResult, Stats, UpsertResult
 from imagesearch import defaults
+from imagesearch.files import atomic_write
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,8 @@ DEFAULT_ADDRESS = defaults.RANKER_ADDRESS
 ADDRESS_ENV = defaults.RANKER_ENV
 HINT = SERVE_HINT.format(flag="--ranker", env=ADDRESS_ENV)
 PER_ITEM_S = 2.0
+# A backup streams the whole database: far longer than one call.
+BACKUP_TIMEOUT_S = 3600.0
 
 
 # An item to store or a query: an Embedding (its own name, vector and
@@ -84,6 +88,35 @@ class RankerClient(ServiceClient):
                 hint = ("the collection holds vectors of another model: index into a new --collection, "
                         "or delete this one's database and index again")
             raise self._error(exc, hint) from None
+
+    def backup(self, path, *, timeout: float = BACKUP_TIMEOUT_S) -> BackupResult:
+        """Write a consistent copy of the ranker's database to `path` (atomically:
+        a temporary file beside it, checked against the server's size and sha256,
+        then renamed). The copy is a SQLite file another ranker can open."""
+        head: list[ranker_pb2.BackupResponse] = []
+        digest = hashlib.sha256()
+
+        def write(f) -> None:
+            for reply in self.stub.Backup(ranker_pb2.BackupRequest(), timeout=timeout):
+                if not head:
+                    head.append(reply)
+                digest.update(reply.chunk)
+                f.write(reply.chunk)
+            if not head:
+                raise ClientError("the ranker sent an empty backup")
+            size = f.tell()
+            if size != head[0].total_bytes or digest.hexdigest() != head[0].sha256:
+                raise ClientError(f"the backup arrived damaged ({size} of {head[0].total_bytes} bytes, sha256 "
+                                  f"{digest.hexdigest()[:12]} vs {head[0].sha256[:12]}): nothing written")
+
+        try:
+            atomic_write(path, write)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        except OSError as exc:
+            raise ClientError(f"cannot write the backup to {path}: {exc.strerror or exc}") from None
+        first = head[0]
+        return BackupResult(str(path), first.total_bytes, first.sha256, first.collections, first.vectors)
 
     def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
         try:

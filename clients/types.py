@@ -120,3 +120,14 @@ class UpsertResult:
 class DeleteResult:
     deleted: int
     not_found: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupResult:
+    """A copy of the ranker's database written by `RankerClient.backup`."""
+
+    path: str
+    size: int
+    sha256: str
+    collections: int
+    vectors: int

@@ -8,9 +8,11 @@ tests (tests/test_ranker_backends.py) run against both.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from imagesearch import errors
+from ranker_service.backup import BackupCopy
 from ranker_service.gallery import DeleteResult, LoadReport, UpsertItem, UpsertResult
 from ranker_service.index import CollectionStats, Match, Query
 from ranker_service.kinds import IndexSpec
@@ -42,6 +44,9 @@ class RankerBackend(Protocol):
     def drop_collection(self, collection: str) -> int: ...
 
     def memory_bytes(self) -> int: ...
+
+    def backup(self) -> AbstractContextManager[BackupCopy]:
+        """A checked copy of the stored data as one file, deleted on exit."""
 
     @property
     def max_top_k(self) -> int: ...

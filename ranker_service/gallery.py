@@ -26,6 +26,7 @@ import numpy as np
 from imagesearch import errors
 from imagesearch.errors import StoreError
 from ranker_service import index_files
+from ranker_service.backup import backup_copy
 from ranker_service.index import CollectionStats, GalleryIndex, Match, Query
 from ranker_service.kinds import IndexSpec, spec_from_json
 from ranker_service.store import GalleryStore, UpsertRow
@@ -420,6 +421,10 @@ class Gallery:
 
     def memory_bytes(self) -> int:
         return sum(s.memory_bytes for s in self.index.stats())
+
+    def backup(self):
+        """A checked copy of the database in a temporary file (ranker_service.backup)."""
+        return backup_copy(self.store)
 
     @property
     def max_top_k(self) -> int:

@@ -423,6 +423,11 @@ class MilvusGallery:
     def memory_bytes(self) -> int:
         return 0  # the vectors live in Milvus
 
+    def backup(self):
+        raise errors.FailedPrecondition(
+            "Backup copies the SQLite backend's database; with --backend milvus the vectors live in Milvus: "
+            "back them up with Milvus's own tools (e.g. milvus-backup)")
+
     @property
     def max_top_k(self) -> int:
         return MAX_TOP_K

@@ -19,6 +19,7 @@ import grpc
 from imagesearch import errors, serving
 from imagesearch.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 from ranker_service import kinds
+from ranker_service.backup import read_chunks
 from ranker_service.backend import RankerBackend
 from ranker_service.gallery import UpsertItem
 from ranker_service.index import CollectionStats, Match, Query
@@ -172,6 +173,13 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     def DropCollection(self, request, context):
         return ranker_pb2.DropCollectionResponse(deleted=self.gallery.drop_collection(request.collection))
+
+    def Backup(self, request, context):
+        with self.gallery.backup() as copy:
+            for i, chunk in enumerate(read_chunks(copy.path)):
+                head = dict(total_bytes=copy.size, sha256=copy.sha256, collections=copy.collections,
+                            vectors=copy.vectors) if i == 0 else {}
+                yield ranker_pb2.BackupResponse(chunk=chunk, **head)
 
 
 def register(gallery: RankerBackend, *, max_batch: int = DEFAULT_MAX_BATCH):

@@ -30,6 +30,7 @@ EXPECTED = {
         "GetStats": (False, False),
         "CreateCollection": (False, False),
         "DropCollection": (False, False),
+        "Backup": (False, True),
     },
 }
 

@@ -92,3 +92,69 @@ def test_a_closed_store_cannot_be_backed_up(tmp_path):
     store.close()
     with pytest.raises(errors.Unavailable), backup_copy(store):
         pass
+
+
+# ---------------------------------------------------------------- through a real ranker
+
+
+def test_imagesearch_backup_of_a_ranker_being_written_restores_into_a_new_ranker(tmp_path):
+    import subprocess
+    import sys
+
+    from clients.ranker import RankerClient
+    from imagesearch.testing import ROOT, ServiceProcess
+
+    rng = np.random.default_rng(2)
+    written: dict[str, np.ndarray] = {}
+    stop = threading.Event()
+    calls = [0]
+    out = tmp_path / "backup.db"
+    with ServiceProcess("ranker_service", "--db", str(tmp_path / "live.db"), "--batch-size", str(BATCH)) as ranker:
+        with RankerClient(ranker.address) as client:
+            def writer():
+                i = 0
+                while not stop.is_set():
+                    rows = unit_rows(i, BATCH, rng)
+                    client.upsert("c", [(r.name, r.vector) for r in rows], fingerprint="fp")
+                    written.update((r.name, r.vector) for r in rows)
+                    calls[0] += 1
+                    i += BATCH
+
+            thread = threading.Thread(target=writer)
+            thread.start()
+            try:
+                while calls[0] < 3:
+                    stop.wait(0.05)
+
+                def backup(*extra: str) -> subprocess.CompletedProcess:
+                    return subprocess.run([sys.executable, "-m", "clients.cli", "backup", str(out), "--ranker",
+                                           ranker.address, *extra], check=False, cwd=ROOT, capture_output=True,
+                                          text=True, timeout=120)
+                first = backup()
+                assert first.returncode == 0, first.stderr
+                again = backup()
+                assert again.returncode == 2 and "--force" in again.stderr, "an existing file is kept"
+                before = calls[0]
+                forced = backup("--force")
+                assert forced.returncode == 0, forced.stderr
+                after = calls[0]
+            finally:
+                stop.set()
+                thread.join()
+            assert "backed up" in forced.stderr and "vectors in 1 collections" in forced.stderr
+    conn = sqlite3.connect(out)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = conn.execute("SELECT name, dim, vector FROM vectors").fetchall()
+    conn.close()
+    assert len(rows) % BATCH == 0 and before * BATCH <= len(rows) <= (after + 1) * BATCH
+    assert f"backed up {len(rows)} vectors" in forced.stderr
+    for name, dim, blob in rows:  # the ranker renormalises what it stores: the last bit may differ
+        np.testing.assert_allclose(from_blob(blob, dim), written[name], atol=1e-6)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary files left"
+
+    restored = tmp_path / "restored.db"
+    restored.write_bytes(out.read_bytes())
+    with ServiceProcess("ranker_service", "--db", str(restored)) as again, RankerClient(again.address) as client:
+        assert client.stats().collection("c").count == len(rows)
+        name, dim, blob = rows[len(rows) // 2]
+        assert client.search("c", from_blob(blob, dim), top_k=1)[0].name == name

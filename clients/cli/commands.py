@@ -196,6 +196,17 @@ def cmd_search(args) -> int:
     return EXIT_OK
 
 
+def cmd_backup(args) -> int:
+    if args.file.exists() and not args.force:
+        raise UsageError(f"{args.file} exists: give another FILE, or --force to replace it")
+    with RankerClient(args.ranker or DEFAULT_RANKER, security=_security(args), timeout=args.timeout) as rank:
+        rank.wait_ready(connect_timeout=args.connect_timeout)
+        result = rank.backup(args.file)
+    say(f"backed up {result.vectors} vectors in {result.collections} collections to {result.path} "
+        f"({result.size:,} bytes, sha256 {result.sha256[:16]}...)")
+    return EXIT_OK
+
+
 def cmd_embed(args) -> int:
     sources = []
     for path in args.images:

@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=commands.cmd_search)
 
+    p = sub.add_parser("backup", parents=[client], help="copy the ranker's database, online, to a local file",
+                       description="A consistent copy of the running ranker's SQLite database, made by the ranker "
+                                   "(writes wait for it, searches go on) and written to FILE atomically. Restore: "
+                                   "stop the ranker, put the file in place of its --db, start it.")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func=commands.cmd_backup)
+
     p = sub.add_parser("embed", parents=[client], help="print the vectors of images")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true",

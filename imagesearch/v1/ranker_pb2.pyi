@@ -200,3 +200,21 @@ class GetStatsResponse(_message.Message):
     memory_bytes: int
     max_top_k: int
     def __init__(self, collections: _Optional[_Iterable[_Union[CollectionStats, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., max_top_k: _Optional[int] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackupResponse(_message.Message):
+    __slots__ = ("chunk", "total_bytes", "sha256", "collections", "vectors")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    total_bytes: int
+    sha256: str
+    collections: int
+    vectors: int
+    def __init__(self, chunk: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., collections: _Optional[int] = ..., vectors: _Optional[int] = ...) -> None: ...

@@ -72,6 +72,11 @@ class RankerServiceStub:
                 request_serializer=imagesearch_dot_v1_dot_ranker__pb2.DropCollectionRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.DropCollectionResponse.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/imagesearch.v1.RankerService/Backup',
+                request_serializer=imagesearch_dot_v1_dot_ranker__pb2.BackupRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.BackupResponse.FromString,
+                _registered_method=True)
 
 
 class RankerServiceServicer:
@@ -137,6 +142,18 @@ class RankerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """A consistent copy of the ranker's SQLite database, streamed in order in
+        chunks: concatenated, they are a standalone database file another ranker
+        can open (`imagesearch backup FILE`). Made with SQLite's backup API on the
+        ranker's own connection (writes wait for the copy; searches go on) and
+        checked with PRAGMA integrity_check before the first chunk is sent.
+        FAILED_PRECONDITION with the Milvus backend (Milvus owns the data there).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +191,11 @@ def add_RankerServiceServicer_to_server(servicer, server):
                     servicer.DropCollection,
                     request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.DropCollectionRequest.FromString,
                     response_serializer=imagesearch_dot_v1_dot_ranker__pb2.DropCollectionResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.BackupRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_ranker__pb2.BackupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -368,6 +390,33 @@ class RankerService:
             '/imagesearch.v1.RankerService/DropCollection',
             imagesearch_dot_v1_dot_ranker__pb2.DropCollectionRequest.SerializeToString,
             imagesearch_dot_v1_dot_ranker__pb2.DropCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagesearch.v1.RankerService/Backup',
+            imagesearch_dot_v1_dot_ranker__pb2.BackupRequest.SerializeToString,
+            imagesearch_dot_v1_dot_ranker__pb2.BackupResponse.FromString,
             options,
             channel_credentials,
             insecure,
