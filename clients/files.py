@@ -15,6 +15,22 @@ from imagesearch.defaults import (
 )
 
 
+def file_inside(root: str | os.PathLike, name: str) -> Path | None:
+    """The regular file `root / name` names, when it lies inside `root` once
+    `..` and symlinks are resolved; None for anything else (an absolute name,
+    `..` or a symlink leading out, a missing file, a folder, a device)."""
+    if not name or "\0" in name:
+        return None
+    try:
+        base = Path(root).resolve()
+        target = (base / name).resolve()
+        if target != base and target.is_relative_to(base) and target.is_file():
+            return target
+    except (OSError, RuntimeError, ValueError):  # unreadable, a symlink loop, a bad name
+        pass
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class FolderListing:
     root: Path
@@ -22,10 +38,17 @@ class FolderListing:
     skipped: list[tuple[str, str]]   # (relative posix name, why)
 
 
-def list_images(folder: str | os.PathLike, *, what: str = "folder") -> FolderListing:
-    """Every file under `folder` (recursively, following no symlinked
-    folders): images by extension, and the rest with the reason they are
-    skipped. Hidden files and folders (starting with '.') are skipped too."""
+SYMLINK_OUT = "a symlink out of the folder (--follow-symlinks to include it)"
+
+
+def list_images(folder: str | os.PathLike, *, what: str = "folder", follow_symlinks: bool = False) -> FolderListing:
+    """Every file under `folder` (recursively): images by extension, and the
+    rest with the reason they are skipped. Hidden files and folders (starting
+    with '.') are skipped too. A symlink (file or folder) that leads out of
+    `folder` is skipped unless `follow_symlinks`, so that no file from
+    elsewhere on the disk is sent to a service by accident; symlinked folders
+    inside it are not walked twice, and with `follow_symlinks` a link back
+    to a folder already walked is not followed (no loops)."""
     root = Path(folder)
     if not root.exists():
         raise UsageError(f"{what} {root} does not exist")
@@ -33,14 +56,33 @@ def list_images(folder: str | os.PathLike, *, what: str = "folder") -> FolderLis
         raise UsageError(f"{what} {root} is not a folder")
     images: list[tuple[str, Path]] = []
     skipped: list[tuple[str, str]] = []
+    seen: set[Path] = set()
 
     def onerror(exc: OSError) -> None:
         name = Path(exc.filename).relative_to(root).as_posix() if exc.filename else str(root)
         skipped.append((name, f"cannot list: {exc.strerror}"))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=follow_symlinks):
         base = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        real = base.resolve()
+        if real in seen:  # reached again through a symlink: walked once is enough
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        keep = []
+        for d in sorted(dirnames):
+            sub = base / d
+            if d.startswith("."):
+                continue
+            if sub.is_symlink():
+                if sub.resolve() in seen:
+                    continue  # a loop, or a folder walked already
+                if not follow_symlinks:
+                    if not _inside(root, sub):
+                        skipped.append((sub.relative_to(root).as_posix(), SYMLINK_OUT))
+                    continue
+            keep.append(d)
+        dirnames[:] = keep
         for filename in filenames:
             path = base / filename
             name = path.relative_to(root).as_posix()
@@ -48,6 +90,8 @@ def list_images(folder: str | os.PathLike, *, what: str = "folder") -> FolderLis
                 skipped.append((name, "hidden file"))
             elif not is_image_path(filename):
                 skipped.append((name, "not an image (extension)"))
+            elif not follow_symlinks and path.is_symlink() and not _inside(root, path):
+                skipped.append((name, SYMLINK_OUT))
             elif not path.is_file():
                 skipped.append((name, "not a regular file"))
             else:
@@ -55,3 +99,11 @@ def list_images(folder: str | os.PathLike, *, what: str = "folder") -> FolderLis
     images.sort()
     skipped.sort()
     return FolderListing(root, images, skipped)
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """Whether `path`, symlinks resolved, lies inside `root`."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False

@@ -183,18 +183,19 @@ def load_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
     return validate_mapping(_load_json(path, "ground-truth"), str(path), "ground truth")
 
 
-def labels_from_folders(query_dir: str | os.PathLike, gallery_dir: str | os.PathLike) -> dict[str, list[str]]:
+def labels_from_folders(query_dir: str | os.PathLike, gallery_dir: str | os.PathLike, *,
+                        follow_symlinks: bool = False) -> dict[str, list[str]]:
     """Ground truth from class folders: `query/<class>/x.jpg` is relevant to
     every `gallery/<class>/...` image. Names are relative to each folder."""
     by_class: dict[str, list[str]] = {}
-    gallery = list_images(gallery_dir, what="gallery folder")
+    gallery = list_images(gallery_dir, what="gallery folder", follow_symlinks=follow_symlinks)
     for name, _ in gallery.images:
         if "/" not in name:
             raise UsageError(f"--labels-from-folders: gallery image {name} is not inside a class folder "
                              f"(expected {gallery_dir}/<class>/{name})")
         by_class.setdefault(name.split("/", 1)[0], []).append(name)
     truth: dict[str, list[str]] = {}
-    for name, _ in list_images(query_dir, what="query folder").images:
+    for name, _ in list_images(query_dir, what="query folder", follow_symlinks=follow_symlinks).images:
         if "/" not in name:
             raise UsageError(f"--labels-from-folders: query image {name} is not inside a class folder "
                              f"(expected {query_dir}/<class>/{name})")

@@ -41,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from clients.cli.output import printable  # the message may quote a service's text
+
+        print(f"error: {printable(exc, keep_newlines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,7 +23,7 @@ from clients.channels import AUTH_TOKEN_ENV, Security
 from clients.cli import demo as demo_data
 from clients.cli import report
 from clients.cli.jobs import QueryReport, index_folder, query_folder
-from clients.cli.output import index_summary, query_summary, say
+from clients.cli.output import index_summary, json_text, printable, query_summary, say
 from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
 from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
 from clients.embedder import EmbedderClient, file_source
@@ -75,7 +75,8 @@ def _load_ground_truth(args) -> dict[str, list[str]] | None:
     if getattr(args, "ground_truth", None):
         return metrics.load_ground_truth(args.ground_truth)
     if getattr(args, "labels_from_folders", None):
-        return metrics.labels_from_folders(*args.labels_from_folders)
+        return metrics.labels_from_folders(*args.labels_from_folders,
+                                           follow_symlinks=getattr(args, "follow_symlinks", False))
     return None
 
 
@@ -92,6 +93,20 @@ def _write_json(path: Path, data) -> None:
         report.write(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _check_distinct(out: Path | None, html: Path | None, *, default_html: bool = False) -> None:
+    """The results JSON and the HTML report must be two files: one would
+    overwrite the other (said before any work is done)."""
+    if out is None or html is None:
+        return
+    same = out.resolve() == html.resolve()
+    with contextlib.suppress(OSError):
+        same = same or os.path.samefile(out, html)
+    if same:
+        how = " (the report's default name is --out with .html)" if default_html else ""
+        raise UsageError(f"--out and --html name the same file, {out}{how}: the report would overwrite the "
+                         "results; give --html another name" + (" or pass --no-html" if default_html else ""))
 
 
 def _check_writable(path: Path | None) -> None:
@@ -131,17 +146,17 @@ def _check_truth_covers(queries: FolderListing, truth: dict | None) -> None:
                          f"(e.g. {', '.join(unknown[:3])}); names are paths relative to {queries.root}")
 
 
-def _require_images(folder: Path, what: str) -> FolderListing:
+def _require_images(folder: Path, what: str, follow_symlinks: bool) -> FolderListing:
     """The folder's listing (the one listing a job uses); fails fast, before
     contacting any service, on a missing or empty folder."""
-    listing = list_images(folder, what=what)
+    listing = list_images(folder, what=what, follow_symlinks=follow_symlinks)
     if not listing.images:
         raise UsageError(f"no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return listing
 
 
 def cmd_index(args) -> int:
-    gallery = _require_images(args.gallery, "gallery folder")
+    gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
     with _clients(args) as (emb, rank):
         r = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
                          concurrency=args.concurrency, progress=args.progress)
@@ -150,11 +165,12 @@ def cmd_index(args) -> int:
 
 
 def cmd_query(args) -> int:
+    _check_distinct(args.out, args.html)
     _check_top_k(args.top_k)
     truth = _load_ground_truth(args)
     _check_writable(args.out)
     _check_writable(args.html)
-    queries = _require_images(args.queries, "query folder")
+    queries = _require_images(args.queries, "query folder", args.follow_symlinks)
     _check_truth_covers(queries, truth)
     with _clients(args) as (emb, rank):
         r = query_folder(emb, rank, queries, collection=args.collection, top_k=args.top_k,
@@ -165,7 +181,7 @@ def cmd_query(args) -> int:
         _write_json(args.out, results)
         say(f"results: {args.out}")
     else:
-        print(json.dumps(results, indent=1, ensure_ascii=False))
+        print(json_text(results))
     evaluation = None
     if truth is not None:
         evaluation = metrics.evaluate(results, truth, k=args.top_k)
@@ -192,7 +208,7 @@ def cmd_search(args) -> int:
         if not matches:
             say(f"collection {args.collection!r} is empty")
         for m in matches:
-            print(f"{m.rank:>4}  {m.score:7.4f}  {m.name}")
+            print(f"{m.rank:>4}  {m.score:7.4f}  {printable(m.name)}")
     return EXIT_OK
 
 
@@ -229,7 +245,7 @@ def cmd_embed(args) -> int:
             r = results[str(p)]
             if r.ok:
                 head = " ".join(f"{x:+.4f}" for x in r.vector[:6])
-                print(f"{p}  dim={r.vector.size} norm={float((r.vector ** 2).sum()) ** 0.5:.4f}  [{head} ...]")
+                print(f"{printable(p)}  dim={r.vector.size} norm={float((r.vector ** 2).sum()) ** 0.5:.4f}  [{head} ...]")
     for name, r in failed.items():
         say(f"error: {name}: {r}")
     if any(not r.is_input_error for r in failed.values()):
@@ -244,7 +260,8 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(evaluation.to_dict(), indent=1))
     else:
-        print(metrics.format_table(evaluation, title=f"{args.results} ({evaluation.queries} queries)"))
+        print(printable(metrics.format_table(evaluation, title=f"{args.results} ({evaluation.queries} queries)"),
+                        keep_newlines=True))
     return EXIT_OK
 
 
@@ -305,17 +322,18 @@ def cmd_run(args) -> int:
 def run_job(args, *, title: str | None = None) -> int:
     """`run`: validate everything first, start what is missing, index, query,
     write the JSON and HTML, evaluate, stop what was started."""
+    html_path = None if args.no_html else (args.html or args.out.with_suffix(".html"))
+    _check_distinct(args.out, html_path, default_html=not args.html)
     _check_top_k(args.top_k)
     k = args.k or args.top_k
     truth = _load_ground_truth(args)
     for folder, what in ((args.gallery, "gallery"), (args.query, "query")):
         if not folder.is_dir():
             raise UsageError(f"the {what} folder {folder} does not exist or is not a folder")
-    html_path = None if args.no_html else (args.html or args.out.with_suffix(".html"))
     _check_writable(args.out)
     _check_writable(html_path)
-    gallery = _require_images(args.gallery, "gallery folder")
-    queries = _require_images(args.query, "query folder")
+    gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
+    queries = _require_images(args.query, "query folder", args.follow_symlinks)
     if k > args.top_k:
         raise UsageError(f"--k {k} is more than --top-k {args.top_k}: the metrics need at least k results")
     _check_truth_covers(queries, truth)
@@ -375,7 +393,8 @@ def run_job(args, *, title: str | None = None) -> int:
     evaluation = None
     if truth is not None:
         evaluation = metrics.evaluate(results, truth, k=k)
-        print(metrics.format_table(evaluation, title=f"{args.out} against the ground truth"))
+        print(printable(metrics.format_table(evaluation, title=f"{args.out} against the ground truth"),
+                        keep_newlines=True))
     if html_path is not None:
         _write_html(html_path, answered, gallery=args.gallery, truth=truth, evaluation=evaluation,
                     title=title or f"imagesearch: {args.query} against {args.gallery}")
@@ -395,7 +414,7 @@ def cmd_demo(args) -> int:
         (out / "ground_truth.json").write_text(gt_path.read_text())
         run_args = argparse.Namespace(
             gallery=gallery, query=query, out=out / "results.json", html=out / "report.html", no_html=False,
-            ground_truth=gt_path, labels_from_folders=None, collection="demo", top_k=10, k=None, db=None,
+            follow_symlinks=False, ground_truth=gt_path, labels_from_folders=None, collection="demo", top_k=10, k=None, db=None,
             chunk_size=32, concurrency=None, progress=None, embedder=None, ranker=None, timeout=120.0,
             connect_timeout=5.0, tls=False, tls_ca=None, tls_cert=None, tls_key=None, tls_server_name=None,
             auth_token=os.environ.get(AUTH_TOKEN_ENV) or None, checkpoint=args.checkpoint,

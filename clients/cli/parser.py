@@ -196,6 +196,9 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
                    help="streams at a time (default: 2 per embedder replica)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar (it is shown on terminals)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="include files and folders that symlinks lead to outside the folder (default: skipped and "
+                        "listed, so that no other file on the disk is sent to the embedder by accident)")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:

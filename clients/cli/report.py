@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from clients.files import file_inside
 from clients.metrics import Evaluation, QueryScore
 from clients.types import Failure, Match
+from imagesearch.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +62,20 @@ def render(title: str, queries: Sequence[tuple[str, Sequence[Match]]], *,
            evaluation: Evaluation | None = None, failures: Mapping[str, Failure | str] | None = None,
            notes: Sequence[str] = ()) -> str:
     """The report as one HTML string. `queries`: (query name, its matches) in
-    display order; thumbnails come from `query_root / name` and `gallery_root / name`."""
+    display order; thumbnails come from `query_root / name` and `gallery_root / name`,
+    only for regular files inside those folders: a name (from the ranker) with
+    `..`, an absolute name or a symlink that leads out of its folder gets no
+    thumbnail, so no other file of the user's is ever read into the report."""
     cache: dict[str, str | None] = {}
 
     def thumb(root: Path | None, name: str, key: str) -> str | None:
         if root is None:
             return None
         if key not in cache:
-            cache[key] = thumbnail_data_uri(root / name)
+            path = file_inside(root, name)
+            if path is None:
+                log.debug("no thumbnail for %r: not a file inside %s", name, root)
+            cache[key] = None if path is None else thumbnail_data_uri(path)
         return cache[key]
 
     def cell(uri: str | None, caption: str, css: str, tooltip: str) -> str:
@@ -110,9 +118,6 @@ def render(title: str, queries: Sequence[tuple[str, Sequence[Match]]], *,
 
 
 def write(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write a results file or a report atomically (a unique temporary file,
+    fsync, rename): a reader or a crash never sees half of it."""
+    return atomic_write_text(path, text)
