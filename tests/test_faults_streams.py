@@ -111,6 +111,7 @@ def test_bidirectional_streams_are_not_retried_and_the_rest_are():
     retried = {(n["service"].rsplit(".", 1)[1], n["method"]) for n in method_config["name"]}
     assert retried == {("EmbedderService", "Embed"), ("EmbedderService", "GetModelInfo"),
                        ("RankerService", "Upsert"), ("RankerService", "Delete"), ("RankerService", "Search"),
-                       ("RankerService", "GetStats")}
+                       ("RankerService", "GetStats"), ("RankerService", "CreateCollection"),
+                       ("RankerService", "DropCollection")}
     assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "methodConfig" not in service_config([EMBEDDER_SERVICE], None)
