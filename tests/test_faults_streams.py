@@ -112,6 +112,6 @@ def test_bidirectional_streams_are_not_retried_and_the_rest_are():
     assert retried == {("EmbedderService", "Embed"), ("EmbedderService", "GetModelInfo"),
                        ("RankerService", "Upsert"), ("RankerService", "Delete"), ("RankerService", "Search"),
                        ("RankerService", "GetStats"), ("RankerService", "CreateCollection"),
-                       ("RankerService", "DropCollection")}
+                       ("RankerService", "DropCollection"), ("RankerService", "Backup")}
     assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "methodConfig" not in service_config([EMBEDDER_SERVICE], None)
