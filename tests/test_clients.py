@@ -359,3 +359,24 @@ def test_round_robin_over_two_embedder_processes():
             b.terminate()
     finally:
         a.terminate()
+
+
+# ---------------------------------------------------------------- vectors on the wire
+
+
+@pytest.mark.parametrize("vector", [np.linspace(-1, 1, 1280, dtype=np.float32), np.arange(7, dtype=np.float64) / 3,
+                                    [0.5, -0.25, 1e-30], np.float32([[1, 2], [3, 4]]), []])
+def test_vectors_go_as_the_same_bytes_as_a_list_of_floats(vector):
+    from clients import wire
+
+    as_list = np.asarray(vector, dtype=np.float32).ravel().tolist()
+    for message in (ranker_pb2.UpsertRequest(collection="c", name="a", fingerprint="f"),
+                    ranker_pb2.SearchStreamRequest(id="q", collection="c", top_k=3)):
+        expected = type(message)()
+        expected.CopyFrom(message)
+        expected.vector.extend(as_list)
+        assert wire.set_vector(message, vector).SerializeToString() == expected.SerializeToString()
+        assert wire.vector(message.vector).dtype == np.float32
+        assert wire.vector(message.vector).tolist() == as_list
+    with pytest.raises(TypeError):
+        wire.set_vector(ranker_pb2.DeleteRequest(), [1.0], field="names")
