@@ -20,7 +20,6 @@ Prints a table and writes bench/results/embedder.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -36,9 +35,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from clients.cli.demo import find_photos  # noqa: E402
 from embedder_service.embedder import Embedder  # noqa: E402
 from imagesearch.model.preprocessing import is_image_path  # noqa: E402
-from imagesearch.testing import ServiceProcess  # noqa: E402
+from imagesearch.testing import ServiceProcess, sample_photos  # noqa: E402
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
 
 CLOTHING = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
@@ -51,19 +51,7 @@ def real_photos() -> tuple[str, list[bytes]]:
         files = sorted(p for p in gallery.iterdir() if is_image_path(p))
         if files:
             return f"clothing-small gallery ({len(files)} JPEG files)", [p.read_bytes() for p in files]
-    import skimage.data
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    arrays = [getattr(skimage.data, n)() for n in
-              ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "hubble_deep_field",
-               "retina")]
-    arrays += list(load_sample_images().images)
-    photos = []
-    for a in arrays:
-        buf = io.BytesIO()
-        Image.fromarray(a).convert("RGB").save(buf, "JPEG", quality=90)
-        photos.append(buf.getvalue())
+    photos = sample_photos(len(find_photos()), max_side=640)
     return f"scikit-image/scikit-learn sample photos ({len(photos)} JPEG files)", photos
 
 

@@ -52,7 +52,7 @@ from clients.embedder import EmbedderClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
 from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
-from imagesearch.testing import sample_photos  # noqa: E402
+from imagesearch.testing import reference_ranking, sample_photos, unit32  # noqa: E402
 
 KINDS = ("embed", "search")
 TOLERANCE = 1e-5
@@ -84,20 +84,6 @@ def start_services(workdir: str | os.PathLike, *, backbone: str | None = None, c
 # ---------------------------------------------------------------- the work
 
 
-def stored_form(vectors: np.ndarray) -> np.ndarray:
-    """What the ranker stores: each vector normalised in float64, then float32."""
-    v = np.asarray(vectors, dtype=np.float64)
-    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def reference_ranking(stored32: np.ndarray, names: Sequence[str], query, k: int) -> tuple[list[str], np.ndarray]:
-    """Top-k by float64 cosine over the stored float32 vectors, ties by name."""
-    q = np.asarray(query, dtype=np.float64)
-    scores = stored32.astype(np.float64) @ (q / np.linalg.norm(q))
-    order = sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))[:k]
-    return [names[i] for i in order], scores[order]
-
-
 @dataclasses.dataclass
 class Workload:
     collection: str
@@ -110,7 +96,7 @@ class Workload:
     gallery_vectors: np.ndarray        # (n_gallery, dim) float32, as sent to Upsert
     queries: np.ndarray                # (n_queries, dim) float32
     expected_names: list[list[str]]    # reference ranking per query
-    expected_scores: list[np.ndarray]
+    expected_scores: list[list[float]]
 
 
 def prepare(embedder_address: str, ranker_address: str, *, images: int = 16, gallery: int = 10000,
@@ -151,7 +137,7 @@ def prepare(embedder_address: str, ranker_address: str, *, images: int = 16, gal
     noisy = vectors[picks] + 0.05 * rng.standard_normal((n_q, info.dim)).astype(np.float32)
     query_vectors = np.concatenate([image_vectors, noisy, rng.standard_normal((n_q, info.dim))])
     query_vectors = query_vectors[rng.permutation(len(query_vectors))[:n_q]].astype(np.float32)
-    stored = stored_form(vectors)
+    stored = unit32(vectors)
     refs = [reference_ranking(stored, names, q, top_k) for q in query_vectors]
     return Workload(collection, info.fingerprint, int(info.dim), top_k, photos, image_vectors, names, vectors,
                     query_vectors, [r[0] for r in refs], [r[1] for r in refs])

@@ -19,7 +19,6 @@ Prints a table and writes bench/results/trainer_speed.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from imagesearch.model.backbones import BACKBONES, build_model, default_device  # noqa: E402
 from imagesearch.model.preprocessing import PreprocessSpec, decode_image, eval_transform, is_image_path, train_transform  # noqa: E402
+from imagesearch.testing import sample_photos  # noqa: E402
 
 CLOTHING = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
 
@@ -49,15 +49,7 @@ def photos(n: int) -> tuple[str, list[bytes]]:
         step = max(1, len(files) // n)
         picked = files[::step][:n]
         return f"clothing-small train/ ({len(picked)} JPEG files)", [p.read_bytes() for p in picked]
-    import skimage.data
-    from PIL import Image
-
-    out = []
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "cat"):
-        buf = io.BytesIO()
-        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(buf, "JPEG", quality=85)
-        out.append(buf.getvalue())
-    return f"scikit-image sample photos ({len(out)} JPEG files)", (out * (n // len(out) + 1))[:n]
+    return "scikit-image/scikit-learn sample photos (JPEG)", sample_photos(n, max_side=640)
 
 
 def time_it(fn, device: torch.device) -> float:

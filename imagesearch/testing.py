@@ -6,6 +6,8 @@ other (tests/test_architecture.py). Torch-free.
   with what a test needs on top: the whole log, a channel, SIGKILL.
 - `sample_photos`: n distinct real photos as JPEG bytes (the demo's photos
   that ship with scikit-image and scikit-learn, then crops of them).
+- `unit32`, `reference_ranking`: the ranker's stored form of a vector and the
+  float64 numpy top-k that every ranking is checked against.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.cli.demo import find_photos
@@ -126,3 +129,22 @@ def sample_photos(n: int, max_side: int = 512) -> list[bytes]:
             img.save(buf, "JPEG", quality=90)
             images.append(buf.getvalue())
     return images
+
+
+def unit32(v) -> np.ndarray:
+    """The stored form the ranker promises: rows (or one vector) normalised in
+    float64, then float32."""
+    v = np.asarray(v, dtype=np.float64)
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def reference_ranking(stored32, names, query, k: int, *, rowwise: bool = False) -> tuple[list[str], list[float]]:
+    """Top-k by float64 cosine over the stored float32 rows: the full product,
+    a full sort by (-score, name). `rowwise` scores row by row instead of one
+    matrix product (no BLAS blocking can hide in it)."""
+    q = np.asarray(query, dtype=np.float64)
+    q = q / np.linalg.norm(q)
+    m64 = np.asarray(stored32, dtype=np.float64)
+    scores = (m64 * q).sum(axis=1) if rowwise else m64 @ q
+    order = sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))[:k]
+    return [names[i] for i in order], [float(scores[i]) for i in order]

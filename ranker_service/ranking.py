@@ -65,11 +65,3 @@ def select_top_k(scores32: np.ndarray, matrix32: np.ndarray, names: Sequence[str
     order = sorted(range(cand.shape[0]), key=lambda j: (-exact[j], names[cand[j]]))[:k]
     return [(names[cand[j]], float(exact[j])) for j in order]
 
-
-def reference_top_k(matrix32: np.ndarray, names: Sequence[str], query: np.ndarray, k: int) -> list[tuple[str, float]]:
-    """The plain float64 reference (full product, full sort): for tests and checks."""
-    q = np.asarray(query, dtype=np.float64)
-    q = q / np.linalg.norm(q)
-    scores = np.asarray(matrix32, dtype=np.float64) @ q
-    order = sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))[:k]
-    return [(names[i], float(scores[i])) for i in order]

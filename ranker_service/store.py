@@ -213,10 +213,6 @@ class GalleryStore:
                 self._closed = True
                 self.db.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def pragma(self, name: str):
         with self._lock:
             return self.db.execute(f"PRAGMA {name}").fetchone()[0]

@@ -5,6 +5,7 @@ command line."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -17,8 +18,8 @@ from embedder_service.batcher import Batcher
 from embedder_service.embedder import Embedder, autocast_dtype, bucket_size, cuda_buckets
 from imagesearch import errors
 from imagesearch.errors import Dropped
-from imagesearch.model.backbones import fingerprint
-from tests.test_embedder_inputs import GOOD, encode, photo
+from tests.helpers import encode, photo
+from tests.test_embedder_inputs import GOOD
 
 WAIT = 10  # seconds a future may take before a test calls it hung
 
@@ -247,7 +248,7 @@ def test_embedder_info_and_fingerprint(embedder, reference):
     assert (info.backbone, info.dim, info.device, info.precision, info.weights) == (
         "efficientnet_lite0", 1280, "cpu", "fp32", "imagenet")
     assert info.spec == loaded.spec and info.class_names == ()
-    assert info.fingerprint == fingerprint(loaded.model, loaded.spec, loaded.backbone)
+    assert re.fullmatch("[0-9a-f]{64}", info.fingerprint)  # sha256 hex; what it covers: test_models.py
 
 
 def test_embedder_decode_enforces_its_limits_and_names_the_item(reference):

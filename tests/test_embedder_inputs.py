@@ -12,25 +12,11 @@ import zlib
 
 import numpy as np
 import pytest
-import skimage.data
 from PIL import Image
 
 from imagesearch import errors
 from imagesearch.model.preprocessing import decode_image
-
-SIZE = (180, 120)  # (width, height) of the test photos
-
-
-def photo(name: str = "chelsea", size=SIZE) -> Image.Image:
-    """A real photo (scikit-image sample), RGB, at `size`."""
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize(size, Image.Resampling.BICUBIC)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
+from tests.helpers import SIZE, encode, photo
 
 def png16(a: np.ndarray) -> bytes:
     """A 16-bit grayscale (H, W) or RGB (H, W, 3) PNG, written by hand (PIL writes no 16-bit RGB)."""

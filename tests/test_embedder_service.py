@@ -5,6 +5,7 @@ input; limits; start-up failures; a checkpoint; graceful SIGTERM."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -24,12 +25,13 @@ from PIL import Image
 
 from embedder_service.__main__ import MESSAGE_OVERHEAD_BYTES
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, register
-from imagesearch.model.backbones import build_model, fingerprint
+from imagesearch.model.backbones import build_model
 from imagesearch.model.checkpoint import load_model, save_checkpoint
 from imagesearch.model.preprocessing import PreprocessSpec, load_tensor
-from imagesearch.testing import ROOT, ServiceProcess
+from imagesearch.testing import ROOT, ServiceProcess, sample_photos
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
-from tests.test_embedder_inputs import BAD, GOOD, LIMIT_BYTES, LIMIT_PIXELS, encode, photo
+from tests.helpers import encode, photo
+from tests.test_embedder_inputs import BAD, GOOD, LIMIT_BYTES, LIMIT_PIXELS
 
 MAX_BATCH = 8
 SERVER_ARGS = ("--max-batch", str(MAX_BATCH), "--max-wait-ms", "10", "--max-image-bytes", str(LIMIT_BYTES),
@@ -74,7 +76,7 @@ def stream(stub, items: list[tuple[str, bytes]]) -> dict[str, embedder_pb2.Embed
 def test_same_vector_alone_batched_streamed_and_in_process(stub, reference):
     images = photos(2 * MAX_BATCH + 3)
     expected = np.stack([reference(d) for d in images])
-    fp = fingerprint(reference.loaded.model, reference.loaded.spec, reference.loaded.backbone)
+    fp = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=10).fingerprint
 
     alone = np.stack([embed(stub, d) for d in images])
     with futures.ThreadPoolExecutor(len(images)) as pool:  # concurrent calls: the server batches them
@@ -101,7 +103,7 @@ def test_model_info(stub, reference):
     assert (info.backbone, info.dim, info.input_size, info.interpolation, info.device, info.weights) == (
         "efficientnet_lite0", 1280, spec.input_size, spec.interpolation, "cpu", "imagenet")
     assert tuple(info.mean) == pytest.approx(spec.mean) and tuple(info.std) == pytest.approx(spec.std)
-    assert info.fingerprint == fingerprint(reference.loaded.model, spec, "efficientnet_lite0")
+    assert re.fullmatch("[0-9a-f]{64}", info.fingerprint)
     assert list(info.class_names) == []
     assert (info.max_image_bytes, info.max_image_pixels, info.max_batch, info.max_message_bytes) == (
         LIMIT_BYTES, LIMIT_PIXELS, MAX_BATCH, LIMIT_BYTES + MESSAGE_OVERHEAD_BYTES)
@@ -221,7 +223,8 @@ def _code(stub, data: bytes) -> grpc.StatusCode:
 
 
 @pytest.mark.slow
-def test_serves_a_trainer_checkpoint_with_its_own_preprocessing(tmp_path):
+def test_serves_a_trainer_checkpoint_with_its_own_preprocessing(tmp_path, stub):
+    imagenet_fingerprint = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=10).fingerprint
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", "imagenet", num_classes=3)
     spec = PreprocessSpec(160, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
@@ -235,14 +238,57 @@ def test_serves_a_trainer_checkpoint_with_its_own_preprocessing(tmp_path):
         want = loaded.model.embed(load_tensor(image, loaded.spec)[None])[0].numpy()
     with ServiceProcess("embedder_service", "--checkpoint", str(path), "--max-wait-ms", "1") as proc, \
             proc.channel() as channel:
-        stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
-        info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=10)
-        got = embed(stub, image)
+        served = embedder_pb2_grpc.EmbedderServiceStub(channel)
+        info = served.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=10)
+        got = embed(served, image)
     assert list(info.class_names) == ["hat", "shirt", "shoes"]
     assert (info.input_size, info.interpolation, tuple(info.std)) == (160, "bilinear", (0.25, 0.25, 0.25))
     assert info.weights == str(path)
-    assert info.fingerprint == fingerprint(loaded.model, loaded.spec, loaded.backbone)
+    # another head and preprocessing than the ImageNet model the module's server serves: another fingerprint
+    assert re.fullmatch("[0-9a-f]{64}", info.fingerprint) and info.fingerprint != imagenet_fingerprint
     assert np.abs(got - want).max() <= TOL
+
+
+@pytest.mark.slow
+def test_a_real_photo_embeds_as_the_documented_preprocessing_says(tmp_path):
+    """Independent of the product's preprocessing code: the reference decodes
+    with PIL and builds the documented transform with torchvision itself
+    (docs/embedder.md: Resize((S, S)) bicubic with antialias, no crop,
+    ToTensor, Normalize(mean, std)), S, mean and std read from the checkpoint's
+    meta. Only the model comes from the product."""
+    from torchvision import transforms
+
+    spec = PreprocessSpec(192, (0.40, 0.45, 0.50), (0.30, 0.25, 0.20), "bicubic")  # none of them the defaults
+    meta = {"backbone": "efficientnet_lite0", "class_names": [], "preprocess": spec.to_dict(),
+            "embedding_dim": 1280, "epoch": 1, "metrics": {}}
+    path = save_checkpoint(tmp_path / "spec.pt", build_model("efficientnet_lite0", "imagenet"), meta)
+    written = torch.load(path, weights_only=True)
+    pre = written["meta"]["preprocess"]
+    # A real JPEG photo under 2 x S on its short side, so no decoder may take a smaller DCT scale.
+    (data,) = sample_photos(1, max_side=300)
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    assert min(img.size) < 2 * pre["input_size"] and img.size != (pre["input_size"], pre["input_size"])
+    documented = transforms.Compose([
+        transforms.Resize((pre["input_size"], pre["input_size"]), interpolation=transforms.InterpolationMode.BICUBIC,
+                          antialias=True),
+        transforms.ToTensor(),
+        transforms.Normalize(pre["mean"], pre["std"]),
+    ])
+    model = build_model("efficientnet_lite0", "none")
+    model.load_state_dict(written["state_dict"])
+    model.eval()
+    with torch.inference_mode():
+        want = model.embed(documented(img)[None])[0].numpy()
+
+    with ServiceProcess("embedder_service", "--checkpoint", str(path), "--max-wait-ms", "1") as proc, \
+            proc.channel() as channel:
+        got = embed(embedder_pb2_grpc.EmbedderServiceStub(channel), data, "photo.jpg")
+    assert np.abs(got - want).max() <= TOL
+    # the check has teeth: the default model's preprocessing gives another vector
+    with torch.inference_mode():
+        other = transforms.Compose([documented.transforms[0], transforms.ToTensor(),
+                                    transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+        assert np.abs(model.embed(other(img)[None])[0].numpy() - want).max() > 100 * TOL
 
 
 def _start(*args: str, env: dict | None = None) -> subprocess.Popen:

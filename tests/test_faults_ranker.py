@@ -32,24 +32,12 @@ import pytest
 from clients.channels import RetryPolicy
 from clients.errors import ClientError
 from clients.ranker import RankerClient
-from imagesearch.testing import ServiceProcess
+from imagesearch.testing import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 
 DIM = 32
 TOL = 1e-5
-
-
-def unit32(v) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def reference(stored32: np.ndarray, names: list[str], query, k: int) -> tuple[list[str], list[float]]:
-    q = np.asarray(query, dtype=np.float64)
-    scores = stored32.astype(np.float64) @ (q / np.linalg.norm(q))
-    order = sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))[:k]
-    return [names[i] for i in order], [float(scores[i]) for i in order]
 
 
 # ---------------------------------------------------------------- restart
@@ -61,7 +49,7 @@ def test_a_client_querying_through_a_ranker_restart_gets_right_answers(tmp_path)
     names = [f"g/{i:04d}.jpg" for i in range(400)]
     vectors = rng.standard_normal((len(names), DIM)).astype(np.float32)
     queries = rng.standard_normal((20, DIM)).astype(np.float32)
-    refs = [reference(unit32(vectors), names, q, 5) for q in queries]
+    refs = [reference_ranking(unit32(vectors), names, q, 5) for q in queries]
     db = tmp_path / "restart.db"
 
     first = ServiceProcess("ranker_service", "--db", str(db), "--grace", "5")

@@ -18,9 +18,9 @@ import grpc
 import numpy as np
 import pytest
 
+from imagesearch.testing import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
-from imagesearch.testing import ServiceProcess
 
 BACKENDS = ["sqlite", "milvus"]
 DIM = 24
@@ -39,19 +39,6 @@ def backend_args(backend: str, folder) -> list[str]:
 def start(backend: str, folder) -> ServiceProcess:
     return ServiceProcess("ranker_service", *backend_args(backend, folder), "--batch-size", "64",
                           startup_timeout=120)
-
-
-def unit32(v) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def reference(matrix32, names, query, k):
-    q = np.asarray(query, dtype=np.float64)
-    q = q / np.linalg.norm(q)
-    scores = np.asarray(matrix32, dtype=np.float64) @ q
-    order = sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))[:k]
-    return [names[i] for i in order], [scores[i] for i in order]
 
 
 def upsert(stub, collection, names, vectors, fingerprint=FP):
@@ -98,7 +85,7 @@ def test_results_equal_float64_numpy_top_k(stub, gallery):
     for query in queries:
         for k in (1, 10, 50):
             matches = search(stub, "gallery", query, k, fingerprint=FP)
-            want_names, want_scores = reference(matrix, names, query, k)
+            want_names, want_scores = reference_ranking(matrix, names, query, k)
             assert [m.name for m in matches] == want_names
             assert [m.rank for m in matches] == list(range(1, k + 1))
             np.testing.assert_allclose([m.score for m in matches], want_scores, atol=1e-6)
@@ -112,7 +99,7 @@ def test_search_stream_equals_search(stub, gallery):
         + [pb.SearchStreamRequest(id="bad", collection="nope", vector=queries[0])]), timeout=TIMEOUT))
     by_id = {a.id: a for a in answers}
     for i, q in enumerate(queries):
-        assert [m.name for m in by_id[f"q{i}"].matches] == reference(matrix, names, q, 5)[0]
+        assert [m.name for m in by_id[f"q{i}"].matches] == reference_ranking(matrix, names, q, 5)[0]
     assert by_id["bad"].error.code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
@@ -170,7 +157,7 @@ def test_replacement(stub):
     current = np.concatenate([new[:10], old[10:], new[10:11]])
     current_names = names + ["extra"]
     for j in range(10):
-        assert [m.name for m in search(stub, "replace", old[j], 21)] == reference(current, current_names, old[j], 21)[0]
+        assert [m.name for m in search(stub, "replace", old[j], 21)] == reference_ranking(current, current_names, old[j], 21)[0]
         (top,) = search(stub, "replace", new[j], 1)
         assert top.name == names[j] and top.score == pytest.approx(1.0, abs=1e-6)
 
@@ -224,4 +211,4 @@ def test_persistence_across_a_restart(backend, tmp_path):
         (stats,) = stub.GetStats(pb.GetStatsRequest(collection="kept"), timeout=TIMEOUT).collections
         assert stats.count == 45 and stats.fingerprint == FP and stats.dim == DIM
         for q in vectors[:8]:
-            assert [m.name for m in search(stub, "kept", q, 10)] == reference(current, current_names, q, 10)[0]
+            assert [m.name for m in search(stub, "kept", q, 10)] == reference_ranking(current, current_names, q, 10)[0]

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from imagesearch.testing import ServiceProcess
+from imagesearch.testing import ServiceProcess, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 
@@ -27,12 +27,6 @@ def call_vectors(call: int) -> np.ndarray:
 
 def call_names(call: int) -> list[str]:
     return [f"c{call:04d}-{j:02d}" for j in range(PER_CALL)]
-
-
-def stored_bytes(vector: np.ndarray) -> bytes:
-    """The bit-exact stored form: float64 normalisation, float32 little-endian."""
-    v = vector.astype(np.float64)
-    return (v / np.linalg.norm(v)).astype("<f4").tobytes()
 
 
 def test_acknowledged_upserts_survive_kill_9(tmp_path):
@@ -82,14 +76,14 @@ def test_acknowledged_upserts_survive_kill_9(tmp_path):
         rows = dict(conn.execute("SELECT name, vector FROM vectors WHERE collection = 'durable'"))
     for call in acked:  # every acknowledged item, bit-exact
         for name, vector in zip(call_names(call), call_vectors(call)):
-            assert rows.get(name) == stored_bytes(vector), f"acknowledged {name} lost or altered"
+            assert rows.get(name) == unit32(vector).astype("<f4").tobytes(), f"acknowledged {name} lost or altered"
     interrupted = [c for c in attempted if c not in acked]
     present = 0
     for call in interrupted:  # absent or exact, never half
         for name, vector in zip(call_names(call), call_vectors(call)):
             if name in rows:
                 present += 1
-                assert rows[name] == stored_bytes(vector), f"unacknowledged {name} is torn"
+                assert rows[name] == unit32(vector).astype("<f4").tobytes(), f"unacknowledged {name} is torn"
     assert len(rows) == len(acked) * PER_CALL + present  # nothing else
 
     # The restarted ranker serves exactly what the file holds.

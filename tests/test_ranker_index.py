@@ -12,26 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imagesearch import errors
+from imagesearch.testing import reference_ranking, unit32
 from ranker_service import ranking
 from ranker_service.index import MIN_GROWTH_ROWS, Collection, GalleryIndex, Query
 from ranker_service.rwlock import ReadWriteLock
 from ranker_service.vectors import MAX_TOP_K, check_collection, check_name, unit_vector
-
-
-def unit32(v) -> np.ndarray:
-    """The stored form the ranker promises: float64 normalisation, then float32."""
-    v = np.asarray(v, dtype=np.float64)
-    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def reference(matrix32, names, query, k, rowwise=False):
-    """float64 numpy reference: full product, full sort by (-score, name)."""
-    q = np.asarray(query, dtype=np.float64)
-    q = q / np.linalg.norm(q)
-    m64 = np.asarray(matrix32, dtype=np.float64)
-    scores = (m64 * q).sum(axis=1) if rowwise else m64 @ q
-    order = sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))[:k]
-    return [names[i] for i in order], [scores[i] for i in order]
 
 
 def make_index(matrix32, names, collection="c", fingerprint="fp"):
@@ -52,7 +37,7 @@ def test_search_matches_float64_reference(n, dim, k):
     for _ in range(5):
         query = rng.standard_normal(dim).astype(np.float32)
         got = index.search(Query("c", query, k))
-        want_names, want_scores = reference(matrix, names, query, k)
+        want_names, want_scores = reference_ranking(matrix, names, query, k)
         assert [m.name for m in got] == want_names
         assert [m.rank for m in got] == list(range(1, len(want_names) + 1))
         np.testing.assert_allclose([m.score for m in got], want_scores, rtol=0, atol=1e-12)
@@ -67,7 +52,7 @@ def test_exact_ties_are_broken_by_name_including_at_the_kth_boundary():
     for k, want in [(1, ["z"]), (2, ["z", "a"]), (3, ["z", "a", "b"]), (5, ["z", "a", "b", "c", "d"]),
                     (6, ["z", "a", "b", "c", "d", "far"])]:
         assert [m.name for m in index.search(Query("c", query, k))] == want
-        assert reference(matrix, names, query, k)[0] == want
+        assert reference_ranking(matrix, names, query, k)[0] == want
 
 
 def test_near_ties_follow_float64_not_float32():
@@ -84,7 +69,7 @@ def test_near_ties_follow_float64_not_float32():
     matrix = np.vstack([a, b, unit32(rng.standard_normal((200, dim)))])
     index = make_index(matrix, names)
     got = [m.name for m in index.search(Query("c", query, 2))]
-    assert got == reference(matrix, names, query, 2)[0] == ["b", "a"]
+    assert got == reference_ranking(matrix, names, query, 2)[0] == ["b", "a"]
 
 
 @settings(max_examples=60, deadline=None)
@@ -100,7 +85,7 @@ def test_property_same_ranking_as_reference_with_many_exact_ties(data):
     matrix = unit32(rows)
     index = make_index(matrix, names)
     got = index.search(Query("c", query, k))
-    assert [m.name for m in got] == reference(matrix, names, query, k, rowwise=True)[0]
+    assert [m.name for m in got] == reference_ranking(matrix, names, query, k, rowwise=True)[0]
 
 
 def test_score_margin_bounds_float32_error():

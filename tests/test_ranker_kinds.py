@@ -8,17 +8,13 @@ import numpy as np
 import pytest
 
 from imagesearch import errors
+from imagesearch.testing import reference_ranking, unit32
 from ranker_service import faiss_collection, index_files, kinds
 from ranker_service.index import GalleryIndex, Query, make_collection
 from ranker_service.kinds import IndexSpec, make_spec
 
 DIM = 32
 N = 3000
-
-
-def unit32(v) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def clustered(n: int, seed: int, centres: int = 40) -> np.ndarray:
@@ -29,14 +25,6 @@ def clustered(n: int, seed: int, centres: int = 40) -> np.ndarray:
     noise = rng.standard_normal((n, DIM))
     noise *= 0.5 / np.linalg.norm(noise, axis=1, keepdims=True)
     return unit32(c[rng.integers(0, centres, n)] + noise)
-
-
-def reference(matrix32, names, query, k):
-    q = np.asarray(query, dtype=np.float64)
-    q = q / np.linalg.norm(q)
-    scores = np.asarray(matrix32, dtype=np.float64) @ q
-    order = sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))[:k]
-    return [names[i] for i in order], [scores[i] for i in order]
 
 
 SPECS = {
@@ -57,7 +45,7 @@ def recall(coll, matrix, names, queries, k=10):
     hits = 0
     for q in queries:
         got = [n for n, _ in coll.search(q[np.newaxis].astype(np.float64), [k])[0]]
-        want, _ = reference(matrix, names, q, k)
+        want, _ = reference_ranking(matrix, names, q, k)
         hits += len(set(got) & set(want))
     return hits / (k * len(queries))
 
@@ -156,7 +144,7 @@ def test_ivf_pq_answers_exactly_before_it_is_trained(tmp_path):
     assert not coll.trained and faiss_collection.train_size(64) > 500
     coll.delete(names[:5])
     for q in clustered(5, 11):
-        want, _ = reference(matrix[5:], names[5:], q, 10)
+        want, _ = reference_ranking(matrix[5:], names[5:], q, 10)
         assert [n for n, _ in coll.search(q[np.newaxis].astype(np.float64), [10])[0]] == want
 
 

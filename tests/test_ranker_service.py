@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from imagesearch.testing import ServiceProcess
+from imagesearch.testing import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from ranker_service.servicer import SERVICE_NAME, gather_batches
@@ -25,19 +25,6 @@ DIM = 48
 N = 500
 FP = "sha256:model-a"
 TIMEOUT = 30
-
-
-def unit32(v) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def reference(matrix32, names, query, k):
-    q = np.asarray(query, dtype=np.float64)
-    q = q / np.linalg.norm(q)
-    scores = np.asarray(matrix32, dtype=np.float64) @ q
-    order = sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))[:k]
-    return [names[i] for i in order], [scores[i] for i in order]
 
 
 def upsert(stub, collection, names, vectors, fingerprint=FP):
@@ -107,7 +94,7 @@ def test_search_streams_the_float64_reference_ranking(stub, gallery, top_k, expe
     for _ in range(3):
         query = rng.standard_normal(DIM).astype(np.float32)
         matches = search(stub, "gallery", query, top_k, fingerprint=FP)
-        want_names, want_scores = reference(matrix, names, query, expected)
+        want_names, want_scores = reference_ranking(matrix, names, query, expected)
         assert [m.name for m in matches] == want_names
         assert [m.rank for m in matches] == list(range(1, expected + 1))
         np.testing.assert_allclose([m.score for m in matches], want_scores, atol=1e-6)
@@ -142,7 +129,7 @@ def test_search_stream_answers_every_query_by_id_and_isolates_bad_ones(stub, gal
             continue
         assert not answer.HasField("error")
         k = request.top_k or 10
-        assert [m.name for m in answer.matches] == reference(matrix, names, request.vector, k)[0]
+        assert [m.name for m in answer.matches] == reference_ranking(matrix, names, request.vector, k)[0]
 
 
 def test_gather_batches_takes_what_has_arrived_up_to_the_cap():
@@ -269,7 +256,7 @@ def test_same_name_replaces_and_delete_empties_a_collection(stub):
 def test_searches_run_while_upserts_commit(stub, gallery):
     matrix, names = gallery
     query = matrix[0]
-    want = reference(matrix, names, query, 5)[0]
+    want = reference_ranking(matrix, names, query, 5)[0]
     errors_seen = []
 
     def writer():

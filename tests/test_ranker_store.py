@@ -14,15 +14,11 @@ import pytest
 
 from imagesearch import errors
 from imagesearch.errors import StoreError
+from imagesearch.testing import unit32
 from ranker_service.gallery import Gallery, UpsertItem
 from ranker_service.index import Query
 from ranker_service.migrations import MIGRATIONS, MIGRATIONS_TABLE
 from ranker_service.store import GalleryStore, UpsertRow
-
-
-def unit32(v) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from imagesearch import errors, serving
-from imagesearch.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
+from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 
 SERVICE = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
 
@@ -32,11 +32,7 @@ class FakeRanker(ranker_pb2_grpc.RankerServiceServicer):
 
     def SearchStream(self, request_iterator, context):
         for req in request_iterator:
-            if not req.vector:
-                code, message = serving.item_error_fields(errors.InvalidArgument(f"query {req.id}: empty vector"))
-                yield ranker_pb2.SearchStreamResponse(id=req.id, error=common_pb2.ItemError(code=code, message=message))
-            else:
-                yield ranker_pb2.SearchStreamResponse(id=req.id)
+            yield ranker_pb2.SearchStreamResponse(id=req.id)
 
     upserts_entered = threading.Semaphore(0)
 
@@ -77,18 +73,6 @@ def test_error_in_a_server_stream_keeps_what_was_sent(grpc_server):
             got.append(r.match.name)
     assert got == ["a"]
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-def test_item_errors_do_not_end_a_stream(grpc_server):
-    _, channel = grpc_server(register, [SERVICE])
-    stub = ranker_pb2_grpc.RankerServiceStub(channel)
-    reqs = [ranker_pb2.SearchStreamRequest(id="1", vector=[1.0]), ranker_pb2.SearchStreamRequest(id="2"),
-            ranker_pb2.SearchStreamRequest(id="3", vector=[1.0])]
-    out = list(stub.SearchStream(iter(reqs), timeout=5))
-    assert [r.id for r in out] == ["1", "2", "3"]
-    assert out[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert "query 2" in out[1].error.message
-    assert not out[0].HasField("error") and not out[2].HasField("error")
 
 
 def test_health_follows_set_serving_and_graceful_stop(grpc_server):

@@ -75,15 +75,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    """rank `src`'s value on every process (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 class ShardSampler(torch.utils.data.Sampler):
     """Every index exactly once across ranks (rank::world), with no padding,
     so validation metrics summed over ranks are those of the whole split.
