@@ -1,6 +1,7 @@
 """Retrieval metrics for `{query: [ranked gallery names]}` results against
 `{query: [relevant gallery names]}` ground truth.
 
+The per-ranking figures are defined once, in imagesearch.retrieval_metrics:
 - AP@k: sum over ranks i <= k of precision@i at each relevant hit, divided by
   min(|relevant|, k), so a perfect top-k scores 1 even when more than k are
   relevant. mAP@k is its mean over queries.
@@ -22,42 +23,7 @@ from typing import Mapping, Sequence
 
 from clients.errors import UsageError
 from clients.files import list_images
-
-
-def _hits(ranked: Sequence[str], relevant: set[str], k: int) -> list[bool]:
-    seen: set[str] = set()
-    hits = []
-    for name in ranked[:k]:
-        hits.append(name in relevant and name not in seen)
-        seen.add(name)
-    return hits
-
-
-def average_precision(ranked: Sequence[str], relevant, k: int = 10) -> float:
-    relevant = set(relevant)
-    if not relevant:
-        raise ValueError("average precision is undefined without relevant items")
-    total, found = 0.0, 0
-    for i, hit in enumerate(_hits(ranked, relevant, k), start=1):
-        if hit:
-            found += 1
-            total += found / i
-    return total / min(len(relevant), k)
-
-
-def precision_at_k(ranked: Sequence[str], relevant, k: int = 10) -> float:
-    return sum(_hits(ranked, set(relevant), k)) / k
-
-
-def recall_at_k(ranked: Sequence[str], relevant, k: int = 10) -> float:
-    relevant = set(relevant)
-    if not relevant:
-        raise ValueError("recall is undefined without relevant items")
-    return sum(_hits(ranked, relevant, k)) / len(relevant)
-
-
-def top1(ranked: Sequence[str], relevant) -> float:
-    return float(bool(ranked) and ranked[0] in set(relevant))
+from imagesearch.retrieval_metrics import average_precision, precision_at_k, recall_at_k, top1  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,6 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=_env("PRECISION", "auto"),
                    help=f"autocast dtype; auto = fp16 on CUDA, fp32 on CPU (env {ENV}_PRECISION; "
                         f"default %(default)s)")
+    m.add_argument("--tta", choices=("none", "flip"), default=_env("TTA", "none"),
+                   help=f"test-time augmentation: flip = average the vectors of the image and its mirror image, "
+                        f"renormalised (about 2x the compute; other vectors, so another fingerprint) "
+                        f"(env {ENV}_TTA; default %(default)s)")
     m.add_argument("--threads", type=int, default=_env("THREADS", 0),
                    help=f"torch intra-op threads; 0 = IMAGESEARCH_TORCH_THREADS, else 1 on CUDA and "
                         f"torch's default (the CPU count) on CPU (env {ENV}_THREADS)")
@@ -87,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.backbone is not None and args.backbone not in defaults.BACKBONES:  # from the environment
         parser.error(f"{ENV}_BACKBONE={args.backbone!r}: choose one of {', '.join(defaults.BACKBONES)}")
     for flag, value, choices in [("--device", args.device, ("auto", "cpu", "cuda")),
-                                 ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16"))]:
+                                 ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16")),
+                                 ("--tta", args.tta, ("none", "flip"))]:
         if value not in choices:
             parser.error(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if args.checkpoint and args.weights:
@@ -149,7 +154,7 @@ def _load(args, servicer, max_message_bytes: int):
     embedder = Embedder.load(checkpoint=args.checkpoint, backbone=args.backbone, weights=args.weights,
                              device=args.device, precision=args.precision,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                             max_batch=args.max_batch)
+                             max_batch=args.max_batch, tta=args.tta)
     if embedder.device.type == "cuda" and not args.threads and not os.environ.get("IMAGESEARCH_TORCH_THREADS"):
         # On a GPU, torch's CPU work is the per-image preprocessing on the decode
         # threads: parallelism comes from those threads, not from OpenMP teams of

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from imagesearch import errors
 from imagesearch.model.backbones import DEFAULT_BACKBONE, default_device, fingerprint
@@ -32,6 +33,7 @@ from imagesearch.model.preprocessing import (
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+TTAS = ("none", "flip")  # test-time augmentation: flip = mean of the image's and its mirror's vectors
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -83,6 +85,7 @@ class ModelInfo:
     fingerprint: str
     weights: str
     class_names: tuple[str, ...]
+    tta: str = "none"
 
 
 class Embedder:
@@ -90,9 +93,12 @@ class Embedder:
 
     def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", precision: str = "auto",
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, tta: str = "none"):
         if max_image_bytes < 1 or max_image_pixels < 1:
             raise errors.InvalidArgument("image limits must be positive")
+        if tta not in TTAS:
+            raise errors.InvalidArgument(f"unknown test-time augmentation {tta!r}; one of {', '.join(TTAS)}")
+        self.tta = tta
         self.device = default_device(device) if isinstance(device, str) else device
         bf16 = (torch.cuda.is_bf16_supported() if self.device.type == "cuda" else True)
         self.autocast = autocast_dtype(self.device.type, precision, bf16_supported=bf16)
@@ -104,8 +110,9 @@ class Embedder:
         # the same whichever device serves them.
         self.info = ModelInfo(
             backbone=loaded.backbone, dim=model.dim, spec=loaded.spec, device=str(self.device),
-            precision=_precision_name(self.autocast), fingerprint=fingerprint(model, loaded.spec, loaded.backbone),
-            weights=loaded.weights, class_names=tuple(loaded.class_names))
+            precision=_precision_name(self.autocast),
+            fingerprint=fingerprint(model, loaded.spec, loaded.backbone, tta=tta),
+            weights=loaded.weights, class_names=tuple(loaded.class_names), tta=tta)
         # On CUDA, pad batches to a few fixed sizes and let cuDNN pick the fastest
         # kernels for each (eval-mode BatchNorm: padding changes no other row).
         self.bucket_cap = max_batch if self.device.type == "cuda" else None
@@ -129,8 +136,9 @@ class Embedder:
                 f"--backbone {backbone} does not match the checkpoint {checkpoint}, "
                 f"which holds {loaded.backbone}; drop --backbone")
         embedder = cls(loaded, **kwargs)
-        log.info("loaded %s (%s weights) on %s, %s, in %.1fs; fingerprint %s", embedder.info.backbone,
-                 embedder.info.weights, embedder.info.device, embedder.info.precision,
+        log.info("loaded %s (%s weights, %d-d, tta %s) on %s, %s, in %.1fs; fingerprint %s", embedder.info.backbone,
+                 embedder.info.weights, embedder.info.dim, embedder.info.tta, embedder.info.device,
+                 embedder.info.precision,
                  time.monotonic() - started, embedder.info.fingerprint[:16])
         return embedder
 
@@ -155,6 +163,8 @@ class Embedder:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast,
                                                     enabled=self.autocast is not None):
             vectors = self.model.embed(x)  # float32 and L2-normalised (EmbeddingNet.embed)
+            if self.tta == "flip":
+                vectors = F.normalize(vectors + self.model.embed(x.flip(3)), dim=1)
         return vectors[:n].float().cpu().numpy()
 
     def embed_images(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:

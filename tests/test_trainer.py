@@ -29,10 +29,11 @@ from trainer import train as train_mod
 from trainer.__main__ import main as cli_main
 from trainer.data import Collate, ImageFiles, check_layout
 from trainer.early_stopping import EarlyStopping
+from trainer.losses import CrossEntropy
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"blue": (30, 40, 210), "green": (30, 190, 40), "red": (215, 35, 30)}
-RUN_FILES = {"args.json", "summary.csv", "accuracy.png", "loss.png", "best.pt", "last.pt"}
+RUN_FILES = {"args.json", "summary.csv", "accuracy.png", "loss.png", "retrieval.png", "best.pt", "last.pt"}
 
 
 @pytest.fixture(autouse=True)
@@ -232,25 +233,37 @@ def test_early_stopping_compares_with_the_best_not_the_previous_epoch():
             break
     # 0.55 beats the previous epoch (0.6) but not the best (0.5): it is no improvement.
     assert improved == [True, True, False, False, False]
-    assert (s.best_epoch, s.best_loss, s.bad_epochs) == (2, 0.5, 3)
+    assert (s.best_epoch, s.best_value, s.bad_epochs) == (2, 0.5, 3)
     restored = EarlyStopping(patience=5)
     restored.load_state_dict(s.state_dict())
     assert not restored.should_stop and restored.best_epoch == 2
     nan = EarlyStopping(patience=1)
     assert nan.step(1, math.nan) is False and nan.should_stop
+    scores = EarlyStopping(patience=2, mode="max")  # mAP@10: higher is better
+    assert [scores.step(e, v) for e, v in enumerate([0.5, 0.7, 0.6, 0.65], 1)] == [True, True, False, False]
+    assert scores.best_epoch == 2 and scores.should_stop
+    old = EarlyStopping(patience=3)  # a last.pt from before the figures were generalised
+    old.load_state_dict({"best_loss": 0.25, "best_epoch": 4, "bad_epochs": 1})
+    assert (old.best_value, old.best_epoch) == (0.25, 4)
 
 
-def test_training_stops_early_and_restores_the_best_epoch(tiny_data, tmp_path, monkeypatch):
-    scripted = iter([0.9, 0.7, 0.8, 0.75, 0.72, 0.1])  # best at epoch 2; 3 epochs worse than it
+@pytest.mark.parametrize("select_by, figure, scripted", [
+    ("loss", "loss", [0.9, 0.7, 0.8, 0.75, 0.72, 0.1]),  # best at epoch 2; 3 epochs worse than it
+    ("map", "map", [0.3, 0.6, 0.5, 0.55, 0.58, 0.9]),
+])
+def test_training_stops_early_and_restores_the_best_epoch(tiny_data, tmp_path, monkeypatch, select_by, figure,
+                                                          scripted):
+    values = iter(scripted)
     real_evaluate = train_mod.evaluate
 
     def evaluate(*a, **kw):
         metrics = real_evaluate(*a, **kw)
-        return {**metrics, "loss": next(scripted)}
+        return {**metrics, figure: next(values)}
 
     monkeypatch.setattr(train_mod, "evaluate", evaluate)
     out = tmp_path / "run"
-    result = run_in_process(tiny_args(tiny_data, out, "--epochs", "10", "--patience", "3", "--lr", "1e-2"))
+    result = run_in_process(tiny_args(tiny_data, out, "--epochs", "10", "--patience", "3", "--lr", "1e-2",
+                                      "--select-by", select_by))
     rows = read_summary(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
     assert [int(r["best"]) for r in rows] == [1, 1, 0, 0, 0]
@@ -258,7 +271,9 @@ def test_training_stops_early_and_restores_the_best_epoch(tiny_data, tmp_path, m
     best = torch.load(out / "best.pt", weights_only=True)
     last = torch.load(out / "last.pt", weights_only=True)
     assert best["meta"]["epoch"] == 2 and last["meta"]["epoch"] == 5
-    assert last["early_stopping"] == {"best_loss": 0.7, "best_epoch": 2, "bad_epochs": 3}
+    assert last["early_stopping"] == {"best_value": scripted[1], "best_epoch": 2, "bad_epochs": 3,
+                                      "mode": "min" if select_by == "loss" else "max"}
+    assert float(rows[1][train_mod.SELECT_BY[select_by]]) == pytest.approx(scripted[1])
     weights = {k: v.cpu() for k, v in result.model.state_dict().items()}
     assert all(torch.equal(weights[k], best["state_dict"][k]) for k in weights), "returned model is the best epoch"
     assert any(not torch.equal(weights[k], last["state_dict"][k]) for k in weights if k.endswith("weight"))
@@ -295,13 +310,12 @@ def test_mixed_precision_training_runs_the_cuda_code_path_on_cpu(tiny_data, mode
     loader = torch.utils.data.DataLoader(ImageFiles(layout.train.samples, eval_transform(spec)),
                                          batch_size=4, shuffle=True, collate_fn=Collate(32))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    model = SmallNet()
     precision = amp.Precision("cpu", mode)
     scaler = precision.grad_scaler()
     assert scaler.is_enabled() == (mode == "fp16")
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    criterion = CrossEntropy()
     history = [train_mod.train_one_epoch(model, criterion, opt, loader, torch.device("cpu"), epoch, precision,
                                          scaler, progress=False) for epoch in range(1, 9)]
     for metrics in history:
@@ -311,13 +325,32 @@ def test_mixed_precision_training_runs_the_cuda_code_path_on_cpu(tiny_data, mode
     assert history[-1]["loss"] < history[0]["loss"], "the scaled steps must learn something"
     evaluated = train_mod.evaluate(model, criterion, loader, torch.device("cpu"), precision, progress=False)
     assert evaluated["images"] == 18 and math.isfinite(evaluated["loss"])
+    assert 0 <= evaluated["map"] <= 1 and 0 <= evaluated["precision"] <= 1
+
+
+class SmallNet(torch.nn.Module):
+    """EmbeddingNet's interface (features, head, dim) around a small convnet."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(8, 3)
+        self.dim = 8
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
 # ---------------------------------------------------------------- a whole run
 
 def test_run_folder_and_checkpoint_format(tiny_data, tmp_path):
     out = tmp_path / "run"
-    assert cli_main(tiny_args(tiny_data, out, "--epochs", "2", "--lr", "3e-3")) == 0
+    assert cli_main(tiny_args(tiny_data, out, "--epochs", "2", "--lr", "3e-3", "--schedule", "constant",
+                              "--warmup-epochs", "0")) == 0
     assert RUN_FILES <= {p.name for p in out.iterdir()}
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files left"
     umask = os.umask(0o022)
@@ -336,9 +369,12 @@ def test_run_folder_and_checkpoint_format(tiny_data, tmp_path):
         assert int(r["train_skipped"]) == 2 and int(r["val_skipped"]) == 0  # counted every epoch
         assert int(r["val_images"]) == 9
         assert 0 <= float(r["val_accuracy"]) <= 1 and float(r["val_loss"]) > 0
+        # 9 val images, 3 a class: each query has 2 relevant images, so P@10 is at most 0.2.
+        assert 0 < float(r["val_map@10"]) <= 1 and 0 < float(r["val_precision@10"]) <= 0.2
+        assert 0 <= float(r["val_top1"]) <= 1
         assert float(r["lr"]) == pytest.approx(3e-3) and float(r["seconds"]) >= 0
 
-    for png in ("accuracy.png", "loss.png"):
+    for png in ("accuracy.png", "loss.png", "retrieval.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size == (640, 420)
 
@@ -349,6 +385,8 @@ def test_run_folder_and_checkpoint_format(tiny_data, tmp_path):
     # Lite0's own normalisation and interpolation, at --image-size.
     assert PreprocessSpec.from_dict(meta["preprocess"]) == PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3, "bicubic")
     assert meta["embedding_dim"] == 1280 and meta["weights"] == "none"
+    assert meta["model"] == {"pooling": "avg", "neck_dim": None, "num_classes": 3}
+    assert meta["recipe"] == "default" and meta["loss"] == "ce"
     assert set(meta["metrics"]) >= {"val_loss", "val_accuracy", "train_loss", "train_accuracy"}
     assert not any(k.startswith("module.") for k in raw["state_dict"])
 
@@ -376,10 +414,12 @@ def test_out_holding_a_run_is_not_overwritten(tiny_data, tmp_path, capsys):
 
 
 def test_resume_continues_exactly_where_the_run_left_off(tiny_data, tmp_path, capsys):
+    # A constant schedule after warm-up: a cosine spans --epochs, so a run of 1 epoch resumed to 2
+    # follows another curve than a straight run of 2.
     straight = tmp_path / "straight"
-    assert cli_main(tiny_args(tiny_data, straight, "--epochs", "2")) == 0
+    assert cli_main(tiny_args(tiny_data, straight, "--epochs", "2", "--schedule", "constant")) == 0
     resumed = tmp_path / "resumed"
-    assert cli_main(tiny_args(tiny_data, resumed, "--epochs", "1")) == 0
+    assert cli_main(tiny_args(tiny_data, resumed, "--epochs", "1", "--schedule", "constant")) == 0
     # Only --resume and --epochs: everything else comes from the run's own record.
     assert cli_main(["--resume", str(resumed), "--epochs", "2", "--workers", "0", "--log-level", "WARNING"]) == 0
 

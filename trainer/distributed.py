@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -88,3 +89,24 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def all_gather_arrays(array: np.ndarray) -> np.ndarray:
+    """Every process's rows, concatenated in rank order (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return array
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average `module`'s gradients over every process (what DDP does for the
+    model; here for parameters outside it, such as a loss's class weights)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world

@@ -6,13 +6,21 @@
 
 Shaped like torchvision's references/classification/train.py:
 `get_args_parser()`, `main(args)`, `train_one_epoch(...)`, `evaluate(...)`.
-The recipe is the seed notebook's: its train transforms, Adam, cross-entropy,
-batch 50, lr 1e-4, up to 30 epochs, early stopping on validation loss with
-patience 3 that keeps and restores the best epoch.
+`--recipe default` (AdamW, a higher learning rate for the new head,
+warm-up + cosine, label smoothing, RandomResizedCrop + TrivialAugmentWide;
+see trainer.recipe) or `--recipe seed` (the seed notebook's exactly: its
+train transforms, Adam 1e-4, cross-entropy, batch 50). After every epoch
+the validation images are embedded and scored as a retrieval task (each a
+query against the rest: mAP@10, P@10, top-1); `--select-by map|loss` picks
+the epoch kept as best.pt, early stopping watches `--early-stop-on` (the
+same figure unless given). `--loss ce|arcface|proxy_anchor`,
+`--embedding-dim N` (a linear + BatchNorm neck) and `--pooling avg|gem` are
+options of the one model, recorded in the checkpoint.
 
 RUN_DIR gets args.json, summary.csv (one row per epoch), accuracy.png,
-loss.png, best.pt and last.pt (imagesearch.model.checkpoint format; last.pt also holds
-the optimizer, loss-scaler and early-stopping state for --resume).
+loss.png, retrieval.png, best.pt and last.pt (imagesearch.model.checkpoint format;
+last.pt also holds the optimizer, loss, EMA, loss-scaler and early-stopping
+state for --resume).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -41,6 +50,7 @@ from imagesearch.defaults import DEFAULT_BACKBONE, LOG_FORMAT_ENV
 from imagesearch.files import atomic_write_text
 from imagesearch.model.backbones import (
     BACKBONES,
+    POOLINGS,
     WEIGHTS_CHOICES_HELP,
     EmbeddingNet,
     backbone_info,
@@ -48,18 +58,24 @@ from imagesearch.model.backbones import (
     default_device,
     set_threads_from_env,
 )
-from imagesearch.model.checkpoint import read_checkpoint, save_checkpoint
+from imagesearch.model.checkpoint import model_options, read_checkpoint, save_checkpoint
 from imagesearch.model.preprocessing import PreprocessSpec, eval_transform, train_transform
+from imagesearch.retrieval_metrics import leave_one_out
 from trainer import amp, distributed
+from trainer import recipe as recipes
 from trainer.data import SPLIT_FILE, Batch, Collate, ImageFiles, Layout, check_layout, read_split
 from trainer.early_stopping import EarlyStopping
+from trainer.losses import LOSSES, Criterion, build_criterion
 from trainer.plots import write_plots
 
 log = logging.getLogger(__name__)
 
 PROG = "imagesearch-train"
-SUMMARY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-                  "train_skipped", "val_skipped", "train_images", "val_images", "best")
+RETRIEVAL_K = 10
+SUMMARY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_map@10",
+                  "val_precision@10", "val_top1", "lr", "seconds", "train_skipped", "val_skipped", "train_images",
+                  "val_images", "best")
+SELECT_BY = {"map": "val_map@10", "loss": "val_loss"}  # --select-by / --early-stop-on -> summary column
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -68,15 +84,18 @@ def default_workers(world_size: int = 1) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // (2 * max(1, world_size))))
 
 
-# Flags whose value, when not given, comes from the resumed run (else from here).
+# Flags whose value, when not given, comes from the resumed run (else from here,
+# then from the recipe: trainer.recipe.RECIPES).
 DEFAULTS = {
+    "recipe": "default",
     "backbone": DEFAULT_BACKBONE,
     "weights": "imagenet",
     "epochs": 30,
     "batch_size": 50,
-    "lr": 1e-4,
-    "patience": 3,
     "image_size": 224,
+    "loss": "ce",
+    "embedding_dim": None,
+    "pooling": "avg",
     "freeze_backbone": False,
     "workers": None,  # default_workers(world size)
     "seed": 42,
@@ -85,8 +104,10 @@ DEFAULTS = {
     "channels_last": True,
     "val_split": None,
 }
+RECIPE_FLAGS = tuple(recipes.RECIPES["default"])  # filled from --recipe when not given
 # Flags a resumed run cannot change: the model and its optimizer depend on them.
-FIXED_ON_RESUME = ("backbone", "image_size", "freeze_backbone")
+FIXED_ON_RESUME = ("recipe", "backbone", "image_size", "freeze_backbone", "loss", "embedding_dim", "pooling",
+                   "optimizer", "ema")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -109,10 +130,46 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help=f"most epochs to train (default: {DEFAULTS['epochs']})")
     p.add_argument("--batch-size", type=int, metavar="N",
                    help=f"images per step, per process (default: {DEFAULTS['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {DEFAULTS['lr']})")
-    p.add_argument("--patience", type=int,
-                   help=f"stop after this many epochs without a better validation loss "
-                        f"(default: {DEFAULTS['patience']})")
+    r = p.add_argument_group("recipe (flags not given come from --recipe)")
+    r.add_argument("--recipe", choices=sorted(recipes.RECIPES),
+                   help="default: AdamW, head at --head-lr-mult x lr, warm-up + cosine, label smoothing, "
+                        "RandomResizedCrop + TrivialAugmentWide, best epoch by val mAP@10; seed: the seed "
+                        "notebook's Adam 1e-4, constant, plain cross-entropy, its augmentation, best by val "
+                        "loss (default: default)")
+    d, s = recipes.RECIPES["default"], recipes.RECIPES["seed"]
+    r.add_argument("--optimizer", choices=("adamw", "adam"), help=f"(default {d['optimizer']}; seed {s['optimizer']})")
+    r.add_argument("--lr", type=float, help=f"peak learning rate of the backbone (default {d['lr']}; seed {s['lr']})")
+    r.add_argument("--head-lr-mult", type=float, metavar="X",
+                   help=f"learning rate of the new parts (head, neck, GeM, loss weights) as a multiple of --lr "
+                        f"(default {d['head_lr_mult']}; seed {s['head_lr_mult']})")
+    r.add_argument("--weight-decay", type=float, help=f"(default {d['weight_decay']}; seed {s['weight_decay']})")
+    r.add_argument("--warmup-epochs", type=float, metavar="E",
+                   help=f"linear warm-up, in epochs (may be fractional) (default {d['warmup_epochs']}; "
+                        f"seed {s['warmup_epochs']})")
+    r.add_argument("--schedule", choices=("cosine", "constant"),
+                   help=f"after warm-up: cosine decay over --epochs, or constant (default {d['schedule']}; "
+                        f"seed {s['schedule']})")
+    r.add_argument("--label-smoothing", type=float, metavar="F",
+                   help=f"for --loss ce (default {d['label_smoothing']}; seed {s['label_smoothing']})")
+    r.add_argument("--ema", type=float, metavar="DECAY",
+                   help="evaluate and save an exponential moving average of the weights with this decay per step "
+                        "(e.g. 0.998); 0 = off (default 0)")
+    r.add_argument("--select-by", choices=sorted(SELECT_BY),
+                   help=f"best.pt is the epoch with the best validation mAP@10 (map) or loss "
+                        f"(default {d['select_by']}; seed {s['select_by']})")
+    r.add_argument("--early-stop-on", choices=sorted(SELECT_BY),
+                   help="the figure early stopping watches (default: the --select-by one)")
+    r.add_argument("--patience", type=int,
+                   help=f"stop after this many epochs without a better --early-stop-on figure "
+                        f"(default {d['patience']}; seed {s['patience']})")
+    m = p.add_argument_group("model options (recorded in the checkpoint; the embedder serves them)")
+    m.add_argument("--loss", choices=LOSSES,
+                   help="ce: cross-entropy on a classifier head; arcface / proxy_anchor: pytorch-metric-learning's "
+                        "losses on the embedding (default: ce)")
+    m.add_argument("--embedding-dim", type=int, metavar="N",
+                   help="add a neck (linear + BatchNorm) to an N-d embedding before the loss (default: none, the "
+                        "backbone's pooled features)")
+    m.add_argument("--pooling", choices=POOLINGS, help="global pooling: avg or gem (generalised mean) (default: avg)")
     p.add_argument("--image-size", type=int, metavar="PX",
                    help=f"square input size (default: {DEFAULTS['image_size']})")
     p.add_argument("--freeze-backbone", action="store_true", default=None,
@@ -165,15 +222,19 @@ class SkipLog:
         return len(batch.skipped)
 
 
-def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.optim.Optimizer,
                     loader, device: torch.device, epoch: int, precision: amp.Precision,
                     scaler: torch.amp.GradScaler, *, freeze_backbone: bool = False,
                     channels_last: bool = False, skip_log: SkipLog | None = None,
-                    progress: bool = True, desc: str = "") -> dict:
-    """One pass over `loader`. `criterion` sums over the batch (reduction="sum");
-    the step uses the batch mean. Returns loss, accuracy, images and skipped,
-    summed over every process of a distributed run."""
+                    progress: bool = True, desc: str = "", schedule: recipes.Schedule | None = None,
+                    first_step: int = 0, ema=None) -> dict:
+    """One pass over `loader`. `criterion` gives the batch's mean loss (and
+    class scores for accuracy); `schedule` sets the learning rate of step
+    `first_step + batch index`; `ema` (an AveragedModel) follows every step.
+    Returns loss, accuracy, images and skipped, summed over every process of
+    a distributed run."""
     model.train()
+    criterion.train()
     if freeze_backbone:
         _core(model).body.eval()  # frozen means frozen: BatchNorm statistics too
     skip_log = skip_log or SkipLog()
@@ -182,7 +243,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     bar = tqdm(loader, desc=desc or f"epoch {epoch} train", unit="batch", disable=not progress,
                dynamic_ncols=True, leave=False, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    for batch in bar:
+    for index, batch in enumerate(bar):
         skipped += skip_log.record(batch)
         if len(batch.targets) == 1:
             # BatchNorm cannot train on one image (one value per channel at small sizes), and
@@ -191,16 +252,23 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         n = len(batch.targets)
         if n == 0 and not distributed_run:
             continue  # nothing to learn from; an Adam step on zero gradients would still move the weights
+        if schedule is not None:
+            schedule.apply(optimizer, first_step + index)
         images, targets = _to_device(batch, device, channels_last)
         with precision.autocast():
-            logits = model(images)
-        batch_loss = criterion(logits.float(), targets)
+            outputs = model(images)
+        # An empty batch (distributed: every process must step) contributes a zero loss.
+        batch_loss = criterion(outputs, targets) if n else outputs.float().sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(batch_loss / max(n, 1)).backward()
+        scaler.scale(batch_loss).backward()
+        distributed.average_gradients(criterion)  # the loss's own weights are outside DDP
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += batch_loss.item()
-        correct += (logits.argmax(1) == targets).sum().item()
+        if ema is not None:
+            ema.update_parameters(_core(model))
+        if n:
+            loss_sum += batch_loss.item() * n
+            correct += (criterion.logits(outputs.detach()).argmax(1) == targets).sum().item()
         seen += n
         if seen:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
@@ -209,14 +277,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, criterion: nn.Module, loader, device: torch.device,
+def evaluate(model: nn.Module, criterion: Criterion, loader, device: torch.device,
              precision: amp.Precision, *, channels_last: bool = False, skip_log: SkipLog | None = None,
-             progress: bool = True, desc: str = "validate") -> dict:
-    """Loss and accuracy over `loader` (summed over every process)."""
+             progress: bool = True, desc: str = "validate", k: int = RETRIEVAL_K) -> dict:
+    """Loss and accuracy over `loader` (summed over every process), and the
+    split scored as a retrieval task on the embeddings: each image a query
+    against all the others, relevant = same class (map, precision, top1 at k)."""
     model = _core(model)  # no DDP collectives: ranks may hold different numbers of batches
     model.eval()
+    criterion.eval()
     skip_log = skip_log or SkipLog()
     loss_sum = correct = seen = skipped = 0.0
+    vectors, labels = [], []
     bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False,
                file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30)
     for batch in bar:
@@ -225,12 +297,21 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, device: torch.devic
             continue
         images, targets = _to_device(batch, device, channels_last)
         with precision.autocast():
-            logits = model(images)
-        loss_sum += criterion(logits.float(), targets).item()
-        correct += (logits.argmax(1) == targets).sum().item()
+            features = model.features(images)
+            outputs = model.head(features)
+        loss_sum += criterion(outputs, targets).item() * len(targets)
+        correct += (criterion.logits(outputs).argmax(1) == targets).sum().item()
         seen += len(targets)
+        vectors.append(F.normalize(features.float(), dim=1).cpu().numpy())
+        labels.append(targets.cpu().numpy())
     bar.close()
-    return _metrics(loss_sum, correct, seen, skipped, device)
+    out = _metrics(loss_sum, correct, seen, skipped, device)
+    vectors = distributed.all_gather_arrays(
+        np.concatenate(vectors) if vectors else np.zeros((0, model.dim), np.float32))
+    labels = distributed.all_gather_arrays(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    scores = leave_one_out(vectors, labels, k)
+    out.update(map=scores["map"], precision=scores["precision"], top1=scores["top1"])
+    return out
 
 
 def _metrics(loss_sum, correct, seen, skipped, device) -> dict:
@@ -279,20 +360,34 @@ def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Na
                     f"a resumed run keeps its model: drop the flag or start a new run with another --out")
         if args.data is None:
             args.data = saved.get("data")
+        if args.recipe is None and "recipe" not in saved:
+            args.recipe = "seed"  # a run from before the recipes: it was the seed's
     for key, default in DEFAULTS.items():
         if getattr(args, key, None) is None:
             setattr(args, key, saved.get(key, default) if key not in ("workers", "device") else default)
+    for key in RECIPE_FLAGS:
+        if getattr(args, key, None) is None:
+            setattr(args, key, saved.get(key, recipes.RECIPES[args.recipe][key]))
+    if args.early_stop_on is None:
+        args.early_stop_on = saved.get("early_stop_on") or args.select_by
     return args
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--patience", args.patience, 1), ("--image-size", args.image_size, 8),
-                             ("--workers", args.workers, 0)):
+                             ("--workers", args.workers, 0), ("--embedding-dim", args.embedding_dim, 1)):
         if value is not None and value < low:
             raise errors.InvalidArgument(f"{flag} {value}: must be at least {low}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise errors.InvalidArgument(f"--lr {args.lr}: must be a positive number")
+    for flag, value in (("--lr", args.lr), ("--head-lr-mult", args.head_lr_mult)):
+        if not (value > 0 and math.isfinite(value)):
+            raise errors.InvalidArgument(f"{flag} {value}: must be a positive number")
+    for flag, value, high in (("--weight-decay", args.weight_decay, math.inf),
+                              ("--warmup-epochs", args.warmup_epochs, math.inf),
+                              ("--label-smoothing", args.label_smoothing, 1.0), ("--ema", args.ema, 1.0)):
+        if not (0 <= value < high):
+            raise errors.InvalidArgument(f"{flag} {value}: must be at least 0" +
+                                         (f" and below {high:g}" if math.isfinite(high) else ""))
 
 
 def _run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -331,7 +426,7 @@ def _seed_all(seed: int) -> None:
 def _loaders(layout: Layout, spec: PreprocessSpec, args, dist_info: distributed.DistInfo,
              device: torch.device):
     collate = Collate(spec.input_size)
-    train_set = ImageFiles(layout.train.samples, train_transform(spec))
+    train_set = ImageFiles(layout.train.samples, train_transform(spec, args.recipe))
     val_set = ImageFiles(layout.val.samples, eval_transform(spec))
     train_sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                        shuffle=True, seed=args.seed, drop_last=False)
@@ -345,13 +440,16 @@ def _loaders(layout: Layout, spec: PreprocessSpec, args, dist_info: distributed.
     return train_loader, val_loader, train_sampler
 
 
-def _meta(args, layout: Layout, spec: PreprocessSpec, epoch: int, row: dict | None, best_epoch: int) -> dict:
-    info = backbone_info(args.backbone)
+def _meta(args, layout: Layout, spec: PreprocessSpec, model: EmbeddingNet, epoch: int, row: dict | None,
+          best_epoch: int) -> dict:
     return {
         "backbone": args.backbone,
         "class_names": list(layout.class_names),
         "preprocess": spec.to_dict(),
-        "embedding_dim": info.dim,
+        "embedding_dim": model.dim,
+        "model": model.options(),  # pooling, neck, head: how to rebuild it (imagesearch.model.checkpoint)
+        "loss": args.loss,
+        "recipe": args.recipe,
         "epoch": epoch,
         "metrics": dict(row or {}),
         "best_epoch": best_epoch,
@@ -395,15 +493,21 @@ def main(args: argparse.Namespace) -> TrainResult:
     num_classes = len(layout.class_names)
 
     _seed_all(args.seed)
+    head_classes = num_classes if args.loss == "ce" else 0  # a metric-learning loss holds the class weights
     if resumed:
-        model = EmbeddingNet(args.backbone, num_classes=num_classes)
+        options = model_options(resumed["meta"])
+        model = EmbeddingNet(args.backbone, num_classes=options["num_classes"], neck_dim=options["neck_dim"],
+                             pooling=options["pooling"])
         model.load_state_dict(resumed["state_dict"], strict=True)
     else:
-        model = build_model(args.backbone, args.weights, num_classes)  # WeightsUnavailable: before training
+        model = build_model(args.backbone, args.weights, head_classes, neck_dim=args.embedding_dim,
+                            pooling=args.pooling)  # WeightsUnavailable: before training
     if args.freeze_backbone:
         model.body.requires_grad_(False)
+    criterion = build_criterion(args.loss, num_classes, model.dim, args.label_smoothing)
     distributed.init(dist_info, device)
     model.to(device)
+    criterion.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     train_model: nn.Module = model
@@ -411,62 +515,79 @@ def main(args: argparse.Namespace) -> TrainResult:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr)
+    groups = recipes.parameter_groups(model, criterion, args.lr, args.head_lr_mult, args.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = recipes.build_optimizer(args.optimizer, groups)
+    ema = recipes.build_ema(model, args.ema)
     scaler = precision.grad_scaler()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    stopper = EarlyStopping(args.patience)
+    selector = EarlyStopping(args.patience, mode="max" if args.select_by == "map" else "min")
+    stopper = selector if args.early_stop_on == args.select_by else EarlyStopping(
+        args.patience, mode="max" if args.early_stop_on == "map" else "min")
     history: list[dict] = []
     start_epoch = 0
     best_state = None
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
+        for group, fresh in zip(optimizer.param_groups, groups):  # --lr etc. may change on resume
+            group.update(base_lr=fresh["base_lr"], lr=fresh["lr"], weight_decay=fresh["weight_decay"])
+        if resumed.get("criterion"):
+            criterion.load_state_dict(resumed["criterion"])
+        if ema is not None and resumed.get("ema"):
+            ema.load_state_dict(resumed["ema"])
         if resumed.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(resumed["scaler"])
-        stopper.load_state_dict(resumed["early_stopping"])
+        selector.load_state_dict(resumed["early_stopping"])
+        if stopper is not selector and resumed.get("early_stopping_watch"):
+            stopper.load_state_dict(resumed["early_stopping_watch"])
         history = list(resumed.get("history", []))
         start_epoch = int(resumed["meta"]["epoch"])
         if (run_dir / "best.pt").is_file():
             best = read_checkpoint(run_dir / "best.pt")
-            if int(best["meta"]["epoch"]) == stopper.best_epoch:
+            if int(best["meta"]["epoch"]) == selector.best_epoch:
                 best_state = best["state_dict"]
-        if best_state is None and stopper.best_epoch:
+        if best_state is None and selector.best_epoch:
             raise errors.InvalidArgument(
                 f"--resume {run_dir}: best.pt is missing or not from the best epoch "
-                f"{stopper.best_epoch} that last.pt records; cannot restore the best weights")
+                f"{selector.best_epoch} that last.pt records; cannot restore the best weights")
         del resumed
 
     train_loader, val_loader, train_sampler = _loaders(layout, spec, args, dist_info, device)
+    steps_per_epoch = len(train_loader)
+    schedule = recipes.Schedule(args.schedule, args.epochs * steps_per_epoch,
+                                round(args.warmup_epochs * steps_per_epoch))
     main_proc = dist_info.is_main
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"world_size": dist_info.world_size, "device": str(device), "amp": precision.mode,
                     "class_names": list(layout.class_names), "preprocess": spec.to_dict(),
                     "train_images": len(layout.train.samples), "val_images": len(layout.val.samples),
+                    "embedding_dim": model.dim, "steps_per_epoch": steps_per_epoch,
                     "resumed_at_epoch": start_epoch or None, "torch": str(torch.__version__)}
         if layout.carved is not None:
             atomic_write_text(run_dir / SPLIT_FILE, json.dumps(layout.carved, indent=1) + "\n")
         atomic_write_text(run_dir / "args.json",
                            json.dumps({**_args_dict(args), "resolved": resolved}, indent=2) + "\n")
     trainable = sum(p.numel() for p in params)
-    log.info("data %s: %d classes, %d train / %d val images; %s (weights %s, %s), %s trainable parameters; "
-             "device %s x%d, amp %s, batch %d, lr %g, workers %d", args.data, num_classes,
+    log.info("data %s: %d classes, %d train / %d val images; %s (weights %s, %s, %s pooling, %d-d embedding, "
+             "loss %s), %s trainable parameters; recipe %s: %s lr %g (new parts x%g), %s, best by val %s; "
+             "device %s x%d, amp %s, batch %d, workers %d", args.data, num_classes,
              len(layout.train.samples), len(layout.val.samples), args.backbone,
              args.weights if not start_epoch else f"resumed at epoch {start_epoch}",
-             "frozen backbone" if args.freeze_backbone else "all layers", f"{trainable:,}", device,
-             dist_info.world_size, precision.mode, args.batch_size, args.lr, args.workers)
+             "frozen backbone" if args.freeze_backbone else "all layers", args.pooling, model.dim, args.loss,
+             f"{trainable:,}", args.recipe, args.optimizer, args.lr, args.head_lr_mult, args.schedule,
+             args.select_by, device, dist_info.world_size, precision.mode, args.batch_size, args.workers)
 
+    watched = SELECT_BY[args.early_stop_on]
     if start_epoch >= args.epochs:
         log.info("nothing to do: %s is at epoch %d of --epochs %d (pass a larger --epochs to go on)",
                  run_dir, start_epoch, args.epochs)
     elif stopper.should_stop:
-        log.info("nothing to do: %s stopped early (%d epochs without a better validation loss, patience %d; "
-                 "pass a larger --patience to go on)", run_dir, stopper.bad_epochs, args.patience)
+        log.info("nothing to do: %s stopped early (%d epochs without a better %s, patience %d; "
+                 "pass a larger --patience to go on)", run_dir, stopper.bad_epochs, watched, args.patience)
 
     skip_log = SkipLog()
     stopped_early = stopper.should_stop
+    eval_model = ema.module if ema is not None else model  # what is validated and saved as best.pt
     epoch = start_epoch
     # Progress bars are for a terminal: a JSON log stream gets only JSON lines.
     bars = main_proc and getattr(args, "log_format", "text") == "text"
@@ -477,45 +598,55 @@ def main(args: argparse.Namespace) -> TrainResult:
         started = time.monotonic()
         tr = train_one_epoch(train_model, criterion, optimizer, train_loader, device, epoch, precision, scaler,
                              freeze_backbone=bool(args.freeze_backbone), channels_last=args.channels_last,
-                             skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} train")
-        va = evaluate(train_model, criterion, val_loader, device, precision, channels_last=args.channels_last,
+                             skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} train",
+                             schedule=schedule, first_step=(epoch - 1) * steps_per_epoch, ema=ema)
+        va = evaluate(eval_model, criterion, val_loader, device, precision, channels_last=args.channels_last,
                       skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} val")
-        improved = stopper.step(epoch, va["loss"])
-        if improved:
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-               "val_loss": va["loss"], "val_accuracy": va["accuracy"], "lr": optimizer.param_groups[0]["lr"],
+               "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_map@10": va["map"],
+               "val_precision@10": va["precision"], "val_top1": va["top1"], "lr": optimizer.param_groups[0]["lr"],
                "seconds": round(time.monotonic() - started, 1), "train_skipped": tr["skipped"],
-               "val_skipped": va["skipped"], "train_images": tr["images"], "val_images": va["images"],
-               "best": int(improved)}
+               "val_skipped": va["skipped"], "train_images": tr["images"], "val_images": va["images"]}
+        improved = selector.step(epoch, row[SELECT_BY[args.select_by]])
+        if stopper is not selector:
+            stopper.step(epoch, row[watched])
+        row["best"] = int(improved)
+        if improved:
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in eval_model.state_dict().items()}
         history.append(row)
         if main_proc:
-            meta = _meta(args, layout, spec, epoch, row, stopper.best_epoch)
+            meta = _meta(args, layout, spec, model, epoch, row, selector.best_epoch)
             if improved:
-                save_checkpoint(run_dir / "best.pt", model, meta)
-            save_checkpoint(run_dir / "last.pt", model, meta, optimizer.state_dict(),
-                            extra={"scaler": scaler.state_dict(), "early_stopping": stopper.state_dict(),
-                                   "history": history})
+                save_checkpoint(run_dir / "best.pt", eval_model, meta)
+            extra = {"scaler": scaler.state_dict(), "early_stopping": selector.state_dict(),
+                     "criterion": criterion.state_dict(), "history": history}
+            if stopper is not selector:
+                extra["early_stopping_watch"] = stopper.state_dict()
+            if ema is not None:
+                extra["ema"] = ema.state_dict()
+            save_checkpoint(run_dir / "last.pt", model, meta, optimizer.state_dict(), extra=extra)
             write_summary(run_dir / "summary.csv", history)
-            write_plots(run_dir, history, stopper.best_epoch, title=args.backbone)
+            write_plots(run_dir, history, selector.best_epoch, title=args.backbone)
         skipped = tr["skipped"] + va["skipped"]
-        log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f%s | lr %g | %.0fs%s",
-                 epoch, args.epochs, tr["loss"], tr["accuracy"], va["loss"], va["accuracy"],
-                 " (best)" if improved else f" (best: epoch {stopper.best_epoch}, {stopper.bad_epochs}/"
+        log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f mAP@10 %.4f P@10 %.4f%s | "
+                 "lr %g | %.0fs%s", epoch, args.epochs, tr["loss"], tr["accuracy"], va["loss"], va["accuracy"],
+                 va["map"], va["precision"],
+                 " (best)" if improved else f" (best: epoch {selector.best_epoch}, {stopper.bad_epochs}/"
                                             f"{args.patience} without improvement)",
                  row["lr"], row["seconds"], f" | skipped {skipped} bad files" if skipped else "")
         if stopper.should_stop:
             stopped_early = True
-            log.info("early stop after epoch %d: validation loss has not beaten epoch %d's %.4f for %d epochs",
-                     epoch, stopper.best_epoch, stopper.best_loss, stopper.bad_epochs)
+            log.info("early stop after epoch %d: validation %s has not beaten epoch %d's %.4f for %d epochs",
+                     epoch, watched, stopper.best_epoch, stopper.best_value, stopper.bad_epochs)
         distributed.barrier()
 
     if best_state is not None:
         model.load_state_dict(best_state)
-        best = next((r for r in history if r["epoch"] == stopper.best_epoch), None)
+        best = next((r for r in history if r["epoch"] == selector.best_epoch), None)
         if best is not None:
-            log.info("restored the best epoch's weights: epoch %d (val loss %.4f, val acc %.4f) -> %s",
-                     best["epoch"], best["val_loss"], best["val_accuracy"], run_dir / "best.pt")
+            log.info("restored the best epoch's weights: epoch %d (val loss %.4f, acc %.4f, mAP@10 %.4f) -> %s",
+                     best["epoch"], best["val_loss"], best["val_accuracy"], best.get("val_map@10", math.nan),
+                     run_dir / "best.pt")
     else:
-        log.warning("no epoch had a finite validation loss; best.pt was not written")
-    return TrainResult(model, run_dir, history, stopper.best_epoch, stopped_early)
+        log.warning("no epoch had a finite validation %s; best.pt was not written", SELECT_BY[args.select_by])
+    return TrainResult(model, run_dir, history, selector.best_epoch, stopped_early)

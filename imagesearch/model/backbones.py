@@ -134,24 +134,71 @@ def backbone_info(name: str) -> BackboneInfo:
             f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
 
 
-class EmbeddingNet(nn.Module):
-    """Backbone body -> pooled features (the embedding) -> classifier head."""
+POOLINGS = ("avg", "gem")
 
-    def __init__(self, backbone: str, num_classes: int = IMAGENET_CLASSES):
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenovic et al.): (mean x^p)^(1/p) over the
+    spatial positions, with a learnable p (3 at the start); (N, C, H, W) -> (N, C)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
         super().__init__()
-        info = backbone_info(backbone)
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.float()
+        pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+        return pooled.to(x.dtype)
+
+
+def _set_pooling(body: nn.Module, pooling: str) -> None:
+    """Replace the body's global average pooling (timm: global_pool, torchvision
+    B4: Sequential index 1) with `pooling`."""
+    if pooling == "avg":
+        return
+    if pooling != "gem":
+        raise errors.InvalidArgument(f"unknown pooling {pooling!r}; one of {', '.join(POOLINGS)}")
+    if hasattr(body, "global_pool"):
+        body.global_pool = GeM()
+    else:
+        body[1] = GeM()
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone body (global pooling: `pooling`) -> optional neck -> the
+    embedding -> classifier head.
+
+    Options, recorded in a checkpoint's meta (older checkpoints have none:
+    average pooling, no neck, a linear head):
+    - `pooling`: "avg" (the backbone's own) or "gem" (generalised mean).
+    - `neck_dim`: a Linear(backbone dim, neck_dim) + BatchNorm1d neck; the
+      embedding is then neck_dim-d.
+    - `num_classes`: 0 = no classifier head (a metric-learning loss holds the
+      class weights); forward() then returns the unnormalised embedding.
+    """
+
+    def __init__(self, backbone: str, num_classes: int = IMAGENET_CLASSES, *, neck_dim: int | None = None,
+                 pooling: str = "avg"):
+        super().__init__()
         self.backbone = backbone
-        self.dim = info.dim
-        self.body, head = info.build_body()
-        if num_classes == IMAGENET_CLASSES:
-            self.head = head
-        else:
-            self.head = nn.Sequential(nn.Dropout(info.dropout), nn.Linear(info.dim, num_classes))
-        self.num_classes = num_classes
+        self.body, head = backbone_info(backbone).build_body()
+        self.configure(num_classes=num_classes, neck_dim=neck_dim, pooling=pooling)
+        if num_classes == IMAGENET_CLASSES and not neck_dim:
+            self.head = head  # the backbone's own ImageNet classifier, so ImageNet files load whole
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        return nn.Sequential(nn.Dropout(backbone_info(self.backbone).dropout), nn.Linear(self.dim, num_classes))
+
+    def options(self) -> dict:
+        """What a checkpoint's meta records to rebuild this model."""
+        return {"pooling": self.pooling, "neck_dim": self.neck_dim, "num_classes": self.num_classes}
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Globally pooled features, (N, dim), not normalised."""
-        return self.body(x)
+        """The embedding before normalisation, (N, dim): pooled features, through the neck if any."""
+        return self.neck(self.body(x))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 embeddings, (N, dim)."""
@@ -161,10 +208,23 @@ class EmbeddingNet(nn.Module):
         return self.head(self.features(x))
 
     def replace_head(self, num_classes: int) -> None:
-        """A fresh classifier for fine-tuning on `num_classes` classes."""
-        info = backbone_info(self.backbone)
-        self.head = nn.Sequential(nn.Dropout(info.dropout), nn.Linear(info.dim, num_classes))
+        """A fresh classifier for fine-tuning on `num_classes` classes (0: none)."""
+        self.head = self._new_head(num_classes)
         self.num_classes = num_classes
+
+    def configure(self, *, num_classes: int, neck_dim: int | None = None, pooling: str = "avg") -> None:
+        """Turn a loaded plain model into one with these options: pooling and a
+        fresh neck and head (the body's weights stay)."""
+        _set_pooling(self.body, pooling)
+        self.pooling = pooling
+        info = backbone_info(self.backbone)
+        if neck_dim is not None and neck_dim < 1:
+            raise errors.InvalidArgument(f"embedding dimension {neck_dim}: must be positive")
+        self.neck_dim = neck_dim or None
+        self.neck = (nn.Sequential(nn.Linear(info.dim, neck_dim, bias=False), nn.BatchNorm1d(neck_dim))
+                     if neck_dim else nn.Identity())
+        self.dim = neck_dim or info.dim
+        self.replace_head(num_classes)
 
     def load_backbone_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a state_dict in this class's keys, torchvision's (features.*,
@@ -226,9 +286,12 @@ def load_by_key_order(model: EmbeddingNet, state: dict[str, torch.Tensor], *, so
 
 
 def build_model(backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
-                num_classes: int = IMAGENET_CLASSES) -> EmbeddingNet:
-    """A model with `weights` loaded and a head for `num_classes` classes
-    (the ImageNet head is kept when num_classes is 1000)."""
+                num_classes: int = IMAGENET_CLASSES, *, neck_dim: int | None = None,
+                pooling: str = "avg") -> EmbeddingNet:
+    """A model with `weights` loaded into its body and a head for
+    `num_classes` classes (the ImageNet head is kept when num_classes is 1000
+    and there is no neck; 0 = no head); `neck_dim` and `pooling` as in
+    EmbeddingNet (the neck starts fresh; GeM starts at p = 3)."""
     model = EmbeddingNet(backbone)  # ImageNet-shaped head, so ImageNet files load whole
     if weights == "imagenet":
         backbone_info(backbone).load_imagenet(model)
@@ -248,8 +311,8 @@ def build_model(backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
             model.load_backbone_state(state)
         except errors.InvalidArgument:
             load_by_key_order(model, state, source=str(path))
-    if num_classes != IMAGENET_CLASSES:
-        model.replace_head(num_classes)
+    if num_classes != IMAGENET_CLASSES or neck_dim or pooling != "avg":
+        model.configure(num_classes=num_classes, neck_dim=neck_dim, pooling=pooling)
     return model
 
 
@@ -266,11 +329,16 @@ def load_tensors(path: Path, what: str):
         raise errors.InvalidArgument(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
 
 
-def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str) -> str:
-    """sha256 over every weight tensor (name, dtype, shape, bytes) and the
-    preprocessing settings: two servers agree on it only if their vectors do."""
+def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str, tta: str = "none") -> str:
+    """sha256 over every weight tensor (name, dtype, shape, bytes), the
+    preprocessing settings and the test-time augmentation: two servers agree
+    on it only if their vectors do. (tta "none" leaves the hash as it was
+    before the option existed.)"""
     h = hashlib.sha256()
-    h.update(json.dumps({"backbone": backbone, "preprocess": spec.to_dict()}, sort_keys=True).encode())
+    settings = {"backbone": backbone, "preprocess": spec.to_dict()}
+    if tta != "none":
+        settings["tta"] = tta
+    h.update(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -5,7 +5,9 @@ Layout (loads with `torch.load(path, weights_only=True)`):
     {"format": "imagesearch.checkpoint/1",
      "state_dict": EmbeddingNet.state_dict(),
      "meta": {"backbone", "class_names", "preprocess": {input_size, mean, std,
-              interpolation}, "embedding_dim", "epoch", "metrics", ...},
+              interpolation}, "embedding_dim", "epoch", "metrics",
+              "model": {"pooling", "neck_dim", "num_classes"} (EmbeddingNet.options();
+              absent in older files: average pooling, no neck, one head per class), ...},
      "optimizer": optional optimizer state (for --resume)}
 
 Writes are atomic (temporary file + os.replace), so a crash never leaves
@@ -68,10 +70,21 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     payload = read_checkpoint(path)
     meta = payload["meta"]
     class_names = list(meta.get("class_names") or [])
-    model = EmbeddingNet(meta["backbone"], num_classes=len(class_names) or 1000)
+    options = model_options(meta)
+    model = EmbeddingNet(meta["backbone"], num_classes=options["num_classes"], neck_dim=options["neck_dim"],
+                         pooling=options["pooling"])
     model.load_state_dict(payload["state_dict"], strict=True)
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     return LoadedModel(model, spec, meta["backbone"], str(path), class_names, meta)
+
+
+def model_options(meta: dict) -> dict:
+    """EmbeddingNet options a checkpoint's meta records; defaults for files
+    written before the options existed."""
+    saved = meta.get("model") or {}
+    classes = len(meta.get("class_names") or []) or 1000
+    return {"pooling": saved.get("pooling", "avg"), "neck_dim": saved.get("neck_dim"),
+            "num_classes": int(saved.get("num_classes", classes))}
 
 
 def load_model(checkpoint: str | os.PathLike | None = None, backbone: str = DEFAULT_BACKBONE,

@@ -6,7 +6,7 @@ functions, so a vector computed anywhere comes from the same pixels.
 - `decode_image(data)`: any common encoded image to an RGB PIL image, with
   EXIF orientation applied, limits enforced and clear errors for bad input.
 - `PreprocessSpec`: input size, mean/std and interpolation of a model.
-- `eval_transform(spec)` / `train_transform(spec)`: PIL image -> tensor.
+- `eval_transform(spec)` / `train_transform(spec, recipe)`: PIL image -> tensor.
 """
 
 from __future__ import annotations
@@ -164,19 +164,40 @@ def eval_transform(spec: PreprocessSpec) -> transforms.Compose:
     ])
 
 
-def train_transform(spec: PreprocessSpec) -> transforms.Compose:
-    """The seed notebook's augmentation, then the eval pipeline's tensor steps."""
-    return transforms.Compose([
-        transforms.Resize((spec.input_size, spec.input_size),
-                          interpolation=_INTERPOLATIONS[spec.interpolation], antialias=True),
-        transforms.RandomAdjustSharpness(2, p=0.2),
-        transforms.RandomRotation(30),
-        transforms.ColorJitter(brightness=0.5, hue=0.3),
-        transforms.RandomPerspective(0.6, p=0.3),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std),
-    ])
+AUGMENTATIONS = ("default", "seed")
+# RandomResizedCrop's area range: the eval transform keeps the whole object, so
+# the crops stay large (torchvision's (0.08, 1) loses the object too often).
+CROP_SCALE = (0.25, 1.0)
+
+
+def train_transform(spec: PreprocessSpec, recipe: str = "default") -> transforms.Compose:
+    """Training augmentation, then the eval pipeline's tensor steps.
+
+    - "default": RandomResizedCrop (area 25-100 %), horizontal flip,
+      TrivialAugmentWide (one random op at a random strength per image).
+    - "seed": the seed notebook's: square resize, sharpness, rotation 30,
+      colour jitter, perspective, horizontal flip.
+    """
+    interpolation = _INTERPOLATIONS[spec.interpolation]
+    if recipe == "default":
+        steps = [
+            transforms.RandomResizedCrop(spec.input_size, scale=CROP_SCALE, interpolation=interpolation,
+                                         antialias=True),
+            transforms.RandomHorizontalFlip(),
+            transforms.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR),
+        ]
+    elif recipe == "seed":
+        steps = [
+            transforms.Resize((spec.input_size, spec.input_size), interpolation=interpolation, antialias=True),
+            transforms.RandomAdjustSharpness(2, p=0.2),
+            transforms.RandomRotation(30),
+            transforms.ColorJitter(brightness=0.5, hue=0.3),
+            transforms.RandomPerspective(0.6, p=0.3),
+            transforms.RandomHorizontalFlip(),
+        ]
+    else:
+        raise errors.InvalidArgument(f"unknown augmentation recipe {recipe!r}; one of {', '.join(AUGMENTATIONS)}")
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
 
 
 def preprocess(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
