@@ -1,19 +1,34 @@
-"""Search quality on clothing-small: off-the-shelf ImageNet features vs the
-fine-tuned checkpoint of the same backbone, through the real services.
+"""Search quality on clothing-small, per training option, through the real services.
 
-    .venv/bin/python bench/quality.py [--checkpoint runs/clothing-lite0/best.pt] [--train]
+    python bench/quality.py [--options off-the-shelf,seed,default,...] [--train] [--epochs 3]
 
-For each model the bench starts an embedder process (and one ranker process
-for both, a temporary SQLite file), indexes retrieval/gallery, queries
-retrieval/query, and scores the results against retrieval/ground_truth.json:
-mAP@k, precision@k, recall@k, top-1. With --train it first fine-tunes the
-checkpoint with `python -m trainer` (Lite0, ImageNet-pretrained, 3 epochs).
-Prints a table and writes bench/results/quality.json.
+Rows (each a model served by a fresh embedder process; one ranker process,
+a temporary SQLite file; retrieval/gallery indexed, retrieval/query asked,
+scored against retrieval/ground_truth.json with the project's metrics):
+
+    off-the-shelf     ImageNet Lite0 features, no training
+    seed              --recipe seed (the seed notebook's recipe)
+    default           the default recipe
+    default+tta       the default checkpoint served with --tta flip
+    gem               default recipe + --pooling gem
+    arcface-512       default recipe + --loss arcface --embedding-dim 512
+    proxy_anchor-512  default recipe + --loss proxy_anchor --embedding-dim 512
+    ema               default recipe + --ema 0.998
+
+Checkpoints are trained with `python -m trainer` (Lite0, ImageNet weights,
+--epochs) into runs/quality/<option>-<key>, where the key hashes the data
+folder and the trainer's arguments; a later run reuses a finished one and
+says so ("cached" in the table). Without --train an option with no finished
+checkpoint is left out of the table (listed at the end). Training minutes
+come from the run's summary.csv. Prints a table and writes
+bench/results/quality.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import os
 import platform
@@ -35,35 +50,90 @@ from clients.ranker import RankerClient  # noqa: E402
 from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
-DEFAULT_CHECKPOINT = ROOT / "runs" / "clothing-lite0" / "best.pt"
+RUNS = ROOT / "runs" / "quality"
 RESULTS = ROOT / "bench" / "results" / "quality.json"
+BACKBONE = "efficientnet_lite0"
+
+# option -> (trainer arguments beyond the common ones, or None for no training; embedder extra arguments;
+#            the option whose checkpoint it serves)
+OPTIONS: dict[str, tuple[list[str] | None, list[str], str | None]] = {
+    "off-the-shelf": (None, [], None),
+    "seed": (["--recipe", "seed"], [], None),
+    "default": ([], [], None),
+    "default+tta": (None, ["--tta", "flip"], "default"),
+    "gem": (["--pooling", "gem"], [], None),
+    "arcface-512": (["--loss", "arcface", "--embedding-dim", "512"], [], None),
+    "proxy_anchor-512": (["--loss", "proxy_anchor", "--embedding-dim", "512"], [], None),
+    "ema": (["--ema", "0.998"], [], None),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="clothing-small folder (train/ val/ retrieval/) (default %(default)s)")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="fine-tuned checkpoint (default %(default)s)")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone of the off-the-shelf row (default %(default)s)")
-    p.add_argument("--train", action="store_true", help="fine-tune --checkpoint first with `python -m trainer`")
-    p.add_argument("--epochs", type=int, default=3, help="epochs for --train (default %(default)s)")
+    p.add_argument("--options", default=",".join(OPTIONS),
+                   help=f"comma-separated rows, from {', '.join(OPTIONS)} (default: all)")
+    p.add_argument("--train", action="store_true", help="train the options that have no finished checkpoint")
+    p.add_argument("--train-only", action="store_true", help="train (as --train) and measure nothing")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="trainer DataLoader workers (default %(default)s)")
     p.add_argument("--k", type=int, default=10, help="metrics cut-off and top-k (default %(default)s)")
-    p.add_argument("--device", default=None, help="embedder device: auto | cpu | cuda")
+    p.add_argument("--device", default=None, help="trainer and embedder device: auto | cpu | cuda")
+    p.add_argument("--runs", type=Path, default=RUNS, help="where trained runs are kept (default %(default)s)")
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results (default %(default)s)")
     return p
 
 
-def train(args) -> None:
-    run_dir = args.checkpoint.parent
-    command = [sys.executable, "-m", "trainer", "--data", str(args.data), "--out", str(run_dir),
-               "--backbone", args.backbone, "--weights", "imagenet", "--epochs", str(args.epochs)]
+# ---------------------------------------------------------------- training, cached by data and arguments
+
+def trainer_args(args, option: str) -> list[str]:
+    extra = OPTIONS[option][0]
+    common = ["--backbone", BACKBONE, "--weights", "imagenet", "--epochs", str(args.epochs)]
+    return common + list(extra or [])
+
+
+def run_dir(args, option: str) -> Path:
+    """runs/quality/<option>-<key>: the key hashes the data folder and the training arguments
+    (not --workers or --device, which change the speed, not the model meant)."""
+    key = hashlib.sha256(json.dumps({"data": str(args.data.resolve()), "args": trainer_args(args, option)},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    return args.runs / f"{option}-{key}"
+
+
+def finished(run: Path) -> bool:
+    """best.pt there and the run at its last epoch or stopped early (last.pt's record)."""
+    if not (run / "best.pt").is_file() or not (run / "summary.csv").is_file():
+        return False
+    saved = json.loads((run / "args.json").read_text())
+    with open(run / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return bool(rows) and (int(rows[-1]["epoch"]) >= int(saved["epochs"]) or _stopped_early(rows, saved))
+
+
+def _stopped_early(rows: list[dict], saved: dict) -> bool:
+    best = max((int(r["epoch"]) for r in rows if r["best"] == "1"), default=0)
+    return len(rows) - best >= int(saved["patience"])
+
+
+def train(args, option: str) -> Path:
+    run = run_dir(args, option)
+    command = [sys.executable, "-m", "trainer", "--data", str(args.data), "--workers", str(args.workers),
+               *trainer_args(args, option)]
     if args.device:
         command += ["--device", args.device]
-    print("training:", " ".join(command), flush=True)
+    command += ["--resume", str(run)] if (run / "last.pt").is_file() else ["--out", str(run)]
+    print(f"training {option}:", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
-    if not args.checkpoint.is_file():
-        raise SystemExit(f"the trainer finished but {args.checkpoint} is not there; see {run_dir}")
+    return run
 
+
+def training_minutes(run: Path) -> float:
+    with open(run / "summary.csv", newline="") as f:
+        return sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60
+
+
+# ---------------------------------------------------------------- measuring through the services
 
 def measure(label: str, emb_args: list[str], ranker: RankerClient, services: Services, retrieval: Path,
             truth: dict, k: int) -> dict:
@@ -73,9 +143,9 @@ def measure(label: str, emb_args: list[str], ranker: RankerClient, services: Ser
     child.wait_ready(600)
     started_s = time.monotonic() - t0
     try:
-        with EmbedderClient(child.address, timeout=60) as emb:
+        with EmbedderClient(child.address, timeout=120) as emb:
             info = emb.model_info()
-            collection = f"clothing-{label}"
+            collection = f"clothing-{label}".replace("+", "-")
             indexed = index_folder(emb, ranker, retrieval / "gallery", collection=collection, progress=False)
             if indexed.failed:
                 raise ClientError(f"{label}: {len(indexed.failed)} gallery images not indexed: {indexed.failed}")
@@ -87,8 +157,8 @@ def measure(label: str, emb_args: list[str], ranker: RankerClient, services: Ser
         services.children.remove(child)
     ev = metrics.evaluate(answered.names(), truth, k=k)
     return {
-        "model": label, "backbone": info.backbone, "weights": info.weights, "fingerprint": info.fingerprint,
-        "device": info.device, "queries": ev.queries, "gallery": indexed.done,
+        "option": label, "backbone": info.backbone, "weights": info.weights, "dim": info.dim,
+        "fingerprint": info.fingerprint, "device": info.device, "queries": ev.queries, "gallery": indexed.done,
         f"map@{k}": ev.map, f"precision@{k}": ev.precision, f"recall@{k}": ev.recall, "top1": ev.top1,
         "start_s": started_s, "index_s": indexed.seconds, "query_s": answered.seconds,
     }
@@ -99,42 +169,63 @@ def main(argv=None) -> int:
     retrieval = args.data / "retrieval"
     if not (retrieval / "ground_truth.json").is_file():
         raise SystemExit(f"no clothing-small retrieval split at {retrieval} (pass --data)")
-    if args.train:
-        train(args)
-    if not args.checkpoint.is_file():
-        raise SystemExit(f"checkpoint {args.checkpoint} not found: train it with --train "
-                         f"(or pass --checkpoint)")
+    options = [o.strip() for o in args.options.split(",") if o.strip()]
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise SystemExit(f"unknown option(s) {', '.join(unknown)}; choose from {', '.join(OPTIONS)}")
+
+    plan, left_out = [], []
+    for option in options:
+        train_extra, emb_extra, serves = OPTIONS[option]
+        source = serves or (option if train_extra is not None else None)
+        if source is None:
+            plan.append((option, embedder_args(backbone=BACKBONE, device=args.device, extra=emb_extra), None, ""))
+            continue
+        run = run_dir(args, source)
+        state = "cached" if finished(run) else ""
+        if not state and (args.train or args.train_only):
+            train(args, source)
+            state = "trained now"
+        if not finished(run):
+            left_out.append(f"{option} (no finished run at {run}; pass --train)")
+            continue
+        plan.append((option, embedder_args(checkpoint=str(run / "best.pt"), device=args.device, extra=emb_extra),
+                     run, state))
+    if args.train_only:
+        print("trained; measured nothing (--train-only)")
+        return 0
+
     truth = metrics.load_ground_truth(retrieval / "ground_truth.json")
     k = args.k
     rows = []
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp, Services() as services:
         ranker_child = services.start("ranker", RANKER_MODULE, ["--db", str(Path(tmp) / "quality.db")])
         ranker_child.wait_ready(120)
-        with RankerClient(ranker_child.address, timeout=60) as ranker:
-            device = {"device": args.device} if args.device else {}
-            rows.append(measure("off-the-shelf", embedder_args(backbone=args.backbone, **device), ranker, services,
-                                retrieval, truth, k))
-            rows.append(measure("fine-tuned", embedder_args(checkpoint=str(args.checkpoint), **device), ranker,
-                                services, retrieval, truth, k))
+        with RankerClient(ranker_child.address, timeout=120) as ranker:
+            for option, emb_args, run, state in plan:
+                row = measure(option, emb_args, ranker, services, retrieval, truth, k)
+                row.update(run=str(run) if run else None, checkpoint=state or "-",
+                           train_minutes=training_minutes(run) if run else 0.0,
+                           trainer_args=trainer_args(args, option if OPTIONS[option][2] is None
+                                                     else OPTIONS[option][2]) if run else None)
+                rows.append(row)
+                print(f"  {option}: P@{k} {row[f'precision@{k}']:.4f} mAP@{k} {row[f'map@{k}']:.4f} "
+                      f"top-1 {row['top1']:.4f}", flush=True)
 
-    cols = [f"map@{k}", f"precision@{k}", f"recall@{k}", "top1"]
-    print(f"\nclothing-small retrieval: {rows[0]['queries']} queries, {rows[0]['gallery']} gallery images, "
-          f"k={k}, through the embedder and ranker services")
-    print(f"{'model':<14} {'weights':<34} " + " ".join(f"{c:>13}" for c in cols) + f" {'index s':>8} {'query s':>8}")
+    print(f"\nclothing-small retrieval: {rows[0]['queries'] if rows else 0} queries, "
+          f"{rows[0]['gallery'] if rows else 0} gallery images, k={k}, {BACKBONE}, {args.epochs} epochs, "
+          f"through the embedder and ranker services")
+    print(f"{'option':<18} {'dim':>5} {f'P@{k}':>7} {f'mAP@{k}':>7} {'top-1':>7} {'train min':>9}  checkpoint")
     for r in rows:
-        weights = r["weights"] if len(r["weights"]) <= 34 else "..." + r["weights"][-31:]
-        print(f"{r['model']:<14} {weights:<34} " + " ".join(f"{r[c]:>13.4f}" for c in cols)
-              + f" {r['index_s']:>8.1f} {r['query_s']:>8.1f}")
-    ratio = {c: (rows[1][c] / rows[0][c] if rows[0][c] else float("nan")) for c in cols}
-    print(f"{'ratio ft/ots':<14} {'':<34} " + " ".join(f"{ratio[c]:>13.3f}" for c in cols))
-    target = rows[1][f"precision@{k}"] >= 0.80
-    print(f"target fine-tuned precision@10 >= 0.80: {'met' if target else 'NOT met'} "
-          f"({rows[1][f'precision@{k}']:.4f})")
+        print(f"{r['option']:<18} {r['dim']:>5} {r[f'precision@{k}']:>7.4f} {r[f'map@{k}']:>7.4f} {r['top1']:>7.4f} "
+              f"{r['train_minutes']:>9.1f}  {r['checkpoint']}")
+    for note in left_out:
+        print(f"left out: {note}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "bench": "quality", "data": str(args.data), "k": k, "checkpoint": str(args.checkpoint),
+        "bench": "quality", "data": str(args.data), "k": k, "epochs": args.epochs,
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
-        "rows": rows, "ratio_fine_tuned_over_off_the_shelf": ratio,
+        "rows": rows, "left_out": left_out,
     }, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -1,0 +1,261 @@
+"""The training options of issue 15, mechanics only (quality is bench/quality.py's job):
+the recipes, retrieval-aware selection, the metric-learning losses, the
+embedding neck, GeM pooling, weight EMA, and flip test-time augmentation in
+the embedder. Runs use a tiny real subset of clothing-small (3 classes,
+32 px, --weights none, 1 epoch); tests that need it skip without it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clients import metrics as client_metrics
+from embedder_service.embedder import Embedder
+from imagesearch import errors
+from imagesearch.model.backbones import GeM, fingerprint
+from imagesearch.model.checkpoint import load_checkpoint, load_model, save_checkpoint
+from imagesearch.model.preprocessing import load_tensor
+from imagesearch.retrieval_metrics import leave_one_out, top_k_others
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
+from tests.procs import ServiceProcess
+from trainer import recipe as recipes
+from trainer import train as train_mod
+from trainer.__main__ import main as cli_main
+
+CLASSES = ("hat", "pants", "shoes")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def real_subset(clothing_dir, tmp_path_factory) -> Path:
+    """Symlinks to 6 train and 3 val photos of 3 classes (never a copy)."""
+    root = tmp_path_factory.mktemp("clothing-tiny")
+    for split, n in (("train", 6), ("val", 3)):
+        for c in CLASSES:
+            out = root / split / c
+            out.mkdir(parents=True)
+            for f in sorted((clothing_dir / split / c).iterdir())[:n]:
+                os.symlink(f.resolve(), out / f.name)
+    return root
+
+
+def args_for(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--backbone", "efficientnet_lite0", "--weights", "none",
+            "--image-size", "32", "--batch-size", "6", "--epochs", "1", "--workers", "0", "--seed", "1",
+            "--log-level", "WARNING", *extra]
+
+
+def summary(run: Path) -> list[dict]:
+    with open(run / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- retrieval metrics
+
+def test_leave_one_out_scores_each_vector_against_the_others():
+    # Two classes on two axes; item 2 (class 0) sits nearer class 1.
+    vectors = np.array([[1, 0], [0.9, 0.1], [0.2, 0.8], [0, 1], [0.1, 0.9]], np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = [0, 0, 0, 1, 1]
+    ranked = top_k_others(vectors, k=10)
+    assert ranked.shape == (5, 4) and all(i not in row for i, row in enumerate(ranked.tolist()))
+    assert ranked[0].tolist()[:2] == [1, 2]
+    scores = leave_one_out(vectors, labels, k=2)
+    # The same figures as the CLI's scoring of the same rankings (one definition).
+    expected = [client_metrics.average_precision(ranked[i][:2].tolist(),
+                                                 {j for j, c in enumerate(labels) if c == labels[i] and j != i}, 2)
+                for i in range(5)]
+    assert scores["map"] == pytest.approx(np.mean(expected)) and scores["queries"] == 5
+    assert scores["top1"] == pytest.approx(4 / 5)  # item 2's nearest is class 1
+    assert leave_one_out(vectors[:2], [0, 1])["queries"] == 0  # no query has a relevant item
+
+
+def test_ties_are_broken_by_index():
+    vectors = np.ones((4, 3), np.float32) / np.sqrt(3)
+    assert top_k_others(vectors, 3).tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+
+
+# ---------------------------------------------------------------- recipe parts
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    s = recipes.Schedule("cosine", total=100, warmup=10)
+    factors = [s.factor(i) for i in range(100)]
+    assert factors[0] < factors[5] < factors[9] < 1.0 and factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert s.factor(100) == pytest.approx(recipes.MIN_LR_FACTOR)
+    assert recipes.Schedule("constant", 100, 0).factor(77) == 1.0
+
+
+def test_new_parts_learn_faster_and_the_seed_recipe_keeps_one_group():
+    from imagesearch.model.backbones import build_model
+    from trainer.losses import build_criterion
+
+    model = build_model("efficientnet_lite0", "none", 0, neck_dim=8, pooling="gem")
+    criterion = build_criterion("arcface", 3, model.dim)
+    groups = recipes.parameter_groups(model, criterion, 1e-3, 10.0, 0.05)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert by_id[id(model.body.conv_stem.weight)]["lr"] == pytest.approx(1e-3)
+    assert by_id[id(model.body.conv_stem.weight)]["weight_decay"] == 0.05
+    assert by_id[id(model.body.bn1.weight)]["weight_decay"] == 0.0  # no decay on norms
+    assert by_id[id(model.body.global_pool.p)]["lr"] == pytest.approx(1e-2)  # GeM's p is new
+    assert by_id[id(model.neck[0].weight)]["lr"] == pytest.approx(1e-2)
+    assert by_id[id(criterion.loss.W)]["lr"] == pytest.approx(1e-2)  # the loss's class weights train too
+    seed = recipes.RECIPES["seed"]
+    plain = build_model("efficientnet_lite0", "none", 3)
+    one = recipes.parameter_groups(plain, build_criterion("ce", 3, plain.dim), seed["lr"], seed["head_lr_mult"],
+                                   seed["weight_decay"])
+    assert len(one) == 1 and len(one[0]["params"]) == len(list(plain.parameters()))
+
+
+def test_gem_with_p_1_is_average_pooling():
+    x = torch.rand(2, 5, 4, 4)
+    gem = GeM(p=1.0)
+    torch.testing.assert_close(gem(x), x.mean(dim=(2, 3)))
+    assert (GeM()(x) >= x.mean(dim=(2, 3)) - 1e-6).all()  # p = 3 leans to the larger values
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--label-smoothing", "1.5"], "--label-smoothing 1.5"),
+    (["--embedding-dim", "0"], "--embedding-dim 0"),
+    (["--head-lr-mult", "0"], "--head-lr-mult 0"),
+    (["--ema", "1"], "--ema 1"),
+])
+def test_bad_recipe_numbers_are_exit_2(tmp_path, capsys, extra, message):
+    data = tmp_path / "nodata"
+    data.mkdir()
+    assert cli_main(args_for(data, tmp_path / "run", *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- whole runs on real photos
+
+@pytest.mark.parametrize("name, extra", [
+    ("seed", ["--recipe", "seed"]),
+    ("default", []),
+    ("arcface-neck", ["--loss", "arcface", "--embedding-dim", "16"]),
+    ("proxy-anchor-gem", ["--loss", "proxy_anchor", "--embedding-dim", "16", "--pooling", "gem"]),
+    ("gem", ["--pooling", "gem"]),
+    ("ema", ["--ema", "0.5", "--epochs", "2", "--select-by", "loss"]),
+])
+def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, tmp_path, name, extra):
+    out = tmp_path / name
+    assert cli_main(args_for(real_subset, out, *extra)) == 0
+    rows = summary(out)
+    for r in rows:
+        assert int(r["val_images"]) == 9 and 0 < float(r["val_map@10"]) <= 1
+        assert 0 < float(r["val_precision@10"]) <= 0.2  # 2 relevant of 10
+    saved = json.loads((out / "args.json").read_text())
+    loaded = load_checkpoint(out / "best.pt")
+    meta = loaded.meta
+    neck = 16 if "--embedding-dim" in extra else None
+    metric_loss = "--loss" in extra
+    assert meta["model"] == {"pooling": "gem" if "gem" in extra else "avg", "neck_dim": neck,
+                             "num_classes": 0 if metric_loss else 3}
+    assert meta["embedding_dim"] == loaded.model.dim == (neck or 1280)
+    with torch.no_grad():
+        v = loaded.model.eval().embed(torch.rand(2, 3, 32, 32))
+    assert v.shape == (2, neck or 1280) and torch.allclose(v.norm(dim=1), torch.ones(2), atol=1e-5)
+    if name == "seed":
+        assert (saved["optimizer"], saved["lr"], saved["select_by"], saved["schedule"]) == (
+            "adam", 1e-4, "loss", "constant")
+        assert float(rows[0]["lr"]) == pytest.approx(1e-4)
+    if name == "default":
+        assert (saved["optimizer"], saved["select_by"], saved["head_lr_mult"]) == ("adamw", "map", 10.0)
+        best = max(rows, key=lambda r: float(r["val_map@10"]))
+        assert best["best"] == "1"
+    if metric_loss:
+        last = torch.load(out / "last.pt", weights_only=True)
+        assert last["criterion"], "the loss's class weights are kept for --resume"
+    if name == "ema":
+        last = torch.load(out / "last.pt", weights_only=True)
+        best = torch.load(out / "best.pt", weights_only=True)
+        assert "ema" in last and best["meta"]["epoch"] == int(max(rows, key=lambda r: r["best"])["epoch"])
+        if best["meta"]["epoch"] == 2:  # best.pt holds the average, last.pt the raw weights
+            assert any(not torch.equal(best["state_dict"][k], v) for k, v in last["state_dict"].items()
+                       if k.endswith("weight"))
+
+
+def test_resume_keeps_the_model_options(real_subset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(args_for(real_subset, out, "--loss", "arcface", "--embedding-dim", "8")) == 0
+    assert cli_main(["--resume", str(out), "--epochs", "2", "--workers", "0", "--log-level", "WARNING"]) == 0
+    assert [r["epoch"] for r in summary(out)] == ["1", "2"]
+    assert load_checkpoint(out / "last.pt").model.dim == 8
+    assert cli_main(["--resume", str(out), "--epochs", "3", "--loss", "ce"]) == 2
+    assert "--loss ce differs" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_options_still_loads(tmp_path):
+    from imagesearch.model.backbones import EmbeddingNet
+    from imagesearch.model.preprocessing import PreprocessSpec
+
+    model = EmbeddingNet("efficientnet_lite0", num_classes=3)
+    meta = {"backbone": "efficientnet_lite0", "class_names": ["a", "b", "c"], "embedding_dim": 1280, "epoch": 1,
+            "preprocess": PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3).to_dict()}  # no "model" entry
+    save_checkpoint(tmp_path / "old.pt", model, meta)
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.model.dim == 1280 and loaded.model.pooling == "avg" and loaded.model.num_classes == 3
+
+
+# ---------------------------------------------------------------- serving what the checkpoint says
+
+def test_flip_tta_averages_the_mirror_and_changes_the_fingerprint(clothing_dir):
+    image = sorted((clothing_dir / "val" / "hat").iterdir())[0].read_bytes()
+    torch.manual_seed(0)
+    plain = Embedder(load_model(backbone="efficientnet_lite0", weights="none"), device="cpu")
+    torch.manual_seed(0)  # the same random weights
+    flip = Embedder(load_model(backbone="efficientnet_lite0", weights="none"), device="cpu", tta="flip")
+    x = torch.stack([plain.decode(image)])
+    with torch.no_grad():
+        a = plain.model.embed(x.contiguous(memory_format=torch.channels_last))
+        b = plain.model.embed(x.flip(3).contiguous(memory_format=torch.channels_last))
+    expected = F.normalize(a + b, dim=1)[0].numpy()
+    np.testing.assert_allclose(flip.embed_images([image])[0], expected, atol=1e-5)
+    assert flip.info.fingerprint != plain.info.fingerprint and flip.info.tta == "flip"
+    assert plain.info.fingerprint == fingerprint(plain.model.cpu(), plain.spec, "efficientnet_lite0")
+    with pytest.raises(errors.InvalidArgument, match="test-time"):
+        Embedder(load_model(backbone="efficientnet_lite0", weights="none"), device="cpu", tta="crop")
+
+
+@pytest.mark.slow
+def test_the_embedder_serves_a_neck_checkpoint_at_its_dimension(real_subset, tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(args_for(real_subset, out, "--loss", "proxy_anchor", "--embedding-dim", "24",
+                             "--pooling", "gem")) == 0
+    best = out / "best.pt"
+    loaded = load_checkpoint(best)
+    image = sorted((real_subset / "val" / "shoes").iterdir())[0].read_bytes()
+    with torch.no_grad():
+        expected = loaded.model.eval().embed(load_tensor(image, loaded.spec).unsqueeze(0))[0].numpy()
+    fingerprints = []
+    for tta in ("none", "flip"):
+        service = ServiceProcess("embedder_service", "--checkpoint", str(best), "--device", "cpu", "--tta", tta)
+        try:
+            with service.channel() as channel:
+                stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
+                info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=30)
+                assert info.dim == 24 and info.input_size == 32
+                vector = np.asarray(stub.Embed(embedder_pb2.EmbedRequest(image=image, name="s.jpg"),
+                                               timeout=30).vector, np.float32)
+                assert vector.shape == (24,)
+                if tta == "none":
+                    np.testing.assert_allclose(vector, expected, atol=2e-5)
+                    assert info.fingerprint == fingerprint(loaded.model, loaded.spec, loaded.backbone)
+                fingerprints.append(info.fingerprint)
+        finally:
+            service.terminate()
+    assert fingerprints[0] != fingerprints[1]
