@@ -22,6 +22,23 @@ MAX_IMAGE_PIXELS = 50_000_000  # e.g. 8660 x 5773; PIL's own bomb guard is 89 Mp
 # ---------------------------------------------------------------- ranker
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 1000
+# Item attributes (UpsertRequest.attributes): past these, INVALID_ARGUMENT.
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_KEY_CHARS = 128
+MAX_ATTRIBUTE_VALUE_CHARS = 1024
+# Attribute filters of one query, and values of one filter (an IN list).
+MAX_FILTERS = 16
+MAX_FILTER_VALUES = 1024
+# ListItems: items per response message.
+DEFAULT_LIST_PAGE = 1000
+MAX_LIST_PAGE = 10000
+# A filtered search on an approximate (ANN) index scans the matching rows
+# exactly when at most this share of the collection matches (below it an ANN
+# search must over-fetch more than it saves; see docs/ranker.md).
+FILTER_EXACT_SCAN_SHARE = 0.1
+# ... and otherwise over-fetches k * (1 / share) * this from the ANN index,
+# falling back to the exact scan when fewer than k of them pass.
+FILTER_OVERFETCH = 2.0
 
 # ---------------------------------------------------------------- transport
 # gRPC's 4 MB default breaks image traffic: both ends set this explicitly.

@@ -18,18 +18,20 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Iterable, Sequence
 from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from imagesearch import errors
 from imagesearch.errors import StoreError
 from ranker_service import index_files
+from imagesearch.defaults import DEFAULT_LIST_PAGE, MAX_LIST_PAGE
+from ranker_service.attributes import AttributeFilter, AttributeTables, check_attributes, from_json, passes, to_json
 from ranker_service.backup import backup_copy
 from ranker_service.index import CollectionStats, GalleryIndex, Match, Query
 from ranker_service.kinds import IndexSpec, spec_from_json
-from ranker_service.store import GalleryStore, UpsertRow
+from ranker_service.store import GalleryStore, StoredItem, UpsertRow
 from ranker_service.vectors import (
     MAX_DIM,
     STORED_DTYPE,
@@ -50,6 +52,7 @@ class UpsertItem:
     name: str
     vector: Sequence[float] | np.ndarray
     fingerprint: str = ""
+    attributes: Mapping[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,18 @@ class UpsertResult:
 class DeleteResult:
     deleted: int
     not_found: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class RenameResult:
+    renamed: int
+    not_found: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemPage:
+    items: list[StoredItem]  # attributes as JSON text, in name order
+    last: str  # the last name read from the database ("" when none): where the next page starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +95,7 @@ class _Pending:
     name: str
     vector: np.ndarray  # float32 unit
     fingerprint: str
+    attributes: dict[str, str]
 
     @property
     def what(self) -> str:
@@ -119,6 +135,7 @@ class Gallery:
         self.index = index or GalleryIndex(self.files_dir)
         self._saved: dict[str, int] = {}  # collection -> generation its index files hold
         self.batch_size = batch_size
+        self.attributes = AttributeTables()
         self._write_lock = threading.Lock()
         self._ready = False
         self._closed = False
@@ -171,6 +188,8 @@ class Gallery:
                      name, coll.spec.label, len(coll), time.perf_counter() - t0)
             if coll.spec.label != "exact":  # building was costly: keep it for the next start
                 self._save(coll, generation)
+        for collection, name, text in self.store.iter_attributes():
+            self.attributes.table(collection).set([(name, from_json(text))])
         self._ready = True
         report = LoadReport(len(self.index.collection_names()), count, time.perf_counter() - start,
                             self.memory_bytes())
@@ -245,7 +264,8 @@ class Gallery:
         check_collection(item.collection, what=what)
         check_name(item.name, what=what)
         vector = stored_form(unit_vector(item.vector, what=what))
-        return _Pending(index, item.collection, item.name, vector, item.fingerprint)
+        attributes = check_attributes(item.attributes, what=what)
+        return _Pending(index, item.collection, item.name, vector, item.fingerprint, attributes)
 
     def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
         """Validate and commit a stream of items in batches; see the module docstring."""
@@ -320,7 +340,8 @@ class Gallery:
                 return 0, 0, failure
             now = time.time()
             existing = self.store.upsert(
-                [UpsertRow(p.collection, p.name, p.vector, p.fingerprint) for p in ok], new_collections, now)
+                [UpsertRow(p.collection, p.name, p.vector, p.fingerprint, to_json(p.attributes)) for p in ok],
+                new_collections, now)
             inserted = replaced = 0
             seen = set(existing)
             by_collection: dict[str, tuple[list[str], list[np.ndarray]]] = {}
@@ -338,6 +359,8 @@ class Gallery:
                 for collection, (names, vectors) in by_collection.items():
                     fingerprint = specs[collection][1] if collection in specs else ""  # used if new
                     self.index.upsert(collection, names, np.stack(vectors), fingerprint, now)
+                for p in ok:
+                    self.attributes.table(p.collection).set([(p.name, p.attributes)])
             except Exception as exc:  # pragma: no cover - e.g. MemoryError
                 log.exception("committed %d items but could not add them to memory", len(ok))
                 raise errors.ImageSearchError(
@@ -357,6 +380,7 @@ class Gallery:
             now = time.time()
             deleted = self.store.delete(collection, names, now)
             coll.delete(deleted, now)
+            self.attributes.table(collection).delete(deleted)
         gone = set(deleted)
         return DeleteResult(len(deleted), [n for n in dict.fromkeys(names) if n not in gone])
 
@@ -400,18 +424,82 @@ class Gallery:
             self.index.drop(collection)
             self._saved.pop(collection, None)
             index_files.remove(collection, self.files_dir)
+            self.attributes.drop(collection)
         log.info("dropped collection %r (%d vectors)", collection, count)
         return count
 
+    def rename(self, collection: str, renamings: Sequence[tuple[str, str]]) -> RenameResult:
+        """New names for items, keeping their vectors and attributes; applied
+        in order, a target that exists is replaced (like `mv`)."""
+        self._require_ready()
+        check_collection(collection, what="rename")
+        for i, (old, new) in enumerate(renamings):
+            check_name(old, what=f"rename: renamings[{i}].from_name")
+            check_name(new, what=f"rename: renamings[{i}].to_name")
+        with self._write_lock:
+            if self._closed:
+                raise errors.Unavailable("the ranker is shutting down")
+            coll = self.index.get(collection)
+            now = time.time()
+            done = self.store.rename(collection, list(renamings), now)
+            for old, new in done:  # memory: the same vector under the new name
+                if old != new:
+                    coll.upsert([new], coll.vector(old)[np.newaxis], now)
+                    coll.delete([old], now)
+            self.attributes.table(collection).rename(done)
+        moved = {old for old, _ in done}
+        return RenameResult(len(done), [old for old, _ in renamings if old not in moved])
+
     # ------------------------------------------------------------ reads
+
+    def _allowed(self, query: Query) -> set[str] | None:
+        if not query.filters:
+            return None
+        return self.attributes.table(query.collection).matching(query.filters)
+
+    def _with_attributes(self, query: Query, matches: list[Match]) -> list[Match]:
+        if not query.with_attributes:
+            return matches
+        table = self.attributes.table(query.collection)
+        return [dataclasses.replace(m, attributes=dict(table.get(m.name))) for m in matches]
 
     def search(self, query: Query) -> list[Match]:
         self._require_ready()
-        return self.index.search(query)
+        return self._with_attributes(query, self.index.search(query, allowed=self._allowed(query)))
 
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
         self._require_ready()
-        return self.index.search_many(queries)
+        allowed = [self._allowed(q) if q.collection in self.index else None for q in queries]
+        results = self.index.search_many(queries, allowed)
+        return [r if isinstance(r, errors.ImageSearchError) else self._with_attributes(q, r)
+                for q, r in zip(queries, results)]
+
+    def list_items(self, collection: str, *, page_size: int = 0, start_after: str = "", limit: int = 0,
+                   filters: Sequence[AttributeFilter] = (), with_vectors: bool = False) -> Iterator[ItemPage]:
+        """Pages of a collection's items in name order (see ListItems)."""
+        self._require_ready()
+        check_collection(collection, what="list items")
+        if not 0 <= page_size <= MAX_LIST_PAGE:
+            raise errors.InvalidArgument(f"list items: page_size {page_size} is out of range: "
+                                         f"use 1..{MAX_LIST_PAGE} (0 = {DEFAULT_LIST_PAGE})")
+        if limit < 0:
+            raise errors.InvalidArgument(f"list items: limit {limit} is negative")
+        self.index.get(collection)  # NotFound for an unknown collection
+        page_size = page_size or DEFAULT_LIST_PAGE
+        left = limit or None
+        after = start_after
+        while left is None or left > 0:
+            want = page_size if left is None else min(page_size, left)
+            rows = self.store.items(collection, after, want, with_vectors=with_vectors)
+            if not rows:
+                return
+            after = rows[-1].name
+            if filters:
+                rows = [r for r in rows if passes(from_json(r.attributes), filters)]
+            if rows:
+                if left is not None:
+                    left -= len(rows)
+                yield ItemPage(rows, after)
 
     def stats(self, collection: str | None = None) -> list[CollectionStats]:
         self._require_ready()

@@ -36,12 +36,14 @@ import dataclasses
 import sys
 import threading
 import time
-from typing import Iterable, Sequence
 from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from imagesearch import errors
+from ranker_service.attributes import AttributeFilter
+from ranker_service.filtering import filtered_search
 from ranker_service.faiss_collection import FaissCollection
 from ranker_service.kinds import EXACT, IndexSpec
 from ranker_service.ranking import score_margin, select_top_k
@@ -62,6 +64,7 @@ class Match:
     rank: int  # 1-based
     name: str
     score: float  # cosine similarity (float64 computed)
+    attributes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # when the query asked for them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,8 @@ class Query:
     top_k: int = 0  # 0 = default
     fingerprint: str = ""  # "" = no check
     id: str = ""
+    filters: tuple[AttributeFilter, ...] = ()  # checked (attributes.check_filters)
+    with_attributes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +217,18 @@ class Collection:
             return [select_top_k(scores[i], matrix, self._names, queries64[i], int(k), self.margin)
                     for i, k in enumerate(top_ks)]
 
+    def search_among(self, query64: np.ndarray, k: int, names: Iterable[str]) -> list[tuple[str, float]]:
+        """Top-k of one query over the rows of `names` only (names not in the
+        collection are ignored): an exact scan of just those rows."""
+        q32 = query64.astype(np.float32)
+        with self._rw.read():
+            rows = np.fromiter((r for r in map(self._rows.get, names) if r is not None), dtype=np.intp)
+            if rows.size == 0:
+                return []
+            rows.sort()  # in memory order
+            sub = self._matrix[rows]
+            return select_top_k(sub @ q32, sub, _Picked(self._names, rows), query64, int(k), self.margin)
+
     # ------------------------------------------------------------ writing
 
     def load_row(self, name: str, vector: np.ndarray) -> None:
@@ -318,6 +335,19 @@ class Collection:
             self._matrix = matrix
 
 
+class _Picked:
+    """names[rows[i]] without building the list (only candidates are looked up)."""
+
+    def __init__(self, names: list[str], rows: np.ndarray):
+        self._names, self._rows = names, rows
+
+    def __getitem__(self, i: int) -> str:
+        return self._names[self._rows[i]]
+
+    def __len__(self) -> int:
+        return self._rows.shape[0]
+
+
 class GalleryIndex:
     """All collections in memory: validated search over them. Thread-safe."""
 
@@ -398,14 +428,21 @@ class GalleryIndex:
         vector = unit_vector(query.vector, what=what, dim=coll.dim)
         return coll, vector, k
 
-    def search(self, query: Query, what: str | None = None) -> list[Match]:
+    def search(self, query: Query, what: str | None = None, allowed: set[str] | None = None) -> list[Match]:
+        """`allowed`: when not None, only these names are ranked (the names
+        that pass the query's filters)."""
         coll, vector, k = self.prepare(query, what or describe_query(query))
-        (found,) = coll.search(vector[np.newaxis], [k])
+        if allowed is not None:
+            found = filtered_search(coll, vector, k, allowed)
+        else:
+            (found,) = coll.search(vector[np.newaxis], [k])
         return [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
 
-    def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
+    def search_many(self, queries: Sequence[Query], allowed: Sequence[set[str] | None] | None = None,
+                    ) -> list[list[Match] | errors.ImageSearchError]:
         """Each query's matches, or the domain error it failed with. Valid
-        queries on one collection share one matrix-matrix product."""
+        unfiltered queries on one collection share one matrix-matrix product;
+        a query with `allowed[i]` not None ranks only those names."""
         results: list[list[Match] | errors.ImageSearchError] = [[] for _ in queries]
         groups: dict[str, tuple[Collection, list[int], list[np.ndarray], list[int]]] = {}
         for i, query in enumerate(queries):
@@ -413,6 +450,10 @@ class GalleryIndex:
                 coll, vector, k = self.prepare(query, describe_query(query, i))
             except errors.ImageSearchError as exc:
                 results[i] = exc
+                continue
+            if allowed is not None and allowed[i] is not None:
+                found = filtered_search(coll, vector, k, allowed[i])
+                results[i] = [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
                 continue
             group = groups.setdefault(coll.name, (coll, [], [], []))
             group[1].append(i)

@@ -125,3 +125,10 @@ def m002_index_kinds_and_generation(db: sqlite_utils.Database) -> None:
                 UPDATE collections SET generation = (SELECT value FROM ranker_state WHERE key = 'generation')
                     WHERE name = {row}.collection;
             END""")
+
+
+@MIGRATIONS
+def m003_item_attributes(db: sqlite_utils.Database) -> None:
+    """Each vector row gets its item's attributes: a JSON object of strings
+    with sorted keys ('{}' for none; see attributes.py). Existing items have none."""
+    db["vectors"].add_column("attributes", str, not_null_default="{}")

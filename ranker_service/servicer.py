@@ -23,6 +23,8 @@ from ranker_service.backup import read_chunks
 from ranker_service.backend import RankerBackend
 from ranker_service.gallery import UpsertItem
 from ranker_service.index import CollectionStats, Match, Query
+from ranker_service.attributes import AttributeFilter, check_filters, from_json
+from ranker_service.store import StoredItem
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,23 @@ def gather_batches(requests: Iterable[T], max_batch: int) -> Iterator[list[T]]:
 
 
 def _match(m: Match) -> ranker_pb2.Match:
-    return ranker_pb2.Match(rank=m.rank, name=m.name, score=m.score)
+    return ranker_pb2.Match(rank=m.rank, name=m.name, score=m.score, attributes=m.attributes)
+
+
+def _filters(filters, what: str) -> tuple[AttributeFilter, ...]:
+    return check_filters(((f.key, f.values) for f in filters), what=what)
+
+
+def _query(r, what: str, id: str = "") -> Query:
+    return Query(r.collection, r.vector, r.top_k, r.fingerprint, id, _filters(r.filters, what), r.with_attributes)
+
+
+def _item(item: StoredItem) -> ranker_pb2.Item:
+    out = ranker_pb2.Item(name=item.name, attributes=from_json(item.attributes), created_at=item.created_at,
+                          updated_at=item.updated_at, fingerprint=item.fingerprint)
+    if item.vector is not None:
+        out.vector.extend(item.vector)
+    return out
 
 
 _KIND_TO_PROTO = {kinds.EXACT: ranker_pb2.INDEX_KIND_EXACT, kinds.HNSW: ranker_pb2.INDEX_KIND_HNSW,
@@ -130,7 +148,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     def Upsert(self, request_iterator, context):
         result = self.gallery.upsert(
-            UpsertItem(r.collection, r.name, r.vector, r.fingerprint) for r in request_iterator)
+            UpsertItem(r.collection, r.name, r.vector, r.fingerprint, r.attributes) for r in request_iterator)
         return ranker_pb2.UpsertResponse(upserted=result.upserted, inserted=result.inserted,
                                          replaced=result.replaced)
 
@@ -139,18 +157,26 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         return ranker_pb2.DeleteResponse(deleted=result.deleted, not_found=result.not_found)
 
     def Search(self, request, context):
-        matches = self.gallery.search(Query(request.collection, request.vector, request.top_k, request.fingerprint))
+        matches = self.gallery.search(_query(request, "query"))
         for m in matches:
             yield ranker_pb2.SearchResponse(match=_match(m))
 
     def SearchStream(self, request_iterator, context):
         for batch in gather_batches(request_iterator, self.max_batch):
-            queries = [Query(r.collection, r.vector, r.top_k, r.fingerprint, r.id) for r in batch]
+            queries, bad = [], {}
+            for i, r in enumerate(batch):
+                try:
+                    queries.append(_query(r, f"query {r.id!r}", r.id))
+                except errors.ImageSearchError as exc:  # bad filters: this query's error answer
+                    bad[i] = exc
+                    queries.append(Query(r.collection, (), id=r.id))
+            good = [q for i, q in enumerate(queries) if i not in bad]
             log.debug("SearchStream: %d queries in one batch", len(queries))
             try:
-                results = self.gallery.search_many(queries)
+                answers = iter(self.gallery.search_many(good))
             except errors.ImageSearchError as exc:  # e.g. still loading: every query of the batch gets it
-                results = [exc] * len(queries)
+                answers = iter([exc] * len(good))
+            results = [bad[i] if i in bad else next(answers) for i in range(len(queries))]
             for query, result in zip(queries, results):
                 if isinstance(result, errors.ImageSearchError):
                     code, message = serving.item_error_fields(result)
@@ -165,6 +191,17 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             collections=[collection_stats(s) for s in stats],
             memory_bytes=sum(s.memory_bytes for s in stats),
             max_top_k=self.gallery.max_top_k)
+
+    def ListItems(self, request, context):
+        pages = self.gallery.list_items(
+            request.collection, page_size=request.page_size, start_after=request.start_after, limit=request.limit,
+            filters=_filters(request.filters, "list items"), with_vectors=request.with_vectors)
+        for page in pages:
+            yield ranker_pb2.ListItemsResponse(items=[_item(i) for i in page.items])
+
+    def Rename(self, request, context):
+        result = self.gallery.rename(request.collection, [(r.from_name, r.to_name) for r in request.renamings])
+        return ranker_pb2.RenameResponse(renamed=result.renamed, not_found=result.not_found)
 
     def CreateCollection(self, request, context):
         stats, created = self.gallery.create_collection(request.collection, request.dim, request.fingerprint,

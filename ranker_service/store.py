@@ -86,6 +86,17 @@ class UpsertRow:
     name: str
     vector: np.ndarray  # float32 unit vector (stored as is)
     fingerprint: str
+    attributes: str = "{}"  # JSON (attributes.to_json)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredItem:
+    name: str
+    attributes: str  # JSON
+    created_at: float
+    updated_at: float
+    fingerprint: str
+    vector: np.ndarray | None  # float32, when asked for
 
 
 def _errorname(exc: sqlite3.Error) -> str:
@@ -200,7 +211,7 @@ class GalleryStore:
 
     def _check_schema(self) -> None:
         for table, columns in (("collections", {"name", "dim", "fingerprint", "created_at", "updated_at"}),
-                               ("vectors", {"collection", "name", "dim", "fingerprint", "vector",
+                               ("vectors", {"collection", "name", "dim", "fingerprint", "vector", "attributes",
                                             "created_at", "updated_at"})):
             have = set(self.db[table].columns_dict) if self.db[table].exists() else set()
             if not columns <= have:
@@ -263,6 +274,31 @@ class GalleryStore:
             row = self.db.execute("SELECT dim, vector FROM vectors WHERE collection = ? AND name = ?",
                                   [collection, name]).fetchone()
         return None if row is None else from_blob(row[1], row[0]).copy()
+
+    def iter_attributes(self) -> Iterator[tuple[str, str, str]]:
+        """(collection, name, attributes JSON) of every item that has attributes. For start-up loading."""
+        with self._lock:
+            cursor = self.db.conn.execute(
+                "SELECT collection, name, attributes FROM vectors WHERE attributes != '{}' ORDER BY rowid")
+            try:
+                yield from cursor
+            except sqlite3.Error as exc:
+                raise StoreError(describe_open_error(self.path, exc)) from exc
+            finally:
+                cursor.close()
+
+    def items(self, collection: str, start_after: str, limit: int, *, with_vectors: bool) -> list[StoredItem]:
+        """Up to `limit` items of `collection` with names after `start_after`, in name order."""
+        columns = "name, attributes, created_at, updated_at, fingerprint" + (", dim, vector" if with_vectors else "")
+        with self._lock:
+            try:
+                rows = self.db.execute(
+                    f"SELECT {columns} FROM vectors WHERE collection = ? AND name > ? ORDER BY name LIMIT ?",
+                    [collection, start_after, limit]).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(describe_open_error(self.path, exc)) from exc
+        return [StoredItem(r[0], r[1], r[2], r[3], r[4], from_blob(r[6], r[5]) if with_vectors else None)
+                for r in rows]
 
     def names(self, collection: str) -> list[str]:
         with self._lock:
@@ -341,15 +377,16 @@ class GalleryStore:
             existing = self._existing(last)
             fresh = [{"collection": r.collection, "name": r.name, "dim": int(r.vector.shape[0]),
                       "fingerprint": r.fingerprint, "vector": to_blob(r.vector),
-                      "created_at": now, "updated_at": now}
+                      "created_at": now, "updated_at": now, "attributes": r.attributes}
                      for key, r in last.items() if key not in existing]
-            again = [(int(r.vector.shape[0]), r.fingerprint, to_blob(r.vector), now, r.collection, r.name)
+            again = [(int(r.vector.shape[0]), r.fingerprint, to_blob(r.vector), now, r.attributes, r.collection,
+                      r.name)
                      for key, r in last.items() if key in existing]
             if fresh:
                 self.db["vectors"].insert_all(fresh, batch_size=SQL_BATCH_ROWS)
             if again:  # an UPDATE, not an upsert: created_at stays
                 self.db.conn.executemany(
-                    "UPDATE vectors SET dim = ?, fingerprint = ?, vector = ?, updated_at = ? "
+                    "UPDATE vectors SET dim = ?, fingerprint = ?, vector = ?, updated_at = ?, attributes = ? "
                     "WHERE collection = ? AND name = ?", again)
             for collection in {r.collection for r in rows}:  # (triggers bump the generation)
                 self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
@@ -379,6 +416,25 @@ class GalleryStore:
             self.db.execute("DELETE FROM vectors WHERE collection = ?", [name])
             self.db.execute("DELETE FROM collections WHERE name = ?", [name])
         return int(count)
+
+    def rename(self, collection: str, renamings: Sequence[tuple[str, str]],
+               now: float | None = None) -> list[tuple[str, str]]:
+        """Rename items in one transaction, in order (a target that exists is
+        replaced); returns the renamings done (those whose source existed)."""
+        now = time.time() if now is None else now
+        done = []
+        with self._transaction(f"renaming {len(renamings)} items of {collection!r}"):
+            for old, new in renamings:
+                if not self._existing([(collection, old)]):
+                    continue
+                if new != old:
+                    self.db.execute("DELETE FROM vectors WHERE collection = ? AND name = ?", [collection, new])
+                    self.db.execute("UPDATE vectors SET name = ?, updated_at = ? WHERE collection = ? AND name = ?",
+                                    [new, now, collection, old])
+                done.append((old, new))
+            if done:
+                self.db.execute("UPDATE collections SET updated_at = ? WHERE name = ?", [now, collection])
+        return done
 
     def delete(self, collection: str, names: Sequence[str], now: float | None = None) -> list[str]:
         """Delete names in one transaction; returns those that existed, in request order."""

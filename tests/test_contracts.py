@@ -31,6 +31,8 @@ EXPECTED = {
         "CreateCollection": (False, False),
         "DropCollection": (False, False),
         "Backup": (False, True),
+        "ListItems": (False, True),
+        "Rename": (False, False),
     },
 }
 
@@ -70,6 +72,23 @@ def test_stream_items_carry_ids_and_errors():
     info_fields = set(embedder_pb2.GetModelInfoResponse.DESCRIPTOR.fields_by_name)
     assert {"backbone", "dim", "input_size", "mean", "std", "device", "fingerprint",
             "max_image_bytes", "max_image_pixels", "max_batch", "max_message_bytes"} <= info_fields
+
+
+def test_item_attributes_filters_and_listing_fields():
+    def fields(message):
+        return message.DESCRIPTOR.fields_by_name
+
+    attrs = fields(ranker_pb2.UpsertRequest)["attributes"]
+    assert attrs.message_type.GetOptions().map_entry and attrs.number == 5
+    assert fields(ranker_pb2.Match)["attributes"].message_type.GetOptions().map_entry
+    for message in (ranker_pb2.SearchRequest, ranker_pb2.SearchStreamRequest, ranker_pb2.ListItemsRequest):
+        assert fields(message)["filters"].message_type is ranker_pb2.AttributeFilter.DESCRIPTOR
+    assert {"with_attributes"} <= set(fields(ranker_pb2.SearchRequest)) & set(fields(ranker_pb2.SearchStreamRequest))
+    assert set(fields(ranker_pb2.AttributeFilter)) == {"key", "values"}
+    assert {"collection", "page_size", "start_after", "limit", "with_vectors"} <= set(fields(ranker_pb2.ListItemsRequest))
+    assert {"name", "attributes", "created_at", "updated_at", "fingerprint", "vector"} == set(fields(ranker_pb2.Item))
+    assert set(fields(ranker_pb2.Renaming)) == {"from_name", "to_name"}
+    assert {"renamed", "not_found"} == set(fields(ranker_pb2.RenameResponse))
 
 
 def test_package_is_imagesearch_v1():

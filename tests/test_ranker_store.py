@@ -72,7 +72,8 @@ def test_new_database_is_wal_fsynced_locked_and_migrated(store, db_path):
     assert store.pragma("locking_mode") == "exclusive"
     assert store.pragma("page_size") == 16384
     applied = [r[0] for r in store.db.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")]
-    assert applied == MIGRATIONS.names == ["m001_collections_and_vectors", "m002_index_kinds_and_generation"]
+    assert applied == MIGRATIONS.names == ["m001_collections_and_vectors", "m002_index_kinds_and_generation",
+                                                   "m003_item_attributes"]
     assert {"collections", "vectors"} <= set(store.db.table_names())
     store.close()
     reopened = GalleryStore.open(db_path)

@@ -76,16 +76,25 @@ class DropCollectionResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("collection", "name", "vector", "fingerprint")
+    __slots__ = ("collection", "name", "vector", "fingerprint", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     collection: str
     name: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     fingerprint: str
-    def __init__(self, collection: _Optional[str] = ..., name: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, collection: _Optional[str] = ..., name: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., fingerprint: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
     __slots__ = ("upserted", "inserted", "replaced")
@@ -114,26 +123,47 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "vector", "top_k", "fingerprint")
+    __slots__ = ("collection", "vector", "top_k", "fingerprint", "filters", "with_attributes")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     collection: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     top_k: int
     fingerprint: str
-    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    filters: _containers.RepeatedCompositeFieldContainer[AttributeFilter]
+    with_attributes: bool
+    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_attributes: _Optional[bool] = ...) -> None: ...
+
+class AttributeFilter(_message.Message):
+    __slots__ = ("key", "values")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Match(_message.Message):
-    __slots__ = ("rank", "name", "score")
+    __slots__ = ("rank", "name", "score", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RANK_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     name: str
     score: float
-    def __init__(self, rank: _Optional[int] = ..., name: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, rank: _Optional[int] = ..., name: _Optional[str] = ..., score: _Optional[float] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("match",)
@@ -142,18 +172,22 @@ class SearchResponse(_message.Message):
     def __init__(self, match: _Optional[_Union[Match, _Mapping]] = ...) -> None: ...
 
 class SearchStreamRequest(_message.Message):
-    __slots__ = ("id", "collection", "vector", "top_k", "fingerprint")
+    __slots__ = ("id", "collection", "vector", "top_k", "fingerprint", "filters", "with_attributes")
     ID_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     collection: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     top_k: int
     fingerprint: str
-    def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    filters: _containers.RepeatedCompositeFieldContainer[AttributeFilter]
+    with_attributes: bool
+    def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_attributes: _Optional[bool] = ...) -> None: ...
 
 class SearchStreamResponse(_message.Message):
     __slots__ = ("id", "matches", "error")
@@ -218,3 +252,72 @@ class BackupResponse(_message.Message):
     collections: int
     vectors: int
     def __init__(self, chunk: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., collections: _Optional[int] = ..., vectors: _Optional[int] = ...) -> None: ...
+
+class ListItemsRequest(_message.Message):
+    __slots__ = ("collection", "page_size", "start_after", "limit", "filters", "with_vectors")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    START_AFTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    WITH_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    page_size: int
+    start_after: str
+    limit: int
+    filters: _containers.RepeatedCompositeFieldContainer[AttributeFilter]
+    with_vectors: bool
+    def __init__(self, collection: _Optional[str] = ..., page_size: _Optional[int] = ..., start_after: _Optional[str] = ..., limit: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_vectors: _Optional[bool] = ...) -> None: ...
+
+class Item(_message.Message):
+    __slots__ = ("name", "attributes", "created_at", "updated_at", "fingerprint", "vector")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    attributes: _containers.ScalarMap[str, str]
+    created_at: float
+    updated_at: float
+    fingerprint: str
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., fingerprint: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ListItemsResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+
+class RenameRequest(_message.Message):
+    __slots__ = ("collection", "renamings")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    RENAMINGS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    renamings: _containers.RepeatedCompositeFieldContainer[Renaming]
+    def __init__(self, collection: _Optional[str] = ..., renamings: _Optional[_Iterable[_Union[Renaming, _Mapping]]] = ...) -> None: ...
+
+class Renaming(_message.Message):
+    __slots__ = ("from_name", "to_name")
+    FROM_NAME_FIELD_NUMBER: _ClassVar[int]
+    TO_NAME_FIELD_NUMBER: _ClassVar[int]
+    from_name: str
+    to_name: str
+    def __init__(self, from_name: _Optional[str] = ..., to_name: _Optional[str] = ...) -> None: ...
+
+class RenameResponse(_message.Message):
+    __slots__ = ("renamed", "not_found")
+    RENAMED_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    renamed: int
+    not_found: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, renamed: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -77,6 +77,16 @@ class RankerServiceStub:
                 request_serializer=imagesearch_dot_v1_dot_ranker__pb2.BackupRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.BackupResponse.FromString,
                 _registered_method=True)
+        self.ListItems = channel.unary_stream(
+                '/imagesearch.v1.RankerService/ListItems',
+                request_serializer=imagesearch_dot_v1_dot_ranker__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
+        self.Rename = channel.unary_unary(
+                '/imagesearch.v1.RankerService/Rename',
+                request_serializer=imagesearch_dot_v1_dot_ranker__pb2.RenameRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.RenameResponse.FromString,
+                _registered_method=True)
 
 
 class RankerServiceServicer:
@@ -154,6 +164,23 @@ class RankerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListItems(self, request, context):
+        """The items of a collection in name order (name, attributes, times; the
+        vector on request), a page of up to page_size items per message; resume
+        a listing after the last name received with start_after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rename(self, request, context):
+        """Gives items new names, keeping their vectors and attributes (no
+        re-embedding). A target name already in the collection is replaced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +223,16 @@ def add_RankerServiceServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.BackupRequest.FromString,
                     response_serializer=imagesearch_dot_v1_dot_ranker__pb2.BackupResponse.SerializeToString,
+            ),
+            'ListItems': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.ListItemsRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_ranker__pb2.ListItemsResponse.SerializeToString,
+            ),
+            'Rename': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rename,
+                    request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.RenameRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_ranker__pb2.RenameResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -417,6 +454,60 @@ class RankerService:
             '/imagesearch.v1.RankerService/Backup',
             imagesearch_dot_v1_dot_ranker__pb2.BackupRequest.SerializeToString,
             imagesearch_dot_v1_dot_ranker__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagesearch.v1.RankerService/ListItems',
+            imagesearch_dot_v1_dot_ranker__pb2.ListItemsRequest.SerializeToString,
+            imagesearch_dot_v1_dot_ranker__pb2.ListItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rename(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.RankerService/Rename',
+            imagesearch_dot_v1_dot_ranker__pb2.RenameRequest.SerializeToString,
+            imagesearch_dot_v1_dot_ranker__pb2.RenameResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,198 @@
+"""Item attributes on a real ranker process: stored with each item (and kept
+over a restart), returned with matches on request, equality and IN filters
+applied before top-k in Search and SearchStream, ListItems paging and
+filtering, Rename, and INVALID_ARGUMENT past the limits."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from imagesearch import defaults
+from imagesearch.testing import ServiceProcess
+from imagesearch.v1 import ranker_pb2 as pb
+from imagesearch.v1 import ranker_pb2_grpc
+from ranker_service.attributes import AttributeTable, check_filters
+from tests.helpers import reference_ranking, unit32
+
+DIM = 16
+N = 300
+TIMEOUT = 30
+SHOPS = ("a", "b", "c")
+
+
+def item_attributes(i: int) -> dict[str, str]:
+    attrs = {"shop": SHOPS[i % 3], "class": "rare" if i % 50 == 0 else "common"}
+    if i % 2:
+        attrs["odd"] = "yes"
+    return attrs
+
+
+@pytest.fixture(scope="module")
+def ranker(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ranker") / "gallery.db"
+    proc = ServiceProcess("ranker_service", "--db", str(path), "--batch-size", "64")
+    proc.db_path = path
+    yield proc
+    proc.terminate()
+
+
+@pytest.fixture(scope="module")
+def stub(ranker):
+    ch = ranker.channel()
+    yield ranker_pb2_grpc.RankerServiceStub(ch)
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def data(stub):
+    rng = np.random.default_rng(7)
+    vectors = unit32(rng.standard_normal((N, DIM)))
+    names = [f"img/{i:04d}.jpg" for i in range(N)]
+    reply = stub.Upsert(iter(pb.UpsertRequest(collection="c", name=n, vector=v, fingerprint="fp",
+                                              attributes=item_attributes(i))
+                             for i, (n, v) in enumerate(zip(names, vectors))), timeout=TIMEOUT)
+    assert reply.upserted == N
+    return names, vectors, rng
+
+
+def search(stub, vector, filters, top_k=10, with_attributes=False):
+    request = pb.SearchRequest(collection="c", vector=vector, top_k=top_k, with_attributes=with_attributes,
+                               filters=[pb.AttributeFilter(key=k, values=v) for k, v in filters])
+    return [r.match for r in stub.Search(request, timeout=TIMEOUT)]
+
+
+def expected(names, vectors, query, k, keep):
+    idx = [i for i in range(len(names)) if keep(i)]
+    return reference_ranking(vectors[idx], [names[i] for i in idx], query, k)[0]
+
+
+def test_equality_and_in_filters_rank_only_passing_items_before_top_k(stub, data):
+    names, vectors, rng = data
+    query = rng.standard_normal(DIM)
+    # Six items are "rare" (0, 50, ..., 250): a filtered top-10 returns all six, best first.
+    got = search(stub, query, [("class", ["rare"])])
+    assert [m.name for m in got] == expected(names, vectors, query, 10, lambda i: i % 50 == 0)
+    assert len(got) == 6
+    # IN on shop, AND with equality on odd.
+    got = search(stub, query, [("shop", ["a", "c"]), ("odd", ["yes"])], top_k=25, with_attributes=True)
+    want = expected(names, vectors, query, 25, lambda i: i % 3 in (0, 2) and i % 2 == 1)
+    assert [m.name for m in got] == want and len(got) == 25
+    assert all(m.attributes["shop"] in ("a", "c") and m.attributes["odd"] == "yes" for m in got)
+    assert dict(got[0].attributes) == item_attributes(names.index(got[0].name))
+    # A value nobody has: no matches; no attributes unless asked for.
+    assert search(stub, query, [("shop", ["zzz"])]) == []
+    assert all(not m.attributes for m in search(stub, query, []))
+
+
+def test_search_stream_filters_per_query_and_bad_filters_are_item_errors(stub, data):
+    names, vectors, rng = data
+    queries = rng.standard_normal((3, DIM))
+    requests = [
+        pb.SearchStreamRequest(id="rare", collection="c", vector=queries[0], top_k=5,
+                               filters=[pb.AttributeFilter(key="class", values=["rare"])]),
+        pb.SearchStreamRequest(id="bad", collection="c", vector=queries[1], top_k=5,
+                               filters=[pb.AttributeFilter(key="", values=["x"])]),
+        pb.SearchStreamRequest(id="all", collection="c", vector=queries[2], top_k=5),
+    ]
+    answers = {r.id: r for r in stub.SearchStream(iter(requests), timeout=TIMEOUT)}
+    assert [m.name for m in answers["rare"].matches] == expected(names, vectors, queries[0], 5,
+                                                                 lambda i: i % 50 == 0)
+    assert answers["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "attribute key" in answers["bad"].error.message
+    assert [m.name for m in answers["all"].matches] == expected(names, vectors, queries[2], 5, lambda i: True)
+
+
+def test_list_items_pages_filters_and_resumes(stub, data):
+    names, vectors, _ = data
+    pages = list(stub.ListItems(pb.ListItemsRequest(collection="c", page_size=64), timeout=TIMEOUT))
+    assert [len(p.items) for p in pages] == [64, 64, 64, 64, 44]
+    listed = [i for p in pages for i in p.items]
+    assert [i.name for i in listed] == sorted(names)
+    assert dict(listed[3].attributes) == item_attributes(3)
+    assert listed[0].updated_at > 0 and listed[0].fingerprint == "fp" and not listed[0].vector
+    after = [i.name for p in stub.ListItems(pb.ListItemsRequest(collection="c", start_after=names[289], limit=5))
+             for i in p.items]
+    assert after == names[290:295]
+    rare = [i for p in stub.ListItems(pb.ListItemsRequest(
+        collection="c", with_vectors=True, filters=[pb.AttributeFilter(key="class", values=["rare"])]))
+        for i in p.items]
+    assert [i.name for i in rare] == [names[i] for i in range(0, N, 50)]
+    np.testing.assert_array_equal(np.asarray(rare[1].vector, dtype=np.float32), vectors[50])
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.ListItems(pb.ListItemsRequest(collection="nope"), timeout=TIMEOUT))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_limits_are_invalid_argument(stub, data):
+    _, vectors, _ = data
+    too_many = {f"k{i}": "v" for i in range(defaults.MAX_ATTRIBUTES + 1)}
+    for attrs, needle in ((too_many, "attributes"), ({"k" * (defaults.MAX_ATTRIBUTE_KEY_CHARS + 1): "v"}, "key"),
+                          ({"k": "v" * (defaults.MAX_ATTRIBUTE_VALUE_CHARS + 1)}, "characters"),
+                          ({"bad\nkey": "v"}, "control")):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Upsert(iter([pb.UpsertRequest(collection="c", name="x.jpg", vector=vectors[0], fingerprint="fp",
+                                               attributes=attrs)]), timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, attrs
+        assert needle in err.value.details()
+    filters = [("shop", ["a"])] * (defaults.MAX_FILTERS + 1)
+    with pytest.raises(grpc.RpcError) as err:
+        search(stub, vectors[0], filters)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        search(stub, vectors[0], [("shop", [])])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub):
+    rng = np.random.default_rng(3)
+    v = unit32(rng.standard_normal((3, DIM)))
+    stub.Upsert(iter([pb.UpsertRequest(collection="r", name=n, vector=v[i], fingerprint="fp",
+                                       attributes={"class": n[0]}) for i, n in enumerate(["a.jpg", "b.jpg", "c.jpg"])]),
+                timeout=TIMEOUT)
+    reply = stub.Rename(pb.RenameRequest(collection="r", renamings=[
+        pb.Renaming(from_name="a.jpg", to_name="moved/a.jpg"), pb.Renaming(from_name="c.jpg", to_name="b.jpg"),
+        pb.Renaming(from_name="gone.jpg", to_name="x.jpg")]), timeout=TIMEOUT)
+    assert reply.renamed == 2 and list(reply.not_found) == ["gone.jpg"]
+
+    def check(s):
+        items = {i.name: i for p in s.ListItems(pb.ListItemsRequest(collection="r", with_vectors=True)) for i in p.items}
+        assert sorted(items) == ["b.jpg", "moved/a.jpg"]
+        np.testing.assert_array_equal(np.asarray(items["moved/a.jpg"].vector, dtype=np.float32), v[0])
+        np.testing.assert_array_equal(np.asarray(items["b.jpg"].vector, dtype=np.float32), v[2])
+        assert dict(items["b.jpg"].attributes) == {"class": "c"}
+        top = [r.match for r in s.Search(pb.SearchRequest(collection="r", vector=v[0], top_k=1, with_attributes=True,
+                                                          filters=[pb.AttributeFilter(key="class", values=["a"])]))]
+        assert top[0].name == "moved/a.jpg" and top[0].score == pytest.approx(1.0, abs=1e-6)
+
+    check(stub)
+    # Deleting an item drops it from filters too.
+    stub.Delete(pb.DeleteRequest(collection="c", names=["img/0000.jpg"]), timeout=TIMEOUT)
+    assert "img/0000.jpg" not in [m.name for m in search(stub, v[0], [("class", ["rare"])])]
+    assert ranker.terminate() == 0
+    again = ServiceProcess("ranker_service", "--db", str(ranker.db_path))
+    try:
+        ch = again.channel()
+        s = ranker_pb2_grpc.RankerServiceStub(ch)
+        check(s)
+        got = [r.match for r in s.Search(pb.SearchRequest(
+            collection="c", vector=v[0], top_k=10, filters=[pb.AttributeFilter(key="class", values=["rare"])]))]
+        assert len(got) == 5 and "img/0000.jpg" not in [m.name for m in got]
+        ch.close()
+    finally:
+        again.terminate()
+
+
+def test_attribute_table_postings_follow_replace_delete_and_rename():
+    t = AttributeTable()
+    t.set([("a", {"k": "1"}), ("b", {"k": "1", "j": "x"}), ("c", {"k": "2"})])
+    k1 = check_filters([("k", ["1"])], what="t")
+    assert t.matching(k1) == {"a", "b"}
+    t.set([("a", {"k": "2"})])
+    assert t.matching(k1) == {"b"}
+    assert t.matching(check_filters([("k", ["1", "2"]), ("j", ["x"])], what="t")) == {"b"}
+    t.rename([("b", "c")])
+    assert t.matching(k1) == {"c"} and t.matching(check_filters([("k", ["2"])], what="t")) == {"a"}
+    t.delete(["c"])
+    assert t.matching(k1) == set() and len(t) == 1
