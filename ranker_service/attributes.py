@@ -15,7 +15,7 @@ import dataclasses
 import json
 import threading
 import unicodedata
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from imagesearch import errors
 from imagesearch.defaults import (

@@ -7,13 +7,14 @@ tests (tests/test_ranker_backends.py) run against both.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
 from imagesearch import errors
+from ranker_service.attributes import AttributeFilter
 from ranker_service.backup import BackupCopy
-from ranker_service.gallery import DeleteResult, LoadReport, UpsertItem, UpsertResult
+from ranker_service.gallery import DeleteResult, ItemPage, LoadReport, RenameResult, UpsertItem, UpsertResult
 from ranker_service.index import CollectionStats, Match, Query
 from ranker_service.kinds import IndexSpec
 
@@ -42,6 +43,11 @@ class RankerBackend(Protocol):
                           spec: IndexSpec) -> tuple[CollectionStats, bool]: ...
 
     def drop_collection(self, collection: str) -> int: ...
+
+    def list_items(self, collection: str, *, page_size: int = 0, start_after: str = "", limit: int = 0,
+                   filters: Sequence[AttributeFilter] = (), with_vectors: bool = False) -> Iterator[ItemPage]: ...
+
+    def rename(self, collection: str, renamings: Sequence[tuple[str, str]]) -> RenameResult: ...
 
     def memory_bytes(self) -> int: ...
 

@@ -20,7 +20,7 @@ scanned from its `vector(name)` copies.
 from __future__ import annotations
 
 import math
-from typing import Collection as Sized
+from collections.abc import Collection as Sized
 
 import numpy as np
 

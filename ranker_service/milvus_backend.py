@@ -38,11 +38,15 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from imagesearch import errors
+from imagesearch.defaults import DEFAULT_LIST_PAGE, FILTER_EXACT_SCAN_SHARE, MAX_LIST_PAGE
 from ranker_service import kinds
+from ranker_service.attributes import AttributeFilter, check_attributes, to_json
 from ranker_service.gallery import (
     DEFAULT_BATCH_SIZE,
     DeleteResult,
+    ItemPage,
     LoadReport,
+    RenameResult,
     UpsertItem,
     UpsertResult,
     _check_fits,
@@ -51,6 +55,7 @@ from ranker_service.gallery import (
     describe_item,
 )
 from ranker_service.index import CollectionStats, Match, Query, describe_query
+from ranker_service.store import StoredItem
 from ranker_service.ranking import score_margin
 from ranker_service.vectors import (
     MAX_TOP_K,
@@ -75,6 +80,19 @@ def milvus_name(collection: str) -> str:
     """A Milvus collection name for ours: allowed characters only, unique by hash."""
     readable = _NOT_ALLOWED.sub("_", collection)[:40]
     return f"is_{readable}_{hashlib.sha256(collection.encode('utf-8')).hexdigest()[:16]}"
+
+
+def filter_expression(filters: Sequence[AttributeFilter]) -> str:
+    """A Milvus boolean expression over the JSON `attributes` field: each
+    filter an OR of equalities, all ANDed. Keys and values go in as JSON string
+    literals (double quotes, backslash escapes: Milvus's string syntax)."""
+    def literal(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False)
+
+    def one(f: AttributeFilter) -> str:  # (milvus-lite's parser takes no JSON path left of `in`)
+        return "(" + " or ".join(f"attributes[{literal(f.key)}] == {literal(v)}" for v in sorted(f.values)) + ")"
+
+    return " and ".join(one(f) for f in filters)
 
 
 def _index_params(spec: kinds.IndexSpec) -> tuple[str, dict, dict]:
@@ -217,6 +235,7 @@ class MilvusGallery:
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("created_at", DataType.DOUBLE)
         schema.add_field("updated_at", DataType.DOUBLE)
+        schema.add_field("attributes", DataType.JSON)
         index_type, build, _ = _index_params(spec)
         index = self.client.prepare_index_params()
         index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=build)
@@ -294,7 +313,7 @@ class MilvusGallery:
                 if len(item.name.encode("utf-8")) > MAX_NAME_BYTES:
                     raise errors.InvalidArgument(f"{what}: the name takes more than {MAX_NAME_BYTES} bytes in UTF-8")
                 p = _Pending(i, item.collection, item.name, stored_form(unit_vector(item.vector, what=what)),
-                             item.fingerprint)
+                             item.fingerprint, check_attributes(item.attributes, what=what))
                 with self._lock:
                     coll = self._find(p.collection)
                     if coll is None:
@@ -321,7 +340,7 @@ class MilvusGallery:
             existing = {r["name"]: r["created_at"] for r in self._call(
                 "looking up names", self.client.get, coll.key, ids=list(items), output_fields=["name", "created_at"])}
             rows = [{"name": name, "vector": p.vector.tolist(), "created_at": existing.get(name, now),
-                     "updated_at": now} for name, p in items.items()]
+                     "updated_at": now, "attributes": p.attributes} for name, p in items.items()]
             self._call(f"upserting {len(rows)} items", self.client.upsert, coll.key, rows)
             seen = set(existing)
             for p in batch:
@@ -364,14 +383,22 @@ class MilvusGallery:
                 f"{coll.fingerprint!r}: the query vector comes from another model (or preprocessing)")
         return coll, unit_vector(query.vector, what=what, dim=coll.dim), k
 
-    def _search(self, coll: _Coll, q64: np.ndarray, k: int) -> list[Match]:
+    def _search(self, coll: _Coll, q64: np.ndarray, k: int, query: Query | None = None) -> list[Match]:
         _, _, search_params = _index_params(coll.spec)
         exact = coll.spec.kind == kinds.EXACT
         fetch = min(MAX_SEARCH_LIMIT, max(2 * k, k + 64) if exact else coll.spec.candidates(k, MAX_SEARCH_LIMIT))
         q32 = q64.astype(np.float32).tolist()
+        expr = filter_expression(query.filters) if query is not None and query.filters else ""
+        fields = ["vector", "attributes"] if query is not None and query.with_attributes else ["vector"]
+        if expr and not exact:
+            passing = self._count(coll, expr)
+            if passing <= FILTER_EXACT_SCAN_SHARE * self._count(coll):  # selective: scan the passing rows
+                return self._rank(self._call("reading filtered rows", self.client.query, coll.key, filter=expr,
+                                             output_fields=["name", *fields], consistency_level=CONSISTENCY),
+                                  q64, k, query)
         while True:
-            (hits,) = self._call("searching", self.client.search, coll.key, data=[q32], limit=fetch,
-                                 output_fields=["vector"], consistency_level=CONSISTENCY,
+            (hits,) = self._call("searching", self.client.search, coll.key, data=[q32], limit=fetch, filter=expr,
+                                 output_fields=fields, consistency_level=CONSISTENCY,
                                  search_params={"metric_type": "IP", "params": search_params})
             names = [h["name"] if "name" in h else h["id"] for h in hits]
             if not exact or len(hits) < fetch or fetch >= MAX_SEARCH_LIMIT or len(hits) <= k:
@@ -381,17 +408,29 @@ class MilvusGallery:
             if hits[-1]["distance"] < hits[k - 1]["distance"] - coll.margin:
                 break
             fetch = min(MAX_SEARCH_LIMIT, 4 * fetch)
-        if not hits:
+        if expr and len(hits) < k and len(hits) < self._count(coll, expr):  # the ANN search missed some
+            return self._rank(self._call("reading filtered rows", self.client.query, coll.key, filter=expr,
+                                         output_fields=["name", *fields], consistency_level=CONSISTENCY),
+                              q64, k, query)
+        return self._rank([{"name": name, **h["entity"]} for name, h in zip(names, hits)], q64, k, query)
+
+    @staticmethod
+    def _rank(rows: list[dict], q64: np.ndarray, k: int, query: Query | None) -> list[Match]:
+        """The exact float64 top-k of rows {name, vector[, attributes]}, ties by name."""
+        if not rows:
             return []
-        vectors = np.asarray([h["entity"]["vector"] for h in hits], dtype=np.float32).astype(np.float64)
+        names = [r["name"] for r in rows]
+        vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).astype(np.float64)
         scores = (vectors * q64).sum(axis=1)
-        order = sorted(range(len(hits)), key=lambda j: (-scores[j], names[j]))[:k]
-        return [Match(rank, names[j], float(scores[j])) for rank, j in enumerate(order, 1)]
+        order = sorted(range(len(rows)), key=lambda j: (-scores[j], names[j]))[:k]
+        with_attributes = query is not None and query.with_attributes
+        return [Match(rank, names[j], float(scores[j]), dict(rows[j].get("attributes") or {}) if with_attributes else {})
+                for rank, j in enumerate(order, 1)]
 
     def search(self, query: Query) -> list[Match]:
         self._require_ready()
         coll, q64, k = self._prepare(query, describe_query(query))
-        return self._search(coll, q64, k)
+        return self._search(coll, q64, k, query)
 
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
         self._require_ready()
@@ -399,15 +438,83 @@ class MilvusGallery:
         for i, query in enumerate(queries):
             try:
                 coll, q64, k = self._prepare(query, describe_query(query, i))
-                results.append(self._search(coll, q64, k))
+                results.append(self._search(coll, q64, k, query))
             except errors.ImageSearchError as exc:
                 results.append(exc)
         return results
 
-    def _count(self, coll: _Coll) -> int:
-        rows = self._call("counting", self.client.query, coll.key, filter="", output_fields=["count(*)"],
+    def _count(self, coll: _Coll, expr: str = "") -> int:
+        rows = self._call("counting", self.client.query, coll.key, filter=expr, output_fields=["count(*)"],
                           consistency_level=CONSISTENCY)
         return int(rows[0]["count(*)"])
+
+    def list_items(self, collection: str, *, page_size: int = 0, start_after: str = "", limit: int = 0,
+                   filters: Sequence[AttributeFilter] = (), with_vectors: bool = False):
+        """Pages of items in name order: the (filtered) names first, sorted
+        here (Milvus queries are unordered), then each page's rows by name."""
+        self._require_ready()
+        check_collection(collection, what="list items")
+        if not 0 <= page_size <= MAX_LIST_PAGE:
+            raise errors.InvalidArgument(f"list items: page_size {page_size} is out of range: "
+                                         f"use 1..{MAX_LIST_PAGE} (0 = {DEFAULT_LIST_PAGE})")
+        if limit < 0:
+            raise errors.InvalidArgument(f"list items: limit {limit} is negative")
+        coll = self._get(collection)
+        expr = " and ".join(e for e in (f"name > {json.dumps(start_after)}" if start_after else "",
+                                        filter_expression(filters)) if e)
+        iterator = self._call("listing names", self.client.query_iterator, coll.key, batch_size=1000,
+                              filter=expr, output_fields=["name"], consistency_level=CONSISTENCY)
+        names = []
+        while True:
+            batch = self._call("listing names", iterator.next)
+            if not batch:
+                break
+            names.extend(r["name"] for r in batch)
+        iterator.close()
+        names.sort()
+        if limit:
+            names = names[:limit]
+        size = page_size or DEFAULT_LIST_PAGE
+        fields = ["name", "attributes", "created_at", "updated_at"] + (["vector"] if with_vectors else [])
+        for start in range(0, len(names), size):
+            page = names[start:start + size]
+            rows = {r["name"]: r for r in self._call("reading items", self.client.get, coll.key, ids=page,
+                                                     output_fields=fields)}
+            items = [StoredItem(n, to_json(rows[n].get("attributes") or {}), rows[n]["created_at"],
+                                rows[n]["updated_at"], coll.fingerprint,
+                                np.asarray(rows[n]["vector"], dtype=np.float32) if with_vectors else None)
+                     for n in page if n in rows]
+            yield ItemPage(items, page[-1])
+
+    def rename(self, collection: str, renamings: Sequence[tuple[str, str]]) -> RenameResult:
+        """Each renaming as an upsert of the row under its new name, then a
+        delete of the old name (in order; a target that exists is replaced)."""
+        self._require_ready()
+        check_collection(collection, what="rename")
+        for i, (old, new) in enumerate(renamings):
+            check_name(old, what=f"rename: renamings[{i}].from_name")
+            check_name(new, what=f"rename: renamings[{i}].to_name")
+        coll = self._get(collection)
+        done, not_found = 0, []
+        with self._lock:
+            for old, new in renamings:
+                rows = self._call("reading an item", self.client.get, coll.key, ids=[old],
+                                  output_fields=["name", "vector", "attributes", "created_at"])
+                if not rows:
+                    not_found.append(old)
+                    continue
+                done += 1
+                if new == old:
+                    continue
+                row = rows[0]
+                self._call("renaming", self.client.upsert, coll.key, [{
+                    "name": new, "vector": list(row["vector"]), "created_at": row["created_at"],
+                    "updated_at": time.time(), "attributes": row.get("attributes") or {}}])
+                self._call("renaming", self.client.delete, coll.key, ids=[old])
+            if done:
+                coll.updated_at = time.time()
+                self._write_settings(coll)
+        return RenameResult(done, not_found)
 
     def _stats(self, coll: _Coll) -> CollectionStats:
         return CollectionStats(coll.name, self._count(coll), coll.dim, coll.fingerprint, 0, coll.created_at,
