@@ -112,6 +112,7 @@ def test_bidirectional_streams_are_not_retried_and_the_rest_are():
     assert retried == {("EmbedderService", "Embed"), ("EmbedderService", "GetModelInfo"),
                        ("RankerService", "Upsert"), ("RankerService", "Delete"), ("RankerService", "Search"),
                        ("RankerService", "GetStats"), ("RankerService", "CreateCollection"),
-                       ("RankerService", "DropCollection"), ("RankerService", "Backup")}
+                       ("RankerService", "DropCollection"), ("RankerService", "Backup"),
+                       ("RankerService", "ListItems"), ("RankerService", "Rename")}
     assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "methodConfig" not in service_config([EMBEDDER_SERVICE], None)

@@ -148,7 +148,66 @@ def test_limits_are_invalid_argument(stub, data):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_attribute_table_postings_follow_replace_delete_and_rename():
+    t = AttributeTable()
+    t.set([("a", {"k": "1"}), ("b", {"k": "1", "j": "x"}), ("c", {"k": "2"})])
+    k1 = check_filters([("k", ["1"])], what="t")
+    assert t.matching(k1) == {"a", "b"}
+    t.set([("a", {"k": "2"})])
+    assert t.matching(k1) == {"b"}
+    assert t.matching(check_filters([("k", ["1", "2"]), ("j", ["x"])], what="t")) == {"b"}
+    t.rename([("b", "c")])
+    assert t.matching(k1) == {"c"} and t.matching(check_filters([("k", ["2"])], what="t")) == {"a"}
+    t.delete(["c"])
+    assert t.matching(k1) == set() and len(t) == 1
+
+
+ANN_N = 2000
+
+
+@pytest.mark.parametrize("options", [
+    pb.IndexOptions(kind=pb.INDEX_KIND_HNSW),
+    pb.IndexOptions(kind=pb.INDEX_KIND_IVF_PQ, nlist=16, nprobe=2, pq_bytes=8),
+    pb.IndexOptions(kind=pb.INDEX_KIND_EXACT, float16=True),
+], ids=["hnsw", "ivf_pq", "exact16"])
+def test_filters_return_k_matches_on_every_index_kind(ranker, stub, options):
+    """A selective filter (1% of the items, below FILTER_EXACT_SCAN_SHARE) is
+    answered by an exact scan of the passing rows: exactly the reference.
+    A broad one (50%) goes through the ANN index with over-fetch: still k
+    matches, every one passing. Fewer passing items than k: all of them."""
+    if ranker.backend == "milvus" and options.float16:
+        pytest.skip("the Milvus backend keeps float32 vectors only")
+    if ranker.backend == "milvus" and options.kind == pb.INDEX_KIND_IVF_PQ:
+        pytest.skip("milvus-lite cannot load an IVF_PQ collection again after a restart (reserved for a future "
+                    "phase), and the last test here restarts the ranker")
+    collection = f"ann-{options.kind}-{int(options.float16)}"
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=collection, dim=DIM, fingerprint="fp",
+                                                     index=options), timeout=TIMEOUT)
+    rng = np.random.default_rng(11)
+    vectors = unit32(rng.standard_normal((ANN_N, DIM)))
+    names = [f"{i:05d}" for i in range(ANN_N)]
+    stub.Upsert(iter(pb.UpsertRequest(collection=collection, name=n, vector=v, fingerprint="fp",
+                                      attributes={"one": str(i % 100 == 0), "half": str(i % 2), "few": str(i < 5)})
+                     for i, (n, v) in enumerate(zip(names, vectors))), timeout=TIMEOUT)
+    for q in rng.standard_normal((3, DIM)):
+        def run(key, value, k=10, q=q):
+            request = pb.SearchRequest(collection=collection, vector=q, top_k=k,
+                                       filters=[pb.AttributeFilter(key=key, values=[value])])
+            return [r.match.name for r in stub.Search(request, timeout=TIMEOUT)]
+
+        assert run("one", "True") == expected(names, vectors, q, 10, lambda i: i % 100 == 0)
+        assert run("few", "True") == expected(names, vectors, q, 10, lambda i: i < 5)
+        half = run("half", "1", k=20)
+        assert len(half) == 20 and all(int(n) % 2 == 1 for n in half)
+        want = expected(names, vectors, q, 20, lambda i: i % 2 == 1)
+        # Recall against the exact top-20 of the passing items (ivf_pq's own
+        # recall on random 16-d data is too low to bound here).
+        floor = {pb.INDEX_KIND_HNSW: 16, pb.INDEX_KIND_EXACT: 18}.get(options.kind, 0)
+        assert len(set(half) & set(want)) >= floor, (half, want)
+
+
 def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub):
+    """(Last in the module: it restarts the ranker.)"""
     rng = np.random.default_rng(3)
     v = unit32(rng.standard_normal((3, DIM)))
     stub.Upsert(iter([pb.UpsertRequest(collection="r", name=n, vector=v[i], fingerprint="fp",
@@ -185,58 +244,3 @@ def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub):
         ch.close()
     finally:
         again.terminate()
-
-
-def test_attribute_table_postings_follow_replace_delete_and_rename():
-    t = AttributeTable()
-    t.set([("a", {"k": "1"}), ("b", {"k": "1", "j": "x"}), ("c", {"k": "2"})])
-    k1 = check_filters([("k", ["1"])], what="t")
-    assert t.matching(k1) == {"a", "b"}
-    t.set([("a", {"k": "2"})])
-    assert t.matching(k1) == {"b"}
-    assert t.matching(check_filters([("k", ["1", "2"]), ("j", ["x"])], what="t")) == {"b"}
-    t.rename([("b", "c")])
-    assert t.matching(k1) == {"c"} and t.matching(check_filters([("k", ["2"])], what="t")) == {"a"}
-    t.delete(["c"])
-    assert t.matching(k1) == set() and len(t) == 1
-
-
-ANN_N = 2000
-
-
-@pytest.mark.parametrize("options", [
-    pb.IndexOptions(kind=pb.INDEX_KIND_HNSW),
-    pb.IndexOptions(kind=pb.INDEX_KIND_IVF_PQ, nlist=16, nprobe=2, pq_bytes=8),
-    pb.IndexOptions(kind=pb.INDEX_KIND_EXACT, float16=True),
-], ids=["hnsw", "ivf_pq", "exact16"])
-def test_filters_return_k_matches_on_every_index_kind(ranker, stub, options):
-    """A selective filter (1% of the items, below FILTER_EXACT_SCAN_SHARE) is
-    answered by an exact scan of the passing rows: exactly the reference.
-    A broad one (50%) goes through the ANN index with over-fetch: still k
-    matches, every one passing. Fewer passing items than k: all of them."""
-    if ranker.backend == "milvus" and options.float16:
-        pytest.skip("the Milvus backend keeps float32 vectors only")
-    collection = f"ann-{options.kind}-{int(options.float16)}"
-    stub.CreateCollection(pb.CreateCollectionRequest(collection=collection, dim=DIM, fingerprint="fp",
-                                                     index=options), timeout=TIMEOUT)
-    rng = np.random.default_rng(11)
-    vectors = unit32(rng.standard_normal((ANN_N, DIM)))
-    names = [f"{i:05d}" for i in range(ANN_N)]
-    stub.Upsert(iter(pb.UpsertRequest(collection=collection, name=n, vector=v, fingerprint="fp",
-                                      attributes={"one": str(i % 100 == 0), "half": str(i % 2), "few": str(i < 5)})
-                     for i, (n, v) in enumerate(zip(names, vectors))), timeout=TIMEOUT)
-    for q in rng.standard_normal((3, DIM)):
-        def run(key, value, k=10, q=q):
-            request = pb.SearchRequest(collection=collection, vector=q, top_k=k,
-                                       filters=[pb.AttributeFilter(key=key, values=[value])])
-            return [r.match.name for r in stub.Search(request, timeout=TIMEOUT)]
-
-        assert run("one", "True") == expected(names, vectors, q, 10, lambda i: i % 100 == 0)
-        assert run("few", "True") == expected(names, vectors, q, 10, lambda i: i < 5)
-        half = run("half", "1", k=20)
-        assert len(half) == 20 and all(int(n) % 2 == 1 for n in half)
-        want = expected(names, vectors, q, 20, lambda i: i % 2 == 1)
-        # Recall against the exact top-20 of the passing items (ivf_pq's own
-        # recall on random 16-d data is too low to bound here).
-        floor = {pb.INDEX_KIND_HNSW: 16, pb.INDEX_KIND_EXACT: 18}.get(options.kind, 0)
-        assert len(set(half) & set(want)) >= floor, (half, want)
