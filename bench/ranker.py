@@ -3,6 +3,7 @@ seed notebook's per-pair cosine loop, memory per vector and start-up load.
 
     .venv/bin/python -m bench.ranker            # G = 10k and 100k, dim 1280
     .venv/bin/python -m bench.ranker --quick    # G = 10k, fewer queries
+    .venv/bin/python -m bench.ranker --sizes 1000000 --kinds exact,exact16,hnsw,ivf_pq   # bench/ranker_kinds.py
 
 For each gallery size G (random unit vectors, dim 1280), measured side by side
 in one run:
@@ -344,12 +345,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--upsert-items", type=int, default=5000, help="items in the timed gRPC Upsert")
     p.add_argument("--quick", action="store_true", help="G = 10k only, fewer queries (a smoke run)")
     p.add_argument("--seed", type=int, default=0)
+    k = p.add_argument_group("index kinds (bench/ranker_kinds.py; clustered data, float64 ground truth)")
+    k.add_argument("--kinds", default="", help="run the index-kind benchmark for these kinds instead, "
+                   "comma-separated: exact,exact16,hnsw,ivf_pq")
+    k.add_argument("--index-params", default="", help='JSON parameters for every kind, e.g. \'{"hnsw_m": 16}\'')
+    k.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "bench-ranker-kinds"),
+                   help="where the databases and ground truth are kept between runs (default %(default)s)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ranker.json")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
+    if args.kinds:
+        from bench import ranker_kinds
+
+        args.blas_threads = BLAS_THREADS
+        return {"kinds": ranker_kinds.main(args)}
     if args.quick:
         args.sizes, args.queries, args.stream_queries = "10000", 50, 200
         args.loop_gallery, args.loop_queries, args.upsert_items = 500, 2, 1000
