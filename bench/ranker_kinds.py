@@ -10,7 +10,8 @@ ImageNet embeddings of the clothing-small photos as centres, + noise of norm
    chunk (never the whole matrix in float64).
 2. The collection's kind is set in the database (its index files removed)
    and a ranker process starts: it reads SQLite and builds the index
-   (build time: from its log) and writes its index files.
+   (build time: the FAISS adds and training, from its log; "first start":
+   the whole start, reading SQLite included) and writes its index files.
 3. SIGTERM, and a second start from the index files: start-up time (process
    start to health SERVING, and the logged load time), anonymous RSS per
    vector (RssAnon loaded minus RssAnon of a ranker on an empty database;
@@ -25,6 +26,7 @@ bench/results/ranker_kinds_<kind>_<G>.json and a table is printed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -98,7 +100,7 @@ def prepare(G: int, queries: np.ndarray, centres: np.ndarray, workdir: Path, see
 def set_kind(db: Path, label: str, params: dict) -> None:
     kind, base = LABELS[label]
     spec = make_spec(kind, **{**base, **params})
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("UPDATE collections SET kind = ?, params = ? WHERE name = ?", [spec.kind, spec.to_json(),
                                                                                    COLLECTION])
     folder = index_files.folder_for(db)
@@ -171,13 +173,14 @@ def bench_kind(G: int, label: str, db: Path, truth: dict, queries: np.ndarray, p
 
 
 def table(results: list[dict]) -> str:
-    row = "| {:<8} | {:>9} | {:>17} | {:>9} | {:>14} | {:>9} | {:>11} |".format
-    lines = [row("kind", "G", "p50 / p99 (ms)", "recall@10", "anon B/vector", "build (s)", "start-up (s)"),
-             "|" + "|".join("-" * w for w in (10, 11, 19, 11, 16, 11, 13)) + "|"]
+    row = "| {:<8} | {:>9} | {:>17} | {:>9} | {:>14} | {:>9} | {:>15} | {:>12} |".format
+    lines = [row("kind", "G", "p50 / p99 (ms)", "recall@10", "anon B/vector", "build (s)", "first start (s)",
+                 "start-up (s)"),
+             "|" + "|".join("-" * w for w in (10, 11, 19, 11, 16, 11, 17, 14)) + "|"]
     for r in results:
         lines.append(row(r["kind"], f"{r['G']:,}", f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}",
                          f"{r['recall_at_10']:.3f}", f"{r['rss_anon_bytes_per_vector']:.0f}",
-                         f"{r['build_s']:.1f}", f"{r['startup_s']:.1f}"))
+                         f"{r['build_s']:.1f}", f"{r['first_start_s']:.1f}", f"{r['startup_s']:.1f}"))
     return "\n".join(lines)
 
 

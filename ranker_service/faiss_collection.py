@@ -142,6 +142,7 @@ class FaissCollection:
         self._loading: list[np.ndarray] = []  # rows given ids but not yet added to FAISS (load, ivf_pq untrained)
         self._loading_first = 0
         self._nonfinite: str | None = None
+        self.build_seconds = 0.0  # time spent in FAISS adds and training (the build time, for logs and benchmarks)
         self._rw = ReadWriteLock()
         self._write_mutex = threading.Lock()
 
@@ -339,10 +340,12 @@ class FaissCollection:
             self._disk.write(first_id, block)
         if self._index.is_trained:
             faiss.omp_set_num_threads(BUILD_THREADS)
+            t0 = time.perf_counter()
             if self.spec.kind == IVF_PQ:
                 self._index.add_with_ids(block, np.arange(first_id, first_id + block.shape[0], dtype=np.int64))
             else:
                 self._index.add(block)
+            self.build_seconds += time.perf_counter() - t0
 
     def load_row(self, name: str, vector: np.ndarray) -> None:
         """Start-up loading, buffered: rows reach FAISS in chunks (see finish_load)."""
@@ -389,6 +392,7 @@ class FaissCollection:
                 index.add_with_ids(self._disk.read_range(start, stop)[ids - start], ids.astype(np.int64))
         with self._rw.write():
             self._index = index
+        self.build_seconds += time.perf_counter() - t0
         log.info("collection %r: trained ivf_pq on %d of %d vectors and added them in %.1fs",
                  self.name, sample.shape[0], live_ids.shape[0], time.perf_counter() - t0)
 

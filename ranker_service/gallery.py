@@ -184,8 +184,8 @@ class Gallery:
             if bad is not None:
                 raise StoreError(f"{path}: vector {bad!r} of collection {coll.name!r} holds NaN or Inf: "
                                  "the database is damaged")
-            log.info("collection %r (%s, %d vectors): built from SQLite in %.2fs (after reading rows)",
-                     name, coll.spec.label, len(coll), time.perf_counter() - t0)
+            log.info("collection %r (%s, %d vectors): built from SQLite in %.2fs (index build time; %.2fs after "
+                     "reading rows)", name, coll.spec.label, len(coll), coll.build_seconds, time.perf_counter() - t0)
             if coll.spec.label != "exact":  # building was costly: keep it for the next start
                 self._save(coll, generation)
         for collection, name, text in self.store.iter_attributes():

@@ -113,6 +113,7 @@ class Collection:
 
     spec = IndexSpec()
     dead = 0
+    build_seconds = 0.0  # rows go straight into the matrix: nothing to build
 
     def __init__(self, name: str, dim: int, fingerprint: str, *, created_at: float | None = None,
                  updated_at: float | None = None, capacity: int = 0):

@@ -38,8 +38,8 @@ REBUILD_MIN_DEAD = 1024
 class IndexSpec:
     kind: str = EXACT
     float16: bool = False
-    hnsw_m: int = 32
-    ef_construction: int = 64
+    hnsw_m: int = 16
+    ef_construction: int = 40
     ef_search: int = 128
     nlist: int = 1024
     nprobe: int = 32
