@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagesearch.testing import ServiceProcess
+from imagesearch.testing import ServiceProcess, reference_ranking
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
+from tests.test_ranker_kinds import DIM, clustered
 
-DIM = 32
 N = 1500
 TIMEOUT = 60
 OPTIONS = {
@@ -21,21 +21,6 @@ OPTIONS = {
     "hnsw": pb.IndexOptions(kind=pb.INDEX_KIND_HNSW, hnsw_m=16, ef_search=64),
     "ivf_pq": pb.IndexOptions(kind=pb.INDEX_KIND_IVF_PQ, nlist=8, nprobe=8, pq_bytes=8, rerank_factor=20),
 }
-
-
-def clustered(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((30, DIM))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    noise = rng.standard_normal((n, DIM))
-    noise *= 0.5 / np.linalg.norm(noise, axis=1, keepdims=True)
-    v = centres[rng.integers(0, 30, n)] + noise
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
-
-
-def top(matrix, names, q, k):
-    scores = matrix.astype(np.float64) @ (q.astype(np.float64) / np.linalg.norm(q.astype(np.float64)))
-    return [names[i] for i in sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))[:k]]
 
 
 def search(stub, q, k=10):
@@ -49,7 +34,7 @@ def check(stub, live: dict[str, np.ndarray], dead: set[str], queries: np.ndarray
     for q in queries:
         got = search(stub, q, 10)
         assert not set(got) & dead
-        hits += len(set(got) & set(top(matrix, names, q, 10)))
+        hits += len(set(got) & set(reference_ranking(matrix, names, q, 10)[0]))
     assert hits / (10 * len(queries)) >= min_recall
     (stats,) = stub.GetStats(pb.GetStatsRequest(collection="k"), timeout=TIMEOUT).collections
     assert stats.count == len(live)
