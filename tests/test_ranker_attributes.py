@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 from imagesearch import defaults
-from imagesearch.testing import ServiceProcess
+from imagesearch.testing import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from ranker_service.attributes import AttributeTable, check_filters
-from tests.helpers import reference_ranking, unit32
 from tests.test_ranker_backends import BACKENDS, backend_args
 
 DIM = 16
