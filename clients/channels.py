@@ -23,6 +23,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.errors import ServiceUnavailable, UsageError
+from imagesearch import tracing
 from imagesearch.defaults import AUTH_TOKEN_ENV  # noqa: F401 (re-exported for the CLI)
 from imagesearch.defaults import MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES
 
@@ -229,8 +230,10 @@ class ManagedChannel:
             self.raw = grpc.insecure_channel(self.target, options=options)
         else:
             self.raw = grpc.secure_channel(self.target, credentials, options=options)
-        self.channel = (grpc.intercept_channel(self.raw, _AuthInterceptor(self.security.auth_token))
-                        if self.security.auth_token else self.raw)
+        # Tracing (when the OTEL_* environment turns it on) sends each call's trace context along.
+        traced = tracing.traced_channel(self.raw)
+        self.channel = (grpc.intercept_channel(traced, _AuthInterceptor(self.security.auth_token))
+                        if self.security.auth_token else traced)
 
     def close(self) -> None:
         self.raw.close()

@@ -7,6 +7,7 @@ replica, so bulk work is cut into several concurrent streams)."""
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import queue
@@ -164,8 +165,8 @@ class EmbedderClient(ServiceClient):
                 results.put(None)
 
         with futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="embed") as pool:
-            for chunk in chunks:
-                pool.submit(run, chunk)
+            for chunk in chunks:  # in this thread's context: a trace's current span goes along
+                pool.submit(contextvars.copy_context().run, run, chunk)
             remaining = len(chunks)
             while remaining:
                 result = results.get()

@@ -24,6 +24,7 @@ import sys
 from typing import Sequence
 
 from clients.errors import ClientError
+from imagesearch import tracing
 
 
 def _raise_interrupt(signum, _frame):
@@ -38,8 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     # SIGTERM unwinds like Ctrl-C, so services this command started are stopped.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    tracing.configure("imagesearch-cli")
     try:
-        return args.func(args)
+        with tracing.span(f"imagesearch {args.command}"):
+            return args.func(args)
     except ClientError as exc:
         from clients.cli.output import printable  # the message may quote a service's text
 

@@ -14,6 +14,7 @@ is listed, so a re-run (which replaces rather than duplicates) completes the job
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import sys
@@ -240,7 +241,8 @@ class _Job:
 def _run_chunks(chunks: list[list], worker: Callable[[list], None], *, concurrency: int) -> None:
     pool = futures.ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="chunk")
     try:
-        for f in [pool.submit(worker, chunk) for chunk in chunks]:
+        # Each worker runs in a copy of this thread's context (a trace's current span goes along).
+        for f in [pool.submit(contextvars.copy_context().run, worker, chunk) for chunk in chunks]:
             f.result()
     except BaseException:
         # Ctrl-C: do not wait for running streams here; the caller closes the
