@@ -38,6 +38,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         for G in sizes:
             results["sizes"].append(bench_size(G, args, rng, workdir, rss_empty_kb))
             for f in workdir.glob(f"g{G}.db*"):
-                f.unlink()
+                shutil.rmtree(f) if f.is_dir() else f.unlink()  # the ranker's index files live in a folder
     results["seed_loop"] = bench_seed_loop(args, rng)
     results["client_request_build"] = bench_request_build(args.dim, rng)
     text = table(results)
