@@ -17,6 +17,7 @@ import pytest
 from clients import cli, metrics
 from clients.cli import demo, report
 from clients.types import Match
+from tests.helpers import make_photo_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,24 +167,6 @@ def test_html_report_holds_every_query_with_thumbnails(tmp_path):
 
 
 # ---------------------------------------------------------------- end to end (real services)
-
-
-def make_photo_set(folder: Path, n: int = 6) -> tuple[Path, Path, dict]:
-    """A small gallery of real photos (plus a non-image and a broken image)
-    and altered-copy queries, via the demo's builder, trimmed to n photos."""
-    gallery, query, _, truth = demo.build(folder / "data", seed=1)
-    keep = sorted(truth)[:n]
-    for q in sorted(truth):
-        if q not in keep:
-            (query / q).unlink()
-    truth = {q: truth[q] for q in keep}
-    keep_gallery = {g for q in keep for g in truth[q]} | {"coffee.jpg"}
-    for g in gallery.iterdir():
-        if g.name not in keep_gallery:
-            g.unlink()
-    (gallery / "README.txt").write_text("not an image")
-    (gallery / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    return gallery, query, truth
 
 
 @pytest.mark.slow

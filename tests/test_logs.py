@@ -87,7 +87,8 @@ def test_a_bad_log_format_in_the_environment_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_logs_json_lines_and_no_progress_bars(tmp_path):
-    from tests.test_trainer import make_dataset, tiny_args
+    from tests.helpers import make_dataset
+    from tests.test_trainer import tiny_args
 
     data = make_dataset(tmp_path / "data")
     argv = [a if a != "WARNING" else "INFO" for a in tiny_args(data, tmp_path / "run")]

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from imagesearch.testing import ROOT
-from tests.test_cli import make_photo_set, write_json
+from tests.helpers import make_photo_set
+from tests.test_cli import write_json
 
 CHROMIUM = Path(os.environ.get("IMAGESEARCH_CHROMIUM", "/usr/bin/chromium"))
 # Headless, no sandbox (root in CI), and none of Chromium's own network traffic (the

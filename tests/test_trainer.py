@@ -16,14 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from imagesearch import errors
 from imagesearch.model.checkpoint import FORMAT, load_checkpoint
 from imagesearch.model.preprocessing import PreprocessSpec, eval_transform
+from tests.helpers import make_dataset
 from trainer import amp
 from trainer import train as train_mod
 from trainer.__main__ import main as cli_main
@@ -32,7 +32,6 @@ from trainer.early_stopping import EarlyStopping
 from trainer.losses import CrossEntropy
 
 ROOT = Path(__file__).resolve().parents[1]
-COLORS = {"blue": (30, 40, 210), "green": (30, 190, 40), "red": (215, 35, 30)}
 RUN_FILES = {"args.json", "summary.csv", "accuracy.png", "loss.png", "retrieval.png", "best.pt", "last.pt"}
 
 
@@ -44,27 +43,6 @@ def _threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def make_dataset(root: Path, n_train: int = 6, n_val: int = 3, bad_files: bool = True) -> Path:
-    """Three colour classes of small JPEG/PNG photos-to-be, plus (optionally)
-    one corrupt and one truncated file in train/red."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for name, colour in COLORS.items():
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                base = np.clip(np.array(colour) + rng.integers(-30, 30, 3), 0, 255)
-                pixels = np.clip(base + rng.normal(0, 12, (40, 48, 3)), 0, 255).astype(np.uint8)
-                img = Image.fromarray(pixels, "RGB")
-                ImageDraw.Draw(img).ellipse((6, 6, 6 + 10 + 3 * i, 30), fill=(250, 250, 250))
-                img.save(d / (f"{i}.jpg" if i % 2 else f"{i}.png"))
-    if bad_files:
-        (root / "train" / "red" / "corrupt.jpg").write_bytes(b"this is not a JPEG")
-        whole = (root / "train" / "red" / "1.jpg").read_bytes()
-        (root / "train" / "red" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from imagesearch.model.checkpoint import FORMAT, load_checkpoint
-from tests.test_trainer import RUN_FILES, make_dataset
+from tests.helpers import make_dataset
+from tests.test_trainer import RUN_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ from imagesearch.model.checkpoint import load_checkpoint
 from imagesearch.model.preprocessing import load_tensor
 from imagesearch.testing import ServiceProcess
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
-from tests.test_trainer import make_dataset, tiny_args
+from tests.helpers import make_dataset
+from tests.test_trainer import tiny_args
 from trainer.__main__ import main as cli_main
 
 
