@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import grpc
 
@@ -13,7 +13,18 @@ from clients import wire
 from clients.base import ServiceClient
 from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
 from clients.errors import SERVE_HINT, ClientError, UsageError
-from clients.types import BackupResult, DeleteResult, Embedding, Failure, Match, SearchResult, Stats, UpsertResult
+from clients.types import (
+    BackupResult,
+    DeleteResult,
+    Embedding,
+    Failure,
+    Match,
+    RenameResult,
+    SearchResult,
+    Stats,
+    StoredItem,
+    UpsertResult,
+)
 from imagesearch import defaults
 from imagesearch.files import atomic_write
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
@@ -32,6 +43,12 @@ BACKUP_TIMEOUT_S = 3600.0
 # An item to store or a query: an Embedding (its own name, vector and
 # fingerprint), or a (name, vector) pair that takes the call's fingerprint.
 Item = Union[Embedding, tuple[str, Any]]
+
+
+# Attribute filters: {key: value} for equality, {key: [values]} for IN; all must pass.
+Filters = Mapping[str, Union[str, Sequence[str]]]
+# Attributes to store: one map for every item, or a function of the item's name.
+AttributesFor = Union[Mapping[str, str], Callable[[str], Mapping[str, str]], None]
 
 
 def _item(item: Item, fingerprint: str) -> tuple[str, Any, str]:
@@ -69,16 +86,18 @@ class RankerClient(ServiceClient):
             raise self._error(exc, hint) from None
 
     def upsert(self, collection: str, items: Iterable[Item], *, fingerprint: str = "",
-               timeout: float | None = None) -> UpsertResult:
+               attributes: AttributesFor = None, timeout: float | None = None) -> UpsertResult:
         """One Upsert call storing `items` (which may be a generator fed by an
-        embedding stream: each is sent as it comes). Returns what the server
+        embedding stream: each is sent as it comes), each with `attributes`
+        (a map, or a function of the item's name). Returns what the server
         committed. The deadline is `timeout`, or the call timeout plus the
         per-item allowance for `len(items)` items when that is known."""
         def requests():
             for item in items:
                 name, vector, fp = _item(item, fingerprint)
-                yield wire.set_vector(ranker_pb2.UpsertRequest(collection=collection, name=name, fingerprint=fp),
-                                      vector)
+                attrs = attributes(name) if callable(attributes) else attributes
+                yield wire.set_vector(ranker_pb2.UpsertRequest(collection=collection, name=name, fingerprint=fp,
+                                                               attributes=attrs or {}), vector)
 
         try:
             return wire.upsert_result(self.stub.Upsert(requests(), timeout=timeout or self._deadline(items)))
@@ -127,10 +146,13 @@ class RankerClient(ServiceClient):
             raise self._error(exc) from None
 
     def search(self, collection: str, vector, *, top_k: int = 10, fingerprint: str = "",
+               filters: Filters | None = None, with_attributes: bool = False,
                timeout: float | None = None) -> list[Match]:
-        """One query -> its ranked matches, best first."""
-        request = wire.set_vector(ranker_pb2.SearchRequest(collection=collection, top_k=top_k,
-                                                           fingerprint=fingerprint), vector)
+        """One query -> its ranked matches, best first (only items passing
+        `filters`, applied before top_k)."""
+        request = wire.set_vector(ranker_pb2.SearchRequest(
+            collection=collection, top_k=top_k, fingerprint=fingerprint, filters=wire.filters(filters),
+            with_attributes=with_attributes), vector)
         try:
             return [wire.match(r.match) for r in self.stub.Search(request, timeout=timeout or self.timeout)]
         except grpc.RpcError as exc:
@@ -145,14 +167,18 @@ class RankerClient(ServiceClient):
         return ""
 
     def search_stream(self, collection: str, queries: Iterable[Item], *, top_k: int = 10, fingerprint: str = "",
+                      filters: Filters | None = None, with_attributes: bool = False,
                       timeout: float | None = None) -> Iterator[SearchResult | Failure]:
         """SearchStream: every query (named; sent as it comes) answered by a
         SearchResult or a Failure under its name, as answers arrive."""
+        proto_filters = wire.filters(filters)
+
         def requests():
             for query in queries:
                 name, vector, fp = _item(query, fingerprint)
-                yield wire.set_vector(ranker_pb2.SearchStreamRequest(id=name, collection=collection, top_k=top_k,
-                                                                     fingerprint=fp), vector)
+                yield wire.set_vector(ranker_pb2.SearchStreamRequest(
+                    id=name, collection=collection, top_k=top_k, fingerprint=fp, filters=proto_filters,
+                    with_attributes=with_attributes), vector)
 
         call = self.stub.SearchStream(requests(), timeout=timeout or self._deadline(queries))
         try:
@@ -165,6 +191,33 @@ class RankerClient(ServiceClient):
             raise self._error(exc) from None
         finally:
             call.cancel()
+
+    def list_items(self, collection: str, *, filters: Filters | None = None, with_vectors: bool = False,
+                   start_after: str = "", limit: int = 0, page_size: int = 0,
+                   timeout: float | None = None) -> Iterator[StoredItem]:
+        """ListItems: the collection's items in name order (those passing
+        `filters`), with their stored vectors when asked for."""
+        request = ranker_pb2.ListItemsRequest(collection=collection, filters=wire.filters(filters),
+                                              with_vectors=with_vectors, start_after=start_after, limit=limit,
+                                              page_size=page_size)
+        call = self.stub.ListItems(request, timeout=timeout or self.timeout)
+        try:
+            for page in call:
+                for item in page.items:
+                    yield wire.stored_item(item)
+        except grpc.RpcError as exc:
+            raise self._error(exc, self._search_hint(exc, collection)) from None
+        finally:
+            call.cancel()
+
+    def rename(self, collection: str, renamings: Sequence[tuple[str, str]]) -> RenameResult:
+        """New names for items, keeping their vectors and attributes (in order; an existing target is replaced)."""
+        request = ranker_pb2.RenameRequest(collection=collection, renamings=[
+            ranker_pb2.Renaming(from_name=old, to_name=new) for old, new in renamings])
+        try:
+            return wire.rename_result(self.stub.Rename(request, timeout=self.stream_deadline(len(renamings))))
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
 
     def _deadline(self, items) -> float:
         return self.stream_deadline(len(items) if hasattr(items, "__len__") else 0)

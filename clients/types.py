@@ -47,11 +47,26 @@ class Embedding:
 
 @dataclasses.dataclass(frozen=True)
 class Match:
-    """One gallery item in a ranking: 1-based rank, its name, its cosine score."""
+    """One gallery item in a ranking: 1-based rank, its name, its cosine
+    score, and its attributes when the search asked for them."""
 
     rank: int
     name: str
     score: float
+    attributes: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StoredItem:
+    """One item of a collection (ListItems): its name, attributes, times,
+    fingerprint, and its stored unit vector when asked for."""
+
+    name: str
+    attributes: dict[str, str]
+    created_at: float
+    updated_at: float
+    fingerprint: str
+    vector: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +129,12 @@ class UpsertResult:
     upserted: int
     inserted: int
     replaced: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RenameResult:
+    renamed: int
+    not_found: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)

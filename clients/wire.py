@@ -11,7 +11,17 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor
 
-from clients.types import CollectionStats, DeleteResult, Failure, Match, ModelInfo, Stats, UpsertResult
+from clients.types import (
+    CollectionStats,
+    DeleteResult,
+    Failure,
+    Match,
+    ModelInfo,
+    RenameResult,
+    Stats,
+    StoredItem,
+    UpsertResult,
+)
 from imagesearch.v1 import common_pb2, embedder_pb2, ranker_pb2
 
 _CODES = {status.value[0]: status for status in grpc.StatusCode}
@@ -62,7 +72,22 @@ def model_info(reply: embedder_pb2.GetModelInfoResponse) -> ModelInfo:
 
 
 def match(m: ranker_pb2.Match) -> Match:
-    return Match(m.rank, m.name, m.score)
+    return Match(m.rank, m.name, m.score, dict(m.attributes))
+
+
+def filters(spec) -> list[ranker_pb2.AttributeFilter]:
+    """AttributeFilters from {key: value or [values]} (one value: equality; several: IN)."""
+    return [ranker_pb2.AttributeFilter(key=k, values=[v] if isinstance(v, str) else list(v))
+            for k, v in (spec or {}).items()]
+
+
+def stored_item(i: ranker_pb2.Item) -> StoredItem:
+    return StoredItem(i.name, dict(i.attributes), i.created_at, i.updated_at, i.fingerprint,
+                      vector(i.vector) if len(i.vector) else None)
+
+
+def rename_result(reply: ranker_pb2.RenameResponse) -> RenameResult:
+    return RenameResult(reply.renamed, tuple(reply.not_found))
 
 
 def stats(reply: ranker_pb2.GetStatsResponse) -> Stats:

@@ -229,7 +229,8 @@ def test_serve_index_query_search_then_sigterm(tmp_path, capsys):
         assert f"indexed {n} of {n + 1} images" in first and f"({n} new, 0 replaced)" in first
         assert "broken.jpg: INVALID_ARGUMENT" in first and "run the same `imagesearch index` again" in first
         assert cli.main(["index", str(gallery), *flags, "--no-progress", "--strict"]) == 2  # broken.jpg
-        assert f"(0 new, {n} replaced)" in capsys.readouterr().err  # re-running replaces
+        again = capsys.readouterr().err  # re-running embeds nothing unchanged (broken.jpg fails again)
+        assert "indexed 0 of" in again and f"{n} unchanged" in again
 
         out, page = tmp_path / "r.json", tmp_path / "r.html"
         gt = write_json(tmp_path / "gt.json", truth)

@@ -18,11 +18,14 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from clients import metrics
 from clients.channels import AUTH_TOKEN_ENV, Security
 from clients.cli import demo as demo_data
-from clients.cli import report
-from clients.cli.jobs import QueryReport, index_folder, query_folder
+from clients.cli import dedupe, report
+from clients.cli.incremental import parse_pairs
+from clients.cli.jobs import QueryReport, above, index_folder, query_folder
 from clients.cli.output import index_summary, json_text, printable, query_summary, say
 from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
 from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
@@ -155,11 +158,26 @@ def _require_images(folder: Path, what: str, follow_symlinks: bool) -> FolderLis
     return listing
 
 
+def _attributes(args) -> dict[str, str]:
+    """--attributes KEY=VALUE ...: one value per key."""
+    pairs = parse_pairs(args.attributes, "--attributes")
+    twice = sorted(k for k, v in pairs.items() if len(v) > 1)
+    if twice:
+        raise UsageError(f"--attributes gives {', '.join(twice)} more than one value: an item holds one per key")
+    return {k: v[0] for k, v in pairs.items()}
+
+
+def _filters(args) -> dict[str, list[str]]:
+    """--filter KEY=VALUE ...: a key given again adds a value (IN)."""
+    return parse_pairs(getattr(args, "filter", None), "--filter")
+
+
 def cmd_index(args) -> int:
     gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
     with _clients(args) as (emb, rank):
         r = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
-                         concurrency=args.concurrency, progress=args.progress)
+                         concurrency=args.concurrency, progress=args.progress, attributes=_attributes(args),
+                         attributes_from_folders=args.attributes_from_folders, sync=args.sync, full=args.full)
     index_summary(r)
     return _job_exit(r, args.strict)
 
@@ -174,7 +192,8 @@ def cmd_query(args) -> int:
     _check_truth_covers(queries, truth)
     with _clients(args) as (emb, rank):
         r = query_folder(emb, rank, queries, collection=args.collection, top_k=args.top_k,
-                         chunk_size=args.chunk_size, concurrency=args.concurrency, progress=args.progress)
+                         chunk_size=args.chunk_size, concurrency=args.concurrency, progress=args.progress,
+                         filters=_filters(args), min_score=args.min_score)
     query_summary(r)
     results = r.names()
     if args.out:
@@ -195,18 +214,22 @@ def cmd_query(args) -> int:
 
 def cmd_search(args) -> int:
     _check_top_k(args.top_k)
+    filters = _filters(args)
     try:
         data = args.image.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {args.image}: {exc.strerror}") from None
     with _clients(args) as (emb, rank):
         result = emb.embed(data, name=str(args.image))
-        matches = rank.search(args.collection, result.vector, top_k=args.top_k, fingerprint=result.fingerprint)
+        matches = above(rank.search(args.collection, result.vector, top_k=args.top_k, fingerprint=result.fingerprint,
+                                    filters=filters, with_attributes=args.json), args.min_score)
     if args.json:
-        print(json.dumps([{"rank": m.rank, "name": m.name, "score": round(m.score, 6)} for m in matches], indent=1))
+        print(json_text([{"rank": m.rank, "name": m.name, "score": round(m.score, 6), "attributes": m.attributes}
+                         for m in matches]))
     else:
         if not matches:
-            say(f"collection {args.collection!r} is empty")
+            say(f"no matches in collection {args.collection!r}"
+                + (" (filters or --min-score left none)" if filters or args.min_score is not None else ""))
         for m in matches:
             print(f"{m.rank:>4}  {m.score:7.4f}  {printable(m.name)}")
     return EXIT_OK
@@ -384,6 +407,7 @@ def run_job(args, *, title: str | None = None) -> int:
         if indexed.done == 0:
             raise UsageError(f"nothing could be indexed from {args.gallery}")
         answered = query_folder(emb, rank, queries, collection=args.collection, top_k=args.top_k,
+                                min_score=args.min_score,
                                 chunk_size=args.chunk_size, concurrency=args.concurrency, progress=args.progress)
         query_summary(answered)
     # The services are stopped here; what is left is writing files.
@@ -415,6 +439,7 @@ def cmd_demo(args) -> int:
         run_args = argparse.Namespace(
             gallery=gallery, query=query, out=out / "results.json", html=out / "report.html", no_html=False,
             follow_symlinks=False, ground_truth=gt_path, labels_from_folders=None, collection="demo", top_k=10, k=None, db=None,
+            min_score=None,
             chunk_size=32, concurrency=None, progress=None, embedder=None, ranker=None, timeout=120.0,
             connect_timeout=5.0, tls=False, tls_ca=None, tls_cert=None, tls_key=None, tls_server_name=None,
             auth_token=os.environ.get(AUTH_TOKEN_ENV) or None, checkpoint=args.checkpoint,
@@ -424,3 +449,41 @@ def cmd_demo(args) -> int:
          "is at most 0.1-0.2 here: mAP@10 and top-1 are the figures to read)")
     say(f"demo done: open {(out / 'report.html').resolve()}")
     return code
+
+
+def cmd_dedupe(args) -> int:
+    if not -1.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold is a cosine similarity: between -1 and 1 (got {args.threshold})")
+    _check_distinct(args.out, args.html)
+    _check_writable(args.out)
+    _check_writable(args.html)
+    filters = _filters(args)
+    with RankerClient(args.ranker or DEFAULT_RANKER, security=_security(args), timeout=args.timeout) as rank:
+        rank.wait_ready(connect_timeout=args.connect_timeout)
+        items = list(rank.list_items(args.collection, filters=filters, with_vectors=True))
+    names = [i.name for i in items]
+    vectors = np.stack([i.vector for i in items]) if items else np.zeros((0, 1), np.float32)
+    groups = dedupe.near_duplicate_groups(names, vectors, args.threshold)
+    data = {"collection": args.collection, "threshold": args.threshold, "items": len(names),
+            "groups": [g.as_dict() for g in groups]}
+    say(f"{len(groups)} groups of near-duplicates ({sum(len(g.names) for g in groups)} of {len(names)} items) "
+        f"at cosine >= {args.threshold} in collection {args.collection!r}")
+    if args.out:
+        _write_json(args.out, data)
+        say(f"groups: {args.out}")
+    else:
+        print(json_text(data))
+    if args.html:
+        notes = [f"{len(groups)} groups of near-duplicate items (cosine similarity >= {args.threshold}) among "
+                 f"{len(names)} items of collection {args.collection!r}: each row is one group, its first item "
+                 "on the left, the others with their similarity to it."]
+        if args.gallery is None:
+            notes.append("Thumbnails are missing: pass --gallery GALLERY_DIR to include them.")
+        text = report.render(f"imagesearch dedupe: {args.collection}", dedupe.as_report_rows(groups, names, vectors),
+                             query_root=args.gallery, gallery_root=args.gallery, notes=notes)
+        try:
+            report.write(args.html, text)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.html}: {exc.strerror}") from None
+        say(f"report: {args.html}")
+    return EXIT_OK

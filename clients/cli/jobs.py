@@ -22,10 +22,11 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 import grpc
 
+from clients.cli.incremental import extra_attributes, make_plan
 from clients.embedder import EmbedderClient, file_source
 from clients.errors import ClientError, UsageError
 from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
@@ -61,6 +62,12 @@ class IndexReport(JobReport):
     collection: str = ""
     inserted: int = 0
     replaced: int = 0
+    unchanged: int = 0   # same name, size and mtime: not embedded, not even hashed
+    renamed: int = 0     # re-keyed from a gone file with the same content: not embedded
+    retagged: int = 0    # same content, attributes refreshed from the stored vector: not embedded
+    gone: list[str] = dataclasses.field(default_factory=list)  # stored items whose files are gone
+    deleted: int = 0     # of those, deleted (--sync)
+    hashed: int = 0      # files whose sha256 was computed
 
 
 @dataclasses.dataclass
@@ -256,19 +263,53 @@ def _listing(folder: str | Path | FolderListing, what: str) -> FolderListing:
     return folder if isinstance(folder, FolderListing) else list_images(folder, what=what)
 
 
+RENAME_BATCH = 1000
+
+
 def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path | FolderListing, *,
                  collection: str, chunk_size: int = 32, concurrency: int | None = None,
-                 progress: bool | None = None) -> IndexReport:
-    """Embed and store every image under `folder` (or of a listing already made
-    by clients.files.list_images, so that a folder is listed once)."""
+                 progress: bool | None = None, attributes: Mapping[str, str] | None = None,
+                 attributes_from_folders: bool = False, sync: bool = False, full: bool = False) -> IndexReport:
+    """Bring `collection` in step with the images under `folder` (or of a
+    listing already made by clients.files.list_images, so that a folder is
+    listed once): embed only new and changed files, re-key renamed ones,
+    refresh attributes, and with `sync` delete items whose files are gone
+    (see clients.cli.incremental). `full` embeds every file again."""
     listing = _listing(folder, "gallery folder")
     report = IndexReport(folder=listing.root, total_images=len(listing.images), skipped=listing.skipped,
                          collection=collection)
-    job = _Job(embedder, ranker, listing, report, "indexing", progress)
+    if not listing.images:
+        raise UsageError(f"no images under {listing.root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    extra = extra_attributes(attributes or {}, attributes_from_folders)
     check_collection_model(embedder, ranker, collection, must_exist=False)
+    start = time.monotonic()
+    exists = ranker.stats().collection(collection) is not None
+    stored = {item.name: item for item in ranker.list_items(collection)} if exists else {}
+    plan = make_plan(listing.images, stored, extra, full=full)
+    report.unchanged, report.gone, report.hashed = len(plan.unchanged), plan.gone, plan.hashed
+    for i in range(0, len(plan.renames), RENAME_BATCH):
+        report.renamed += ranker.rename(collection, plan.renames[i:i + RENAME_BATCH]).renamed
+    if plan.retag:
+        wanted = set(plan.retag)
+        items = [Embedding(i.name, i.vector, i.fingerprint)
+                 for i in ranker.list_items(collection, with_vectors=True) if i.name in wanted]
+        report.retagged = ranker.upsert(collection, items, attributes=plan.attributes.get).upserted
+    if sync and plan.gone:
+        report.deleted = ranker.delete(collection, plan.gone).deleted
+    if plan.embed:
+        _embed_and_store(embedder, ranker, FolderListing(listing.root, plan.embed, []), report, plan.attributes,
+                         collection=collection, chunk_size=chunk_size, concurrency=concurrency, progress=progress)
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _embed_and_store(embedder: EmbedderClient, ranker: RankerClient, listing: FolderListing, report: IndexReport,
+                     attributes: Mapping[str, Mapping[str, str]], *, collection: str, chunk_size: int,
+                     concurrency: int | None, progress: bool | None) -> None:
+    job = _Job(embedder, ranker, listing, report, "indexing", progress)
 
     def step(chunk: _Chunk, embeddings: Iterator[Embedding], timeout: float) -> None:
-        reply = ranker.upsert(collection, embeddings, timeout=timeout)
+        reply = ranker.upsert(collection, embeddings, attributes=attributes.get, timeout=timeout)
         chunk.done.update(chunk.sent)
         with job.lock:
             report.inserted += reply.inserted
@@ -278,13 +319,20 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
 
     job.run(step, count_sent=True, unanswered="not confirmed by the ranker: ", chunk_size=chunk_size,
             concurrency=concurrency)
-    return report
+
+
+def above(matches: list[Match], min_score: float | None) -> list[Match]:
+    """The matches scoring at least `min_score` (all when None)."""
+    return matches if min_score is None else [m for m in matches if m.score >= min_score]
 
 
 def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path | FolderListing, *,
                  collection: str, top_k: int = 10, chunk_size: int = 32, concurrency: int | None = None,
-                 progress: bool | None = None) -> QueryReport:
-    """Rank the gallery in `collection` for every image under `folder` (or of a listing)."""
+                 progress: bool | None = None, filters: Mapping[str, Sequence[str]] | None = None,
+                 min_score: float | None = None) -> QueryReport:
+    """Rank the gallery in `collection` for every image under `folder` (or of
+    a listing): only items passing `filters` (applied before top_k), only
+    matches scoring at least `min_score`."""
     listing = _listing(folder, "query folder")
     report = QueryReport(folder=listing.root, total_images=len(listing.images), skipped=listing.skipped,
                          collection=collection, top_k=top_k)
@@ -292,10 +340,10 @@ def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
     check_collection_model(embedder, ranker, collection, must_exist=True)
 
     def step(chunk: _Chunk, embeddings: Iterator[Embedding], timeout: float) -> None:
-        for answer in ranker.search_stream(collection, embeddings, top_k=top_k, timeout=timeout):
+        for answer in ranker.search_stream(collection, embeddings, top_k=top_k, filters=filters, timeout=timeout):
             if answer.ok:
                 with job.lock:
-                    report.results[answer.name] = answer.matches
+                    report.results[answer.name] = above(answer.matches, min_score)
                 chunk.done.add(answer.name)
                 chunk.count()
             else:

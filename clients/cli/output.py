@@ -83,10 +83,18 @@ def print_failures(title: str, failed: Mapping[str, Failure], skipped: Sequence[
 def index_summary(r: IndexReport) -> None:
     say(f"indexed {r.done} of {r.total_images} images from {r.folder} into collection {r.collection!r} "
         f"({r.inserted} new, {r.replaced} replaced) in {r.seconds:.1f}s")
+    say(f"  {r.unchanged} unchanged, {r.renamed} renamed, {r.retagged} with new attributes (not embedded); "
+        f"{r.hashed} files hashed")
+    if r.gone:
+        if r.deleted:
+            say(f"  {r.deleted} items whose files are gone were deleted (--sync)")
+        else:
+            say(f"  {len(r.gone)} items whose files are gone are still in the collection (--sync deletes them): "
+                f"{_names(r.gone)}")
     print_failures("not indexed", r.failed, r.skipped)
     if r.failed:
         say("run the same `imagesearch index` again to complete the gallery once the cause is fixed "
-            "(indexed images are replaced, never duplicated)")
+            "(it resumes: what was indexed is not embedded again)")
 
 
 def query_summary(r: QueryReport) -> None:

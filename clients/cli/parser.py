@@ -118,11 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", parents=[client], help="embed and store every image under a folder",
                        description="Every image under GALLERY_DIR (named by its path relative to it) is "
-                                   "streamed through the embedder into the ranker. Re-running replaces, "
-                                   "never duplicates. Files that were not indexed are listed with the reason.")
+                                   "streamed through the embedder into the ranker, stored with its sha256, size "
+                                   "and mtime. A re-run embeds only new and changed files, re-keys renamed ones "
+                                   "without embedding them, and resumes an interrupted run where it stopped; "
+                                   "--sync also deletes items whose files are gone. Files that were not indexed "
+                                   "are listed with the reason.")
     p.add_argument("gallery", type=Path, metavar="GALLERY_DIR")
     p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION),
                    help="(env IMAGESEARCH_COLLECTION; default %(default)s)")
+    p.add_argument("--attributes", action="append", default=[], metavar="KEY=VALUE",
+                   help="store this attribute with every image of the run (repeat for more)")
+    p.add_argument("--attributes-from-folders", action="store_true",
+                   help="store each file's parent folder as its `class` attribute")
+    p.add_argument("--sync", action="store_true",
+                   help="also delete the collection's items whose files are no longer under GALLERY_DIR")
+    p.add_argument("--full", action="store_true", help="embed every file again, changed or not")
     _job_arguments(p)
     p.add_argument("--strict", action="store_true", help="exit 2 when any image could not be indexed")
     p.set_defaults(func=commands.cmd_index)
@@ -136,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", type=Path, help="write an HTML report with thumbnails and scores here")
     p.add_argument("--gallery", type=Path, metavar="GALLERY_DIR",
                    help="the indexed gallery folder, for the report's thumbnails")
+    _filter_arguments(p)
     _gt_arguments(p)
     _job_arguments(p)
     p.set_defaults(func=commands.cmd_query)
@@ -144,8 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path, metavar="IMAGE")
     p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
     p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _filter_arguments(p)
+    p.add_argument("--json", action="store_true", help="print JSON (with each match's attributes) instead of a table")
     p.set_defaults(func=commands.cmd_search)
+
+    p = sub.add_parser("dedupe", parents=[client], help="groups of near-duplicate images in a collection",
+                       description="Every pair of items whose cosine similarity is at least --threshold, joined "
+                                   "into groups (connected components): printed or written as JSON, and as an "
+                                   "HTML report with thumbnails.")
+    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
+    p.add_argument("--threshold", type=float, default=0.97, help="cosine similarity (default %(default)s)")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="only items with this attribute value (repeat a key for IN, other keys AND)")
+    p.add_argument("--out", type=Path, help="write the groups JSON here (default: standard output)")
+    p.add_argument("--html", type=Path, help="write an HTML report of the groups here")
+    p.add_argument("--gallery", type=Path, metavar="GALLERY_DIR",
+                   help="the indexed gallery folder, for the report's thumbnails")
+    p.set_defaults(func=commands.cmd_dedupe)
 
     p = sub.add_parser("backup", parents=[client], help="copy the ranker's database, online, to a local file",
                        description="A consistent copy of the running ranker's SQLite database, made by the ranker "
@@ -201,6 +227,18 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
                         "listed, so that no other file on the disk is sent to the embedder by accident)")
 
 
+def _filter_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="rank only items with this attribute value, before top-k (repeat a key for IN: "
+                        "--filter class=a --filter class=b; different keys must all match)")
+    _min_score_argument(p)
+
+
+def _min_score_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-score", type=float, default=None, metavar="COSINE",
+                   help="drop matches scoring below this cosine similarity")
+
+
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gallery", type=Path, required=True, metavar="GALLERY_DIR")
     p.add_argument("--query", type=Path, required=True, metavar="QUERY_DIR")
@@ -211,6 +249,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
     p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
     p.add_argument("--k", type=int, default=None, help="cut-off of the metrics (default: --top-k)")
+    _min_score_argument(p)
     p.add_argument("--db", type=Path, default=None,
                    help="SQLite file for a ranker this command starts (default: a temporary one)")
     _job_arguments(p)
