@@ -181,7 +181,7 @@ def test_a_killed_run_resumes_without_duplicates_or_embedding_acknowledged_files
     n = 60
     for i in range(n):
         write(g / f"{i:03d}.jpg", photos[i])
-    embedder, ranker = services
+    _, ranker = services
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "clients.cli", "index", str(g), *flags(services, "killed"), "--chunk-size", "2",
            "--concurrency", "1"]

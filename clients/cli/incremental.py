@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Mapping
 
 from clients.errors import UsageError
 from clients.types import StoredItem
