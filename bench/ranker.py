@@ -350,6 +350,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     k.add_argument("--kinds", default="", help="run the index-kind benchmark for these kinds instead, "
                    "comma-separated: exact,exact16,hnsw,ivf_pq")
     k.add_argument("--index-params", default="", help='JSON parameters for every kind, e.g. \'{"hnsw_m": 16}\'')
+    k.add_argument("--reuse-index", action="store_true",
+                   help="keep the index files of the last run when only search-time parameters (ef_search, "
+                        "nprobe, rerank_factor) changed: a parameter sweep without rebuilding")
     k.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "bench-ranker-kinds"),
                    help="where the databases and ground truth are kept between runs (default %(default)s)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ranker.json")

@@ -41,7 +41,7 @@ from imagesearch.testing import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from ranker_service import index_files
-from ranker_service.kinds import make_spec
+from ranker_service.kinds import make_spec, spec_from_json
 from ranker_service.store import GalleryStore, bulk_load
 
 COLLECTION = "bench"
@@ -97,15 +97,22 @@ def prepare(G: int, queries: np.ndarray, centres: np.ndarray, workdir: Path, see
     return db, {"ids": best_ids, "scores": best_scores, "reused": False, "write_s": time.perf_counter() - t0}
 
 
-def set_kind(db: Path, label: str, params: dict) -> None:
+def set_kind(db: Path, label: str, params: dict, rebuild: bool = True) -> bool:
+    """Set the collection's kind; remove its index files unless `rebuild` is
+    False and the build parameters are unchanged. True if it will be built."""
     kind, base = LABELS[label]
     spec = make_spec(kind, **{**base, **params})
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        old = spec_from_json(*conn.execute("SELECT kind, params FROM collections WHERE name = ?",
+                                           [COLLECTION]).fetchone())
         conn.execute("UPDATE collections SET kind = ?, params = ? WHERE name = ?", [spec.kind, spec.to_json(),
                                                                                    COLLECTION])
     folder = index_files.folder_for(db)
+    if (old.kind, old.build_params()) == (spec.kind, spec.build_params()) and not rebuild:
+        return False  # only search-time parameters changed: the index files stay valid
     if folder.exists():
         shutil.rmtree(folder)
+    return True
 
 
 def start(db: Path, env: dict) -> tuple[ServiceProcess, float]:
@@ -116,9 +123,9 @@ def start(db: Path, env: dict) -> tuple[ServiceProcess, float]:
 
 
 def bench_kind(G: int, label: str, db: Path, truth: dict, queries: np.ndarray, params: dict, env: dict,
-               rss_empty_kb: int) -> dict:
+               rss_empty_kb: int, reuse: bool = False) -> dict:
     print(f"\n== {label}, G = {G:,} ==", flush=True)
-    set_kind(db, label, params)
+    built = set_kind(db, label, params, rebuild=not reuse)
     proc, first_s = start(db, env)
     build = BUILT.search(proc.output)
     build_s = float(build.group(1)) if build else float("nan")
@@ -164,7 +171,7 @@ def bench_kind(G: int, label: str, db: Path, truth: dict, queries: np.ndarray, p
         "queries": n, "p50_ms": float(np.percentile(times, 50)) * 1e3, "p99_ms": float(np.percentile(times, 99)) * 1e3,
         "recall_at_10": hits / (K * n), "top10_equal": equal / n, "top10_equal_but_ties_1e-3": tie_ok / n,
         "rss_anon_bytes_per_vector": bytes_per_vector, "rss_ratio_to_4dim": bytes_per_vector / (4 * queries.shape[1]),
-        "first_start_s": first_s, "build_s": build_s,
+        "first_start_s": first_s, "build_s": build_s, "built_this_run": built,
         "first_load_log_s": float(first_load.group(2)) if first_load else None,
         "startup_s": startup_s, "startup_load_log_s": float(load.group(2)) if load else None,
     }
@@ -204,7 +211,7 @@ def main(args) -> list[dict]:
         print(f"\n== data: G = {G:,} x {centres.shape[1]} ({centres.shape[0]} centres) ==", flush=True)
         db, truth = prepare(G, queries, centres, workdir, args.seed)
         for label in labels:
-            result = bench_kind(G, label, db, truth, queries, params, env, rss_empty_kb)
+            result = bench_kind(G, label, db, truth, queries, params, env, rss_empty_kb, args.reuse_index)
             results.append(result)
             out = Path(args.out).parent / f"ranker_kinds_{label}_{G}.json"
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ its float32 rows in `<stem>.rows.f32`, the re-rank source).
 The database keeps one generation counter, bumped by every write, and each
 collection records the generation of its last write. At start-up a
 collection is loaded from its files only when their meta names the same
-generation, kind, parameters, dimension and count; otherwise it is rebuilt
+generation, kind, build parameters (not ef_search, nprobe or the re-rank,
+which only steer searches and may change between starts), dimension and
+count; otherwise it is rebuilt
 from SQLite (and its files are written again). Files are written at a clean
 stop and after a rebuild at start-up; the meta is removed first and written
 last (tmp file + fsync + os.replace), so a crash mid-save leaves no meta, or
@@ -64,7 +66,7 @@ def read_names(path: Path) -> list[str | None]:
 
 
 def _meta(coll, spec: IndexSpec, generation: int) -> dict:
-    return {"format": FORMAT, "name": coll.name, "kind": spec.kind, "params": spec.params(), "dim": coll.dim,
+    return {"format": FORMAT, "name": coll.name, "kind": spec.kind, "params": spec.build_params(), "dim": coll.dim,
             "fingerprint": coll.fingerprint, "generation": generation, "count": len(coll)}
 
 
@@ -108,7 +110,7 @@ def load(name: str, dim: int, fingerprint: str, spec: IndexSpec, generation: int
         meta = json.loads(base.with_suffix(".meta.json").read_text())
     except (OSError, ValueError):
         return None
-    want = {"format": FORMAT, "name": name, "kind": spec.kind, "params": spec.params(), "dim": dim,
+    want = {"format": FORMAT, "name": name, "kind": spec.kind, "params": spec.build_params(), "dim": dim,
             "fingerprint": fingerprint, "generation": generation, "count": count}
     if meta != want:
         log.info("collection %r: index files are stale (generation %s, database %s): rebuilding from SQLite",

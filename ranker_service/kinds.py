@@ -62,6 +62,12 @@ class IndexSpec:
                     **common}
         return {"nlist": self.nlist, "nprobe": self.nprobe, "pq_bytes": self.pq_bytes, **common}
 
+    def build_params(self) -> dict:
+        """The parameters the built index depends on (not ef_search, nprobe or
+        the re-rank, which only steer searches): index files must match these."""
+        search_only = {"ef_search", "nprobe", "rerank", "rerank_factor"}
+        return {k: v for k, v in self.params().items() if k not in search_only}
+
     def to_json(self) -> str:
         return json.dumps(self.params(), sort_keys=True)
 
