@@ -36,7 +36,7 @@ import numpy as np
 
 from ranker_service import kinds
 from ranker_service.kinds import EXACT, HNSW, IVF_PQ, IndexSpec
-from ranker_service.ranking import score_margin
+from ranker_service.ranking import score_margin, select_top_k
 from ranker_service.rwlock import ReadWriteLock
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,19 @@ class FaissCollection:
         scores = (self._rows(ids).astype(np.float64) * query64).sum(axis=1)
         order = sorted(range(len(ids)), key=lambda j: (-scores[j], names[j]))[:k]
         return [(names[j], float(scores[j])) for j in order]
+
+    def search_among(self, query64: np.ndarray, k: int, names: Iterable[str]) -> list[tuple[str, float]]:
+        """Top-k of one query over the rows of `names` only (see filtering.py):
+        an exact scan of just those stored rows (from disk for ivf_pq), ranked
+        as the exact kind ranks."""
+        with self._rw.read():
+            picked = [(self._ids[n], n) for n in names if n in self._ids]
+            if not picked:
+                return []
+            picked.sort()
+            rows = np.ascontiguousarray(self._rows([i for i, _ in picked]), dtype=np.float32)
+            return select_top_k(rows @ query64.astype(np.float32), rows, [n for _, n in picked], query64, int(k),
+                                self.margin)
 
     def first_nonfinite(self) -> str | None:
         return self._nonfinite  # checked row by row as vectors are loaded (see load_row)

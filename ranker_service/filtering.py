@@ -59,9 +59,16 @@ def filtered_search(coll, query64: np.ndarray, k: int, allowed: Sized[str]) -> l
         return []
     if is_exact(coll) or m <= FILTER_EXACT_SCAN_SHARE * n:
         return exact_among(coll, query64, k, allowed)
-    fetch = min(n, math.ceil(k * (n / m) * FILTER_OVERFETCH))
+    hits = ann_then_filter(coll, query64, k, allowed)
+    return hits if hits is not None else exact_among(coll, query64, k, allowed)
+
+
+def ann_then_filter(coll, query64: np.ndarray, k: int, allowed: Sized[str],
+                    overfetch: float = FILTER_OVERFETCH) -> list[tuple[str, float]] | None:
+    """The ANN search over-fetching k / share x `overfetch` candidates, those
+    that pass kept; None when fewer than min(k, passing) pass."""
+    n, m = len(coll), len(allowed)
+    fetch = min(n, math.ceil(k * (n / m) * overfetch))
     (found,) = coll.search(query64[np.newaxis], [fetch])
     hits = [(name, score) for name, score in found if name in allowed][:k]
-    if len(hits) >= min(k, m):
-        return hits
-    return exact_among(coll, query64, k, allowed)
+    return hits if len(hits) >= min(k, m) else None
