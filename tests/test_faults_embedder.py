@@ -106,8 +106,9 @@ def test_embedder_killed_during_index_then_a_rerun_completes_the_gallery(tmp_pat
             rerun = subprocess.run(index_command(gallery, again, ranker), cwd=ROOT, env=env, capture_output=True,
                                    text=True, timeout=600)
         assert rerun.returncode == 0, rerun.stderr
-        assert f"indexed {len(names)} of {len(names)} images" in rerun.stderr
-        assert f"({len(names) - first} new, {first} replaced)" in rerun.stderr
+        # The re-run resumes: what was acknowledged is not embedded again.
+        assert f"indexed {len(names) - first} of {len(names)} images" in rerun.stderr
+        assert f"({len(names) - first} new, 0 replaced)" in rerun.stderr and f"{first} unchanged" in rerun.stderr
         assert stored_count(stub) == len(names)
         everything = search_all(stub, len(names))
         assert sorted(everything) == sorted(names)  # each name once
