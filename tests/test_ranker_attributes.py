@@ -127,6 +127,18 @@ def test_list_items_pages_filters_and_resumes(stub, data):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_filter_values_with_quotes_backslashes_and_unicode(stub, data):
+    _, vectors, _ = data
+    odd = ['say "hi"', "back\\slash", "it's", "ünï ✓", "a\" or attributes[\"shop\"] == \"a"]
+    stub.Upsert(iter([pb.UpsertRequest(collection="odd", name=f"{i}.jpg", vector=vectors[i], fingerprint="fp",
+                                       attributes={"tag": v, "k\"ey": v}) for i, v in enumerate(odd)]), timeout=TIMEOUT)
+    for i, v in enumerate(odd):
+        for key in ("tag", "k\"ey"):
+            got = [r.match.name for r in stub.Search(pb.SearchRequest(
+                collection="odd", vector=vectors[0], top_k=10, filters=[pb.AttributeFilter(key=key, values=[v])]))]
+            assert got == [f"{i}.jpg"], (key, v, got)
+
+
 def test_limits_are_invalid_argument(stub, data):
     _, vectors, _ = data
     too_many = {f"k{i}": "v" for i in range(defaults.MAX_ATTRIBUTES + 1)}
