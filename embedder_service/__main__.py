@@ -34,8 +34,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="imagesearch-embedder",
         description="gRPC EmbedderService: encoded images in, L2-normalised float32 vectors out.")
     serving.add_server_arguments(p, env_prefix=ENV, default_port=defaults.EMBEDDER_PORT)
-    # Unary callers each hold a handler thread while their item waits for a batch.
-    p.set_defaults(max_workers=int(_env("MAX_WORKERS", 64)))
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", default=_env("CHECKPOINT", None),
                    help=f"trainer checkpoint to serve; backbone and preprocessing come from its meta "
@@ -72,6 +70,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", defaults.MAX_IMAGE_BYTES),
                    help=f"largest encoded image (env {ENV}_MAX_IMAGE_BYTES; default %(default)s); "
                         f"the gRPC message limit is this plus {MESSAGE_OVERHEAD_BYTES}")
+    b.add_argument("--max-inflight-image-bytes", type=int,
+                   default=_env("MAX_INFLIGHT_IMAGE_BYTES", defaults.MAX_INFLIGHT_IMAGE_BYTES),
+                   help=f"encoded image bytes held at once across every call (read, not yet embedded); past it "
+                        f"calls wait before reading more (env {ENV}_MAX_INFLIGHT_IMAGE_BYTES; default %(default)s)")
     b.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", defaults.MAX_IMAGE_PIXELS),
                    help=f"largest decoded width x height (env {ENV}_MAX_IMAGE_PIXELS; default %(default)s)")
     serving.add_logging_arguments(p)
@@ -84,8 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, value, least in [("--max-batch", args.max_batch, 1), ("--max-wait-ms", args.max_wait_ms, 0),
                                ("--max-image-bytes", args.max_image_bytes, 1),
                                ("--max-image-pixels", args.max_image_pixels, 1),
+                               ("--max-inflight-image-bytes", args.max_inflight_image_bytes, 1),
                                ("--threads", args.threads, 0), ("--decode-workers", args.decode_workers, 0),
-                               ("--stream-window", args.stream_window, 0), ("--max-workers", args.max_workers, 1)]:
+                               ("--stream-window", args.stream_window, 0)]:
         if value < least:
             parser.error(f"{flag} must be at least {least}, not {value}")
     if args.backbone is not None and args.backbone not in defaults.BACKBONES:  # from the environment
@@ -106,7 +109,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    return serving.run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
+    # The event loop thread shares the GIL with the decode and model threads:
+    # a shorter switch interval lets it accept and answer calls promptly.
+    sys.setswitchinterval(0.001)
     serving.configure_logging(args.log_level, args.log_format)
     max_message_bytes = args.max_image_bytes + MESSAGE_OVERHEAD_BYTES
     servicer = EmbedderServicer()
@@ -123,7 +133,11 @@ def main(argv=None) -> int:
         raise
     running.set_serving(True)
     log.info("serving %s", SERVICE_NAME)
-    serving.serve_until_signalled(running, on_stop=batcher.close)
+
+    def on_stop():
+        servicer.ready.detach()
+        batcher.close()
+    serving.serve_until_signalled(running, on_stop=on_stop)
     return 0
 
 
@@ -166,6 +180,7 @@ def _load(args, servicer, max_message_bytes: int):
                       max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000.0, prepare_workers=workers)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_batch=args.max_batch, max_message_bytes=max_message_bytes,
+                    max_inflight_image_bytes=args.max_inflight_image_bytes,
                     stream_window=args.stream_window or default_stream_window(args.max_batch, embedder.device.type))
     servicer.attach(embedder, batcher, limits)
     log.info("torch threads %d, decode workers %d, max batch %d, max wait %.1f ms, stream window %d",

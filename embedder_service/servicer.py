@@ -1,6 +1,12 @@
-"""The gRPC face of the embedder: validate, convert, call the core, convert back.
+"""The gRPC face of the embedder (grpc.aio): validate, convert, call the core,
+convert back.
 
-Domain errors raised here or by the core become status codes in the shared
+Every handler is a coroutine: an open call costs no thread. Decoding runs on
+the batcher's decode threads and inference on its model thread; a handler
+only submits an item and awaits its future. Encoded images held by calls
+(read, not yet embedded) count against one `ByteBudget` shared by every call:
+past it a call waits before reading more, so memory does not grow with the
+number of streams. Domain errors become status codes in the shared
 `imagesearch.serving.ErrorMappingInterceptor`; per-item errors inside
 `EmbedStream` become `EmbedStreamResponse.error` and the stream goes on.
 Imports no torch: the model arrives through `attach` once it is loaded, and
@@ -9,76 +15,146 @@ until then every RPC answers UNAVAILABLE.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from concurrent import futures
+import threading
+import time
 from typing import Callable
 
 import grpc
 
-from imagesearch import errors, serving
-from imagesearch.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
+from imagesearch import defaults, errors, serving
+from imagesearch.errors import shorten
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
+_END = object()
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """The server's advertised limits (GetModelInfo)."""
+    """The server's advertised limits (GetModelInfo) and its in-flight bounds."""
 
     max_image_bytes: int
     max_image_pixels: int
     max_batch: int
     max_message_bytes: int
     stream_window: int
+    max_inflight_image_bytes: int = defaults.MAX_INFLIGHT_IMAGE_BYTES
 
 
-def alive_check(context: grpc.ServicerContext) -> Callable[[], bool]:
-    """True while the call is active and its deadline has not passed."""
+@dataclasses.dataclass
+class _Core:
+    embedder: object
+    batcher: object
+    limits: Limits
+    budget: serving.ByteBudget
+
+
+def call_alive(context) -> Callable[[], bool]:
+    """For the batcher's threads: True while the call is open and its deadline
+    has not passed (read from a flag and a clock, never from the call itself)."""
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    ended = threading.Event()
+    context.add_done_callback(lambda _call: ended.set())
 
     def alive() -> bool:
-        if not context.is_active():
-            return False
-        remaining = context.time_remaining()
-        return remaining is None or remaining > 0
+        return not ended.is_set() and (deadline is None or time.monotonic() < deadline)
 
     return alive
 
 
+def check_label(text: str, what: str) -> None:
+    """A client's name or id: at most MAX_CLIENT_TEXT_CHARS characters."""
+    if len(text) > defaults.MAX_CLIENT_TEXT_CHARS:
+        raise errors.InvalidArgument(
+            f"{what} {shorten(text)!r} is {len(text)} characters; the limit is {defaults.MAX_CLIENT_TEXT_CHARS}")
+
+
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self):
-        self._core_parts = None
+        self.ready: serving.Readiness[_Core] = serving.Readiness(
+            "the embedder is still loading its model (health NOT_SERVING); retry shortly")
 
     def attach(self, embedder, batcher, limits: Limits) -> None:
         """Start answering with this core (an `Embedder` and its `Batcher`) within `limits`."""
-        self._core_parts = (embedder, batcher, limits)
-
-    def _core(self):
-        if self._core_parts is None:
-            raise errors.Unavailable("the embedder is still loading its model (health NOT_SERVING); retry shortly")
-        return self._core_parts
+        self.ready.attach(_Core(embedder, batcher, limits, serving.ByteBudget(limits.max_inflight_image_bytes)))
 
     # ------------------------------------------------------------ RPCs
 
-    def Embed(self, request: embedder_pb2.EmbedRequest, context) -> embedder_pb2.EmbedResponse:
-        embedder, batcher, _ = self._core()
-        future = batcher.submit((request.image, request.name or "image"), alive_check(context))
-        vector = future.result()  # raises the item's domain error (InvalidImage, ResourceExhausted, ...)
-        return embedder_pb2.EmbedResponse(vector=vector.tolist(), fingerprint=embedder.info.fingerprint)
+    async def Embed(self, request: embedder_pb2.EmbedRequest, context) -> embedder_pb2.EmbedResponse:
+        core = self.ready.core()
+        name = request.name or "image"
+        check_label(name, "name")
+        held = await core.budget.acquire(len(request.image))
+        try:
+            future = core.batcher.submit((request.image, name), call_alive(context))
+            vector = await asyncio.wrap_future(future)  # the item's domain error, if any, raises here
+        finally:
+            core.budget.release(held)
+        return embedder_pb2.EmbedResponse(vector=vector.tolist(), fingerprint=core.embedder.info.fingerprint)
 
-    def EmbedStream(self, request_iterator, context):
-        embedder, batcher, limits = self._core()
-        fingerprint = embedder.info.fingerprint
-        items = ((req.id, (req.image, f"item {req.id!r}")) for req in request_iterator)
-        for item_id, future in batcher.map_stream(items, window=limits.stream_window,
-                                                  alive=alive_check(context)):
-            yield _stream_response(item_id, future, fingerprint)
+    async def EmbedStream(self, requests, context) -> None:
+        core = self.ready.core()
+        fingerprint = core.embedder.info.fingerprint
+        alive = call_alive(context)
+        window = asyncio.Semaphore(core.limits.stream_window)
+        done: asyncio.Queue = asyncio.Queue()
+        pending: set[asyncio.Future] = set()
 
-    def GetModelInfo(self, request, context) -> embedder_pb2.GetModelInfoResponse:
-        embedder, _, limits = self._core()
-        info = embedder.info
+        def finished(item_id: str, held: int, future: asyncio.Future) -> None:
+            core.budget.release(held)  # here, so a call that ends early still gives its bytes back
+            pending.discard(future)
+            done.put_nowait((item_id, future))
+
+        async def feed(reader: serving.StreamReader) -> None:
+            count, failure = 0, None
+            try:
+                while (request := await reader.next()) is not None:
+                    await window.acquire()
+                    count += 1
+                    try:
+                        check_label(request.id, "item id")
+                    except errors.InvalidArgument as exc:
+                        failed = asyncio.get_running_loop().create_future()
+                        failed.set_exception(exc)
+                        done.put_nowait((request.id, failed))
+                        continue
+                    held = await core.budget.acquire(len(request.image))
+                    future = asyncio.wrap_future(
+                        core.batcher.submit((request.image, f"item {request.id!r}"), alive))
+                    pending.add(future)
+                    future.add_done_callback(lambda f, i=request.id, h=held: finished(i, h, f))
+            except errors.ImageSearchError as exc:  # e.g. the batcher is shutting down
+                failure = exc
+            done.put_nowait((_END, (count, failure or reader.failure)))
+
+        async with serving.StreamReader(requests, ahead=1) as reader:
+            feeder = asyncio.get_running_loop().create_task(feed(reader))
+            expected, failure, handed = None, None, 0
+            try:
+                while expected is None or handed < expected:
+                    item_id, result = await done.get()
+                    if item_id is _END:
+                        expected, failure = result
+                        continue
+                    await context.write(_stream_response(item_id, result, fingerprint))
+                    handed += 1
+                    window.release()
+            finally:
+                feeder.cancel()
+                for future in list(pending):
+                    future.cancel()
+        if failure is not None:
+            raise failure
+
+    async def GetModelInfo(self, request, context) -> embedder_pb2.GetModelInfoResponse:
+        core = self.ready.core()
+        info, limits = core.embedder.info, core.limits
         return embedder_pb2.GetModelInfoResponse(
             backbone=info.backbone, dim=info.dim, input_size=info.spec.input_size,
             mean=info.spec.mean, std=info.spec.std, interpolation=info.spec.interpolation,
@@ -88,18 +164,14 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             max_message_bytes=limits.max_message_bytes)
 
 
-def _stream_response(item_id: str, future: futures.Future, fingerprint: str) -> embedder_pb2.EmbedStreamResponse:
+def _stream_response(item_id: str, future: asyncio.Future, fingerprint: str) -> embedder_pb2.EmbedStreamResponse:
     exc = future.exception()
     if exc is None:
         return embedder_pb2.EmbedStreamResponse(
             id=item_id, embedding=embedder_pb2.Embedding(vector=future.result().tolist()), fingerprint=fingerprint)
-    if not isinstance(exc, errors.ImageSearchError):
-        log.error("item %r failed: %s: %s", item_id, type(exc).__name__, exc)
-        exc = errors.ImageSearchError(f"item {item_id!r}: internal error ({type(exc).__name__}: {exc})")
-    code, message = serving.item_error_fields(exc)
-    log.info("EmbedStream item %r -> %s", item_id, message)  # as the interceptor logs a failed Embed
-    return embedder_pb2.EmbedStreamResponse(id=item_id, error=common_pb2.ItemError(code=code, message=message))
+    return embedder_pb2.EmbedStreamResponse(
+        id=item_id, error=serving.item_error(exc, "EmbedStream", f"item {item_id!r}"))
 
 
-def register(servicer: EmbedderServicer) -> Callable[[grpc.Server], None]:
+def register(servicer: EmbedderServicer) -> Callable[[grpc.aio.Server], None]:
     return lambda server: embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(servicer, server)

@@ -18,6 +18,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # Limits the embedder advertises in GetModelInfo; servers can lower or raise them.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 50_000_000  # e.g. 8660 x 5773; PIL's own bomb guard is 89 Mpx
+# Encoded image bytes an embedder holds at once (read, not yet embedded) across
+# every call; past it calls wait before reading more.
+MAX_INFLIGHT_IMAGE_BYTES = 64 * 1024 * 1024
+# Longest item name or stream id an embedder accepts (INVALID_ARGUMENT past it).
+MAX_CLIENT_TEXT_CHARS = 1024
 
 # ---------------------------------------------------------------- ranker
 DEFAULT_TOP_K = 10
@@ -43,6 +48,27 @@ FILTER_OVERFETCH = 2.0
 # ---------------------------------------------------------------- transport
 # gRPC's 4 MB default breaks image traffic: both ends set this explicitly.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# ---------------------------------------------------------------- serving bounds (docs/operations.md)
+# Calls in progress per server: above what bench/abuse.py opens, so abusers meet
+# the bounds below (idle timeout, per-connection streams, watch cap, image bytes)
+# before anyone is refused.
+MAX_CONCURRENT_RPCS = 4096
+STREAM_IDLE_TIMEOUT_S = 120.0
+MAX_STREAMS_PER_CONNECTION = 128
+MAX_CONNECTION_IDLE_S = 600.0
+MAX_CONNECTION_AGE_S = 0.0  # 0 = no age limit: long Upsert streams are legitimate
+MAX_CONNECTION_AGE_GRACE_S = 60.0
+MAX_HEALTH_WATCHES = 64
+# HTTP/2 keepalive: the server pings an idle peer every KEEPALIVE_TIME_S and drops
+# it after KEEPALIVE_TIMEOUT_S without an answer; a client pinging more often than
+# MIN_CLIENT_PING_INTERVAL_S (or without calls) gets GOAWAY after MAX_PING_STRIKES.
+KEEPALIVE_TIME_S = 60.0
+KEEPALIVE_TIMEOUT_S = 20.0
+MIN_CLIENT_PING_INTERVAL_S = 10.0
+MAX_PING_STRIKES = 2
+# Longest client string (item name, stream id) a server echoes into a log line.
+LOG_TEXT_CHARS = 80
 
 # ---------------------------------------------------------------- ports, addresses, environment
 EMBEDDER_PORT = 50051

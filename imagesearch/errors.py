@@ -73,3 +73,11 @@ class StoreError(ImageSearchError):
 
 class UnknownMigrations(ImageSearchError):
     """The database records migrations this version does not have."""
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` for a message or a log line: at most about `limit` characters of a
+    client's string, with control characters escaped and the length said when cut."""
+    shown = text if len(text) <= limit else text[: max(1, limit - 20)]
+    shown = shown.encode("unicode_escape", "backslashreplace").decode("ascii") if not shown.isprintable() else shown
+    return shown if len(text) <= limit else f"{shown}...({len(text)} characters)"

@@ -27,7 +27,7 @@ from imagesearch import defaults, serving
 from imagesearch.errors import StoreError
 from ranker_service.backend import BACKENDS
 from ranker_service.gallery import DEFAULT_BATCH_SIZE, Gallery
-from ranker_service.servicer import DEFAULT_MAX_BATCH, SERVICE_NAME, register
+from ranker_service.servicer import DEFAULT_MAX_BATCH, SERVICE_NAME, RankerServicer, register
 from ranker_service.store import GalleryStore
 
 log = logging.getLogger("ranker_service")
@@ -65,11 +65,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    return serving.run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     serving.configure_logging(args.log_level, args.log_format)
     if args.batch_size < 1 or args.max_batch < 1:
-        raise SystemExit("error: --batch-size and --max-batch must be at least 1")
+        raise serving.StartupError("--batch-size and --max-batch must be at least 1")
     config = serving.ServerConfig.from_args(args)
     if args.backend == "milvus":
         serve_milvus(args, config)
@@ -84,7 +88,12 @@ def main(argv: list[str] | None = None) -> None:
              args.db, store.pragma("journal_mode"), SYNC_NAMES.get(store.pragma("synchronous")), store.pragma("locking_mode"),
              _BLAS_THREADS)
     gallery = Gallery(store, batch_size=args.batch_size)
-    running = serving.build_server(config, register(gallery, max_batch=args.max_batch), [SERVICE_NAME])
+    servicer = RankerServicer(max_batch=args.max_batch)
+    try:
+        running = serving.build_server(config, register(servicer), [SERVICE_NAME])
+    except BaseException:
+        store.close()
+        raise
     try:
         gallery.load()
     except (StoreError, MemoryError) as exc:
@@ -92,8 +101,14 @@ def main(argv: list[str] | None = None) -> None:
         running.stop(0).wait()
         store.close()
         raise SystemExit(f"error: {exc}") from None
+    servicer.attach(gallery)
     running.set_serving(True)
-    serving.serve_until_signalled(running, on_stop=gallery.close)
+
+    def on_stop():
+        servicer.ready.detach()
+        gallery.close()
+    serving.serve_until_signalled(running, on_stop=on_stop)
+    return 0
 
 
 def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig) -> None:
@@ -102,15 +117,21 @@ def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig) -> None
     if not args.milvus_uri:
         raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
     gallery = MilvusGallery(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
-    running = serving.build_server(config, register(gallery, max_batch=args.max_batch), [SERVICE_NAME])
+    servicer = RankerServicer(max_batch=args.max_batch)
+    running = serving.build_server(config, register(servicer), [SERVICE_NAME])
     try:
         gallery.load()
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         running.stop(0).wait()
         raise SystemExit(f"error: {exc}") from None
+    servicer.attach(gallery)
     running.set_serving(True)
-    serving.serve_until_signalled(running, on_stop=gallery.close)
+
+    def on_stop():
+        servicer.ready.detach()
+        gallery.close()
+    serving.serve_until_signalled(running, on_stop=on_stop)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Protocol
 from imagesearch import errors
 from ranker_service.attributes import AttributeFilter
 from ranker_service.backup import BackupCopy
-from ranker_service.gallery import DeleteResult, ItemPage, LoadReport, RenameResult, UpsertItem, UpsertResult
+from ranker_service.gallery import DeleteResult, UpsertJob, ItemPage, LoadReport, RenameResult, UpsertItem, UpsertResult
 from ranker_service.index import CollectionStats, Match, Query
 from ranker_service.kinds import IndexSpec
 
@@ -30,6 +30,11 @@ class RankerBackend(Protocol):
     def close(self) -> None: ...
 
     def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult: ...
+
+    def upsert_job(self) -> UpsertJob:
+        """An upsert fed one item at a time (the async servicer reads its stream
+        without a thread): `add(item) -> flush due`, `failed`, `fail(exc)`,
+        `flush()` and `finish() -> UpsertResult` (those two block)."""
 
     def delete(self, collection: str, names: Sequence[str]) -> DeleteResult: ...
 

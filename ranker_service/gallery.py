@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from imagesearch import errors
-from imagesearch.errors import StoreError
+from imagesearch.errors import StoreError, shorten
 from ranker_service import index_files
 from imagesearch.defaults import DEFAULT_LIST_PAGE, MAX_LIST_PAGE
 from ranker_service.attributes import AttributeFilter, AttributeTables, check_attributes, from_json, passes, to_json
@@ -103,8 +103,7 @@ class _Pending:
 
 
 def describe_item(index: int, name: str) -> str:
-    shown = name if len(name) <= 80 else f"{name[:60]}...({len(name)} characters)"
-    return f"item {index} (name {shown!r})"
+    return f"item {index} (name {shorten(name)!r})"
 
 
 def _check_fits(collection: str, dim: int, fingerprint: str, item: _Pending) -> None:
@@ -269,48 +268,19 @@ class Gallery:
 
     def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
         """Validate and commit a stream of items in batches; see the module docstring."""
+        job = self.upsert_job()
+        for item in items:
+            if job.add(item):
+                if job.failed:
+                    break
+                job.flush()
+        return job.finish()
+
+    def upsert_job(self) -> "UpsertJob":
+        """An upsert fed one item at a time (an async server reads its stream
+        without a thread): `add` is quick; `flush` and `finish` write to SQLite."""
         self._require_ready()
-        pending: list[_Pending] = []
-        pending_specs: dict[str, tuple[int, str]] = {}  # collections first seen in `pending`
-        committed = inserted = replaced = 0
-
-        def flush() -> None:
-            nonlocal committed, inserted, replaced
-            if not pending:
-                return
-            batch = list(pending)
-            pending.clear()
-            pending_specs.clear()
-            try:
-                ins, rep, failure = self._commit(batch)
-            except errors.ImageSearchError as exc:
-                first, last = batch[0], batch[-1]
-                raise type(exc)(
-                    f"{exc}: items {first.index}..{last.index} (names {first.name!r}..{last.name!r}) were not "
-                    f"committed; {committed} items of this call were committed before them") from exc
-            committed += ins + rep
-            inserted += ins
-            replaced += rep
-            if failure is not None:
-                raise _with_progress(failure, committed)
-
-        for i, item in enumerate(items):
-            try:
-                p = self._prepare(i, item)
-                coll = self.index.find(p.collection)
-                spec = (coll.dim, coll.fingerprint) if coll is not None else pending_specs.get(p.collection)
-                if spec is None:
-                    pending_specs[p.collection] = (p.vector.shape[0], p.fingerprint)
-                else:
-                    _check_fits(p.collection, *spec, p)
-            except errors.ImageSearchError as exc:
-                flush()
-                raise _with_progress(exc, committed) from None
-            pending.append(p)
-            if len(pending) >= self.batch_size:
-                flush()
-        flush()
-        return UpsertResult(committed, inserted, replaced)
+        return UpsertJob(self)
 
     def _commit(self, batch: list[_Pending]) -> tuple[int, int, errors.ImageSearchError | None]:
         """Commit the longest valid prefix of `batch` (checked against the
@@ -372,7 +342,7 @@ class Gallery:
         self._require_ready()
         check_collection(collection, what="delete")
         for i, name in enumerate(names):
-            check_name(name, what=f"delete: names[{i}]")
+            check_name(name, what=f"delete: names[{i}]", new=False)
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
@@ -517,3 +487,71 @@ class Gallery:
     @property
     def max_top_k(self) -> int:
         return self.index.max_top_k
+
+
+class UpsertJob:
+    """One Upsert call: `add(item)` validates and queues an item and returns True
+    when `flush()` is due (a full batch) or, with `failed` set, when an invalid
+    item ended the call; `finish()` commits what is queued and returns the
+    result, or raises the failure with how many items were committed before it."""
+
+    def __init__(self, gallery: Gallery):
+        self._gallery = gallery
+        self._pending: list[_Pending] = []
+        self._pending_specs: dict[str, tuple[int, str]] = {}  # collections first seen in `pending`
+        self._count = 0
+        self.failure: errors.ImageSearchError | None = None
+        self.committed = self.inserted = self.replaced = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
+    def fail(self, exc: errors.ImageSearchError) -> None:
+        """End the call with `exc` (after committing the valid items before it)."""
+        if self.failure is None:
+            self.failure = exc
+
+    def add(self, item: UpsertItem) -> bool:
+        if self.failed:
+            return True
+        index = self._count
+        self._count += 1
+        try:
+            p = self._gallery._prepare(index, item)
+            coll = self._gallery.index.find(p.collection)
+            spec = (coll.dim, coll.fingerprint) if coll is not None else self._pending_specs.get(p.collection)
+            if spec is None:
+                self._pending_specs[p.collection] = (p.vector.shape[0], p.fingerprint)
+            else:
+                _check_fits(p.collection, *spec, p)
+        except errors.ImageSearchError as exc:
+            self.fail(exc)
+            return True
+        self._pending.append(p)
+        return len(self._pending) >= self._gallery.batch_size
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        batch = list(self._pending)
+        self._pending.clear()
+        self._pending_specs.clear()
+        try:
+            ins, rep, failure = self._gallery._commit(batch)
+        except errors.ImageSearchError as exc:
+            first, last = batch[0], batch[-1]
+            raise type(exc)(
+                f"{exc}: items {first.index}..{last.index} (names {shorten(first.name)!r}..{shorten(last.name)!r}) "
+                f"were not committed; {self.committed} items of this call were committed before them") from exc
+        self.committed += ins + rep
+        self.inserted += ins
+        self.replaced += rep
+        if failure is not None:
+            raise _with_progress(failure, self.committed)
+
+    def finish(self) -> UpsertResult:
+        self.flush()
+        if self.failure is not None:
+            raise _with_progress(self.failure, self.committed) from None
+        return UpsertResult(self.committed, self.inserted, self.replaced)

@@ -284,50 +284,28 @@ class MilvusGallery:
         return count
 
     def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
+        job = self.upsert_job()
+        for item in items:
+            if job.add(item):
+                if job.failed:
+                    break
+                job.flush()
+        return job.finish()
+
+    def upsert_job(self) -> "MilvusUpsertJob":
+        """An upsert fed one item at a time: `add` validates (no Milvus call);
+        `flush` and `finish` create collections and write (blocking)."""
         self._require_ready()
-        pending: list[_Pending] = []
-        committed = inserted = replaced = 0
+        return MilvusUpsertJob(self)
 
-        def flush() -> None:
-            nonlocal committed, inserted, replaced
-            if not pending:
-                return
-            batch = list(pending)
-            pending.clear()
-            try:
-                ins, rep = self._commit(batch)
-            except errors.ImageSearchError as exc:
-                first, last = batch[0], batch[-1]
-                raise type(exc)(
-                    f"{exc}: items {first.index}..{last.index} (names {first.name!r}..{last.name!r}) were not "
-                    f"committed; {committed} items of this call were committed before them") from exc
-            committed += ins + rep
-            inserted += ins
-            replaced += rep
-
-        for i, item in enumerate(items):
-            try:
-                what = describe_item(i, item.name)
-                check_collection(item.collection, what=what)
-                check_name(item.name, what=what)
-                if len(item.name.encode("utf-8")) > MAX_NAME_BYTES:
-                    raise errors.InvalidArgument(f"{what}: the name takes more than {MAX_NAME_BYTES} bytes in UTF-8")
-                p = _Pending(i, item.collection, item.name, stored_form(unit_vector(item.vector, what=what)),
-                             item.fingerprint, check_attributes(item.attributes, what=what))
-                with self._lock:
-                    coll = self._find(p.collection)
-                    if coll is None:
-                        flush()
-                        coll = self._create(p.collection, p.vector.shape[0], p.fingerprint, kinds.IndexSpec())
-                _check_fits(p.collection, coll.dim, coll.fingerprint, p)
-            except errors.ImageSearchError as exc:
-                flush()
-                raise _with_progress(exc, committed) from None
-            pending.append(p)
-            if len(pending) >= self.batch_size:
-                flush()
-        flush()
-        return UpsertResult(committed, inserted, replaced)
+    def _pending_item(self, i: int, item: UpsertItem) -> _Pending:
+        what = describe_item(i, item.name)
+        check_collection(item.collection, what=what)
+        check_name(item.name, what=what)
+        if len(item.name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise errors.InvalidArgument(f"{what}: the name takes more than {MAX_NAME_BYTES} bytes in UTF-8")
+        return _Pending(i, item.collection, item.name, stored_form(unit_vector(item.vector, what=what)),
+                        item.fingerprint, check_attributes(item.attributes, what=what))
 
     def _commit(self, batch: list[_Pending]) -> tuple[int, int]:
         now = time.time()
@@ -538,3 +516,75 @@ class MilvusGallery:
     @property
     def max_top_k(self) -> int:
         return MAX_TOP_K
+
+
+class MilvusUpsertJob:
+    """The Milvus backend's upsert job, with `Gallery.upsert_job`'s interface:
+    `add` returns True when `flush` is due (a full batch, a collection to
+    create) or, with `failed` set, when an invalid item ended the call."""
+
+    def __init__(self, gallery: MilvusGallery):
+        self._gallery = gallery
+        self._pending: list[_Pending] = []
+        self._count = 0
+        self.failure: errors.ImageSearchError | None = None
+        self.committed = self.inserted = self.replaced = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
+    def fail(self, exc: errors.ImageSearchError) -> None:
+        if self.failure is None:
+            self.failure = exc
+
+    def add(self, item: UpsertItem) -> bool:
+        if self.failed:
+            return True
+        index = self._count
+        self._count += 1
+        try:
+            p = self._gallery._pending_item(index, item)
+        except errors.ImageSearchError as exc:
+            self.fail(exc)
+            return True
+        self._pending.append(p)
+        return len(self._pending) >= self._gallery.batch_size or self._gallery._find(p.collection) is None
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        try:
+            ins, rep = self._gallery._commit(batch)
+        except errors.ImageSearchError as exc:
+            first, last = batch[0], batch[-1]
+            raise type(exc)(
+                f"{exc}: items {first.index}..{last.index} (names {first.name!r}..{last.name!r}) were not "
+                f"committed; {self.committed} items of this call were committed before them") from exc
+        self.committed += ins + rep
+        self.inserted += ins
+        self.replaced += rep
+
+    def flush(self) -> None:
+        gallery, batch = self._gallery, []
+        pending, self._pending = self._pending, []
+        for p in pending:
+            with gallery._lock:
+                coll = gallery._find(p.collection)
+                if coll is None:
+                    self._commit(batch)
+                    batch = []
+                    coll = gallery._create(p.collection, p.vector.shape[0], p.fingerprint, kinds.IndexSpec())
+            try:
+                _check_fits(p.collection, coll.dim, coll.fingerprint, p)
+            except errors.ImageSearchError as exc:
+                self.fail(exc)
+                break
+            batch.append(p)
+        self._commit(batch)
+
+    def finish(self) -> UpsertResult:
+        self.flush()
+        if self.failure is not None:
+            raise _with_progress(self.failure, self.committed) from None
+        return UpsertResult(self.committed, self.inserted, self.replaced)

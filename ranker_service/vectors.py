@@ -19,6 +19,7 @@ import numpy as np
 
 from imagesearch import errors
 from imagesearch.defaults import DEFAULT_TOP_K, MAX_TOP_K
+from imagesearch.errors import shorten
 
 MAX_DIM = 65536
 MAX_COLLECTION_CHARS = 128
@@ -46,8 +47,10 @@ def check_collection(collection: str, *, what: str = "request") -> str:
     return collection
 
 
-def check_name(name: str, *, what: str) -> str:
-    """An item name (e.g. a gallery file's relative path): 1..4096 characters, no NUL."""
+def check_name(name: str, *, what: str, new: bool = True) -> str:
+    """An item name (e.g. a gallery file's relative path): 1..4096 characters, no
+    NUL. A `new` name (one to store) has no control characters either: names are
+    printed by clients, and ESC, BEL or CR in one could drive their terminal."""
     if not name:
         raise errors.InvalidArgument(f"{what}: empty name: every item needs a name")
     if len(name) > MAX_NAME_CHARS:
@@ -55,6 +58,9 @@ def check_name(name: str, *, what: str) -> str:
             f"{what}: name {name[:40]!r}... has {len(name)} characters; at most {MAX_NAME_CHARS} are allowed")
     if "\x00" in name:
         raise errors.InvalidArgument(f"{what}: name {name!r} contains a NUL character")
+    if new and _has_control_chars(name):
+        raise errors.InvalidArgument(f"{what}: name {shorten(name)!r} contains control characters "
+                                     "(tab, newline, ESC...): names are shown to people; pick a printable name")
     return name
 
 

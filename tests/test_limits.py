@@ -8,6 +8,8 @@ test_ranker_service.py, test_serving.py, test_clients.py and test_cli.py)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import time
 
 import grpc
@@ -16,10 +18,10 @@ import pytest
 
 from clients.embedder import file_source
 from clients.errors import UsageError
+from imagesearch import serving
 from imagesearch.testing import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
-from ranker_service.servicer import gather_batches
 
 BATCH = 16
 
@@ -99,22 +101,21 @@ def test_search_stream_reads_at_most_four_batches_ahead():
     most 4 x --max-batch queries ahead of the answers, then gRPC flow control
     holds the client's sends."""
     pulled = []
-
-    def endless():
-        while True:
-            pulled.append(1)
-            yield len(pulled)
-
     max_batch = 8
-    batches = gather_batches(endless(), max_batch)
-    first = next(batches)
-    bound = len(first) + 4 * max_batch + 1  # the queue, plus the one item its reader holds
-    deadline = time.monotonic() + 30
-    while len(pulled) < bound and time.monotonic() < deadline:  # let the reader run as far as it can
-        time.sleep(0.01)
-    time.sleep(0.2)
-    assert len(pulled) == bound
-    batches.close()
+
+    async def run():
+        async def endless():
+            while True:
+                pulled.append(1)
+                yield len(pulled)
+
+        async with serving.StreamReader(endless(), ahead=4 * max_batch) as reader:
+            first = await reader.batch(max_batch)
+            await asyncio.sleep(0.3)  # let the reader run as far as it can
+            return len(first)
+
+    first = asyncio.run(run())
+    assert len(pulled) == first + 4 * max_batch + 1  # the queue, plus the one item its reader holds
 
 
 def test_the_cli_refuses_files_over_the_embedders_byte_limit_before_sending(tmp_path):

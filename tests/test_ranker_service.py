@@ -4,6 +4,8 @@ reflection, start-up failures, a full database and graceful stop."""
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import sqlite3
 import threading
@@ -15,10 +17,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from imagesearch import serving
 from imagesearch.testing import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
-from ranker_service.servicer import SERVICE_NAME, gather_batches
+from ranker_service.servicer import SERVICE_NAME
 from tests.test_ranker_store import make_read_only
 
 DIM = 48
@@ -132,29 +135,38 @@ def test_search_stream_answers_every_query_by_id_and_isolates_bad_ones(stub, gal
         assert [m.name for m in answer.matches] == reference_ranking(matrix, names, request.vector, k)[0]
 
 
-def test_gather_batches_takes_what_has_arrived_up_to_the_cap():
-    batches = list(gather_batches(iter(range(200)), 16))
+def test_stream_reader_batches_what_has_arrived_up_to_the_cap():
+    async def run():
+        async def source():
+            for i in range(200):
+                yield i
+        batches = []
+        async with serving.StreamReader(source(), ahead=64) as reader:
+            await asyncio.sleep(0.05)  # let the reader run ahead
+            while batch := await reader.batch(16):
+                batches.append(batch)
+        return batches
+
+    batches = asyncio.run(run())
     assert [x for b in batches for x in b] == list(range(200))
     assert max(len(b) for b in batches) <= 16
     assert len(batches) < 200  # what had arrived was answered together
 
 
-def test_gather_batches_stops_its_reader_when_closed_early():
-    def endless():
-        i = 0
-        while True:
-            yield i
-            i += 1
+def test_stream_reader_stops_reading_when_closed_early():
+    async def run():
+        async def endless():
+            i = 0
+            while True:
+                yield i
+                i += 1
+        reader = serving.StreamReader(endless(), ahead=4)
+        assert await reader.batch(4) and await reader.batch(4)
+        reader.close()  # e.g. the client went away: the reader must not wait forever on a full queue
+        await asyncio.sleep(0.05)
+        return reader._task.done()
 
-    before = threading.active_count()
-    batches = gather_batches(endless(), 4)
-    assert next(batches) and next(batches)
-    batches.close()  # e.g. the client went away: the reader must not block forever on a full queue
-    for _ in range(50):
-        if threading.active_count() <= before:
-            break
-        time.sleep(0.05)
-    assert threading.active_count() <= before
+    assert asyncio.run(run())
 
 
 def test_get_stats(stub, gallery):

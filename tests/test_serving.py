@@ -83,7 +83,7 @@ def test_health_follows_set_serving_and_graceful_stop(grpc_server):
     running.set_serving(True)
     assert health.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
-    running.health.enter_graceful_shutdown()
+    running.enter_graceful_shutdown()
     assert health.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 

@@ -1,16 +1,38 @@
 """Server configuration: the flags (with environment defaults) both servers
-take, `ServerConfig` built from them, and logging set-up."""
+take, `ServerConfig` built from them, start-up errors, and logging set-up."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
-from imagesearch import logs
+from imagesearch import defaults, logs
 from imagesearch.defaults import AUTH_TOKEN_ENV
 from imagesearch.defaults import MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES
+
+
+class StartupError(SystemExit):
+    """A server cannot start (bad flag, port in use, unreadable certificate):
+    `run_main` prints `error: MESSAGE` as one line and exits with status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def run_main(main, argv=None) -> int:
+    """Run `main(argv)`; a StartupError becomes one line on stderr and exit 2."""
+    try:
+        return main(argv) or 0
+    except StartupError as exc:
+        print(f"error: {exc.message}", file=sys.stderr, flush=True)
+        return 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,22 +45,48 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     auth_token: str | None = None
     grace_s: float = 10.0
-    max_workers: int = 16
-    # Calls in progress or waiting for a handler thread; past it new calls get
-    # RESOURCE_EXHAUSTED at once instead of queueing without bound. 0 = no cap.
-    max_concurrent_rpcs: int = 1024
+    # Threads for blocking work (searches, SQLite writes, synchronous handlers):
+    # open calls hold none; 0 = the CPU count.
+    max_workers: int = 0
+    # Calls in progress on the server; past it new calls get RESOURCE_EXHAUSTED
+    # at once. Above what an abuse run opens: abusers meet the bounds below first.
+    max_concurrent_rpcs: int = defaults.MAX_CONCURRENT_RPCS
+    # A streaming call that reads no message and writes no response for this
+    # long ends with DEADLINE_EXCEEDED. 0 = never.
+    stream_idle_timeout_s: float = defaults.STREAM_IDLE_TIMEOUT_S
+    max_streams_per_connection: int = defaults.MAX_STREAMS_PER_CONNECTION
+    max_connection_idle_s: float = defaults.MAX_CONNECTION_IDLE_S
+    max_connection_age_s: float = defaults.MAX_CONNECTION_AGE_S
+    max_health_watches: int = defaults.MAX_HEALTH_WATCHES
+
+    @property
+    def tls(self) -> str:
+        """How the server authenticates transport, for the start-up log."""
+        if not self.tls_cert:
+            return "off (plaintext)"
+        return "mutual TLS" if self.tls_client_ca else "TLS"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, max_message_bytes: int | None = None) -> "ServerConfig":
         token = args.auth_token
+        if token is not None and not token.strip():
+            raise StartupError(f"--auth-token (or {AUTH_TOKEN_ENV}) is empty: give a token, or unset it to "
+                               "serve without authentication")
         if args.auth_token_file:
             token = read_token_file(args.auth_token_file)
         if bool(args.tls_cert) != bool(args.tls_key):
-            raise SystemExit("error: --tls-cert and --tls-key go together: give both or neither")
+            raise StartupError("--tls-cert and --tls-key go together: give both or neither")
         if args.max_concurrent_rpcs < 0:
-            raise SystemExit("error: --max-concurrent-rpcs must be 0 (no cap) or more")
+            raise StartupError("--max-concurrent-rpcs must be 0 (no cap) or more")
         if args.tls_client_ca and not args.tls_cert:
-            raise SystemExit("error: --tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
+            raise StartupError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
+        for flag, value in [("--stream-idle-timeout", args.stream_idle_timeout), ("--max-workers", args.max_workers),
+                            ("--max-connection-idle", args.max_connection_idle),
+                            ("--max-connection-age", args.max_connection_age),
+                            ("--max-streams-per-connection", args.max_streams_per_connection),
+                            ("--max-health-watches", args.max_health_watches)]:
+            if value < 0:
+                raise StartupError(f"{flag} must be 0 (off) or more, not {value}")
         return cls(
             host=args.host,
             port=args.port,
@@ -50,6 +98,11 @@ class ServerConfig:
             grace_s=args.grace,
             max_workers=args.max_workers,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
+            stream_idle_timeout_s=args.stream_idle_timeout,
+            max_streams_per_connection=args.max_streams_per_connection,
+            max_connection_idle_s=args.max_connection_idle,
+            max_connection_age_s=args.max_connection_age,
+            max_health_watches=args.max_health_watches,
         )
 
 
@@ -57,9 +110,9 @@ def read_token_file(path: str | os.PathLike) -> str:
     try:
         token = Path(path).read_text().strip()
     except OSError as exc:
-        raise SystemExit(f"error: cannot read the token file {path}: {exc.strerror}") from None
+        raise StartupError(f"cannot read the token file {path}: {exc.strerror}") from None
     if not token:
-        raise SystemExit(f"error: the token file {path} is empty")
+        raise StartupError(f"the token file {path} is empty")
     return token
 
 
@@ -72,27 +125,57 @@ def env_default(name: str, default):
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, env_prefix: str, default_port: int) -> None:
     """Flags common to both servers; each has an environment default."""
+    def env(name, default):
+        return env_default(f"{env_prefix}_{name}", default)
+
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default=env_default(f"{env_prefix}_HOST", "127.0.0.1"),
+    g.add_argument("--host", default=env("HOST", "127.0.0.1"),
                    help=f"address to bind (env {env_prefix}_HOST; default %(default)s; 0.0.0.0 for all)")
-    g.add_argument("--port", type=int, default=env_default(f"{env_prefix}_PORT", default_port),
+    g.add_argument("--port", type=int, default=env("PORT", default_port),
                    help=f"port to bind, 0 picks a free one (env {env_prefix}_PORT; default %(default)s)")
     g.add_argument("--grace", type=float, default=10.0,
                    help="seconds to drain in-flight calls on SIGTERM (default %(default)s)")
-    g.add_argument("--max-workers", type=int, default=16, help="gRPC handler threads (default %(default)s)")
-    g.add_argument("--max-concurrent-rpcs", type=int,
-                   default=env_default(f"{env_prefix}_MAX_CONCURRENT_RPCS", ServerConfig.max_concurrent_rpcs),
-                   help="calls running or queued for a thread; more get RESOURCE_EXHAUSTED at once, 0 = no cap "
+    g.add_argument("--max-workers", type=int, default=env("MAX_WORKERS", 0),
+                   help="threads for blocking work (searches, database writes); an open call holds none; "
+                        f"0 = the CPU count (env {env_prefix}_MAX_WORKERS)")
+    a = parser.add_argument_group("limits on calls and connections")
+    a.add_argument("--max-concurrent-rpcs", type=int,
+                   default=env("MAX_CONCURRENT_RPCS", ServerConfig.max_concurrent_rpcs),
+                   help="calls in progress; more get RESOURCE_EXHAUSTED at once, 0 = no cap "
                         f"(env {env_prefix}_MAX_CONCURRENT_RPCS; default %(default)s)")
+    a.add_argument("--stream-idle-timeout", type=float,
+                   default=env("STREAM_IDLE_TIMEOUT", ServerConfig.stream_idle_timeout_s),
+                   help="seconds a streaming call may go without a message read or a response written before "
+                        f"it ends with DEADLINE_EXCEEDED; 0 = never (env {env_prefix}_STREAM_IDLE_TIMEOUT; "
+                        "default %(default)s)")
+    a.add_argument("--max-streams-per-connection", type=int,
+                   default=env("MAX_STREAMS_PER_CONNECTION", ServerConfig.max_streams_per_connection),
+                   help="HTTP/2 concurrent streams one connection may open; a client queues the rest "
+                        f"(env {env_prefix}_MAX_STREAMS_PER_CONNECTION; default %(default)s)")
+    a.add_argument("--max-connection-idle", type=float,
+                   default=env("MAX_CONNECTION_IDLE", ServerConfig.max_connection_idle_s),
+                   help="seconds a connection with no call open stays up before GOAWAY; 0 = forever "
+                        f"(env {env_prefix}_MAX_CONNECTION_IDLE; default %(default)s)")
+    a.add_argument("--max-connection-age", type=float,
+                   default=env("MAX_CONNECTION_AGE", ServerConfig.max_connection_age_s),
+                   help="seconds after which a connection gets GOAWAY (clients reconnect; calls open then get "
+                        f"{defaults.MAX_CONNECTION_AGE_GRACE_S:g} s more); 0 = forever "
+                        f"(env {env_prefix}_MAX_CONNECTION_AGE; default %(default)s)")
+    a.add_argument("--max-health-watches", type=int,
+                   default=env("MAX_HEALTH_WATCHES", ServerConfig.max_health_watches),
+                   help="health Watch streams open at once; more get RESOURCE_EXHAUSTED, 0 = no cap "
+                        f"(env {env_prefix}_MAX_HEALTH_WATCHES; default %(default)s)")
     s = parser.add_argument_group("security")
-    s.add_argument("--tls-cert", type=Path, default=env_default(f"{env_prefix}_TLS_CERT", None),
+    s.add_argument("--tls-cert", type=Path, default=env("TLS_CERT", None),
                    help="PEM certificate chain: serve TLS")
-    s.add_argument("--tls-key", type=Path, default=env_default(f"{env_prefix}_TLS_KEY", None),
+    s.add_argument("--tls-key", type=Path, default=env("TLS_KEY", None),
                    help="PEM private key for --tls-cert")
-    s.add_argument("--tls-client-ca", type=Path, default=env_default(f"{env_prefix}_TLS_CLIENT_CA", None),
+    s.add_argument("--tls-client-ca", type=Path, default=env("TLS_CLIENT_CA", None),
                    help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
-    s.add_argument("--auth-token", default=env_default(AUTH_TOKEN_ENV, None),
-                   help=f"require 'authorization: Bearer TOKEN' on every RPC but health (env {AUTH_TOKEN_ENV})")
+    # The raw environment value: a set-but-empty variable is refused, not read as "no auth".
+    s.add_argument("--auth-token", default=os.environ.get(AUTH_TOKEN_ENV),
+                   help=f"require 'authorization: Bearer TOKEN' on every RPC but health (env {AUTH_TOKEN_ENV}); "
+                        "an empty token is refused")
     s.add_argument("--auth-token-file", type=Path, default=None, help="read the token from this file")
 
 

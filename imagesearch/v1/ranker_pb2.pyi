@@ -123,20 +123,22 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "vector", "top_k", "fingerprint", "filters", "with_attributes")
+    __slots__ = ("collection", "vector", "top_k", "fingerprint", "filters", "with_attributes", "page_size")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     top_k: int
     fingerprint: str
     filters: _containers.RepeatedCompositeFieldContainer[AttributeFilter]
     with_attributes: bool
-    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_attributes: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_attributes: _Optional[bool] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class AttributeFilter(_message.Message):
     __slots__ = ("key", "values")
@@ -166,10 +168,12 @@ class Match(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., name: _Optional[str] = ..., score: _Optional[float] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("match",)
+    __slots__ = ("match", "matches")
     MATCH_FIELD_NUMBER: _ClassVar[int]
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
     match: Match
-    def __init__(self, match: _Optional[_Union[Match, _Mapping]] = ...) -> None: ...
+    matches: _containers.RepeatedCompositeFieldContainer[Match]
+    def __init__(self, match: _Optional[_Union[Match, _Mapping]] = ..., matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ...) -> None: ...
 
 class SearchStreamRequest(_message.Message):
     __slots__ = ("id", "collection", "vector", "top_k", "fingerprint", "filters", "with_attributes")
