@@ -198,11 +198,22 @@ def build_server(
     `register(server)` adds the project's servicers; `service_names` are their
     full names. Raises StartupError (one line, exit 2) when it cannot bind."""
     running = RunningServer(config, tuple(service_names))
+
+    async def start():
+        try:
+            await _start(running, register, build_interceptors(config, extra_interceptors))
+        except StartupError as exc:  # a SystemExit: raised inside the loop it would stop the loop itself
+            return exc
+        return None
+
     try:
-        running.run(_start(running, register, build_interceptors(config, extra_interceptors)))
+        failure = running.run(start())
     except BaseException:
         running.stop(0).wait(10)
         raise
+    if failure is not None:
+        running.stop(0).wait(10)
+        raise failure
     log.info("listening on %s:%d (TLS: %s; auth token: %s)", config.host, running.port, config.tls,
              "required" if config.auth_token else "off")
     return running
