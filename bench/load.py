@@ -1,6 +1,6 @@
 """Load: both services as real processes, driven by many concurrent clients.
 
-    .venv/bin/python -m bench.load [--clients 32] [--seconds 30] [--mix embed=1,search=1]
+    .venv/bin/python -m bench.load [--clients 256] [--seconds 30] [--mix embed=1,search=1]
 
 Starts an embedder and a ranker as child processes on port 0 (through
 `clients.services`, the CLI's own launcher; or uses running ones given with
@@ -335,7 +335,7 @@ def format_table(rows: dict, title: str = "") -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=int, default=32, help="concurrent client threads (default %(default)s)")
+    p.add_argument("--clients", type=int, default=256, help="concurrent client threads (default %(default)s)")
     p.add_argument("--seconds", type=float, default=30.0, help="how long the load runs (default %(default)s)")
     p.add_argument("--mix", type=parse_mix, default=parse_mix("embed=1,search=1"),
                    help="request kinds and their weights, e.g. embed=1,search=3 (default embed=1,search=1)")

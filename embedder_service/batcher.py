@@ -7,6 +7,13 @@ items or `max_wait_s` after its first item, whichever is first. While the model
 thread runs batch n, the pool prepares batch n+1, so decoding and inference
 overlap.
 
+Requests are served by rank, not in arrival order: a request's rank is how
+many requests of the same `source` (a stream; each unary call is its own) were
+already in the batcher when it came, ties in arrival order. Decoding and
+batching both take the best-ranked request first, so a caller with nothing in
+flight gets into the next batch even while a thousand streams each keep a
+window full (the batch being run, then the caller's: two batch times).
+
 A request carries an `alive()` callable (for a gRPC call: the call is still
 active and its deadline has not passed). Requests that are no longer alive are
 dropped before preparing and again before inference; their futures fail with
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -61,16 +70,17 @@ class BatcherStats:
 
 
 class _Request(Generic[P, T, R]):
-    __slots__ = ("payload", "alive", "future", "prepared")
+    __slots__ = ("payload", "alive", "future", "prepared", "rank")
 
     def __init__(self, payload: P, alive: Alive):
         self.payload = payload
         self.alive = alive
         self.future: futures.Future[R] = futures.Future()
         self.prepared: T | None = None
+        self.rank: tuple[int, int] = (0, 0)
 
-
-_STOP = object()
+    def __lt__(self, other: "_Request") -> bool:
+        return self.rank < other.rank
 
 
 class Batcher(Generic[P, T, R]):
@@ -92,9 +102,14 @@ class Batcher(Generic[P, T, R]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.name = name
-        self._ready: queue.SimpleQueue = queue.SimpleQueue()  # prepared requests, then _STOP
+        self._to_prepare: list[_Request] = []  # heaps by rank
+        self._ready: list[_Request] = []
+        self._inflight: dict[object, int] = {}  # source -> requests submitted, not yet done
+        self._seq = itertools.count()
         self._pool = futures.ThreadPoolExecutor(prepare_workers, thread_name_prefix=f"{name}-prepare")
         self._lock = threading.Lock()
+        self._has_ready = threading.Condition(self._lock)
+        self._stopping = False  # set by close() once every submitted request is prepared
         self._closed = False
         self._stats = BatcherStats()
         self._thread = threading.Thread(target=self._loop, name=f"{name}-model", daemon=True)
@@ -111,16 +126,36 @@ class Batcher(Generic[P, T, R]):
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, payload: P, alive: Alive | None = None) -> futures.Future[R]:
+    def submit(self, payload: P, alive: Alive | None = None, source: object = None) -> futures.Future[R]:
         """Queue one item; the future holds its result, the exception `prepare`
-        or `run` raised for it, or `Dropped`."""
+        or `run` raised for it, or `Dropped`. `source` groups the requests of one
+        caller (a stream) for ranking; None: the request is its own source."""
         request: _Request[P, T, R] = _Request(payload, alive or _always)
+        key = request if source is None else source
         with self._lock:
             if self._closed:
                 raise errors.Unavailable("the server is shutting down: retry on another replica")
             self._stats.submitted += 1
-            self._pool.submit(self._prepare_one, request)
+            held = self._inflight.get(key, 0)
+            self._inflight[key] = held + 1
+            request.rank = (held, next(self._seq))
+            heapq.heappush(self._to_prepare, request)
+            self._pool.submit(self._prepare_best)  # one task per request: each prepares the best waiting one
+        request.future.add_done_callback(lambda _f: self._done(key))
         return request.future
+
+    def in_flight(self, source: object) -> int:
+        """Requests of `source` submitted and not yet done."""
+        with self._lock:
+            return self._inflight.get(source, 0)
+
+    def _done(self, key: object) -> None:
+        with self._lock:
+            left = self._inflight.get(key, 1) - 1
+            if left > 0:
+                self._inflight[key] = left
+            else:
+                self._inflight.pop(key, None)
 
     def map_stream(self, items: Iterable[tuple[K, P]], *, window: int,
                    alive: Alive | None = None) -> Iterator[tuple[K, futures.Future[R]]]:
@@ -134,6 +169,7 @@ class Batcher(Generic[P, T, R]):
         slots = threading.Semaphore(window)
         stop = threading.Event()
         end = object()
+        source = object()  # this stream's requests are ranked together
 
         def reader():
             count, failure = 0, None
@@ -144,7 +180,7 @@ class Batcher(Generic[P, T, R]):
                             return
                     if stop.is_set():
                         return
-                    future = self.submit(payload, alive)
+                    future = self.submit(payload, alive, source)
                     future.add_done_callback(lambda f, key=key: done.put((key, f)))
                     count += 1
             except BaseException as exc:  # the request stream broke or was cancelled
@@ -175,8 +211,10 @@ class Batcher(Generic[P, T, R]):
             if self._closed:
                 return
             self._closed = True
-        self._pool.shutdown(wait=True)  # every prepared request is now in _ready
-        self._ready.put(_STOP)
+        self._pool.shutdown(wait=True)  # every submitted request is now prepared (in _ready) or failed
+        with self._has_ready:
+            self._stopping = True
+            self._has_ready.notify_all()
         self._thread.join(timeout)
         stats = self.stats
         log.info("%s stopped: %d items in %d batches, %d dropped, %d failed to prepare",
@@ -196,6 +234,11 @@ class Batcher(Generic[P, T, R]):
         if not request.future.done():
             request.future.set_exception(errors.Dropped("the caller cancelled or its deadline passed"))
 
+    def _prepare_best(self) -> None:
+        with self._lock:
+            request = heapq.heappop(self._to_prepare)
+        self._prepare_one(request)
+
     def _prepare_one(self, request: _Request) -> None:
         if not request.future.set_running_or_notify_cancel():
             with self._lock:
@@ -213,36 +256,29 @@ class Batcher(Generic[P, T, R]):
                 log.exception("%s: preparing an item failed", self.name)
             request.future.set_exception(exc)
             return
-        self._ready.put(request)
+        with self._has_ready:
+            heapq.heappush(self._ready, request)
+            self._has_ready.notify()
 
-    def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
-        """`first` plus whatever else is ready within max_wait_s, up to max_batch.
-        Returns the batch and whether _STOP was seen."""
-        batch = [first]
-        deadline = time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch:
-            try:
-                item = self._ready.get_nowait()
-            except queue.Empty:
+    def _next_batch(self) -> list[_Request] | None:
+        """The best-ranked prepared requests, up to max_batch, once the batch is
+        full or max_wait_s has passed since a request was first waiting; None
+        when closed and nothing is left."""
+        with self._has_ready:
+            while not self._ready:
+                if self._stopping:
+                    return None
+                self._has_ready.wait()
+            deadline = time.monotonic() + self.max_wait_s
+            while len(self._ready) < self.max_batch and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                try:
-                    item = self._ready.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
+                self._has_ready.wait(remaining)
+            return [heapq.heappop(self._ready) for _ in range(min(self.max_batch, len(self._ready)))]
 
     def _loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._ready.get()
-            if first is _STOP:
-                break
-            batch, stopping = self._gather(first)
+        while (batch := self._next_batch()) is not None:
             live = []
             for request in batch:
                 if _is_alive(request):

@@ -6,7 +6,9 @@ the batcher's decode threads and inference on its model thread; a handler
 only submits an item and awaits its future. Encoded images held by calls
 (read, not yet embedded) count against one `ByteBudget` shared by every call:
 past it a call waits before reading more, so memory does not grow with the
-number of streams. Domain errors become status codes in the shared
+number of streams. A caller with fewer items in flight is served first (in the
+budget and in the batcher), so one Embed is not queued behind a thousand
+streams' windows. Domain errors become status codes in the shared
 `imagesearch.serving.ErrorMappingInterceptor`; per-item errors inside
 `EmbedStream` become `EmbedStreamResponse.error` and the stream goes on.
 Imports no torch: the model arrives through `attach` once it is loaded, and
@@ -102,6 +104,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         core = self.ready.core()
         fingerprint = core.embedder.info.fingerprint
         alive = call_alive(context)
+        source = object()  # this stream's items are ranked together in the batcher and the byte budget
         window = asyncio.Semaphore(core.limits.stream_window)
         done: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Future] = set()
@@ -124,9 +127,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                         failed.set_exception(exc)
                         done.put_nowait((request.id, failed))
                         continue
-                    held = await core.budget.acquire(len(request.image))
+                    held = await core.budget.acquire(len(request.image), rank=core.batcher.in_flight(source))
                     future = asyncio.wrap_future(
-                        core.batcher.submit((request.image, f"item {request.id!r}"), alive))
+                        core.batcher.submit((request.image, f"item {request.id!r}"), alive, source))
                     pending.add(future)
                     future.add_done_callback(lambda f, i=request.id, h=held: finished(i, h, f))
             except errors.ImageSearchError as exc:  # e.g. the batcher is shutting down

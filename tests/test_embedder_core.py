@@ -295,3 +295,31 @@ def test_nonsense_flags_are_refused(argv, capsys):
 def test_default_stream_window_is_one_batch_on_cpu_two_on_cuda():
     assert cli.default_stream_window(8, "cpu") == 8
     assert cli.default_stream_window(64, "cuda") == 128
+
+
+def test_a_caller_with_nothing_in_flight_goes_before_a_streams_backlog():
+    """Rank, not arrival: while a stream keeps 16 items queued, a lone call
+    (nothing else in flight) is in the very next batch."""
+    gate = threading.Event()
+    batches: list[list] = []
+
+    def run(items):
+        batches.append(list(items))
+        if len(batches) == 1:
+            gate.wait(10)
+        return items
+
+    with Batcher(lambda x: x, run, max_batch=4, max_wait_s=0.0, prepare_workers=1) as b:
+        stream = object()
+        b.submit(("stream", 0), source=stream)
+        deadline = time.monotonic() + 10
+        while not batches and time.monotonic() < deadline:  # the model thread is busy with batch 1
+            time.sleep(0.01)
+        backlog = [b.submit(("stream", i), source=stream) for i in range(1, 17)]
+        lone = b.submit(("lone", 0))
+        while b.in_flight(stream) and len(b._ready) < 17 and time.monotonic() < deadline:
+            time.sleep(0.01)  # everything prepared and waiting for the model
+        gate.set()
+        assert lone.result(10) == ("lone", 0)
+        assert [f.result(10) for f in backlog] == [("stream", i) for i in range(1, 17)]
+    assert ("lone", 0) in batches[1], batches

@@ -1,14 +1,18 @@
 """`ByteBudget`: one cap on the bytes every call of a server holds at once
 (the embedder: encoded images read but not yet embedded, across all streams).
 
-A call that would go over the cap waits, first come first served, before it
-reads more: the client then meets HTTP/2 flow control. Memory is bounded by
-the cap, not by how many streams are open. Used on the server's event loop only."""
+A call that would go over the cap waits before it reads more: the client then
+meets HTTP/2 flow control. Memory is bounded by the cap, not by how many streams
+are open. Waiters are served by `rank` (lowest first; the embedder passes how
+many items the caller already has in flight), then first come first served:
+a caller with nothing in flight is not queued behind a thousand streams that
+each hold a window full. Used on the server's event loop only."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import heapq
+import itertools
 
 
 class ByteBudget:
@@ -17,9 +21,10 @@ class ByteBudget:
             raise ValueError("capacity must be at least 1 byte")
         self.capacity = capacity
         self.used = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+        self._waiters: list[tuple[int, int, int, asyncio.Future]] = []
+        self._seq = itertools.count()
 
-    async def acquire(self, n: int) -> int:
+    async def acquire(self, n: int, rank: int = 0) -> int:
         """Wait until `n` bytes fit (one item larger than the whole budget waits
         for an empty budget); returns what to `release` later."""
         n = max(0, min(n, self.capacity))
@@ -27,18 +32,14 @@ class ByteBudget:
             self.used += n
             return n
         future = asyncio.get_running_loop().create_future()
-        entry = (n, future)
-        self._waiters.append(entry)
+        heapq.heappush(self._waiters, (rank, next(self._seq), n, future))
         try:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release(n)  # granted, but the caller is gone
             else:
-                try:
-                    self._waiters.remove(entry)
-                except ValueError:
-                    pass
+                future.cancel()  # its entry is skipped when it reaches the top
                 self._wake()
             raise
         return n
@@ -49,12 +50,12 @@ class ByteBudget:
 
     def _wake(self) -> None:
         while self._waiters:
-            n, future = self._waiters[0]
+            _, _, n, future = self._waiters[0]
             if future.done():
-                self._waiters.popleft()
+                heapq.heappop(self._waiters)
                 continue
             if self.used + n > self.capacity:
                 return
-            self._waiters.popleft()
+            heapq.heappop(self._waiters)
             self.used += n
             future.set_result(None)
