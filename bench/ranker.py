@@ -159,7 +159,7 @@ def bench_size(G: int, args, rng: np.random.Generator, workdir: Path, rss_empty_
         queries = rng.standard_normal((args.queries + 5, dim)).astype(np.float32)
         qn = (queries / np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
         query_lists = [q.tolist() for q in queries]  # protobuf copies lists far faster than arrays
-        t_bare, t_core, t_grpc = [], [], []
+        t_bare, t_core, t_grpc, t_paged = [], [], [], []
         agree = True
         order_rng = np.random.default_rng(G)
         for i in range(queries.shape[0]):
@@ -168,6 +168,9 @@ def bench_size(G: int, args, rng: np.random.Generator, workdir: Path, rss_empty_
                 "core": lambda: [m.name for m in index.search(Query(COLLECTION, queries[i], K))],
                 "grpc": lambda: [r.match.name for r in stub.Search(
                     pb.SearchRequest(collection=COLLECTION, vector=query_lists[i], top_k=K), timeout=60)],
+                "grpc_paged": lambda: [m.name for r in stub.Search(
+                    pb.SearchRequest(collection=COLLECTION, vector=query_lists[i], top_k=K, page_size=K), timeout=60)
+                    for m in r.matches],
             }
             got, took = {}, {}
             for name in order_rng.permutation(list(runs)):  # a fresh order each time: no order bias
@@ -178,7 +181,8 @@ def bench_size(G: int, args, rng: np.random.Generator, workdir: Path, rss_empty_
                 t_bare.append(took["bare"])
                 t_core.append(took["core"])
                 t_grpc.append(took["grpc"])
-            agree &= got["bare"] == got["core"] == got["grpc"]
+                t_paged.append(took["grpc_paged"])
+            agree &= got["bare"] == got["core"] == got["grpc"] == got["grpc_paged"]
         t_unary = []
         for _ in range(len(t_grpc)):
             t0 = time.perf_counter()
@@ -186,9 +190,9 @@ def bench_size(G: int, args, rng: np.random.Generator, workdir: Path, rss_empty_
             t_unary.append(time.perf_counter() - t0)
         lat = {name: {"p50_ms": pct(ts, 50) * 1e3, "p99_ms": pct(ts, 99) * 1e3}
                for name, ts in (("bare_numpy", t_bare), ("core", t_core), ("grpc", t_grpc),
-                                ("grpc_getstats_round_trip", t_unary))}
+                                ("grpc_paged", t_paged), ("grpc_getstats_round_trip", t_unary))}
         bare50, bare99 = lat["bare_numpy"]["p50_ms"], lat["bare_numpy"]["p99_ms"]
-        for name in ("core", "grpc"):
+        for name in ("core", "grpc", "grpc_paged"):
             lat[name]["p50_ratio"] = lat[name]["p50_ms"] / bare50
             lat[name]["p99_ratio"] = lat[name]["p99_ms"] / bare99
         print(f"search p50: bare {bare50:.2f} ms, core {lat['core']['p50_ms']:.2f} ms, "
@@ -309,6 +313,9 @@ def table(results: dict) -> str:
         lines.append(row(f"{tag} gRPC Search p50 / p99 (ms)",
                          f"{lat['grpc']['p50_ms']:.2f} / {lat['grpc']['p99_ms']:.2f}",
                          f"{lat['grpc']['p50_ratio']:.2f}", f"<= {grpc_target:.1f} ms" if G >= 100_000 else ""))
+        lines.append(row(f"{tag} gRPC Search, page_size=k, p50 / p99 (ms)",
+                         f"{lat['grpc_paged']['p50_ms']:.2f} / {lat['grpc_paged']['p99_ms']:.2f}",
+                         f"{lat['grpc_paged']['p50_ratio']:.2f}", f"<= {1.3 * bare50 + 1.0:.1f} ms"))
         lines.append(row(f"{tag} gRPC GetStats round trip p50 (ms)",
                          f"{lat['grpc_getstats_round_trip']['p50_ms']:.2f}", "", "(the gRPC floor)"))
         lines.append(row(f"{tag} SearchStream {st['queries']} queries (q/s)",
