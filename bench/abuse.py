@@ -17,10 +17,15 @@ and Search; Embed p99 within its unloaded p99 + 2 batch times; RSS growth under
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
+import os
+
+# This process runs grpc.aio channels and then forks the next service: see tests/conftest.py.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path
 
 import numpy as np

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import grpc
+# Tests run grpc.aio servers in this process and then fork service processes:
+# with fork support on, the child restarts gRPC's poller between fork and exec,
+# on an epoll fd that close_fds has closed, and aborts (grpc/grpc#43055).
+# Set before grpc is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc  # noqa: E402
 import pytest
 
 from imagesearch import serving
