@@ -1,10 +1,11 @@
-"""Embedder throughput: the gRPC service against the same model in-process.
+"""Embedder throughput per inference engine: the gRPC service against the same
+model in-process, on ordinary photos and on 12-megapixel JPEGs.
 
-    .venv/bin/python -m bench.embedder [--device cpu|cuda] [--batch N] [--threads T]
+    .venv/bin/python -m bench.embedder [--engines torch onnxruntime openvino] [--photos both]
+                                       [--device cpu|cuda] [--batch N] [--threads T]
 
-Side by side, in one run, on the same real photos (the clothing-small gallery
-when present, else scikit-image / scikit-learn sample photos), same model,
-batch size, device and torch thread count:
+Side by side, in one run, for each photo set and each (engine, decode) setting,
+same model, batch size, device and torch thread count:
 
 - in-process: `Embedder.embed_images` on consecutive chunks of --batch images:
   decode + preprocess serially, then one forward (the model's own throughput
@@ -12,14 +13,21 @@ batch size, device and torch thread count:
 - service, EmbedStream: one bidirectional stream carrying every image;
 - service, Embed x C: C client threads each calling Embed in a loop.
 
-The service is a real process (`python -m embedder_service`, port 0) started
-by this script. Each mode runs --repeats times, interleaved; the median counts.
+Photo sets: `clothing` = the clothing-small gallery (about 256 px; else
+scikit-image / scikit-learn sample photos); `12mp` = the same photos upscaled
+to 4000x3000 and saved as JPEG q90, where the settings include today's
+baseline (torch, full decode). Each service is a real process
+(`python -m embedder_service`, port 0). Every mode runs --repeats times,
+interleaved; the median counts, and ratios are also taken within each round
+(the machine is shared). With --device cuda: torch fp16 in-process with GPU
+JPEG decode (imagesearch.model.gpu) against the forward ceiling.
 Prints a table and writes bench/results/embedder.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -57,6 +65,20 @@ def real_photos() -> tuple[str, list[bytes]]:
 
 def take(photos: list[bytes], n: int) -> list[bytes]:
     return [photos[i % len(photos)] for i in range(n)]
+
+
+def upscale_12mp(photos: list[bytes], n: int, size=(4000, 3000), quality: int = 90) -> list[bytes]:
+    """The first `n` photos upscaled to 4000x3000 (bicubic) and saved as JPEG q90:
+    what a phone gallery sends."""
+    from PIL import Image
+
+    out = []
+    for data in photos[:n]:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(
+            buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
 
 
 # ---------------------------------------------------------------- the modes
@@ -146,17 +168,88 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--engines", nargs="+", default=["torch", "onnxruntime", "openvino"],
+                   choices=("torch", "onnxruntime", "openvino"), help="engines to compare (cpu)")
+    p.add_argument("--photos", choices=("clothing", "12mp", "both"), default="both")
     p.add_argument("--batch", type=int, default=0, help="batch size; 0 = 8 on cpu, 64 on cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in the service and in-process; 0 = the CPU count on cpu, 1 on cuda")
     p.add_argument("--decode-workers", type=int, default=0, help="service decode threads; 0 = its default")
-    p.add_argument("--images", type=int, default=0, help="images per run; 0 = 192 on cpu, 4096 on cuda")
-    p.add_argument("--concurrency", type=int, nargs="+", default=None,
-                   help="concurrent Embed callers, one row each; default: batch and 2 x batch")
+    p.add_argument("--images", type=int, default=0, help="clothing images per run; 0 = 192 on cpu, 4096 on cuda")
+    p.add_argument("--images-12mp", type=int, default=32, help="12-megapixel images per run")
+    p.add_argument("--concurrency", type=int, nargs="*", default=None,
+                   help="concurrent Embed callers, one row each; default: the batch size")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--engine-cache", default=None, help="the services' and in-process --engine-cache")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "embedder.json")
     return p
+
+
+def settings_for(photo_set: str, engines: list[str]) -> list[tuple[str, str]]:
+    """(engine, decode) pairs; the first is the baseline ratios are taken to."""
+    if photo_set == "12mp":
+        return [("torch", "full")] + [(e, "draft") for e in engines]
+    return [(e, "draft") for e in engines]
+
+
+def bench_set(args, label: str, images: list[bytes], batch: int, threads: int, concurrency: list[int]) -> list[dict]:
+    """Every (engine, decode) setting on one photo set, rounds interleaved."""
+    settings = settings_for(label, args.engines)
+    warm = images[:2 * batch]
+    cache = ["--engine-cache", args.engine_cache] if args.engine_cache else []
+    embedders, services, stubs, times = {}, {}, {}, {}
+    for engine, decode in settings:
+        key = (engine, decode)
+        embedders[key] = Embedder.load(backbone=args.backbone, device=args.device, engine=engine, decode=decode,
+                                       cache_dir=args.engine_cache, max_batch=batch)
+        embedders[key].warm_up()
+        service_args = ["--backbone", args.backbone, "--device", args.device, "--max-batch", str(batch),
+                        "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads), "--engine", engine,
+                        "--decode", decode, *cache]
+        if args.decode_workers:
+            service_args += ["--decode-workers", str(args.decode_workers)]
+        services[key] = ServiceProcess("embedder_service", *service_args, startup_timeout=600,
+                                       env={"IMAGESEARCH_TORCH_THREADS": str(threads)})
+        channel = services[key].channel()
+        stubs[key] = embedder_pb2_grpc.EmbedderServiceStub(channel)
+        info = stubs[key].GetModelInfo(embedder_pb2.GetModelInfoRequest())
+        if info.fingerprint != embedders[key].info.fingerprint or info.engine != engine:
+            raise SystemExit(f"the {engine} service serves another model than the in-process one")
+        modes = ["in-process (decode + forward)", "in-process forward only", "service EmbedStream"]
+        modes += [f"service Embed x {c}" for c in concurrency]
+        times[key] = {m: [] for m in modes}
+        run_stream(stubs[key], warm)
+        run_in_process(embedders[key], warm, batch)
+    try:
+        for r in range(args.repeats):
+            for key in settings:
+                t = times[key]
+                t["in-process (decode + forward)"].append(run_in_process(embedders[key], images, batch))
+                t["in-process forward only"].append(run_forward_only(embedders[key], images, batch))
+                t["service EmbedStream"].append(run_stream(stubs[key], images))
+                for c in concurrency:
+                    t[f"service Embed x {c}"].append(run_unary(stubs[key], images, c))
+            print(f"  {label}: round {r + 1}/{args.repeats} done", flush=True)
+    finally:
+        for proc in services.values():
+            proc.terminate()
+    base_key = settings[0]
+    rows = []
+    n = len(images)
+    for key in settings:
+        for mode, ts in times[key].items():
+            base = times[base_key][mode]
+            base_in_process = times[key]["in-process (decode + forward)"]
+            rows.append({
+                "photos": label, "engine": key[0], "decode": key[1], "mode": mode, "images": n,
+                "median_s": statistics.median(ts), "runs_s": ts, "images_per_s": n / statistics.median(ts),
+                # Paired: each round runs every setting and mode back to back, so a ratio
+                # within a round cancels the load other jobs put on the machine then.
+                "ratio_to_baseline": statistics.median(b / t for b, t in zip(base, ts)),
+                "ratio_to_in_process": statistics.median(b / t for b, t in zip(base_in_process, ts)),
+            })
+    return rows
 
 
 def main(argv=None) -> int:
@@ -165,71 +258,39 @@ def main(argv=None) -> int:
     batch = args.batch or (64 if cuda else 8)
     threads = args.threads or (1 if cuda else os.cpu_count() or 1)
     n_images = args.images or (4096 if cuda else 192)
-    concurrency = args.concurrency or [batch, 2 * batch]
+    concurrency = args.concurrency if args.concurrency is not None else [batch]
     torch.set_num_threads(threads)
+    if cuda:
+        from bench.embedder_gpu import main as gpu_main
+
+        return gpu_main(args, batch, n_images)
     source, photos = real_photos()
-    images = take(photos, n_images)
-    warm = take(photos, 2 * batch)
-    print(f"{n_images} images from {source}; {args.backbone} on {args.device}, batch {batch}, "
-          f"torch threads {threads}, {os.cpu_count()} CPUs", flush=True)
-
-    embedder = Embedder.load(backbone=args.backbone, device=args.device, max_batch=batch)
-    embedder.warm_up()
-    service_args = ["--backbone", args.backbone, "--device", args.device, "--max-batch", str(batch),
-                    "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads)]
-    if args.decode_workers:
-        service_args += ["--decode-workers", str(args.decode_workers)]
-    times: dict[str, list[float]] = {"in-process (decode + forward)": [], "in-process forward only": [],
-                                     "service EmbedStream": []}
-    for c in concurrency:
-        times[f"service Embed x {c}"] = []
-    with ServiceProcess("embedder_service", *service_args, env={"IMAGESEARCH_TORCH_THREADS": str(threads)},
-                        startup_timeout=600) as service, service.channel() as channel:
-        stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
-        info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest())
-        if info.fingerprint != embedder.info.fingerprint:
-            raise SystemExit("the service serves another model than the in-process one")
-        run_stream(stub, warm)
-        run_unary(stub, warm, concurrency[0])
-        run_in_process(embedder, warm, batch)
-        for r in range(args.repeats):
-            times["in-process (decode + forward)"].append(run_in_process(embedder, images, batch))
-            times["in-process forward only"].append(run_forward_only(embedder, images, batch))
-            times["service EmbedStream"].append(run_stream(stub, images))
-            for c in concurrency:
-                times[f"service Embed x {c}"].append(run_unary(stub, images, c))
-            print(f"  round {r + 1}/{args.repeats} done", flush=True)
-        server_device = info.device
-
-    baseline = times["in-process (decode + forward)"]
-    base = n_images / statistics.median(baseline)
+    sets = []
+    if args.photos in ("clothing", "both"):
+        sets.append(("clothing", take(photos, n_images)))
+    if args.photos in ("12mp", "both"):
+        big = upscale_12mp(photos, min(len(photos), args.images_12mp))
+        sets.append(("12mp", take(big, args.images_12mp)))
+    print(f"photos from {source}; {args.backbone} on {args.device}, batch {batch}, torch threads {threads}, "
+          f"{os.cpu_count()} CPUs; engines {', '.join(args.engines)}", flush=True)
     rows = []
-    for mode, ts in times.items():
-        rate = n_images / statistics.median(ts)
-        # Paired: each round runs every mode back to back, so a ratio within a
-        # round cancels the load other jobs put on the machine at that moment.
-        paired = statistics.median(b / t for b, t in zip(baseline, ts))
-        rows.append({"mode": mode, "images": n_images, "median_s": statistics.median(ts), "runs_s": ts,
-                     "images_per_s": rate, "ratio_to_in_process": rate / base,
-                     "median_ratio_per_round": paired})
-    target = 0.8 if cuda else 0.85  # service / in-process (decode + forward)
+    for label, images in sets:
+        rows += bench_set(args, label, images, batch, threads, concurrency)
     load = os.getloadavg()
     print()
-    print("| mode | images/s (median) | ratio to in-process | ratio, median per round | target |")
-    print("|---|---:|---:|---:|---:|")
+    print("| photos | engine | decode | mode | images/s (median) | ratio to baseline | ratio to own in-process |")
+    print("|---|---|---|---|---:|---:|---:|")
     for row in rows:
-        goal = f">= {target}" if row["mode"].startswith("service") else ""
-        print(f"| {row['mode']} | {row['images_per_s']:.1f} | {row['ratio_to_in_process']:.2f} "
-              f"| {row['median_ratio_per_round']:.2f} | {goal} |")
-    print(f"\nload average at the end (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        print(f"| {row['photos']} | {row['engine']} | {row['decode']} | {row['mode']} | {row['images_per_s']:.1f} "
+              f"| {row['ratio_to_baseline']:.2f} | {row['ratio_to_in_process']:.2f} |")
+    print("\nbaseline: the first setting of each photo set, same mode (torch draft on clothing, where draft "
+          "changes nothing at 256 px; torch full decode on 12mp: today's service)")
+    print(f"load average at the end (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     result = {
         "benchmark": "embedder", "source": source, "backbone": args.backbone, "device": args.device,
-        "server_device": server_device, "batch": batch, "torch_threads": threads,
-        "decode_workers": args.decode_workers or "default", "max_wait_ms": args.max_wait_ms,
-        "images_per_run": n_images, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name() if cuda else None, "target_ratio": target,
-        "load_average_at_end": load, "rows": rows,
+        "batch": batch, "torch_threads": threads, "decode_workers": args.decode_workers or "default",
+        "max_wait_ms": args.max_wait_ms, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "python": platform.python_version(), "load_average_at_end": load, "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -52,6 +52,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"test-time augmentation: flip = average the vectors of the image and its mirror image, "
                         f"renormalised (about 2x the compute; other vectors, so another fingerprint) "
                         f"(env {ENV}_TTA; default %(default)s)")
+    m.add_argument("--engine", choices=defaults.ENGINES, default=_env("ENGINE", "auto"),
+                   help=f"inference engine; auto = onnxruntime on CPU, torch (fp16) on CUDA; onnxruntime and "
+                        f"openvino export the model to ONNX once, cached by fingerprint (env {ENV}_ENGINE; "
+                        f"default %(default)s)")
+    m.add_argument("--decode", choices=("auto", *defaults.DECODE_MODES), default=_env("DECODE", "auto"),
+                   help=f"JPEG decode: draft = at the smallest DCT scale that covers the input size, full = every "
+                        f"pixel; auto = the model's (draft for ImageNet weights and new checkpoints, full for "
+                        f"checkpoints from before draft existed). Enters the fingerprint; full keeps fingerprints "
+                        f"of collections built before (env {ENV}_DECODE; default %(default)s)")
+    m.add_argument("--engine-cache", default=_env("ENGINE_CACHE", None),
+                   help=f"folder for exported ONNX models (env {ENV}_ENGINE_CACHE; default "
+                        f"$XDG_CACHE_HOME/imagesearch or ~/.cache/imagesearch)")
+    m.add_argument("--int8-calibration", default=_env("INT8_CALIBRATION", None), metavar="FOLDER",
+                   help=f"serve an int8 model (onnxruntime, static quantisation) calibrated on the images "
+                        f"in FOLDER; its vectors differ from fp32, so it has its own fingerprint "
+                        f"(env {ENV}_INT8_CALIBRATION)")
+    m.add_argument("--cuda-graphs", action="store_true", default=_env("CUDA_GRAPHS", "") == "1",
+                   help=f"--engine torch on CUDA: replay the forward pass of each padded batch size as a CUDA "
+                        f"graph (env {ENV}_CUDA_GRAPHS=1; not yet run on a GPU)")
     m.add_argument("--threads", type=int, default=_env("THREADS", 0),
                    help=f"torch intra-op threads; 0 = IMAGESEARCH_TORCH_THREADS, else 1 on CUDA and "
                         f"torch's default (the CPU count) on CPU (env {ENV}_THREADS)")
@@ -95,7 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"{ENV}_BACKBONE={args.backbone!r}: choose one of {', '.join(defaults.BACKBONES)}")
     for flag, value, choices in [("--device", args.device, ("auto", "cpu", "cuda")),
                                  ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16")),
-                                 ("--tta", args.tta, ("none", "flip"))]:
+                                 ("--tta", args.tta, ("none", "flip")),
+                                 ("--engine", args.engine, defaults.ENGINES),
+                                 ("--decode", args.decode, ("auto", *defaults.DECODE_MODES))]:
         if value not in choices:
             parser.error(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if args.checkpoint and args.weights:
@@ -103,6 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Fail before binding a port, and before the seconds it takes to import torch.
     if args.checkpoint and not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if args.int8_calibration and not Path(args.int8_calibration).is_dir():
+        parser.error(f"--int8-calibration {args.int8_calibration}: no such folder")
     if args.weights not in (None, "imagenet", "none") and not Path(args.weights).is_file():
         parser.error(f"--weights {args.weights}: no such file; use imagenet, none or a path to a weights file")
     return args
@@ -166,7 +189,9 @@ def _load(args, servicer, max_message_bytes: int):
     # is decoded; PIL's own process-wide guard would only speak first, in its words.
     Image.MAX_IMAGE_PIXELS = None
     embedder = Embedder.load(checkpoint=args.checkpoint, backbone=args.backbone, weights=args.weights,
-                             device=args.device, precision=args.precision,
+                             device=args.device, precision=args.precision, engine=args.engine,
+                             cache_dir=args.engine_cache, int8_calibration=args.int8_calibration,
+                             decode=args.decode, cuda_graphs=args.cuda_graphs,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                              max_batch=args.max_batch, tta=args.tta)
     if embedder.device.type == "cuda" and not args.threads and not os.environ.get("IMAGESEARCH_TORCH_THREADS"):

@@ -164,7 +164,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             device=info.device, fingerprint=info.fingerprint, weights=info.weights,
             class_names=info.class_names, max_image_bytes=limits.max_image_bytes,
             max_image_pixels=limits.max_image_pixels, max_batch=limits.max_batch,
-            max_message_bytes=limits.max_message_bytes)
+            max_message_bytes=limits.max_message_bytes, engine=info.engine, precision=info.precision,
+            decode=info.spec.decode)
 
 
 def _stream_response(item_id: str, future: asyncio.Future, fingerprint: str) -> embedder_pb2.EmbedStreamResponse:

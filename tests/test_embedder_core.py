@@ -15,9 +15,10 @@ import torch
 
 from embedder_service import __main__ as cli
 from embedder_service.batcher import Batcher
-from embedder_service.embedder import Embedder, autocast_dtype, bucket_size, cuda_buckets
+from embedder_service.embedder import Embedder
 from imagesearch import errors
 from imagesearch.errors import Dropped
+from imagesearch.model.engines import autocast_dtype, bucket_size, cuda_buckets
 from tests.helpers import encode, photo
 from tests.test_embedder_inputs import GOOD
 
@@ -245,8 +246,8 @@ def test_embedder_matches_the_in_process_forward_alone_and_in_any_batch(embedder
 def test_embedder_info_and_fingerprint(embedder, reference):
     info = embedder.info
     loaded = reference.loaded
-    assert (info.backbone, info.dim, info.device, info.precision, info.weights) == (
-        "efficientnet_lite0", 1280, "cpu", "fp32", "imagenet")
+    assert (info.backbone, info.dim, info.device, info.precision, info.weights, info.engine) == (
+        "efficientnet_lite0", 1280, "cpu", "fp32", "imagenet", "onnxruntime")  # engine auto on CPU
     assert info.spec == loaded.spec and info.class_names == ()
     assert re.fullmatch("[0-9a-f]{64}", info.fingerprint)  # sha256 hex; what it covers: test_models.py
 

@@ -426,8 +426,8 @@ def _seed_all(seed: int) -> None:
 def _loaders(layout: Layout, spec: PreprocessSpec, args, dist_info: distributed.DistInfo,
              device: torch.device):
     collate = Collate(spec.input_size)
-    train_set = ImageFiles(layout.train.samples, train_transform(spec, args.recipe))
-    val_set = ImageFiles(layout.val.samples, eval_transform(spec))
+    train_set = ImageFiles(layout.train.samples, train_transform(spec, args.recipe), reduce_to=spec.decode_size)
+    val_set = ImageFiles(layout.val.samples, eval_transform(spec), reduce_to=spec.decode_size)
     train_sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                        shuffle=True, seed=args.seed, drop_last=False)
     val_sampler = distributed.ShardSampler(len(val_set), dist_info.rank, dist_info.world_size)
@@ -489,7 +489,7 @@ def main(args: argparse.Namespace) -> TrainResult:
             f"{resumed['meta']['class_names']}")
     info = backbone_info(args.backbone)
     spec = PreprocessSpec(args.image_size, info.preprocess.mean, info.preprocess.std,
-                          info.preprocess.interpolation)
+                          info.preprocess.interpolation, info.preprocess.decode)
     num_classes = len(layout.class_names)
 
     _seed_all(args.seed)

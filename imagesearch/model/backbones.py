@@ -335,7 +335,10 @@ def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str, tta: str 
     on it only if their vectors do. (tta "none" leaves the hash as it was
     before the option existed.)"""
     h = hashlib.sha256()
-    settings = {"backbone": backbone, "preprocess": spec.to_dict()}
+    preprocess = spec.to_dict()
+    if preprocess["decode"] == "full":  # fingerprints from before decode modes existed stay valid
+        del preprocess["decode"]
+    settings = {"backbone": backbone, "preprocess": preprocess}
     if tta != "none":
         settings["tta"] = tta
     h.update(json.dumps(settings, sort_keys=True).encode())

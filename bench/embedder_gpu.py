@@ -1,0 +1,77 @@
+"""`python -m bench.embedder --device cuda`: the GPU path against the model's own ceiling.
+
+At the same batch size, torch fp16 (autocast), in one process:
+- forward ceiling: the forward pass alone on a batch already on the GPU;
+- the same with CUDA graphs (one replay per batch);
+- GPU decode + forward: JPEG bytes decoded in batches on the GPU
+  (imagesearch.model.gpu.decode_batch: nvJPEG, resize and normalise there), then the forward;
+- CPU decode + forward: `Embedder.embed_images` (Pillow on the CPU, serially);
+- the service (`--device cuda --cuda-graphs`), one EmbedStream, decode threads on the CPU.
+Each rate is printed with its ratio to the ceiling (target >= 0.8 with decode included).
+It has not run on a GPU yet: no GPU was lent to the session that wrote it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from bench.embedder import real_photos, run_stream, take
+from embedder_service.embedder import Embedder
+from imagesearch.model.gpu import decode_batch
+from imagesearch.testing import ServiceProcess
+from imagesearch.v1 import embedder_pb2_grpc
+
+
+def _timed(fn, n_images: int, repeats: int) -> float:
+    """Median images/s of `fn()` (which handles `n_images` images) over `repeats` runs."""
+    rates = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        rates.append(n_images / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main(args, batch: int, n_images: int) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    source, photos = real_photos()
+    images = take(photos, n_images)
+    chunks = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
+    n = len(chunks) * batch
+    plain = Embedder.load(backbone=args.backbone, device="cuda", engine="torch", max_batch=batch)
+    graphed = Embedder.load(backbone=args.backbone, device="cuda", engine="torch", max_batch=batch,
+                            cuda_graphs=True)
+    plain.warm_up([batch])
+    graphed.warm_up()
+    x = decode_batch(chunks[0], plain.spec, "cuda")
+    rows = {
+        "forward ceiling (eager, fp16)": lambda: [plain.engine(x) for _ in chunks],
+        "forward, CUDA graphs": lambda: [graphed.engine(x) for _ in chunks],
+        "GPU decode + forward (CUDA graphs)": lambda: [graphed.engine(decode_batch(c, plain.spec, "cuda"))
+                                                      for c in chunks],
+        "CPU decode + forward": lambda: [plain.embed_images(c) for c in chunks],
+    }
+    for fn in rows.values():
+        fn()  # warm
+    rates = {name: _timed(fn, n, args.repeats) for name, fn in rows.items()}
+    service_args = ["--backbone", args.backbone, "--device", "cuda", "--engine", "torch", "--cuda-graphs",
+                    "--max-batch", str(batch), "--max-wait-ms", str(args.max_wait_ms)]
+    with ServiceProcess("embedder_service", *service_args, startup_timeout=600) as proc, proc.channel() as ch:
+        stub = embedder_pb2_grpc.EmbedderServiceStub(ch)
+        run_stream(stub, images[:2 * batch])
+        rates["service EmbedStream (CPU decode threads)"] = statistics.median(
+            n_images / run_stream(stub, images) for _ in range(args.repeats))
+    ceiling = rates["forward ceiling (eager, fp16)"]
+    print(f"{n} images from {source}; {args.backbone}, batch {batch}, fp16, {torch.cuda.get_device_name()}")
+    print("| mode | images/s (median) | ratio to the forward ceiling | target |")
+    print("|---|---:|---:|---:|")
+    for name, rate in rates.items():
+        goal = ">= 0.8" if "decode" in name else ""
+        print(f"| {name} | {rate:.0f} | {rate / ceiling:.2f} | {goal} |")
+    return 0

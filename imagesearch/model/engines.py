@@ -1,0 +1,415 @@
+"""Inference engines: a batch of preprocessed inputs in, L2-normalised float32 vectors out.
+
+- `torch`: the model itself, eager, channels_last, under `inference_mode`; on
+  CUDA with fp16/bf16 autocast and batches padded to a few bucket sizes.
+- `onnxruntime` / `openvino` (CPU): the model exported to ONNX once
+  (`onnx_file`), cached in a folder under its fingerprint, then run by that
+  runtime in float32 (OpenVINO with INFERENCE_PRECISION_HINT=f32: on CPUs with
+  bf16 it would otherwise switch to bf16 by itself).
+- `int8` (optional, onnxruntime): the ONNX file statically quantised with
+  calibration inputs (`quantize_int8`); its vectors are not float32-equal, so
+  it is served under a fingerprint of its own.
+
+Every float32 engine gives the same vectors as torch float32 within 1e-4
+(tests/test_engines.py), so collections and fingerprints do not depend on the
+engine. `resolve_engine` is the `auto` mapping (docs/embedder.md). A runtime
+package that is not installed is one clear `FailedPrecondition` line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from imagesearch import defaults, errors
+from imagesearch.files import atomic_write
+from imagesearch.model.backbones import EmbeddingNet
+from imagesearch.model.preprocessing import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+ENGINES = defaults.ENGINES
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Largest max-abs difference an exported model may show against torch float32
+# on the check batch before it is refused (the engines' contract is 1e-4).
+EXPORT_TOLERANCE = 1e-4
+ONNX_OPSET = 18
+# Engines that need a package beyond the default install, and how to get it.
+_PACKAGES = {"onnxruntime": ("onnxruntime", "pip install onnxruntime"),
+             "openvino": ("openvino", "pip install 'imagesearch[openvino]' (or pip install openvino)"),
+             "onnxscript": ("onnxscript", "pip install onnxscript")}
+
+
+class Engine(Protocol):
+    name: str  # "torch", "onnxruntime", "openvino"
+    precision: str  # "fp32", "fp16", "bf16", "int8"
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        """(N, 3, S, S) float32 CPU inputs -> (N, dim) float32 unit vectors."""
+
+
+# ---------------------------------------------------------------- choices
+
+
+def resolve_engine(engine: str, device_type: str) -> str:
+    """`auto` -> onnxruntime on CPU (bench/README.md: 1.5-2x torch eager on
+    Lite0 here), torch on CUDA (fp16 autocast). ONNX engines run on the CPU."""
+    if engine not in ENGINES:
+        raise errors.InvalidArgument(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "torch" if device_type == "cuda" else "onnxruntime"
+    if engine != "torch" and device_type != "cpu":
+        raise errors.InvalidArgument(
+            f"--engine {engine} runs on the CPU; use --device cpu, or --engine torch on {device_type}")
+    return engine
+
+
+def engine_device(engine: str, requested_device: str) -> str:
+    """The device an engine runs on when `--device auto`: ONNX engines on the CPU."""
+    if requested_device == "auto" and engine in ("onnxruntime", "openvino"):
+        return "cpu"
+    return requested_device
+
+
+def require(package: str):
+    """Import an engine's package, or one FailedPrecondition line saying how to install it."""
+    module_name, install = _PACKAGES[package]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise errors.FailedPrecondition(
+            f"the {package} package is not installed ({exc}); install it with: {install}") from None
+
+
+def autocast_dtype(device_type: str, precision: str = "auto", *, bf16_supported: bool = True) -> torch.dtype | None:
+    """The autocast dtype for `precision` on a device type; None means plain float32.
+
+    auto: fp16 on CUDA (tensor cores, and 10 mantissa bits keep vectors closer
+    to float32 than bf16's 7), float32 elsewhere. fp16 is CUDA-only; bf16 needs
+    a GPU that has it (Ampere and later) or the CPU."""
+    if precision not in PRECISIONS:
+        raise errors.InvalidArgument(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.float16 if device_type == "cuda" else None
+    dtype = _DTYPES[precision]
+    if dtype is torch.float16 and device_type != "cuda":
+        raise errors.InvalidArgument(f"--precision fp16 needs a CUDA device, not {device_type}; use fp32 or bf16")
+    if dtype is torch.bfloat16 and not bf16_supported:
+        raise errors.InvalidArgument(f"--precision bf16: this {device_type} device has no bfloat16; use fp16 or fp32")
+    return dtype
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def bucket_size(n: int, max_batch: int) -> int:
+    """The batch size `n` items are padded to on CUDA: the next power of two,
+    capped at `max_batch`, so cuDNN autotunes a handful of shapes at start-up
+    (see `cuda_buckets`) instead of a new one for every batch size that arrives."""
+    if n >= max_batch:
+        return n
+    return min(1 << (n - 1).bit_length(), max_batch)
+
+
+def cuda_buckets(max_batch: int) -> list[int]:
+    """Every size `bucket_size` can return for 1..max_batch."""
+    return sorted({bucket_size(n, max_batch) for n in range(1, max_batch + 1)})
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/imagesearch, else ~/.cache/imagesearch."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / defaults.CACHE_DIR_NAME
+
+
+# ---------------------------------------------------------------- torch
+
+
+class TorchEngine:
+    """The model in torch, eager. On CUDA: fp16/bf16 autocast, batches padded to
+    bucket sizes (eval-mode BatchNorm: padding changes no other row), pinned
+    host memory and cuDNN autotuning."""
+
+    name = "torch"
+
+    def __init__(self, model: EmbeddingNet, device: torch.device, precision: str = "auto",
+                 max_batch: int | None = None, cuda_graphs: bool = False):
+        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else True
+        self.autocast = autocast_dtype(device.type, precision, bf16_supported=bf16)
+        self.precision = precision_name(self.autocast)
+        self.device = device
+        self.bucket_cap = max_batch if device.type == "cuda" else None
+        if cuda_graphs and not self.bucket_cap:
+            raise errors.InvalidArgument("--cuda-graphs needs --device cuda (and a --max-batch)")
+        if self.bucket_cap:
+            torch.backends.cudnn.benchmark = True
+        self.model = model.eval().to(device, memory_format=torch.channels_last)
+        self._pin = device.type == "cuda"
+        self.graphs: dict[int, tuple] = {}
+        self._use_graphs = cuda_graphs
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast,
+                                                    enabled=self.autocast is not None):
+            return self.model.embed(x)  # float32 and L2-normalised (EmbeddingNet.embed)
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        n = x.shape[0]
+        if self.bucket_cap and n < bucket_size(n, self.bucket_cap):
+            pad = x.new_zeros((bucket_size(n, self.bucket_cap) - n, *x.shape[1:]))
+            x = torch.cat([x, pad])
+        if self._pin and x.device.type == "cpu":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        graph = self.graphs.get(x.shape[0])
+        if graph is not None:
+            g, static_in, static_out = graph
+            static_in.copy_(x)
+            g.replay()
+            vectors = static_out
+        else:
+            vectors = self._forward(x)
+        return vectors[:n].float().cpu().numpy()
+
+    def capture_graphs(self, input_shape: tuple[int, int, int]) -> None:
+        """CUDA graphs of the forward pass, one per bucket size (static input
+        and output buffers; a replay launches the whole network at once).
+        Called by warm-up when the engine was built with cuda_graphs=True."""
+        if not self._use_graphs or self.graphs:
+            return
+        for n in cuda_buckets(self.bucket_cap):
+            static_in = torch.zeros((n, *input_shape), device=self.device).contiguous(
+                memory_format=torch.channels_last)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._forward(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                static_out = self._forward(static_in)
+            self.graphs[n] = (g, static_in, static_out)
+        log.info("captured CUDA graphs for batch sizes %s", sorted(self.graphs))
+
+    def warm_up_sizes(self) -> list[int]:
+        return cuda_buckets(self.bucket_cap) if self.bucket_cap else [1]
+
+
+# ---------------------------------------------------------------- ONNX export
+
+
+class _Embed(nn.Module):
+    """What is exported: input batch -> normalised embedding (EmbeddingNet.embed)."""
+
+    def __init__(self, model: EmbeddingNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(x)
+
+
+def export_onnx(model: EmbeddingNet, spec: PreprocessSpec, path: str | os.PathLike) -> Path:
+    """Export `model.embed` to ONNX at `path` (atomically), batch dimension
+    dynamic, and check it against torch float32 on a random batch.
+
+    The exporter is torch's dynamo one (`torch.onnx.export(dynamo=True)`, which
+    needs onnxscript): TorchScript's (`dynamo=False`) is deprecated in torch
+    2.x, and on Lite0 here its graph ran 25% slower in onnxruntime (timm's
+    "same" padding stays dynamic in it). Exporting takes ~10 s; it runs once
+    per model fingerprint."""
+    require("onnxscript")
+    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+    wrapper = _Embed(model).eval()
+    size = spec.input_size
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    started = time.monotonic()
+    for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):  # hundreds of INFO lines per export
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter
+        program = torch.onnx.export(wrapper, (probe,), dynamo=True, input_names=["input"],
+                                    output_names=["embedding"], dynamic_shapes={"x": {0: batch}},
+                                    opset_version=ONNX_OPSET, verbose=False, optimize=True)
+    data = program.model_proto.SerializeToString()
+    wrapper.eval()  # the exporter restores the wrapper's mode: keep the model in eval
+    path = atomic_write(path, lambda f: f.write(data))
+    log.info("exported %s to ONNX in %.1fs: %s", model.backbone, time.monotonic() - started, path)
+    return path
+
+
+def onnx_file(model: EmbeddingNet, spec: PreprocessSpec, fingerprint: str, cache_dir: str | os.PathLike) -> Path:
+    """The cached ONNX export of this model, made on first use:
+    `<cache_dir>/onnx/<fingerprint>.onnx`."""
+    path = Path(cache_dir) / "onnx" / f"{fingerprint}.onnx"
+    if path.is_file():
+        log.info("ONNX model from the cache: %s", path)
+        return path
+    try:
+        return export_onnx(model, spec, path)
+    except OSError as exc:
+        raise errors.FailedPrecondition(f"cannot write the ONNX model to the cache folder {cache_dir}: {exc}") from None
+
+
+def check_equal(engine: "Engine", reference: Callable[[torch.Tensor], np.ndarray], spec: PreprocessSpec,
+                tolerance: float = EXPORT_TOLERANCE) -> float:
+    """Max abs difference between `engine` and `reference` on a fixed random
+    batch; raises FailedPrecondition over `tolerance` (a broken export or cache file)."""
+    size = spec.input_size
+    probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    diff = float(np.abs(engine(probe) - reference(probe)).max())
+    if not diff <= tolerance:
+        raise errors.FailedPrecondition(
+            f"the {engine.name} engine's vectors differ from torch float32 by {diff:.2e} "
+            f"(over {tolerance:g}); delete the cache folder's file for this model and restart, or use --engine torch")
+    return diff
+
+
+# ---------------------------------------------------------------- runtimes
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+class OnnxRuntimeEngine:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None):
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or _threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # corrupt cache file, unsupported opset...
+            raise errors.FailedPrecondition(f"onnxruntime cannot load {path}: {type(exc).__name__}: {exc}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.precision = precision
+        self.path = path
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return self.session.run(None, {self.input_name: array})[0]
+
+
+class OpenVinoEngine:
+    name = "openvino"
+    precision = "fp32"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        ov = require("openvino")
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": threads or _threads()}
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except Exception as exc:
+            raise errors.FailedPrecondition(f"openvino cannot load {path}: {type(exc).__name__}: {exc}") from None
+        self.request = self.compiled.create_infer_request()
+        self.path = path
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        self.request.infer({0: array})
+        return self.request.get_output_tensor(0).data.copy()
+
+
+# ---------------------------------------------------------------- int8
+
+
+def int8_fingerprint(fingerprint: str, calibration_id: str) -> str:
+    """An int8 model's vectors are not float32's: a fingerprint of its own,
+    derived from the float model's and the calibration set's."""
+    return hashlib.sha256(f"{fingerprint}|int8-static-qdq|{calibration_id}".encode()).hexdigest()
+
+
+def calibration_id(files: Iterable[Path]) -> str:
+    """sha256 over the calibration files' bytes, in name order."""
+    h = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.name):
+        h.update(path.name.encode() + b"|")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def quantize_int8(float_path: Path, out_path: Path, batches: Iterable[np.ndarray]) -> Path:
+    """Static int8 quantisation of an ONNX file with onnxruntime (QDQ,
+    per-channel weights, MinMax calibration on `batches` of inputs)."""
+    require("onnxruntime")
+    from onnxruntime import quantization as q
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            batch = next(self.it, None)
+            return None if batch is None else {"input": batch}
+
+    started = time.monotonic()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    prepared = out_path.with_name(f".{out_path.name}.{os.getpid()}.pre.onnx")
+    try:
+        q.quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        q.quantize_static(str(prepared), str(tmp), Reader(), quant_format=q.QuantFormat.QDQ,
+                          per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          calibrate_method=q.CalibrationMethod.MinMax)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        prepared.unlink(missing_ok=True)
+    log.info("quantised %s to int8 in %.1fs: %s", float_path.name, time.monotonic() - started, out_path)
+    return out_path
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerprint: str, *,
+                 device: torch.device, precision: str = "auto", max_batch: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, int8_path: Path | None = None,
+                 cuda_graphs: bool = False) -> Engine:
+    """The engine `name` (already resolved: not "auto") serving `model`.
+    ONNX engines export on first use into `cache_dir` and are checked against
+    torch float32 before they serve (a stale or corrupt cache file is refused);
+    `int8_path` (onnxruntime only) serves that quantised file instead."""
+    if name == "torch":
+        return TorchEngine(model, device, precision, max_batch, cuda_graphs)
+    if cuda_graphs:
+        raise errors.InvalidArgument("--cuda-graphs is for --engine torch on CUDA")
+    if precision not in ("auto", "fp32"):
+        raise errors.InvalidArgument(f"--engine {name} runs in fp32 (or int8); --precision {precision} "
+                                     f"is for --engine torch")
+    require(name)  # a missing runtime is one line before the seconds of an export
+    model = model.eval()
+    path = onnx_file(model, spec, fingerprint, cache_dir or default_cache_dir())
+    if name == "onnxruntime":
+        engine: Engine = OnnxRuntimeEngine(path)
+    else:
+        engine = OpenVinoEngine(path)
+    reference = TorchEngine(model, torch.device("cpu"), "fp32")
+    diff = check_equal(engine, reference, spec)
+    log.info("%s engine equals torch fp32 within %.1e on the check batch", name, diff)
+    if int8_path is not None:
+        if name != "onnxruntime":
+            raise errors.InvalidArgument("int8 (--int8-calibration) is served by --engine onnxruntime")
+        engine = OnnxRuntimeEngine(int8_path, precision="int8")
+    return engine
