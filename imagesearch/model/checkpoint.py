@@ -25,12 +25,7 @@ import torch
 from imagesearch import errors
 from imagesearch.defaults import DEFAULT_BACKBONE
 from imagesearch.files import atomic_write
-from imagesearch.model.backbones import (
-    EmbeddingNet,
-    backbone_info,
-    build_model,
-    load_tensors,
-)
+from imagesearch.model.backbones import EmbeddingNet, backbone_info, build_model, load_tensors
 from imagesearch.model.preprocessing import PreprocessSpec
 
 FORMAT = "imagesearch.checkpoint/1"
