@@ -4,11 +4,11 @@ pass, k come back.
 
 - Exact kinds (anything that can scan a subset of its rows, `search_among`
   with `exact = True`, or no `spec` at all): an exact scan of just the
-  passing rows. Its cost is that of the passing rows, so it beats the full
-  product at every selectivity (measured in bench/filters.py).
+  passing rows: its cost is that of the passing rows, never more than the
+  kind's own full scan.
 - Approximate kinds (`spec.kind` not `exact`): when at most
   `FILTER_EXACT_SCAN_SHARE` of the collection passes, the same exact scan of
-  the passing rows; above it, the ANN search over-fetches
+  the passing rows (the share measured in bench/filters.py); above it, the ANN search over-fetches
   k / share x `FILTER_OVERFETCH` candidates and keeps those that pass; when
   fewer than k of them do, the exact scan of the passing rows answers
   instead. So an ANN kind never returns fewer than min(k, passing) matches.
