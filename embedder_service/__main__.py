@@ -15,8 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+from embedder_service.metrics import EmbedderMetrics
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, Limits, register
 from imagesearch import defaults, errors, serving
+from imagesearch.serving.metrics import add_metrics_arguments
+from imagesearch.serving.observe import Observability
 
 log = logging.getLogger("embedder_service")
 
@@ -96,6 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", defaults.MAX_IMAGE_PIXELS),
                    help=f"largest decoded width x height (env {ENV}_MAX_IMAGE_PIXELS; default %(default)s)")
     serving.add_logging_arguments(p)
+    add_metrics_arguments(p, env_prefix=ENV)
     return p
 
 
@@ -144,9 +148,11 @@ def _main(argv=None) -> int:
     max_message_bytes = args.max_image_bytes + MESSAGE_OVERHEAD_BYTES
     servicer = EmbedderServicer()
     config = serving.ServerConfig.from_args(args, max_message_bytes=max_message_bytes)
-    running = serving.build_server(config, register(servicer), [SERVICE_NAME])
+    observed = Observability("embedder", args.metrics_port)
+    running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
     try:
-        batcher = _load(args, servicer, max_message_bytes)
+        observed.start(args.host)
+        batcher = _load(args, servicer, max_message_bytes, observed.metrics)
     except errors.ImageSearchError as exc:
         running.stop(0).wait()
         log.error("cannot serve: %s", exc)
@@ -160,6 +166,7 @@ def _main(argv=None) -> int:
     def on_stop():
         servicer.ready.detach()
         batcher.close()
+        observed.close()
     serving.serve_until_signalled(running, on_stop=on_stop)
     return 0
 
@@ -172,7 +179,7 @@ def default_stream_window(max_batch: int, device_type: str) -> int:
     return 2 * max_batch if device_type == "cuda" else max_batch
 
 
-def _load(args, servicer, max_message_bytes: int):
+def _load(args, servicer, max_message_bytes: int, metrics=None):
     """Import torch, load and warm up the model, attach it to the servicer."""
     import torch  # noqa: F401  (heavy: only after the port is bound and health answers)
     from PIL import Image
@@ -201,8 +208,14 @@ def _load(args, servicer, max_message_bytes: int):
         torch.set_num_threads(1)
     embedder.warm_up()
     workers = args.decode_workers or default_prepare_workers()
-    batcher = Batcher(lambda item: embedder.decode(*item), embedder.embed_tensors,
+    decode, run_batch = embedder.decode, embedder.embed_tensors
+    if metrics is not None:
+        measured = EmbedderMetrics(metrics)
+        decode, run_batch = measured.timed_decode(decode, args.max_image_bytes), measured.timed_batch(run_batch)
+    batcher = Batcher(lambda item: decode(*item), run_batch,
                       max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000.0, prepare_workers=workers)
+    if metrics is not None:
+        measured.watch_queue(batcher)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_batch=args.max_batch, max_message_bytes=max_message_bytes,
                     max_inflight_image_bytes=args.max_inflight_image_bytes,

@@ -17,9 +17,13 @@ off both lists are empty and nothing of OpenTelemetry is imported.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import sys
+
+import grpc
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +103,70 @@ def shutdown() -> None:
 
 
 def server_interceptors() -> list:
-    """grpc.aio server interceptors that continue the caller's trace (empty when off)."""
+    """grpc.aio server interceptors that continue the caller's trace (empty when off):
+    the library's aio server interceptor, then an adapter it needs for our servicers."""
     if _provider is None:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor(tracer_provider=_provider)]
+    return [aio_server_interceptor(tracer_provider=_provider), _StreamsAsGenerators()]
+
+
+class _Writer:
+    """A servicer context whose `write` hands responses to a queue."""
+
+    def __init__(self, context, queue):
+        self._context = context
+        self._queue = queue
+
+    async def write(self, message) -> None:
+        await self._queue.put(message)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+def _as_async_generator(fn):
+    """A response-streaming coroutine behaviour (it writes with `context.write`)
+    as an async generator of its responses, with the same back-pressure (one
+    response waits at a time) and the same end (its return, abort or error)."""
+    async def behaviour(request, context):
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        done = object()
+
+        async def run():
+            try:
+                await fn(request, _Writer(context, queue))
+            finally:
+                await queue.put(done)
+
+        task = asyncio.ensure_future(run())
+        try:
+            while (message := await queue.get()) is not done:
+                yield message
+            await task  # its exception (an abort, an error), if any
+        finally:
+            if not task.done():
+                task.cancel()
+    return behaviour
+
+
+class _StreamsAsGenerators(grpc.aio.ServerInterceptor):
+    """opentelemetry-instrumentation-grpc's aio server interceptor iterates a
+    response-streaming behaviour with `async for`; the servicers here are
+    coroutines that stream with `context.write`. This adapter, just inside it,
+    turns the latter into the former; everything else passes unchanged."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        fn = handler.unary_stream or handler.stream_stream
+        if not inspect.iscoroutinefunction(fn):
+            return handler
+        make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
+        return make(_as_async_generator(fn), request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
 
 def traced_channel(channel):

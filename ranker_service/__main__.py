@@ -25,8 +25,11 @@ import sys
 
 from imagesearch import defaults, serving
 from imagesearch.errors import StoreError
+from imagesearch.serving.metrics import add_metrics_arguments
+from imagesearch.serving.observe import Observability
 from ranker_service.backend import BACKENDS
 from ranker_service.gallery import DEFAULT_BATCH_SIZE, Gallery
+from ranker_service.metrics import metered
 from ranker_service.servicer import DEFAULT_MAX_BATCH, SERVICE_NAME, RankerServicer, register
 from ranker_service.store import GalleryStore
 
@@ -42,6 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="RankerService: gallery vectors in SQLite and in memory, cosine top-k over gRPC.")
     serving.add_server_arguments(parser, env_prefix=ENV, default_port=defaults.RANKER_PORT)
     serving.add_logging_arguments(parser)
+    add_metrics_arguments(parser, env_prefix=ENV)
     r = parser.add_argument_group("ranker")
     r.add_argument("--backend", choices=BACKENDS, default=serving.env_default(f"{ENV}_BACKEND", "sqlite"),
                    help="where vectors live: sqlite (--db, in-memory indexes) or milvus (--milvus-uri) "
@@ -75,8 +79,9 @@ def _main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.max_batch < 1:
         raise serving.StartupError("--batch-size and --max-batch must be at least 1")
     config = serving.ServerConfig.from_args(args)
+    observed = Observability("ranker", args.metrics_port)
     if args.backend == "milvus":
-        serve_milvus(args, config)
+        serve_milvus(args, config, observed)
         return
     try:
         store = GalleryStore.open(args.db, busy_timeout=args.busy_timeout,
@@ -90,7 +95,8 @@ def _main(argv: list[str] | None = None) -> int:
     gallery = Gallery(store, batch_size=args.batch_size)
     servicer = RankerServicer(max_batch=args.max_batch)
     try:
-        running = serving.build_server(config, register(servicer), [SERVICE_NAME])
+        running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
+        observed.start(args.host)
     except BaseException:
         store.close()
         raise
@@ -101,36 +107,39 @@ def _main(argv: list[str] | None = None) -> int:
         running.stop(0).wait()
         store.close()
         raise SystemExit(f"error: {exc}") from None
-    servicer.attach(gallery)
+    servicer.attach(metered(gallery, observed.metrics, store.path))
     running.set_serving(True)
 
     def on_stop():
         servicer.ready.detach()
         gallery.close()
+        observed.close()
     serving.serve_until_signalled(running, on_stop=on_stop)
     return 0
 
 
-def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig) -> None:
+def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig, observed: Observability) -> None:
     from ranker_service.milvus_backend import MilvusGallery
 
     if not args.milvus_uri:
         raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
     gallery = MilvusGallery(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
     servicer = RankerServicer(max_batch=args.max_batch)
-    running = serving.build_server(config, register(servicer), [SERVICE_NAME])
+    running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
+    observed.start(args.host)
     try:
         gallery.load()
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         running.stop(0).wait()
         raise SystemExit(f"error: {exc}") from None
-    servicer.attach(gallery)
+    servicer.attach(metered(gallery, observed.metrics, None))
     running.set_serving(True)
 
     def on_stop():
         servicer.ready.detach()
         gallery.close()
+        observed.close()
     serving.serve_until_signalled(running, on_stop=on_stop)
 
 

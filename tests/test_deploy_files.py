@@ -154,6 +154,7 @@ def test_compose_services_are_health_checked_non_root_and_read_only(compose, ser
     assert spec["user"].split(":")[0] == USER_ID
     assert spec["read_only"] is True
     assert "auth-token" in spec["secrets"] and "/run/secrets/auth-token" in spec["command"]
+    assert spec["environment"][f"IMAGESEARCH_{service.upper()}_METRICS_PORT"] == "9100"
 
 
 def run_probe(*args: str) -> subprocess.CompletedProcess:

@@ -87,6 +87,11 @@ def test_probes_ask_the_standard_health_service_on_the_served_port(rendered, wor
     _, objects = rendered
     (container,) = containers(objects[workload])
     assert [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"] == [port]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    metrics_port = int(env[f"IMAGESEARCH_{workload[1].upper()}_METRICS_PORT"])
+    assert [p["containerPort"] for p in container["ports"] if p["name"] == "metrics"] == [metrics_port]
+    annotations = objects[workload]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(metrics_port) and annotations["prometheus.io/scrape"] == "true"
     service = objects[("Service", workload[1])]
     assert [p["port"] for p in service["spec"]["ports"]] == [port]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):

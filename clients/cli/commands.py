@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -39,6 +40,8 @@ from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
 
 log = logging.getLogger(__name__)
+
+METRICS_LINE = re.compile(r"metrics on (http://\S+:\d+/metrics)")
 
 START_TIMEOUT_S = 600.0
 
@@ -309,6 +312,12 @@ def cmd_serve(args) -> int:
         raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
     emb_args = embedder_args(checkpoint=args.checkpoint, backbone=args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE),
                              weights=args.weights, device=args.device)
+    def metrics(offset: int) -> list[str]:
+        """Each service its own metrics port: the ranker --metrics-port, replica i that + i."""
+        if args.metrics_port is None:
+            return []
+        return ["--metrics-port", str(args.metrics_port + offset if args.metrics_port else 0)]
+
     with Services() as services:
         embedders = []
         for i in range(args.embedder_replicas):
@@ -317,11 +326,14 @@ def cmd_serve(args) -> int:
                 raise UsageError(f"embedder replica {i + 1} would take port {port}, the ranker's: "
                                  "pick other --embedder-port / --ranker-port values")
             name = "embedder" if args.embedder_replicas == 1 else f"embedder-{i + 1}"
-            embedders.append(services.start(name, EMBEDDER_MODULE, [*emb_args, *tls_args], host=args.host,
-                                            port=port, env=env, echo=sys.stderr))
-        ranker = services.start("ranker", RANKER_MODULE, ["--db", str(args.db), *tls_args], host=args.host,
-                                port=args.ranker_port, env=env, echo=sys.stderr)
+            embedders.append(services.start(name, EMBEDDER_MODULE, [*emb_args, *tls_args, *metrics(i + 1)],
+                                            host=args.host, port=port, env=env, echo=sys.stderr))
+        ranker = services.start("ranker", RANKER_MODULE, ["--db", str(args.db), *tls_args, *metrics(0)],
+                                host=args.host, port=args.ranker_port, env=env, echo=sys.stderr)
         services.wait_ready(START_TIMEOUT_S, probe)
+        for child in services.children if args.metrics_port is not None else ():
+            found = METRICS_LINE.search("\n".join(child.lines))
+            say(f"  {child.what} metrics: {found.group(1) if found else 'not reported'}")
         embedder_address = ",".join(e.address for e in embedders)
         say(f"serving: embedder at {embedder_address}, ranker at {ranker.address} (database {args.db}). "
              "Ctrl-C stops both.")

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder-replicas", type=int, default=1,
                    help="start N embedder processes on ports --embedder-port, +10, +20, ... (clients "
                         "balance over them round-robin: --embedder IP:P1,IP:P2,...) (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=env("IMAGESEARCH_METRICS_PORT"),
+                   help="Prometheus metrics: the ranker on this port, embedder replica i on it + i; 0 = each "
+                        "picks a free one (printed); unset = off (env IMAGESEARCH_METRICS_PORT)")
     p.add_argument("--auth-token", default=env(AUTH_TOKEN_ENV),
                    help=f"require this bearer token on every call but health (env {AUTH_TOKEN_ENV})")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")

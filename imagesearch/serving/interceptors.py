@@ -371,13 +371,12 @@ def item_error(exc: BaseException, method: str, what: str):
 
 
 def build_interceptors(config, extra: Sequence[grpc.aio.ServerInterceptor] = ()) -> list:
-    """The server's interceptors, outermost first: the token check, then `extra`
-    (metrics, traces), the
-    stream idle timeout, and the error mapping closest to the servicer."""
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    """The server's interceptors, outermost first: `extra` (traces, metrics and the
+    access log: they see every call, refused ones included), the token check,
+    the stream idle timeout, and the error mapping closest to the servicer."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [*extra]
     if config.auth_token:
         interceptors.append(TokenAuthInterceptor(config.auth_token))
-    interceptors.extend(extra)
     if config.stream_idle_timeout_s:
         interceptors.append(StreamIdleInterceptor(config.stream_idle_timeout_s))
     interceptors.append(ErrorMappingInterceptor())

@@ -1,0 +1,155 @@
+"""The ranker's own Prometheus metrics, on top of the per-RPC ones
+(imagesearch.serving.metrics):
+
+    imagesearch_ranker_vectors{collection, kind}        vectors stored per collection
+    imagesearch_ranker_memory_bytes{collection, kind}   bytes in memory per collection
+    imagesearch_ranker_database_bytes                   the SQLite file and its WAL on disk
+    imagesearch_ranker_upserted_rows_total              rows committed by Upsert calls (a failed call's
+                                                        batches committed before the failure included)
+    imagesearch_ranker_deleted_rows_total               rows removed by Delete
+    imagesearch_ranker_search_duration_seconds{kind}    ranking one query, by the collection's index kind
+                                                        (a SearchStream batch: its time shared by its queries)
+
+Per-collection figures are read from the backend at scrape time (a collector,
+so nothing is kept in step by hand); the others by `MeteredBackend`, a proxy
+in front of the backend the servicer uses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from imagesearch import errors
+from imagesearch.serving.metrics import ServiceMetrics
+from ranker_service.backend import RankerBackend
+from ranker_service.gallery import DeleteResult, UpsertItem, UpsertResult
+from ranker_service.index import Match, Query
+
+PREFIX = "imagesearch_ranker"
+
+
+class CollectionsCollector(Collector):
+    def __init__(self, backend: RankerBackend, db_path: Path | None):
+        self.backend = backend
+        self.db_path = db_path
+
+    def collect(self):
+        vectors = GaugeMetricFamily(f"{PREFIX}_vectors", "Vectors stored per collection", labels=["collection", "kind"])
+        memory = GaugeMetricFamily(f"{PREFIX}_memory_bytes", "Bytes held in memory per collection",
+                                   labels=["collection", "kind"])
+        try:
+            stats = self.backend.stats() if self.backend.ready else []
+        except errors.ImageSearchError:
+            stats = []
+        for s in stats:
+            vectors.add_metric([s.name, s.spec.kind], s.count)
+            memory.add_metric([s.name, s.spec.kind], s.memory_bytes)
+        yield vectors
+        yield memory
+        if self.db_path is not None:
+            size = sum(p.stat().st_size for p in (self.db_path, Path(f"{self.db_path}-wal")) if p.exists())
+            yield GaugeMetricFamily(f"{PREFIX}_database_bytes", "The SQLite database and its WAL on disk",
+                                    value=size)
+
+
+class _CountingJob:
+    """An Upsert job that adds the rows each of its commits wrote to `counter`
+    (so a call that fails after some batches counts those it committed)."""
+
+    def __init__(self, job, counter):
+        self._job = job
+        self._counter = counter
+        self._counted = 0
+
+    def __getattr__(self, name):
+        return getattr(self._job, name)
+
+    def _count(self) -> None:
+        committed = self._job.committed
+        if committed > self._counted:
+            self._counter.inc(committed - self._counted)
+            self._counted = committed
+
+    def flush(self) -> None:
+        try:
+            self._job.flush()
+        finally:
+            self._count()
+
+    def finish(self) -> UpsertResult:
+        try:
+            return self._job.finish()
+        finally:
+            self._count()
+
+
+class MeteredBackend:
+    """The backend, counting what it commits and timing searches by index kind."""
+
+    def __init__(self, backend: RankerBackend, metrics: ServiceMetrics, db_path: Path | None = None):
+        self._backend = backend
+        self.upserted = metrics.counter("upserted_rows", "Rows committed by Upsert calls")
+        self.deleted = metrics.counter("deleted_rows", "Rows removed by Delete")
+        self.search_seconds = metrics.histogram("search_duration_seconds",
+                                                "Ranking one query, by the collection's index kind", ["kind"])
+        self._kinds: dict[str, str] = {}
+        metrics.registry.register(CollectionsCollector(backend, db_path))
+
+    def __getattr__(self, name):  # everything not measured goes straight through
+        return getattr(self._backend, name)
+
+    def _kind(self, collection: str) -> str:
+        kind = self._kinds.get(collection)
+        if kind is None:
+            try:
+                (stats,) = self._backend.stats(collection)
+                kind = self._kinds[collection] = stats.spec.kind
+            except (errors.ImageSearchError, ValueError):
+                return "unknown"
+        return kind
+
+    def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
+        result = self._backend.upsert(items)
+        self.upserted.inc(result.upserted)
+        return result
+
+    def upsert_job(self):
+        return _CountingJob(self._backend.upsert_job(), self.upserted)
+
+    def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
+        result = self._backend.delete(collection, names)
+        self.deleted.inc(result.deleted)
+        return result
+
+    def search(self, query: Query) -> list[Match]:
+        started = time.perf_counter()
+        matches = self._backend.search(query)
+        self.search_seconds.labels(self._kind(query.collection)).observe(time.perf_counter() - started)
+        return matches
+
+    def search_many(self, queries: Sequence[Query]):
+        started = time.perf_counter()
+        results = self._backend.search_many(queries)
+        share = (time.perf_counter() - started) / max(1, len(queries))
+        for query, result in zip(queries, results):
+            if not isinstance(result, errors.ImageSearchError):
+                self.search_seconds.labels(self._kind(query.collection)).observe(share)
+        return results
+
+    def create_collection(self, *args, **kwargs):
+        self._kinds.clear()
+        return self._backend.create_collection(*args, **kwargs)
+
+    def drop_collection(self, collection: str) -> int:
+        self._kinds.pop(collection, None)
+        return self._backend.drop_collection(collection)
+
+
+def metered(backend: RankerBackend, metrics: ServiceMetrics | None, db_path: Path | None):
+    """`backend` behind a MeteredBackend when the server has metrics, else itself."""
+    return backend if metrics is None else MeteredBackend(backend, metrics, db_path)
