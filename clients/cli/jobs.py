@@ -264,6 +264,8 @@ def _listing(folder: str | Path | FolderListing, what: str) -> FolderListing:
 
 
 RENAME_BATCH = 1000
+# Deadline allowance per stored item for listing the collection (without, with vectors).
+LIST_S, LIST_VECTORS_S = 0.001, 0.01
 
 
 def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path | FolderListing, *,
@@ -283,8 +285,10 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
     extra = extra_attributes(attributes or {}, attributes_from_folders)
     check_collection_model(embedder, ranker, collection, must_exist=False)
     start = time.monotonic()
-    exists = ranker.stats().collection(collection) is not None
-    stored = {item.name: item for item in ranker.list_items(collection)} if exists else {}
+    found = ranker.stats().collection(collection)
+    count = found.count if found is not None else 0
+    stored = ({item.name: item for item in ranker.list_items(collection, timeout=ranker.timeout + count * LIST_S)}
+              if found is not None else {})
     plan = make_plan(listing.images, stored, extra, full=full)
     report.unchanged, report.gone, report.hashed = len(plan.unchanged), plan.gone, plan.hashed
     for i in range(0, len(plan.renames), RENAME_BATCH):
@@ -292,7 +296,8 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
     if plan.retag:
         wanted = set(plan.retag)
         items = [Embedding(i.name, i.vector, i.fingerprint)
-                 for i in ranker.list_items(collection, with_vectors=True) if i.name in wanted]
+                 for i in ranker.list_items(collection, with_vectors=True, timeout=ranker.timeout + count * LIST_VECTORS_S)
+                 if i.name in wanted]
         report.retagged = ranker.upsert(collection, items, attributes=plan.attributes.get).upserted
     if sync and plan.gone:
         report.deleted = ranker.delete(collection, plan.gone).deleted
