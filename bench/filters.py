@@ -8,11 +8,13 @@ sets `imagesearch.defaults.FILTER_EXACT_SCAN_SHARE`.
 In the ranker's core (no gRPC), per kind, on random unit vectors with an
 attribute that a given share of the items pass, for each share: the median
 time of (a) `exact_among` (an exact float32 product over the passing rows
-and the exact float64 top-k) and (b) `ann_then_filter` (the kind's own search
+and the exact float64 top-k), (b) `ann_then_filter` (the kind's own search
 for k x 1/share x FILTER_OVERFETCH candidates, re-ranked exactly, then
-filtered; "short" when fewer than k passed, which then costs (a) as well),
-and (b)'s recall@k against the exact filtered top-k. Plus the unfiltered
-search of the kind, for scale.
+filtered) and (c) `search_filtered` (FAISS searching with a selector of the
+passing ids, then the exact re-rank: what the ranker uses above the share);
+for (b) and (c) the recall@k against the exact filtered top-k and "short",
+the queries answered with fewer than k (which then cost (a) as well). Plus
+the unfiltered search of the kind, for scale.
 
 Prints a table and writes bench/results/filters.json.
 """
@@ -74,34 +76,40 @@ def main(argv=None) -> int:
             coll.upsert(names, vectors)
             build = time.perf_counter() - t0
             plain = median_ms(lambda q, c=coll: c.search(q[np.newaxis], [K]), queries)
-            rows.append({"kind": kind, "share": 1.0, "exact_ms": None, "ann_ms": plain, "recall": None,
-                         "short": 0, "build_s": build})
+            rows.append({"kind": kind, "share": 1.0, "exact_ms": None, "ann_ms": plain, "build_s": build})
             for share in SHARES:
                 allowed = {names[i] for i in order[: max(1, int(share * args.n))]}
                 exact = median_ms(lambda q, c=coll, a=allowed: exact_among(c, q, K, a), queries)
-                short, recall = 0, []
-                for q in queries:
-                    got = ann_then_filter(coll, q, K, allowed)
-                    if got is None:
-                        short += 1
-                        continue
-                    want = {n for n, _ in exact_among(coll, q, K, allowed)}
-                    recall.append(len(want & {n for n, _ in got}) / len(want))
-                ann = median_ms(lambda q, c=coll, a=allowed: ann_then_filter(c, q, K, a), queries)
-                rows.append({"kind": kind, "share": share, "exact_ms": exact, "ann_ms": ann,
-                             "recall": statistics.mean(recall) if recall else None, "short": short})
+                row = {"kind": kind, "share": share, "exact_ms": exact}
+                for key, fn in (("ann", ann_then_filter), ("sel", lambda c, q, k, a: c.search_filtered(q, k, a))):
+                    short, recall = 0, []
+                    for q in queries:
+                        got = fn(coll, q, K, allowed)
+                        if got is None or len(got) < min(K, len(allowed)):
+                            short += 1
+                            continue
+                        want = {n for n, _ in exact_among(coll, q, K, allowed)}
+                        recall.append(len(want & {n for n, _ in got}) / len(want))
+                    row[f"{key}_ms"] = median_ms(lambda q, c=coll, a=allowed, f=fn: f(c, q, K, a), queries)
+                    row[f"{key}_recall"] = statistics.mean(recall) if recall else None
+                    row[f"{key}_short"] = short
+                rows.append(row)
             coll.close()
     print(f"n={args.n} dim={args.dim} k={K}, {args.queries} queries, one BLAS thread; "
           f"FILTER_EXACT_SCAN_SHARE = {FILTER_EXACT_SCAN_SHARE}")
-    print("| kind | passing share | (a) exact scan of passing rows, ms | (b) ANN + over-fetch, ms | "
-          "(b) recall@10 | (b) short of k |\n|---|---:|---:|---:|---:|---:|")
+    print("| kind | passing share | (a) exact scan, ms | (b) ANN + over-fetch, ms | (b) recall@10 | (b) short | "
+          "(c) ANN + selector, ms | (c) recall@10 | (c) short |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def rec(x):
+        return "" if x is None else f"{x:.3f}"
+
     for r in rows:
         if r["exact_ms"] is None:
-            print(f"| {r['kind']} | unfiltered | | {r['ann_ms']:.2f} | | |")
+            print(f"| {r['kind']} | unfiltered | | {r['ann_ms']:.2f} | | | | | |")
             continue
-        recall = "" if r["recall"] is None else f"{r['recall']:.3f}"
-        print(f"| {r['kind']} | {r['share']:.3f} | {r['exact_ms']:.2f} | {r['ann_ms']:.2f} | {recall} | "
-              f"{r['short']}/{args.queries} |")
+        print(f"| {r['kind']} | {r['share']:.3f} | {r['exact_ms']:.2f} | {r['ann_ms']:.2f} | {rec(r['ann_recall'])} | "
+              f"{r['ann_short']}/{args.queries} | {r['sel_ms']:.2f} | {rec(r['sel_recall'])} | "
+              f"{r['sel_short']}/{args.queries} |")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "filters.json").write_text(json.dumps(rows, indent=1))

@@ -316,6 +316,26 @@ class FaissCollection:
             return select_top_k(rows @ query64.astype(np.float32), rows, [n for _, n in picked], query64, int(k),
                                 self.margin)
 
+    def search_filtered(self, query64: np.ndarray, k: int, names: Iterable[str]) -> list[tuple[str, float]] | None:
+        """Top-k of one query among `names` through the index itself: FAISS
+        skips every other id during the search (an `IDSelectorBitmap` of the
+        passing ids), then the exact re-rank. None when the index cannot
+        search yet (an untrained ivf_pq); it may return fewer than k (the
+        caller then scans the passing rows exactly, see filtering.py)."""
+        q32 = np.ascontiguousarray(query64[np.newaxis], dtype=np.float32)
+        with self._rw.read():
+            if not self._index.is_trained:
+                return None
+            ids = np.fromiter((i for i in map(self._ids.get, names) if i is not None), dtype=np.int64)
+            if ids.size == 0:
+                return []
+            bitmap = np.zeros(self._live.shape[0], dtype=np.uint8)
+            np.bitwise_or.at(bitmap, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
+            sel = faiss.IDSelectorBitmap(bitmap.shape[0], faiss.swig_ptr(bitmap))
+            fetch = min(int(ids.size), self.spec.candidates(k, int(ids.size)) if self.spec.rerank else k)
+            _, found = self._index.search(q32, fetch, params=self._params(sel, fetch))
+            return self._rank(found[0], query64, int(k))
+
     def first_nonfinite(self) -> str | None:
         return self._nonfinite  # checked row by row as vectors are loaded (see load_row)
 

@@ -8,10 +8,13 @@ pass, k come back.
   kind's own full scan.
 - Approximate kinds (`spec.kind` not `exact`): when at most
   `FILTER_EXACT_SCAN_SHARE` of the collection passes, the same exact scan of
-  the passing rows (the share measured in bench/filters.py); above it, the ANN search over-fetches
-  k / share x `FILTER_OVERFETCH` candidates and keeps those that pass; when
-  fewer than k of them do, the exact scan of the passing rows answers
-  instead. So an ANN kind never returns fewer than min(k, passing) matches.
+  the passing rows (the share measured in bench/filters.py); above it, the
+  ANN search among the passing items only: FAISS kinds (`search_filtered`)
+  give the index a selector of the passing ids, so it skips the others while
+  it searches; a kind without one over-fetches k / share x
+  `FILTER_OVERFETCH` candidates and keeps those that pass. When fewer than k
+  come back, the exact scan of the passing rows answers instead. So an ANN
+  kind never returns fewer than min(k, passing) matches.
 
 A collection without `search_among` (a kind that cannot pick rows) is
 scanned from its `vector(name)` copies.
@@ -59,7 +62,13 @@ def filtered_search(coll, query64: np.ndarray, k: int, allowed: Sized[str]) -> l
         return []
     if is_exact(coll) or m <= FILTER_EXACT_SCAN_SHARE * n:
         return exact_among(coll, query64, k, allowed)
-    hits = ann_then_filter(coll, query64, k, allowed)
+    search_filtered = getattr(coll, "search_filtered", None)
+    if search_filtered is not None:  # FAISS kinds: the index skips the other ids itself
+        hits = search_filtered(query64, k, allowed)
+        if hits is not None and len(hits) < min(k, m):
+            hits = None
+    else:
+        hits = ann_then_filter(coll, query64, k, allowed)
     return hits if hits is not None else exact_among(coll, query64, k, allowed)
 
 

@@ -217,7 +217,7 @@ def test_filters_return_k_matches_on_every_index_kind(ranker, stub, options):
         assert len(set(half) & set(want)) >= floor, (half, want)
 
 
-def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub):
+def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub, data):
     """(Last in the module: it restarts the ranker.)"""
     rng = np.random.default_rng(3)
     v = unit32(rng.standard_normal((3, DIM)))
@@ -255,3 +255,49 @@ def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub):
         ch.close()
     finally:
         again.terminate()
+
+
+def test_filtered_search_on_a_kind_without_a_selector_over_fetches_then_falls_back():
+    """A kind with no `search_filtered` (the over-fetch path): k passing
+    matches at a broad share, the exact answer at a selective one, and the
+    exact scan when the over-fetched candidates hold fewer than k."""
+    from ranker_service import filtering
+    from ranker_service.index import make_collection
+    from ranker_service.kinds import make_spec
+
+    class NoSelector:
+        def __init__(self, coll):
+            self.coll, self.spec = coll, coll.spec
+
+        def __len__(self):
+            return len(self.coll)
+
+        def search(self, queries64, top_ks):
+            return self.coll.search(queries64, top_ks)
+
+        def search_among(self, query64, k, names):
+            return self.coll.search_among(query64, k, names)
+
+    rng = np.random.default_rng(5)
+    n = 2000
+    vectors = unit32(rng.standard_normal((n, DIM)))
+    names = [f"{i:05d}" for i in range(n)]
+    coll = make_collection("x", DIM, "", make_spec("hnsw"))
+    coll.upsert(names, vectors)
+    wrapped = NoSelector(coll)
+    q = rng.standard_normal(DIM)
+    q /= np.linalg.norm(q)
+    half = {names[i] for i in range(0, n, 2)}
+    got = filtering.filtered_search(wrapped, q, 10, half)
+    assert len(got) == 10 and all(name in half for name, _ in got)
+    few = {names[i] for i in range(0, n, 400)}  # 5 items: exact
+    assert [n for n, _ in filtering.filtered_search(wrapped, q, 10, few)] == \
+        reference_ranking(vectors[::400], sorted(few), q, 10)[0]
+
+    class Blind(NoSelector):  # an index that finds nothing that passes
+        def search(self, queries64, top_ks):
+            return [[] for _ in top_ks]
+
+    assert filtering.ann_then_filter(Blind(coll), q, 10, half) is None
+    assert [n for n, _ in filtering.filtered_search(Blind(coll), q, 10, half)] == \
+        reference_ranking(vectors[::2], sorted(half), q, 10)[0]
