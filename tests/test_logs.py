@@ -98,3 +98,24 @@ def test_trainer_logs_json_lines_and_no_progress_bars(tmp_path):
     assert proc.returncode == 0, proc.stderr
     records = parse_lines(proc.stderr)
     assert any(r["logger"].startswith("trainer") and "epoch 1" in r["message"] for r in records), records
+
+
+def test_every_call_is_an_access_line_with_method_code_peer_and_duration(tmp_path):
+    import grpc
+
+    from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
+
+    with ServiceProcess("ranker_service", "--db", str(tmp_path / "r.db"), "--log-format", "json",
+                        "--log-level", "DEBUG") as ranker, ranker.channel() as channel:
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        stub.GetStats(ranker_pb2.GetStatsRequest(), timeout=10)
+        with pytest.raises(grpc.RpcError):
+            list(stub.Search(ranker_pb2.SearchRequest(collection="nope", vector=[1.0, 0.0]), timeout=10))
+    calls = [r for r in parse_lines(ranker.output) if r["logger"] == "imagesearch.access"]
+    by_method = {r["method"]: r for r in calls}
+    stats = by_method["/imagesearch.v1.RankerService/GetStats"]
+    search = by_method["/imagesearch.v1.RankerService/Search"]
+    assert (stats["level"], stats["code"]) == ("DEBUG", "OK")
+    assert (search["level"], search["code"]) == ("INFO", "NOT_FOUND")
+    for r in (stats, search):
+        assert r["peer"].startswith("ipv4:127.0.0.1:") and 0 < r["duration"] < 10
