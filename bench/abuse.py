@@ -80,6 +80,9 @@ def row(result: abuse.Result) -> str:
 
 def run_service(service: str, proc: ServiceProcess, args, photo: bytes, **kw) -> list[tuple[abuse.Result, list]]:
     out = []
+    if service == "embedder" and not args.batch_seconds:
+        args.batch_seconds = abuse.batch_seconds(proc.address, photo, [("authorization", f"Bearer {TOKEN}")])
+        print(f"one batch of 32 on the idle embedder: {args.batch_seconds:.2f} s", flush=True)
     baseline = abuse.run(proc.address, service, "none", pid=proc.proc.pid, streams=0, seconds=args.seconds,
                          photo=photo, token=TOKEN, **kw)
     out.append((baseline, targets(baseline, baseline, args.batch_seconds)))
@@ -101,8 +104,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--services", nargs="+", default=["embedder", "ranker"], choices=["embedder", "ranker"])
     p.add_argument("--kinds", nargs="+", default=None, help="only these kinds of abuse")
     p.add_argument("--gallery", type=int, default=10000, help="vectors in the ranker (default %(default)s)")
-    p.add_argument("--batch-seconds", type=float, default=1.0,
-                   help="one embedder batch's time, for the Embed target (default %(default)s: 32 on this CPU)")
+    p.add_argument("--batch-seconds", type=float, default=0.0,
+                   help="one embedder batch's time, for the Embed target (default: timed on the idle embedder)")
     p.add_argument("--embedder-arg", action="append", default=[], metavar="ARG")
     p.add_argument("--ranker-arg", action="append", default=[], metavar="ARG")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "abuse.json")

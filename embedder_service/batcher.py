@@ -1,18 +1,20 @@
 """Dynamic batching, independent of gRPC and of the model.
 
 A `Batcher` takes requests one at a time (`submit`), prepares each on a thread
-pool (for the embedder: decode + preprocess), and hands the prepared items to
+pool (for the embedder: decode + preprocess; one batch prepared ahead of the
+model, which bounds the memory of decoded tensors), and hands the prepared items to
 `run` in batches on one model thread: a batch closes when it holds `max_batch`
 items or `max_wait_s` after its first item, whichever is first. While the model
 thread runs batch n, the pool prepares batch n+1, so decoding and inference
 overlap.
 
-Requests are served by rank, not in arrival order: a request's rank is how
-many requests of the same `source` (a stream; each unary call is its own) were
-already in the batcher when it came, ties in arrival order. Decoding and
-batching both take the best-ranked request first, so a caller with nothing in
-flight gets into the next batch even while a thousand streams each keep a
-window full (the batch being run, then the caller's: two batch times).
+Requests are served by rank, not in arrival order: first by `priority` (the
+embedder gives single `Embed` calls 0 and `EmbedStream` items 1: interactive
+before bulk), then by how many requests of the same `source` (a stream; each
+unary call is its own) were already in the batcher when it came, then in
+arrival order. Decoding and batching both take the best-ranked request first,
+so a single call gets into the next batch even while a thousand streams keep
+the model busy (the batch being run, then the caller's: two batch times).
 
 A request carries an `alive()` callable (for a gRPC call: the call is still
 active and its deadline has not passed). Requests that are no longer alive are
@@ -77,7 +79,7 @@ class _Request(Generic[P, T, R]):
         self.alive = alive
         self.future: futures.Future[R] = futures.Future()
         self.prepared: T | None = None
-        self.rank: tuple[int, int] = (0, 0)
+        self.rank: tuple[int, int, int] = (0, 0, 0)
 
     def __lt__(self, other: "_Request") -> bool:
         return self.rank < other.rank
@@ -109,6 +111,12 @@ class Batcher(Generic[P, T, R]):
         self._pool = futures.ThreadPoolExecutor(prepare_workers, thread_name_prefix=f"{name}-prepare")
         self._lock = threading.Lock()
         self._has_ready = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)  # for prepared requests waiting for the model
+        # Decoded ahead of the model (bounds the memory of prepared tensors): one
+        # batch, prepared while the model runs the previous one. Priority-0
+        # requests are prepared past it, to make the model's next batch.
+        self.max_prepared = max_batch
+        self._preparing = 0
         self._stopping = False  # set by close() once every submitted request is prepared
         self._closed = False
         self._stats = BatcherStats()
@@ -126,10 +134,12 @@ class Batcher(Generic[P, T, R]):
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, payload: P, alive: Alive | None = None, source: object = None) -> futures.Future[R]:
+    def submit(self, payload: P, alive: Alive | None = None, source: object = None,
+               priority: int = 0) -> futures.Future[R]:
         """Queue one item; the future holds its result, the exception `prepare`
         or `run` raised for it, or `Dropped`. `source` groups the requests of one
-        caller (a stream) for ranking; None: the request is its own source."""
+        caller (a stream) for ranking; None: the request is its own source.
+        Lower `priority` goes first."""
         request: _Request[P, T, R] = _Request(payload, alive or _always)
         key = request if source is None else source
         with self._lock:
@@ -138,9 +148,11 @@ class Batcher(Generic[P, T, R]):
             self._stats.submitted += 1
             held = self._inflight.get(key, 0)
             self._inflight[key] = held + 1
-            request.rank = (held, next(self._seq))
+            request.rank = (priority, held, next(self._seq))
             heapq.heappush(self._to_prepare, request)
             self._pool.submit(self._prepare_best)  # one task per request: each prepares the best waiting one
+            if priority == 0:
+                self._room.notify_all()  # a worker waiting for room may take this one now
         request.future.add_done_callback(lambda _f: self._done(key))
         return request.future
 
@@ -180,7 +192,7 @@ class Batcher(Generic[P, T, R]):
                             return
                     if stop.is_set():
                         return
-                    future = self.submit(payload, alive, source)
+                    future = self.submit(payload, alive, source, priority=1)
                     future.add_done_callback(lambda f, key=key: done.put((key, f)))
                     count += 1
             except BaseException as exc:  # the request stream broke or was cancelled
@@ -235,9 +247,18 @@ class Batcher(Generic[P, T, R]):
             request.future.set_exception(errors.Dropped("the caller cancelled or its deadline passed"))
 
     def _prepare_best(self) -> None:
-        with self._lock:
+        # Wait for room before choosing: the best request is chosen when it can be prepared.
+        with self._room:
+            while len(self._ready) + self._preparing >= self.max_prepared and self._to_prepare[0].rank[0] > 0:
+                self._room.wait()
             request = heapq.heappop(self._to_prepare)
-        self._prepare_one(request)
+            self._preparing += 1
+        try:
+            self._prepare_one(request)
+        finally:
+            with self._room:
+                self._preparing -= 1
+                self._room.notify()
 
     def _prepare_one(self, request: _Request) -> None:
         if not request.future.set_running_or_notify_cancel():
@@ -275,7 +296,9 @@ class Batcher(Generic[P, T, R]):
                 if remaining <= 0:
                     break
                 self._has_ready.wait(remaining)
-            return [heapq.heappop(self._ready) for _ in range(min(self.max_batch, len(self._ready)))]
+            batch = [heapq.heappop(self._ready) for _ in range(min(self.max_batch, len(self._ready)))]
+            self._room.notify_all()
+            return batch
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:

@@ -6,9 +6,9 @@ the batcher's decode threads and inference on its model thread; a handler
 only submits an item and awaits its future. Encoded images held by calls
 (read, not yet embedded) count against one `ByteBudget` shared by every call:
 past it a call waits before reading more, so memory does not grow with the
-number of streams. A caller with fewer items in flight is served first (in the
-budget and in the batcher), so one Embed is not queued behind a thousand
-streams' windows. Domain errors become status codes in the shared
+number of streams. Single Embed calls go before stream items, and among
+streams the one with fewer items in flight goes first (in the budget and in
+the batcher), so one Embed is not queued behind a thousand streams' windows. Domain errors become status codes in the shared
 `imagesearch.serving.ErrorMappingInterceptor`; per-item errors inside
 `EmbedStream` become `EmbedStreamResponse.error` and the stream goes on.
 Imports no torch: the model arrives through `attach` once it is loaded, and
@@ -33,6 +33,8 @@ from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
+# Bytes a stream reserves for its first image before reading it (then: its last image's size).
+FIRST_IMAGE_GUESS = 256 * 1024
 _END = object()
 
 
@@ -92,9 +94,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         core = self.ready.core()
         name = request.name or "image"
         check_label(name, "name")
-        held = await core.budget.acquire(len(request.image))
+        held = await core.budget.acquire(len(request.image), rank=(0, 0))
         try:
-            future = core.batcher.submit((request.image, name), call_alive(context))
+            future = core.batcher.submit((request.image, name), call_alive(context), priority=0)
             vector = await asyncio.wrap_future(future)  # the item's domain error, if any, raises here
         finally:
             core.budget.release(held)
@@ -106,6 +108,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         alive = call_alive(context)
         source = object()  # this stream's items are ranked together in the batcher and the byte budget
         window = asyncio.Semaphore(core.limits.stream_window)
+        bulk_limit = core.budget.capacity * 3 // 4  # streams leave a quarter for single Embed calls
         done: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Future] = set()
 
@@ -115,28 +118,45 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             done.put_nowait((item_id, future))
 
         async def feed(reader: serving.StreamReader) -> None:
-            count, failure = 0, None
+            # The window and the bytes are taken before a message is read, so an
+            # unread message stays in the client and the kernel, not in this process:
+            # a guess (the stream's last image size) first, the difference after.
+            count, failure, guess = 0, None, min(FIRST_IMAGE_GUESS, core.limits.max_image_bytes)
             try:
-                while (request := await reader.next()) is not None:
+                while True:
                     await window.acquire()
+                    held = await core.budget.acquire(guess, rank=(1, core.batcher.in_flight(source)), limit=bulk_limit)
+                    request = await reader.next()
+                    if request is None:
+                        core.budget.release(held)
+                        break
+                    size = min(len(request.image), core.budget.capacity)  # an item past the cap holds all of it
+                    if size > held:
+                        # the rest under the whole capacity: under bulk_limit a stream holding
+                        # its guess could wait on itself
+                        held += await core.budget.acquire(size - held, rank=(1, core.batcher.in_flight(source)))
+                    elif size < held:
+                        core.budget.release(held - size)
+                        held = size
+                    guess = max(size, 1)
                     count += 1
                     try:
                         check_label(request.id, "item id")
                     except errors.InvalidArgument as exc:
+                        core.budget.release(held)
                         failed = asyncio.get_running_loop().create_future()
                         failed.set_exception(exc)
                         done.put_nowait((request.id, failed))
                         continue
-                    held = await core.budget.acquire(len(request.image), rank=core.batcher.in_flight(source))
                     future = asyncio.wrap_future(
-                        core.batcher.submit((request.image, f"item {request.id!r}"), alive, source))
+                        core.batcher.submit((request.image, f"item {request.id!r}"), alive, source, priority=1))
                     pending.add(future)
                     future.add_done_callback(lambda f, i=request.id, h=held: finished(i, h, f))
             except errors.ImageSearchError as exc:  # e.g. the batcher is shutting down
                 failure = exc
             done.put_nowait((_END, (count, failure or reader.failure)))
 
-        async with serving.StreamReader(requests, ahead=1) as reader:
+        async with serving.StreamReader(requests, ahead=0) as reader:
             feeder = asyncio.get_running_loop().create_task(feed(reader))
             expected, failure, handed = None, None, 0
             try:

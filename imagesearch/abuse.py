@@ -84,6 +84,20 @@ class Result:
         return values[min(len(values) - 1, math.ceil(p / 100 * len(values)) - 1)]
 
 
+def batch_seconds(target: str, photo: bytes, metadata=None, items: int = 32) -> float:
+    """The time of one full batch here and now: `items` photos on one
+    EmbedStream of an otherwise idle embedder (decode and forward)."""
+    options = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
+        requests = [embedder_pb2.EmbedStreamRequest(id=str(i), image=photo) for i in range(items)]
+        start = time.perf_counter()
+        answers = list(stub.EmbedStream(iter(requests), timeout=600, metadata=metadata))
+        took = time.perf_counter() - start
+    assert len(answers) == items and all(a.WhichOneof("result") == "embedding" for a in answers)
+    return took
+
+
 # ---------------------------------------------------------------- the well-behaved client
 
 

@@ -24,15 +24,18 @@ class ByteBudget:
         self._waiters: list[tuple[int, int, int, asyncio.Future]] = []
         self._seq = itertools.count()
 
-    async def acquire(self, n: int, rank: int = 0) -> int:
-        """Wait until `n` bytes fit (one item larger than the whole budget waits
-        for an empty budget); returns what to `release` later."""
+    async def acquire(self, n: int, rank=0, limit: int | None = None) -> int:
+        """Wait until `n` bytes fit under `limit` (default: the capacity; bulk
+        callers pass less, leaving room for the others); one item larger than
+        the whole budget waits for an empty budget. Returns what to `release`."""
+        limit = self.capacity if limit is None else min(limit, self.capacity)
         n = max(0, min(n, self.capacity))
-        if not self._waiters and self.used + n <= self.capacity:
+        if not self._waiters and (self.used + n <= limit or self.used == 0):
             self.used += n
             return n
         future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (rank, next(self._seq), n, future))
+        heapq.heappush(self._waiters, (rank, next(self._seq), n, limit, future))
+        self._wake()  # a better-ranked caller that fits goes now, ahead of those waiting
         try:
             await future
         except asyncio.CancelledError:
@@ -50,11 +53,11 @@ class ByteBudget:
 
     def _wake(self) -> None:
         while self._waiters:
-            _, _, n, future = self._waiters[0]
+            _, _, n, limit, future = self._waiters[0]
             if future.done():
                 heapq.heappop(self._waiters)
                 continue
-            if self.used + n > self.capacity:
+            if self.used + n > limit and self.used > 0:
                 return
             heapq.heappop(self._waiters)
             self.used += n

@@ -24,20 +24,26 @@ _END = object()
 
 
 class StreamReader(Generic[T]):
+    """`ahead` requests are read ahead on a task; with `ahead=0` none: `next`
+    reads the stream itself (the caller decides when the next message comes in)."""
+
     def __init__(self, requests: AsyncIterator[T], *, ahead: int):
-        if ahead < 1:
-            raise ValueError("ahead must be at least 1")
-        self._queue: asyncio.Queue = asyncio.Queue(maxsize=ahead)
+        if ahead < 0:
+            raise ValueError("ahead must be 0 or more")
+        self._requests = requests.__aiter__()
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, ahead))
         self.failure: errors.ImageSearchError | None = None
         self.broken = False  # the client cancelled or the connection broke: nobody will read an answer
         self.count = 0
         self._ended = False
-        self._task = asyncio.get_running_loop().create_task(self._pump(requests))
+        self._task = asyncio.get_running_loop().create_task(self._pump()) if ahead else None
 
-    async def _pump(self, requests: AsyncIterator[T]) -> None:
+    async def _read(self):
+        """The next request from the stream itself, or _END (noting why it ended)."""
         try:
-            async for request in requests:
-                await self._queue.put(request)
+            return await self._requests.__anext__()
+        except StopAsyncIteration:
+            return _END
         except errors.ImageSearchError as exc:
             self.failure = exc
         except asyncio.CancelledError:
@@ -45,13 +51,18 @@ class StreamReader(Generic[T]):
         except Exception as exc:  # the client cancelled or the connection broke
             self.broken = True
             log.debug("request stream broke: %s: %s", type(exc).__name__, exc)
+        return _END
+
+    async def _pump(self) -> None:
+        while (request := await self._read()) is not _END:
+            await self._queue.put(request)
         await self._queue.put(_END)
 
     async def next(self) -> T | None:
         """The next request, or None at the end of the stream."""
         if self._ended:
             return None
-        item = await self._queue.get()
+        item = await (self._queue.get() if self._task is not None else self._read())
         if item is _END:
             self._ended = True
             return None
@@ -82,7 +93,8 @@ class StreamReader(Generic[T]):
             raise self.failure
 
     def close(self) -> None:
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
     async def __aenter__(self) -> "StreamReader[T]":
         return self
