@@ -146,7 +146,7 @@ class Collection:
         coll._matrix = np.ascontiguousarray(matrix, dtype=np.float32)
         coll._n = matrix.shape[0]
         coll._names = list(names)
-        coll._rows = {n: i for i, n in enumerate(names)}
+        coll._rows = dict(zip(coll._names, range(coll._n)))
         if len(coll._rows) != coll._n:
             raise ValueError(f"collection {name!r}: {coll._n} rows, {len(coll._rows)} distinct names")
         coll._names_bytes = sum(sys.getsizeof(n) for n in names)
