@@ -168,7 +168,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--engines", nargs="+", default=["torch", "onnxruntime", "openvino"],
+    p.add_argument("--engines", nargs="+", default=["torch", "onnxruntime", "openvino"],  # first = clothing baseline
                    choices=("torch", "onnxruntime", "openvino"), help="engines to compare (cpu)")
     p.add_argument("--photos", choices=("clothing", "12mp", "both"), default="both")
     p.add_argument("--batch", type=int, default=0, help="batch size; 0 = 8 on cpu, 64 on cuda")
@@ -182,6 +182,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--engine-cache", default=None, help="the services' and in-process --engine-cache")
+    p.add_argument("--int8-calibration", type=Path, default=None,
+                   help="also run onnxruntime int8 calibrated on this folder (setting onnxruntime-int8)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "embedder.json")
     return p
 
@@ -196,17 +198,22 @@ def settings_for(photo_set: str, engines: list[str]) -> list[tuple[str, str]]:
 def bench_set(args, label: str, images: list[bytes], batch: int, threads: int, concurrency: list[int]) -> list[dict]:
     """Every (engine, decode) setting on one photo set, rounds interleaved."""
     settings = settings_for(label, args.engines)
+    if args.int8_calibration:
+        settings.append(("onnxruntime-int8", "draft"))
     warm = images[:2 * batch]
     cache = ["--engine-cache", args.engine_cache] if args.engine_cache else []
     embedders, services, stubs, times = {}, {}, {}, {}
-    for engine, decode in settings:
-        key = (engine, decode)
+    for setting, decode in settings:
+        key = (setting, decode)
+        engine = setting.removesuffix("-int8")  # "onnxruntime-int8": onnxruntime with --int8-calibration
+        int8 = ["--int8-calibration", str(args.int8_calibration)] if setting.endswith("-int8") else []
         embedders[key] = Embedder.load(backbone=args.backbone, device=args.device, engine=engine, decode=decode,
-                                       cache_dir=args.engine_cache, max_batch=batch)
+                                       cache_dir=args.engine_cache, max_batch=batch,
+                                       int8_calibration=args.int8_calibration if int8 else None)
         embedders[key].warm_up()
         service_args = ["--backbone", args.backbone, "--device", args.device, "--max-batch", str(batch),
                         "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads), "--engine", engine,
-                        "--decode", decode, *cache]
+                        "--decode", decode, *cache, *int8]
         if args.decode_workers:
             service_args += ["--decode-workers", str(args.decode_workers)]
         services[key] = ServiceProcess("embedder_service", *service_args, startup_timeout=600,
