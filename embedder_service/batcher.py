@@ -14,7 +14,9 @@ before bulk), then by how many requests of the same `source` (a stream; each
 unary call is its own) were already in the batcher when it came, then in
 arrival order. Decoding and batching both take the best-ranked request first,
 so a single call gets into the next batch even while a thousand streams keep
-the model busy (the batch being run, then the caller's: two batch times).
+the model busy; and a priority-0 request never shares a batch with lower ones:
+it waits for the batch being run, then runs in a batch of its own (the time of
+a few images, not of a full batch).
 
 A request carries an `alive()` callable (for a gRPC call: the call is still
 active and its deadline has not passed). Requests that are no longer alive are
@@ -296,7 +298,14 @@ class Batcher(Generic[P, T, R]):
                 if remaining <= 0:
                     break
                 self._has_ready.wait(remaining)
-            batch = [heapq.heappop(self._ready) for _ in range(min(self.max_batch, len(self._ready)))]
+            if self._ready[0].rank[0] == 0 and any(r.rank[0] > 0 for r in self._ready):
+                # Priority-0 requests wait for no bulk: they go in a batch of their own,
+                # which runs in the time of a few images, not of a full batch.
+                batch = []
+                while self._ready and self._ready[0].rank[0] == 0 and len(batch) < self.max_batch:
+                    batch.append(heapq.heappop(self._ready))
+            else:
+                batch = [heapq.heappop(self._ready) for _ in range(min(self.max_batch, len(self._ready)))]
             self._room.notify_all()
             return batch
 

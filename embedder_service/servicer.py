@@ -113,9 +113,12 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         pending: set[asyncio.Future] = set()
 
         def finished(item_id: str, held: int, future: asyncio.Future) -> None:
-            core.budget.release(held)  # here, so a call that ends early still gives its bytes back
+            # The image's bytes go back now; its answer's stay charged until written, so
+            # streams that never read cannot pile up answers outside the budget.
+            kept = 0 if future.cancelled() or future.exception() is not None else min(held, future.result().nbytes)
+            core.budget.release(held - kept)
             pending.discard(future)
-            done.put_nowait((item_id, future))
+            done.put_nowait((item_id, future, kept))
 
         async def feed(reader: serving.StreamReader) -> None:
             # The window and the bytes are taken before a message is read, so an
@@ -146,7 +149,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                         core.budget.release(held)
                         failed = asyncio.get_running_loop().create_future()
                         failed.set_exception(exc)
-                        done.put_nowait((request.id, failed))
+                        done.put_nowait((request.id, failed, 0))
                         continue
                     future = asyncio.wrap_future(
                         core.batcher.submit((request.image, f"item {request.id!r}"), alive, source, priority=1))
@@ -154,24 +157,30 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                     future.add_done_callback(lambda f, i=request.id, h=held: finished(i, h, f))
             except errors.ImageSearchError as exc:  # e.g. the batcher is shutting down
                 failure = exc
-            done.put_nowait((_END, (count, failure or reader.failure)))
+            done.put_nowait((_END, (count, failure or reader.failure), 0))
 
         async with serving.StreamReader(requests, ahead=0) as reader:
             feeder = asyncio.get_running_loop().create_task(feed(reader))
             expected, failure, handed = None, None, 0
+            kept = 0
             try:
                 while expected is None or handed < expected:
-                    item_id, result = await done.get()
+                    item_id, result, kept = await done.get()
                     if item_id is _END:
                         expected, failure = result
                         continue
                     await context.write(_stream_response(item_id, result, fingerprint))
+                    core.budget.release(kept)
+                    kept = 0
                     handed += 1
                     window.release()
             finally:
                 feeder.cancel()
                 for future in list(pending):
-                    future.cancel()
+                    future.cancel()  # their callbacks give their bytes back
+                core.budget.release(kept)  # the answer being written when the call ended
+                while not done.empty():
+                    core.budget.release(done.get_nowait()[2])
         if failure is not None:
             raise failure
 

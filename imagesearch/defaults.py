@@ -28,7 +28,7 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 50_000_000  # e.g. 8660 x 5773; PIL's own bomb guard is 89 Mpx
 # Encoded image bytes an embedder holds at once (read, not yet embedded) across
 # every call; past it calls wait before reading more.
-MAX_INFLIGHT_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_INFLIGHT_IMAGE_BYTES = 32 * 1024 * 1024
 # Longest item name or stream id an embedder accepts (INVALID_ARGUMENT past it).
 MAX_CLIENT_TEXT_CHARS = 1024
 
