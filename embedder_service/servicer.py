@@ -113,31 +113,33 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         pending: set[asyncio.Future] = set()
 
         def finished(item_id: str, held: int, future: asyncio.Future) -> None:
-            # The image's bytes go back now; its answer's stay charged until written, so
-            # streams that never read cannot pile up answers outside the budget.
-            kept = 0 if future.cancelled() or future.exception() is not None else min(held, future.result().nbytes)
-            core.budget.release(held - kept)
+            # Here, so a call that ends early still gives its bytes back. (Answers are not
+            # charged: a stream that never reads would then starve every other call;
+            # its unwritten answers are bounded by its window instead.)
+            core.budget.release(held)
             pending.discard(future)
-            done.put_nowait((item_id, future, kept))
+            done.put_nowait((item_id, future))
 
         async def feed(reader: serving.StreamReader) -> None:
             # The window and the bytes are taken before a message is read, so an
             # unread message stays in the client and the kernel, not in this process:
             # a guess (the stream's last image size) first, the difference after.
             count, failure, guess = 0, None, min(FIRST_IMAGE_GUESS, core.limits.max_image_bytes)
+            held = 0  # bytes this task holds for a message not yet handed to the batcher
             try:
                 while True:
                     await window.acquire()
                     held = await core.budget.acquire(guess, rank=(1, core.batcher.in_flight(source)), limit=bulk_limit)
                     request = await reader.next()
                     if request is None:
-                        core.budget.release(held)
                         break
                     size = min(len(request.image), core.budget.capacity)  # an item past the cap holds all of it
                     if size > held:
-                        # the rest under the whole capacity: under bulk_limit a stream holding
-                        # its guess could wait on itself
-                        held += await core.budget.acquire(size - held, rank=(1, core.batcher.in_flight(source)))
+                        # The guess is given back and the whole size asked for: waiting for
+                        # more while holding some could deadlock streams on one another.
+                        core.budget.release(held)
+                        held = 0
+                        held = await core.budget.acquire(size, rank=(1, -1), limit=bulk_limit)
                     elif size < held:
                         core.budget.release(held - size)
                         held = size
@@ -147,40 +149,38 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                         check_label(request.id, "item id")
                     except errors.InvalidArgument as exc:
                         core.budget.release(held)
+                        held = 0
                         failed = asyncio.get_running_loop().create_future()
                         failed.set_exception(exc)
-                        done.put_nowait((request.id, failed, 0))
+                        done.put_nowait((request.id, failed))
                         continue
                     future = asyncio.wrap_future(
                         core.batcher.submit((request.image, f"item {request.id!r}"), alive, source, priority=1))
                     pending.add(future)
                     future.add_done_callback(lambda f, i=request.id, h=held: finished(i, h, f))
+                    held = 0
             except errors.ImageSearchError as exc:  # e.g. the batcher is shutting down
                 failure = exc
-            done.put_nowait((_END, (count, failure or reader.failure), 0))
+            finally:
+                core.budget.release(held)  # ended (or cancelled) between reading and submitting
+            done.put_nowait((_END, (count, failure or reader.failure)))
 
         async with serving.StreamReader(requests, ahead=0) as reader:
             feeder = asyncio.get_running_loop().create_task(feed(reader))
             expected, failure, handed = None, None, 0
-            kept = 0
             try:
                 while expected is None or handed < expected:
-                    item_id, result, kept = await done.get()
+                    item_id, result = await done.get()
                     if item_id is _END:
                         expected, failure = result
                         continue
                     await context.write(_stream_response(item_id, result, fingerprint))
-                    core.budget.release(kept)
-                    kept = 0
                     handed += 1
                     window.release()
             finally:
                 feeder.cancel()
                 for future in list(pending):
                     future.cancel()  # their callbacks give their bytes back
-                core.budget.release(kept)  # the answer being written when the call ended
-                while not done.empty():
-                    core.budget.release(done.get_nowait()[2])
         if failure is not None:
             raise failure
 

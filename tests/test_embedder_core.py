@@ -324,3 +324,32 @@ def test_a_caller_with_nothing_in_flight_goes_before_a_streams_backlog():
         assert lone.result(10) == ("lone", 0)
         assert [f.result(10) for f in backlog] == [("stream", i) for i in range(1, 17)]
     assert ("lone", 0) in batches[1], batches
+
+
+def test_a_priority_call_runs_in_a_batch_of_its_own_not_behind_bulk():
+    """Stream items (priority 1) keep a full batch ready; a single call
+    (priority 0) is the whole next batch, not one of 32."""
+    gate = threading.Event()
+    batches: list[list] = []
+
+    def run(items):
+        batches.append(list(items))
+        if len(batches) == 1:
+            gate.wait(10)
+        return items
+
+    with Batcher(lambda x: x, run, max_batch=4, max_wait_s=0.0, prepare_workers=1) as b:
+        stream = object()
+        b.submit(("bulk", 0), source=stream, priority=1)
+        deadline = time.monotonic() + 10
+        while not batches and time.monotonic() < deadline:
+            time.sleep(0.01)
+        bulk = [b.submit(("bulk", i), source=stream, priority=1) for i in range(1, 9)]
+        while len(b._ready) < 4 and time.monotonic() < deadline:  # a full batch of bulk is ready
+            time.sleep(0.01)
+        single = b.submit(("single", 0), priority=0)
+        time.sleep(0.1)  # prepared past the one-batch bound
+        gate.set()
+        assert single.result(10) == ("single", 0)
+        assert [f.result(10) for f in bulk] == [("bulk", i) for i in range(1, 9)]
+    assert batches[1] == [("single", 0)], batches
