@@ -10,6 +10,7 @@ scored against retrieval/ground_truth.json with the project's metrics):
     seed              --recipe seed (the seed notebook's recipe)
     default           the default recipe
     default+tta       the default checkpoint served with --tta flip
+    default-ls0       default recipe without label smoothing (--label-smoothing 0)
     gem               default recipe + --pooling gem
     arcface-512       default recipe + --loss arcface --embedding-dim 512
     proxy_anchor-512  default recipe + --loss proxy_anchor --embedding-dim 512
@@ -61,6 +62,7 @@ OPTIONS: dict[str, tuple[list[str] | None, list[str], str | None]] = {
     "seed": (["--recipe", "seed"], [], None),
     "default": ([], [], None),
     "default+tta": (None, ["--tta", "flip"], "default"),
+    "default-ls0": (["--label-smoothing", "0"], [], None),
     "gem": (["--pooling", "gem"], [], None),
     "arcface-512": (["--loss", "arcface", "--embedding-dim", "512"], [], None),
     "proxy_anchor-512": (["--loss", "proxy_anchor", "--embedding-dim", "512"], [], None),
