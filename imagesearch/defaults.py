@@ -64,7 +64,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # before anyone is refused.
 MAX_CONCURRENT_RPCS = 4096
 STREAM_IDLE_TIMEOUT_S = 120.0
-MAX_STREAMS_PER_CONNECTION = 128
+MAX_STREAMS_PER_CONNECTION = 1024  # gRPC Python channels to one target share a connection
 MAX_CONNECTION_IDLE_S = 600.0
 MAX_CONNECTION_AGE_S = 0.0  # 0 = no age limit: long Upsert streams are legitimate
 MAX_CONNECTION_AGE_GRACE_S = 60.0
