@@ -349,6 +349,11 @@ def test_round_robin_over_two_embedder_processes():
 
             photo = find_photos()[0].read_bytes()
             items = [ImageSource(str(i), lambda: photo) for i in range(8)]
+            # Both serving first: a replica still loading its model (B exports its random
+            # weights to ONNX) answers UNAVAILABLE, and the retry then lands on the other.
+            for port in (a.port, b.port):
+                with EmbedderClient(f"127.0.0.1:{port}", timeout=120) as one:
+                    one.wait_ready()
             with EmbedderClient(f"127.0.0.1:{a.port},127.0.0.1:{b.port}", timeout=60) as client:
                 client.wait_ready()
                 batches = {client.model_info(refresh=True).max_batch for _ in range(10)}
