@@ -355,8 +355,10 @@ def test_round_robin_over_two_embedder_processes():
                 with EmbedderClient(f"127.0.0.1:{port}", timeout=120) as one:
                     one.wait_ready()
             with EmbedderClient(f"127.0.0.1:{a.port},127.0.0.1:{b.port}", timeout=60) as client:
-                client.wait_ready()
-                batches = {client.model_info(refresh=True).max_batch for _ in range(10)}
+                client.wait_ready()  # one replica ready; round_robin adds the other once connected
+                batches, deadline = set(), time.monotonic() + 30
+                while batches != {8, 4} and time.monotonic() < deadline:
+                    batches |= {client.model_info(refresh=True).max_batch for _ in range(10)}
                 fingerprints = {r.fingerprint for r in client.embed_many(items, chunk_size=1, concurrency=4)}
             assert batches == {8, 4}
             assert len(fingerprints) == 2
