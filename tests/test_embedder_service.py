@@ -344,9 +344,11 @@ def test_sigterm_drains_in_flight_work_and_stops_the_batcher():
             consumer = threading.Thread(target=consume)
             consumer.start()
             assert first_back.wait(120)
-            # calls whose deadline passes while they wait behind the stream: dropped before inference
+            # Embed calls go ahead of stream items, in FIFO order among themselves: 16 of them
+            # (4 batches) queued first, then calls whose deadline passes while they wait behind
+            # those: dropped before inference
+            unary = [stub.Embed.future(embedder_pb2.EmbedRequest(image=d), timeout=300) for d in images[:16]]
             expired = [stub.Embed.future(embedder_pb2.EmbedRequest(image=images[0]), timeout=0.05) for _ in range(3)]
-            unary = [stub.Embed.future(embedder_pb2.EmbedRequest(image=d), timeout=300) for d in images[:4]]
             time.sleep(0.5)  # let the calls reach the server: SIGTERM must find them in flight
             proc.proc.send_signal(signal.SIGTERM)
             consumer.join(300)
@@ -368,7 +370,7 @@ def test_sigterm_drains_in_flight_work_and_stops_the_batcher():
     m = re.search(r"batcher stopped: (\d+) items in (\d+) batches, (\d+) dropped", log)
     assert m, log
     items, batches, dropped = map(int, m.groups())
-    assert items + dropped == 24 + 4 + 3 and dropped >= 1  # expired calls never reached the model
+    assert items + dropped == 24 + 16 + 3 and dropped >= 1  # expired calls never reached the model
     assert batches < items  # items were batched
 
 

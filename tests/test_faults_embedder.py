@@ -131,14 +131,16 @@ def search_all(stub, k: int) -> list[str]:
 
 
 STREAM = 96
+BLOCKERS = 64  # 8 batches of 8: about 1 s of model time here, 4 x the expiring calls' deadline
 EXPIRING = 100
 
 
 @pytest.mark.slow
 def test_calls_whose_deadline_passes_are_dropped_not_run():
-    """A stream keeps the model busy with a full window queued ahead; 100 Embed
-    calls with a 0.25 s deadline arrive behind it. The server must drop them
-    (count them as dropped, never run them), and answer the next call."""
+    """A stream keeps the model busy and BLOCKERS Embed calls (which go ahead of
+    stream items, first come first served among themselves) are queued; 100
+    Embed calls with a 0.25 s deadline arrive behind them. The server must drop
+    them (count them as dropped, never run them), and answer the next call."""
     photos = sample_photos(STREAM, max_side=160)
     proc = ServiceProcess("embedder_service", "--device", "cpu", "--max-batch", "8", "--max-wait-ms", "5",
                           "--stream-window", "64", "--decode-workers", "2")
@@ -160,9 +162,12 @@ def test_calls_whose_deadline_passes_are_dropped_not_run():
             consumer = threading.Thread(target=consume)
             consumer.start()
             assert first_back.wait(300)
+            blockers = [stub.Embed.future(embedder_pb2.EmbedRequest(image=photos[i % 8], name=f"early-{i}"),
+                                          timeout=300) for i in range(BLOCKERS)]
             expiring = [stub.Embed.future(embedder_pb2.EmbedRequest(image=photos[i % 8], name=f"late-{i}"),
                                           timeout=0.25) for i in range(EXPIRING)]
             codes = [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in expiring]
+            assert all(len(f.result().vector) == 1280 for f in blockers)
             still_streaming = len(streamed) < STREAM
             consumer.join(600)
             # The server is not clogged by the expired work: the next call gets the right vector.
@@ -182,7 +187,7 @@ def test_calls_whose_deadline_passes_are_dropped_not_run():
                   proc.output)
     assert m, proc.output
     items, batches, dropped, failed = map(int, m.groups())
-    run_late = items - (STREAM + 2)  # expired calls that the model ran anyway
+    run_late = items - (STREAM + BLOCKERS + 2)  # expired calls that the model ran anyway
     assert failed == 0
     assert 0 <= run_late <= EXPIRING // 10, (items, dropped)
     # The expired calls reached the server (most of them: some expire on the
