@@ -14,7 +14,7 @@ from typing import Protocol
 from imagesearch import errors
 from ranker_service.attributes import AttributeFilter
 from ranker_service.backup import BackupCopy
-from ranker_service.gallery import DeleteResult, UpsertJob, ItemPage, LoadReport, RenameResult, UpsertItem, UpsertResult
+from ranker_service.gallery import DeleteResult, ItemPage, LoadReport, RenameResult, UpsertItem, UpsertJob, UpsertResult
 from ranker_service.index import CollectionStats, Match, Query
 from ranker_service.kinds import IndexSpec
 

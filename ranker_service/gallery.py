@@ -24,9 +24,9 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from imagesearch import errors
+from imagesearch.defaults import DEFAULT_LIST_PAGE, MAX_LIST_PAGE
 from imagesearch.errors import StoreError, shorten
 from ranker_service import index_files
-from imagesearch.defaults import DEFAULT_LIST_PAGE, MAX_LIST_PAGE
 from ranker_service.attributes import AttributeFilter, AttributeTables, check_attributes, from_json, passes, to_json
 from ranker_service.backup import backup_copy
 from ranker_service.index import CollectionStats, GalleryIndex, Match, Query

@@ -43,8 +43,8 @@ import numpy as np
 
 from imagesearch import errors
 from ranker_service.attributes import AttributeFilter
-from ranker_service.filtering import filtered_search
 from ranker_service.faiss_collection import FaissCollection
+from ranker_service.filtering import filtered_search
 from ranker_service.kinds import EXACT, IndexSpec
 from ranker_service.ranking import score_margin, select_top_k
 from ranker_service.rwlock import ReadWriteLock

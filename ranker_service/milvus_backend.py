@@ -55,8 +55,8 @@ from ranker_service.gallery import (
     describe_item,
 )
 from ranker_service.index import CollectionStats, Match, Query, describe_query
-from ranker_service.store import StoredItem
 from ranker_service.ranking import score_margin
+from ranker_service.store import StoredItem
 from ranker_service.vectors import (
     MAX_TOP_K,
     check_collection,

@@ -20,8 +20,8 @@ from imagesearch import errors, serving
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service import kinds
 from ranker_service.attributes import AttributeFilter, check_filters, from_json
-from ranker_service.backup import read_chunks
 from ranker_service.backend import RankerBackend
+from ranker_service.backup import read_chunks
 from ranker_service.gallery import UpsertItem
 from ranker_service.index import CollectionStats, Match, Query
 from ranker_service.store import StoredItem

@@ -43,8 +43,8 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sqlite_utils

@@ -18,6 +18,7 @@ from imagesearch import errors
 from imagesearch.model.preprocessing import decode_image
 from tests.helpers import SIZE, encode, photo
 
+
 def png16(a: np.ndarray) -> bytes:
     """A 16-bit grayscale (H, W) or RGB (H, W, 3) PNG, written by hand (PIL writes no 16-bit RGB)."""
     h, w = a.shape[:2]

@@ -9,7 +9,6 @@ test_ranker_service.py, test_serving.py, test_clients.py and test_cli.py)."""
 from __future__ import annotations
 
 import asyncio
-
 import time
 
 import grpc

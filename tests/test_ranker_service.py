@@ -5,11 +5,9 @@ reflection, start-up failures, a full database and graceful stop."""
 from __future__ import annotations
 
 import asyncio
-
 import contextlib
 import sqlite3
 import threading
-import time
 
 import grpc
 import numpy as np

@@ -95,8 +95,9 @@ def test_embedder_counters_move_by_exactly_the_calls_made():
                         "--max-image-pixels", str(300 * 300)) as embedder, embedder.channel() as channel:
         url = metrics_url(embedder)
         stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
-        from PIL import Image
         import io
+
+        from PIL import Image
         big = io.BytesIO()
         Image.new("RGB", (400, 400), (200, 10, 10)).save(big, "PNG")
         before = scrape(url)

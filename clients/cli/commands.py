@@ -23,8 +23,8 @@ import numpy as np
 
 from clients import metrics
 from clients.channels import AUTH_TOKEN_ENV, Security
-from clients.cli import demo as demo_data
 from clients.cli import dedupe, report
+from clients.cli import demo as demo_data
 from clients.cli.incremental import parse_pairs
 from clients.cli.jobs import QueryReport, above, index_folder, query_folder
 from clients.cli.output import index_summary, json_text, printable, query_summary, say
