@@ -34,7 +34,11 @@ _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """gRPC's retry policy for UNAVAILABLE (gRPC caps max_attempts at 5)."""
+    """gRPC's retry policy (gRPC caps max_attempts at 5) for UNAVAILABLE, and for
+    CANCELLED sent by the server: a grpc.aio server that has begun its graceful
+    stop cancels calls that reach it in that moment, before they run. gRPC
+    retries only what the server answered before any response message, never a
+    call the client itself cancelled."""
 
     max_attempts: int = 5
     initial_backoff_s: float = 0.2
@@ -47,7 +51,7 @@ class RetryPolicy:
             "initialBackoff": f"{self.initial_backoff_s:g}s",
             "maxBackoff": f"{self.max_backoff_s:g}s",
             "backoffMultiplier": self.multiplier,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         }
 
 

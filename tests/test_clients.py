@@ -34,8 +34,9 @@ class FakeEmbedder(embedder_pb2_grpc.EmbedderServiceServicer):
     the first `unavailable` calls of any method fail with UNAVAILABLE."""
 
     def __init__(self, *, unavailable: int = 0, max_message_bytes: int = 1 << 20, delay_s: float = 0.0,
-                 tag: str = "fp"):
+                 tag: str = "fp", cancelled: int = 0):
         self.unavailable = unavailable
+        self.cancelled = cancelled
         self.max_message_bytes = max_message_bytes
         self.delay_s = delay_s
         self.tag = tag
@@ -50,6 +51,9 @@ class FakeEmbedder(embedder_pb2_grpc.EmbedderServiceServicer):
             if self.unavailable > 0:
                 self.unavailable -= 1
                 raise errors.Unavailable("still loading")
+            if self.cancelled > 0:  # as a server in its graceful stop answers a call it never ran
+                self.cancelled -= 1
+                context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
         if self.delay_s:
             time.sleep(self.delay_s)
 
@@ -124,6 +128,14 @@ def test_unavailable_is_retried_by_grpc(grpc_server):
         info = client.model_info()
     assert info.backbone == "fake"
     assert fake.calls == ["GetModelInfo"] * 3  # two UNAVAILABLE, then the answer
+
+
+def test_cancelled_by_a_stopping_server_is_retried(grpc_server):
+    fake = FakeEmbedder(cancelled=2)
+    with EmbedderClient(start(grpc_server, fake), timeout=10) as client:
+        assert client.model_info().backbone == "fake"
+        assert client.embed(b"img").fingerprint == "fp"
+    assert fake.calls == ["GetModelInfo"] * 3 + ["Embed"]  # two CANCELLED, then the answers
 
 
 def test_without_retries_unavailable_is_a_clear_error(grpc_server):
