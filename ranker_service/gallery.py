@@ -29,8 +29,11 @@ from imagesearch.errors import StoreError, shorten
 from ranker_service import index_files
 from ranker_service.attributes import AttributeFilter, AttributeTables, check_attributes, from_json, passes, to_json
 from ranker_service.backup import backup_copy
-from ranker_service.index import CollectionStats, GalleryIndex, Match, Query
+from ranker_service.derived import DerivedData
+from ranker_service.filtering import filtered_search
+from ranker_service.index import Collection, CollectionStats, GalleryIndex, Match, Query, describe_query
 from ranker_service.kinds import IndexSpec, spec_from_json
+from ranker_service.reranking import Neighbourhoods, augment, expand_query
 from ranker_service.store import GalleryStore, StoredItem, UpsertRow
 from ranker_service.vectors import (
     MAX_DIM,
@@ -135,6 +138,9 @@ class Gallery:
         self._saved: dict[str, int] = {}  # collection -> generation its index files hold
         self.batch_size = batch_size
         self.attributes = AttributeTables()
+        self.derived = DerivedData()
+        # collection -> database generation of its last write that memory holds (see derived.py)
+        self._generations: dict[str, int] = {}
         self._write_lock = threading.Lock()
         self._ready = False
         self._closed = False
@@ -156,6 +162,7 @@ class Gallery:
         collections = {}
         count = 0
         for meta in self.store.collections():
+            self._generations[meta.name] = meta.generation
             try:
                 spec = spec_from_json(meta.kind, meta.params)
             except (errors.InvalidArgument, ValueError) as exc:
@@ -331,6 +338,7 @@ class Gallery:
                     self.index.upsert(collection, names, np.stack(vectors), fingerprint, now)
                 for p in ok:
                     self.attributes.table(p.collection).set([(p.name, p.attributes)])
+                self._note_writes(by_collection)
             except Exception as exc:  # pragma: no cover - e.g. MemoryError
                 log.exception("committed %d items but could not add them to memory", len(ok))
                 raise errors.ImageSearchError(
@@ -351,6 +359,7 @@ class Gallery:
             deleted = self.store.delete(collection, names, now)
             coll.delete(deleted, now)
             self.attributes.table(collection).delete(deleted)
+            self._note_writes([collection])
         gone = set(deleted)
         return DeleteResult(len(deleted), [n for n in dict.fromkeys(names) if n not in gone])
 
@@ -379,6 +388,7 @@ class Gallery:
             stored = self.store.create_collection(collection, dim, fingerprint, spec.kind, spec.to_json())
             coll = self.index.create(collection, dim, fingerprint, spec, created_at=stored.created_at,
                                      updated_at=stored.updated_at)
+            self._generations[collection] = stored.generation
         log.info("created collection %r (dim %d, %s %s)", collection, dim, spec.label, spec.params())
         return coll.stats(), True
 
@@ -395,6 +405,8 @@ class Gallery:
             self._saved.pop(collection, None)
             index_files.remove(collection, self.files_dir)
             self.attributes.drop(collection)
+            self._generations.pop(collection, None)
+            self.derived.drop(collection)
         log.info("dropped collection %r (%d vectors)", collection, count)
         return count
 
@@ -417,6 +429,7 @@ class Gallery:
                     coll.upsert([new], coll.vector(old)[np.newaxis], now)
                     coll.delete([old], now)
             self.attributes.table(collection).rename(done)
+            self._note_writes([collection])
         moved = {old for old, _ in done}
         return RenameResult(len(done), [old for old, _ in renamings if old not in moved])
 
@@ -435,14 +448,95 @@ class Gallery:
 
     def search(self, query: Query) -> list[Match]:
         self._require_ready()
-        return self._with_attributes(query, self.index.search(query, allowed=self._allowed(query)))
+        if self._reranked(query):
+            found = self._search_reranked(query, describe_query(query), self._allowed(query))
+        else:
+            found = self.index.search(query, allowed=self._allowed(query))
+        return self._with_attributes(query, found)
 
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
+        """Plain queries of one collection share one matrix product; re-ranked
+        ones (query expansion, k-reciprocal, a DBA collection) run one by one,
+        so an answer never depends on the other queries of the batch."""
         self._require_ready()
         allowed = [self._allowed(q) if q.collection in self.index else None for q in queries]
-        results = self.index.search_many(queries, allowed)
+        special = [i for i, q in enumerate(queries) if self._reranked(q)]
+        plain = sorted(set(range(len(queries))) - set(special))
+        results: list = [None] * len(queries)
+        if plain:
+            for i, r in zip(plain, self.index.search_many([queries[i] for i in plain], [allowed[i] for i in plain])):
+                results[i] = r
+        for i in special:
+            try:
+                results[i] = self._search_reranked(queries[i], describe_query(queries[i], i), allowed[i])
+            except errors.ImageSearchError as exc:
+                results[i] = exc
         return [r if isinstance(r, errors.ImageSearchError) else self._with_attributes(q, r)
                 for q, r in zip(queries, results)]
+
+    # ------------------------------------------------------------ re-ranking (reranking.py, derived.py)
+
+    def _note_writes(self, collections: Iterable[str]) -> None:
+        """After a write is in memory (write lock held): the collections'
+        generations, which invalidate their derived data."""
+        for collection in collections:
+            generation = self.store.generation(collection)
+            if generation is not None:
+                self._generations[collection] = generation
+
+    def _reranked(self, query: Query) -> bool:
+        if query.reranked:
+            return True
+        coll = self.index.find(query.collection)
+        return coll is not None and coll.spec.dba_top_n > 0
+
+    def _served(self, coll, generation: int):
+        """The collection as searches see it: itself, or a read-only view of
+        its augmented vectors (DBA), derived for this generation."""
+        spec = coll.spec
+        if not spec.dba_top_n:
+            return coll
+
+        def build():
+            matrix, names = coll.snapshot()
+            return Collection.restore(coll.name, coll.dim, coll.fingerprint,
+                                      augment(matrix, names, spec.dba_top_n, spec.dba_alpha), names,
+                                      created_at=coll.created_at, updated_at=coll.updated_at, spec=spec)
+
+        return self.derived.get(coll.name, generation, "dba", build)
+
+    def _search_reranked(self, query: Query, what: str, allowed: set[str] | None) -> list[Match]:
+        coll, q64, k = self.index.prepare(query, what)
+        generation = self._generations.get(coll.name, -1)  # read before any snapshot (derived.py)
+        served = self._served(coll, generation)
+
+        def first_pass(vector: np.ndarray, kk: int) -> list[tuple[str, float]]:
+            if allowed is not None:
+                return filtered_search(served, vector, kk, allowed)
+            (found,) = served.search(vector[np.newaxis], [kk])
+            return found
+
+        if query.expansion is not None:
+            top, vectors = [], []
+            for name, score in first_pass(q64, query.expansion.top_n):
+                try:
+                    vectors.append(served.vector(name))
+                except KeyError:  # deleted since the first pass
+                    continue
+                top.append(score)
+            if top:
+                q64 = expand_query(q64, np.stack(vectors), top, query.expansion.alpha)
+        options = query.k_reciprocal
+        if options is None:
+            found = first_pass(q64, k)
+        else:
+            def build() -> Neighbourhoods:
+                matrix, names = served.snapshot_view() if served is not coll else coll.snapshot()
+                return Neighbourhoods.build(matrix, names, options.k1, options.k2)
+
+            neighbourhoods = self.derived.get(coll.name, generation, ("k-reciprocal", options.k1, options.k2), build)
+            found = neighbourhoods.rerank(q64, k, options, allowed)
+        return [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
 
     def list_items(self, collection: str, *, page_size: int = 0, start_after: str = "", limit: int = 0,
                    filters: Sequence[AttributeFilter] = (), with_vectors: bool = False) -> Iterator[ItemPage]:

@@ -47,6 +47,7 @@ from ranker_service.faiss_collection import FaissCollection
 from ranker_service.filtering import filtered_search
 from ranker_service.kinds import EXACT, IndexSpec
 from ranker_service.ranking import score_margin, select_top_k
+from ranker_service.reranking import Expansion, KReciprocal
 from ranker_service.rwlock import ReadWriteLock
 from ranker_service.vectors import MAX_TOP_K, check_collection, check_top_k, unit_vector
 
@@ -76,6 +77,12 @@ class Query:
     id: str = ""
     filters: tuple[AttributeFilter, ...] = ()  # checked (attributes.check_filters)
     with_attributes: bool = False
+    expansion: Expansion | None = None  # alpha-weighted query expansion (reranking.py)
+    k_reciprocal: KReciprocal | None = None  # k-reciprocal re-ranking (reranking.py)
+
+    @property
+    def reranked(self) -> bool:
+        return self.expansion is not None or self.k_reciprocal is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +104,8 @@ def make_collection(name: str, dim: int, fingerprint: str, spec: IndexSpec | Non
     `FaissCollection` for the others."""
     spec = spec or IndexSpec()
     if spec.kind == EXACT and not spec.float16:
-        return Collection(name, dim, fingerprint, created_at=created_at, updated_at=updated_at, capacity=capacity)
+        return Collection(name, dim, fingerprint, created_at=created_at, updated_at=updated_at, capacity=capacity,
+                          spec=spec)
     return FaissCollection(name, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
                            capacity=capacity, files_dir=files_dir)
 
@@ -116,10 +124,12 @@ class Collection:
     build_seconds = 0.0  # rows go straight into the matrix: nothing to build
 
     def __init__(self, name: str, dim: int, fingerprint: str, *, created_at: float | None = None,
-                 updated_at: float | None = None, capacity: int = 0):
+                 updated_at: float | None = None, capacity: int = 0, spec: IndexSpec | None = None):
         if dim <= 0:
             raise ValueError(f"dimension must be positive, got {dim}")
         now = time.time()
+        if spec is not None:
+            self.spec = spec  # exact float32, with or without database-side augmentation
         self.name = name
         self.dim = int(dim)
         self.fingerprint = fingerprint
@@ -140,9 +150,10 @@ class Collection:
 
     @classmethod
     def restore(cls, name: str, dim: int, fingerprint: str, matrix: np.ndarray, names: list[str], *,
-                created_at: float, updated_at: float) -> Collection:
-        """A collection over a loaded (n, dim) float32 matrix (see index_files)."""
-        coll = cls(name, dim, fingerprint, created_at=created_at, updated_at=updated_at)
+                created_at: float, updated_at: float, spec: IndexSpec | None = None) -> Collection:
+        """A collection over a loaded (n, dim) float32 matrix (see index_files;
+        also the read-only view of a collection's augmented vectors)."""
+        coll = cls(name, dim, fingerprint, created_at=created_at, updated_at=updated_at, spec=spec)
         coll._matrix = np.ascontiguousarray(matrix, dtype=np.float32)
         coll._n = matrix.shape[0]
         coll._names = list(names)
@@ -197,7 +208,7 @@ class Collection:
 
     def stats(self) -> CollectionStats:
         return CollectionStats(self.name, len(self), self.dim, self.fingerprint, self.memory_bytes(),
-                               self.created_at, self.updated_at)
+                               self.created_at, self.updated_at, self.spec)
 
     def search(self, queries64: np.ndarray, top_ks: Sequence[int]) -> list[list[tuple[str, float]]]:
         """Top-k of each row of `queries64` ((b, dim) float64 unit vectors, already

@@ -86,7 +86,7 @@ def save(coll, folder: Path, generation: int) -> None:
             np.save(f, matrix)
         _replace(tmp, base.with_suffix(".npy"))
         write_names(base.with_suffix(".names"), names)
-        spec = IndexSpec()
+        spec = coll.spec
     else:
         spec = coll.spec
         index, names = coll.state()
@@ -123,7 +123,7 @@ def load(name: str, dim: int, fingerprint: str, spec: IndexSpec, generation: int
             if matrix.shape != (count, dim) or len(names) != count or None in names:
                 return None
             return Collection.restore(name, dim, fingerprint, matrix, names, created_at=created_at,
-                                      updated_at=updated_at)
+                                      updated_at=updated_at, spec=spec)
         index = faiss.read_index(str(base.with_suffix(".faiss")))
         rows = None
         if spec.kind == IVF_PQ:

@@ -14,6 +14,10 @@ and re-rank them exactly in float64 from the stored float32 vectors when
 `rerank` is on (the default): the scores returned are then the exact cosine
 similarities and ties are broken by name, as for `exact`.
 
+`exact` float32 collections may also serve database-side augmented vectors
+(`dba_top_n` > 0, with `dba_alpha`; see reranking.py): derived data, the
+stored vectors stay as upserted.
+
 A spec is stored as JSON in the `collections` table (`kind`, `params`).
 """
 
@@ -23,6 +27,7 @@ import dataclasses
 import json
 
 from imagesearch import errors
+from ranker_service.reranking import check_dba
 
 EXACT, HNSW, IVF_PQ = "exact", "hnsw", "ivf_pq"
 KINDS = (EXACT, HNSW, IVF_PQ)
@@ -55,6 +60,8 @@ class IndexSpec:
     pq_bytes: int = 64
     rerank: bool = True
     rerank_factor: int = 10
+    dba_top_n: int = 0  # 0: no database-side augmentation
+    dba_alpha: float = 3.0
 
     @property
     def label(self) -> str:
@@ -64,7 +71,8 @@ class IndexSpec:
     def params(self) -> dict:
         """The parameters that matter for this kind (for stats and storage)."""
         if self.kind == EXACT:
-            return {"float16": self.float16}
+            dba = {"dba_top_n": self.dba_top_n, "dba_alpha": self.dba_alpha} if self.dba_top_n else {}
+            return {"float16": self.float16, **dba}
         common = {"rerank": self.rerank, "rerank_factor": self.rerank_factor}
         if self.kind == HNSW:
             return {"hnsw_m": self.hnsw_m, "ef_construction": self.ef_construction, "ef_search": self.ef_search,
@@ -74,7 +82,7 @@ class IndexSpec:
     def build_params(self) -> dict:
         """The parameters the built index depends on (not ef_search, nprobe or
         the re-rank, which only steer searches): index files must match these."""
-        search_only = {"ef_search", "nprobe", "rerank", "rerank_factor"}
+        search_only = {"ef_search", "nprobe", "rerank", "rerank_factor", "dba_top_n", "dba_alpha"}
         return {k: v for k, v in self.params().items() if k not in search_only}
 
     def to_json(self) -> str:
@@ -100,10 +108,20 @@ def make_spec(kind: str = EXACT, *, what: str = "index options", **params) -> In
     unknown = set(params) - fields
     if unknown:
         raise errors.InvalidArgument(f"{what}: unknown index parameters {sorted(unknown)}")
-    given = {k: v for k, v in params.items() if v not in (None, 0) or isinstance(v, bool)}
+    given = {k: v for k, v in params.items()
+             if v not in (None, 0) or isinstance(v, bool) or (k == "dba_alpha" and v is not None)}
     given = {**KIND_DEFAULTS.get(kind, {}), **given}
     if kind != EXACT and given.get("float16"):
         raise errors.InvalidArgument(f"{what}: float16 applies to the exact kind only")
+    if given.get("dba_top_n"):
+        if kind != EXACT or given.get("float16"):
+            raise errors.InvalidArgument(
+                f"{what}: database-side augmentation (dba) applies to the exact float32 kind only (it serves a "
+                f"float32 matrix of augmented vectors), not {kind}{' float16' if given.get('float16') else ''}")
+        given["dba_top_n"], given["dba_alpha"] = check_dba(given["dba_top_n"], given.get("dba_alpha"),
+                                                           what=f"{what}: dba")
+    else:
+        given.pop("dba_alpha", None)
     spec = IndexSpec(kind=kind, **given)
     for name, low, high in (("hnsw_m", 4, 256), ("ef_construction", 8, 4096), ("ef_search", 1, 32768),
                             ("nlist", 1, 1 << 20), ("nprobe", 1, 1 << 20), ("pq_bytes", 1, 1024),

@@ -56,6 +56,7 @@ from ranker_service.gallery import (
 )
 from ranker_service.index import CollectionStats, Match, Query, describe_query
 from ranker_service.ranking import score_margin
+from ranker_service.reranking import expand_query
 from ranker_service.store import StoredItem
 from ranker_service.vectors import (
     MAX_TOP_K,
@@ -228,6 +229,10 @@ class MilvusGallery:
                 f"collection {collection!r}: dimension {dim} is outside Milvus's limits {MIN_DIM}..{MAX_DIM}")
         if spec.float16:
             raise errors.InvalidArgument("the Milvus backend keeps float32 vectors: float16 is not available")
+        if spec.dba_top_n:
+            raise errors.InvalidArgument(
+                "database-side augmentation (dba) needs the SQLite backend, which derives the served vectors in "
+                "memory; Milvus serves the vectors it stores")
         now = time.time()
         coll = _Coll(collection, dim, fingerprint, spec, now, now)
         schema = MilvusClient.create_schema(auto_id=False)
@@ -405,18 +410,36 @@ class MilvusGallery:
         return [Match(rank, names[j], float(scores[j]), dict(rows[j].get("attributes") or {}) if with_attributes else {})
                 for rank, j in enumerate(order, 1)]
 
+    def _answer(self, query: Query, what: str) -> list[Match]:
+        """One query; with query expansion, the first pass's vectors come back
+        from Milvus (get by name) and the expanded query is searched again."""
+        coll, q64, k = self._prepare(query, what)
+        if query.k_reciprocal is not None:
+            raise errors.FailedPrecondition(
+                f"{what}: k-reciprocal re-ranking needs gallery-to-gallery neighbourhoods, which the Milvus "
+                "backend does not compute: use the SQLite backend (--backend sqlite)")
+        if query.expansion is not None:
+            top = self._search(coll, q64, query.expansion.top_n, query)
+            if top:
+                rows = self._call("reading vectors", self.client.get, coll.key, ids=[m.name for m in top],
+                                  output_fields=["name", "vector"])
+                by_name = {r["name"]: r["vector"] for r in rows}
+                kept = [m for m in top if m.name in by_name]
+                if kept:
+                    q64 = expand_query(q64, np.asarray([by_name[m.name] for m in kept], dtype=np.float32),
+                                       [m.score for m in kept], query.expansion.alpha)
+        return self._search(coll, q64, k, query)
+
     def search(self, query: Query) -> list[Match]:
         self._require_ready()
-        coll, q64, k = self._prepare(query, describe_query(query))
-        return self._search(coll, q64, k, query)
+        return self._answer(query, describe_query(query))
 
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
         self._require_ready()
         results: list[list[Match] | errors.ImageSearchError] = []
         for i, query in enumerate(queries):
             try:
-                coll, q64, k = self._prepare(query, describe_query(query, i))
-                results.append(self._search(coll, q64, k, query))
+                results.append(self._answer(query, describe_query(query, i)))
             except errors.ImageSearchError as exc:
                 results.append(exc)
         return results

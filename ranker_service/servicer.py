@@ -17,6 +17,7 @@ import logging
 import grpc
 
 from imagesearch import errors, serving
+from imagesearch.defaults import DEFAULT_DBA_TOP_N
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service import kinds
 from ranker_service.attributes import AttributeFilter, check_filters, from_json
@@ -24,6 +25,7 @@ from ranker_service.backend import RankerBackend
 from ranker_service.backup import read_chunks
 from ranker_service.gallery import UpsertItem
 from ranker_service.index import CollectionStats, Match, Query
+from ranker_service.reranking import make_expansion, make_k_reciprocal
 from ranker_service.store import StoredItem
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,21 @@ def _filters(filters, what: str) -> tuple[AttributeFilter, ...]:
     return check_filters(((f.key, f.values) for f in filters), what=what)
 
 
+def _optional(message, field: str):
+    return getattr(message, field) if message.HasField(field) else None
+
+
 def _query(r, what: str, id: str = "") -> Query:
-    return Query(r.collection, r.vector, r.top_k, r.fingerprint, id, _filters(r.filters, what), r.with_attributes)
+    expansion = k_reciprocal = None
+    if r.HasField("query_expansion"):
+        qe = r.query_expansion
+        expansion = make_expansion(qe.top_n, _optional(qe, "alpha"), what=f"{what}: query_expansion")
+    if r.HasField("k_reciprocal"):
+        kr = r.k_reciprocal
+        k_reciprocal = make_k_reciprocal(kr.k1, kr.k2, _optional(kr, "lambda"), kr.shortlist,
+                                         what=f"{what}: k_reciprocal")
+    return Query(r.collection, r.vector, r.top_k, r.fingerprint, id, _filters(r.filters, what), r.with_attributes,
+                 expansion, k_reciprocal)
 
 
 def _item(item: StoredItem) -> ranker_pb2.Item:
@@ -68,13 +83,18 @@ def index_spec(options: ranker_pb2.IndexOptions) -> kinds.IndexSpec:
               "pq_bytes": options.pq_bytes, "rerank_factor": options.rerank_factor}
     if kind != kinds.EXACT:
         params["rerank"] = not options.no_rerank
+    if options.HasField("dba"):
+        params["dba_top_n"] = options.dba.top_n or DEFAULT_DBA_TOP_N
+        params["dba_alpha"] = _optional(options.dba, "alpha")
     return kinds.make_spec(kind, **params)
 
 
 def index_options(spec: kinds.IndexSpec) -> ranker_pb2.IndexOptions:
     params = spec.params()
     rerank = params.pop("rerank", True)
-    return ranker_pb2.IndexOptions(kind=_KIND_TO_PROTO[spec.kind], no_rerank=not rerank, **params)
+    dba_top_n, dba_alpha = params.pop("dba_top_n", 0), params.pop("dba_alpha", None)
+    dba = ranker_pb2.DatabaseAugmentation(top_n=dba_top_n, alpha=dba_alpha) if dba_top_n else None
+    return ranker_pb2.IndexOptions(kind=_KIND_TO_PROTO[spec.kind], no_rerank=not rerank, dba=dba, **params)
 
 
 def collection_stats(s: CollectionStats) -> ranker_pb2.CollectionStats:

@@ -91,6 +91,27 @@ def test_item_attributes_filters_and_listing_fields():
     assert {"renamed", "not_found"} == set(fields(ranker_pb2.RenameResponse))
 
 
+def test_re_ranking_fields_are_additive_and_off_when_absent():
+    """Issue 15 item 4: new fields only (numbers after the existing ones), each
+    a message whose absence means off; alpha and lambda have presence, so 0 is
+    a value, not the default."""
+    def numbers(message):
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}
+
+    for message in (ranker_pb2.SearchRequest, ranker_pb2.SearchStreamRequest):
+        assert numbers(message)["query_expansion"] == 8 and numbers(message)["k_reciprocal"] == 9
+        assert not message().HasField("query_expansion") and not message().HasField("k_reciprocal")
+    assert numbers(ranker_pb2.IndexOptions)["dba"] == 11 and max(
+        n for name, n in numbers(ranker_pb2.IndexOptions).items() if name != "dba") == 10
+    assert numbers(ranker_pb2.QueryExpansion) == {"top_n": 1, "alpha": 2}
+    assert numbers(ranker_pb2.DatabaseAugmentation) == {"top_n": 1, "alpha": 2}
+    assert numbers(ranker_pb2.KReciprocalRerank) == {"k1": 1, "k2": 2, "lambda": 3, "shortlist": 4}
+    for message, field in ((ranker_pb2.QueryExpansion, "alpha"), (ranker_pb2.DatabaseAugmentation, "alpha"),
+                           (ranker_pb2.KReciprocalRerank, "lambda")):
+        assert message.DESCRIPTOR.fields_by_name[field].has_presence
+        assert message(**{field: 0.0}).HasField(field)
+
+
 def test_package_is_imagesearch_v1():
     for module in (common_pb2, embedder_pb2, ranker_pb2):
         proto = descriptor_pb2.FileDescriptorProto()

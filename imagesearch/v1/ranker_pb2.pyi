@@ -20,7 +20,7 @@ INDEX_KIND_HNSW: IndexKind
 INDEX_KIND_IVF_PQ: IndexKind
 
 class IndexOptions(_message.Message):
-    __slots__ = ("kind", "float16", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "pq_bytes", "no_rerank", "rerank_factor")
+    __slots__ = ("kind", "float16", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "pq_bytes", "no_rerank", "rerank_factor", "dba")
     KIND_FIELD_NUMBER: _ClassVar[int]
     FLOAT16_FIELD_NUMBER: _ClassVar[int]
     HNSW_M_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class IndexOptions(_message.Message):
     PQ_BYTES_FIELD_NUMBER: _ClassVar[int]
     NO_RERANK_FIELD_NUMBER: _ClassVar[int]
     RERANK_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    DBA_FIELD_NUMBER: _ClassVar[int]
     kind: IndexKind
     float16: bool
     hnsw_m: int
@@ -41,7 +42,35 @@ class IndexOptions(_message.Message):
     pq_bytes: int
     no_rerank: bool
     rerank_factor: int
-    def __init__(self, kind: _Optional[_Union[IndexKind, str]] = ..., float16: _Optional[bool] = ..., hnsw_m: _Optional[int] = ..., ef_construction: _Optional[int] = ..., ef_search: _Optional[int] = ..., nlist: _Optional[int] = ..., nprobe: _Optional[int] = ..., pq_bytes: _Optional[int] = ..., no_rerank: _Optional[bool] = ..., rerank_factor: _Optional[int] = ...) -> None: ...
+    dba: DatabaseAugmentation
+    def __init__(self, kind: _Optional[_Union[IndexKind, str]] = ..., float16: _Optional[bool] = ..., hnsw_m: _Optional[int] = ..., ef_construction: _Optional[int] = ..., ef_search: _Optional[int] = ..., nlist: _Optional[int] = ..., nprobe: _Optional[int] = ..., pq_bytes: _Optional[int] = ..., no_rerank: _Optional[bool] = ..., rerank_factor: _Optional[int] = ..., dba: _Optional[_Union[DatabaseAugmentation, _Mapping]] = ...) -> None: ...
+
+class DatabaseAugmentation(_message.Message):
+    __slots__ = ("top_n", "alpha")
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    top_n: int
+    alpha: float
+    def __init__(self, top_n: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class QueryExpansion(_message.Message):
+    __slots__ = ("top_n", "alpha")
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    top_n: int
+    alpha: float
+    def __init__(self, top_n: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class KReciprocalRerank(_message.Message):
+    __slots__ = ("k1", "k2", "shortlist")
+    K1_FIELD_NUMBER: _ClassVar[int]
+    K2_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    SHORTLIST_FIELD_NUMBER: _ClassVar[int]
+    k1: int
+    k2: int
+    shortlist: int
+    def __init__(self, k1: _Optional[int] = ..., k2: _Optional[int] = ..., shortlist: _Optional[int] = ..., **kwargs) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("collection", "dim", "fingerprint", "index")
@@ -123,7 +152,7 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "vector", "top_k", "fingerprint", "filters", "with_attributes", "page_size")
+    __slots__ = ("collection", "vector", "top_k", "fingerprint", "filters", "with_attributes", "page_size", "query_expansion", "k_reciprocal")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +160,8 @@ class SearchRequest(_message.Message):
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_EXPANSION_FIELD_NUMBER: _ClassVar[int]
+    K_RECIPROCAL_FIELD_NUMBER: _ClassVar[int]
     collection: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     top_k: int
@@ -138,7 +169,9 @@ class SearchRequest(_message.Message):
     filters: _containers.RepeatedCompositeFieldContainer[AttributeFilter]
     with_attributes: bool
     page_size: int
-    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_attributes: _Optional[bool] = ..., page_size: _Optional[int] = ...) -> None: ...
+    query_expansion: QueryExpansion
+    k_reciprocal: KReciprocalRerank
+    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_attributes: _Optional[bool] = ..., page_size: _Optional[int] = ..., query_expansion: _Optional[_Union[QueryExpansion, _Mapping]] = ..., k_reciprocal: _Optional[_Union[KReciprocalRerank, _Mapping]] = ...) -> None: ...
 
 class AttributeFilter(_message.Message):
     __slots__ = ("key", "values")
@@ -176,7 +209,7 @@ class SearchResponse(_message.Message):
     def __init__(self, match: _Optional[_Union[Match, _Mapping]] = ..., matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ...) -> None: ...
 
 class SearchStreamRequest(_message.Message):
-    __slots__ = ("id", "collection", "vector", "top_k", "fingerprint", "filters", "with_attributes")
+    __slots__ = ("id", "collection", "vector", "top_k", "fingerprint", "filters", "with_attributes", "query_expansion", "k_reciprocal")
     ID_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +217,8 @@ class SearchStreamRequest(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_EXPANSION_FIELD_NUMBER: _ClassVar[int]
+    K_RECIPROCAL_FIELD_NUMBER: _ClassVar[int]
     id: str
     collection: str
     vector: _containers.RepeatedScalarFieldContainer[float]
@@ -191,7 +226,9 @@ class SearchStreamRequest(_message.Message):
     fingerprint: str
     filters: _containers.RepeatedCompositeFieldContainer[AttributeFilter]
     with_attributes: bool
-    def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_attributes: _Optional[bool] = ...) -> None: ...
+    query_expansion: QueryExpansion
+    k_reciprocal: KReciprocalRerank
+    def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_attributes: _Optional[bool] = ..., query_expansion: _Optional[_Union[QueryExpansion, _Mapping]] = ..., k_reciprocal: _Optional[_Union[KReciprocalRerank, _Mapping]] = ...) -> None: ...
 
 class SearchStreamResponse(_message.Message):
     __slots__ = ("id", "matches", "error")

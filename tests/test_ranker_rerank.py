@@ -1,0 +1,385 @@
+"""Re-ranking through a real ranker process: alpha-weighted query expansion,
+database-side augmentation (a collection option) and k-reciprocal
+re-ranking, each against an independent dense float64 numpy reference written
+here from the definitions in docs/ranker.md#re-ranking; derived data follows
+upserts, replacements and deletes; option errors; the Milvus backend's
+support (query expansion) and refusals (DBA, k-reciprocal).
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from imagesearch.testing import ServiceProcess, unit32
+from imagesearch.v1 import ranker_pb2 as pb
+from imagesearch.v1 import ranker_pb2_grpc
+
+DIM = 16
+FP = "sha256:rerank"
+TIMEOUT = 60
+
+
+# ---------------------------------------------------------------- references (dense, float64, loops)
+
+def _order(scores, names, exclude=None):
+    return sorted((j for j in range(len(names)) if j != exclude), key=lambda j: (-scores[j], names[j]))
+
+
+def ref_plain(G, names, q, k, allowed=None):
+    s = G.astype(np.float64) @ q
+    order = [j for j in _order(s, names) if allowed is None or names[j] in allowed][:k]
+    return [names[j] for j in order], [s[j] for j in order]
+
+
+def ref_expand(G, names, q, top_n, alpha, allowed=None):
+    s = G.astype(np.float64) @ q
+    top = [j for j in _order(s, names) if allowed is None or names[j] in allowed][:top_n]
+    out = q.copy()
+    for j in top:
+        out += max(s[j], 0.0) ** alpha * G[j].astype(np.float64)
+    return out / np.linalg.norm(out)
+
+
+def ref_dba(G, names, top_n, alpha):
+    G64 = G.astype(np.float64)
+    S = G64 @ G64.T
+    out = np.empty_like(G64)
+    for i in range(len(G)):
+        v = G64[i].copy()
+        for j in _order(S[i], names, exclude=i)[:top_n]:
+            v += max(S[i, j], 0.0) ** alpha * G64[j]
+        out[i] = v / np.linalg.norm(v)
+    return out.astype(np.float32)
+
+
+def ref_k_reciprocal(G, names, q, k, k1=20, k2=6, lam=0.3, shortlist=100, allowed=None):
+    G64 = G.astype(np.float64)
+    n = len(G)
+    S = G64 @ G64.T
+    order = [[i] + _order(S[i], names, exclude=i) for i in range(n)]
+    h = max(1, int(np.around(k1 / 2)))
+
+    def R(g, kk):
+        return {y for y in order[g][: kk + 1] if g in order[y][: kk + 1]}
+
+    def star(r):
+        out = set(r)
+        for c in r:
+            rc = R(c, h)
+            if len(rc & r) > 2 / 3 * len(rc):
+                out |= rc
+        return out
+
+    V = np.zeros((n, n))
+    for g in range(n):
+        cols = sorted(star(R(g, k1)))
+        w = np.exp(S[g, cols] - 1)
+        V[g, cols] = w / w.sum()
+    Vqe = np.stack([V[order[g][:k2]].mean(axis=0) for g in range(n)])
+    s = G64 @ q
+    qorder = _order(s, names)
+    rq = {g for g in qorder[:k1] if len(order[g]) <= k1 or s[g] >= S[g, order[g][k1]]}
+    vq = np.zeros(n)
+    cols = sorted(star(rq))
+    if cols:
+        w = np.exp(s[cols] - 1)
+        vq[cols] = w / w.sum()
+    vq = (vq + V[qorder[: k2 - 1]].sum(axis=0)) / (1 + len(qorder[: k2 - 1]))
+    cand = [j for j in qorder if allowed is None or names[j] in allowed][: max(shortlist, k)]
+    scored = []
+    for j in cand:
+        jac = 1 - np.minimum(vq, Vqe[j]).sum() / np.maximum(vq, Vqe[j]).sum()
+        scored.append((lam * s[j] + (1 - lam) * (1 - jac), names[j]))
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    return [nm for _, nm in scored[:k]], [sc for sc, _ in scored[:k]]
+
+
+# ---------------------------------------------------------------- data and service
+
+def clustered(rng, clusters=6, per=20, noise=0.6):
+    centres = rng.standard_normal((clusters, DIM))
+    raw = np.repeat(centres, per, axis=0) + noise * rng.standard_normal((clusters * per, DIM))
+    return unit32(raw)
+
+
+def unit64(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture(scope="module")
+def ranker(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ranker-rerank")
+    proc = ServiceProcess("ranker_service", "--db", str(folder / "gallery.db"), startup_timeout=120)
+    proc.folder = folder
+    yield proc
+    assert proc.terminate() == 0, proc.output
+
+
+@pytest.fixture(scope="module")
+def stub(ranker):
+    channel = ranker.channel()
+    yield ranker_pb2_grpc.RankerServiceStub(channel)
+    channel.close()
+
+
+def upsert(stub, collection, names, vectors, attributes=None):
+    attributes = attributes or {}
+    return stub.Upsert(iter([pb.UpsertRequest(collection=collection, name=n, vector=v, fingerprint=FP,
+                                              attributes=attributes.get(n, {}))
+                             for n, v in zip(names, vectors)]), timeout=TIMEOUT)
+
+
+def create(stub, collection, **dba):
+    options = pb.IndexOptions(kind=pb.INDEX_KIND_EXACT, dba=pb.DatabaseAugmentation(**dba) if dba else None)
+    return stub.CreateCollection(pb.CreateCollectionRequest(collection=collection, dim=DIM, fingerprint=FP,
+                                                            index=options), timeout=TIMEOUT)
+
+
+def search(stub, collection, q, top_k=10, **options):
+    matches = [r.match for r in stub.Search(pb.SearchRequest(collection=collection, vector=q, top_k=top_k,
+                                                             **options), timeout=TIMEOUT)]
+    return [m.name for m in matches], [m.score for m in matches]
+
+
+def check(got, want, tol=2e-6):
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], atol=tol)
+
+
+@pytest.fixture(scope="module")
+def gallery(stub):
+    rng = np.random.default_rng(11)
+    G = clustered(rng)
+    names = [f"g/{i:03d}.jpg" for i in rng.permutation(len(G))]
+    attributes = {n: {"half": str(i % 2)} for i, n in enumerate(names)}
+    upsert(stub, "plain", names, G, attributes)
+    queries = [unit64(G[i].astype(np.float64) + 0.5 * rng.standard_normal(DIM)) for i in (3, 40, 77, 101)]
+    return G, names, queries, attributes
+
+
+# ---------------------------------------------------------------- query expansion
+
+@pytest.mark.parametrize("top_n, alpha", [(2, None), (1, 0.0), (5, 3.0)])
+def test_query_expansion_equals_reference(stub, gallery, top_n, alpha):
+    G, names, queries, _ = gallery
+    qe = pb.QueryExpansion(top_n=top_n) if alpha is None else pb.QueryExpansion(top_n=top_n, alpha=alpha)
+    for q in queries:
+        want = ref_plain(G, names, ref_expand(G, names, q, top_n, 3.0 if alpha is None else alpha), 10)
+        check(search(stub, "plain", q, query_expansion=qe), want)
+    assert search(stub, "plain", queries[0], query_expansion=qe)[0] != search(stub, "plain", queries[0])[0] or \
+        top_n == 1  # the option is not silently ignored (one neighbour may leave the top 10 alone)
+
+
+def test_query_expansion_applies_filters_to_both_passes(stub, gallery):
+    G, names, queries, attributes = gallery
+    allowed = {n for n in names if attributes[n]["half"] == "1"}
+    f = [pb.AttributeFilter(key="half", values=["1"])]
+    for q in queries:
+        want = ref_plain(G, names, ref_expand(G, names, q, 3, 3.0, allowed), 10, allowed)
+        check(search(stub, "plain", q, filters=f, query_expansion=pb.QueryExpansion(top_n=3)), want)
+
+
+# ---------------------------------------------------------------- k-reciprocal
+
+@pytest.mark.parametrize("options", [{}, {"k1": 8, "k2": 3, "lambda": 0.5, "shortlist": 30}])
+def test_k_reciprocal_equals_reference(stub, gallery, options):
+    G, names, queries, _ = gallery
+    kr = pb.KReciprocalRerank(**options)
+    args = {"k1": options.get("k1", 20), "k2": options.get("k2", 6), "lam": options.get("lambda", 0.3),
+            "shortlist": options.get("shortlist", 100)}
+    for q in queries:
+        got = search(stub, "plain", q, top_k=15, k_reciprocal=kr)
+        check(got, ref_k_reciprocal(G, names, q, 15, **args))
+    assert got[0] != search(stub, "plain", queries[-1], top_k=15)[0]
+
+
+def test_k_reciprocal_with_filters_and_query_expansion(stub, gallery):
+    G, names, queries, attributes = gallery
+    allowed = {n for n in names if attributes[n]["half"] == "0"}
+    f = [pb.AttributeFilter(key="half", values=["0"])]
+    for q in queries:
+        q2 = ref_expand(G, names, q, 2, 3.0, allowed)
+        want = ref_k_reciprocal(G, names, q2, 10, allowed=allowed)
+        check(search(stub, "plain", q, filters=f, query_expansion=pb.QueryExpansion(),
+                     k_reciprocal=pb.KReciprocalRerank()), want)
+
+
+def test_search_stream_answers_do_not_depend_on_the_batch(stub, gallery):
+    queries = gallery[2]
+    kinds = [{}, {"k_reciprocal": pb.KReciprocalRerank()}, {"query_expansion": pb.QueryExpansion(top_n=3)}]
+    requests = [pb.SearchStreamRequest(id=f"{i}-{j}", collection="plain", vector=q, top_k=10, **kind)
+                for i, q in enumerate(queries) for j, kind in enumerate(kinds)]
+    answers = {a.id: [m.name for m in a.matches] for a in stub.SearchStream(iter(requests), timeout=TIMEOUT)}
+    for i, q in enumerate(queries):
+        for j, kind in enumerate(kinds):
+            assert answers[f"{i}-{j}"] == search(stub, "plain", q, **kind)[0]
+
+
+# ---------------------------------------------------------------- database-side augmentation
+
+def test_dba_collection_serves_augmented_vectors(stub, gallery):
+    G, names, queries, _ = gallery
+    reply = create(stub, "dba", top_n=3, alpha=2.0)
+    assert reply.created and reply.collection.index.dba.top_n == 3 and reply.collection.index.dba.alpha == 2.0
+    upsert(stub, "dba", names, G)
+    A = ref_dba(G, names, 3, 2.0)
+    for q in queries:
+        check(search(stub, "dba", q), ref_plain(A, names, q, 10), tol=5e-6)
+        check(search(stub, "dba", q, query_expansion=pb.QueryExpansion()),
+              ref_plain(A, names, ref_expand(A, names, q, 2, 3.0), 10), tol=5e-6)
+        check(search(stub, "dba", q, k_reciprocal=pb.KReciprocalRerank()), ref_k_reciprocal(A, names, q, 10),
+              tol=5e-6)
+    # the stored vectors stay as upserted
+    items = list(stub.ListItems(pb.ListItemsRequest(collection="dba", with_vectors=True, limit=3), timeout=TIMEOUT))
+    item = items[0].items[0]
+    np.testing.assert_array_equal(np.asarray(item.vector, np.float32), G[names.index(item.name)])
+    stats = stub.GetStats(pb.GetStatsRequest(collection="dba"), timeout=TIMEOUT).collections[0]
+    assert stats.index.dba.top_n == 3
+
+
+def test_dba_defaults_and_alpha_zero(stub, gallery):
+    G, names, queries, _ = gallery
+    assert create(stub, "dba-default", top_n=0).collection.index.dba.top_n == 2
+    assert create(stub, "dba-a0", top_n=2, alpha=0.0).collection.index.dba.alpha == 0.0
+    upsert(stub, "dba-default", names, G)
+    upsert(stub, "dba-a0", names, G)
+    check(search(stub, "dba-default", queries[0]), ref_plain(ref_dba(G, names, 2, 3.0), names, queries[0], 10),
+          tol=5e-6)
+    check(search(stub, "dba-a0", queries[0]), ref_plain(ref_dba(G, names, 2, 0.0), names, queries[0], 10),
+          tol=5e-6)
+
+
+@pytest.mark.parametrize("collection, rerank", [("dba-writes", {}), ("kr-writes", {"k_reciprocal": True})])
+def test_derived_data_follows_upserts_replacements_and_deletes(stub, collection, rerank):
+    rng = np.random.default_rng(5)
+    G = clustered(rng, clusters=4, per=15)
+    names = [f"w{i:03d}" for i in range(len(G))]
+    dba = collection.startswith("dba")
+    if dba:
+        create(stub, collection, top_n=2)
+    upsert(stub, collection, names, G)
+    options = {"k_reciprocal": pb.KReciprocalRerank(k1=6, k2=3)} if rerank else {}
+
+    def want(G, names, q):
+        served = ref_dba(G, names, 2, 3.0) if dba else G
+        return ref_k_reciprocal(served, names, q, 10, k1=6, k2=3) if rerank else ref_plain(served, names, q, 10)
+
+    q = unit64(G[0].astype(np.float64) + 0.1)
+    check(search(stub, collection, q, **options), want(G, names, q), tol=5e-6)
+    # replace the best match with a vector far away: its old vector must not answer
+    best = search(stub, collection, q, **options)[0][0]
+    i = names.index(best)
+    G = G.copy()
+    G[i] = unit32(-q)
+    upsert(stub, collection, [best], G[i:i + 1])
+    got = search(stub, collection, q, **options)
+    check(got, want(G, names, q), tol=5e-6)
+    assert best not in got[0]
+    # delete the new best match
+    gone = got[0][0]
+    stub.Delete(pb.DeleteRequest(collection=collection, names=[gone]), timeout=TIMEOUT)
+    keep = [j for j, n in enumerate(names) if n != gone]
+    G, names = G[keep], [names[j] for j in keep]
+    got = search(stub, collection, q, **options)
+    assert gone not in got[0]
+    check(got, want(G, names, q), tol=5e-6)
+    # a new item next to the query comes first
+    upsert(stub, collection, ["new"], unit32(q[np.newaxis]))
+    G, names = np.vstack([G, unit32(q[np.newaxis])]), names + ["new"]
+    check(search(stub, collection, q, **options), want(G, names, q), tol=5e-6)
+
+
+def test_dba_option_survives_a_restart(tmp_path):
+    rng = np.random.default_rng(3)
+    G = clustered(rng, clusters=3, per=10)
+    names = [f"r{i:02d}" for i in range(len(G))]
+    q = unit64(G[4].astype(np.float64) + 0.2)
+    want = ref_plain(ref_dba(G, names, 2, 3.0), names, q, 5)
+    for attempt in range(2):
+        proc = ServiceProcess("ranker_service", "--db", str(tmp_path / "g.db"), startup_timeout=120)
+        try:
+            with proc.channel() as channel:
+                stub = ranker_pb2_grpc.RankerServiceStub(channel)
+                if attempt == 0:
+                    create(stub, "dba", top_n=2)
+                    upsert(stub, "dba", names, G)
+                check(search(stub, "dba", q, top_k=5), want, tol=5e-6)
+        finally:
+            assert proc.terminate() == 0, proc.output
+
+
+# ---------------------------------------------------------------- option errors
+
+@pytest.mark.parametrize("options, text", [
+    ({"query_expansion": pb.QueryExpansion(top_n=101)}, "top_n 101 is out of range"),
+    ({"query_expansion": pb.QueryExpansion(alpha=-1)}, "alpha -1"),
+    ({"query_expansion": pb.QueryExpansion(alpha=float("nan"))}, "alpha nan"),
+    ({"k_reciprocal": pb.KReciprocalRerank(k1=4, k2=5)}, "k2 5 is out of range 1..k1 (4)"),
+    ({"k_reciprocal": pb.KReciprocalRerank(k1=101)}, "k1 101 is out of range"),
+    ({"k_reciprocal": pb.KReciprocalRerank(**{"lambda": 1.5})}, "lambda 1.5"),
+    ({"k_reciprocal": pb.KReciprocalRerank(shortlist=1001)}, "shortlist 1001"),
+])
+def test_bad_options_are_invalid_argument(stub, gallery, options, text):
+    q = gallery[2][0]
+    with pytest.raises(grpc.RpcError) as err:
+        search(stub, "plain", q, **options)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in err.value.details()
+    answers = list(stub.SearchStream(iter([
+        pb.SearchStreamRequest(id="bad", collection="plain", vector=q, **options),
+        pb.SearchStreamRequest(id="good", collection="plain", vector=q)]), timeout=TIMEOUT))
+    by_id = {a.id: a for a in answers}
+    assert by_id["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and text in by_id["bad"].error.message
+    assert len(by_id["good"].matches) == 10
+
+
+@pytest.mark.parametrize("options", [pb.IndexOptions(kind=pb.INDEX_KIND_HNSW, dba=pb.DatabaseAugmentation()),
+                                     pb.IndexOptions(kind=pb.INDEX_KIND_IVF_PQ, dba=pb.DatabaseAugmentation()),
+                                     pb.IndexOptions(float16=True, dba=pb.DatabaseAugmentation()),
+                                     pb.IndexOptions(dba=pb.DatabaseAugmentation(top_n=101)),
+                                     pb.IndexOptions(dba=pb.DatabaseAugmentation(alpha=-2))])
+def test_unsupported_dba_is_refused(stub, options):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateCollection(pb.CreateCollectionRequest(collection="bad-dba", dim=DIM, fingerprint=FP,
+                                                         index=options), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dba" in err.value.details()
+
+
+def test_k_reciprocal_on_an_ann_kind_equals_reference(stub, gallery):
+    G, names, queries, _ = gallery
+    stub.CreateCollection(pb.CreateCollectionRequest(collection="hnsw", dim=DIM, fingerprint=FP,
+                                                     index=pb.IndexOptions(kind=pb.INDEX_KIND_HNSW)), timeout=TIMEOUT)
+    upsert(stub, "hnsw", names, G)
+    for q in queries[:2]:
+        check(search(stub, "hnsw", q, k_reciprocal=pb.KReciprocalRerank()), ref_k_reciprocal(G, names, q, 10))
+        check(search(stub, "hnsw", q, query_expansion=pb.QueryExpansion()),
+              ref_plain(G, names, ref_expand(G, names, q, 2, 3.0), 10))
+
+
+# ---------------------------------------------------------------- the Milvus backend
+
+def test_milvus_query_expansion_and_refusals(tmp_path):
+    pytest.importorskip("milvus_lite", reason="milvus-lite is not installed")
+    rng = np.random.default_rng(9)
+    G = clustered(rng, clusters=3, per=10)
+    names = [f"m{i:02d}" for i in range(len(G))]
+    proc = ServiceProcess("ranker_service", "--backend", "milvus", "--milvus-uri", str(tmp_path / "m.db"),
+                          startup_timeout=120)
+    try:
+        with proc.channel() as channel:
+            stub = ranker_pb2_grpc.RankerServiceStub(channel)
+            upsert(stub, "m", names, G)
+            q = unit64(G[2].astype(np.float64) + 0.3)
+            check(search(stub, "m", q, query_expansion=pb.QueryExpansion(top_n=3)),
+                  ref_plain(G, names, ref_expand(G, names, q, 3, 3.0), 10), tol=1e-5)
+            with pytest.raises(grpc.RpcError) as err:
+                search(stub, "m", q, k_reciprocal=pb.KReciprocalRerank())
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "SQLite backend" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                create(stub, "m-dba", top_n=2)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dba" in err.value.details()
+    finally:
+        assert proc.terminate() == 0, proc.output
