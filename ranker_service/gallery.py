@@ -19,13 +19,13 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from imagesearch import errors
 from imagesearch.defaults import DEFAULT_LIST_PAGE, MAX_LIST_PAGE
-from imagesearch.errors import StoreError, shorten
+from imagesearch.errors import StoreError
 from ranker_service import index_files
 from ranker_service.attributes import AttributeFilter, AttributeTables, check_attributes, from_json, passes, to_json
 from ranker_service.backup import backup_copy
@@ -35,6 +35,14 @@ from ranker_service.index import Collection, CollectionStats, GalleryIndex, Matc
 from ranker_service.kinds import IndexSpec, spec_from_json
 from ranker_service.reranking import Neighbourhoods, augment, expand_query
 from ranker_service.store import GalleryStore, StoredItem, UpsertRow
+from ranker_service.upsert_job import (
+    UpsertItem,
+    UpsertJob,
+    UpsertResult,
+    _Pending,
+    _with_progress,
+    describe_item,
+)
 from ranker_service.vectors import (
     MAX_DIM,
     STORED_DTYPE,
@@ -47,22 +55,6 @@ from ranker_service.vectors import (
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class UpsertItem:
-    collection: str
-    name: str
-    vector: Sequence[float] | np.ndarray
-    fingerprint: str = ""
-    attributes: Mapping[str, str] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class UpsertResult:
-    upserted: int
-    inserted: int
-    replaced: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,24 +83,6 @@ class LoadReport:
     memory_bytes: int
 
 
-@dataclasses.dataclass(frozen=True)
-class _Pending:
-    index: int
-    collection: str
-    name: str
-    vector: np.ndarray  # float32 unit
-    fingerprint: str
-    attributes: dict[str, str]
-
-    @property
-    def what(self) -> str:
-        return describe_item(self.index, self.name)
-
-
-def describe_item(index: int, name: str) -> str:
-    return f"item {index} (name {shorten(name)!r})"
-
-
 def _check_fits(collection: str, dim: int, fingerprint: str, item: _Pending) -> None:
     if item.vector.shape[0] != dim:
         raise errors.InvalidArgument(
@@ -117,11 +91,6 @@ def _check_fits(collection: str, dim: int, fingerprint: str, item: _Pending) -> 
         raise errors.FailedPrecondition(
             f"{item.what}: fingerprint {item.fingerprint!r} differs from collection {collection!r}'s "
             f"{fingerprint!r}: vectors of another model (or preprocessing) cannot share a collection")
-
-
-def _with_progress(exc: errors.ImageSearchError, committed: int) -> errors.ImageSearchError:
-    """The same kind of error, its message ending with the call's progress."""
-    return type(exc)(f"{exc} [{committed} items of this call were committed before it; nothing from it on]")
 
 
 class Gallery:
@@ -283,11 +252,11 @@ class Gallery:
                 job.flush()
         return job.finish()
 
-    def upsert_job(self) -> "UpsertJob":
+    def upsert_job(self) -> GalleryUpsertJob:
         """An upsert fed one item at a time (an async server reads its stream
         without a thread): `add` is quick; `flush` and `finish` write to SQLite."""
         self._require_ready()
-        return UpsertJob(self)
+        return GalleryUpsertJob(self)
 
     def _commit(self, batch: list[_Pending]) -> tuple[int, int, errors.ImageSearchError | None]:
         """Commit the longest valid prefix of `batch` (checked against the
@@ -583,47 +552,24 @@ class Gallery:
         return self.index.max_top_k
 
 
-class UpsertJob:
-    """One Upsert call: `add(item)` validates and queues an item and returns True
-    when `flush()` is due (a full batch) or, with `failed` set, when an invalid
-    item ended the call; `finish()` commits what is queued and returns the
-    result, or raises the failure with how many items were committed before it."""
+class GalleryUpsertJob(UpsertJob):
+    """The SQLite backend's upsert job (see upsert_job.py): an item is checked
+    against its collection (or against the first item of a collection this
+    call creates) as it is added."""
 
     def __init__(self, gallery: Gallery):
-        self._gallery = gallery
-        self._pending: list[_Pending] = []
+        super().__init__(gallery)
         self._pending_specs: dict[str, tuple[int, str]] = {}  # collections first seen in `pending`
-        self._count = 0
-        self.failure: errors.ImageSearchError | None = None
-        self.committed = self.inserted = self.replaced = 0
 
-    @property
-    def failed(self) -> bool:
-        return self.failure is not None
-
-    def fail(self, exc: errors.ImageSearchError) -> None:
-        """End the call with `exc` (after committing the valid items before it)."""
-        if self.failure is None:
-            self.failure = exc
-
-    def add(self, item: UpsertItem) -> bool:
-        if self.failed:
-            return True
-        index = self._count
-        self._count += 1
-        try:
-            p = self._gallery._prepare(index, item)
-            coll = self._gallery.index.find(p.collection)
-            spec = (coll.dim, coll.fingerprint) if coll is not None else self._pending_specs.get(p.collection)
-            if spec is None:
-                self._pending_specs[p.collection] = (p.vector.shape[0], p.fingerprint)
-            else:
-                _check_fits(p.collection, *spec, p)
-        except errors.ImageSearchError as exc:
-            self.fail(exc)
-            return True
-        self._pending.append(p)
-        return len(self._pending) >= self._gallery.batch_size
+    def _prepare(self, index: int, item: UpsertItem) -> _Pending:
+        p = self._gallery._prepare(index, item)
+        coll = self._gallery.index.find(p.collection)
+        spec = (coll.dim, coll.fingerprint) if coll is not None else self._pending_specs.get(p.collection)
+        if spec is None:
+            self._pending_specs[p.collection] = (p.vector.shape[0], p.fingerprint)
+        else:
+            _check_fits(p.collection, *spec, p)
+        return p
 
     def flush(self) -> None:
         if not self._pending:
@@ -631,21 +577,6 @@ class UpsertJob:
         batch = list(self._pending)
         self._pending.clear()
         self._pending_specs.clear()
-        try:
-            ins, rep, failure = self._gallery._commit(batch)
-        except errors.ImageSearchError as exc:
-            first, last = batch[0], batch[-1]
-            raise type(exc)(
-                f"{exc}: items {first.index}..{last.index} (names {shorten(first.name)!r}..{shorten(last.name)!r}) "
-                f"were not committed; {self.committed} items of this call were committed before them") from exc
-        self.committed += ins + rep
-        self.inserted += ins
-        self.replaced += rep
+        _, _, failure = self._commit_batch(batch, self._gallery._commit)
         if failure is not None:
             raise _with_progress(failure, self.committed)
-
-    def finish(self) -> UpsertResult:
-        self.flush()
-        if self.failure is not None:
-            raise _with_progress(self.failure, self.committed) from None
-        return UpsertResult(self.committed, self.inserted, self.replaced)

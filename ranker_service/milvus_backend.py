@@ -51,13 +51,13 @@ from ranker_service.gallery import (
     UpsertResult,
     _check_fits,
     _Pending,
-    _with_progress,
     describe_item,
 )
 from ranker_service.index import CollectionStats, Match, Query, describe_query
 from ranker_service.ranking import score_margin
 from ranker_service.reranking import expand_query
 from ranker_service.store import StoredItem
+from ranker_service.upsert_job import UpsertJob
 from ranker_service.vectors import (
     MAX_TOP_K,
     check_collection,
@@ -541,52 +541,20 @@ class MilvusGallery:
         return MAX_TOP_K
 
 
-class MilvusUpsertJob:
-    """The Milvus backend's upsert job, with `Gallery.upsert_job`'s interface:
-    `add` returns True when `flush` is due (a full batch, a collection to
-    create) or, with `failed` set, when an invalid item ended the call."""
+class MilvusUpsertJob(UpsertJob):
+    """The Milvus backend's upsert job (see upsert_job.py): a flush is also due
+    when an item names a collection that does not exist yet (it is created,
+    with the first item's dimension and fingerprint, as the batch commits)."""
 
-    def __init__(self, gallery: MilvusGallery):
-        self._gallery = gallery
-        self._pending: list[_Pending] = []
-        self._count = 0
-        self.failure: errors.ImageSearchError | None = None
-        self.committed = self.inserted = self.replaced = 0
+    def _prepare(self, index: int, item: UpsertItem) -> _Pending:
+        return self._gallery._pending_item(index, item)
 
-    @property
-    def failed(self) -> bool:
-        return self.failure is not None
-
-    def fail(self, exc: errors.ImageSearchError) -> None:
-        if self.failure is None:
-            self.failure = exc
-
-    def add(self, item: UpsertItem) -> bool:
-        if self.failed:
-            return True
-        index = self._count
-        self._count += 1
-        try:
-            p = self._gallery._pending_item(index, item)
-        except errors.ImageSearchError as exc:
-            self.fail(exc)
-            return True
-        self._pending.append(p)
-        return len(self._pending) >= self._gallery.batch_size or self._gallery._find(p.collection) is None
+    def _due(self, p: _Pending) -> bool:
+        return self._gallery._find(p.collection) is None
 
     def _commit(self, batch: list[_Pending]) -> None:
-        if not batch:
-            return
-        try:
-            ins, rep = self._gallery._commit(batch)
-        except errors.ImageSearchError as exc:
-            first, last = batch[0], batch[-1]
-            raise type(exc)(
-                f"{exc}: items {first.index}..{last.index} (names {first.name!r}..{last.name!r}) were not "
-                f"committed; {self.committed} items of this call were committed before them") from exc
-        self.committed += ins + rep
-        self.inserted += ins
-        self.replaced += rep
+        if batch:
+            self._commit_batch(batch, self._gallery._commit)
 
     def flush(self) -> None:
         gallery, batch = self._gallery, []
@@ -605,9 +573,3 @@ class MilvusUpsertJob:
                 break
             batch.append(p)
         self._commit(batch)
-
-    def finish(self) -> UpsertResult:
-        self.flush()
-        if self.failure is not None:
-            raise _with_progress(self.failure, self.committed) from None
-        return UpsertResult(self.committed, self.inserted, self.replaced)
