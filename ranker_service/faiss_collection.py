@@ -6,15 +6,32 @@ live ids; searches pass that bitmap to FAISS as an `IDSelectorBitmap`, so a
 dead id is never returned (HNSW cannot remove ids, and re-adding an id leaves
 the old vector findable). Once dead ids pass `REBUILD_DEAD_SHARE` of the index
 (and `REBUILD_MIN_DEAD`), the collection is rebuilt from its live vectors with
-ids 0..n-1; searches keep using the old index until the new one is swapped in.
+ids 0..n-1, in the background (see below).
+
+Background rebuilds: the write that passes the threshold only starts a
+thread and returns. The thread builds a new index from a snapshot of the live
+ids, reading rows under the read lock a chunk at a time, while searches use
+the current index with its tombstones and writes go on applying to it (new
+ids, new tombstones). It then catches up with the ids written meanwhile, in
+passes without the write mutex until few are left, and finally, under the
+write mutex (writers wait for at most `CATCH_UP_FINAL` adds), adds the last
+ones, marks dead every copied id that died meanwhile, and swaps the index,
+names, id map, live bitmap (and ivf_pq's rows file) under the write lock. No
+search ever sees a dead id: before the swap the old bitmap excludes it, after
+it the new one. An ivf_pq with enough rows is trained the same way (the ids
+kept, only the index swapped). A rebuild is cancelled, never swapped, once
+the collection is closing (`stop_background`); SQLite stays the truth, and a
+crash mid-rebuild leaves index files older than the database's generation,
+so the next start rebuilds from SQLite.
 
 Re-rank: the candidates FAISS returns are rescored in float64 from the stored
 float32 vectors (HNSW: its own flat storage; ivf_pq: a float32 file on disk,
 read with pread, so the full vectors take page cache, not process memory;
 exact float16: the float16 rows themselves) and sorted by (-score, name).
 
-`ivf_pq` needs training: below `train_size(nlist)` vectors it answers by an
-exact scan of its on-disk rows, and trains once it has enough.
+`ivf_pq` needs training: below `train_size(nlist)` vectors (and until its
+background training is swapped in) it answers by an exact scan of its
+on-disk rows.
 
 Locking as in `index.Collection`: one writer at a time (`_write_mutex`), the
 readers-writer lock around every change searches could see.
@@ -34,7 +51,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ranker_service import kinds
+from ranker_service import faiss_device, kinds
 from ranker_service.kinds import EXACT, HNSW, IVF_PQ, IndexSpec
 from ranker_service.ranking import score_margin, select_top_k
 from ranker_service.rwlock import ReadWriteLock
@@ -46,6 +63,13 @@ TRAIN_POINTS_PER_LIST = 40  # ivf_pq training sample: this many vectors per list
 MIN_TRAIN = 1024            # ... and at least this many (PQ codebooks have 256 entries)
 REBUILD_MIN_DEAD = kinds.REBUILD_MIN_DEAD
 BUILD_THREADS = int(os.environ.get("IMAGESEARCH_RANKER_BUILD_THREADS") or os.cpu_count() or 1)
+REBUILD_CHUNK = 1024      # vectors per FAISS add() in a rebuild: how soon a cancelled one stops
+CATCH_UP_PASSES = 8       # a rebuild catches up with writes made meanwhile in at most this many passes ...
+CATCH_UP_FINAL = 1024     # ... until fewer new ids than this are left: those it adds under the write mutex
+# Seconds a background rebuild sleeps after each chunk: a throttle that leaves
+# the cores to searches (0: none); tests use it to hold a rebuild open.
+REBUILD_PAUSE_S = float(os.environ.get("IMAGESEARCH_RANKER_REBUILD_PAUSE_S") or 0)
+STOP_WAIT_S = 120.0       # how long closing waits for a cancelled rebuild to stop
 
 
 def train_size(nlist: int) -> int:
@@ -109,12 +133,85 @@ def new_index(spec: IndexSpec, dim: int):
     raise ValueError(f"no FAISS index for kind {spec.kind!r}")
 
 
+class _Rebuild:
+    """One rebuild: `cancelled` (set under the write mutex) stops it before its
+    swap; `done` is set once it has ended."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+
+class _Build:
+    """The new index a rebuild fills, copying rows from the collection by id:
+    when compacting, new id = position (with the names and the name -> id map
+    built alongside), else the same id (ivf_pq training)."""
+
+    def __init__(self, index, disk: DiskRows | None, compact: bool):
+        self.index, self.disk, self.compact = index, disk, compact
+        self.count = 0
+        self.seconds = 0.0
+        self._old_ids: list[np.ndarray] = []
+        self._names: list[str | None] = []
+        self._ids: dict[str, int] = {}
+
+    def copy(self, coll: FaissCollection, job: _Rebuild, ids: np.ndarray, pause: float) -> bool:
+        """Rows of `ids` (ascending) into the new index; False if cancelled."""
+        for start in range(0, ids.shape[0], REBUILD_CHUNK):
+            if job.cancelled:
+                return False
+            chunk = ids[start:start + REBUILD_CHUNK].astype(np.int64)
+            with coll._rw.read():
+                block = coll._rows(chunk)
+                names = [coll._names_by_id[i] for i in chunk] if self.compact else None
+            t0 = time.perf_counter()
+            first = self.count
+            if self.disk is not None:
+                self.disk.write(first, block)
+            if coll.spec.kind == IVF_PQ:
+                if self.index.is_trained:
+                    target = np.arange(first, first + chunk.shape[0], dtype=np.int64) if self.compact else chunk
+                    self.index.add_with_ids(block, target)
+            else:
+                self.index.add(block)  # ids 0, 1, ...: positions (these kinds always compact)
+            self.seconds += time.perf_counter() - t0
+            if self.compact:
+                self._old_ids.append(chunk)
+                for j, name in enumerate(names):
+                    if name is not None:
+                        self._ids[name] = first + j  # a later id of a name wins: the earlier one is dead
+                self._names.extend(names)
+            self.count += chunk.shape[0]
+            if pause:
+                time.sleep(pause)
+        return True
+
+    def finish(self, bits: np.ndarray) -> tuple[list[str | None], dict[str, int], np.ndarray, int]:
+        """Names by new id, name -> id, the live bitmap and the dead count,
+        with every copied id that is dead now (`bits`: the collection's live
+        ids, read under the write mutex) marked dead."""
+        old = np.concatenate(self._old_ids) if self._old_ids else np.empty(0, dtype=np.int64)
+        dead = np.flatnonzero(bits[old] == 0)
+        for pos in dead.tolist():
+            name = self._names[pos]
+            if name is not None and self._ids.get(name) == pos:
+                del self._ids[name]
+            self._names[pos] = None
+        alive = np.ones(self.count, dtype=bool)
+        alive[dead] = False
+        live = np.zeros(max(8, (self.count + 7) // 8), dtype=np.uint8)
+        packed = np.packbits(alive, bitorder="little")
+        live[: packed.shape[0]] = packed
+        return self._names, self._ids, live, int(dead.shape[0])
+
+
 class FaissCollection:
     """Same interface as `index.Collection`, over a FAISS index."""
 
     def __init__(self, name: str, dim: int, fingerprint: str, spec: IndexSpec, *, created_at: float | None = None,
                  updated_at: float | None = None, capacity: int = 0, files_dir: Path | None = None,
-                 rows: DiskRows | None = None):
+                 rows: DiskRows | None = None, device: str = "cpu"):
         if dim <= 0:
             raise ValueError(f"dimension must be positive, got {dim}")
         now = time.time()
@@ -145,6 +242,14 @@ class FaissCollection:
         self.build_seconds = 0.0  # time spent in FAISS adds and training (the build time, for logs and benchmarks)
         self._rw = ReadWriteLock()
         self._write_mutex = threading.Lock()
+        self._job: _Rebuild | None = None  # the background rebuild running, if any
+        self._stopped = False  # closing: no more background rebuilds
+        self.swaps = 0  # rebuilds swapped in (the gallery rewrites index files after one)
+        # --faiss-device cuda: a GPU copy of the index answers searches (faiss_device.py)
+        self.device = device if faiss_device.runs_on_gpu(spec) else "cpu"
+        self._device_index = None
+        self._device_lock = threading.Lock()  # one GPU search at a time (FAISS GPU resources are not thread-safe)
+        self._to_device()
 
     def rows_path(self, files_dir: Path) -> Path:
         from ranker_service.index_files import stem
@@ -153,7 +258,8 @@ class FaissCollection:
 
     @classmethod
     def restore(cls, name: str, dim: int, fingerprint: str, spec: IndexSpec, index, names_by_id: list[str | None],
-                rows: DiskRows | None, files_dir: Path, *, created_at: float, updated_at: float) -> FaissCollection:
+                rows: DiskRows | None, files_dir: Path, *, created_at: float, updated_at: float,
+                device: str = "cpu") -> FaissCollection:
         """A collection from its saved index and names (see index_files)."""
         if index.d != dim or index.ntotal != (len(names_by_id) if spec.kind != IVF_PQ or index.is_trained
                                               else 0):
@@ -162,8 +268,9 @@ class FaissCollection:
             raise ValueError(f"saved index holds {index.ntotal} vectors of dim {index.d}, "
                              f"names {len(names_by_id)}, expected dim {dim}")
         coll = cls(name, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
-                   capacity=len(names_by_id), files_dir=files_dir, rows=rows)
+                   capacity=len(names_by_id), files_dir=files_dir, rows=rows, device=device)
         coll._index = index
+        coll._to_device()
         coll._names_by_id = names_by_id
         total = len(names_by_id)
         if None in names_by_id:
@@ -178,9 +285,24 @@ class FaissCollection:
         coll._names_bytes = sum(sys.getsizeof(n) for n in coll._ids)
         return coll
 
+    def _to_device(self) -> None:
+        """(Re)make the GPU copy of the index (caller keeps writers out)."""
+        self._device_index = self._device_copy(self._index)
+
+    def _device_copy(self, index):
+        if self.device != "cuda" or not index.is_trained:
+            return None
+        t0 = time.perf_counter()
+        copy = faiss_device.index_to_gpu(index, self.spec)
+        log.info("collection %r: %s index of %d vectors copied to the GPU in %.2fs", self.name, self.spec.label,
+                 index.ntotal, time.perf_counter() - t0)
+        return copy
+
     def state(self):
-        """(the FAISS index, names by id) for saving; the caller keeps writers out."""
-        return self._index, self._names_by_id
+        """(the FAISS index, names by id) for saving; the caller keeps writers
+        out and has stopped background rebuilds (`stop_background`)."""
+        with self._rw.read():
+            return self._index, self._names_by_id
 
     def flush_rows(self) -> None:
         if self._disk is not None:
@@ -211,6 +333,8 @@ class FaissCollection:
         """float32 rows of these ids (caller holds the read lock)."""
         ids = np.asarray(ids, dtype=np.int64)
         if self._disk is not None:
+            if ids.shape[0] > 1 and ids[-1] - ids[0] == ids.shape[0] - 1 and bool((np.diff(ids) == 1).all()):
+                return self._disk.read_range(int(ids[0]), int(ids[-1]) + 1)  # one pread for a run of ids
             return self._disk.read(ids)
         return self._index.reconstruct_batch(ids)
 
@@ -277,12 +401,34 @@ class FaissCollection:
                 fetch = self.spec.candidates(kmax, n)
             else:
                 fetch = kmax
-            if self._index.is_trained:
+            if self._device_index is not None:
+                found = self._device_search(q32, fetch)
+            elif self._index.is_trained:
                 sel = self._selector()
                 _, found = self._index.search(q32, fetch, params=self._params(sel, fetch))
             else:
                 found = self._scan(q32, fetch)
             return [self._rank(found[i], queries64[i], int(k)) for i, k in enumerate(top_ks)]
+
+    def _device_search(self, q32: np.ndarray, fetch: int) -> np.ndarray:
+        """ANN candidates from the GPU copy (caller holds the read lock). GPU
+        indexes take no IDSelector: fetch `fetch + dead` (at most the GPU's
+        limit) and drop dead ids here; a query left with fewer than `fetch`
+        live ids while the limit cut the fetch is searched again on the CPU
+        index, with the live bitmap as selector. Rows padded with -1."""
+        ntotal = self._index.ntotal
+        k = min(ntotal, fetch + self._dead, faiss_device.GPU_MAX_K)
+        params = self._params(None, k) if self.spec.kind == IVF_PQ else None  # nprobe; GPUs take no selector
+        with self._device_lock:
+            _, found = self._device_index.search(q32, k, params=params)
+        out = np.full((q32.shape[0], fetch), -1, dtype=np.int64)
+        for i in range(q32.shape[0]):
+            ids = faiss_device.live_ids(found[i], self._live)[:fetch]
+            if ids.shape[0] < fetch and k < min(ntotal, fetch + self._dead):
+                _, again = self._index.search(q32[i:i + 1], fetch, params=self._params(self._selector(), fetch))
+                ids = again[0]
+            out[i, : ids.shape[0]] = ids
+        return out
 
     def _scan(self, q32: np.ndarray, fetch: int) -> np.ndarray:
         """Untrained ivf_pq: exact float32 scan of the on-disk rows, dead ids excluded."""
@@ -379,10 +525,14 @@ class FaissCollection:
         if self._index.is_trained:
             faiss.omp_set_num_threads(BUILD_THREADS)
             t0 = time.perf_counter()
-            if self.spec.kind == IVF_PQ:
-                self._index.add_with_ids(block, np.arange(first_id, first_id + block.shape[0], dtype=np.int64))
-            else:
-                self._index.add(block)
+            ids = np.arange(first_id, first_id + block.shape[0], dtype=np.int64)
+            for index in (self._index, self._device_index):
+                if index is None:
+                    continue
+                if self.spec.kind == IVF_PQ:
+                    index.add_with_ids(block, ids)
+                else:
+                    index.add(block)
             self.build_seconds += time.perf_counter() - t0
 
     def load_row(self, name: str, vector: np.ndarray) -> None:
@@ -406,33 +556,14 @@ class FaissCollection:
             self._add(self._loading_first, block)
 
     def finish_load(self) -> None:
+        """End of start-up loading: the last rows into FAISS, and an ivf_pq
+        with enough rows trained now (in this thread: the ranker is not
+        serving yet)."""
         with self._write_mutex:
             self._flush_loading()
-            self._train_if_ready()
-
-    def _train_if_ready(self) -> None:
-        """ivf_pq: train on a random sample of the on-disk rows once there are
-        enough, then add every live row (caller holds the write mutex)."""
-        if self._index.is_trained or len(self._ids) < train_size(self.spec.nlist):
-            return
-        t0 = time.perf_counter()
-        index = new_index(self.spec, self.dim)
-        faiss.omp_set_num_threads(BUILD_THREADS)
-        total = len(self._names_by_id)
-        live_ids = np.flatnonzero(np.unpackbits(self._live, bitorder="little")[:total])
-        rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(live_ids, min(live_ids.shape[0], train_size(self.spec.nlist)), replace=False))
-        index.train(self._disk.read(sample))
-        for start in range(0, total, ADD_CHUNK):
-            stop = min(start + ADD_CHUNK, total)
-            ids = live_ids[(live_ids >= start) & (live_ids < stop)]
-            if ids.shape[0]:
-                index.add_with_ids(self._disk.read_range(start, stop)[ids - start], ids.astype(np.int64))
-        with self._rw.write():
-            self._index = index
-        self.build_seconds += time.perf_counter() - t0
-        log.info("collection %r: trained ivf_pq on %d of %d vectors and added them in %.1fs",
-                 self.name, sample.shape[0], live_ids.shape[0], time.perf_counter() - t0)
+            due = self._upkeep_due()
+        if due:
+            self._rebuild(_Rebuild(), pause=0.0)
 
     def upsert(self, names: Sequence[str], vectors32: np.ndarray, updated_at: float | None = None) -> tuple[int, int]:
         vectors32 = np.ascontiguousarray(vectors32, dtype=np.float32)
@@ -450,8 +581,7 @@ class FaissCollection:
                 self._add(first, block)
                 if updated_at is not None:
                     self.updated_at = updated_at
-            self._train_if_ready()
-            self._rebuild_if_needed()
+            self._maintain()
         return len(unique) - replaced, len(names) - (len(unique) - replaced)
 
     def delete(self, names: Iterable[str], updated_at: float | None = None) -> list[str]:
@@ -467,63 +597,166 @@ class FaissCollection:
                     removed.append(name)
                 if updated_at is not None and removed:
                     self.updated_at = updated_at
-            self._rebuild_if_needed()
+            self._maintain()
         return removed
 
-    def _rebuild_if_needed(self) -> None:
-        total = len(self._names_by_id)
-        if self._dead >= REBUILD_MIN_DEAD and self._dead > kinds.REBUILD_DEAD_SHARE * total:
-            self.rebuild()
+    # ------------------------------------------------------------ background rebuilds
 
-    def rebuild(self) -> None:
-        """A new index of the live vectors with ids 0..n-1 (caller holds the
-        write mutex; searches use the old index until the swap)."""
+    def _upkeep_due(self) -> bool:
+        """Is a rebuild due (caller holds the write mutex)? Dead ids past the
+        threshold, or an untrained ivf_pq with enough live rows to train."""
+        if self._dead >= REBUILD_MIN_DEAD and self._dead > kinds.REBUILD_DEAD_SHARE * len(self._names_by_id):
+            return True
+        return (self.spec.kind == IVF_PQ and not self._index.is_trained
+                and len(self._ids) >= train_size(self.spec.nlist))
+
+    def _maintain(self) -> None:
+        """Start a background rebuild if one is due and none runs (caller holds the write mutex)."""
+        if self._job is None and not self._stopped and self._upkeep_due():
+            job = _Rebuild()
+            self._job = job
+            job.thread = threading.Thread(target=self._run_rebuild, args=(job,), daemon=True,
+                                          name=f"ranker-rebuild-{self.name[:32]}")
+            job.thread.start()
+
+    def start_upkeep(self) -> None:
+        """Start a rebuild now if one is due (after a restore from index files)."""
+        with self._write_mutex:
+            self._maintain()
+
+    def _run_rebuild(self, job: _Rebuild) -> None:
+        ok = False
+        try:
+            ok = self._rebuild(job, pause=REBUILD_PAUSE_S)
+        except Exception:
+            log.exception("collection %r: background rebuild failed; searches go on with the current index "
+                          "(the next start rebuilds from SQLite)", self.name)
+        finally:
+            with self._write_mutex:
+                if self._job is job:
+                    self._job = None
+                if ok:  # writes during the build may have passed the threshold again
+                    self._maintain()
+            job.done.set()
+
+    def stop_background(self, timeout: float = STOP_WAIT_S) -> None:
+        """No more background rebuilds: the one running is cancelled (it never
+        swaps after this returns) and waited for (it stops between chunks)."""
+        with self._write_mutex:
+            self._stopped = True
+            job = self._job
+            if job is None:
+                return
+            job.cancelled = True
+        if job.thread is not None and job.thread is not threading.current_thread():
+            job.thread.join(timeout)
+            if job.thread.is_alive():
+                log.warning("collection %r: a cancelled rebuild still runs after %.0fs", self.name, timeout)
+
+    def wait_background(self, timeout: float | None = None) -> bool:
+        """Wait until no rebuild runs or is due to follow (tests, benchmarks); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (job := self._job) is not None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not job.done.wait(left):
+                return False
+        return True
+
+    @property
+    def rebuilding(self) -> bool:
+        return self._job is not None
+
+    def _rebuild(self, job: _Rebuild, pause: float) -> bool:
+        """Build a new index from a snapshot of the live ids, outside the write
+        mutex, while searches use the current index and writes go on applying
+        to it; catch up with those writes in passes; then, under the write
+        mutex, add the last few, mark what died meanwhile, and swap under the
+        write lock. Compaction (dead ids past the threshold) gives the live
+        vectors new ids 0..n-1 (and ivf_pq a new rows file); training an
+        ivf_pq keeps the ids and swaps only the index. Returns True once
+        swapped, False when cancelled."""
         t0 = time.perf_counter()
-        names = list(self._ids)
-        old_ids = np.asarray([self._ids[n] for n in names], dtype=np.int64)
-        order = np.argsort(old_ids)
-        old_ids = old_ids[order]
-        names = [names[i] for i in order]
-        if self.spec.kind == IVF_PQ and self._index.is_trained:
-            index = faiss.clone_index(self._index)  # keeps the trained lists and codebooks
-            index.reset()
-        else:
-            index = new_index(self.spec, self.dim)
-        disk = None
-        if self._disk is not None:
-            disk = DiskRows(self._disk.path.with_suffix(".rebuild"), self.dim)
+        with self._write_mutex:  # the snapshot: writers wait only for this
+            if job.cancelled:
+                return False
+            total = len(self._names_by_id)
+            # ivf_pq may rebuild only to train (ids kept); the other kinds rebuild only to compact
+            compact = (self.spec.kind != IVF_PQ or self._index.is_trained
+                       or (self._dead >= REBUILD_MIN_DEAD and self._dead > kinds.REBUILD_DEAD_SHARE * total))
+            live_ids = np.flatnonzero(np.unpackbits(self._live, bitorder="little")[:total])
+            index = None
+            if self.spec.kind == IVF_PQ and self._index.is_trained:
+                index = faiss.clone_index(self._index)  # keeps the trained lists and codebooks
+                index.reset()
         faiss.omp_set_num_threads(BUILD_THREADS)
-        for start in range(0, len(names), ADD_CHUNK):
-            ids = old_ids[start:start + ADD_CHUNK]
-            with self._rw.read():
-                block = self._rows(ids)
-            if disk is not None:
-                disk.write(start, block)
-            if self.spec.kind != IVF_PQ:
-                index.add(block)
-            elif index.is_trained:
-                index.add_with_ids(block, np.arange(start, start + block.shape[0], dtype=np.int64))
-        live = np.zeros(max(8, (len(names) + 7) // 8), dtype=np.uint8)
-        live[: len(names) // 8] = 0xFF
-        for i in range(len(names) // 8 * 8, len(names)):
-            live[i >> 3] |= np.uint8(1 << (i & 7))
-        with self._rw.write():
-            self._index = index
-            self._names_by_id = list(names)
-            self._ids = {name: i for i, name in enumerate(names)}
-            self._live = live
-            self._dead = 0
-            if disk is not None:
-                os.replace(disk.path, self._disk.path)
-                self._disk.close()
-                disk.path = self._disk.path
-                self._disk = disk
-        self._train_if_ready()
-        log.info("collection %r: rebuilt %s index of %d live vectors in %.1fs",
-                 self.name, self.spec.label, len(names), time.perf_counter() - t0)
+        trained_now = False
+        if index is None:
+            index = new_index(self.spec, self.dim)
+            if self.spec.kind == IVF_PQ and live_ids.shape[0] >= train_size(self.spec.nlist):
+                rng = np.random.default_rng(0)
+                sample = np.sort(rng.choice(live_ids, train_size(self.spec.nlist), replace=False))
+                with self._rw.read():
+                    rows = self._rows(sample)
+                index.train(rows)
+                del rows
+                trained_now = True
+        disk = None
+        if compact and self._disk is not None:
+            disk = DiskRows(self._disk.path.with_suffix(".rebuild"), self.dim)
+        build = _Build(index, disk, compact)
+        swapped = False
+        try:
+            if not build.copy(self, job, live_ids, pause):
+                return False
+            seen = total
+            for _ in range(CATCH_UP_PASSES):  # the writes made meanwhile, without the mutex
+                with self._rw.read():
+                    now = len(self._names_by_id)
+                    bits = np.unpackbits(self._live, bitorder="little")
+                if now - seen < CATCH_UP_FINAL:
+                    break
+                if not build.copy(self, job, seen + np.flatnonzero(bits[seen:now]), pause):
+                    return False
+                seen = now
+            with self._write_mutex:
+                if job.cancelled:
+                    return False
+                now = len(self._names_by_id)
+                bits = np.unpackbits(self._live, bitorder="little")
+                build.copy(self, job, seen + np.flatnonzero(bits[seen:now]), 0.0)
+                if compact:
+                    names, ids, live, dead = build.finish(bits)
+                device_index = self._device_copy(index)
+                with self._rw.write():
+                    self._index = index
+                    self._device_index = device_index
+                    if compact:
+                        self._names_by_id, self._ids, self._live, self._dead = names, ids, live, dead
+                        if disk is not None:  # index files saved earlier name the old rows: no longer valid
+                            from ranker_service.index_files import invalidate
+
+                            invalidate(self.name, self._disk.path.parent)
+                            os.replace(disk.path, self._disk.path)
+                            self._disk.close()
+                            disk.path = self._disk.path
+                            self._disk = disk
+                swapped = True
+                self.swaps += 1
+                self.build_seconds += build.seconds
+            what = "compacted" if compact else ("trained" if trained_now else "rebuilt")
+            where = "in the background" if threading.current_thread() is job.thread else "at start-up"
+            log.info("collection %r: %s %s index %s: %d vectors (%d written meanwhile) in %.1fs", self.name, what,
+                     self.spec.label, where, build.count, max(0, now - total), time.perf_counter() - t0)
+            return True
+        finally:
+            if disk is not None and not swapped:
+                disk.close()
+                disk.path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        self.stop_background()
         with self._rw.write():  # searches in flight finish first
+            self._device_index = None
             if self._disk is not None:
                 self._disk.close()
         if self._tmpdir is not None:

@@ -97,14 +97,15 @@ class Gallery:
     """Store + index. Thread-safe. `load()` before use; `close()` at the end."""
 
     def __init__(self, store: GalleryStore, index: GalleryIndex | None = None, *,
-                 batch_size: int = DEFAULT_BATCH_SIZE, files_dir: Path | None = None):
+                 batch_size: int = DEFAULT_BATCH_SIZE, files_dir: Path | None = None, faiss_device: str = "cpu"):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.store = store
         self.files_dir = files_dir or index_files.folder_for(Path(store.path))
         self.files_dir.mkdir(exist_ok=True)
-        self.index = index or GalleryIndex(self.files_dir)
-        self._saved: dict[str, int] = {}  # collection -> generation its index files hold
+        self.index = index or GalleryIndex(self.files_dir, faiss_device)
+        # collection -> (database generation, rebuilds swapped in) its index files hold
+        self._saved: dict[str, tuple[int, int]] = {}
         self.batch_size = batch_size
         self.attributes = AttributeTables()
         self.derived = DerivedData()
@@ -139,11 +140,13 @@ class Gallery:
                                  f"({meta.kind} {meta.params}): {exc}") from exc
             t0 = time.perf_counter()
             coll = index_files.load(meta.name, meta.dim, meta.fingerprint, spec, meta.generation, meta.count,
-                                    self.files_dir, created_at=meta.created_at, updated_at=meta.updated_at)
+                                    self.files_dir, created_at=meta.created_at, updated_at=meta.updated_at,
+                                    device=self.index.device)
             if coll is not None:
                 self.index.add(coll)
-                self._saved[meta.name] = meta.generation
+                self._saved[meta.name] = (meta.generation, coll.swaps)
                 count += len(coll)
+                coll.start_upkeep()  # a rebuild due (dead ids past the threshold) runs in the background
                 log.info("collection %r (%s, %d vectors): loaded from its index files in %.2fs",
                          meta.name, spec.label, len(coll), time.perf_counter() - t0)
                 continue
@@ -179,7 +182,7 @@ class Gallery:
         except OSError as exc:  # the next start rebuilds from SQLite: slower, still correct
             log.warning("collection %r: cannot write its index files to %s: %s", coll.name, self.files_dir, exc)
             return
-        self._saved[coll.name] = generation
+        self._saved[coll.name] = (generation, coll.swaps)
         log.info("collection %r: index files written (generation %d) in %.2fs", coll.name, generation,
                  time.perf_counter() - t0)
 
@@ -188,7 +191,7 @@ class Gallery:
         last written (the caller holds the write lock, or no writes can come)."""
         for stored in self.store.collections():
             coll = self.index.find(stored.name)
-            if coll is not None and self._saved.get(stored.name) != stored.generation:
+            if coll is not None and self._saved.get(stored.name) != (stored.generation, coll.swaps):
                 self._save(coll, stored.generation)
 
     def _load_rows(self, collections: dict) -> int:
@@ -216,6 +219,7 @@ class Gallery:
             if self._closed:
                 return
             self._closed = True
+            self.index.stop_background()  # no swap may change a collection while its files are written
             if self._ready:
                 try:
                     self.save_index_files()

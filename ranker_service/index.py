@@ -99,7 +99,7 @@ class CollectionStats:
 
 def make_collection(name: str, dim: int, fingerprint: str, spec: IndexSpec | None = None, *,
                     created_at: float | None = None, updated_at: float | None = None, capacity: int = 0,
-                    files_dir: Path | None = None):
+                    files_dir: Path | None = None, device: str = "cpu"):
     """An empty collection of the spec's kind: `Collection` for exact float32,
     `FaissCollection` for the others."""
     spec = spec or IndexSpec()
@@ -107,7 +107,7 @@ def make_collection(name: str, dim: int, fingerprint: str, spec: IndexSpec | Non
         return Collection(name, dim, fingerprint, created_at=created_at, updated_at=updated_at, capacity=capacity,
                           spec=spec)
     return FaissCollection(name, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
-                           capacity=capacity, files_dir=files_dir)
+                           capacity=capacity, files_dir=files_dir, device=device)
 
 
 def describe_query(query: Query, position: int | None = None) -> str:
@@ -320,6 +320,19 @@ class Collection:
                 self._resize(grown_capacity(self._n) if self._n else 0)
         return removed
 
+    # The FAISS kinds rebuild in the background (faiss_collection.py); this kind never rebuilds.
+    def start_upkeep(self) -> None:
+        pass
+
+    def stop_background(self) -> None:
+        pass
+
+    def wait_background(self, timeout: float | None = None) -> bool:
+        return True
+
+    rebuilding = False
+    swaps = 0
+
     def first_nonfinite(self, chunk_rows: int = 4096) -> str | None:
         """The name of the first row holding NaN/Inf (a damaged database), or None.
         A block's sum is finite exactly when its (unit, so bounded) values are,
@@ -363,10 +376,11 @@ class _Picked:
 class GalleryIndex:
     """All collections in memory: validated search over them. Thread-safe."""
 
-    def __init__(self, files_dir: Path | None = None) -> None:
+    def __init__(self, files_dir: Path | None = None, device: str = "cpu") -> None:
         self._collections: dict[str, Collection | FaissCollection] = {}
         self._lock = threading.Lock()
         self.files_dir = files_dir  # where ivf_pq keeps its on-disk rows (a temporary folder if None)
+        self.device = device  # where FAISS kinds search: cpu or cuda (faiss_device.choose)
 
     def __contains__(self, collection: str) -> bool:
         return collection in self._collections
@@ -389,7 +403,7 @@ class GalleryIndex:
     def create(self, collection: str, dim: int, fingerprint: str, spec: IndexSpec | None = None, *,
                created_at: float | None = None, updated_at: float | None = None, capacity: int = 0):
         coll = make_collection(collection, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
-                               capacity=capacity, files_dir=self.files_dir)
+                               capacity=capacity, files_dir=self.files_dir, device=self.device)
         return self.add(coll)
 
     def add(self, coll):
@@ -406,6 +420,11 @@ class GalleryIndex:
         if coll is not None:
             coll.close()
 
+    def stop_background(self) -> None:
+        """Cancel and wait for every background rebuild (before saving index files at a stop)."""
+        for coll in self.collections():
+            coll.stop_background()
+
     def collections(self) -> list:
         return [self._collections[name] for name in sorted(self._collections)]
 
@@ -420,8 +439,8 @@ class GalleryIndex:
             with self._lock:
                 coll = self._collections.get(collection)
                 if coll is None:
-                    coll = make_collection(collection, vectors32.shape[1], fingerprint, spec,
-                                           created_at=updated_at, updated_at=updated_at, files_dir=self.files_dir)
+                    coll = make_collection(collection, vectors32.shape[1], fingerprint, spec, created_at=updated_at,
+                                           updated_at=updated_at, files_dir=self.files_dir, device=self.device)
                     self._collections[collection] = coll
         return coll.upsert(names, vectors32, updated_at)
 

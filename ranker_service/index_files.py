@@ -101,7 +101,7 @@ def save(coll, folder: Path, generation: int) -> None:
 
 
 def load(name: str, dim: int, fingerprint: str, spec: IndexSpec, generation: int, count: int, folder: Path, *,
-         created_at: float, updated_at: float):
+         created_at: float, updated_at: float, device: str = "cpu"):
     """The collection from its files, or None when they are missing or stale."""
     from ranker_service.index import Collection
 
@@ -132,10 +132,16 @@ def load(name: str, dim: int, fingerprint: str, spec: IndexSpec, generation: int
                 rows.close()
                 return None
         return FaissCollection.restore(name, dim, fingerprint, spec, index, names, rows, folder,
-                                       created_at=created_at, updated_at=updated_at)
+                                       created_at=created_at, updated_at=updated_at, device=device)
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("collection %r: cannot read its index files (%s): rebuilding from SQLite", name, exc)
         return None
+
+
+def invalidate(name: str, folder: Path) -> None:
+    """Remove the collection's meta: its files are loaded no more (a rebuild
+    replaced a file they need)."""
+    (folder / stem(name)).with_suffix(".meta.json").unlink(missing_ok=True)
 
 
 def remove(name: str, folder: Path) -> None:

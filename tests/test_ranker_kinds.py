@@ -4,6 +4,8 @@ rebuilds once the dead share passes the threshold; index files round-trip."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -38,6 +40,7 @@ KINDS = list(SPECS)
 def build(label, matrix, names, tmp_path):
     coll = make_collection("c", DIM, "fp", SPECS[label], files_dir=tmp_path)
     coll.upsert(names, matrix)
+    assert coll.wait_background(60)  # ivf_pq trains in the background
     return coll
 
 
@@ -105,11 +108,86 @@ def test_rebuild_once_the_dead_share_passes_the_threshold(label, tmp_path, monke
     coll.delete(names[: int(dead_limit) - 5])
     assert coll.dead == int(dead_limit) - 5
     coll.delete(names[int(dead_limit) - 5: int(dead_limit) + 50])  # past the share: rebuilt, ids compacted
+    assert coll.wait_background(60) and coll.swaps >= 1
     assert coll.dead == 0 and len(coll) == N - int(dead_limit) - 50
     keep = slice(int(dead_limit) + 50, N)
     assert recall(coll, matrix[keep], names[keep], clustered(20, 7)) >= (0.99 if label == "exact16" else 0.85)
     coll.upsert(["after"], matrix[:1])  # still writable after the rebuild
     assert coll.search(matrix[:1].astype(np.float64), [1])[0][0][0] == "after"
+
+
+@pytest.mark.parametrize("label", KINDS)
+def test_writes_during_a_background_rebuild_are_kept_and_dead_ids_never_found(label, tmp_path, monkeypatch):
+    """A rebuild held open (small chunks, a pause after each): writes return at
+    once, searches never see a deleted or replaced vector before, during or
+    after the swap, and the swapped index holds every write made meanwhile."""
+    monkeypatch.setattr(faiss_collection, "REBUILD_MIN_DEAD", 10)
+    monkeypatch.setattr(faiss_collection, "REBUILD_CHUNK", 200)
+    monkeypatch.setattr(faiss_collection, "CATCH_UP_FINAL", 50)
+    monkeypatch.setattr(faiss_collection, "REBUILD_PAUSE_S", 0.1)
+    matrix = clustered(N, 13)
+    names = [f"n{i:05d}" for i in range(N)]
+    coll = build(label, matrix, names, tmp_path)
+    live = dict(zip(names, matrix))
+    dead: set[str] = set()
+
+    def delete(gone):
+        assert coll.delete(gone) == gone
+        for n in gone:
+            del live[n]
+        dead.update(gone)
+
+    def check_dead_never_found(probes):
+        for j in probes:
+            found = {n for n, _ in coll.search(matrix[j][np.newaxis].astype(np.float64), [20])[0]}
+            assert not found & dead and found <= set(live), found - set(live)
+
+    delete(names[:N // 3])  # past the share: a rebuild starts, the call returns at once
+    assert coll.rebuilding
+    fresh = clustered(300, 14)
+    during = []
+    for step in range(6):  # inserts, replacements and deletes while it runs
+        t0 = time.perf_counter()
+        new = [f"new{step}-{i}" for i in range(30)]
+        coll.upsert(new, fresh[step * 30:(step + 1) * 30])
+        live.update(zip(new, fresh[step * 30:(step + 1) * 30]))
+        swap = names[N // 3 + step * 20: N // 3 + step * 20 + 20]
+        coll.upsert(swap, fresh[200 + step * 10: 200 + step * 10 + 10].repeat(2, axis=0))
+        live.update(zip(swap, fresh[200 + step * 10: 200 + step * 10 + 10].repeat(2, axis=0)))
+        delete(names[2000 + step * 30: 2000 + step * 30 + 30] + [new[0]])
+        during.append(time.perf_counter() - t0)
+        check_dead_never_found(range(step, N // 3, 97))
+        if step == 3:
+            assert coll.rebuilding  # the writes above did not wait for it
+    assert max(during) < 1.0, during
+    assert coll.wait_background(120) and coll.swaps >= 1
+    assert sorted(coll.names()) == sorted(live) and len(coll) == len(live)
+    check_dead_never_found(range(0, N, 37))
+    for step in range(6):  # a replacement is found by its new vector, an insert made during the build too
+        hit = coll.search(fresh[200 + step * 10][np.newaxis].astype(np.float64), [2])[0]
+        assert {n for n, _ in hit} <= set(names[N // 3 + step * 20: N // 3 + step * 20 + 20])
+        assert coll.search(fresh[step * 30 + 5][np.newaxis].astype(np.float64), [1])[0][0][0] == f"new{step}-5"
+    live_names = list(live)
+    assert recall(coll, np.stack([live[n] for n in live_names]), live_names, clustered(20, 15)) >= (
+        0.99 if label == "exact16" else 0.85)
+
+
+def test_closing_cancels_a_rebuild_before_its_swap(tmp_path, monkeypatch):
+    monkeypatch.setattr(faiss_collection, "REBUILD_MIN_DEAD", 10)
+    monkeypatch.setattr(faiss_collection, "REBUILD_CHUNK", 100)
+    monkeypatch.setattr(faiss_collection, "REBUILD_PAUSE_S", 0.2)
+    matrix = clustered(N, 16)
+    names = [f"n{i:05d}" for i in range(N)]
+    coll = build("ivf_pq", matrix, names, tmp_path)
+    coll.delete(names[: N // 2])
+    assert coll.rebuilding
+    coll.stop_background()
+    assert not coll.rebuilding and coll.swaps == 1  # the training at build(), not the compaction
+    assert coll.dead == N // 2 and not list(tmp_path.glob("*.rebuild"))
+    index_files.save(coll, tmp_path, generation=3)
+    again = index_files.load("c", DIM, "fp", SPECS["ivf_pq"], 3, N - N // 2, tmp_path, created_at=1.0, updated_at=2.0)
+    q64 = matrix[N - 1][np.newaxis].astype(np.float64)
+    assert again.search(q64, [5]) == coll.search(q64, [5])
 
 
 @pytest.mark.parametrize("label", ["exact", *KINDS])

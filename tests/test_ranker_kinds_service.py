@@ -5,6 +5,8 @@ restart rebuilds from SQLite with every acknowledged write in place."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -87,4 +89,74 @@ def test_kind_deletes_replacement_restart_and_kill_9(label, tmp_path):
         assert "built from SQLite" in ranker.output and "loaded from its index files" not in ranker.output
         stub = ranker_pb2_grpc.RankerServiceStub(ranker.channel())
         check(stub, live, dead, np.concatenate([queries, vectors[200:205]]), min_recall)
+    assert ranker.proc.returncode == 0, ranker.output
+
+
+def test_hnsw_rebuild_runs_outside_the_write_and_survives_kill_9(tmp_path):
+    """Deletes past the dead share start a rebuild in the background (held
+    open here by a pause after each chunk): the Delete returns at once, writes
+    and searches go on while it runs, never returning a deleted vector, and the
+    swapped index holds every write made meanwhile. A kill -9 while a second
+    rebuild is pending loses nothing acknowledged."""
+    db = tmp_path / "rebuild.db"
+    n = 4000
+    vectors = clustered(n, 21)
+    names = [f"n{i:05d}" for i in range(n)]
+    live = dict(zip(names, vectors))
+    dead: set[str] = set()
+    queries = clustered(10, 22)
+    env = {"IMAGESEARCH_LOG_LEVEL": "INFO", "IMAGESEARCH_RANKER_REBUILD_PAUSE_S": "1.5"}
+    swapped = "compacted hnsw index in the background"
+
+    def upsert(stub, batch: dict[str, np.ndarray]) -> float:
+        t0 = time.perf_counter()
+        stub.Upsert(iter(pb.UpsertRequest(collection="k", name=k, vector=v, fingerprint="fp")
+                         for k, v in batch.items()), timeout=TIMEOUT)
+        live.update(batch)
+        dead.difference_update(batch)
+        return time.perf_counter() - t0
+
+    def delete(stub, gone: list[str]) -> float:
+        t0 = time.perf_counter()
+        assert stub.Delete(pb.DeleteRequest(collection="k", names=gone), timeout=TIMEOUT).deleted == len(gone)
+        for k in gone:
+            del live[k]
+        dead.update(gone)
+        return time.perf_counter() - t0
+
+    with ServiceProcess("ranker_service", "--db", str(db), env=env) as ranker:
+        stub = ranker_pb2_grpc.RankerServiceStub(ranker.channel())
+        stub.CreateCollection(pb.CreateCollectionRequest(collection="k", dim=DIM, fingerprint="fp",
+                                                         index=OPTIONS["hnsw"]), timeout=TIMEOUT)
+        upsert(stub, dict(zip(names, vectors)))
+        took = [delete(stub, names[:1100])]  # 27.5% dead: past the share, a rebuild starts
+        fresh = clustered(60, 23)
+        for step in range(3):  # while it runs: inserts, replacements, deletes
+            took.append(upsert(stub, {f"new{step}-{i}": fresh[step * 20 + i] for i in range(10)}))
+            took.append(upsert(stub, {names[1100 + step * 10 + i]: fresh[step * 20 + 10 + i] for i in range(10)}))
+            took.append(delete(stub, names[3000 + step * 10: 3010 + step * 10]))
+            check(stub, live, dead, np.concatenate([queries, vectors[step:step + 3]]), 0.85)
+        assert swapped not in ranker.output, "the rebuild ended before the writes: it did not run in the background"
+        assert max(took) < 1.0, took  # the rebuild takes at least 1.5 s x 3 chunks
+        deadline = time.monotonic() + TIMEOUT
+        while swapped not in ranker.output:
+            assert time.monotonic() < deadline, ranker.output
+            time.sleep(0.1)
+        check(stub, live, dead, np.concatenate([queries, vectors[:5], fresh[:5]]), 0.85)
+        for j in range(0, 60, 7):  # what was written during the build is in the swapped index
+            want = f"new{j // 20}-{j % 20}" if j % 20 < 10 else names[1100 + (j // 20) * 10 + j % 20 - 10]
+            assert search(stub, fresh[j], 1) == [want]
+
+        delete(stub, names[1200:2300])  # a second rebuild ...
+        upsert(stub, {"late": fresh[0], names[2500]: fresh[1]})  # ... writes acknowledged during it ...
+        delete(stub, [names[2600]])
+        assert ranker.output.count(swapped) == 1
+        ranker.kill()  # ... and kill -9 before its swap
+
+    with ServiceProcess("ranker_service", "--db", str(db), env={"IMAGESEARCH_LOG_LEVEL": "INFO"}) as ranker:
+        assert "built from SQLite" in ranker.output, ranker.output
+        stub = ranker_pb2_grpc.RankerServiceStub(ranker.channel())
+        check(stub, live, dead, np.concatenate([queries, vectors[1200:1205], fresh[:3]]), 0.85)
+        assert search(stub, fresh[0], 2)[0] in {"late", "new0-0"}
+        assert search(stub, fresh[1], 1) in (["new0-1"], [names[2500]])
     assert ranker.proc.returncode == 0, ranker.output
