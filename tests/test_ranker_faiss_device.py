@@ -19,7 +19,7 @@ from imagesearch import errors
 from imagesearch.testing import ROOT, ServiceProcess
 from ranker_service import faiss_collection, faiss_device
 from ranker_service.index import make_collection
-from tests.test_ranker_kinds import DIM, N, SPECS, clustered
+from tests.test_ranker_kinds import DIM, SPECS, N, clustered
 
 
 def test_choice_of_device():
