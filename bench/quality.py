@@ -10,6 +10,11 @@ scored against retrieval/ground_truth.json with the project's metrics):
     seed              --recipe seed (the seed notebook's recipe)
     default           the default recipe
     default+tta       the default checkpoint served with --tta flip
+    default+qe        the default checkpoint, each query with alpha-weighted query expansion (n 2, alpha 3)
+    default+dba       the default checkpoint, the collection with database-side augmentation (n 2, alpha 3)
+    default+dba+qe    both of the above
+    default+kreciprocal  the default checkpoint, k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)
+    default+qe+kreciprocal  query expansion, then k-reciprocal re-ranking of the expanded query
     default-ls0       default recipe without label smoothing (--label-smoothing 0)
     gem               default recipe + --pooling gem
     arcface-512       default recipe + --loss arcface --embedding-dim 512
@@ -49,6 +54,7 @@ from clients.embedder import EmbedderClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
 from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
+from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
 RUNS = ROOT / "runs" / "quality"
@@ -62,11 +68,27 @@ OPTIONS: dict[str, tuple[list[str] | None, list[str], str | None]] = {
     "seed": (["--recipe", "seed"], [], None),
     "default": ([], [], None),
     "default+tta": (None, ["--tta", "flip"], "default"),
+    "default+qe": (None, [], "default"),
+    "default+dba": (None, [], "default"),
+    "default+dba+qe": (None, [], "default"),
+    "default+kreciprocal": (None, [], "default"),
+    "default+qe+kreciprocal": (None, [], "default"),
     "default-ls0": (["--label-smoothing", "0"], [], None),
     "gem": (["--pooling", "gem"], [], None),
     "arcface-512": (["--loss", "arcface", "--embedding-dim", "512"], [], None),
     "proxy_anchor-512": (["--loss", "proxy_anchor", "--embedding-dim", "512"], [], None),
     "ema": (["--ema", "0.998"], [], None),
+}
+
+
+# option -> (index_folder keyword arguments, query_folder keyword arguments): re-ranking
+# options of the ranker (docs/ranker.md#re-ranking), at the library's defaults.
+RANKING: dict[str, tuple[dict, dict]] = {
+    "default+qe": ({}, {"query_expansion": QueryExpansion()}),
+    "default+dba": ({"dba": DatabaseAugmentation()}, {}),
+    "default+dba+qe": ({"dba": DatabaseAugmentation()}, {"query_expansion": QueryExpansion()}),
+    "default+kreciprocal": ({}, {"k_reciprocal": KReciprocal()}),
+    "default+qe+kreciprocal": ({}, {"query_expansion": QueryExpansion(), "k_reciprocal": KReciprocal()}),
 }
 
 
@@ -139,7 +161,9 @@ def training_minutes(run: Path) -> float:
 
 def measure(label: str, emb_args: list[str], ranker: RankerClient, services: Services, retrieval: Path,
             truth: dict, k: int) -> dict:
-    """Start an embedder with `emb_args`, index, query, evaluate, stop it."""
+    """Start an embedder with `emb_args`, index, query (with the row's re-ranking
+    options, RANKING), evaluate, stop it."""
+    index_kw, query_kw = RANKING.get(label, ({}, {}))
     t0 = time.monotonic()
     child = services.start(f"embedder ({label})", EMBEDDER_MODULE, emb_args)
     child.wait_ready(600)
@@ -148,10 +172,12 @@ def measure(label: str, emb_args: list[str], ranker: RankerClient, services: Ser
         with EmbedderClient(child.address, timeout=120) as emb:
             info = emb.model_info()
             collection = f"clothing-{label}".replace("+", "-")
-            indexed = index_folder(emb, ranker, retrieval / "gallery", collection=collection, progress=False)
+            indexed = index_folder(emb, ranker, retrieval / "gallery", collection=collection, progress=False,
+                                   **index_kw)
             if indexed.failed:
                 raise ClientError(f"{label}: {len(indexed.failed)} gallery images not indexed: {indexed.failed}")
-            answered = query_folder(emb, ranker, retrieval / "query", collection=collection, top_k=k, progress=False)
+            answered = query_folder(emb, ranker, retrieval / "query", collection=collection, top_k=k, progress=False,
+                                    **query_kw)
             if answered.failed:
                 raise ClientError(f"{label}: {len(answered.failed)} queries not answered: {answered.failed}")
     finally:
@@ -217,9 +243,9 @@ def main(argv=None) -> int:
     print(f"\nclothing-small retrieval: {rows[0]['queries'] if rows else 0} queries, "
           f"{rows[0]['gallery'] if rows else 0} gallery images, k={k}, {BACKBONE}, {args.epochs} epochs, "
           f"through the embedder and ranker services")
-    print(f"{'option':<18} {'dim':>5} {f'P@{k}':>7} {f'mAP@{k}':>7} {'top-1':>7} {'train min':>9}  checkpoint")
+    print(f"{'option':<22} {'dim':>5} {f'P@{k}':>7} {f'mAP@{k}':>7} {'top-1':>7} {'train min':>9}  checkpoint")
     for r in rows:
-        print(f"{r['option']:<18} {r['dim']:>5} {r[f'precision@{k}']:>7.4f} {r[f'map@{k}']:>7.4f} {r['top1']:>7.4f} "
+        print(f"{r['option']:<22} {r['dim']:>5} {r[f'precision@{k}']:>7.4f} {r[f'map@{k}']:>7.4f} {r['top1']:>7.4f} "
               f"{r['train_minutes']:>9.1f}  {r['checkpoint']}")
     for note in left_out:
         print(f"left out: {note}")

@@ -11,16 +11,20 @@ from clients.errors import ClientError, ServiceUnavailable, UsageError
 from clients.ranker import RankerClient
 from clients.types import (
     CollectionStats,
+    DatabaseAugmentation,
     DeleteResult,
     Embedding,
     Failure,
+    KReciprocal,
     Match,
     ModelInfo,
+    QueryExpansion,
     SearchResult,
     Stats,
     UpsertResult,
 )
 
-__all__ = ["ClientError", "CollectionStats", "DeleteResult", "EmbedderClient", "Embedding", "Failure", "ImageSource",
-           "Match", "ModelInfo", "RankerClient", "RetryPolicy", "SearchResult", "Security", "ServiceUnavailable",
-           "Stats", "UpsertResult", "UsageError", "file_source"]
+__all__ = ["ClientError", "CollectionStats", "DatabaseAugmentation", "DeleteResult", "EmbedderClient", "Embedding",
+           "Failure", "ImageSource", "KReciprocal", "Match", "ModelInfo", "QueryExpansion", "RankerClient",
+           "RetryPolicy", "SearchResult", "Security", "ServiceUnavailable", "Stats", "UpsertResult", "UsageError",
+           "file_source"]

@@ -15,10 +15,14 @@ from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
 from clients.errors import SERVE_HINT, ClientError, UsageError
 from clients.types import (
     BackupResult,
+    CollectionStats,
+    DatabaseAugmentation,
     DeleteResult,
     Embedding,
     Failure,
+    KReciprocal,
     Match,
+    QueryExpansion,
     RenameResult,
     SearchResult,
     Stats,
@@ -137,6 +141,23 @@ class RankerClient(ServiceClient):
         first = head[0]
         return BackupResult(str(path), first.total_bytes, first.sha256, first.collections, first.vectors)
 
+    def create_collection(self, collection: str, dim: int, fingerprint: str = "", *, kind: str = "exact",
+                          dba: DatabaseAugmentation | None = None) -> tuple[CollectionStats, bool]:
+        """CreateCollection: an empty collection of an index kind (exact, exact16,
+        hnsw, ivf_pq) with database-side augmentation when `dba` is given.
+        Returns (its stats, created); an identical collection is no error
+        (created False), one with other options is (ALREADY_EXISTS)."""
+        request = ranker_pb2.CreateCollectionRequest(collection=collection, dim=dim, fingerprint=fingerprint,
+                                                     index=wire.index_options(kind, dba))
+        try:
+            reply = self.stub.CreateCollection(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            hint = ""
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                hint = "use another --collection, or drop this one first"
+            raise self._error(exc, hint) from None
+        return wire.collection_stats(reply.collection), reply.created
+
     def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
         try:
             return wire.delete_result(self.stub.Delete(ranker_pb2.DeleteRequest(collection=collection,
@@ -147,12 +168,14 @@ class RankerClient(ServiceClient):
 
     def search(self, collection: str, vector, *, top_k: int = 10, fingerprint: str = "",
                filters: Filters | None = None, with_attributes: bool = False,
+               query_expansion: QueryExpansion | None = None, k_reciprocal: KReciprocal | None = None,
                timeout: float | None = None) -> list[Match]:
         """One query -> its ranked matches, best first (only items passing
-        `filters`, applied before top_k)."""
+        `filters`, applied before top_k), re-ranked when asked
+        (docs/ranker.md#re-ranking)."""
         request = wire.set_vector(ranker_pb2.SearchRequest(
             collection=collection, top_k=top_k, fingerprint=fingerprint, filters=wire.filters(filters),
-            with_attributes=with_attributes), vector)
+            with_attributes=with_attributes, **wire.rerank_fields(query_expansion, k_reciprocal)), vector)
         try:
             return [wire.match(r.match) for r in self.stub.Search(request, timeout=timeout or self.timeout)]
         except grpc.RpcError as exc:
@@ -168,17 +191,20 @@ class RankerClient(ServiceClient):
 
     def search_stream(self, collection: str, queries: Iterable[Item], *, top_k: int = 10, fingerprint: str = "",
                       filters: Filters | None = None, with_attributes: bool = False,
+                      query_expansion: QueryExpansion | None = None, k_reciprocal: KReciprocal | None = None,
                       timeout: float | None = None) -> Iterator[SearchResult | Failure]:
         """SearchStream: every query (named; sent as it comes) answered by a
-        SearchResult or a Failure under its name, as answers arrive."""
+        SearchResult or a Failure under its name, as answers arrive (each
+        re-ranked when asked, independently of the others)."""
         proto_filters = wire.filters(filters)
+        rerank = wire.rerank_fields(query_expansion, k_reciprocal)
 
         def requests():
             for query in queries:
                 name, vector, fp = _item(query, fingerprint)
                 yield wire.set_vector(ranker_pb2.SearchStreamRequest(
                     id=name, collection=collection, top_k=top_k, fingerprint=fp, filters=proto_filters,
-                    with_attributes=with_attributes), vector)
+                    with_attributes=with_attributes, **rerank), vector)
 
         call = self.stub.SearchStream(requests(), timeout=timeout or self._deadline(queries))
         try:

@@ -56,6 +56,39 @@ class Match:
     attributes: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class QueryExpansion:
+    """Alpha-weighted query expansion of a search (docs/ranker.md#re-ranking):
+    the first pass's `top_n` matches, weighted by max(score, 0)^alpha, are
+    added to the query, which is searched again. 0 / None: the server's
+    defaults (2 and 3.0)."""
+
+    top_n: int = 0
+    alpha: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KReciprocal:
+    """k-reciprocal re-ranking of a search (Zhong et al. 2017; SQLite backend).
+    0 / None: the server's defaults (k1 20, k2 6, lambda 0.3, shortlist 100).
+    Scores are then lambda * cosine + (1 - lambda) * (1 - Jaccard distance)."""
+
+    k1: int = 0
+    k2: int = 0
+    lam: float | None = None
+    shortlist: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseAugmentation:
+    """A collection option (exact kind, SQLite backend): searches rank each
+    item's vector augmented from its `top_n` nearest gallery neighbours,
+    weighted by max(similarity, 0)^alpha. 0 / None: the defaults (2 and 3.0)."""
+
+    top_n: int = 0
+    alpha: float | None = None
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StoredItem:
     """One item of a collection (ListItems): its name, attributes, times,
@@ -108,6 +141,8 @@ class CollectionStats:
     memory_bytes: int
     created_at: float
     updated_at: float
+    kind: str = "exact"
+    dba: DatabaseAugmentation | None = None  # database-side augmentation, when the collection has it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,13 @@ from google.protobuf import descriptor
 
 from clients.types import (
     CollectionStats,
+    DatabaseAugmentation,
     DeleteResult,
     Failure,
+    KReciprocal,
     Match,
     ModelInfo,
+    QueryExpansion,
     RenameResult,
     Stats,
     StoredItem,
@@ -90,10 +93,49 @@ def rename_result(reply: ranker_pb2.RenameResponse) -> RenameResult:
     return RenameResult(reply.renamed, tuple(reply.not_found))
 
 
+_KINDS = {ranker_pb2.INDEX_KIND_UNSPECIFIED: "exact", ranker_pb2.INDEX_KIND_EXACT: "exact",
+          ranker_pb2.INDEX_KIND_HNSW: "hnsw", ranker_pb2.INDEX_KIND_IVF_PQ: "ivf_pq"}
+
+
+def collection_stats(c: ranker_pb2.CollectionStats) -> CollectionStats:
+    kind = _KINDS.get(c.index.kind, "exact")
+    if kind == "exact" and c.index.float16:
+        kind = "exact16"
+    dba = (DatabaseAugmentation(c.index.dba.top_n, c.index.dba.alpha if c.index.dba.HasField("alpha") else None)
+           if c.index.HasField("dba") else None)
+    return CollectionStats(c.name, c.count, c.dim, c.fingerprint, c.memory_bytes, c.created_at, c.updated_at,
+                           kind, dba)
+
+
 def stats(reply: ranker_pb2.GetStatsResponse) -> Stats:
-    return Stats(tuple(CollectionStats(c.name, c.count, c.dim, c.fingerprint, c.memory_bytes, c.created_at,
-                                       c.updated_at) for c in reply.collections),
-                 reply.memory_bytes, reply.max_top_k)
+    return Stats(tuple(collection_stats(c) for c in reply.collections), reply.memory_bytes, reply.max_top_k)
+
+
+def index_options(kind: str = "exact", dba: DatabaseAugmentation | None = None) -> ranker_pb2.IndexOptions:
+    """IndexOptions for a kind (exact, exact16, hnsw, ivf_pq; parameters at their defaults) and DBA."""
+    kinds = {"exact": ranker_pb2.INDEX_KIND_EXACT, "exact16": ranker_pb2.INDEX_KIND_EXACT,
+             "hnsw": ranker_pb2.INDEX_KIND_HNSW, "ivf_pq": ranker_pb2.INDEX_KIND_IVF_PQ}
+    if kind not in kinds:
+        raise ValueError(f"unknown index kind {kind!r}: use one of {', '.join(kinds)}")
+    options = ranker_pb2.IndexOptions(kind=kinds[kind], float16=kind == "exact16")
+    if dba is not None:
+        options.dba.SetInParent()
+        options.dba.top_n = dba.top_n
+        if dba.alpha is not None:
+            options.dba.alpha = dba.alpha
+    return options
+
+
+def rerank_fields(query_expansion: QueryExpansion | None, k_reciprocal: KReciprocal | None) -> dict:
+    """The re-ranking fields of a SearchRequest / SearchStreamRequest (absent: off)."""
+    out = {}
+    if query_expansion is not None:
+        out["query_expansion"] = ranker_pb2.QueryExpansion(top_n=query_expansion.top_n, alpha=query_expansion.alpha)
+    if k_reciprocal is not None:
+        out["k_reciprocal"] = ranker_pb2.KReciprocalRerank(k1=k_reciprocal.k1, k2=k_reciprocal.k2,
+                                                           shortlist=k_reciprocal.shortlist,
+                                                           **{"lambda": k_reciprocal.lam})
+    return out
 
 
 def upsert_result(reply: ranker_pb2.UpsertResponse) -> UpsertResult:

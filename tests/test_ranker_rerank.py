@@ -383,3 +383,28 @@ def test_milvus_query_expansion_and_refusals(tmp_path):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dba" in err.value.details()
     finally:
         assert proc.terminate() == 0, proc.output
+
+
+# ---------------------------------------------------------------- the client library
+
+def test_client_library_options(ranker, gallery):
+    from clients.ranker import RankerClient
+    from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion
+
+    G, names, queries, _ = gallery
+    with RankerClient(ranker.address, timeout=TIMEOUT) as client:
+        stats, created = client.create_collection("client-dba", DIM, FP, dba=DatabaseAugmentation(3, 0.0))
+        assert created and stats.dba == DatabaseAugmentation(3, 0.0) and stats.kind == "exact"
+        assert client.stats("client-dba").collection("client-dba").dba == DatabaseAugmentation(3, 0.0)
+        assert client.create_collection("client-dba", DIM, FP, dba=DatabaseAugmentation(3, 0.0))[1] is False
+        client.upsert("client-dba", list(zip(names, G)), fingerprint=FP)
+        A = ref_dba(G, names, 3, 0.0)
+        q = queries[1]
+        got = client.search("client-dba", q, query_expansion=QueryExpansion(4, 1.0), k_reciprocal=KReciprocal(k1=10))
+        want = ref_k_reciprocal(A, names, ref_expand(A, names, q, 4, 1.0), 10, k1=10)
+        check(([m.name for m in got], [m.score for m in got]), want, tol=5e-6)
+        streamed = {r.name: r.matches for r in client.search_stream(
+            "client-dba", [(f"q{i}", v) for i, v in enumerate(queries)], k_reciprocal=KReciprocal(lam=0.1))}
+        for i, v in enumerate(queries):
+            want = ref_k_reciprocal(A, names, v, 10, lam=0.1)
+            check(([m.name for m in streamed[f"q{i}"]], [m.score for m in streamed[f"q{i}"]]), want, tol=5e-6)

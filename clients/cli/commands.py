@@ -37,6 +37,7 @@ from clients.ranker import ADDRESS_ENV as RANKER_ENV
 from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
 from clients.ranker import RankerClient
 from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, wait_for_signal
+from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
 
 log = logging.getLogger(__name__)
@@ -175,17 +176,47 @@ def _filters(args) -> dict[str, list[str]]:
     return parse_pairs(getattr(args, "filter", None), "--filter")
 
 
+def _n_alpha(text: str | None, flag: str) -> tuple[int, float | None] | None:
+    """--flag N[:ALPHA] -> (N, ALPHA or None); None when the flag is absent."""
+    if text is None:
+        return None
+    head, _, tail = text.partition(":")
+    try:
+        n = int(head)
+        alpha = float(tail) if tail else None
+    except ValueError:
+        raise UsageError(f"{flag} takes N or N:ALPHA (e.g. 2 or 2:3), not {text!r}") from None
+    if not 1 <= n <= 100 or (alpha is not None and not 0 <= alpha <= 100):
+        raise UsageError(f"{flag} {text}: N must be 1..100 and ALPHA 0..100")
+    return n, alpha
+
+
+def _rerank(args) -> dict:
+    """query_folder / search keyword arguments of --query-expansion and --rerank."""
+    qe = _n_alpha(getattr(args, "query_expansion", None), "--query-expansion")
+    return {"query_expansion": QueryExpansion(*qe) if qe else None,
+            "k_reciprocal": KReciprocal() if getattr(args, "rerank", None) == "k-reciprocal" else None}
+
+
+def _dba(args) -> DatabaseAugmentation | None:
+    dba = _n_alpha(getattr(args, "dba", None), "--dba")
+    return DatabaseAugmentation(*dba) if dba else None
+
+
 def cmd_index(args) -> int:
+    dba = _dba(args)
     gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
     with _clients(args) as (emb, rank):
         r = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
                          concurrency=args.concurrency, progress=args.progress, attributes=_attributes(args),
-                         attributes_from_folders=args.attributes_from_folders, sync=args.sync, full=args.full)
+                         attributes_from_folders=args.attributes_from_folders, sync=args.sync, full=args.full,
+                         dba=dba)
     index_summary(r)
     return _job_exit(r, args.strict)
 
 
 def cmd_query(args) -> int:
+    rerank = _rerank(args)
     _check_distinct(args.out, args.html)
     _check_top_k(args.top_k)
     truth = _load_ground_truth(args)
@@ -196,7 +227,7 @@ def cmd_query(args) -> int:
     with _clients(args) as (emb, rank):
         r = query_folder(emb, rank, queries, collection=args.collection, top_k=args.top_k,
                          chunk_size=args.chunk_size, concurrency=args.concurrency, progress=args.progress,
-                         filters=_filters(args), min_score=args.min_score)
+                         filters=_filters(args), min_score=args.min_score, **rerank)
     query_summary(r)
     results = r.names()
     if args.out:
@@ -218,6 +249,7 @@ def cmd_query(args) -> int:
 def cmd_search(args) -> int:
     _check_top_k(args.top_k)
     filters = _filters(args)
+    rerank = _rerank(args)
     try:
         data = args.image.read_bytes()
     except OSError as exc:
@@ -225,7 +257,7 @@ def cmd_search(args) -> int:
     with _clients(args) as (emb, rank):
         result = emb.embed(data, name=str(args.image))
         matches = above(rank.search(args.collection, result.vector, top_k=args.top_k, fingerprint=result.fingerprint,
-                                    filters=filters, with_attributes=args.json), args.min_score)
+                                    filters=filters, with_attributes=args.json, **rerank), args.min_score)
     if args.json:
         print(json_text([{"rank": m.rank, "name": m.name, "score": round(m.score, 6), "attributes": m.attributes}
                          for m in matches]))
@@ -357,6 +389,7 @@ def cmd_run(args) -> int:
 def run_job(args, *, title: str | None = None) -> int:
     """`run`: validate everything first, start what is missing, index, query,
     write the JSON and HTML, evaluate, stop what was started."""
+    rerank, dba = _rerank(args), _dba(args)
     html_path = None if args.no_html else (args.html or args.out.with_suffix(".html"))
     _check_distinct(args.out, html_path, default_html=not args.html)
     _check_top_k(args.top_k)
@@ -412,14 +445,14 @@ def run_job(args, *, title: str | None = None) -> int:
         say(f"model: {info.backbone} ({info.weights}), {info.dim}-d, on {info.device}")
 
         indexed = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
-                               concurrency=args.concurrency, progress=args.progress)
+                               concurrency=args.concurrency, progress=args.progress, dba=dba)
         index_summary(indexed)
         if indexed.service_error:
             raise ClientError(f"indexing failed: {indexed.service_error}")
         if indexed.done == 0:
             raise UsageError(f"nothing could be indexed from {args.gallery}")
         answered = query_folder(emb, rank, queries, collection=args.collection, top_k=args.top_k,
-                                min_score=args.min_score,
+                                min_score=args.min_score, **rerank,
                                 chunk_size=args.chunk_size, concurrency=args.concurrency, progress=args.progress)
         query_summary(answered)
     # The services are stopped here; what is left is writing files.

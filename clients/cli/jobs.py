@@ -31,7 +31,7 @@ from clients.embedder import EmbedderClient, file_source
 from clients.errors import ClientError, UsageError
 from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
 from clients.ranker import RankerClient
-from clients.types import Embedding, Failure, Match
+from clients.types import DatabaseAugmentation, Embedding, Failure, KReciprocal, Match, QueryExpansion
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +271,15 @@ LIST_S, LIST_VECTORS_S = 0.001, 0.01
 def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path | FolderListing, *,
                  collection: str, chunk_size: int = 32, concurrency: int | None = None,
                  progress: bool | None = None, attributes: Mapping[str, str] | None = None,
-                 attributes_from_folders: bool = False, sync: bool = False, full: bool = False) -> IndexReport:
+                 attributes_from_folders: bool = False, sync: bool = False, full: bool = False,
+                 dba: DatabaseAugmentation | None = None) -> IndexReport:
     """Bring `collection` in step with the images under `folder` (or of a
     listing already made by clients.files.list_images, so that a folder is
     listed once): embed only new and changed files, re-key renamed ones,
     refresh attributes, and with `sync` delete items whose files are gone
-    (see clients.cli.incremental). `full` embeds every file again."""
+    (see clients.cli.incremental). `full` embeds every file again. With
+    `dba`, the collection is created with database-side augmentation first
+    (an existing one must have the same options)."""
     listing = _listing(folder, "gallery folder")
     report = IndexReport(folder=listing.root, total_images=len(listing.images), skipped=listing.skipped,
                          collection=collection)
@@ -284,6 +287,9 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
         raise UsageError(f"no images under {listing.root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     extra = extra_attributes(attributes or {}, attributes_from_folders)
     check_collection_model(embedder, ranker, collection, must_exist=False)
+    if dba is not None:
+        info = embedder.model_info()
+        ranker.create_collection(collection, info.dim, info.fingerprint, dba=dba)
     start = time.monotonic()
     found = ranker.stats().collection(collection)
     count = found.count if found is not None else 0
@@ -334,7 +340,8 @@ def above(matches: list[Match], min_score: float | None) -> list[Match]:
 def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path | FolderListing, *,
                  collection: str, top_k: int = 10, chunk_size: int = 32, concurrency: int | None = None,
                  progress: bool | None = None, filters: Mapping[str, Sequence[str]] | None = None,
-                 min_score: float | None = None) -> QueryReport:
+                 min_score: float | None = None, query_expansion: QueryExpansion | None = None,
+                 k_reciprocal: KReciprocal | None = None) -> QueryReport:
     """Rank the gallery in `collection` for every image under `folder` (or of
     a listing): only items passing `filters` (applied before top_k), only
     matches scoring at least `min_score`."""
@@ -345,7 +352,8 @@ def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
     check_collection_model(embedder, ranker, collection, must_exist=True)
 
     def step(chunk: _Chunk, embeddings: Iterator[Embedding], timeout: float) -> None:
-        for answer in ranker.search_stream(collection, embeddings, top_k=top_k, filters=filters, timeout=timeout):
+        for answer in ranker.search_stream(collection, embeddings, top_k=top_k, filters=filters, timeout=timeout,
+                                           query_expansion=query_expansion, k_reciprocal=k_reciprocal):
             if answer.ok:
                 with job.lock:
                     report.results[answer.name] = above(answer.matches, min_score)

@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync", action="store_true",
                    help="also delete the collection's items whose files are no longer under GALLERY_DIR")
     p.add_argument("--full", action="store_true", help="embed every file again, changed or not")
+    _dba_argument(p)
     _job_arguments(p)
     p.add_argument("--strict", action="store_true", help="exit 2 when any image could not be indexed")
     p.set_defaults(func=commands.cmd_index)
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", type=Path, metavar="GALLERY_DIR",
                    help="the indexed gallery folder, for the report's thumbnails")
     _filter_arguments(p)
+    _rerank_arguments(p)
     _gt_arguments(p)
     _job_arguments(p)
     p.set_defaults(func=commands.cmd_query)
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
     p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
     _filter_arguments(p)
+    _rerank_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON (with each match's attributes) instead of a table")
     p.set_defaults(func=commands.cmd_search)
 
@@ -237,6 +240,23 @@ def _filter_arguments(p: argparse.ArgumentParser) -> None:
     _min_score_argument(p)
 
 
+def _rerank_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("re-ranking (off by default; docs/ranker.md#re-ranking)")
+    g.add_argument("--query-expansion", metavar="N[:ALPHA]", default=None,
+                   help="alpha-weighted query expansion: add the first pass's N best matches, weighted by "
+                        "score^ALPHA (default 3), to each query and search again")
+    g.add_argument("--rerank", choices=["k-reciprocal"], default=None,
+                   help="k-reciprocal re-ranking of each query's top 100 (k1 20, k2 6, lambda 0.3; scores become "
+                        "0.3 x cosine + 0.7 x (1 - Jaccard distance))")
+
+
+def _dba_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dba", metavar="N[:ALPHA]", default=None,
+                   help="create the collection with database-side augmentation: searches rank each item's vector "
+                        "augmented with its N nearest gallery neighbours weighted by similarity^ALPHA (default 3); "
+                        "exact kind only")
+
+
 def _min_score_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-score", type=float, default=None, metavar="COSINE",
                    help="drop matches scoring below this cosine similarity")
@@ -253,6 +273,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
     p.add_argument("--k", type=int, default=None, help="cut-off of the metrics (default: --top-k)")
     _min_score_argument(p)
+    _rerank_arguments(p)
+    _dba_argument(p)
     p.add_argument("--db", type=Path, default=None,
                    help="SQLite file for a ranker this command starts (default: a temporary one)")
     _job_arguments(p)
