@@ -148,8 +148,8 @@ class _Build:
     when compacting, new id = position (with the names and the name -> id map
     built alongside), else the same id (ivf_pq training)."""
 
-    def __init__(self, index, disk: DiskRows | None, compact: bool):
-        self.index, self.disk, self.compact = index, disk, compact
+    def __init__(self, index, disk: DiskRows | None, compact: bool, chunk: int):
+        self.index, self.disk, self.compact, self.chunk = index, disk, compact, chunk
         self.count = 0
         self.seconds = 0.0
         self._old_ids: list[np.ndarray] = []
@@ -158,10 +158,10 @@ class _Build:
 
     def copy(self, coll: FaissCollection, job: _Rebuild, ids: np.ndarray, pause: float) -> bool:
         """Rows of `ids` (ascending) into the new index; False if cancelled."""
-        for start in range(0, ids.shape[0], REBUILD_CHUNK):
+        for start in range(0, ids.shape[0], self.chunk):
             if job.cancelled:
                 return False
-            chunk = ids[start:start + REBUILD_CHUNK].astype(np.int64)
+            chunk = ids[start:start + self.chunk].astype(np.int64)
             with coll._rw.read():
                 block = coll._rows(chunk)
                 names = [coll._names_by_id[i] for i in chunk] if self.compact else None
@@ -703,7 +703,8 @@ class FaissCollection:
         disk = None
         if compact and self._disk is not None:
             disk = DiskRows(self._disk.path.with_suffix(".rebuild"), self.dim)
-        build = _Build(index, disk, compact)
+        background = threading.current_thread() is job.thread
+        build = _Build(index, disk, compact, REBUILD_CHUNK if background else ADD_CHUNK)
         swapped = False
         try:
             if not build.copy(self, job, live_ids, pause):
@@ -744,7 +745,7 @@ class FaissCollection:
                 self.swaps += 1
                 self.build_seconds += build.seconds
             what = "compacted" if compact else ("trained" if trained_now else "rebuilt")
-            where = "in the background" if threading.current_thread() is job.thread else "at start-up"
+            where = "in the background" if background else "at start-up"
             log.info("collection %r: %s %s index %s: %d vectors (%d written meanwhile) in %.1fs", self.name, what,
                      self.spec.label, where, build.count, max(0, now - total), time.perf_counter() - t0)
             return True
