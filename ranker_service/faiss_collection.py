@@ -293,7 +293,13 @@ class FaissCollection:
         if self.device != "cuda" or not index.is_trained:
             return None
         t0 = time.perf_counter()
-        copy = faiss_device.index_to_gpu(index, self.spec)
+        try:
+            copy = faiss_device.index_to_gpu(index, self.spec)
+        except RuntimeError as exc:  # e.g. parameters this GPU build does not take, or out of GPU memory
+            log.warning("collection %r: cannot copy its %s index to the GPU (%s): it searches on the CPU", self.name,
+                        self.spec.label, str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
+            self.device = "cpu"
+            return None
         log.info("collection %r: %s index of %d vectors copied to the GPU in %.2fs", self.name, self.spec.label,
                  index.ntotal, time.perf_counter() - t0)
         return copy

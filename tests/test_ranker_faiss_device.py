@@ -140,3 +140,13 @@ def test_ranker_with_faiss_device_auto_serves_on_the_cpu_here(tmp_path):
     with ServiceProcess("ranker_service", "--db", str(tmp_path / "r.db"), "--faiss-device", "auto",
                         env={"IMAGESEARCH_LOG_LEVEL": "INFO"}) as ranker:
         assert "FAISS searches on cpu (--faiss-device auto)" in ranker.output, ranker.output
+
+
+def test_an_index_the_gpu_refuses_stays_on_the_cpu(tmp_path, monkeypatch):
+    def refuse(index, spec):
+        raise RuntimeError("Error in GpuIndexIVFPQ: out of memory")
+    monkeypatch.setattr(faiss_device, "index_to_gpu", refuse)
+    coll = make_collection("c", DIM, "fp", SPECS["exact16"], files_dir=tmp_path, device="cuda")
+    vectors = clustered(2, 35)
+    coll.upsert(["a", "b"], vectors)
+    assert coll.device == "cpu" and coll.search(vectors[1:].astype(np.float64), [1])[0][0][0] == "b"
