@@ -105,7 +105,7 @@ def test_hnsw_rebuild_runs_outside_the_write_and_survives_kill_9(tmp_path):
     live = dict(zip(names, vectors))
     dead: set[str] = set()
     queries = clustered(10, 22)
-    env = {"IMAGESEARCH_LOG_LEVEL": "INFO", "IMAGESEARCH_RANKER_REBUILD_PAUSE_S": "1.5"}
+    env = {"IMAGESEARCH_LOG_LEVEL": "INFO", "IMAGESEARCH_RANKER_REBUILD_PAUSE_S": "2"}
     swapped = "compacted hnsw index in the background"
 
     def upsert(stub, batch: dict[str, np.ndarray]) -> float:
@@ -137,7 +137,7 @@ def test_hnsw_rebuild_runs_outside_the_write_and_survives_kill_9(tmp_path):
             took.append(delete(stub, names[3000 + step * 10: 3010 + step * 10]))
             check(stub, live, dead, np.concatenate([queries, vectors[step:step + 3]]), 0.85)
         assert swapped not in ranker.output, "the rebuild ended before the writes: it did not run in the background"
-        assert max(took) < 1.0, took  # the rebuild takes at least 1.5 s x 3 chunks
+        assert max(took) < 2.0, took  # the rebuild takes at least 2 s x 3 chunks
         deadline = time.monotonic() + TIMEOUT
         while swapped not in ranker.output:
             assert time.monotonic() < deadline, ranker.output
