@@ -124,7 +124,7 @@ def test_writes_during_a_background_rebuild_are_kept_and_dead_ids_never_found(la
     monkeypatch.setattr(faiss_collection, "REBUILD_MIN_DEAD", 10)
     monkeypatch.setattr(faiss_collection, "REBUILD_CHUNK", 200)
     monkeypatch.setattr(faiss_collection, "CATCH_UP_FINAL", 50)
-    monkeypatch.setattr(faiss_collection, "REBUILD_PAUSE_S", 0.1)
+    monkeypatch.setattr(faiss_collection, "REBUILD_PAUSE_S", 0.3)
     matrix = clustered(N, 13)
     names = [f"n{i:05d}" for i in range(N)]
     coll = build(label, matrix, names, tmp_path)
