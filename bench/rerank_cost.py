@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         np.argpartition(-(matrix @ q.astype(np.float32)), 10)[:10]
     plain_q = (time.perf_counter() - t) / args.queries
     print(f"n {args.n}, dim {args.dim}: DBA matrix {dba_s:.1f} s ({matrix.nbytes / 1e6:.0f} MB); k-reciprocal "
-          f"neighbourhoods {kr_s:.1f} s ({nb.nbytes / 1e6:.1f} MB beside the vectors); per query: k-reciprocal "
+          f"neighbourhoods {kr_s:.1f} s ({nb.nbytes / 1e6:.1f} MB with its copy of the vectors); per query: k-reciprocal "
           f"{kr_q * 1e3:.1f} ms, bare product + argpartition {plain_q * 1e3:.1f} ms")
     return 0
 

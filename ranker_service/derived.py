@@ -66,6 +66,16 @@ class DerivedData:
                 entry.values.popitem(last=False)
             return value
 
+    def nbytes(self, collection: str) -> int:
+        """Memory the collection's derived data holds (values with `nbytes` or `memory_bytes()`)."""
+        entry = self._entries.get(collection)
+        if entry is None:
+            return 0
+        total = 0
+        for value in list(entry.values.values()):
+            total += value.memory_bytes() if hasattr(value, "memory_bytes") else int(getattr(value, "nbytes", 0))
+        return total
+
     def drop(self, collection: str) -> None:
         with self._lock:
             self._entries.pop(collection, None)

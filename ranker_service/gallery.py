@@ -504,8 +504,9 @@ class Gallery:
             found = first_pass(q64, k)
         else:
             def build() -> Neighbourhoods:
-                matrix, names = served.snapshot_view() if served is not coll else coll.snapshot()
-                return Neighbourhoods.build(matrix, names, options.k1, options.k2)
+                if served is coll:
+                    return Neighbourhoods.build(*coll.snapshot(), options.k1, options.k2)
+                return Neighbourhoods.build(*served.snapshot_view(), options.k1, options.k2, shared_matrix=True)
 
             neighbourhoods = self.derived.get(coll.name, generation, ("k-reciprocal", options.k1, options.k2), build)
             found = neighbourhoods.rerank(q64, k, options, allowed)
@@ -542,10 +543,12 @@ class Gallery:
         self._require_ready()
         if collection:
             check_collection(collection, what="stats")
-        return self.index.stats(collection or None)
+        return [dataclasses.replace(s, memory_bytes=s.memory_bytes + self.derived.nbytes(s.name))
+                for s in self.index.stats(collection or None)]
 
     def memory_bytes(self) -> int:
-        return sum(s.memory_bytes for s in self.index.stats())
+        """Indexes plus derived data (DBA vectors, k-reciprocal neighbourhoods)."""
+        return sum(s.memory_bytes + self.derived.nbytes(s.name) for s in self.index.stats())
 
     def backup(self):
         """A checked copy of the database in a temporary file (ranker_service.backup)."""

@@ -238,6 +238,23 @@ def test_dba_collection_serves_augmented_vectors(stub, gallery):
     np.testing.assert_array_equal(np.asarray(item.vector, np.float32), G[names.index(item.name)])
     stats = stub.GetStats(pb.GetStatsRequest(collection="dba"), timeout=TIMEOUT).collections[0]
     assert stats.index.dba.top_n == 3
+    assert stats.memory_bytes > 2 * A.nbytes  # the stored and the augmented matrix
+    search(stub, "plain", queries[0], k_reciprocal=pb.KReciprocalRerank())
+    plain = stub.GetStats(pb.GetStatsRequest(collection="plain"), timeout=TIMEOUT).collections[0]
+    assert plain.memory_bytes > 2 * G.nbytes  # its k-reciprocal data holds a copy of the vectors
+
+
+def test_dba_with_filters(stub, gallery):
+    G, names, queries, attributes = gallery
+    create(stub, "dba-filtered", top_n=2)
+    upsert(stub, "dba-filtered", names, G, attributes)
+    A = ref_dba(G, names, 2, 3.0)
+    allowed = {n for n in names if attributes[n]["half"] == "1"}
+    f = [pb.AttributeFilter(key="half", values=["1"])]
+    for q in queries:
+        check(search(stub, "dba-filtered", q, filters=f), ref_plain(A, names, q, 10, allowed), tol=5e-6)
+        check(search(stub, "dba-filtered", q, filters=f, query_expansion=pb.QueryExpansion()),
+              ref_plain(A, names, ref_expand(A, names, q, 2, 3.0, allowed), 10, allowed), tol=5e-6)
 
 
 def test_dba_defaults_and_alpha_zero(stub, gallery):
