@@ -428,9 +428,10 @@ class Gallery:
         return self._with_attributes(query, found)
 
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
-        """Plain queries of one collection share one matrix product; re-ranked
-        ones (query expansion, k-reciprocal, a DBA collection) run one by one,
-        so an answer never depends on the other queries of the batch."""
+        """Plain unfiltered queries of one collection share one matrix product
+        (on a DBA collection, one product over its augmented vectors); queries
+        with query expansion or k-reciprocal re-ranking run one by one. Either
+        way an answer never depends on the other queries of the batch."""
         self._require_ready()
         allowed = [self._allowed(q) if q.collection in self.index else None for q in queries]
         special = [i for i, q in enumerate(queries) if self._reranked(q)]
@@ -439,7 +440,8 @@ class Gallery:
         if plain:
             for i, r in zip(plain, self.index.search_many([queries[i] for i in plain], [allowed[i] for i in plain])):
                 results[i] = r
-        for i in special:
+        self._search_augmented(queries, [i for i in special if allowed[i] is None], results)
+        for i in (i for i in special if results[i] is None):
             try:
                 results[i] = self._search_reranked(queries[i], describe_query(queries[i], i), allowed[i])
             except errors.ImageSearchError as exc:
@@ -448,6 +450,28 @@ class Gallery:
                 for q, r in zip(queries, results)]
 
     # ------------------------------------------------------------ re-ranking (reranking.py, derived.py)
+
+    def _search_augmented(self, queries: Sequence[Query], positions: list[int], results: list) -> None:
+        """Into `results`: the unfiltered queries at `positions` that only need a
+        DBA collection's augmented vectors, one product per collection (the
+        caller answers the others one by one)."""
+        groups: dict[str, tuple] = {}
+        for i in positions:
+            query = queries[i]
+            if query.reranked:
+                continue
+            try:
+                coll, vector, k = self.index.prepare(query, describe_query(query, i))
+            except errors.ImageSearchError as exc:
+                results[i] = exc
+                continue
+            group = groups.setdefault(coll.name, (coll, self._generations.get(coll.name, -1), [], [], []))
+            group[2].append(i)
+            group[3].append(vector)
+            group[4].append(k)
+        for coll, generation, where, vectors, ks in groups.values():
+            for i, found in zip(where, self._served(coll, generation).search(np.stack(vectors), ks)):
+                results[i] = [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
 
     def _note_writes(self, collections: Iterable[str]) -> None:
         """After a write is in memory (write lock held): the collections'

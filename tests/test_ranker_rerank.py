@@ -425,3 +425,18 @@ def test_client_library_options(ranker, gallery):
         for i, v in enumerate(queries):
             want = ref_k_reciprocal(A, names, v, 10, lam=0.1)
             check(([m.name for m in streamed[f"q{i}"]], [m.score for m in streamed[f"q{i}"]]), want, tol=5e-6)
+
+
+def test_search_stream_on_a_dba_collection_equals_search(stub, gallery):
+    G, names, queries, _ = gallery
+    create(stub, "dba-stream", top_n=2)
+    upsert(stub, "dba-stream", names, G)
+    A = ref_dba(G, names, 2, 3.0)
+    requests = [pb.SearchStreamRequest(id=f"q{i}", collection="dba-stream", vector=q, top_k=5 + i)
+                for i, q in enumerate(queries)]
+    requests.append(pb.SearchStreamRequest(id="bad", collection="dba-stream", vector=[1.0, 2.0]))
+    answers = {a.id: a for a in stub.SearchStream(iter(requests), timeout=TIMEOUT)}
+    assert answers["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    for i, q in enumerate(queries):
+        got = ([m.name for m in answers[f"q{i}"].matches], [m.score for m in answers[f"q{i}"].matches])
+        check(got, ref_plain(A, names, q, 5 + i), tol=5e-6)
