@@ -365,15 +365,21 @@ def test_unsupported_dba_is_refused(stub, options):
     assert "dba" in err.value.details()
 
 
-def test_k_reciprocal_on_an_ann_kind_equals_reference(stub, gallery):
+@pytest.mark.parametrize("label, options", [
+    ("hnsw", pb.IndexOptions(kind=pb.INDEX_KIND_HNSW)),
+    ("exact16", pb.IndexOptions(kind=pb.INDEX_KIND_EXACT, float16=True)),
+    ("ivf_pq", pb.IndexOptions(kind=pb.INDEX_KIND_IVF_PQ, nlist=4, pq_bytes=8)),  # untrained: exact scan
+])
+def test_query_expansion_and_k_reciprocal_on_other_kinds(stub, gallery, label, options):
     G, names, queries, _ = gallery
-    stub.CreateCollection(pb.CreateCollectionRequest(collection="hnsw", dim=DIM, fingerprint=FP,
-                                                     index=pb.IndexOptions(kind=pb.INDEX_KIND_HNSW)), timeout=TIMEOUT)
-    upsert(stub, "hnsw", names, G)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=label, dim=DIM, fingerprint=FP, index=options),
+                          timeout=TIMEOUT)
+    upsert(stub, label, names, G)
+    stored = G.astype(np.float16).astype(np.float32) if label == "exact16" else G  # what the kind keeps
     for q in queries[:2]:
-        check(search(stub, "hnsw", q, k_reciprocal=pb.KReciprocalRerank()), ref_k_reciprocal(G, names, q, 10))
-        check(search(stub, "hnsw", q, query_expansion=pb.QueryExpansion()),
-              ref_plain(G, names, ref_expand(G, names, q, 2, 3.0), 10))
+        check(search(stub, label, q, k_reciprocal=pb.KReciprocalRerank()), ref_k_reciprocal(stored, names, q, 10))
+        check(search(stub, label, q, query_expansion=pb.QueryExpansion()),
+              ref_plain(stored, names, ref_expand(stored, names, q, 2, 3.0), 10))
 
 
 # ---------------------------------------------------------------- the Milvus backend
