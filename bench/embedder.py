@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import threading
@@ -49,6 +50,7 @@ from imagesearch.model.preprocessing import is_image_path  # noqa: E402
 from imagesearch.testing import ServiceProcess, sample_photos  # noqa: E402
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
 
+LOADS: list[float] = []  # 1-minute load average after each round (the machine is shared)
 CLOTHING = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
 
 
@@ -173,8 +175,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", choices=("clothing", "12mp", "both"), default="both")
     p.add_argument("--batch", type=int, default=0, help="batch size; 0 = 8 on cpu, 64 on cuda")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads in the service and in-process; 0 = the CPU count on cpu, 1 on cuda")
+                   help="torch and engine threads in-process, and (when given) the service's --threads and "
+                        "--engine-threads; 0 = the CPU count on cpu, 1 on cuda in-process, the service's own "
+                        "thread plan (embedder_service.threads) in the service")
     p.add_argument("--decode-workers", type=int, default=0, help="service decode threads; 0 = its default")
+    p.add_argument("--service-args", default="",
+                   help="more flags for every service, e.g. '--engine-spinning on --stream-window 8'")
     p.add_argument("--images", type=int, default=0, help="clothing images per run; 0 = 192 on cpu, 4096 on cuda")
     p.add_argument("--images-12mp", type=int, default=32, help="12-megapixel images per run")
     p.add_argument("--concurrency", type=int, nargs="*", default=None,
@@ -208,16 +214,19 @@ def bench_set(args, label: str, images: list[bytes], batch: int, threads: int, c
         engine = setting.removesuffix("-int8")  # "onnxruntime-int8": onnxruntime with --int8-calibration
         int8 = ["--int8-calibration", str(args.int8_calibration)] if setting.endswith("-int8") else []
         embedders[key] = Embedder.load(backbone=args.backbone, device=args.device, engine=engine, decode=decode,
-                                       cache_dir=args.engine_cache, max_batch=batch,
+                                       cache_dir=args.engine_cache, max_batch=batch, engine_threads=threads,
                                        int8_calibration=args.int8_calibration if int8 else None)
         embedders[key].warm_up()
         service_args = ["--backbone", args.backbone, "--device", args.device, "--max-batch", str(batch),
-                        "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads), "--engine", engine,
-                        "--decode", decode, *cache, *int8]
+                        "--max-wait-ms", str(args.max_wait_ms), "--engine", engine,
+                        "--decode", decode, *cache, *int8, *shlex.split(args.service_args)]
+        if args.threads:
+            service_args += ["--threads", str(threads), "--engine-threads", str(threads)]
         if args.decode_workers:
             service_args += ["--decode-workers", str(args.decode_workers)]
+        # No IMAGESEARCH_TORCH_THREADS (ServiceProcess sets 1 for tests): the service's own thread plan.
         services[key] = ServiceProcess("embedder_service", *service_args, startup_timeout=600,
-                                       env={"IMAGESEARCH_TORCH_THREADS": str(threads)})
+                                       env={"IMAGESEARCH_TORCH_THREADS": ""})
         channel = services[key].channel()
         stubs[key] = embedder_pb2_grpc.EmbedderServiceStub(channel)
         info = stubs[key].GetModelInfo(embedder_pb2.GetModelInfoRequest())
@@ -237,7 +246,8 @@ def bench_set(args, label: str, images: list[bytes], batch: int, threads: int, c
                 t["service EmbedStream"].append(run_stream(stubs[key], images))
                 for c in concurrency:
                     t[f"service Embed x {c}"].append(run_unary(stubs[key], images, c))
-            print(f"  {label}: round {r + 1}/{args.repeats} done", flush=True)
+            LOADS.append(os.getloadavg()[0])
+            print(f"  {label}: round {r + 1}/{args.repeats} done, load average (1 min) {LOADS[-1]:.2f}", flush=True)
     finally:
         for proc in services.values():
             proc.terminate()
@@ -292,12 +302,14 @@ def main(argv=None) -> int:
               f"| {row['ratio_to_baseline']:.2f} | {row['ratio_to_in_process']:.2f} |")
     print("\nbaseline: the first setting of each photo set, same mode (torch draft on clothing, where draft "
           "changes nothing at 256 px; torch full decode on 12mp: today's service)")
-    print(f"load average at the end (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"load average at the end (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"1 min after each round: {min(LOADS):.1f}-{max(LOADS):.1f} (median {statistics.median(LOADS):.1f})")
     result = {
         "benchmark": "embedder", "source": source, "backbone": args.backbone, "device": args.device,
         "batch": batch, "torch_threads": threads, "decode_workers": args.decode_workers or "default",
         "max_wait_ms": args.max_wait_ms, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-        "torch": torch.__version__, "python": platform.python_version(), "load_average_at_end": load, "rows": rows,
+        "torch": torch.__version__, "python": platform.python_version(), "load_average_at_end": load,
+        "load_1min_per_round": LOADS, "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

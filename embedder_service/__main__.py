@@ -17,6 +17,7 @@ from pathlib import Path
 
 from embedder_service.metrics import EmbedderMetrics
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, Limits, register
+from embedder_service.threads import SPINNING, plan_threads
 from imagesearch import defaults, errors, serving
 from imagesearch.serving.metrics import add_metrics_arguments
 from imagesearch.serving.observe import Observability
@@ -74,21 +75,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--cuda-graphs", action="store_true", default=_env("CUDA_GRAPHS", "") == "1",
                    help=f"--engine torch on CUDA: replay the forward pass of each padded batch size as a CUDA "
                         f"graph (env {ENV}_CUDA_GRAPHS=1; not yet run on a GPU)")
-    m.add_argument("--threads", type=int, default=_env("THREADS", 0),
-                   help=f"torch intra-op threads; 0 = IMAGESEARCH_TORCH_THREADS, else 1 on CUDA and "
-                        f"torch's default (the CPU count) on CPU (env {ENV}_THREADS)")
+    t = p.add_argument_group("threads (0 / auto = embedder_service.threads.plan_threads, from the core count: "
+                             "docs/embedder.md#threads)")
+    t.add_argument("--threads", type=int, default=_env("THREADS", 0),
+                   help=f"torch intra-op threads; 0 = {defaults.TORCH_THREADS_ENV} if set, else the core count "
+                        f"with --engine torch on CPU, 1 otherwise (env {ENV}_THREADS)")
+    t.add_argument("--engine-threads", type=int, default=_env("ENGINE_THREADS", 0),
+                   help=f"ONNX Runtime / OpenVINO intra-op threads; 0 = the core count (env {ENV}_ENGINE_THREADS)")
+    t.add_argument("--engine-spinning", choices=SPINNING, default=_env("ENGINE_SPINNING", "auto"),
+                   help=f"whether ONNX Runtime's threads busy-wait for work; auto = "
+                        f"{'on' if defaults.CPU_ENGINE_SPINNING else 'off'} (a spinning thread holds a core the "
+                        f"decode threads need) (env {ENV}_ENGINE_SPINNING; default %(default)s)")
+    t.add_argument("--decode-workers", type=int, default=_env("DECODE_WORKERS", 0),
+                   help=f"threads that decode and preprocess; 0 = the core count on CPU, min(8, cores) on CUDA "
+                        f"(env {ENV}_DECODE_WORKERS)")
     b = p.add_argument_group("batching and limits")
     b.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", 32),
                    help=f"largest batch the model runs (env {ENV}_MAX_BATCH; default %(default)s)")
     b.add_argument("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 5.0),
                    help=f"longest a batch waits to fill after its first item (env {ENV}_MAX_WAIT_MS; "
                         f"default %(default)s)")
-    b.add_argument("--decode-workers", type=int, default=_env("DECODE_WORKERS", 0),
-                   help=f"threads that decode and preprocess; 0 = min(8, CPU count) "
-                        f"(env {ENV}_DECODE_WORKERS)")
     b.add_argument("--stream-window", type=int, default=_env("STREAM_WINDOW", 0),
                    help=f"items one EmbedStream may have in flight before the server stops reading it; "
-                        f"0 = --max-batch on CPU, 2 x --max-batch on CUDA (env {ENV}_STREAM_WINDOW)")
+                        f"0 = {defaults.CPU_STREAM_WINDOW_BATCHES} x --max-batch with an ONNX engine on CPU, "
+                        f"1 x with torch on CPU, 2 x on CUDA (env {ENV}_STREAM_WINDOW)")
     b.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", defaults.MAX_IMAGE_BYTES),
                    help=f"largest encoded image (env {ENV}_MAX_IMAGE_BYTES; default %(default)s); "
                         f"the gRPC message limit is this plus {MESSAGE_OVERHEAD_BYTES}")
@@ -111,6 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                ("--max-image-pixels", args.max_image_pixels, 1),
                                ("--max-inflight-image-bytes", args.max_inflight_image_bytes, 1),
                                ("--threads", args.threads, 0), ("--decode-workers", args.decode_workers, 0),
+                               ("--engine-threads", args.engine_threads, 0),
                                ("--stream-window", args.stream_window, 0)]:
         if value < least:
             parser.error(f"{flag} must be at least {least}, not {value}")
@@ -120,7 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16")),
                                  ("--tta", args.tta, ("none", "flip")),
                                  ("--engine", args.engine, defaults.ENGINES),
-                                 ("--decode", args.decode, ("auto", *defaults.DECODE_MODES))]:
+                                 ("--decode", args.decode, ("auto", *defaults.DECODE_MODES)),
+                                 ("--engine-spinning", args.engine_spinning, SPINNING)]:
         if value not in choices:
             parser.error(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if args.checkpoint and args.weights:
@@ -171,58 +183,46 @@ def _main(argv=None) -> int:
     return 0
 
 
-def default_stream_window(max_batch: int, device_type: str) -> int:
-    """Items one stream may have in flight. On a GPU, 2 batches: the decode
-    threads prepare the next batch while the GPU runs this one. On CPU, one
-    batch: decoding further ahead competes with the model for the same cores
-    (measured on 2 cores: a window of 1 x max-batch streamed faster than 2 x)."""
-    return 2 * max_batch if device_type == "cuda" else max_batch
-
-
 def _load(args, servicer, max_message_bytes: int, metrics=None):
     """Import torch, load and warm up the model, attach it to the servicer."""
     import torch  # noqa: F401  (heavy: only after the port is bound and health answers)
     from PIL import Image
 
     from embedder_service.batcher import Batcher
-    from embedder_service.embedder import Embedder, default_prepare_workers
-    from imagesearch.model.backbones import set_threads_from_env
+    from embedder_service.embedder import Embedder, resolve_engine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    else:
-        set_threads_from_env()
+    device, engine = resolve_engine(args.engine, args.device)
+    plan = plan_threads(engine, device.type, args.max_batch,
+                        torch_threads=args.threads or int(os.environ.get(defaults.TORCH_THREADS_ENV) or 0),
+                        engine_threads=args.engine_threads, engine_spinning=args.engine_spinning,
+                        decode_workers=args.decode_workers, stream_window=args.stream_window)
+    torch.set_num_threads(plan.torch_threads)
     # decode_image checks --max-image-pixels against the header before any pixel
     # is decoded; PIL's own process-wide guard would only speak first, in its words.
     Image.MAX_IMAGE_PIXELS = None
     embedder = Embedder.load(checkpoint=args.checkpoint, backbone=args.backbone, weights=args.weights,
-                             device=args.device, precision=args.precision, engine=args.engine,
+                             device=device, precision=args.precision, engine=args.engine,
                              cache_dir=args.engine_cache, int8_calibration=args.int8_calibration,
                              decode=args.decode, cuda_graphs=args.cuda_graphs,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                             max_batch=args.max_batch, tta=args.tta)
-    if embedder.device.type == "cuda" and not args.threads and not os.environ.get("IMAGESEARCH_TORCH_THREADS"):
-        # On a GPU, torch's CPU work is the per-image preprocessing on the decode
-        # threads: parallelism comes from those threads, not from OpenMP teams of
-        # CPU-count threads inside each of them.
-        torch.set_num_threads(1)
+                             max_batch=args.max_batch, tta=args.tta, engine_threads=plan.engine_threads,
+                             engine_spinning=plan.engine_spinning)
     embedder.warm_up()
-    workers = args.decode_workers or default_prepare_workers()
     decode, run_batch = embedder.decode, embedder.embed_tensors
     if metrics is not None:
         measured = EmbedderMetrics(metrics)
         decode, run_batch = measured.timed_decode(decode, args.max_image_bytes), measured.timed_batch(run_batch)
     batcher = Batcher(lambda item: decode(*item), run_batch,
-                      max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000.0, prepare_workers=workers)
+                      max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000.0,
+                      prepare_workers=plan.decode_workers)
     if metrics is not None:
         measured.watch_queue(batcher)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_batch=args.max_batch, max_message_bytes=max_message_bytes,
                     max_inflight_image_bytes=args.max_inflight_image_bytes,
-                    stream_window=args.stream_window or default_stream_window(args.max_batch, embedder.device.type))
+                    stream_window=plan.stream_window)
     servicer.attach(embedder, batcher, limits)
-    log.info("torch threads %d, decode workers %d, max batch %d, max wait %.1f ms, stream window %d",
-             torch.get_num_threads(), workers, args.max_batch, args.max_wait_ms, limits.stream_window)
+    log.info("threads: %s; max batch %d, max wait %.1f ms", plan.describe(), args.max_batch, args.max_wait_ms)
     return batcher
 
 

@@ -63,14 +63,14 @@ class Embedder:
                  engine: str = "auto", cache_dir: str | os.PathLike | None = None,
                  int8_calibration: str | os.PathLike | None = None, cuda_graphs: bool = False,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_batch: int | None = None, tta: str = "none"):
+                 max_batch: int | None = None, tta: str = "none", engine_threads: int | None = None,
+                 engine_spinning: bool = True):
         if max_image_bytes < 1 or max_image_pixels < 1:
             raise errors.InvalidArgument("image limits must be positive")
         if tta not in TTAS:
             raise errors.InvalidArgument(f"unknown test-time augmentation {tta!r}; one of {', '.join(TTAS)}")
         self.tta = tta
-        self.device = default_device(engines.engine_device(engine, device)) if isinstance(device, str) else device
-        name = engines.resolve_engine(engine, self.device.type)
+        self.device, name = resolve_engine(engine, device)
         self.spec = loaded.spec
         self.max_image_bytes = int(max_image_bytes)
         self.max_image_pixels = int(max_image_pixels)
@@ -86,7 +86,8 @@ class Embedder:
                 model, float_fingerprint, model_fingerprint, Path(int8_calibration), name, cache_dir)
         self.engine = engines.build_engine(name, model, loaded.spec, float_fingerprint,
                                            device=self.device, precision=precision, max_batch=max_batch,
-                                           cache_dir=cache_dir, int8_path=int8_path, cuda_graphs=cuda_graphs)
+                                           cache_dir=cache_dir, int8_path=int8_path, cuda_graphs=cuda_graphs,
+                                           threads=engine_threads, spinning=engine_spinning)
         self.info = ModelInfo(
             backbone=loaded.backbone, dim=model.dim, spec=loaded.spec, device=str(self.device),
             precision=self.engine.precision, engine=self.engine.name, fingerprint=model_fingerprint,
@@ -178,6 +179,7 @@ class Embedder:
         log.info("warmed up batch sizes %s in %.1fs", list(batch_sizes), time.monotonic() - started)
 
 
-def default_prepare_workers() -> int:
-    """Decode threads: enough to keep a GPU fed, few enough not to starve a small CPU."""
-    return max(1, min(8, os.cpu_count() or 1))
+def resolve_engine(engine: str = "auto", device: str | torch.device = "auto") -> tuple[torch.device, str]:
+    """The device and the engine name (`auto` resolved: engines.resolve_engine) an Embedder would use."""
+    device = default_device(engines.engine_device(engine, device)) if isinstance(device, str) else device
+    return device, engines.resolve_engine(engine, device.type)

@@ -17,6 +17,14 @@ ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # Where exported/quantised models are cached, keyed by model fingerprint, when no
 # --engine-cache is given: $XDG_CACHE_HOME/imagesearch, else ~/.cache/imagesearch.
 CACHE_DIR_NAME = "imagesearch"
+# The embedder's thread split on CPU with an ONNX engine (embedder_service.threads,
+# docs/embedder.md#threads): intra-op threads and decode workers per core, whether
+# ONNX Runtime's threads spin, and the EmbedStream window in batches (2: the decode
+# threads prepare batch n+1 while batch n runs). Measured in bench/README.md#embedder.
+CPU_ENGINE_THREADS_PER_CORE = 1.0
+CPU_DECODE_WORKERS_PER_CORE = 1.0
+CPU_ENGINE_SPINNING = False
+CPU_STREAM_WINDOW_BATCHES = 2
 # How JPEGs are decoded (PreprocessSpec.decode): "draft" = at the smallest DCT
 # scale whose sides still cover the input size; "full" = every pixel.
 DECODE_MODES = ("draft", "full")

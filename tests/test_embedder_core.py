@@ -16,6 +16,7 @@ import torch
 from embedder_service import __main__ as cli
 from embedder_service.batcher import Batcher
 from embedder_service.embedder import Embedder
+from embedder_service.threads import available_cores, plan_threads
 from imagesearch import errors
 from imagesearch.errors import Dropped
 from imagesearch.model.engines import autocast_dtype, bucket_size, cuda_buckets
@@ -285,6 +286,7 @@ def test_flags_and_their_environment_variables(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--max-image-bytes", "0"],
+                                  ["--engine-threads", "-1"], ["--engine-spinning", "maybe"],
                                   ["--checkpoint", "a.pt", "--weights", "none"], ["--backbone", "resnet50"]])
 def test_nonsense_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -293,9 +295,38 @@ def test_nonsense_flags_are_refused(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_default_stream_window_is_one_batch_on_cpu_two_on_cuda():
-    assert cli.default_stream_window(8, "cpu") == 8
-    assert cli.default_stream_window(64, "cuda") == 128
+def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
+    # ONNX engines on CPU: the engine gets the cores and sleeps when idle, torch one
+    # thread (only the decode threads' tensor ops), two batches of stream window.
+    ort = plan_threads("onnxruntime", "cpu", 8, cores=4)
+    assert (ort.engine_threads, ort.engine_spinning, ort.torch_threads, ort.decode_workers, ort.stream_window) == (
+        4, False, 1, 4, 16)
+    assert plan_threads("openvino", "cpu", 8, cores=2).engine_threads == 2
+    # torch on CPU: torch's team on every core, one batch of window.
+    torch_cpu = plan_threads("torch", "cpu", 8, cores=2)
+    assert (torch_cpu.torch_threads, torch_cpu.decode_workers, torch_cpu.stream_window) == (2, 2, 8)
+    # CUDA: one torch thread, up to 8 decode workers, two batches of window.
+    cuda = plan_threads("torch", "cuda", 64, cores=16)
+    assert (cuda.torch_threads, cuda.decode_workers, cuda.stream_window) == (1, 8, 128)
+    # Every number can be overridden.
+    custom = plan_threads("onnxruntime", "cpu", 8, cores=2, torch_threads=2, engine_threads=1, engine_spinning="on",
+                          decode_workers=3, stream_window=8)
+    assert (custom.torch_threads, custom.engine_threads, custom.engine_spinning, custom.decode_workers,
+            custom.stream_window) == (2, 1, True, 3, 8)
+    assert plan_threads("torch", "cpu", 8, cores=2, torch_threads=1).engine_threads == 1
+    assert plan_threads("onnxruntime", "cpu", 8).cores == available_cores() >= 1
+    with pytest.raises(errors.InvalidArgument):
+        plan_threads("auto", "cpu", 8)
+    with pytest.raises(errors.InvalidArgument):
+        plan_threads("onnxruntime", "cpu", 8, engine_spinning="sometimes")
+
+
+def test_thread_flags_and_environment_reach_the_parser(monkeypatch):
+    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_THREADS", "3")
+    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_SPINNING", "on")
+    args = cli.parse_args(["--decode-workers", "5"])
+    assert (args.engine_threads, args.engine_spinning, args.decode_workers) == (3, "on", 5)
+    assert cli.parse_args(["--engine-spinning", "off"]).engine_spinning == "off"
 
 
 def test_a_caller_with_nothing_in_flight_goes_before_a_streams_backlog():

@@ -287,15 +287,25 @@ def _threads() -> int:
 
 
 class OnnxRuntimeEngine:
+    """An ONNX file in ONNX Runtime's CPU provider: `threads` intra-op threads
+    (None: torch's thread count), one inter-op thread, operators in sequence,
+    every graph optimisation. `spinning`: whether the intra-op threads
+    busy-wait for work between operators and runs instead of sleeping (ONNX
+    Runtime's default). Spinning shaves the wake-up off each of Lite0's ~100
+    operators, but a spinning thread holds a core that the decode threads
+    need: the embedder chooses (embedder_service.threads)."""
+
     name = "onnxruntime"
 
-    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None, spinning: bool = True):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or _threads()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -304,8 +314,11 @@ class OnnxRuntimeEngine:
         self.input_name = self.session.get_inputs()[0].name
         self.precision = precision
         self.path = path
+        self.threads = options.intra_op_num_threads
+        self.spinning = spinning
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
+        # A contiguous float32 CPU tensor's numpy view shares its memory: no copy.
         array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return self.session.run(None, {self.input_name: array})[0]
 
@@ -316,8 +329,9 @@ class OpenVinoEngine:
 
     def __init__(self, path: Path, threads: int | None = None):
         ov = require("openvino")
+        self.threads = threads or _threads()
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": threads or _threads()}
+                  "INFERENCE_NUM_THREADS": self.threads}
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         except Exception as exc:
@@ -386,11 +400,13 @@ def quantize_int8(float_path: Path, out_path: Path, batches: Iterable[np.ndarray
 def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerprint: str, *,
                  device: torch.device, precision: str = "auto", max_batch: int | None = None,
                  cache_dir: str | os.PathLike | None = None, int8_path: Path | None = None,
-                 cuda_graphs: bool = False) -> Engine:
+                 cuda_graphs: bool = False, threads: int | None = None, spinning: bool = True) -> Engine:
     """The engine `name` (already resolved: not "auto") serving `model`.
     ONNX engines export on first use into `cache_dir` and are checked against
     torch float32 before they serve (a stale or corrupt cache file is refused);
-    `int8_path` (onnxruntime only) serves that quantised file instead."""
+    `int8_path` (onnxruntime only) serves that quantised file instead.
+    `threads` (intra-op threads; None: torch's count) and `spinning` are the
+    ONNX runtimes' (OpenVINO has no spinning switch)."""
     if name == "torch":
         return TorchEngine(model, device, precision, max_batch, cuda_graphs)
     if cuda_graphs:
@@ -402,14 +418,14 @@ def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerpri
     model = model.eval()
     path = onnx_file(model, spec, fingerprint, cache_dir or default_cache_dir())
     if name == "onnxruntime":
-        engine: Engine = OnnxRuntimeEngine(path)
+        engine: Engine = OnnxRuntimeEngine(path, threads=threads, spinning=spinning)
     else:
-        engine = OpenVinoEngine(path)
+        engine = OpenVinoEngine(path, threads=threads)
     reference = TorchEngine(model, torch.device("cpu"), "fp32")
     diff = check_equal(engine, reference, spec)
     log.info("%s engine equals torch fp32 within %.1e on the check batch", name, diff)
     if int8_path is not None:
         if name != "onnxruntime":
             raise errors.InvalidArgument("int8 (--int8-calibration) is served by --engine onnxruntime")
-        engine = OnnxRuntimeEngine(int8_path, precision="int8")
+        engine = OnnxRuntimeEngine(int8_path, precision="int8", threads=threads, spinning=spinning)
     return engine

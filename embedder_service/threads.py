@@ -1,0 +1,96 @@
+"""How the embedder splits the machine's cores between decoding and inference.
+
+Three pools share the CPU: the decode threads (Pillow decode + resize, then
+torch's ToTensor/Normalize, per image), the inference engine's intra-op
+threads (ONNX Runtime, OpenVINO or torch) and, for the torch engine, torch's
+own OpenMP team. `plan_threads` is the default split as a function of the core
+count, the engine and the device; every number can be overridden by a flag or
+its environment variable (docs/embedder.md#threads, measured in
+bench/README.md#embedder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from imagesearch import defaults, errors
+
+SPINNING = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadPlan:
+    cores: int
+    torch_threads: int  # torch intra-op: the torch engine's forward, and each decode thread's tensor ops
+    engine_threads: int  # ONNX Runtime / OpenVINO intra-op threads (the torch engine uses torch_threads)
+    engine_spinning: bool  # ONNX Runtime's intra-op threads busy-wait between operators and runs
+    decode_workers: int
+    stream_window: int  # items one EmbedStream has in flight
+
+    def describe(self) -> str:
+        return (f"{self.cores} cores: engine threads {self.engine_threads} (spinning "
+                f"{'on' if self.engine_spinning else 'off'}), torch threads {self.torch_threads}, "
+                f"decode workers {self.decode_workers}, stream window {self.stream_window}")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), else the CPU count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_threads(engine: str, device_type: str, max_batch: int, *, cores: int | None = None,
+                 torch_threads: int = 0, engine_threads: int = 0, engine_spinning: str = "auto",
+                 decode_workers: int = 0, stream_window: int = 0) -> ThreadPlan:
+    """The default thread split for `engine` ("torch", "onnxruntime",
+    "openvino": already resolved) on `device_type`, with every non-zero /
+    non-"auto" argument taking precedence.
+
+    On a GPU: one torch thread (the CPU's work is the per-image preprocessing,
+    parallel over the decode threads), min(8, cores) decode workers, a window
+    of two batches (decode the next batch while the GPU runs this one).
+
+    On CPU with an ONNX engine: the engine gets every core
+    (defaults.CPU_ENGINE_THREADS_PER_CORE), torch one thread (it only runs the
+    decode threads' tensor ops: an OpenMP team per decode thread would
+    oversubscribe the cores), decode workers = cores, and a window of
+    defaults.CPU_STREAM_WINDOW_BATCHES batches so the decode threads prepare
+    batch n+1 while batch n runs; the engine's threads sleep between
+    operators instead of spinning (defaults.CPU_ENGINE_SPINNING) so the
+    decode threads get the cores they need.
+
+    On CPU with torch: torch gets every core for the forward pass, decode
+    workers = cores, a window of one batch (measured: with torch's OpenMP team
+    on every core, decoding further ahead only competes with it)."""
+    if engine not in ("torch", "onnxruntime", "openvino"):
+        raise errors.InvalidArgument(f"plan_threads needs a resolved engine, not {engine!r}")
+    if engine_spinning not in SPINNING:
+        raise errors.InvalidArgument(f"engine spinning {engine_spinning!r}: one of {', '.join(SPINNING)}")
+    for label, value in [("torch threads", torch_threads), ("engine threads", engine_threads),
+                         ("decode workers", decode_workers), ("stream window", stream_window)]:
+        if value < 0:
+            raise errors.InvalidArgument(f"{label} must be at least 0 (0 = the default), not {value}")
+    cores = cores or available_cores()
+    if device_type == "cuda":
+        plan = ThreadPlan(cores, torch_threads=1, engine_threads=1, engine_spinning=False,
+                          decode_workers=min(8, cores), stream_window=2 * max_batch)
+    elif engine == "torch":
+        plan = ThreadPlan(cores, torch_threads=cores, engine_threads=cores, engine_spinning=False,
+                          decode_workers=cores, stream_window=max_batch)
+    else:
+        plan = ThreadPlan(cores, torch_threads=1,
+                          engine_threads=max(1, round(cores * defaults.CPU_ENGINE_THREADS_PER_CORE)),
+                          engine_spinning=defaults.CPU_ENGINE_SPINNING,
+                          decode_workers=max(1, round(cores * defaults.CPU_DECODE_WORKERS_PER_CORE)),
+                          stream_window=defaults.CPU_STREAM_WINDOW_BATCHES * max_batch)
+    return dataclasses.replace(
+        plan,
+        torch_threads=torch_threads or plan.torch_threads,
+        engine_threads=engine_threads or (torch_threads if engine == "torch" and torch_threads else
+                                          plan.engine_threads),
+        engine_spinning=plan.engine_spinning if engine_spinning == "auto" else engine_spinning == "on",
+        decode_workers=decode_workers or plan.decode_workers,
+        stream_window=stream_window or plan.stream_window)
