@@ -90,14 +90,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"threads that decode and preprocess; 0 = the core count on CPU, min(8, cores) on CUDA "
                         f"(env {ENV}_DECODE_WORKERS)")
     b = p.add_argument_group("batching and limits")
-    b.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", 32),
-                   help=f"largest batch the model runs (env {ENV}_MAX_BATCH; default %(default)s)")
+    b.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", 0),
+                   help=f"largest batch the model runs; 0 = {defaults.CPU_MAX_BATCH} on CPU, "
+                        f"{defaults.CUDA_MAX_BATCH} on CUDA (env {ENV}_MAX_BATCH)")
     b.add_argument("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 5.0),
                    help=f"longest a batch waits to fill after its first item (env {ENV}_MAX_WAIT_MS; "
                         f"default %(default)s)")
     b.add_argument("--stream-window", type=int, default=_env("STREAM_WINDOW", 0),
                    help=f"items one EmbedStream may have in flight before the server stops reading it; "
-                        f"0 = {defaults.CPU_STREAM_WINDOW_BATCHES} x --max-batch with an ONNX engine on CPU, "
+                        f"0 = {defaults.CPU_STREAM_WINDOW_BATCHES} x max batch with an ONNX engine on CPU, "
                         f"1 x with torch on CPU, 2 x on CUDA (env {ENV}_STREAM_WINDOW)")
     b.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", defaults.MAX_IMAGE_BYTES),
                    help=f"largest encoded image (env {ENV}_MAX_IMAGE_BYTES; default %(default)s); "
@@ -116,7 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    for flag, value, least in [("--max-batch", args.max_batch, 1), ("--max-wait-ms", args.max_wait_ms, 0),
+    for flag, value, least in [("--max-batch", args.max_batch, 0), ("--max-wait-ms", args.max_wait_ms, 0),
                                ("--max-image-bytes", args.max_image_bytes, 1),
                                ("--max-image-pixels", args.max_image_pixels, 1),
                                ("--max-inflight-image-bytes", args.max_inflight_image_bytes, 1),
@@ -205,7 +206,7 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
                              cache_dir=args.engine_cache, int8_calibration=args.int8_calibration,
                              decode=args.decode, cuda_graphs=args.cuda_graphs,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                             max_batch=args.max_batch, tta=args.tta, engine_threads=plan.engine_threads,
+                             max_batch=plan.max_batch, tta=args.tta, engine_threads=plan.engine_threads,
                              engine_spinning=plan.engine_spinning)
     embedder.warm_up()
     decode, run_batch = embedder.decode, embedder.embed_tensors
@@ -213,16 +214,16 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
         measured = EmbedderMetrics(metrics)
         decode, run_batch = measured.timed_decode(decode, args.max_image_bytes), measured.timed_batch(run_batch)
     batcher = Batcher(lambda item: decode(*item), run_batch,
-                      max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000.0,
+                      max_batch=plan.max_batch, max_wait_s=args.max_wait_ms / 1000.0,
                       prepare_workers=plan.decode_workers)
     if metrics is not None:
         measured.watch_queue(batcher)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                    max_batch=args.max_batch, max_message_bytes=max_message_bytes,
+                    max_batch=plan.max_batch, max_message_bytes=max_message_bytes,
                     max_inflight_image_bytes=args.max_inflight_image_bytes,
                     stream_window=plan.stream_window)
     servicer.attach(embedder, batcher, limits)
-    log.info("threads: %s; max batch %d, max wait %.1f ms", plan.describe(), args.max_batch, args.max_wait_ms)
+    log.info("threads: %s; max wait %.1f ms", plan.describe(), args.max_wait_ms)
     return batcher
 
 

@@ -25,6 +25,10 @@ CPU_ENGINE_THREADS_PER_CORE = 1.0
 CPU_DECODE_WORKERS_PER_CORE = 1.0
 CPU_ENGINE_SPINNING = False
 CPU_STREAM_WINDOW_BATCHES = 2
+# The embedder's --max-batch default: on CPU small batches stream faster (8 against
+# 32: 1.35x with onnxruntime, 1.4x with torch, bench/README.md#embedder); on CUDA 32.
+CPU_MAX_BATCH = 8
+CUDA_MAX_BATCH = 32
 # How JPEGs are decoded (PreprocessSpec.decode): "draft" = at the smallest DCT
 # scale whose sides still cover the input size; "full" = every pixel.
 DECODE_MODES = ("draft", "full")

@@ -273,7 +273,7 @@ def test_load_refuses_contradictory_model_options():
 
 def test_flags_and_their_environment_variables(monkeypatch):
     args = cli.parse_args([])
-    assert (args.port, args.backbone, args.weights, args.device, args.max_batch) == (50051, None, None, "auto", 32)
+    assert (args.port, args.backbone, args.weights, args.device, args.max_batch) == (50051, None, None, "auto", 0)
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_PORT", "6000")
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_MAX_BATCH", "4")
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_MAX_WAIT_MS", "2.5")
@@ -285,7 +285,7 @@ def test_flags_and_their_environment_variables(monkeypatch):
     assert cli.parse_args(["--max-batch", "2"]).max_batch == 2  # a flag beats the environment
 
 
-@pytest.mark.parametrize("argv", [["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--max-image-bytes", "0"],
+@pytest.mark.parametrize("argv", [["--max-batch", "-1"], ["--max-wait-ms", "-1"], ["--max-image-bytes", "0"],
                                   ["--engine-threads", "-1"], ["--engine-spinning", "maybe"],
                                   ["--checkpoint", "a.pt", "--weights", "none"], ["--backbone", "resnet50"]])
 def test_nonsense_flags_are_refused(argv, capsys):
@@ -308,6 +308,9 @@ def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
     # CUDA: one torch thread, up to 8 decode workers, two batches of window.
     cuda = plan_threads("torch", "cuda", 64, cores=16)
     assert (cuda.torch_threads, cuda.decode_workers, cuda.stream_window) == (1, 8, 128)
+    # Batch size: 8 on CPU, 32 on CUDA, unless given.
+    assert (plan_threads("onnxruntime", "cpu").max_batch, plan_threads("torch", "cuda").max_batch) == (8, 32)
+    assert plan_threads("onnxruntime", "cpu", 16, cores=2).stream_window == 32
     # Every number can be overridden.
     custom = plan_threads("onnxruntime", "cpu", 8, cores=2, torch_threads=2, engine_threads=1, engine_spinning="on",
                           decode_workers=3, stream_window=8)
