@@ -34,11 +34,13 @@ _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """gRPC's retry policy (gRPC caps max_attempts at 5) for UNAVAILABLE, and for
-    CANCELLED sent by the server: a grpc.aio server that has begun its graceful
-    stop cancels calls that reach it in that moment, before they run. gRPC
-    retries only what the server answered before any response message, never a
-    call the client itself cancelled."""
+    """gRPC's retry policy (gRPC caps max_attempts at 5) for UNAVAILABLE only: what
+    a server answers while it loads and while it drains on SIGTERM
+    (imagesearch/serving/drain.py), and what gRPC reports for a server it cannot
+    reach. CANCELLED is not retried: it may be a call the server ran and then
+    cut at the end of its grace period (a Delete or DropCollection may have
+    happened), or one the client itself cancelled. gRPC retries only what the
+    server answered before any response message."""
 
     max_attempts: int = 5
     initial_backoff_s: float = 0.2
@@ -51,7 +53,7 @@ class RetryPolicy:
             "initialBackoff": f"{self.initial_backoff_s:g}s",
             "maxBackoff": f"{self.max_backoff_s:g}s",
             "backoffMultiplier": self.multiplier,
-            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            "retryableStatusCodes": ["UNAVAILABLE"],
         }
 
 

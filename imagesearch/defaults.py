@@ -99,6 +99,9 @@ MAX_CONNECTION_IDLE_S = 600.0
 MAX_CONNECTION_AGE_S = 0.0  # 0 = no age limit: long Upsert streams are legitimate
 MAX_CONNECTION_AGE_GRACE_S = 60.0
 MAX_HEALTH_WATCHES = 64
+# On SIGTERM a server refuses new calls with UNAVAILABLE for at least this long
+# (and until the calls in flight end, up to --grace) before gRPC itself stops.
+DRAIN_SETTLE_S = 0.25
 # HTTP/2 keepalive: the server pings an idle peer every KEEPALIVE_TIME_S and drops
 # it after KEEPALIVE_TIMEOUT_S without an answer; a client pinging more often than
 # MIN_CLIENT_PING_INTERVAL_S (or without calls) gets GOAWAY after MAX_PING_STRIKES.

@@ -114,5 +114,5 @@ def test_bidirectional_streams_are_not_retried_and_the_rest_are():
                        ("RankerService", "GetStats"), ("RankerService", "CreateCollection"),
                        ("RankerService", "DropCollection"), ("RankerService", "Backup"),
                        ("RankerService", "ListItems"), ("RankerService", "Rename")}
-    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "methodConfig" not in service_config([EMBEDDER_SERVICE], None)

@@ -250,19 +250,24 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         has_header = any(k == "authorization" for k, _ in handler_call_details.invocation_metadata or ())
         reason = "wrong token" if has_header else "missing 'authorization: Bearer <token>' metadata"
         log.warning("refused %s: %s", method, reason)
-        message = f"{reason}: this server requires a token (--auth-token / {AUTH_TOKEN_ENV})"
+        return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                f"{reason}: this server requires a token (--auth-token / {AUTH_TOKEN_ENV})")
 
-        async def deny(_request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
-        return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s cardinality that answers `code` at once, reading nothing."""
+
+    async def refuse(_request, context):
+        await context.abort(code, message)
+
+    kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
 
 
 # ---------------------------------------------------------------- stream idle timeout
