@@ -57,6 +57,7 @@ class ServerConfig:
     max_streams_per_connection: int = defaults.MAX_STREAMS_PER_CONNECTION
     max_connection_idle_s: float = defaults.MAX_CONNECTION_IDLE_S
     max_connection_age_s: float = defaults.MAX_CONNECTION_AGE_S
+    max_connection_age_grace_s: float = defaults.MAX_CONNECTION_AGE_GRACE_S
     max_health_watches: int = defaults.MAX_HEALTH_WATCHES
 
     @property
@@ -83,6 +84,7 @@ class ServerConfig:
         for flag, value in [("--stream-idle-timeout", args.stream_idle_timeout), ("--max-workers", args.max_workers),
                             ("--max-connection-idle", args.max_connection_idle),
                             ("--max-connection-age", args.max_connection_age),
+                            ("--max-connection-age-grace", args.max_connection_age_grace),
                             ("--max-streams-per-connection", args.max_streams_per_connection),
                             ("--max-health-watches", args.max_health_watches)]:
             if value < 0:
@@ -102,6 +104,7 @@ class ServerConfig:
             max_streams_per_connection=args.max_streams_per_connection,
             max_connection_idle_s=args.max_connection_idle,
             max_connection_age_s=args.max_connection_age,
+            max_connection_age_grace_s=args.max_connection_age_grace,
             max_health_watches=args.max_health_watches,
         )
 
@@ -159,8 +162,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, env_prefix: str, de
     a.add_argument("--max-connection-age", type=float,
                    default=env("MAX_CONNECTION_AGE", ServerConfig.max_connection_age_s),
                    help="seconds after which a connection gets GOAWAY (clients reconnect; calls open then get "
-                        f"{defaults.MAX_CONNECTION_AGE_GRACE_S:g} s more); 0 = forever "
+                        "--max-connection-age-grace more); 0 = forever "
                         f"(env {env_prefix}_MAX_CONNECTION_AGE; default %(default)s)")
+    a.add_argument("--max-connection-age-grace", type=float,
+                   default=env("MAX_CONNECTION_AGE_GRACE", ServerConfig.max_connection_age_grace_s),
+                   help="seconds calls open on a connection past --max-connection-age may still run before "
+                        f"they end UNAVAILABLE (env {env_prefix}_MAX_CONNECTION_AGE_GRACE; default %(default)s)")
     a.add_argument("--max-health-watches", type=int,
                    default=env("MAX_HEALTH_WATCHES", ServerConfig.max_health_watches),
                    help="health Watch streams open at once; more get RESOURCE_EXHAUSTED, 0 = no cap "

@@ -56,7 +56,7 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         options.append(("grpc.max_connection_idle_ms", ms(config.max_connection_idle_s)))
     if config.max_connection_age_s:
         options.append(("grpc.max_connection_age_ms", ms(config.max_connection_age_s)))
-        options.append(("grpc.max_connection_age_grace_ms", ms(defaults.MAX_CONNECTION_AGE_GRACE_S)))
+        options.append(("grpc.max_connection_age_grace_ms", ms(config.max_connection_age_grace_s)))
     return options
 
 
