@@ -83,6 +83,15 @@ MAX_KR_K1 = 100
 # Derived gallery data (DBA vectors, k-reciprocal neighbourhoods) is made by a
 # G x G product in row chunks of about this many float32 scores (64 MB).
 DERIVED_CHUNK_SCORES = 1 << 24
+# It is rebuilt in the background after writes (ranker_service/derived.py):
+# once writes pause this long (a burst of upserts makes one rebuild), at most
+# this long after the first write it has not seen, or at once when a search
+# waits for it. A search waiting for it answers DEADLINE_EXCEEDED this long
+# before its call's deadline (so the status and its message reach the client).
+DERIVED_DEBOUNCE_S = 0.5
+DERIVED_MAX_DELAY_S = 5.0
+DERIVED_DEADLINE_MARGIN_S = 0.05
+DERIVED_DEBOUNCE_ENV = "IMAGESEARCH_RANKER_DERIVED_DEBOUNCE_S"  # overrides DERIVED_DEBOUNCE_S (tests)
 
 # ---------------------------------------------------------------- transport
 # gRPC's 4 MB default breaks image traffic: both ends set this explicitly.

@@ -60,6 +60,13 @@ class Unavailable(ImageSearchError):
     status = "UNAVAILABLE"
 
 
+class DeadlineExceeded(ImageSearchError):
+    """The call's deadline passed while it waited for something the server was
+    preparing (e.g. a collection's derived re-ranking data being rebuilt)."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
 class Dropped(ImageSearchError):
     """The caller went away (cancelled, or its deadline passed) before its item
     reached the model; nobody is left to read this error."""

@@ -8,6 +8,7 @@ tests (tests/test_ranker_backends.py) run against both.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -41,6 +42,10 @@ class RankerBackend(Protocol):
     def search(self, query: Query) -> list[Match]: ...
 
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]: ...
+
+    def derived_pending(self, query: Query) -> Future | None:
+        """None when the derived re-ranking data the query needs is current
+        (or it needs none); else a future done once it is (ranker_service/derived.py)."""
 
     def stats(self, collection: str | None = None) -> list[CollectionStats]: ...
 

@@ -1,81 +1,374 @@
-"""Data derived from a collection's vectors, valid for one database generation:
-the database-side augmented vectors (DBA) and the k-reciprocal
-neighbourhoods (see reranking.py).
+"""Data derived from a collection's vectors, rebuilt in the background: the
+database-side augmented vectors (DBA, a collection option) and the
+k-reciprocal neighbourhoods of each (k1, k2) searches have asked for (see
+reranking.py). docs/ranker.md#re-ranking says what a client sees.
 
-SQLite stays the source of truth: nothing here is stored. The database's
-generation counter (bumped by every write; `Gallery` keeps each collection's
-latest in memory, updated under its write lock once a write is in memory)
-tags each entry. A search that needs derived data reads the collection's
-generation first, then asks for the entry: when the entry's generation
-differs, everything derived from the collection is dropped and rebuilt from a
-snapshot taken now, while that search (and any other search needing the same
-collection's derived data) waits. So the first such search after a write
-pays the G x G pass; later ones reuse it; a search that starts after a
-Delete or Upsert returned never sees the old vectors (the snapshot is taken
-after the generation it is tagged with). A snapshot may hold writes newer
-than its tag: the next search then rebuilds once more, never serves older data.
+SQLite stays the source of truth: nothing here is stored. Each value is
+tagged with the database generation (the counter every write bumps) of the
+snapshot it was built from; `Gallery` tells each collection's state its
+latest generation after every write (`note_write`, under the write lock,
+once the write is in memory). The snapshot is taken after the generation is
+read, so a value tagged g holds every write up to g (perhaps newer ones).
+
+Rebuilds: one background job per collection at a time (background.py, the
+FAISS rebuilds' machinery). A write to a collection that has derived data
+wanted (DBA, or k-reciprocal asked for before) starts one; the job waits
+until writes pause for `DERIVED_DEBOUNCE_S` (at most `DERIVED_MAX_DELAY_S`
+after the first write it has not seen; at once when a search waits), then
+rebuilds every stale value from one snapshot, DBA first (k-reciprocal data
+of a DBA collection is built over its augmented vectors). Writes made during
+a job start one more job after it, however many they are. A clean stop
+cancels the job between chunks. At start-up DBA collections start at once.
+
+Searches never build: `pending` (the servicer awaits it without a thread)
+and `get` (blocking, with a deadline) wait until every value a search needs
+is tagged with at least the generation the collection had when the search
+asked, so a search that starts after a write returned never sees a deleted
+or replaced vector, nor misses a new one. The wait ends at the search's
+deadline with DEADLINE_EXCEEDED; values of an older generation are never
+served.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import dataclasses
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Hashable
-from typing import TypeVar
+from collections.abc import Hashable, Sequence
+
+from imagesearch import defaults, errors
+from ranker_service.background import Background, Job, join
+from ranker_service.index import Collection
+from ranker_service.reranking import Neighbourhoods, augment
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-# Entries kept per collection and generation (e.g. k-reciprocal data for a few
-# (k1, k2) pairs); the least recently used goes first.
+DBA = "dba"
+# k-reciprocal entries kept per collection (a few (k1, k2) pairs); the least recently used goes first.
 MAX_ENTRIES = 4
+DEBOUNCE_S = float(os.environ.get(defaults.DERIVED_DEBOUNCE_ENV) or defaults.DERIVED_DEBOUNCE_S)
+
+# states (GetStats' DerivedData.state, docs/ranker.md#re-ranking)
+NONE, CURRENT, STALE, REBUILDING = "none", "current", "stale", "rebuilding"
 
 
-class _Entry:
+def k_reciprocal_key(k1: int, k2: int) -> tuple:
+    return ("k-reciprocal", k1, k2)
+
+
+def describe(key: Hashable) -> str:
+    return key if isinstance(key, str) else f"k-reciprocal k1={key[1]} k2={key[2]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedStatus:
+    state: str  # NONE (nothing derived is wanted), CURRENT, STALE (a rebuild is due), REBUILDING
+    generation: int  # the collection's last write
+    built_generation: int  # the oldest tag among the wanted values (-1: one was never built)
+    building_since: float  # unix seconds the running rebuild began (0: none runs)
+    last_build_seconds: float  # how long the last finished rebuild took (0: none yet)
+    kinds: tuple[str, ...]  # what is derived: "dba", "k-reciprocal k1=20 k2=6"
+
+
+class _Slot:
+    __slots__ = ("generation", "value")
+
     def __init__(self) -> None:
+        self.generation = -1
+        self.value = None
+
+
+class Wait(concurrent.futures.Future):
+    """Done once a search's derived data is current (or with the error that
+    stops it); `expired()` is the error for a search whose deadline passed."""
+
+    def __init__(self, state: _State):
+        super().__init__()
+        self._state = state
+
+    def expired(self) -> errors.DeadlineExceeded:
+        return errors.DeadlineExceeded(self._state.wait_message())
+
+
+class _State:
+    """One collection's derived data and its rebuilds. Thread-safe."""
+
+    def __init__(self, coll, generation: int):
+        self.coll = coll
+        self.name = coll.name
         self.lock = threading.Lock()
-        self.generation: int | None = None
-        self.values: collections.OrderedDict = collections.OrderedDict()
+        self.changed = threading.Condition(self.lock)
+        self.slots: collections.OrderedDict[Hashable, _Slot] = collections.OrderedDict()
+        if coll.spec.dba_top_n:
+            self.slots[DBA] = _Slot()  # always first: k-reciprocal data of a DBA collection is built over it
+        self.generation = generation
+        self.last_write = 0.0  # monotonic
+        self.unseen_since: float | None = None  # first write no job has taken yet (monotonic)
+        self.urgent = False  # a search waits: no debounce
+        self.waits: list[tuple[int, tuple, Wait]] = []
+        self.building_since = 0.0
+        self.last_build_seconds = 0.0
+        self.worker = Background(
+            f"collection {self.name!r}", self.lock, self._due, self._run, thread=f"ranker-derived-{self.name[:32]}",
+            failed="rebuilding its derived re-ranking data failed; searches that need it wait for the next try "
+                   "(the next write or search)", on_end=self._ended)
+
+    # ------------------------------------------------------------ under self.lock
+
+    def _stale(self) -> list[Hashable]:
+        return [key for key, slot in self.slots.items() if slot.generation < self.generation]
+
+    def _due(self) -> bool:
+        return bool(self._stale())
+
+    def _want(self, key: Hashable) -> _Slot:
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = _Slot()
+            others = [k for k in self.slots if k != DBA]
+            if len(others) > MAX_ENTRIES:
+                del self.slots[others[0]]
+        elif key != DBA:
+            self.slots.move_to_end(key)
+        return slot
+
+    def _resolve(self) -> None:
+        left = []
+        for generation, keys, wait in self.waits:
+            if wait.done():
+                continue
+            if all(self.slots[k].generation >= generation for k in keys if k in self.slots):
+                _settle(wait, None)
+            else:
+                left.append((generation, keys, wait))
+        self.waits = left
+
+    def _fail_waits(self, exc: errors.ImageSearchError) -> None:
+        for _, _, wait in self.waits:
+            _settle(wait, exc)
+        self.waits = []
+
+    def pending(self, keys: Sequence[Hashable]) -> Wait | None:
+        """None when every key is current; else a Wait, and a rebuild started (no debounce)."""
+        slots = [self._want(k) for k in keys]
+        if all(slot.generation >= self.generation for slot in slots):
+            return None
+        wait = Wait(self)
+        if self.worker.stopped:
+            _settle(wait, errors.Unavailable("the ranker is shutting down"))
+            return wait
+        self.waits.append((self.generation, tuple(keys), wait))
+        self.urgent = True
+        self.changed.notify_all()
+        self.worker.maintain()
+        return wait
+
+    def wait_message(self) -> str:
+        with self.lock:
+            stale = [describe(k) for k in self._stale()] or [describe(k) for k in self.slots]
+            running = (f"a rebuild has run for {time.time() - self.building_since:.1f} s"
+                       if self.building_since else "its rebuild is about to start")
+            last = (f"; the last one took {self.last_build_seconds:.1f} s" if self.last_build_seconds else "")
+            return (f"collection {self.name!r}: its derived re-ranking data ({', '.join(stale)}) is being rebuilt "
+                    f"after a write (generation {self.generation}; {running}{last}), and the call's deadline passed "
+                    "while this search waited for it: retry later or with a longer deadline (GetStats shows "
+                    "derived_data.state)")
+
+    def status(self) -> DerivedStatus:
+        with self.lock:
+            if not self.slots:
+                return DerivedStatus(NONE, self.generation, -1, 0.0, self.last_build_seconds, ())
+            built = min(slot.generation for slot in self.slots.values())
+            state = CURRENT if built >= self.generation else (REBUILDING if self.building_since else STALE)
+            return DerivedStatus(state, self.generation, built, self.building_since, self.last_build_seconds,
+                                 tuple(describe(k) for k in self.slots))
+
+    # ------------------------------------------------------------ the job (background.py)
+
+    def _run(self, job: Job) -> bool:
+        with self.lock:
+            while not job.cancelled and not self.urgent and self.unseen_since is not None:
+                left = min(self.last_write + DEBOUNCE_S, self.unseen_since + defaults.DERIVED_MAX_DELAY_S)
+                left -= time.monotonic()
+                if left <= 0:
+                    break
+                self.changed.wait(left)
+            if job.cancelled:
+                return False
+            generation = self.generation  # read before the snapshot
+            keys = self._stale()
+            self.unseen_since = None
+            self.urgent = False
+            self.building_since = time.time()
+            dba_slot = self.slots.get(DBA)
+        t0 = time.perf_counter()
+        coll, spec = self.coll, self.coll.spec
+        snapshot = None
+        for key in keys:
+            if key == DBA:
+                snapshot = coll.snapshot()
+                matrix, names = snapshot
+                value = Collection.restore(coll.name, coll.dim, coll.fingerprint,
+                                           augment(matrix, names, spec.dba_top_n, spec.dba_alpha, step=job.step),
+                                           names, created_at=coll.created_at, updated_at=coll.updated_at,
+                                           spec=spec)
+                tag = generation
+            elif dba_slot is not None:  # over the augmented vectors (just built, or current already)
+                with self.lock:
+                    served, tag = dba_slot.value, dba_slot.generation
+                if served is None or tag < generation:
+                    return False  # (the DBA build was cancelled)
+                value = Neighbourhoods.build(*served.snapshot_view(), key[1], key[2], shared_matrix=True,
+                                             step=job.step)
+            else:
+                snapshot = snapshot or coll.snapshot()
+                value = Neighbourhoods.build(*snapshot, key[1], key[2], step=job.step)
+                tag = generation
+            job.step(0)
+            with self.lock:
+                slot = self.slots.get(key)
+                if slot is not None and tag > slot.generation:
+                    slot.generation, slot.value = tag, value
+                    self._resolve()
+                    self.changed.notify_all()
+        seconds = time.perf_counter() - t0
+        with self.lock:
+            self.last_build_seconds = seconds
+        log.info("collection %r: derived %s for generation %d in the background in %.2fs", self.name,
+                 ", ".join(describe(k) for k in keys), generation, seconds)
+        return True
+
+    def cancel(self, exc: errors.ImageSearchError) -> Job | None:
+        """No more rebuilds: the running one is cancelled (returned, for `join`) and waiting searches get `exc`."""
+        with self.lock:
+            job = self.worker.cancel()
+            self.changed.notify_all()  # a job in its debounce wait sees the cancel
+            self._fail_waits(exc)
+            return job
+
+    def _ended(self, job: Job, ok: bool) -> None:
+        self.building_since = 0.0
+        if job.cancelled:
+            self._fail_waits(errors.Unavailable("the ranker is shutting down"))
+        elif not ok and self._stale():
+            self._fail_waits(errors.Unavailable(
+                f"collection {self.name!r}: rebuilding its derived re-ranking data failed (see the ranker's log); "
+                "retry: the next search or write tries again"))
+
+
+def _settle(wait: Wait, result: errors.ImageSearchError | None) -> None:
+    try:
+        if isinstance(result, Exception):
+            wait.set_exception(result)
+        else:
+            wait.set_result(None)
+    except concurrent.futures.InvalidStateError:  # cancelled by its waiter meanwhile
+        pass
 
 
 class DerivedData:
-    """Per collection: {key: value} for one generation. Thread-safe."""
+    """Every collection's derived data. Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
+        self._states: dict[str, _State] = {}
 
-    def get(self, collection: str, generation: int, key: Hashable, build: Callable[[], T]) -> T:
+    def track(self, coll, generation: int, *, start: bool = False) -> None:
+        """Follow a collection (loaded, created, or first written); `start`:
+        build what is wanted now (a DBA collection at start-up)."""
+        state = _State(coll, generation)
         with self._lock:
-            entry = self._entries.setdefault(collection, _Entry())
-        with entry.lock:
-            if entry.generation != generation:
-                entry.values.clear()
-                entry.generation = generation
-            if key in entry.values:
-                entry.values.move_to_end(key)
-                return entry.values[key]
-            t0 = time.perf_counter()
-            value = build()
-            log.info("collection %r: derived %s for generation %d in %.2fs", collection, key, generation,
-                     time.perf_counter() - t0)
-            entry.values[key] = value
-            while len(entry.values) > MAX_ENTRIES:
-                entry.values.popitem(last=False)
-            return value
+            old = self._states.get(coll.name)
+            self._states[coll.name] = state
+        if old is not None:
+            join(old.cancel(errors.NotFound(f"collection {coll.name!r} was dropped")), old.worker.name)
+        if start:
+            with state.lock:
+                state.urgent = True
+                state.worker.maintain()
+
+    def note_write(self, coll, generation: int) -> None:
+        """After a write is in memory (the gallery's write lock held): the
+        collection's new generation; a rebuild starts if derived data is wanted."""
+        state = self._states.get(coll.name)
+        if state is None or state.coll is not coll:
+            self.track(coll, generation)
+            return
+        with state.lock:
+            state.generation = generation
+            state.last_write = time.monotonic()
+            if state.unseen_since is None:
+                state.unseen_since = state.last_write
+            state.changed.notify_all()
+            state.worker.maintain()
+
+    def pending(self, collection: str, keys: Sequence[Hashable]) -> Wait | None:
+        """None when the collection's `keys` are current (or it is not
+        followed); else a Wait that is done once they are."""
+        state = self._states.get(collection)
+        if state is None or not keys:
+            return None
+        with state.lock:
+            return state.pending(keys)
+
+    def get(self, collection: str, keys: Sequence[Hashable], deadline: float | None) -> dict:
+        """{key: value}, every one current, waiting (never building) until
+        `deadline` (time.monotonic(); None: no limit); DeadlineExceeded past it."""
+        if not keys:
+            return {}
+        state = self._states.get(collection)
+        if state is None:
+            raise errors.NotFound(f"collection {collection!r} was dropped")
+        while True:
+            with state.lock:
+                wait = state.pending(keys)
+                if wait is None:
+                    return {k: state.slots[k].value for k in keys}
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    raise concurrent.futures.TimeoutError
+                wait.result(left)
+            except concurrent.futures.TimeoutError:
+                wait.cancel()
+                raise wait.expired() from None
+
+    def status(self, collection: str) -> DerivedStatus | None:
+        state = self._states.get(collection)
+        return None if state is None else state.status()
 
     def nbytes(self, collection: str) -> int:
         """Memory the collection's derived data holds (values with `nbytes` or `memory_bytes()`)."""
-        entry = self._entries.get(collection)
-        if entry is None:
+        state = self._states.get(collection)
+        if state is None:
             return 0
         total = 0
-        for value in list(entry.values.values()):
-            total += value.memory_bytes() if hasattr(value, "memory_bytes") else int(getattr(value, "nbytes", 0))
+        for slot in list(state.slots.values()):
+            value = slot.value
+            if value is not None:
+                total += value.memory_bytes() if hasattr(value, "memory_bytes") else int(getattr(value, "nbytes", 0))
         return total
+
+    def wait_idle(self, collection: str, timeout: float | None = None) -> bool:
+        """Until no rebuild of the collection runs (tests, benchmarks); False on timeout."""
+        state = self._states.get(collection)
+        return state is None or state.worker.wait(timeout)
 
     def drop(self, collection: str) -> None:
         with self._lock:
-            self._entries.pop(collection, None)
+            state = self._states.pop(collection, None)
+        if state is not None:
+            join(state.cancel(errors.NotFound(f"collection {collection!r} was dropped")), state.worker.name)
+
+    def stop(self) -> None:
+        """Cancel every rebuild and wait for them (a clean stop)."""
+        with self._lock:
+            states = list(self._states.values())
+        jobs = [(state.cancel(errors.Unavailable("the ranker is shutting down")), state.worker.name)
+                for state in states]
+        for job, name in jobs:
+            join(job, name)

@@ -51,7 +51,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ranker_service import faiss_device, kinds
+from ranker_service import background, faiss_device, kinds
+from ranker_service.background import Job
 from ranker_service.kinds import EXACT, HNSW, IVF_PQ, IndexSpec
 from ranker_service.ranking import score_margin, select_top_k
 from ranker_service.rwlock import ReadWriteLock
@@ -66,10 +67,9 @@ BUILD_THREADS = int(os.environ.get("IMAGESEARCH_RANKER_BUILD_THREADS") or os.cpu
 REBUILD_CHUNK = 1024      # vectors per FAISS add() in a rebuild: how soon a cancelled one stops
 CATCH_UP_PASSES = 8       # a rebuild catches up with writes made meanwhile in at most this many passes ...
 CATCH_UP_FINAL = 1024     # ... until fewer new ids than this are left: those it adds under the write mutex
-# Seconds a background rebuild sleeps after each chunk: a throttle that leaves
-# the cores to searches (0: none); tests use it to hold a rebuild open.
-REBUILD_PAUSE_S = float(os.environ.get("IMAGESEARCH_RANKER_REBUILD_PAUSE_S") or 0)
-STOP_WAIT_S = 120.0       # how long closing waits for a cancelled rebuild to stop
+# Seconds a background rebuild sleeps after each chunk (background.PAUSE_S,
+# IMAGESEARCH_RANKER_REBUILD_PAUSE_S): a throttle; tests hold a rebuild open with it.
+REBUILD_PAUSE_S = background.PAUSE_S
 
 
 def train_size(nlist: int) -> int:
@@ -133,16 +133,6 @@ def new_index(spec: IndexSpec, dim: int):
     raise ValueError(f"no FAISS index for kind {spec.kind!r}")
 
 
-class _Rebuild:
-    """One rebuild: `cancelled` (set under the write mutex) stops it before its
-    swap; `done` is set once it has ended."""
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.done = threading.Event()
-        self.thread: threading.Thread | None = None
-
-
 class _Build:
     """The new index a rebuild fills, copying rows from the collection by id:
     when compacting, new id = position (with the names and the name -> id map
@@ -156,7 +146,7 @@ class _Build:
         self._names: list[str | None] = []
         self._ids: dict[str, int] = {}
 
-    def copy(self, coll: FaissCollection, job: _Rebuild, ids: np.ndarray, pause: float) -> bool:
+    def copy(self, coll: FaissCollection, job: Job, ids: np.ndarray, pause: float) -> bool:
         """Rows of `ids` (ascending) into the new index; False if cancelled."""
         for start in range(0, ids.shape[0], self.chunk):
             if job.cancelled:
@@ -242,8 +232,12 @@ class FaissCollection:
         self.build_seconds = 0.0  # time spent in FAISS adds and training (the build time, for logs and benchmarks)
         self._rw = ReadWriteLock()
         self._write_mutex = threading.Lock()
-        self._job: _Rebuild | None = None  # the background rebuild running, if any
-        self._stopped = False  # closing: no more background rebuilds
+        # the background rebuild (one at a time; background.py), guarded by the write mutex
+        self._upkeep = background.Background(
+            f"collection {name!r}", self._write_mutex, self._upkeep_due,
+            lambda job: self._rebuild(job, pause=REBUILD_PAUSE_S), thread=f"ranker-rebuild-{name[:32]}",
+            failed="background rebuild failed; searches go on with the current index "
+                   "(the next start rebuilds from SQLite)")
         self.swaps = 0  # rebuilds swapped in (the gallery rewrites index files after one)
         # --faiss-device cuda: a GPU copy of the index answers searches (faiss_device.py)
         self.device = device if faiss_device.runs_on_gpu(spec) else "cpu"
@@ -569,7 +563,7 @@ class FaissCollection:
             self._flush_loading()
             due = self._upkeep_due()
         if due:
-            self._rebuild(_Rebuild(), pause=0.0)
+            self._rebuild(Job(), pause=0.0)
 
     def upsert(self, names: Sequence[str], vectors32: np.ndarray, updated_at: float | None = None) -> tuple[int, int]:
         vectors32 = np.ascontiguousarray(vectors32, dtype=np.float32)
@@ -618,61 +612,27 @@ class FaissCollection:
 
     def _maintain(self) -> None:
         """Start a background rebuild if one is due and none runs (caller holds the write mutex)."""
-        if self._job is None and not self._stopped and self._upkeep_due():
-            job = _Rebuild()
-            self._job = job
-            job.thread = threading.Thread(target=self._run_rebuild, args=(job,), daemon=True,
-                                          name=f"ranker-rebuild-{self.name[:32]}")
-            job.thread.start()
+        self._upkeep.maintain()
 
     def start_upkeep(self) -> None:
         """Start a rebuild now if one is due (after a restore from index files)."""
         with self._write_mutex:
             self._maintain()
 
-    def _run_rebuild(self, job: _Rebuild) -> None:
-        ok = False
-        try:
-            ok = self._rebuild(job, pause=REBUILD_PAUSE_S)
-        except Exception:
-            log.exception("collection %r: background rebuild failed; searches go on with the current index "
-                          "(the next start rebuilds from SQLite)", self.name)
-        finally:
-            with self._write_mutex:
-                if self._job is job:
-                    self._job = None
-                if ok:  # writes during the build may have passed the threshold again
-                    self._maintain()
-            job.done.set()
-
-    def stop_background(self, timeout: float = STOP_WAIT_S) -> None:
+    def stop_background(self, timeout: float = background.STOP_WAIT_S) -> None:
         """No more background rebuilds: the one running is cancelled (it never
         swaps after this returns) and waited for (it stops between chunks)."""
-        with self._write_mutex:
-            self._stopped = True
-            job = self._job
-            if job is None:
-                return
-            job.cancelled = True
-        if job.thread is not None and job.thread is not threading.current_thread():
-            job.thread.join(timeout)
-            if job.thread.is_alive():
-                log.warning("collection %r: a cancelled rebuild still runs after %.0fs", self.name, timeout)
+        self._upkeep.stop(timeout)
 
     def wait_background(self, timeout: float | None = None) -> bool:
         """Wait until no rebuild runs or is due to follow (tests, benchmarks); False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (job := self._job) is not None:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not job.done.wait(left):
-                return False
-        return True
+        return self._upkeep.wait(timeout)
 
     @property
     def rebuilding(self) -> bool:
-        return self._job is not None
+        return self._upkeep.running
 
-    def _rebuild(self, job: _Rebuild, pause: float) -> bool:
+    def _rebuild(self, job: Job, pause: float) -> bool:
         """Build a new index from a snapshot of the live ids, outside the write
         mutex, while searches use the current index and writes go on applying
         to it; catch up with those writes in passes; then, under the write
@@ -709,7 +669,7 @@ class FaissCollection:
         disk = None
         if compact and self._disk is not None:
             disk = DiskRows(self._disk.path.with_suffix(".rebuild"), self.dim)
-        background = threading.current_thread() is job.thread
+        background = job.background
         build = _Build(index, disk, compact, REBUILD_CHUNK if background else ADD_CHUNK)
         swapped = False
         try:

@@ -29,11 +29,11 @@ from imagesearch.errors import StoreError
 from ranker_service import index_files
 from ranker_service.attributes import AttributeFilter, AttributeTables, check_attributes, from_json, passes, to_json
 from ranker_service.backup import backup_copy
-from ranker_service.derived import DerivedData
+from ranker_service.derived import DBA, DerivedData, Wait, k_reciprocal_key
 from ranker_service.filtering import filtered_search
-from ranker_service.index import Collection, CollectionStats, GalleryIndex, Match, Query, describe_query
+from ranker_service.index import CollectionStats, GalleryIndex, Match, Query, describe_query
 from ranker_service.kinds import IndexSpec, spec_from_json
-from ranker_service.reranking import Neighbourhoods, augment, expand_query
+from ranker_service.reranking import expand_query
 from ranker_service.store import GalleryStore, StoredItem, UpsertRow
 from ranker_service.upsert_job import (
     UpsertItem,
@@ -168,6 +168,8 @@ class Gallery:
                 self._save(coll, generation)
         for collection, name, text in self.store.iter_attributes():
             self.attributes.table(collection).set([(name, from_json(text))])
+        for coll in self.index.collections():  # DBA collections derive their vectors now, in the background
+            self.derived.track(coll, self._generations[coll.name], start=bool(coll.spec.dba_top_n))
         self._ready = True
         report = LoadReport(len(self.index.collection_names()), count, time.perf_counter() - start,
                             self.memory_bytes())
@@ -220,6 +222,7 @@ class Gallery:
                 return
             self._closed = True
             self.index.stop_background()  # no swap may change a collection while its files are written
+            self.derived.stop()
             if self._ready:
                 try:
                     self.save_index_files()
@@ -362,6 +365,7 @@ class Gallery:
             coll = self.index.create(collection, dim, fingerprint, spec, created_at=stored.created_at,
                                      updated_at=stored.updated_at)
             self._generations[collection] = stored.generation
+            self.derived.track(coll, stored.generation)
         log.info("created collection %r (dim %d, %s %s)", collection, dim, spec.label, spec.params())
         return coll.stats(), True
 
@@ -465,21 +469,30 @@ class Gallery:
             except errors.ImageSearchError as exc:
                 results[i] = exc
                 continue
-            group = groups.setdefault(coll.name, (coll, self._generations.get(coll.name, -1), [], [], []))
-            group[2].append(i)
-            group[3].append(vector)
-            group[4].append(k)
-        for coll, generation, where, vectors, ks in groups.values():
-            for i, found in zip(where, self._served(coll, generation).search(np.stack(vectors), ks)):
+            group = groups.setdefault(coll.name, (coll, [], [], []))
+            group[1].append(i)
+            group[2].append(vector)
+            group[3].append(k)
+        for coll, where, vectors, ks in groups.values():
+            try:
+                served = self._derived(coll, queries[where[0]])[DBA]
+            except errors.ImageSearchError as exc:
+                for i in where:
+                    results[i] = exc
+                continue
+            for i, found in zip(where, served.search(np.stack(vectors), ks)):
                 results[i] = [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
 
     def _note_writes(self, collections: Iterable[str]) -> None:
         """After a write is in memory (write lock held): the collections'
-        generations, which invalidate their derived data."""
+        generations, which make their derived data stale (derived.py)."""
         for collection in collections:
             generation = self.store.generation(collection)
             if generation is not None:
                 self._generations[collection] = generation
+                coll = self.index.find(collection)
+                if coll is not None:
+                    self.derived.note_write(coll, generation)
 
     def _reranked(self, query: Query) -> bool:
         if query.reranked:
@@ -487,25 +500,33 @@ class Gallery:
         coll = self.index.find(query.collection)
         return coll is not None and coll.spec.dba_top_n > 0
 
-    def _served(self, coll, generation: int):
-        """The collection as searches see it: itself, or a read-only view of
-        its augmented vectors (DBA), derived for this generation."""
-        spec = coll.spec
-        if not spec.dba_top_n:
-            return coll
+    @staticmethod
+    def _derived_keys(coll, query: Query) -> list:
+        """The derived data a query on `coll` needs: the augmented vectors of a
+        DBA collection, the k-reciprocal neighbourhoods of its (k1, k2)."""
+        keys = [DBA] if coll.spec.dba_top_n else []
+        if query.k_reciprocal is not None:
+            keys.append(k_reciprocal_key(query.k_reciprocal.k1, query.k_reciprocal.k2))
+        return keys
 
-        def build():
-            matrix, names = coll.snapshot()
-            return Collection.restore(coll.name, coll.dim, coll.fingerprint,
-                                      augment(matrix, names, spec.dba_top_n, spec.dba_alpha), names,
-                                      created_at=coll.created_at, updated_at=coll.updated_at, spec=spec)
+    def _derived(self, coll, query: Query) -> dict:
+        """{key: value} of the derived data the query needs, current: waits for
+        a rebuild in progress until the query's deadline (never builds)."""
+        return self.derived.get(coll.name, self._derived_keys(coll, query), query.deadline)
 
-        return self.derived.get(coll.name, generation, "dba", build)
+    def derived_pending(self, query: Query) -> Wait | None:
+        """None when the derived data a query needs is current (or it needs
+        none, or its collection is unknown); else a future done once it is
+        (the servicer awaits it on the event loop, holding no thread)."""
+        coll = self.index.find(query.collection)
+        if coll is None or not self._ready:
+            return None
+        return self.derived.pending(coll.name, self._derived_keys(coll, query))
 
     def _search_reranked(self, query: Query, what: str, allowed: set[str] | None) -> list[Match]:
         coll, q64, k = self.index.prepare(query, what)
-        generation = self._generations.get(coll.name, -1)  # read before any snapshot (derived.py)
-        served = self._served(coll, generation)
+        derived = self._derived(coll, query)
+        served = derived.get(DBA, coll)  # a DBA collection serves its augmented vectors
 
         def first_pass(vector: np.ndarray, kk: int) -> list[tuple[str, float]]:
             if allowed is not None:
@@ -527,12 +548,7 @@ class Gallery:
         if options is None:
             found = first_pass(q64, k)
         else:
-            def build() -> Neighbourhoods:
-                if served is coll:
-                    return Neighbourhoods.build(*coll.snapshot(), options.k1, options.k2)
-                return Neighbourhoods.build(*served.snapshot_view(), options.k1, options.k2, shared_matrix=True)
-
-            neighbourhoods = self.derived.get(coll.name, generation, ("k-reciprocal", options.k1, options.k2), build)
+            neighbourhoods = derived[k_reciprocal_key(options.k1, options.k2)]
             found = neighbourhoods.rerank(q64, k, options, allowed)
         return [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
 
@@ -567,7 +583,8 @@ class Gallery:
         self._require_ready()
         if collection:
             check_collection(collection, what="stats")
-        return [dataclasses.replace(s, memory_bytes=s.memory_bytes + self.derived.nbytes(s.name))
+        return [dataclasses.replace(s, memory_bytes=s.memory_bytes + self.derived.nbytes(s.name),
+                                    derived=self.derived.status(s.name))
                 for s in self.index.stats(collection or None)]
 
     def memory_bytes(self) -> int:

@@ -79,6 +79,7 @@ class Query:
     with_attributes: bool = False
     expansion: Expansion | None = None  # alpha-weighted query expansion (reranking.py)
     k_reciprocal: KReciprocal | None = None  # k-reciprocal re-ranking (reranking.py)
+    deadline: float | None = None  # time.monotonic() by which the caller wants its answer (None: no limit)
 
     @property
     def reranked(self) -> bool:
@@ -95,6 +96,7 @@ class CollectionStats:
     created_at: float
     updated_at: float
     spec: IndexSpec = dataclasses.field(default_factory=IndexSpec)
+    derived: object | None = None  # derived.DerivedStatus: re-ranking data current or being rebuilt (SQLite backend)
 
 
 def make_collection(name: str, dim: int, fingerprint: str, spec: IndexSpec | None = None, *,

@@ -9,6 +9,11 @@
     imagesearch_ranker_deleted_rows_total               rows removed by Delete
     imagesearch_ranker_search_duration_seconds{kind}    ranking one query, by the collection's index kind
                                                         (a SearchStream batch: its time shared by its queries)
+    imagesearch_ranker_derived_current{collection}      1 when a collection's derived re-ranking data (DBA,
+                                                        k-reciprocal) is built from its last write, 0 while stale
+                                                        or being rebuilt (only collections that have some)
+    imagesearch_ranker_derived_rebuilding{collection}   1 while it is being rebuilt in the background
+    imagesearch_ranker_derived_build_seconds{collection}  how long its last rebuild took
 
 Per-collection figures are read from the backend at scrape time (a collector,
 so nothing is kept in step by hand); the others by `MeteredBackend`, a proxy
@@ -46,11 +51,25 @@ class CollectionsCollector(Collector):
             stats = self.backend.stats() if self.backend.ready else []
         except errors.ImageSearchError:
             stats = []
+        current = GaugeMetricFamily(f"{PREFIX}_derived_current", "1 when the derived re-ranking data is built from "
+                                    "the collection's last write", labels=["collection"])
+        rebuilding = GaugeMetricFamily(f"{PREFIX}_derived_rebuilding", "1 while the derived re-ranking data is "
+                                       "being rebuilt", labels=["collection"])
+        seconds = GaugeMetricFamily(f"{PREFIX}_derived_build_seconds", "How long the last rebuild of the derived "
+                                    "re-ranking data took", labels=["collection"])
         for s in stats:
             vectors.add_metric([s.name, s.spec.kind], s.count)
             memory.add_metric([s.name, s.spec.kind], s.memory_bytes)
+            derived = s.derived
+            if derived is not None and derived.state != "none":
+                current.add_metric([s.name], float(derived.state == "current"))
+                rebuilding.add_metric([s.name], float(derived.state == "rebuilding"))
+                seconds.add_metric([s.name], derived.last_build_seconds)
         yield vectors
         yield memory
+        yield current
+        yield rebuilding
+        yield seconds
         if self.db_path is not None:
             size = sum(p.stat().st_size for p in (self.db_path, Path(f"{self.db_path}-wal")) if p.exists())
             yield GaugeMetricFamily(f"{PREFIX}_database_bytes", "The SQLite database and its WAL on disk",

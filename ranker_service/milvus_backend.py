@@ -434,6 +434,10 @@ class MilvusGallery:
         self._require_ready()
         return self._answer(query, describe_query(query))
 
+    def derived_pending(self, query: Query) -> None:
+        """No derived data here (DBA and k-reciprocal are refused): never waits."""
+        return None
+
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
         self._require_ready()
         results: list[list[Match] | errors.ImageSearchError] = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -90,12 +90,15 @@ def make_k_reciprocal(k1: int = 0, k2: int = 0, lam: float | None = None, shortl
 
 # ---------------------------------------------------------------- gallery-to-gallery neighbours
 
+Step = Callable[[], None] | None  # called between chunks of a long pass (a background job's cancel and pause)
+
+
 def neighbours(matrix32: np.ndarray, count: int, names: Sequence[str],
-               chunk_scores: int = defaults.DERIVED_CHUNK_SCORES) -> tuple[np.ndarray, np.ndarray]:
+               chunk_scores: int = defaults.DERIVED_CHUNK_SCORES, step: Step = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's nearest rows: (ids (n, m) int64, similarities (n, m) float32)
     with m = min(count + 1, n): the row itself first (similarity 1), then its
     `count` nearest other rows by float32 cosine, best first, equal scores by
-    name. One (chunk x n) product at a time."""
+    name. One (chunk x n) product at a time, `step()` after each."""
     n = matrix32.shape[0]
     m = min(count + 1, n)
     ids = np.empty((n, m), dtype=np.int64)
@@ -118,6 +121,8 @@ def neighbours(matrix32: np.ndarray, count: int, names: Sequence[str],
         order = np.lexsort((name_rank[cand], -cand_scores), axis=1)
         ids[start:stop] = np.take_along_axis(cand, order, axis=1)
         sims[start:stop] = np.take_along_axis(cand_scores, order, axis=1)
+        if step is not None:
+            step()
     sims[:, 0] = 1.0
     return ids, sims
 
@@ -135,13 +140,13 @@ def expand_query(query64: np.ndarray, vectors: np.ndarray, scores: Sequence[floa
 
 
 def augment(matrix32: np.ndarray, names: Sequence[str], top_n: int, alpha: float,
-            chunk_scores: int = defaults.DERIVED_CHUNK_SCORES) -> np.ndarray:
+            chunk_scores: int = defaults.DERIVED_CHUNK_SCORES, step: Step = None) -> np.ndarray:
     """Database-side augmentation: row g becomes normalise(g + sum over its
     top_n nearest other rows j of max(s(g, j), 0)^alpha j), float32."""
     n, dim = matrix32.shape
     if n == 0:
         return matrix32.copy()
-    ids, sims = neighbours(matrix32, top_n, names, chunk_scores)
+    ids, sims = neighbours(matrix32, top_n, names, chunk_scores, step)
     weights = np.maximum(sims.astype(np.float64), 0.0) ** alpha
     weights[:, 0] = 1.0
     out = np.empty_like(matrix32)
@@ -203,10 +208,11 @@ class Neighbourhoods:
 
     @classmethod
     def build(cls, matrix32: np.ndarray, names: Sequence[str], k1: int, k2: int,
-              chunk_scores: int = defaults.DERIVED_CHUNK_SCORES, *, shared_matrix: bool = False) -> Neighbourhoods:
+              chunk_scores: int = defaults.DERIVED_CHUNK_SCORES, *, shared_matrix: bool = False,
+              step: Step = None) -> Neighbourhoods:
         names = list(names)
         n = matrix32.shape[0]
-        ids, sims = neighbours(matrix32, max(k1, k2 - 1), names, chunk_scores)
+        ids, sims = neighbours(matrix32, max(k1, k2 - 1), names, chunk_scores, step)
         tau = np.full(n, -np.inf, dtype=np.float64)
         if ids.shape[1] > k1:
             tau = sims[:, k1].astype(np.float64)
@@ -220,6 +226,8 @@ class Neighbourhoods:
             cols.append(support)
             vals.append(weights / weights.sum())
             ptr[g + 1] = ptr[g] + support.shape[0]
+            if step is not None and g % 4096 == 4095:
+                step()
         return cls(matrix32, names, {name: i for i, name in enumerate(names)}, ids, tau, half, ptr,
                    np.concatenate(cols) if cols else np.empty(0, np.int64),
                    np.concatenate(vals) if vals else np.empty(0), k1, k2, shared_matrix)

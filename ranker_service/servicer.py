@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
 from imagesearch import errors, serving
-from imagesearch.defaults import DEFAULT_DBA_TOP_N
+from imagesearch.defaults import DEFAULT_DBA_TOP_N, DERIVED_DEADLINE_MARGIN_S
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service import kinds
 from ranker_service.attributes import AttributeFilter, check_filters, from_json
@@ -48,7 +49,16 @@ def _optional(message, field: str):
     return getattr(message, field) if message.HasField(field) else None
 
 
-def _query(r, what: str, id: str = "") -> Query:
+def _deadline(context) -> float | None:
+    """The call's deadline on time.monotonic()'s clock, a little early (so an
+    answer given at it still reaches the client); None when it has none."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return time.monotonic() + remaining - min(DERIVED_DEADLINE_MARGIN_S, remaining / 10)
+
+
+def _query(r, what: str, id: str = "", deadline: float | None = None) -> Query:
     expansion = k_reciprocal = None
     if r.HasField("query_expansion"):
         qe = r.query_expansion
@@ -58,7 +68,7 @@ def _query(r, what: str, id: str = "") -> Query:
         k_reciprocal = make_k_reciprocal(kr.k1, kr.k2, _optional(kr, "lambda"), kr.shortlist,
                                          what=f"{what}: k_reciprocal")
     return Query(r.collection, r.vector, r.top_k, r.fingerprint, id, _filters(r.filters, what), r.with_attributes,
-                 expansion, k_reciprocal)
+                 expansion, k_reciprocal, deadline)
 
 
 def _item(item: StoredItem) -> ranker_pb2.Item:
@@ -97,15 +107,45 @@ def index_options(spec: kinds.IndexSpec) -> ranker_pb2.IndexOptions:
     return ranker_pb2.IndexOptions(kind=_KIND_TO_PROTO[spec.kind], no_rerank=not rerank, dba=dba, **params)
 
 
+_DERIVED_STATES = {"none": ranker_pb2.DERIVED_STATE_UNSPECIFIED, "current": ranker_pb2.DERIVED_STATE_CURRENT,
+                   "stale": ranker_pb2.DERIVED_STATE_STALE, "rebuilding": ranker_pb2.DERIVED_STATE_REBUILDING}
+
+
+def derived_data(d) -> ranker_pb2.DerivedData | None:
+    if d is None:
+        return None
+    return ranker_pb2.DerivedData(state=_DERIVED_STATES[d.state], generation=max(0, d.generation),
+                                  built_generation=max(0, d.built_generation), building_since=d.building_since,
+                                  last_build_seconds=d.last_build_seconds, kinds=d.kinds)
+
+
 def collection_stats(s: CollectionStats) -> ranker_pb2.CollectionStats:
     return ranker_pb2.CollectionStats(
         name=s.name, count=s.count, dim=s.dim, fingerprint=s.fingerprint, memory_bytes=s.memory_bytes,
-        created_at=s.created_at, updated_at=s.updated_at, index=index_options(s.spec))
+        created_at=s.created_at, updated_at=s.updated_at, index=index_options(s.spec),
+        derived_data=derived_data(s.derived))
 
 
 async def _blocking(fn, *args):
     """`fn(*args)` on the server's thread pool."""
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def _derived_ready(gallery: RankerBackend, queries: list[Query]) -> None:
+    """Wait, on the event loop (no pool thread held), until the derived
+    re-ranking data the queries need is current (a rebuild after a write runs
+    in the background: derived.py), within the first query's deadline (the
+    call's); DeadlineExceeded past it. The search itself then waits no more
+    (unless another write came meanwhile)."""
+    waits = [w for q in queries if (w := gallery.derived_pending(q)) is not None]
+    if not waits:
+        return
+    deadline = queries[0].deadline
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(w) for w in waits)), timeout)
+    except TimeoutError:
+        raise next((w for w in waits if not w.done() or w.cancelled()), waits[0]).expired() from None
 
 
 class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
@@ -141,7 +181,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     async def Search(self, request, context):
         gallery = self.ready.core()
-        matches = await _blocking(gallery.search, _query(request, "query"))
+        query = _query(request, "query", deadline=_deadline(context))
+        await _derived_ready(gallery, [query])
+        matches = await _blocking(gallery.search, query)
         page = request.page_size
         if page:
             for start in range(0, len(matches), page):
@@ -152,18 +194,20 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     async def SearchStream(self, requests, context):
         gallery = self.ready.core()
+        deadline = _deadline(context)
         async with serving.StreamReader(requests, ahead=4 * self.max_batch) as reader:
             while batch := await reader.batch(self.max_batch):
                 queries, bad = [], {}
                 for i, r in enumerate(batch):
                     try:
-                        queries.append(_query(r, f"query {r.id!r}", r.id))
+                        queries.append(_query(r, f"query {r.id!r}", r.id, deadline))
                     except errors.ImageSearchError as exc:  # bad filters: this query's error answer
                         bad[i] = exc
                         queries.append(Query(r.collection, (), id=r.id))
                 good = [q for i, q in enumerate(queries) if i not in bad]
                 log.debug("SearchStream: %d queries in one batch", len(queries))
                 try:
+                    await _derived_ready(gallery, good)
                     answers = iter(await _blocking(gallery.search_many, good))
                 except errors.ImageSearchError as exc:  # e.g. shutting down: every query of the batch gets it
                     answers = iter([exc] * len(good))

@@ -14,10 +14,21 @@ class IndexKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INDEX_KIND_EXACT: _ClassVar[IndexKind]
     INDEX_KIND_HNSW: _ClassVar[IndexKind]
     INDEX_KIND_IVF_PQ: _ClassVar[IndexKind]
+
+class DerivedState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DERIVED_STATE_UNSPECIFIED: _ClassVar[DerivedState]
+    DERIVED_STATE_CURRENT: _ClassVar[DerivedState]
+    DERIVED_STATE_STALE: _ClassVar[DerivedState]
+    DERIVED_STATE_REBUILDING: _ClassVar[DerivedState]
 INDEX_KIND_UNSPECIFIED: IndexKind
 INDEX_KIND_EXACT: IndexKind
 INDEX_KIND_HNSW: IndexKind
 INDEX_KIND_IVF_PQ: IndexKind
+DERIVED_STATE_UNSPECIFIED: DerivedState
+DERIVED_STATE_CURRENT: DerivedState
+DERIVED_STATE_STALE: DerivedState
+DERIVED_STATE_REBUILDING: DerivedState
 
 class IndexOptions(_message.Message):
     __slots__ = ("kind", "float16", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "pq_bytes", "no_rerank", "rerank_factor", "dba")
@@ -247,7 +258,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class CollectionStats(_message.Message):
-    __slots__ = ("name", "count", "dim", "fingerprint", "memory_bytes", "created_at", "updated_at", "index")
+    __slots__ = ("name", "count", "dim", "fingerprint", "memory_bytes", "created_at", "updated_at", "index", "derived_data")
     NAME_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +267,7 @@ class CollectionStats(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    DERIVED_DATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     count: int
     dim: int
@@ -264,7 +276,24 @@ class CollectionStats(_message.Message):
     created_at: float
     updated_at: float
     index: IndexOptions
-    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., index: _Optional[_Union[IndexOptions, _Mapping]] = ...) -> None: ...
+    derived_data: DerivedData
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., index: _Optional[_Union[IndexOptions, _Mapping]] = ..., derived_data: _Optional[_Union[DerivedData, _Mapping]] = ...) -> None: ...
+
+class DerivedData(_message.Message):
+    __slots__ = ("state", "generation", "built_generation", "building_since", "last_build_seconds", "kinds")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BUILT_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BUILDING_SINCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    state: DerivedState
+    generation: int
+    built_generation: int
+    building_since: float
+    last_build_seconds: float
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, state: _Optional[_Union[DerivedState, str]] = ..., generation: _Optional[int] = ..., built_generation: _Optional[int] = ..., building_since: _Optional[float] = ..., last_build_seconds: _Optional[float] = ..., kinds: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("collections", "memory_bytes", "max_top_k")
