@@ -51,7 +51,11 @@ class Job:
             raise Cancelled
         pause = PAUSE_S if pause is None else pause
         if pause and self.background:
-            time.sleep(pause)
+            end = time.monotonic() + pause
+            while (left := end - time.monotonic()) > 0:  # a cancel ends the pause too
+                if self.cancelled:
+                    raise Cancelled
+                time.sleep(min(left, 0.05))
 
 
 class Background:

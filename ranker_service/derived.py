@@ -88,10 +88,10 @@ class Wait(concurrent.futures.Future):
 
     def __init__(self, state: _State):
         super().__init__()
-        self._state = state
+        self._owner = state  # (Future keeps its own `_state`)
 
     def expired(self) -> errors.DeadlineExceeded:
-        return errors.DeadlineExceeded(self._state.wait_message())
+        return errors.DeadlineExceeded(self._owner.wait_message())
 
 
 class _State:

@@ -365,7 +365,7 @@ class Gallery:
             coll = self.index.create(collection, dim, fingerprint, spec, created_at=stored.created_at,
                                      updated_at=stored.updated_at)
             self._generations[collection] = stored.generation
-            self.derived.track(coll, stored.generation)
+            self.derived.track(coll, stored.generation, start=bool(spec.dba_top_n))
         log.info("created collection %r (dim %d, %s %s)", collection, dim, spec.label, spec.params())
         return coll.stats(), True
 
