@@ -4,7 +4,7 @@
 
 On clustered random unit vectors (30 per cluster): the time to derive the DBA
 matrix (n 2, alpha 3) and the k-reciprocal neighbourhoods (k1 20, k2 6) of n
-items (the G x G pass a search waits for after a write), their memory, and the
+items (the G x G pass rebuilt in the background after a write), their memory, and the
 per-query time of a k-reciprocal search against the bare float32 product +
 argpartition over the same matrix.
 """

@@ -518,8 +518,11 @@ class Gallery:
         """None when the derived data a query needs is current (or it needs
         none, or its collection is unknown); else a future done once it is
         (the servicer awaits it on the event loop, holding no thread)."""
-        coll = self.index.find(query.collection)
-        if coll is None or not self._ready:
+        if not self._ready or query.collection not in self.index:
+            return None
+        try:  # a query the search will refuse starts no rebuild
+            coll, _, _ = self.index.prepare(query, describe_query(query))
+        except errors.ImageSearchError:
             return None
         return self.derived.pending(coll.name, self._derived_keys(coll, query))
 
