@@ -74,7 +74,7 @@ def test_search_waits_for_the_rebuild_and_never_sees_old_data(tmp_path, data):
     references over the new vectors (a deleted name never comes back, a
     replaced one ranks by its new vector); one with a short deadline gets
     DEADLINE_EXCEEDED, and meanwhile plain searches on another collection
-    answer at once, though every pool thread could be taken by waiters."""
+    answer at once, though waiters (Search and SearchStream) outnumber the pool threads."""
     G, names, queries, rng = data
     env = {"IMAGESEARCH_LOG_LEVEL": "INFO", "IMAGESEARCH_RANKER_REBUILD_PAUSE_S": str(PAUSE_S)}
     with ServiceProcess("ranker_service", "--db", str(tmp_path / "d.db"), "--max-workers", "2", env=env) as ranker:
@@ -109,8 +109,15 @@ def test_search_waits_for_the_rebuild_and_never_sees_old_data(tmp_path, data):
         answers: dict[int, object] = {}
 
         def wait_search(i):
+            q = queries[i % len(queries)]
             try:
-                answers[i] = search(stub, "dba", queries[i % len(queries)])
+                if i == 3:  # SearchStream: its batch waits too
+                    (r,) = stub.SearchStream(iter([pb.SearchStreamRequest(id="s", collection="dba", vector=q,
+                                                                          top_k=10)]), timeout=TIMEOUT)
+                    assert not r.HasField("error"), r.error
+                    answers[i] = [m.name for m in r.matches], [m.score for m in r.matches]
+                else:
+                    answers[i] = search(stub, "dba", q)
             except grpc.RpcError as exc:
                 answers[i] = exc
 
