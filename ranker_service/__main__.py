@@ -124,7 +124,8 @@ def _main(argv: list[str] | None = None) -> int:
         servicer.ready.detach()
         gallery.close()
         observed.close()
-    serving.serve_until_signalled(running, on_stop=on_stop)
+    # a search waiting for a rebuild of derived data that the stop will cancel ends at once (UNAVAILABLE)
+    serving.serve_until_signalled(running, on_stop=on_stop, on_drain=gallery.derived.stop)
     return 0
 
 

@@ -178,16 +178,32 @@ def test_burst_of_writes_makes_one_rebuild_and_a_restart_rebuilds(tmp_path, data
     assert ranker.proc.returncode == 0, ranker.output
 
     pause = {**env, "IMAGESEARCH_RANKER_REBUILD_PAUSE_S": "30"}
-    with ServiceProcess("ranker_service", "--db", db, env=pause) as ranker:
+    with ServiceProcess("ranker_service", "--db", db, "--grace", "30", env=pause) as ranker:
         stub = ranker_pb2_grpc.RankerServiceStub(ranker.channel())
         # health SERVING while the DBA collection rebuilds; its searches wait, GetStats says why
         assert wait_state(stub, "dba", pb.DERIVED_STATE_REBUILDING).kinds == ["dba"]
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Search(pb.SearchRequest(collection="dba", vector=queries[0], top_k=10), timeout=1.0))
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        waiting: list = []
+
+        def wait_search():
+            try:
+                waiting.append(search(stub, "dba", queries[0]))
+            except grpc.RpcError as exc:
+                waiting.append(exc)
+
+        waiter = threading.Thread(target=wait_search)
+        waiter.start()
+        time.sleep(0.5)
         t0 = time.monotonic()
-        assert ranker.terminate() == 0, ranker.output  # the 30 s pause is cancelled
+        # SIGTERM: the rebuild's 30 s pause is cancelled, and the waiting search ends UNAVAILABLE at
+        # once instead of holding the drain for its 30 s grace
+        assert ranker.terminate() == 0, ranker.output
         assert time.monotonic() - t0 < 15, ranker.output
+        waiter.join(TIMEOUT)
+        assert isinstance(waiting[0], grpc.RpcError), waiting
+        assert waiting[0].code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in waiting[0].details()
         assert DERIVED_LOG not in ranker.output
 
     with ServiceProcess("ranker_service", "--db", db, env=env) as ranker:

@@ -232,9 +232,12 @@ def build_server(
     return running
 
 
-def install_signal_handlers(running: RunningServer, on_stop: Callable[[], None] | None = None) -> threading.Event:
+def install_signal_handlers(running: RunningServer, on_stop: Callable[[], None] | None = None,
+                            on_drain: Callable[[], None] | None = None) -> threading.Event:
     """SIGTERM/SIGINT: health NOT_SERVING, drain for the grace period, then
-    `on_stop()`. Returns an event set once the server has stopped."""
+    `on_stop()`. `on_drain()` runs as the drain begins (e.g. to end calls
+    waiting for background work that will never finish). Returns an event
+    set once the server has stopped."""
     stopped = threading.Event()
 
     def handle(signum, _frame):
@@ -244,7 +247,10 @@ def install_signal_handlers(running: RunningServer, on_stop: Callable[[], None] 
         log.info("received %s: draining for up to %.1fs", signal.Signals(signum).name, running.config.grace_s)
 
         def drain():
-            running.stop().wait()
+            stopped_event = running.stop()
+            if on_drain is not None:
+                on_drain()
+            stopped_event.wait()
             if on_stop is not None:
                 on_stop()
             log.info("stopped")
@@ -257,8 +263,9 @@ def install_signal_handlers(running: RunningServer, on_stop: Callable[[], None] 
     return stopped
 
 
-def serve_until_signalled(running: RunningServer, on_stop: Callable[[], None] | None = None) -> None:
+def serve_until_signalled(running: RunningServer, on_stop: Callable[[], None] | None = None,
+                          on_drain: Callable[[], None] | None = None) -> None:
     """Block until SIGTERM/SIGINT has drained the server."""
-    stopped = install_signal_handlers(running, on_stop)
+    stopped = install_signal_handlers(running, on_stop, on_drain)
     while not stopped.wait(0.5):
         pass
