@@ -22,33 +22,13 @@ from typing import Callable, Sequence, TextIO
 
 from clients.channels import ManagedChannel, Security
 from clients.errors import ClientError, ServiceUnavailable
+from imagesearch.defaults import PARENT_PID_ENV
 
 log = logging.getLogger(__name__)
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 EMBEDDER_MODULE = "embedder_service"
 RANKER_MODULE = "ranker_service"
-
-
-def _load_prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # PR_SET_PDEATHSIG = 1: SIGTERM this child when the thread that started it dies
-    # (children are started from the main thread, so: when this process dies).
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)
 
 
 class ChildService:
@@ -69,11 +49,12 @@ class ChildService:
         self._port_seen = threading.Event()
         command = [sys.executable, "-m", module, "--host", host, "--port", str(port), *map(str, args)]
         log.debug("starting %s: %s", what, " ".join(command))
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # The child arms its own death signal from PARENT_PID_ENV (imagesearch/parent.py says why
+        # not a preexec_fn here: it would make this a plain fork, which crashes under gRPC).
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()), **(env or {})}
         try:
             self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                         env=full_env, start_new_session=True, preexec_fn=_die_with_parent if _PRCTL else None,
-                                         errors="replace")
+                                         env=full_env, start_new_session=True, errors="replace")
         except OSError as exc:
             raise ClientError(f"cannot start the {what} ({' '.join(command[:3])}): {exc.strerror}") from None
         self._reader = threading.Thread(target=self._read, name=f"{what}-log", daemon=True)

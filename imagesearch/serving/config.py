@@ -12,6 +12,7 @@ from pathlib import Path
 from imagesearch import defaults, logs
 from imagesearch.defaults import AUTH_TOKEN_ENV
 from imagesearch.defaults import MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES
+from imagesearch.parent import follow_parent
 
 
 class StartupError(SystemExit):
@@ -27,7 +28,9 @@ class StartupError(SystemExit):
 
 
 def run_main(main, argv=None) -> int:
-    """Run `main(argv)`; a StartupError becomes one line on stderr and exit 2."""
+    """Run `main(argv)`; a StartupError becomes one line on stderr and exit 2.
+    First, a service started by clients.services follows its parent (imagesearch.parent)."""
+    follow_parent()
     try:
         return main(argv) or 0
     except StartupError as exc:
