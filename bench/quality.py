@@ -4,22 +4,27 @@
 
 Rows (each a model served by a fresh embedder process; one ranker process,
 a temporary SQLite file; retrieval/gallery indexed, retrieval/query asked,
-scored against retrieval/ground_truth.json with the project's metrics):
+scored against retrieval/ground_truth.json with the project's metrics). A row
+is a base, optionally followed by modifiers joined with "+" (e.g.
+`arcface-512+qe+kreciprocal`). Bases:
 
     off-the-shelf     ImageNet Lite0 features, no training
     seed              --recipe seed (the seed notebook's recipe)
     default           the default recipe
-    default+tta       the default checkpoint served with --tta flip
-    default+qe        the default checkpoint, each query with alpha-weighted query expansion (n 2, alpha 3)
-    default+dba       the default checkpoint, the collection with database-side augmentation (n 2, alpha 3)
-    default+dba+qe    both of the above
-    default+kreciprocal  the default checkpoint, k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)
-    default+qe+kreciprocal  query expansion, then k-reciprocal re-ranking of the expanded query
-    default-ls0       default recipe without label smoothing (--label-smoothing 0)
+    default-ls0       default recipe + --label-smoothing 0
+    light             default recipe + --augment light (no TrivialAugmentWide)
     gem               default recipe + --pooling gem
     arcface-512       default recipe + --loss arcface --embedding-dim 512
+    arcface-512-light arcface-512 + --augment light
     proxy_anchor-512  default recipe + --loss proxy_anchor --embedding-dim 512
     ema               default recipe + --ema 0.998
+
+Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library defaults):
+
+    tta               the embedder with --tta flip
+    qe                each query with alpha-weighted query expansion (n 2, alpha 3)
+    dba               the collection with database-side augmentation (n 2, alpha 3)
+    kreciprocal       k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3), after qe when both
 
 Checkpoints are trained with `python -m trainer` (Lite0, ImageNet weights,
 --epochs) into runs/quality/<option>-<key>, where the key hashes the data
@@ -61,43 +66,59 @@ RUNS = ROOT / "runs" / "quality"
 RESULTS = ROOT / "bench" / "results" / "quality.json"
 BACKBONE = "efficientnet_lite0"
 
-# option -> (trainer arguments beyond the common ones, or None for no training; embedder extra arguments;
-#            the option whose checkpoint it serves)
-OPTIONS: dict[str, tuple[list[str] | None, list[str], str | None]] = {
-    "off-the-shelf": (None, [], None),
-    "seed": (["--recipe", "seed"], [], None),
-    "default": ([], [], None),
-    "default+tta": (None, ["--tta", "flip"], "default"),
-    "default+qe": (None, [], "default"),
-    "default+dba": (None, [], "default"),
-    "default+dba+qe": (None, [], "default"),
-    "default+kreciprocal": (None, [], "default"),
-    "default+qe+kreciprocal": (None, [], "default"),
-    "default-ls0": (["--label-smoothing", "0"], [], None),
-    "gem": (["--pooling", "gem"], [], None),
-    "arcface-512": (["--loss", "arcface", "--embedding-dim", "512"], [], None),
-    "proxy_anchor-512": (["--loss", "proxy_anchor", "--embedding-dim", "512"], [], None),
-    "ema": (["--ema", "0.998"], [], None),
+# base -> trainer arguments beyond the common ones, or None for no training
+BASES: dict[str, list[str] | None] = {
+    "off-the-shelf": None,
+    "seed": ["--recipe", "seed"],
+    "default": [],
+    "default-ls0": ["--label-smoothing", "0"],
+    "light": ["--augment", "light"],
+    "gem": ["--pooling", "gem"],
+    "arcface-512": ["--loss", "arcface", "--embedding-dim", "512"],
+    "arcface-512-light": ["--loss", "arcface", "--embedding-dim", "512", "--augment", "light"],
+    "proxy_anchor-512": ["--loss", "proxy_anchor", "--embedding-dim", "512"],
+    "ema": ["--ema", "0.998"],
 }
 
-
-# option -> (index_folder keyword arguments, query_folder keyword arguments): re-ranking
-# options of the ranker (docs/ranker.md#re-ranking), at the library's defaults.
-RANKING: dict[str, tuple[dict, dict]] = {
-    "default+qe": ({}, {"query_expansion": QueryExpansion()}),
-    "default+dba": ({"dba": DatabaseAugmentation()}, {}),
-    "default+dba+qe": ({"dba": DatabaseAugmentation()}, {"query_expansion": QueryExpansion()}),
-    "default+kreciprocal": ({}, {"k_reciprocal": KReciprocal()}),
-    "default+qe+kreciprocal": ({}, {"query_expansion": QueryExpansion(), "k_reciprocal": KReciprocal()}),
+# modifier -> (embedder extra arguments, index_folder keyword arguments, query_folder keyword arguments)
+MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
+    "tta": (["--tta", "flip"], {}, {}),
+    "qe": ([], {}, {"query_expansion": QueryExpansion()}),
+    "dba": ([], {"dba": DatabaseAugmentation()}, {}),
+    "kreciprocal": ([], {}, {"k_reciprocal": KReciprocal()}),
 }
+
+DEFAULT_ROWS = ["off-the-shelf", "seed", "default", "default+tta", "default+qe", "default+dba", "default+dba+qe",
+                "default+kreciprocal", "default+qe+kreciprocal", *[b for b in BASES if b not in
+                                                                    ("off-the-shelf", "seed", "default")]]
+
+
+def parse_option(option: str) -> tuple[str, list[str]]:
+    """"base+mod+mod" -> (base, [mod, ...]); SystemExit naming the choices on a bad one."""
+    base, *mods = option.split("+")
+    bad = [m for m in mods if m not in MODIFIERS]
+    if base not in BASES or bad or len(set(mods)) != len(mods):
+        raise SystemExit(f"unknown option {option!r}: a base ({', '.join(BASES)}) optionally followed by "
+                         f"distinct +modifiers ({', '.join(MODIFIERS)})")
+    return base, mods
+
+
+def row_settings(option: str) -> tuple[list[str], dict, dict]:
+    """The row's embedder extra arguments, index and query keyword arguments."""
+    emb, index_kw, query_kw = [], {}, {}
+    for mod in parse_option(option)[1]:
+        e, i, q = MODIFIERS[mod]
+        emb, index_kw, query_kw = emb + e, {**index_kw, **i}, {**query_kw, **q}
+    return emb, index_kw, query_kw
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="clothing-small folder (train/ val/ retrieval/) (default %(default)s)")
-    p.add_argument("--options", default=",".join(OPTIONS),
-                   help=f"comma-separated rows, from {', '.join(OPTIONS)} (default: all)")
+    p.add_argument("--options", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated rows: a base ({', '.join(BASES)}) optionally followed by +modifiers "
+                        f"({', '.join(MODIFIERS)}) (default: {','.join(DEFAULT_ROWS)})")
     p.add_argument("--train", action="store_true", help="train the options that have no finished checkpoint")
     p.add_argument("--train-only", action="store_true", help="train (as --train) and measure nothing")
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default %(default)s)")
@@ -111,8 +132,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- training, cached by data and arguments
 
-def trainer_args(args, option: str) -> list[str]:
-    extra = OPTIONS[option][0]
+def trainer_args(args, base: str) -> list[str]:
+    extra = BASES[base]
     common = ["--backbone", BACKBONE, "--weights", "imagenet", "--epochs", str(args.epochs)]
     return common + list(extra or [])
 
@@ -162,8 +183,8 @@ def training_minutes(run: Path) -> float:
 def measure(label: str, emb_args: list[str], ranker: RankerClient, services: Services, retrieval: Path,
             truth: dict, k: int) -> dict:
     """Start an embedder with `emb_args`, index, query (with the row's re-ranking
-    options, RANKING), evaluate, stop it."""
-    index_kw, query_kw = RANKING.get(label, ({}, {}))
+    options), evaluate, stop it."""
+    _, index_kw, query_kw = row_settings(label)
     t0 = time.monotonic()
     child = services.start(f"embedder ({label})", EMBEDDER_MODULE, emb_args)
     child.wait_ready(600)
@@ -198,15 +219,14 @@ def main(argv=None) -> int:
     if not (retrieval / "ground_truth.json").is_file():
         raise SystemExit(f"no clothing-small retrieval split at {retrieval} (pass --data)")
     options = [o.strip() for o in args.options.split(",") if o.strip()]
-    unknown = [o for o in options if o not in OPTIONS]
-    if unknown:
-        raise SystemExit(f"unknown option(s) {', '.join(unknown)}; choose from {', '.join(OPTIONS)}")
+    for option in options:
+        parse_option(option)
 
     plan, left_out = [], []
     for option in options:
-        train_extra, emb_extra, serves = OPTIONS[option]
-        source = serves or (option if train_extra is not None else None)
-        if source is None:
+        source = parse_option(option)[0]
+        emb_extra = row_settings(option)[0]
+        if BASES[source] is None:
             plan.append((option, embedder_args(backbone=BACKBONE, device=args.device, extra=emb_extra), None, ""))
             continue
         run = run_dir(args, source)
@@ -234,8 +254,7 @@ def main(argv=None) -> int:
                 row = measure(option, emb_args, ranker, services, retrieval, truth, k)
                 row.update(run=str(run) if run else None, checkpoint=state or "-",
                            train_minutes=training_minutes(run) if run else 0.0,
-                           trainer_args=trainer_args(args, option if OPTIONS[option][2] is None
-                                                     else OPTIONS[option][2]) if run else None)
+                           trainer_args=trainer_args(args, parse_option(option)[0]) if run else None)
                 rows.append(row)
                 print(f"  {option}: P@{k} {row[f'precision@{k}']:.4f} mAP@{k} {row[f'map@{k}']:.4f} "
                       f"top-1 {row['top1']:.4f}", flush=True)

@@ -120,6 +120,20 @@ def test_new_parts_learn_faster_and_the_seed_recipe_keeps_one_group():
     assert len(one) == 1 and len(one[0]["params"]) == len(list(plain.parameters()))
 
 
+def test_augmentations_differ_only_where_they_say():
+    from torchvision import transforms
+
+    from imagesearch.model.preprocessing import PreprocessSpec, train_transform
+
+    spec = PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3)
+    kinds = {name: [type(t) for t in train_transform(spec, name).transforms] for name in ("strong", "light", "seed")}
+    assert transforms.TrivialAugmentWide in kinds["strong"]
+    assert kinds["light"] == [k for k in kinds["strong"] if k is not transforms.TrivialAugmentWide]
+    assert transforms.RandomResizedCrop not in kinds["seed"] and transforms.RandomRotation in kinds["seed"]
+    with pytest.raises(Exception, match="unknown augmentation 'heavy'"):
+        train_transform(spec, "heavy")
+
+
 def test_gem_with_p_1_is_average_pooling():
     x = torch.rand(2, 5, 4, 4)
     gem = GeM(p=1.0)

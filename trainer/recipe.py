@@ -19,10 +19,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 RECIPES = {
     "default": {"optimizer": "adamw", "lr": 3e-4, "head_lr_mult": 10.0, "weight_decay": 0.05,
                 "warmup_epochs": 0.5, "schedule": "cosine", "label_smoothing": 0.1, "select_by": "map",
-                "patience": 5, "ema": 0.0},
+                "patience": 5, "ema": 0.0, "augment": "strong"},
     "seed": {"optimizer": "adam", "lr": 1e-4, "head_lr_mult": 1.0, "weight_decay": 0.0,
              "warmup_epochs": 0.0, "schedule": "constant", "label_smoothing": 0.0, "select_by": "loss",
-             "patience": 3, "ema": 0.0},
+             "patience": 3, "ema": 0.0, "augment": "seed"},
 }
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1 % of the peak, not 0
 

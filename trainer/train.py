@@ -59,7 +59,7 @@ from imagesearch.model.backbones import (
     set_threads_from_env,
 )
 from imagesearch.model.checkpoint import model_options, read_checkpoint, save_checkpoint
-from imagesearch.model.preprocessing import PreprocessSpec, eval_transform, train_transform
+from imagesearch.model.preprocessing import AUGMENTATIONS, PreprocessSpec, eval_transform, train_transform
 from imagesearch.retrieval_metrics import leave_one_out
 from trainer import amp, distributed
 from trainer import recipe as recipes
@@ -151,6 +151,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         f"seed {s['schedule']})")
     r.add_argument("--label-smoothing", type=float, metavar="F",
                    help=f"for --loss ce (default {d['label_smoothing']}; seed {s['label_smoothing']})")
+    r.add_argument("--augment", choices=AUGMENTATIONS,
+                   help="training augmentation: strong (RandomResizedCrop + flip + TrivialAugmentWide), light "
+                        f"(RandomResizedCrop + flip) or seed (the notebook's) (default {d['augment']}; "
+                        f"seed {s['augment']})")
     r.add_argument("--ema", type=float, metavar="DECAY",
                    help="evaluate and save an exponential moving average of the weights with this decay per step "
                         "(e.g. 0.998); 0 = off (default 0)")
@@ -426,7 +430,7 @@ def _seed_all(seed: int) -> None:
 def _loaders(layout: Layout, spec: PreprocessSpec, args, dist_info: distributed.DistInfo,
              device: torch.device):
     collate = Collate(spec.input_size)
-    train_set = ImageFiles(layout.train.samples, train_transform(spec, args.recipe), reduce_to=spec.decode_size)
+    train_set = ImageFiles(layout.train.samples, train_transform(spec, args.augment), reduce_to=spec.decode_size)
     val_set = ImageFiles(layout.val.samples, eval_transform(spec), reduce_to=spec.decode_size)
     train_sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                        shuffle=True, seed=args.seed, drop_last=False)
@@ -569,13 +573,13 @@ def main(args: argparse.Namespace) -> TrainResult:
                            json.dumps({**_args_dict(args), "resolved": resolved}, indent=2) + "\n")
     trainable = sum(p.numel() for p in params)
     log.info("data %s: %d classes, %d train / %d val images; %s (weights %s, %s, %s pooling, %d-d embedding, "
-             "loss %s), %s trainable parameters; recipe %s: %s lr %g (new parts x%g), %s, best by val %s; "
+             "loss %s), %s trainable parameters; recipe %s: %s lr %g (new parts x%g), %s, %s augmentation, best by val %s; "
              "device %s x%d, amp %s, batch %d, workers %d", args.data, num_classes,
              len(layout.train.samples), len(layout.val.samples), args.backbone,
              args.weights if not start_epoch else f"resumed at epoch {start_epoch}",
              "frozen backbone" if args.freeze_backbone else "all layers", args.pooling, model.dim, args.loss,
              f"{trainable:,}", args.recipe, args.optimizer, args.lr, args.head_lr_mult, args.schedule,
-             args.select_by, device, dist_info.world_size, precision.mode, args.batch_size, args.workers)
+             args.augment, args.select_by, device, dist_info.world_size, precision.mode, args.batch_size, args.workers)
 
     watched = SELECT_BY[args.early_stop_on]
     if start_epoch >= args.epochs:

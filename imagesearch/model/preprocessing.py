@@ -11,7 +11,7 @@ functions, so a vector computed anywhere comes from the same pixels.
   peak (PIL holds RGB, RGBA, F and I images in 4 bytes a pixel: the decoded
   image plus one such copy), never float64 copies.
 - `PreprocessSpec`: input size, mean/std, interpolation and decode mode of a model.
-- `eval_transform(spec)` / `train_transform(spec, recipe)`: PIL image -> tensor.
+- `eval_transform(spec)` / `train_transform(spec, augment)`: PIL image -> tensor.
 """
 
 from __future__ import annotations
@@ -247,29 +247,33 @@ def eval_transform(spec: PreprocessSpec) -> transforms.Compose:
     ])
 
 
-AUGMENTATIONS = ("default", "seed")
+AUGMENTATIONS = ("strong", "light", "seed")
 # RandomResizedCrop's area range: the eval transform keeps the whole object, so
 # the crops stay large (torchvision's (0.08, 1) loses the object too often).
 CROP_SCALE = (0.25, 1.0)
 
 
-def train_transform(spec: PreprocessSpec, recipe: str = "default") -> transforms.Compose:
+def train_transform(spec: PreprocessSpec, augment: str = "strong") -> transforms.Compose:
     """Training augmentation, then the eval pipeline's tensor steps.
 
-    - "default": RandomResizedCrop (area 25-100 %), horizontal flip,
+    - "strong": RandomResizedCrop (area 25-100 %), horizontal flip,
       TrivialAugmentWide (one random op at a random strength per image).
+    - "light": RandomResizedCrop (area 25-100 %) and horizontal flip only
+      (for short fine-tuning, where TrivialAugmentWide's regularisation
+      costs more fitting than it saves).
     - "seed": the seed notebook's: square resize, sharpness, rotation 30,
       colour jitter, perspective, horizontal flip.
     """
     interpolation = _INTERPOLATIONS[spec.interpolation]
-    if recipe == "default":
+    if augment in ("strong", "light"):
         steps = [
             transforms.RandomResizedCrop(spec.input_size, scale=CROP_SCALE, interpolation=interpolation,
                                          antialias=True),
             transforms.RandomHorizontalFlip(),
-            transforms.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR),
         ]
-    elif recipe == "seed":
+        if augment == "strong":
+            steps.append(transforms.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
+    elif augment == "seed":
         steps = [
             transforms.Resize((spec.input_size, spec.input_size), interpolation=interpolation, antialias=True),
             transforms.RandomAdjustSharpness(2, p=0.2),
@@ -279,7 +283,7 @@ def train_transform(spec: PreprocessSpec, recipe: str = "default") -> transforms
             transforms.RandomHorizontalFlip(),
         ]
     else:
-        raise errors.InvalidArgument(f"unknown augmentation recipe {recipe!r}; one of {', '.join(AUGMENTATIONS)}")
+        raise errors.InvalidArgument(f"unknown augmentation {augment!r}; one of {', '.join(AUGMENTATIONS)}")
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
 
 
