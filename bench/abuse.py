@@ -115,7 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     photo = sample_photos(1, max_side=512)[0]
-    print("| service | abuse | streams | good calls | failed | p50/p99 ms per method | watches refused | "
+    print("| service | abuse | streams | good calls | failed | p50/p99 ms per method | refused (Watch, EmbedStream) | "
           "RSS growth MB |\n|---|---|---:|---:|---:|---|---:|---:|", flush=True)
     results = []
     env = {"IMAGESEARCH_AUTH_TOKEN": TOKEN}

@@ -100,6 +100,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"items one EmbedStream may have in flight before the server stops reading it; "
                         f"0 = {defaults.CPU_STREAM_WINDOW_BATCHES} x max batch with an ONNX engine on CPU, "
                         f"1 x with torch on CPU, 2 x on CUDA (env {ENV}_STREAM_WINDOW)")
+    b.add_argument("--max-streams", type=int, default=_env("MAX_STREAMS", defaults.MAX_EMBED_STREAMS),
+                   help=f"EmbedStream calls open at once; more get RESOURCE_EXHAUSTED at once. gRPC takes in each "
+                        f"stream's first image whether or not it is read, so this bounds their memory "
+                        f"(about this x (image size + 200 KB)); 0 = no cap (env {ENV}_MAX_STREAMS; "
+                        f"default %(default)s)")
     b.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", defaults.MAX_IMAGE_BYTES),
                    help=f"largest encoded image (env {ENV}_MAX_IMAGE_BYTES; default %(default)s); "
                         f"the gRPC message limit is this plus {MESSAGE_OVERHEAD_BYTES}")
@@ -123,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                ("--max-inflight-image-bytes", args.max_inflight_image_bytes, 1),
                                ("--threads", args.threads, 0), ("--decode-workers", args.decode_workers, 0),
                                ("--engine-threads", args.engine_threads, 0),
-                               ("--stream-window", args.stream_window, 0)]:
+                               ("--stream-window", args.stream_window, 0), ("--max-streams", args.max_streams, 0)]:
         if value < least:
             parser.error(f"{flag} must be at least {least}, not {value}")
     if args.backbone is not None and args.backbone not in defaults.BACKBONES:  # from the environment
@@ -221,7 +226,7 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_batch=plan.max_batch, max_message_bytes=max_message_bytes,
                     max_inflight_image_bytes=args.max_inflight_image_bytes,
-                    stream_window=plan.stream_window)
+                    stream_window=plan.stream_window, max_streams=args.max_streams)
     servicer.attach(embedder, batcher, limits)
     log.info("threads: %s; max wait %.1f ms", plan.describe(), args.max_wait_ms)
     return batcher

@@ -48,6 +48,7 @@ class Limits:
     max_message_bytes: int
     stream_window: int
     max_inflight_image_bytes: int = defaults.MAX_INFLIGHT_IMAGE_BYTES
+    max_streams: int = defaults.MAX_EMBED_STREAMS  # EmbedStream calls open at once; 0 = no cap
 
 
 @dataclasses.dataclass
@@ -83,6 +84,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self):
         self.ready: serving.Readiness[_Core] = serving.Readiness(
             "the embedder is still loading its model (health NOT_SERVING); retry shortly")
+        self.streams = 0  # EmbedStream calls open
 
     def attach(self, embedder, batcher, limits: Limits) -> None:
         """Start answering with this core (an `Embedder` and its `Batcher`) within `limits`."""
@@ -104,6 +106,19 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
 
     async def EmbedStream(self, requests, context) -> None:
         core = self.ready.core()
+        cap = core.limits.max_streams
+        if cap and self.streams >= cap:
+            log.info("refused an EmbedStream from %s: %d open (--max-streams)", shorten(context.peer()), self.streams)
+            raise errors.ResourceExhausted(
+                f"{self.streams} EmbedStream calls are open, the server's cap (--max-streams {cap}): "
+                "retry later, or use Embed")
+        self.streams += 1
+        try:
+            await self._embed_stream(core, requests, context)
+        finally:
+            self.streams -= 1
+
+    async def _embed_stream(self, core: _Core, requests, context) -> None:
         fingerprint = core.embedder.info.fingerprint
         alive = call_alive(context)
         source = object()  # this stream's items are ranked together in the batcher and the byte budget

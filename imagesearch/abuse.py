@@ -195,6 +195,10 @@ async def _abuse(target: str, kind: str, n: int, metadata, per_connection: int, 
             await asyncio.sleep(1.0)
         opened.set()
         await stop.wait()
+        if kind == "embed_silent":  # count the EmbedStreams the server refused (--max-streams)
+            for call in calls:
+                if call.done() and await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refused.append(1)
     finally:
         opened.set()
         for task in tasks:

@@ -29,6 +29,11 @@ CPU_STREAM_WINDOW_BATCHES = 2
 # 32: 1.35x with onnxruntime, 1.4x with torch, bench/README.md#embedder); on CUDA 32.
 CPU_MAX_BATCH = 8
 CUDA_MAX_BATCH = 32
+# EmbedStream calls open at once on one embedder; past it RESOURCE_EXHAUSTED. gRPC's
+# HTTP/2 transport takes in a stream's first message (up to --max-image-bytes) plus
+# about 200 KB whether or not the server reads it, so this cap is what bounds the
+# memory of streams that send and never read (bench/README.md#abuse).
+MAX_EMBED_STREAMS = 256
 # How JPEGs are decoded (PreprocessSpec.decode): "draft" = at the smallest DCT
 # scale whose sides still cover the input size; "full" = every pixel.
 DECODE_MODES = ("draft", "full")

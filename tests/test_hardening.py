@@ -2,7 +2,8 @@
 tokens and start-up failures (one line, exit 2), names with control
 characters, over-long embedder names and ids (refused, never logged whole),
 malformed protobuf (INVALID_ARGUMENT, no ERROR line), the stream idle timeout,
-the health Watch cap, the in-flight image byte budget and Search paging."""
+the health Watch cap, the EmbedStream cap, the in-flight image byte budget and
+Search paging."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -227,6 +229,31 @@ def test_embed_calls_wait_for_the_in_flight_byte_budget(grpc_server):
     answers = list(stub.EmbedStream(iter([embedder_pb2.EmbedStreamRequest(id=str(i), image=b"y" * 50)
                                           for i in range(8)]), timeout=20))
     assert sorted(a.id for a in answers) == [str(i) for i in range(8)]
+
+
+def test_embed_streams_past_the_cap_are_refused_and_the_rest_go_on(grpc_server):
+    stub, _ = start_embedder(grpc_server, max_streams=2)
+    release = threading.Event()
+
+    def held(i):
+        yield embedder_pb2.EmbedStreamRequest(id=f"{i}", image=b"img")
+        release.wait(20)
+
+    open_streams = [stub.EmbedStream(held(i), timeout=30) for i in range(2)]
+    try:
+        assert [next(s).id for s in open_streams] == ["0", "1"]  # both running
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.EmbedStream(iter([embedder_pb2.EmbedStreamRequest(id="x", image=b"img")]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 EmbedStream calls are open, the server's cap (--max-streams 2)" in info.value.details()
+        assert stub.Embed(embedder_pb2.EmbedRequest(image=b"img"), timeout=10).fingerprint == "fp"  # not capped
+    finally:
+        release.set()
+    for s in open_streams:
+        assert list(s) == []
+    # the cap counts open streams: once they end, a new one is served
+    assert [a.id for a in stub.EmbedStream(iter([embedder_pb2.EmbedStreamRequest(id="y", image=b"img")]),
+                                           timeout=10)] == ["y"]
 
 
 def test_search_pages_hold_the_same_matches_as_one_per_message(ranker):
