@@ -304,3 +304,82 @@ def test_rwlock_excludes_writers_and_prefers_them():
     tw.join(5)
     tr.join(5)
     assert events == ["write", "late read"]
+
+
+def test_search_now_answers_small_plain_searches_and_never_waits_for_a_writer():
+    rng = np.random.default_rng(5)
+    matrix = unit32(rng.standard_normal((300, 16)))
+    names = [f"n{i:03d}" for i in range(300)]
+    index = make_index(matrix, names)
+    query = Query("c", rng.standard_normal(16).astype(np.float32), 7)
+    assert index.search_now(query, max_floats=300 * 16) == index.search(query)
+    assert index.search_now(query, max_floats=300 * 16 - 1) is None  # too large to run here
+    assert index.search_now(Query("nope", query.vector, 7), max_floats=1 << 30) is None  # the normal path says why
+    with pytest.raises(errors.InvalidArgument):
+        index.search_now(Query("c", query.vector[:3], 7), max_floats=1 << 30)  # checked like search
+    coll = index.get("c")
+    entered, release = threading.Event(), threading.Event()
+
+    def writer():
+        with coll._rw.write():
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert entered.wait(10)
+        started = time.monotonic()
+        assert index.search_now(query, max_floats=1 << 30) is None  # a writer holds the lock: no wait
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
+        t.join(10)
+    assert index.search_now(query, max_floats=1 << 30) == index.search(query)
+
+
+def test_rwlock_read_now_never_waits():
+    lock = ReadWriteLock()
+    with lock.read(), lock.read_now() as got:
+        assert got  # readers share
+    with lock.read_now() as got:
+        assert got
+    holding, release = threading.Event(), threading.Event()
+
+    def write():
+        with lock.write():
+            holding.set()
+            release.wait(10)
+    t = threading.Thread(target=write)
+    t.start()
+    assert holding.wait(10)
+    with lock.read_now() as got:
+        assert not got
+    release.set()
+    t.join(10)
+    with lock.write():  # read_now that got nothing released nothing
+        pass
+
+
+def test_gallery_search_now_only_takes_plain_queries(tmp_path):
+    from ranker_service.attributes import AttributeFilter
+    from ranker_service.gallery import Gallery, UpsertItem
+    from ranker_service.kinds import make_spec
+    from ranker_service.store import GalleryStore
+
+    gallery = Gallery(GalleryStore.open(tmp_path / "g.db"))
+    gallery.load()
+    try:
+        rng = np.random.default_rng(9)
+        vectors = unit32(rng.standard_normal((50, 8)))
+        gallery.upsert(UpsertItem("c", f"n{i:02d}", v, "fp", {"k": "a" if i % 2 else "b"})
+                       for i, v in enumerate(vectors))
+        gallery.create_collection("h", 8, "fp", make_spec("hnsw"))
+        gallery.upsert(UpsertItem("h", f"n{i:02d}", v, "fp") for i, v in enumerate(vectors))
+        plain = Query("c", vectors[0], 5)
+        assert gallery.search_now(plain, 1 << 20) == gallery.search(plain)
+        for query in (Query("c", vectors[0], 5, filters=(AttributeFilter("k", frozenset({"a"})),)),
+                      Query("c", vectors[0], 5, with_attributes=True), Query("h", vectors[0], 5)):
+            assert gallery.search_now(query, 1 << 20) is None, query
+    finally:
+        gallery.close()
