@@ -113,12 +113,6 @@ MAX_CONNECTION_IDLE_S = 600.0
 MAX_CONNECTION_AGE_S = 0.0  # 0 = no age limit: long Upsert streams are legitimate
 MAX_CONNECTION_AGE_GRACE_S = 60.0
 MAX_HEALTH_WATCHES = 64
-# A ranker Search that is the only one in progress, plain (no filters, attributes or
-# re-ranking), on an exact collection of at most this many values (rows x dim: 10k x
-# 1280 is 12.8M, about 3 ms here) and with no write holding the collection, runs on
-# the event loop instead of the thread pool (the hand-off costs about 0.5 ms). The
-# loop is then blocked for that one search only.
-INLINE_SEARCH_MAX_FLOATS = 16 * 1024 * 1024
 # On SIGTERM a server refuses new calls with UNAVAILABLE for at least this long
 # (and until the calls in flight end, up to --grace) before gRPC itself stops.
 DRAIN_SETTLE_S = 0.25

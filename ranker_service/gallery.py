@@ -431,14 +431,6 @@ class Gallery:
             found = self.index.search(query, allowed=self._allowed(query))
         return self._with_attributes(query, found)
 
-    def search_now(self, query: Query, max_floats: int) -> list[Match] | None:
-        """`search` done at once, for a plain query (no filters, attributes or
-        re-ranking) of a small exact collection when no write holds its lock;
-        None otherwise (then call `search`, where waiting is fine)."""
-        if self._closed or not self._ready or query.filters or query.with_attributes or self._reranked(query):
-            return None
-        return self.index.search_now(query, max_floats)
-
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
         """Plain unfiltered queries of one collection share one matrix product
         (on a DBA collection, one product over its augmented vectors); queries

@@ -218,27 +218,18 @@ class Collection:
         queries64 = np.atleast_2d(queries64)
         if queries64.shape[1] != self.dim or queries64.shape[0] != len(top_ks):
             raise ValueError(f"queries of shape {queries64.shape} for dim {self.dim} and {len(top_ks)} top_k values")
-        with self._rw.read():
-            return self._search_locked(queries64, top_ks)
-
-    def search_now(self, query64: np.ndarray, k: int) -> list[tuple[str, float]] | None:
-        """`search` of one checked query, or None when it would have to wait
-        for a write (the caller then searches where waiting is fine)."""
-        with self._rw.read_now() as got:
-            return self._search_locked(query64[np.newaxis], [k])[0] if got else None
-
-    def _search_locked(self, queries64: np.ndarray, top_ks: Sequence[int]) -> list[list[tuple[str, float]]]:
         q32 = queries64.astype(np.float32)
-        n = self._n
-        if n == 0:
-            return [[] for _ in top_ks]
-        matrix = self._matrix[:n]
-        if q32.shape[0] == 1:
-            scores = (matrix @ q32[0])[np.newaxis]
-        else:
-            scores = q32 @ matrix.T
-        return [select_top_k(scores[i], matrix, self._names, queries64[i], int(k), self.margin)
-                for i, k in enumerate(top_ks)]
+        with self._rw.read():
+            n = self._n
+            if n == 0:
+                return [[] for _ in top_ks]
+            matrix = self._matrix[:n]
+            if q32.shape[0] == 1:
+                scores = (matrix @ q32[0])[np.newaxis]
+            else:
+                scores = q32 @ matrix.T
+            return [select_top_k(scores[i], matrix, self._names, queries64[i], int(k), self.margin)
+                    for i, k in enumerate(top_ks)]
 
     def search_among(self, query64: np.ndarray, k: int, names: Iterable[str]) -> list[tuple[str, float]]:
         """Top-k of one query over the rows of `names` only (names not in the
@@ -479,17 +470,6 @@ class GalleryIndex:
         else:
             (found,) = coll.search(vector[np.newaxis], [k])
         return [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
-
-    def search_now(self, query: Query, max_floats: int) -> list[Match] | None:
-        """A plain search of an exact collection of at most `max_floats` values
-        (rows x dim) that needs no lock wait, done here and now; None when the
-        query is not such a one (the caller then uses `search` elsewhere)."""
-        coll = self.find(query.collection)
-        if coll is None or not hasattr(coll, "search_now") or len(coll) * coll.dim > max_floats:
-            return None
-        coll, vector, k = self.prepare(query, describe_query(query))
-        found = coll.search_now(vector, k)
-        return None if found is None else [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
 
     def search_many(self, queries: Sequence[Query], allowed: Sequence[set[str] | None] | None = None,
                     ) -> list[list[Match] | errors.ImageSearchError]:

@@ -34,23 +34,6 @@ class ReadWriteLock:
                     self._cond.notify_all()
 
     @contextlib.contextmanager
-    def read_now(self) -> Iterator[bool]:
-        """The read lock if no writer holds it or waits for it (yields True),
-        else nothing (yields False): never waits for a writer."""
-        with self._cond:
-            got = not (self._writer or self._writers_waiting)
-            if got:
-                self._readers += 1
-        try:
-            yield got
-        finally:
-            if got:
-                with self._cond:
-                    self._readers -= 1
-                    if self._readers == 0:
-                        self._cond.notify_all()
-
-    @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1

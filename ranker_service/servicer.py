@@ -18,7 +18,7 @@ import time
 import grpc
 
 from imagesearch import errors, serving
-from imagesearch.defaults import DEFAULT_DBA_TOP_N, DERIVED_DEADLINE_MARGIN_S, INLINE_SEARCH_MAX_FLOATS
+from imagesearch.defaults import DEFAULT_DBA_TOP_N, DERIVED_DEADLINE_MARGIN_S
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service import kinds
 from ranker_service.attributes import AttributeFilter, check_filters, from_json
@@ -155,7 +155,6 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         self.ready: serving.Readiness[RankerBackend] = serving.Readiness(
             "the ranker is still loading its database (health NOT_SERVING): retry shortly")
         self.max_batch = max_batch
-        self.searching = 0  # Search calls in progress
 
     def attach(self, gallery: RankerBackend) -> None:
         self.ready.attach(gallery)
@@ -184,26 +183,14 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         gallery = self.ready.core()
         query = _query(request, "query", deadline=_deadline(context))
         await _derived_ready(gallery, [query])
-        alone = self.searching == 0
-        self.searching += 1
-        try:
-            # Alone, a small plain search runs here on the event loop: the hand-off to the
-            # thread pool and back costs about 0.5 ms, a sixth of a 10k x 1280 search
-            # (bench/README.md). Never one that could wait for a write, or a large one.
-            search_now = getattr(gallery, "search_now", None) if alone else None
-            matches = search_now(query, INLINE_SEARCH_MAX_FLOATS) if search_now is not None else None
-            if matches is None:
-                matches = await _blocking(gallery.search, query)
-            page = request.page_size
-            if page:
-                for start in range(0, len(matches), page):
-                    await context.write(
-                        ranker_pb2.SearchResponse(matches=[_match(m) for m in matches[start:start + page]]))
-            else:
-                for m in matches:
-                    await context.write(ranker_pb2.SearchResponse(match=_match(m)))
-        finally:
-            self.searching -= 1
+        matches = await _blocking(gallery.search, query)
+        page = request.page_size
+        if page:
+            for start in range(0, len(matches), page):
+                await context.write(ranker_pb2.SearchResponse(matches=[_match(m) for m in matches[start:start + page]]))
+        else:
+            for m in matches:
+                await context.write(ranker_pb2.SearchResponse(match=_match(m)))
 
     async def SearchStream(self, requests, context):
         gallery = self.ready.core()
