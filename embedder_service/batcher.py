@@ -89,18 +89,21 @@ class _Request(Generic[P, T, R]):
 
 class Batcher(Generic[P, T, R]):
     """`prepare(payload) -> item` runs on `prepare_workers` threads;
-    `run([item, ...]) -> [result, ...]` runs on one model thread, in batches
-    of up to `max_batch` gathered for at most `max_wait_s`."""
+    `run([item, ...]) -> [result, ...]` runs on `model_workers` model threads
+    (default one; more need a thread-safe `run`), in batches of up to
+    `max_batch` gathered for at most `max_wait_s`."""
 
     def __init__(self, prepare: Callable[[P], T], run: Callable[[list[T]], Sequence[R]], *,
                  max_batch: int = 32, max_wait_s: float = 0.005, prepare_workers: int = 2,
-                 name: str = "batcher"):
+                 model_workers: int = 1, name: str = "batcher"):
         if max_batch < 1:
             raise errors.InvalidArgument(f"max_batch must be at least 1, not {max_batch}")
         if max_wait_s < 0:
             raise errors.InvalidArgument(f"max_wait_s must be >= 0, not {max_wait_s}")
         if prepare_workers < 1:
             raise errors.InvalidArgument(f"prepare_workers must be at least 1, not {prepare_workers}")
+        if model_workers < 1:
+            raise errors.InvalidArgument(f"model_workers must be at least 1, not {model_workers}")
         self._prepare = prepare
         self._run = run
         self.max_batch = max_batch
@@ -122,8 +125,10 @@ class Batcher(Generic[P, T, R]):
         self._stopping = False  # set by close() once every submitted request is prepared
         self._closed = False
         self._stats = BatcherStats()
-        self._thread = threading.Thread(target=self._loop, name=f"{name}-model", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-model-{i}", daemon=True)
+                         for i in range(model_workers)]
+        for thread in self._threads:
+            thread.start()
 
     # ------------------------------------------------------------ public
 
@@ -134,7 +139,7 @@ class Batcher(Generic[P, T, R]):
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return any(thread.is_alive() for thread in self._threads)
 
     def submit(self, payload: P, alive: Alive | None = None, source: object = None,
                priority: int = 0) -> futures.Future[R]:
@@ -229,7 +234,9 @@ class Batcher(Generic[P, T, R]):
         with self._has_ready:
             self._stopping = True
             self._has_ready.notify_all()
-        self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         stats = self.stats
         log.info("%s stopped: %d items in %d batches, %d dropped, %d failed to prepare",
                  self.name, stats.items, stats.batches, stats.dropped, stats.prepare_failed)

@@ -29,11 +29,13 @@ class ThreadPlan:
     engine_spinning: bool  # ONNX Runtime's intra-op threads busy-wait between operators and runs
     decode_workers: int
     stream_window: int  # items one EmbedStream has in flight
+    model_workers: int = 1  # threads running batches through the engine at once
 
     def describe(self) -> str:
         return (f"{self.cores} cores: max batch {self.max_batch}, engine threads {self.engine_threads} (spinning "
                 f"{'on' if self.engine_spinning else 'off'}), torch threads {self.torch_threads}, "
-                f"decode workers {self.decode_workers}, stream window {self.stream_window}")
+                f"decode workers {self.decode_workers}, model workers {self.model_workers}, "
+                f"stream window {self.stream_window}")
 
 
 def available_cores() -> int:
@@ -46,7 +48,7 @@ def available_cores() -> int:
 
 def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: int | None = None,
                  torch_threads: int = 0, engine_threads: int = 0, engine_spinning: str = "auto",
-                 decode_workers: int = 0, stream_window: int = 0) -> ThreadPlan:
+                 decode_workers: int = 0, stream_window: int = 0, model_workers: int = 0) -> ThreadPlan:
     """The default thread split for `engine` ("torch", "onnxruntime",
     "openvino": already resolved) on `device_type`, with every non-zero /
     non-"auto" argument taking precedence.
@@ -75,7 +77,8 @@ def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: in
     if engine_spinning not in SPINNING:
         raise errors.InvalidArgument(f"engine spinning {engine_spinning!r}: one of {', '.join(SPINNING)}")
     for label, value in [("torch threads", torch_threads), ("engine threads", engine_threads),
-                         ("decode workers", decode_workers), ("stream window", stream_window)]:
+                         ("decode workers", decode_workers), ("stream window", stream_window),
+                         ("model workers", model_workers)]:
         if value < 0:
             raise errors.InvalidArgument(f"{label} must be at least 0 (0 = the default), not {value}")
     if max_batch < 0:
@@ -101,4 +104,5 @@ def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: in
                                           plan.engine_threads),
         engine_spinning=plan.engine_spinning if engine_spinning == "auto" else engine_spinning == "on",
         decode_workers=decode_workers or plan.decode_workers,
+        model_workers=model_workers or plan.model_workers,
         stream_window=stream_window or plan.stream_window)

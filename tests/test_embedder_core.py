@@ -185,7 +185,24 @@ def test_map_stream_hands_back_what_it_read_then_raises_the_iterators_error():
     assert sorted(seen) == [("a", 2), ("b", 4)]
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_batch=0), dict(max_wait_s=-1), dict(prepare_workers=0)])
+def test_model_workers_run_batches_at_the_same_time():
+    """With two model threads, two batches are in `run` at once (a barrier
+    both must reach); every item still gets its own result."""
+    both_in = threading.Barrier(2, timeout=10)
+
+    def run(items):
+        both_in.wait()  # raises BrokenBarrierError (failing the batch) unless another batch runs too
+        return [x * 10 for x in items]
+
+    with Batcher(lambda x: x, run, max_batch=4, max_wait_s=0.001, model_workers=2) as b:
+        results = sorted(f.result(10) for _, f in b.map_stream(((i, i) for i in range(16)), window=16))
+        stats = b.stats
+    assert results == [i * 10 for i in range(16)]
+    assert stats.batches >= 2 and stats.items == 16
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_batch=0), dict(max_wait_s=-1), dict(prepare_workers=0),
+                                    dict(model_workers=0)])
 def test_batcher_rejects_nonsense_settings(kwargs):
     with pytest.raises(errors.InvalidArgument):
         Batcher(lambda x: x, Recorder(), **kwargs)
@@ -312,10 +329,11 @@ def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
     assert (plan_threads("onnxruntime", "cpu").max_batch, plan_threads("torch", "cuda").max_batch) == (8, 32)
     assert plan_threads("onnxruntime", "cpu", 16, cores=2).stream_window == 32
     # Every number can be overridden.
+    assert ort.model_workers == torch_cpu.model_workers == cuda.model_workers == 1
     custom = plan_threads("onnxruntime", "cpu", 8, cores=2, torch_threads=2, engine_threads=1, engine_spinning="on",
-                          decode_workers=3, stream_window=8)
+                          decode_workers=3, stream_window=8, model_workers=2)
     assert (custom.torch_threads, custom.engine_threads, custom.engine_spinning, custom.decode_workers,
-            custom.stream_window) == (2, 1, True, 3, 8)
+            custom.stream_window, custom.model_workers) == (2, 1, True, 3, 8, 2)
     assert plan_threads("torch", "cpu", 8, cores=2, torch_threads=1).engine_threads == 1
     assert plan_threads("onnxruntime", "cpu", 8).cores == available_cores() >= 1
     with pytest.raises(errors.InvalidArgument):
@@ -327,8 +345,8 @@ def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
 def test_thread_flags_and_environment_reach_the_parser(monkeypatch):
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_THREADS", "3")
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_SPINNING", "on")
-    args = cli.parse_args(["--decode-workers", "5"])
-    assert (args.engine_threads, args.engine_spinning, args.decode_workers) == (3, "on", 5)
+    args = cli.parse_args(["--decode-workers", "5", "--model-workers", "2"])
+    assert (args.engine_threads, args.engine_spinning, args.decode_workers, args.model_workers) == (3, "on", 5, 2)
     assert cli.parse_args(["--engine-spinning", "off"]).engine_spinning == "off"
 
 
