@@ -142,8 +142,10 @@ def test_calls_whose_deadline_passes_are_dropped_not_run():
     Embed calls with a 0.25 s deadline arrive behind them. The server must drop
     them (count them as dropped, never run them), and answer the next call."""
     photos = sample_photos(STREAM, max_side=160)
+    # One engine thread, as before the thread plan gave onnxruntime every core: the blockers must
+    # keep the model busy for several times the expiring calls' deadline.
     proc = ServiceProcess("embedder_service", "--device", "cpu", "--max-batch", "8", "--max-wait-ms", "5",
-                          "--stream-window", "64", "--decode-workers", "2")
+                          "--stream-window", "64", "--decode-workers", "2", "--engine-threads", "1")
     try:
         with proc.channel() as channel:
             stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
