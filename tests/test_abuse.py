@@ -58,11 +58,14 @@ def test_abusive_streams_do_not_freeze_a_service(service, tmp_path):
                              photo=photo, token=TOKEN, **kw)
         check(baseline, baseline)
         for kind in abuse.KINDS[service]:
+            refused_before = proc.output.count("refused an EmbedStream")
             result = abuse.run(proc.address, service, kind, pid=proc.proc.pid, streams=STREAMS, seconds=SECONDS,
                                photo=photo, token=TOKEN, **kw)
             check(result, baseline, batch_s)
             if kind == "watch":  # past the cap, Watch streams are refused, not left to pile up
                 assert result.abusers_refused >= STREAMS - 64, result.abusers_refused
-            if kind == "embed_silent":  # past --max-streams, EmbedStreams are refused
-                assert result.abusers_refused == STREAMS // 2, result.abusers_refused
+            if kind.startswith("embed_"):  # past --max-streams, EmbedStreams are refused (the server's log
+                # counts them: a flooding client's own loop is too busy to see every refusal in time)
+                refusals = proc.output.count("refused an EmbedStream")
+                assert refusals - refused_before == STREAMS // 2, (kind, refusals - refused_before)
         assert proc.terminate() == 0
