@@ -13,7 +13,9 @@ bench/README.md#embedder).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from pathlib import Path
 
 from imagesearch import defaults, errors
 
@@ -38,12 +40,24 @@ class ThreadPlan:
                 f"stream window {self.stream_window}")
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), else the CPU count."""
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Cores this process may use: its CPU affinity (e.g. a container's cpuset),
+    else the CPU count, capped by a cgroup v2 CPU quota (`cpu.max`, e.g. a
+    Kubernetes CPU limit: "200000 100000" = 2 cores, rounded up)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 file, or one we cannot read: no quota known
+    return cores
 
 
 def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: int | None = None,

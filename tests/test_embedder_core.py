@@ -342,6 +342,20 @@ def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
         plan_threads("onnxruntime", "cpu", 8, engine_spinning="sometimes")
 
 
+def test_available_cores_honours_a_cgroup_cpu_quota(tmp_path):
+    import os
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert available_cores(tmp_path / "missing") == affinity
+    cpu_max.write_text("max 100000\n")
+    assert available_cores(cpu_max) == affinity
+    cpu_max.write_text("50000 100000\n")  # half a core: still one thread
+    assert available_cores(cpu_max) == 1
+    cpu_max.write_text(f"{100000 * affinity + 1} 100000\n")  # a quota above the affinity changes nothing
+    assert available_cores(cpu_max) == affinity
+
+
 def test_thread_flags_and_environment_reach_the_parser(monkeypatch):
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_THREADS", "3")
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_SPINNING", "on")
