@@ -10,13 +10,13 @@ is a base, optionally followed by modifiers joined with "+" (e.g.
 
     off-the-shelf     ImageNet Lite0 features, no training
     seed              --recipe seed (the seed notebook's recipe)
-    default           the default recipe
-    default-ls0       default recipe + --label-smoothing 0
+    default           the default recipe (ArcFace on a 512-d neck, strong augmentation)
+    ce                default recipe with cross-entropy on the pooled 1280-d features
+                      (--loss ce --embedding-dim 0)
+    ce-ls0.1          ce + --label-smoothing 0.1 (the default recipe before ArcFace)
     light             default recipe + --augment light (no TrivialAugmentWide)
     gem               default recipe + --pooling gem
-    arcface-512       default recipe + --loss arcface --embedding-dim 512
-    arcface-512-light arcface-512 + --augment light
-    proxy_anchor-512  default recipe + --loss proxy_anchor --embedding-dim 512
+    proxy_anchor      default recipe + --loss proxy_anchor (on the 512-d neck)
     ema               default recipe + --ema 0.998
 
 Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library defaults):
@@ -27,9 +27,12 @@ Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library def
     kreciprocal       k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3), after qe when both
 
 Checkpoints are trained with `python -m trainer` (Lite0, ImageNet weights,
---epochs) into runs/quality/<option>-<key>, where the key hashes the data
-folder and the trainer's arguments; a later run reuses a finished one and
-says so ("cached" in the table). Without --train an option with no finished
+--epochs) into runs/quality/<base>-<key>, where the key hashes the data
+folder and what the run trains (`trainer.train.training_settings`: the
+resolved model and recipe flags, so two spellings of one model share it); a
+later run reuses any finished run in --runs that trained the same settings
+on the same data, whatever its folder is called, and says so ("cached" in
+the table). Without --train an option with no finished
 checkpoint is left out of the table (listed at the end). Training minutes
 come from the run's summary.csv. Prints a table and writes
 bench/results/quality.json.
@@ -60,6 +63,7 @@ from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
 from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
 from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion  # noqa: E402
+from trainer.train import training_settings  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
 RUNS = ROOT / "runs" / "quality"
@@ -71,12 +75,11 @@ BASES: dict[str, list[str] | None] = {
     "off-the-shelf": None,
     "seed": ["--recipe", "seed"],
     "default": [],
-    "default-ls0": ["--label-smoothing", "0"],
+    "ce": ["--loss", "ce", "--embedding-dim", "0"],
+    "ce-ls0.1": ["--loss", "ce", "--embedding-dim", "0", "--label-smoothing", "0.1"],
     "light": ["--augment", "light"],
     "gem": ["--pooling", "gem"],
-    "arcface-512": ["--loss", "arcface", "--embedding-dim", "512"],
-    "arcface-512-light": ["--loss", "arcface", "--embedding-dim", "512", "--augment", "light"],
-    "proxy_anchor-512": ["--loss", "proxy_anchor", "--embedding-dim", "512"],
+    "proxy_anchor": ["--loss", "proxy_anchor"],
     "ema": ["--ema", "0.998"],
 }
 
@@ -88,9 +91,9 @@ MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
     "kreciprocal": ([], {}, {"k_reciprocal": KReciprocal()}),
 }
 
-DEFAULT_ROWS = ["off-the-shelf", "seed", "default", "default+tta", "default+qe", "default+dba", "default+dba+qe",
-                "default+kreciprocal", "default+qe+kreciprocal", *[b for b in BASES if b not in
-                                                                    ("off-the-shelf", "seed", "default")]]
+DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "default", "default+tta", "default+qe", "default+dba",
+                "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
+                "light", "proxy_anchor", "gem", "ema"]
 
 
 def parse_option(option: str) -> tuple[str, list[str]]:
@@ -139,10 +142,18 @@ def trainer_args(args, base: str) -> list[str]:
 
 
 def run_dir(args, option: str) -> Path:
-    """runs/quality/<option>-<key>: the key hashes the data folder and the training arguments
+    """A finished run in --runs that trained `option`'s settings on this data, else
+    runs/quality/<option>-<key>, the key hashing the data folder and the settings
     (not --workers or --device, which change the speed, not the model meant)."""
-    key = hashlib.sha256(json.dumps({"data": str(args.data.resolve()), "args": trainer_args(args, option)},
-                                    sort_keys=True).encode()).hexdigest()[:12]
+    wanted = training_settings(trainer_args(args, option))
+    data = args.data.resolve()
+    for saved_args in sorted(args.runs.glob("*/args.json")):
+        saved = json.loads(saved_args.read_text())
+        if (Path(saved.get("data") or "").resolve() == data and training_settings(saved=saved) == wanted
+                and finished(saved_args.parent)):
+            return saved_args.parent
+    key = hashlib.sha256(json.dumps({"data": str(data), "settings": wanted}, sort_keys=True,
+                                    default=str).encode()).hexdigest()[:12]
     return args.runs / f"{option}-{key}"
 
 

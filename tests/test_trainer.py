@@ -362,9 +362,10 @@ def test_run_folder_and_checkpoint_format(tiny_data, tmp_path):
     assert meta["backbone"] == "efficientnet_lite0" and meta["class_names"] == ["blue", "green", "red"]
     # Lite0's own normalisation and interpolation, at --image-size.
     assert PreprocessSpec.from_dict(meta["preprocess"]) == PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3, "bicubic")
-    assert meta["embedding_dim"] == 1280 and meta["weights"] == "none"
-    assert meta["model"] == {"pooling": "avg", "neck_dim": None, "num_classes": 3}
-    assert meta["recipe"] == "default" and meta["loss"] == "ce"
+    # The default recipe: ArcFace on a 512-d neck; the loss holds the class weights, so no classifier head.
+    assert meta["embedding_dim"] == 512 and meta["weights"] == "none"
+    assert meta["model"] == {"pooling": "avg", "neck_dim": 512, "num_classes": 0}
+    assert meta["recipe"] == "default" and meta["loss"] == "arcface"
     assert set(meta["metrics"]) >= {"val_loss", "val_accuracy", "train_loss", "train_accuracy"}
     assert not any(k.startswith("module.") for k in raw["state_dict"])
 
@@ -379,7 +380,7 @@ def test_run_folder_and_checkpoint_format(tiny_data, tmp_path):
         x = eval_transform(loaded.spec)(im.convert("RGB")).unsqueeze(0)
     with torch.no_grad():
         v = loaded.model.embed(x)
-    assert v.shape == (1, 1280) and torch.linalg.vector_norm(v, dim=1).item() == pytest.approx(1.0, abs=1e-5)
+    assert v.shape == (1, 512) and torch.linalg.vector_norm(v, dim=1).item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_out_holding_a_run_is_not_overwritten(tiny_data, tmp_path, capsys):

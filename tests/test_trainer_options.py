@@ -143,7 +143,7 @@ def test_gem_with_p_1_is_average_pooling():
 
 @pytest.mark.parametrize("extra, message", [
     (["--label-smoothing", "1.5"], "--label-smoothing 1.5"),
-    (["--embedding-dim", "0"], "--embedding-dim 0"),
+    (["--embedding-dim", "-1"], "--embedding-dim -1"),
     (["--head-lr-mult", "0"], "--head-lr-mult 0"),
     (["--ema", "1"], "--ema 1"),
 ])
@@ -159,6 +159,7 @@ def test_bad_recipe_numbers_are_exit_2(tmp_path, capsys, extra, message):
 @pytest.mark.parametrize("name, extra", [
     ("seed", ["--recipe", "seed"]),
     ("default", []),
+    ("ce-pooled", ["--loss", "ce", "--embedding-dim", "0"]),
     ("arcface-neck", ["--loss", "arcface", "--embedding-dim", "16"]),
     ("proxy-anchor-gem", ["--loss", "proxy_anchor", "--embedding-dim", "16", "--pooling", "gem"]),
     ("gem", ["--pooling", "gem"]),
@@ -174,8 +175,8 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
     saved = json.loads((out / "args.json").read_text())
     loaded = load_checkpoint(out / "best.pt")
     meta = loaded.meta
-    neck = 16 if "--embedding-dim" in extra else None
-    metric_loss = "--loss" in extra
+    neck = saved["embedding_dim"] or None  # 0: no neck
+    metric_loss = saved["loss"] != "ce"
     assert meta["model"] == {"pooling": "gem" if "gem" in extra else "avg", "neck_dim": neck,
                              "num_classes": 0 if metric_loss else 3}
     assert meta["embedding_dim"] == loaded.model.dim == (neck or 1280)
@@ -188,6 +189,7 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
         assert float(rows[0]["lr"]) == pytest.approx(1e-4)
     if name == "default":
         assert (saved["optimizer"], saved["select_by"], saved["head_lr_mult"]) == ("adamw", "map", 10.0)
+        assert (saved["loss"], saved["embedding_dim"], saved["augment"]) == ("arcface", 512, "strong")
         best = max(rows, key=lambda r: float(r["val_map@10"]))
         assert best["best"] == "1"
     if metric_loss:

@@ -35,12 +35,12 @@ def test_best_checkpoint_serves_through_the_embedder(tmp_path):
         with service.channel() as channel:
             stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
             info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=30)
-            assert info.backbone == "efficientnet_lite0" and info.dim == 1280 and info.input_size == 32
+            assert info.backbone == "efficientnet_lite0" and info.dim == 512 and info.input_size == 32
             assert list(info.class_names) == ["blue", "green", "red"]
             assert list(info.mean) == pytest.approx([0.5] * 3) and info.interpolation == "bicubic"
             reply = stub.Embed(embedder_pb2.EmbedRequest(image=image, name="1.jpg"), timeout=30)
             vector = np.asarray(reply.vector, dtype=np.float32)
-            assert vector.shape == (1280,) and reply.fingerprint == info.fingerprint
+            assert vector.shape == (512,) and reply.fingerprint == info.fingerprint
             np.testing.assert_allclose(vector, expected, atol=2e-5)
     finally:
         service.terminate()

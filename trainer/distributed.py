@@ -107,6 +107,11 @@ def average_gradients(module: torch.nn.Module) -> None:
         return
     world = dist.get_world_size()
     for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= world
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            # This process's batch did not reach the parameter (an empty batch: its loss is a zero
+            # that skips the criterion), but every process must join each all_reduce, in order.
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world

@@ -93,8 +93,6 @@ DEFAULTS = {
     "epochs": 30,
     "batch_size": 50,
     "image_size": 224,
-    "loss": "ce",
-    "embedding_dim": None,
     "pooling": "avg",
     "freeze_backbone": False,
     "workers": None,  # default_workers(world size)
@@ -169,10 +167,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     m = p.add_argument_group("model options (recorded in the checkpoint; the embedder serves them)")
     m.add_argument("--loss", choices=LOSSES,
                    help="ce: cross-entropy on a classifier head; arcface / proxy_anchor: pytorch-metric-learning's "
-                        "losses on the embedding (default: ce)")
+                        f"losses on the embedding (default {d['loss']}; seed {s['loss']})")
     m.add_argument("--embedding-dim", type=int, metavar="N",
-                   help="add a neck (linear + BatchNorm) to an N-d embedding before the loss (default: none, the "
-                        "backbone's pooled features)")
+                   help="a neck (linear + BatchNorm) to an N-d embedding before the loss; 0 = none, the backbone's "
+                        f"pooled features (default {d['embedding_dim']}; seed {s['embedding_dim']})")
     m.add_argument("--pooling", choices=POOLINGS, help="global pooling: avg or gem (generalised mean) (default: avg)")
     p.add_argument("--image-size", type=int, metavar="PX",
                    help=f"square input size (default: {DEFAULTS['image_size']})")
@@ -340,6 +338,32 @@ def _args_dict(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
 
 
+# Flags that change where or how fast a run trains, not the model it trains.
+RUN_LOCAL = ("data", "out", "resume", "workers", "device", "log_level", "log_format")
+
+
+def training_settings(argv: list[str] | None = None, saved: dict | None = None) -> dict:
+    """What a run trains, comparable across spellings: the resolved model and
+    recipe flags of trainer arguments `argv`, or of a run's saved args.json
+    (`saved`; flags it predates read as what they meant then). Two runs with
+    equal settings on the same data train the same model."""
+    if saved is None:
+        args = _resolve_args(get_args_parser().parse_args(argv or []), None)
+        values = vars(args)
+    else:
+        recipe = saved.get("recipe") or "seed"
+        values = {key: saved.get(key, recipes.LEGACY.get(key, {}).get(recipe,
+                                                                    recipes.RECIPES[recipe].get(key, DEFAULTS.get(key))))
+                  for key in (*DEFAULTS, *RECIPE_FLAGS, "early_stop_on")}
+        values["recipe"] = recipe
+    settings = {k: v for k, v in values.items() if k in (*DEFAULTS, *RECIPE_FLAGS, "early_stop_on")
+                and k not in RUN_LOCAL}
+    settings["embedding_dim"] = settings.get("embedding_dim") or 0  # None (older runs) and 0: no neck
+    if settings.get("loss") != "ce":
+        settings["label_smoothing"] = None  # a metric loss has no use for it
+    return settings
+
+
 # ---------------------------------------------------------------- set-up
 
 @dataclasses.dataclass
@@ -358,6 +382,8 @@ def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Na
     if resumed is not None:
         for key in FIXED_ON_RESUME:
             given = getattr(args, key)
+            if key == "embedding_dim" and not given and given is not None and not saved.get(key):
+                continue  # 0 given, no neck saved (None before 0 meant none)
             if given is not None and key in saved and given != saved[key]:
                 raise errors.InvalidArgument(
                     f"--{key.replace('_', '-')} {given} differs from the resumed run's {saved[key]}; "
@@ -371,7 +397,8 @@ def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Na
             setattr(args, key, saved.get(key, default) if key not in ("workers", "device") else default)
     for key in RECIPE_FLAGS:
         if getattr(args, key, None) is None:
-            setattr(args, key, saved.get(key, recipes.RECIPES[args.recipe][key]))
+            legacy = recipes.LEGACY.get(key, {}).get(args.recipe) if resumed is not None else None
+            setattr(args, key, saved.get(key, legacy if legacy is not None else recipes.RECIPES[args.recipe][key]))
     if args.early_stop_on is None:
         args.early_stop_on = saved.get("early_stop_on") or args.select_by
     return args
@@ -380,7 +407,7 @@ def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Na
 def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--patience", args.patience, 1), ("--image-size", args.image_size, 8),
-                             ("--workers", args.workers, 0), ("--embedding-dim", args.embedding_dim, 1)):
+                             ("--workers", args.workers, 0), ("--embedding-dim", args.embedding_dim, 0)):
         if value is not None and value < low:
             raise errors.InvalidArgument(f"{flag} {value}: must be at least {low}")
     for flag, value in (("--lr", args.lr), ("--head-lr-mult", args.head_lr_mult)):
@@ -504,7 +531,7 @@ def main(args: argparse.Namespace) -> TrainResult:
                              pooling=options["pooling"])
         model.load_state_dict(resumed["state_dict"], strict=True)
     else:
-        model = build_model(args.backbone, args.weights, head_classes, neck_dim=args.embedding_dim,
+        model = build_model(args.backbone, args.weights, head_classes, neck_dim=args.embedding_dim or None,
                             pooling=args.pooling)  # WeightsUnavailable: before training
     if args.freeze_backbone:
         model.body.requires_grad_(False)
