@@ -46,6 +46,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from clients.channels import FAST_UNARY_STREAM  # noqa: E402
 from imagesearch.testing import ServiceProcess  # noqa: E402
 from imagesearch.v1 import ranker_pb2 as pb  # noqa: E402
 from imagesearch.v1 import ranker_pb2_grpc  # noqa: E402
@@ -141,7 +142,7 @@ def bench_size(G: int, args, rng: np.random.Generator, workdir: Path, rss_empty_
         m = LOADED.search(proc.output)
         load_s = float(m.group(2)) if m else float("nan")
         mem = rss_kb(proc.proc.pid)
-        channel = proc.channel()
+        channel = proc.channel(FAST_UNARY_STREAM)  # the client library's streaming option
         stub = ranker_pb2_grpc.RankerServiceStub(channel)
         stats = stub.GetStats(pb.GetStatsRequest(collection=COLLECTION), timeout=60)
         memory_bytes = stats.collections[0].memory_bytes

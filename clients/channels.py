@@ -166,6 +166,12 @@ def service_config(service_names: Sequence[str], retry: RetryPolicy | None) -> d
     return config
 
 
+# Server-streaming calls (Search, ListItems...) read on the calling thread instead of handing
+# each message over from the channel's thread: 0.3 ms less per Search here (bench/README.md,
+# "Search with paging"). gRPC Python's experimental grpc.experimental.ChannelOptions option.
+FAST_UNARY_STREAM = [("SingleThreadedUnaryStream", 1)]
+
+
 def channel_options(service_names: Sequence[str], *, retry: RetryPolicy | None, max_message_bytes: int,
                     server_name: str | None = None) -> list[tuple[str, object]]:
     options: list[tuple[str, object]] = [
@@ -177,6 +183,7 @@ def channel_options(service_names: Sequence[str], *, retry: RetryPolicy | None, 
         # Reconnect quickly after a replica restarts.
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        *FAST_UNARY_STREAM,
     ]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
