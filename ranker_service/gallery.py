@@ -251,13 +251,7 @@ class Gallery:
 
     def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
         """Validate and commit a stream of items in batches; see the module docstring."""
-        job = self.upsert_job()
-        for item in items:
-            if job.add(item):
-                if job.failed:
-                    break
-                job.flush()
-        return job.finish()
+        return self.upsert_job().run(items)
 
     def upsert_job(self) -> GalleryUpsertJob:
         """An upsert fed one item at a time (an async server reads its stream

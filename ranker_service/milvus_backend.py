@@ -289,13 +289,7 @@ class MilvusGallery:
         return count
 
     def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
-        job = self.upsert_job()
-        for item in items:
-            if job.add(item):
-                if job.failed:
-                    break
-                job.flush()
-        return job.finish()
+        return self.upsert_job().run(items)
 
     def upsert_job(self) -> "MilvusUpsertJob":
         """An upsert fed one item at a time: `add` validates (no Milvus call);

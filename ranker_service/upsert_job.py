@@ -12,7 +12,7 @@ items not committed. A backend gives `_prepare` (validate one item), `_due`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -118,6 +118,16 @@ class UpsertJob:
         self.inserted += inserted
         self.replaced += replaced
         return result
+
+    def run(self, items: Iterable[UpsertItem]) -> UpsertResult:
+        """The whole call at once, for a caller that holds every item (the servicer
+        drives add/flush/finish itself, awaiting the writes)."""
+        for item in items:
+            if self.add(item):
+                if self.failed:
+                    break
+                self.flush()
+        return self.finish()
 
     def finish(self) -> UpsertResult:
         self.flush()
