@@ -364,9 +364,8 @@ def test_thread_flags_and_environment_reach_the_parser(monkeypatch):
     assert cli.parse_args(["--engine-spinning", "off"]).engine_spinning == "off"
 
 
-def test_a_caller_with_nothing_in_flight_goes_before_a_streams_backlog():
-    """Rank, not arrival: while a stream keeps 16 items queued, a lone call
-    (nothing else in flight) is in the very next batch."""
+def _first_batch_held():
+    """(gate, batches, run): `run` records each batch and holds the first until `gate` is set."""
     gate = threading.Event()
     batches: list[list] = []
 
@@ -376,6 +375,13 @@ def test_a_caller_with_nothing_in_flight_goes_before_a_streams_backlog():
             gate.wait(10)
         return items
 
+    return gate, batches, run
+
+
+def test_a_caller_with_nothing_in_flight_goes_before_a_streams_backlog():
+    """Rank, not arrival: while a stream keeps 16 items queued, a lone call
+    (nothing else in flight) is in the very next batch."""
+    gate, batches, run = _first_batch_held()
     with Batcher(lambda x: x, run, max_batch=4, max_wait_s=0.0, prepare_workers=1) as b:
         stream = object()
         b.submit(("stream", 0), source=stream)
@@ -395,15 +401,7 @@ def test_a_caller_with_nothing_in_flight_goes_before_a_streams_backlog():
 def test_a_priority_call_runs_in_a_batch_of_its_own_not_behind_bulk():
     """Stream items (priority 1) keep a full batch ready; a single call
     (priority 0) is the whole next batch, not one of 32."""
-    gate = threading.Event()
-    batches: list[list] = []
-
-    def run(items):
-        batches.append(list(items))
-        if len(batches) == 1:
-            gate.wait(10)
-        return items
-
+    gate, batches, run = _first_batch_held()
     with Batcher(lambda x: x, run, max_batch=4, max_wait_s=0.0, prepare_workers=1) as b:
         stream = object()
         b.submit(("bulk", 0), source=stream, priority=1)
