@@ -134,6 +134,23 @@ def test_augmentations_differ_only_where_they_say():
         train_transform(spec, "heavy")
 
 
+def test_training_settings_name_what_a_run_trains_whatever_the_spelling():
+    from trainer.train import training_settings
+
+    default = training_settings([])
+    assert (default["loss"], default["embedding_dim"], default["augment"]) == ("arcface", 512, "strong")
+    assert training_settings(["--loss", "arcface", "--embedding-dim", "512"]) == default
+    assert training_settings(["--label-smoothing", "0.1"]) == default  # ArcFace has no use for it
+    ce = training_settings(["--loss", "ce", "--embedding-dim", "0"])
+    assert ce != default and ce != training_settings(["--loss", "ce", "--embedding-dim", "0", "--label-smoothing", "0.1"])
+    assert training_settings(["--augment", "light"]) != default
+    assert training_settings(["--out", "a", "--workers", "3", "--device", "cpu"]) == default  # where, not what
+    # A run saved before --augment and with None for "no neck": read as what it meant then.
+    old = {k: v for k, v in ce.items() if k != "augment"} | {"embedding_dim": None, "label_smoothing": 0.0}
+    assert training_settings(saved=old) == ce
+    assert training_settings(saved={**old, "recipe": "seed"})["augment"] == "seed"
+
+
 def test_gem_with_p_1_is_average_pooling():
     x = torch.rand(2, 5, 4, 4)
     gem = GeM(p=1.0)

@@ -347,15 +347,10 @@ def training_settings(argv: list[str] | None = None, saved: dict | None = None) 
     recipe flags of trainer arguments `argv`, or of a run's saved args.json
     (`saved`; flags it predates read as what they meant then). Two runs with
     equal settings on the same data train the same model."""
-    if saved is None:
-        args = _resolve_args(get_args_parser().parse_args(argv or []), None)
-        values = vars(args)
-    else:
-        recipe = saved.get("recipe") or "seed"
-        values = {key: saved.get(key, recipes.LEGACY.get(key, {}).get(recipe,
-                                                                    recipes.RECIPES[recipe].get(key, DEFAULTS.get(key))))
-                  for key in (*DEFAULTS, *RECIPE_FLAGS, "early_stop_on")}
-        values["recipe"] = recipe
+    # A saved run resolves as a --resume of it would: its own flags, then what the
+    # flags it predates meant then (recipes.LEGACY), then its recipe's.
+    given = get_args_parser().parse_args([] if saved is not None else argv or [])
+    values = vars(_resolve_args(given, {"args": saved} if saved is not None else None))
     settings = {k: v for k, v in values.items() if k in (*DEFAULTS, *RECIPE_FLAGS, "early_stop_on")
                 and k not in RUN_LOCAL}
     settings["embedding_dim"] = settings.get("embedding_dim") or 0  # None (older runs) and 0: no neck
