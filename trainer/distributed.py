@@ -91,6 +91,37 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+SAMPLER_POWERS = {"sqrt": 0.5, "balanced": 0.0}
+
+
+class ClassBalancedSampler(torch.utils.data.Sampler):
+    """Training indices drawn with replacement so that class c is drawn in
+    proportion to n_c ** power (0.5 "sqrt": square-root sampling, small
+    classes seen more often without repeating them as much as 0 "balanced"
+    does). An epoch is as many draws as there are images, so it has as many
+    steps as a shuffled one. Every rank draws the same sequence (seed +
+    epoch, like DistributedSampler) and takes its rank::world share, padded to
+    equal length."""
+
+    def __init__(self, targets, power: float, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+        targets = torch.as_tensor(list(targets), dtype=torch.long)
+        counts = torch.bincount(targets).double()
+        self.weights = counts[targets] ** (power - 1.0)
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+        self.per_rank = -(-len(targets) // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=g)
+        return iter(drawn[self.rank::self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
 def all_gather_arrays(array: np.ndarray) -> np.ndarray:
     """Every process's rows, concatenated in rank order (identity in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -22,13 +22,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 RECIPES = {
     "default": {"loss": "arcface", "embedding_dim": 512, "optimizer": "adamw", "lr": 3e-4, "head_lr_mult": 10.0,
                 "weight_decay": 0.05, "warmup_epochs": 0.5, "schedule": "cosine", "label_smoothing": 0.0,
-                "select_by": "map", "patience": 5, "ema": 0.0, "augment": "strong"},
+                "select_by": "map", "patience": 5, "ema": 0.0, "augment": "strong", "sampler": "shuffle"},
     "seed": {"loss": "ce", "embedding_dim": 0, "optimizer": "adam", "lr": 1e-4, "head_lr_mult": 1.0,
              "weight_decay": 0.0, "warmup_epochs": 0.0, "schedule": "constant", "label_smoothing": 0.0,
-             "select_by": "loss", "patience": 3, "ema": 0.0, "augment": "seed"},
+             "select_by": "loss", "patience": 3, "ema": 0.0, "augment": "seed", "sampler": "shuffle"},
 }
 # What a run saved before a flag existed meant: the behaviour of that time.
-LEGACY = {"augment": {"seed": "seed", "default": "strong"}}
+LEGACY = {"augment": {"seed": "seed", "default": "strong"}, "sampler": {"seed": "shuffle", "default": "shuffle"}}
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1 % of the peak, not 0
 
 
@@ -80,6 +80,40 @@ class Schedule:
         f = self.factor(step)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * f
+
+
+def parse_ema(text: str) -> float | str:
+    """`--ema`: "0" (off), a decay per step in (0, 1) such as "0.998", or a
+    span "P%": the average's time constant is P % of the run's optimiser
+    steps, whatever their number (a fixed decay means a different average
+    for a 3-epoch run than for a 100-epoch one). Returns the decay as a float
+    or the span in its canonical spelling ("25%")."""
+    text = str(text).strip()
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"--ema {text}: a span is a percentage of the run's steps, e.g. 25%") from None
+        if not (0 < percent <= 100):
+            raise ValueError(f"--ema {text}: a span must be above 0 % and at most 100 %")
+        return f"{percent:g}%"
+    try:
+        decay = float(text)
+    except ValueError:
+        raise ValueError(f"--ema {text}: give a decay in [0, 1) such as 0.998, or a span such as 25%") from None
+    if not (0 <= decay < 1):
+        raise ValueError(f"--ema {text}: a decay must be at least 0 and below 1")
+    return decay
+
+
+def ema_decay(ema: float | str, total_steps: int) -> float:
+    """The per-step decay `--ema` means for a run of `total_steps` optimiser
+    steps: a span of P % gives the time constant 1 / (1 - decay) = P % of them
+    (at least one step)."""
+    if isinstance(ema, str):
+        horizon = max(1.0, float(ema.rstrip("%")) / 100 * total_steps)
+        return 1.0 - 1.0 / horizon
+    return float(ema)
 
 
 def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:

@@ -153,9 +153,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="training augmentation: strong (RandomResizedCrop + flip + TrivialAugmentWide), light "
                         f"(RandomResizedCrop + flip) or seed (the notebook's) (default {d['augment']}; "
                         f"seed {s['augment']})")
-    r.add_argument("--ema", type=float, metavar="DECAY",
-                   help="evaluate and save an exponential moving average of the weights with this decay per step "
-                        "(e.g. 0.998); 0 = off (default 0)")
+    r.add_argument("--sampler", choices=("shuffle", *distributed.SAMPLER_POWERS),
+                   help="training order: shuffle (each image once an epoch), sqrt (class c drawn in proportion "
+                        "to the square root of its image count) or balanced (every class equally); the last two "
+                        "draw with replacement, as many images an epoch as shuffle "
+                        f"(default {d['sampler']}; seed {s['sampler']})")
+    r.add_argument("--ema", metavar="DECAY|P%",
+                   help="evaluate and save an exponential moving average of the weights: a decay per step "
+                        "(e.g. 0.998), or a span P%% of the run's steps (e.g. 25%%: the average's time constant "
+                        "is a quarter of the run, whatever its length); 0 = off (default 0)")
     r.add_argument("--select-by", choices=sorted(SELECT_BY),
                    help=f"best.pt is the epoch with the best validation mAP@10 (map) or loss "
                         f"(default {d['select_by']}; seed {s['select_by']})")
@@ -373,6 +379,11 @@ class TrainResult:
 def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Namespace:
     """Fill flags that were not given: from the resumed run, else DEFAULTS."""
     args = argparse.Namespace(**vars(args))
+    if args.ema is not None:  # one spelling, so a resume and training_settings compare values
+        try:
+            args.ema = recipes.parse_ema(args.ema)
+        except ValueError as e:
+            raise errors.InvalidArgument(str(e)) from None
     saved = (resumed or {}).get("args", {})
     if resumed is not None:
         for key in FIXED_ON_RESUME:
@@ -410,7 +421,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise errors.InvalidArgument(f"{flag} {value}: must be a positive number")
     for flag, value, high in (("--weight-decay", args.weight_decay, math.inf),
                               ("--warmup-epochs", args.warmup_epochs, math.inf),
-                              ("--label-smoothing", args.label_smoothing, 1.0), ("--ema", args.ema, 1.0)):
+                              ("--label-smoothing", args.label_smoothing, 1.0)):
         if not (0 <= value < high):
             raise errors.InvalidArgument(f"{flag} {value}: must be at least 0" +
                                          (f" and below {high:g}" if math.isfinite(high) else ""))
@@ -454,8 +465,13 @@ def _loaders(layout: Layout, spec: PreprocessSpec, args, dist_info: distributed.
     collate = Collate(spec.input_size)
     train_set = ImageFiles(layout.train.samples, train_transform(spec, args.augment), reduce_to=spec.decode_size)
     val_set = ImageFiles(layout.val.samples, eval_transform(spec), reduce_to=spec.decode_size)
-    train_sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                       shuffle=True, seed=args.seed, drop_last=False)
+    if args.sampler == "shuffle":
+        train_sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                           shuffle=True, seed=args.seed, drop_last=False)
+    else:
+        train_sampler = distributed.ClassBalancedSampler(
+            [t for _, t in layout.train.samples], distributed.SAMPLER_POWERS[args.sampler],
+            rank=dist_info.rank, world_size=dist_info.world_size, seed=args.seed)
     val_sampler = distributed.ShardSampler(len(val_set), dist_info.rank, dist_info.world_size)
     common = {"batch_size": args.batch_size, "num_workers": args.workers, "collate_fn": collate,
               "pin_memory": device.type == "cuda"}
@@ -544,7 +560,6 @@ def main(args: argparse.Namespace) -> TrainResult:
     groups = recipes.parameter_groups(model, criterion, args.lr, args.head_lr_mult, args.weight_decay)
     params = [p for g in groups for p in g["params"]]
     optimizer = recipes.build_optimizer(args.optimizer, groups)
-    ema = recipes.build_ema(model, args.ema)
     scaler = precision.grad_scaler()
     selector = EarlyStopping(args.patience, mode="max" if args.select_by == "map" else "min")
     stopper = selector if args.early_stop_on == args.select_by else EarlyStopping(
@@ -558,8 +573,6 @@ def main(args: argparse.Namespace) -> TrainResult:
             group.update(base_lr=fresh["base_lr"], lr=fresh["lr"], weight_decay=fresh["weight_decay"])
         if resumed.get("criterion"):
             criterion.load_state_dict(resumed["criterion"])
-        if ema is not None and resumed.get("ema"):
-            ema.load_state_dict(resumed["ema"])
         if resumed.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(resumed["scaler"])
         selector.load_state_dict(resumed["early_stopping"])
@@ -575,10 +588,14 @@ def main(args: argparse.Namespace) -> TrainResult:
             raise errors.InvalidArgument(
                 f"--resume {run_dir}: best.pt is missing or not from the best epoch "
                 f"{selector.best_epoch} that last.pt records; cannot restore the best weights")
-        del resumed
 
     train_loader, val_loader, train_sampler = _loaders(layout, spec, args, dist_info, device)
     steps_per_epoch = len(train_loader)
+    ema_decay = recipes.ema_decay(args.ema, args.epochs * steps_per_epoch)
+    ema = recipes.build_ema(model, ema_decay)
+    if ema is not None and resumed and resumed.get("ema"):
+        ema.load_state_dict(resumed["ema"])
+    del resumed
     schedule = recipes.Schedule(args.schedule, args.epochs * steps_per_epoch,
                                 round(args.warmup_epochs * steps_per_epoch))
     main_proc = dist_info.is_main
@@ -587,7 +604,7 @@ def main(args: argparse.Namespace) -> TrainResult:
         resolved = {"world_size": dist_info.world_size, "device": str(device), "amp": precision.mode,
                     "class_names": list(layout.class_names), "preprocess": spec.to_dict(),
                     "train_images": len(layout.train.samples), "val_images": len(layout.val.samples),
-                    "embedding_dim": model.dim, "steps_per_epoch": steps_per_epoch,
+                    "embedding_dim": model.dim, "steps_per_epoch": steps_per_epoch, "ema_decay": ema_decay,
                     "resumed_at_epoch": start_epoch or None, "torch": str(torch.__version__)}
         if layout.carved is not None:
             atomic_write_text(run_dir / SPLIT_FILE, json.dumps(layout.carved, indent=1) + "\n")
