@@ -120,6 +120,46 @@ def test_new_parts_learn_faster_and_the_seed_recipe_keeps_one_group():
     assert len(one) == 1 and len(one[0]["params"]) == len(list(plain.parameters()))
 
 
+def test_ema_is_a_decay_or_a_span_of_the_run():
+    assert recipes.parse_ema("0") == 0.0 and recipes.parse_ema("0.998") == 0.998
+    assert recipes.parse_ema(" 25% ") == recipes.parse_ema("25.0%") == "25%"
+    # A span is a time constant in steps, whatever the run's length: 25 % of 200 steps is 50.
+    assert 1 / (1 - recipes.ema_decay("25%", 200)) == pytest.approx(50)
+    assert 1 / (1 - recipes.ema_decay("25%", 4000)) == pytest.approx(1000)
+    assert recipes.ema_decay("1%", 10) == 0.0  # never shorter than one step: the last weights
+    assert recipes.ema_decay(0.998, 10) == 0.998
+    for bad in ("1", "-0.1", "0%", "150%", "fast", "x%"):
+        with pytest.raises(ValueError, match="--ema"):
+            recipes.parse_ema(bad)
+
+
+def test_class_balanced_sampler_draws_small_classes_more_often():
+    from trainer.distributed import SAMPLER_POWERS, ClassBalancedSampler
+
+    targets = [0] * 900 + [1] * 100  # 9:1
+    shares = {}
+    for name, power in SAMPLER_POWERS.items():
+        sampler = ClassBalancedSampler(targets, power, seed=3)
+        sampler.set_epoch(1)
+        drawn = list(sampler)
+        assert len(drawn) == len(sampler) == len(targets)  # as many steps an epoch as a shuffle
+        shares[name] = sum(targets[i] for i in drawn) / len(drawn)
+        again = ClassBalancedSampler(targets, power, seed=3)
+        again.set_epoch(1)
+        assert list(again) == drawn  # seeded: a resumed epoch draws the same images
+        again.set_epoch(2)
+        assert list(again) != drawn
+    assert shares["balanced"] == pytest.approx(0.5, abs=0.05)
+    assert shares["sqrt"] == pytest.approx(1 / (1 + 3), abs=0.05)  # sqrt(100) : sqrt(900) = 1 : 3
+    # Ranks split one draw between them, equal in length.
+    ranks = [ClassBalancedSampler(targets[:999], 0.0, rank=r, world_size=2, seed=3) for r in range(2)]
+    whole = ClassBalancedSampler(targets[:999], 0.0, seed=3, world_size=1)
+    parts = [list(r) for r in ranks]
+    assert len(parts[0]) == len(parts[1]) == 500
+    assert sorted(parts[0] + parts[1]) != sorted(whole)  # not the single-process draw: it has 1000 draws
+    assert len(whole) == 999
+
+
 def test_augmentations_differ_only_where_they_say():
     from torchvision import transforms
 
@@ -163,6 +203,7 @@ def test_gem_with_p_1_is_average_pooling():
     (["--embedding-dim", "-1"], "--embedding-dim -1"),
     (["--head-lr-mult", "0"], "--head-lr-mult 0"),
     (["--ema", "1"], "--ema 1"),
+    (["--ema", "150%"], "--ema 150%"),
 ])
 def test_bad_recipe_numbers_are_exit_2(tmp_path, capsys, extra, message):
     data = tmp_path / "nodata"
@@ -181,6 +222,7 @@ def test_bad_recipe_numbers_are_exit_2(tmp_path, capsys, extra, message):
     ("proxy-anchor-gem", ["--loss", "proxy_anchor", "--embedding-dim", "16", "--pooling", "gem"]),
     ("gem", ["--pooling", "gem"]),
     ("ema", ["--ema", "0.5", "--epochs", "2", "--select-by", "loss"]),
+    ("ema-span", ["--ema", "50%", "--epochs", "2", "--select-by", "loss", "--sampler", "sqrt"]),
 ])
 def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, tmp_path, name, extra):
     out = tmp_path / name
@@ -212,6 +254,10 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
     if metric_loss:
         last = torch.load(out / "last.pt", weights_only=True)
         assert last["criterion"], "the loss's class weights are kept for --resume"
+    if name == "ema-span":  # a time constant of half the run's steps
+        steps = 2 * saved["resolved"]["steps_per_epoch"]
+        assert saved["ema"] == "50%" and 1 / (1 - saved["resolved"]["ema_decay"]) == pytest.approx(steps / 2)
+        assert saved["sampler"] == "sqrt"
     if name == "ema":
         last = torch.load(out / "last.pt", weights_only=True)
         best = torch.load(out / "best.pt", weights_only=True)
