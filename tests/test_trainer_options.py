@@ -191,6 +191,17 @@ def test_training_settings_name_what_a_run_trains_whatever_the_spelling():
     assert training_settings(saved={**old, "recipe": "seed"})["augment"] == "seed"
 
 
+def test_the_input_size_is_the_backbones_own_except_in_the_seed_recipe():
+    from trainer.train import training_settings
+
+    assert training_settings([])["image_size"] == 224  # Lite0
+    assert training_settings(["--backbone", "efficientnet_lite2"])["image_size"] == 260
+    assert training_settings(["--backbone", "efficientnet_b4"])["image_size"] == 380
+    assert training_settings(["--backbone", "efficientnet_b4", "--recipe", "seed"])["image_size"] == 224
+    assert training_settings(["--backbone", "efficientnet_b4", "--image-size", "300"])["image_size"] == 300
+    assert training_settings(["--image-size", "224"]) == training_settings([])
+
+
 def test_gem_with_p_1_is_average_pooling():
     x = torch.rand(2, 5, 4, 4)
     gem = GeM(p=1.0)

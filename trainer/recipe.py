@@ -29,6 +29,7 @@ RECIPES = {
 }
 # What a run saved before a flag existed meant: the behaviour of that time.
 LEGACY = {"augment": {"seed": "seed", "default": "strong"}, "sampler": {"seed": "shuffle", "default": "shuffle"}}
+SEED_IMAGE_SIZE = 224  # the notebook's input size, whatever the backbone (the default recipe: the backbone's own)
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1 % of the peak, not 0
 
 

@@ -92,7 +92,7 @@ DEFAULTS = {
     "weights": "imagenet",
     "epochs": 30,
     "batch_size": 50,
-    "image_size": 224,
+    "image_size": None,  # the backbone's own input size (the seed recipe: the notebook's 224)
     "pooling": "avg",
     "freeze_backbone": False,
     "workers": None,  # default_workers(world size)
@@ -179,7 +179,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         f"pooled features (default {d['embedding_dim']}; seed {s['embedding_dim']})")
     m.add_argument("--pooling", choices=POOLINGS, help="global pooling: avg or gem (generalised mean) (default: avg)")
     p.add_argument("--image-size", type=int, metavar="PX",
-                   help=f"square input size (default: {DEFAULTS['image_size']})")
+                   help="square input size (default: the backbone's own, as EfficientNet scales resolution with "
+                        "the model: " + ", ".join(f"{name.removeprefix('efficientnet_')} {info.preprocess.input_size}"
+                                                  for name, info in sorted(BACKBONES.items()))
+                        + f"; --recipe seed: the notebook's {recipes.SEED_IMAGE_SIZE})")
     p.add_argument("--freeze-backbone", action="store_true", default=None,
                    help="train the classifier head only (the seed's fine_tune=False); "
                         "default: all layers trainable")
@@ -407,6 +410,9 @@ def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Na
             setattr(args, key, saved.get(key, legacy if legacy is not None else recipes.RECIPES[args.recipe][key]))
     if args.early_stop_on is None:
         args.early_stop_on = saved.get("early_stop_on") or args.select_by
+    if args.image_size is None:
+        args.image_size = (recipes.SEED_IMAGE_SIZE if args.recipe == "seed"
+                           else backbone_info(args.backbone).preprocess.input_size)
     return args
 
 
