@@ -17,7 +17,11 @@ is a base, optionally followed by modifiers joined with "+" (e.g.
     light             default recipe + --augment light (no TrivialAugmentWide)
     gem               default recipe + --pooling gem
     proxy_anchor      default recipe + --loss proxy_anchor (on the 512-d neck)
-    ema               default recipe + --ema 0.998
+    ema               default recipe + --ema 25% (an average over a quarter of the run's steps)
+    sqrt              default recipe + --sampler sqrt (square-root class-balanced draws)
+    balanced          default recipe + --sampler balanced (every class drawn equally)
+    batch32           default recipe + --batch-size 32 (more, smaller steps in the same epochs)
+    lite2             default recipe on --backbone efficientnet_lite2 (at its own 260 px)
 
 Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library defaults):
 
@@ -26,8 +30,12 @@ Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library def
     dba               the collection with database-side augmentation (n 2, alpha 3)
     kreciprocal       k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3), after qe when both
 
-Checkpoints are trained with `python -m trainer` (Lite0, ImageNet weights,
---epochs) into runs/quality/<base>-<key>, where the key hashes the data
+`--seeds 42,7` trains and measures each trained base once per seed (rows
+`default@7`...) and prints each option's mean over the seeds: one run's
+figures vary with the seed by about as much as many options differ.
+
+Checkpoints are trained with `python -m trainer` (Lite0 unless the base says,
+ImageNet weights, --epochs, --seed) into runs/quality/<base>-<key>, where the key hashes the data
 folder and what the run trains (`trainer.train.training_settings`: the
 resolved model and recipe flags, so two spellings of one model share it); a
 later run reuses any finished run in --runs that trained the same settings
@@ -69,6 +77,7 @@ DEFAULT_DATA = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "sh
 RUNS = ROOT / "runs" / "quality"
 RESULTS = ROOT / "bench" / "results" / "quality.json"
 BACKBONE = "efficientnet_lite0"
+TRAINER_SEED = 42  # the trainer's default --seed: runs trained with it keep their plain folder names
 
 # base -> trainer arguments beyond the common ones, or None for no training
 BASES: dict[str, list[str] | None] = {
@@ -80,7 +89,11 @@ BASES: dict[str, list[str] | None] = {
     "light": ["--augment", "light"],
     "gem": ["--pooling", "gem"],
     "proxy_anchor": ["--loss", "proxy_anchor"],
-    "ema": ["--ema", "0.998"],
+    "ema": ["--ema", "25%"],
+    "sqrt": ["--sampler", "sqrt"],
+    "balanced": ["--sampler", "balanced"],
+    "batch32": ["--batch-size", "32"],
+    "lite2": ["--backbone", "efficientnet_lite2"],
 }
 
 # modifier -> (embedder extra arguments, index_folder keyword arguments, query_folder keyword arguments)
@@ -93,7 +106,8 @@ MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
 
 DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "default", "default+tta", "default+qe", "default+dba",
                 "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
-                "light", "proxy_anchor", "gem", "ema"]
+                "light", "proxy_anchor", "gem", "ema", "sqrt", "balanced", "batch32", "lite2",
+                "lite2+tta+qe+kreciprocal"]
 
 
 def parse_option(option: str) -> tuple[str, list[str]]:
@@ -125,6 +139,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="train the options that have no finished checkpoint")
     p.add_argument("--train-only", action="store_true", help="train (as --train) and measure nothing")
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default %(default)s)")
+    p.add_argument("--seeds", default="42", type=parse_seeds,
+                   help="comma-separated training seeds: each trained base is trained and measured once per "
+                        "seed (default %(default)s, the trainer's)")
     p.add_argument("--workers", type=int, default=1, help="trainer DataLoader workers (default %(default)s)")
     p.add_argument("--k", type=int, default=10, help="metrics cut-off and top-k (default %(default)s)")
     p.add_argument("--device", default=None, help="trainer and embedder device: auto | cpu | cuda")
@@ -135,17 +152,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- training, cached by data and arguments
 
-def trainer_args(args, base: str) -> list[str]:
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers separated by commas, e.g. 42,7") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more distinct seeds, e.g. 42,7")
+    return seeds
+
+
+def trainer_args(args, base: str, seed: int) -> list[str]:
     extra = BASES[base]
-    common = ["--backbone", BACKBONE, "--weights", "imagenet", "--epochs", str(args.epochs)]
-    return common + list(extra or [])
+    common = ["--backbone", BACKBONE, "--weights", "imagenet", "--epochs", str(args.epochs), "--seed", str(seed)]
+    return common + list(extra or [])  # a base's own --backbone comes later, and wins
 
 
-def run_dir(args, option: str) -> Path:
+def run_dir(args, option: str, seed: int) -> Path:
     """A finished run in --runs that trained `option`'s settings on this data, else
     runs/quality/<option>-<key>, the key hashing the data folder and the settings
     (not --workers or --device, which change the speed, not the model meant)."""
-    wanted = training_settings(trainer_args(args, option))
+    wanted = training_settings(trainer_args(args, option, seed))
     data = args.data.resolve()
     for saved_args in sorted(args.runs.glob("*/args.json")):
         saved = json.loads(saved_args.read_text())
@@ -154,7 +181,7 @@ def run_dir(args, option: str) -> Path:
             return saved_args.parent
     key = hashlib.sha256(json.dumps({"data": str(data), "settings": wanted}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
-    return args.runs / f"{option}-{key}"
+    return args.runs / f"{option}{'' if seed == TRAINER_SEED else f'-seed{seed}'}-{key}"
 
 
 def finished(run: Path) -> bool:
@@ -172,10 +199,10 @@ def _stopped_early(rows: list[dict], saved: dict) -> bool:
     return len(rows) - best >= int(saved["patience"])
 
 
-def train(args, option: str) -> Path:
-    run = run_dir(args, option)
+def train(args, option: str, seed: int) -> Path:
+    run = run_dir(args, option, seed)
     command = [sys.executable, "-m", "trainer", "--data", str(args.data), "--workers", str(args.workers),
-               *trainer_args(args, option)]
+               *trainer_args(args, option, seed)]
     if args.device:
         command += ["--device", args.device]
     command += ["--resume", str(run)] if (run / "last.pt").is_file() else ["--out", str(run)]
@@ -191,11 +218,11 @@ def training_minutes(run: Path) -> float:
 
 # ---------------------------------------------------------------- measuring through the services
 
-def measure(label: str, emb_args: list[str], ranker: RankerClient, services: Services, retrieval: Path,
-            truth: dict, k: int) -> dict:
-    """Start an embedder with `emb_args`, index, query (with the row's re-ranking
-    options), evaluate, stop it."""
-    _, index_kw, query_kw = row_settings(label)
+def measure(option: str, label: str, emb_args: list[str], ranker: RankerClient, services: Services,
+            retrieval: Path, truth: dict, k: int) -> dict:
+    """Start an embedder with `emb_args`, index, query (with `option`'s re-ranking
+    options), evaluate, stop it; the row is called `label`."""
+    _, index_kw, query_kw = row_settings(option)
     t0 = time.monotonic()
     child = services.start(f"embedder ({label})", EMBEDDER_MODULE, emb_args)
     child.wait_ready(600)
@@ -203,7 +230,7 @@ def measure(label: str, emb_args: list[str], ranker: RankerClient, services: Ser
     try:
         with EmbedderClient(child.address, timeout=120) as emb:
             info = emb.model_info()
-            collection = f"clothing-{label}".replace("+", "-")
+            collection = f"clothing-{label}".replace("+", "-").replace("@", "-seed")
             indexed = index_folder(emb, ranker, retrieval / "gallery", collection=collection, progress=False,
                                    **index_kw)
             if indexed.failed:
@@ -224,6 +251,24 @@ def measure(label: str, emb_args: list[str], ranker: RankerClient, services: Ser
     }
 
 
+def seed_means(rows: list[dict], k: int) -> list[dict]:
+    """Per option trained with more than one seed: the mean figures and the
+    range of P@k over its runs."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("seed") is not None:
+            groups.setdefault(r["base_option"], []).append(r)
+    out = []
+    for option, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        p = [r[f"precision@{k}"] for r in runs]
+        out.append({"option": option, "runs": len(runs), "precision": sum(p) / len(p), "precision_min": min(p),
+                    "precision_max": max(p), "map": sum(r[f"map@{k}"] for r in runs) / len(runs),
+                    "top1": sum(r["top1"] for r in runs) / len(runs)})
+    return out
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     retrieval = args.data / "retrieval"
@@ -238,18 +283,21 @@ def main(argv=None) -> int:
         source = parse_option(option)[0]
         emb_extra = row_settings(option)[0]
         if BASES[source] is None:
-            plan.append((option, embedder_args(backbone=BACKBONE, device=args.device, extra=emb_extra), None, ""))
+            plan.append((option, option, embedder_args(backbone=BACKBONE, device=args.device, extra=emb_extra),
+                         None, "", None))
             continue
-        run = run_dir(args, source)
-        state = "cached" if finished(run) else ""
-        if not state and (args.train or args.train_only):
-            train(args, source)
-            state = "trained now"
-        if not finished(run):
-            left_out.append(f"{option} (no finished run at {run}; pass --train)")
-            continue
-        plan.append((option, embedder_args(checkpoint=str(run / "best.pt"), device=args.device, extra=emb_extra),
-                     run, state))
+        for seed in args.seeds:
+            label = option if len(args.seeds) == 1 else f"{option}@{seed}"
+            run = run_dir(args, source, seed)
+            state = "cached" if finished(run) else ""
+            if not state and (args.train or args.train_only):
+                train(args, source, seed)
+                state = "trained now"
+            if not finished(run):
+                left_out.append(f"{label} (no finished run at {run}; pass --train)")
+                continue
+            plan.append((option, label, embedder_args(checkpoint=str(run / "best.pt"), device=args.device,
+                                                      extra=emb_extra), run, state, seed))
     if args.train_only:
         print("trained; measured nothing (--train-only)")
         return 0
@@ -261,29 +309,37 @@ def main(argv=None) -> int:
         ranker_child = services.start("ranker", RANKER_MODULE, ["--db", str(Path(tmp) / "quality.db")])
         ranker_child.wait_ready(120)
         with RankerClient(ranker_child.address, timeout=120) as ranker:
-            for option, emb_args, run, state in plan:
-                row = measure(option, emb_args, ranker, services, retrieval, truth, k)
-                row.update(run=str(run) if run else None, checkpoint=state or "-",
+            for option, label, emb_args, run, state, seed in plan:
+                row = measure(option, label, emb_args, ranker, services, retrieval, truth, k)
+                row.update(base_option=option, seed=seed, run=str(run) if run else None, checkpoint=state or "-",
                            train_minutes=training_minutes(run) if run else 0.0,
-                           trainer_args=trainer_args(args, parse_option(option)[0]) if run else None)
+                           trainer_args=trainer_args(args, parse_option(option)[0], seed) if run else None)
                 rows.append(row)
-                print(f"  {option}: P@{k} {row[f'precision@{k}']:.4f} mAP@{k} {row[f'map@{k}']:.4f} "
+                print(f"  {label}: P@{k} {row[f'precision@{k}']:.4f} mAP@{k} {row[f'map@{k}']:.4f} "
                       f"top-1 {row['top1']:.4f}", flush=True)
 
     print(f"\nclothing-small retrieval: {rows[0]['queries'] if rows else 0} queries, "
-          f"{rows[0]['gallery'] if rows else 0} gallery images, k={k}, {BACKBONE}, {args.epochs} epochs, "
+          f"{rows[0]['gallery'] if rows else 0} gallery images, k={k}, {args.epochs} epochs, "
           f"through the embedder and ranker services")
-    print(f"{'option':<22} {'dim':>5} {f'P@{k}':>7} {f'mAP@{k}':>7} {'top-1':>7} {'train min':>9}  checkpoint")
+    width = max([22, *(len(r["option"]) + 1 for r in rows)])
+    print(f"{'option':<{width}} {'backbone':<18} {'dim':>5} {f'P@{k}':>7} {f'mAP@{k}':>7} {'top-1':>7} "
+          f"{'train min':>9}  checkpoint")
     for r in rows:
-        print(f"{r['option']:<22} {r['dim']:>5} {r[f'precision@{k}']:>7.4f} {r[f'map@{k}']:>7.4f} {r['top1']:>7.4f} "
-              f"{r['train_minutes']:>9.1f}  {r['checkpoint']}")
+        print(f"{r['option']:<{width}} {r['backbone']:<18} {r['dim']:>5} {r[f'precision@{k}']:>7.4f} "
+              f"{r[f'map@{k}']:>7.4f} {r['top1']:>7.4f} {r['train_minutes']:>9.1f}  {r['checkpoint']}")
+    means = seed_means(rows, k)
+    if means:
+        print(f"\nmean over seeds {','.join(map(str, args.seeds))} (min-max):")
+        for m in means:
+            print(f"{m['option']:<{width}} P@{k} {m['precision']:.4f} ({m['precision_min']:.4f}-"
+                  f"{m['precision_max']:.4f})  mAP@{k} {m['map']:.4f}  top-1 {m['top1']:.4f}  [{m['runs']} runs]")
     for note in left_out:
         print(f"left out: {note}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "bench": "quality", "data": str(args.data), "k": k, "epochs": args.epochs,
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
-        "rows": rows, "left_out": left_out,
+        "seeds": args.seeds, "rows": rows, "seed_means": means, "left_out": left_out,
     }, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
