@@ -3,10 +3,13 @@ batch's mean loss, `criterion.logits(outputs)` -> class scores for accuracy.
 
 - `ce`: cross-entropy (with optional label smoothing) on the model's
   classifier head; outputs are logits.
-- `arcface`, `proxy_anchor`: pytorch-metric-learning's ArcFaceLoss
-  (additive angular margin) and ProxyAnchorLoss on the embedding; the loss
-  holds the class weights / proxies, the model has no head (outputs are the
-  embeddings), and class scores are cosines to those weights.
+- `arcface`, `subcenter_arcface`, `proxy_anchor`: pytorch-metric-learning's
+  ArcFaceLoss (additive angular margin), SubCenterArcFaceLoss (the same with
+  3 centres per class, each image pulled to its nearest: a class that looks
+  several ways, or holds mislabelled images, need not collapse to one
+  point) and ProxyAnchorLoss on the embedding; the loss holds the class
+  weights / proxies, the model has no head (outputs are the embeddings), and
+  class scores are cosines to those weights (the nearest centre's).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from torch import nn
 
 from imagesearch import errors
 
-LOSSES = ("ce", "arcface", "proxy_anchor")
+LOSSES = ("ce", "arcface", "subcenter_arcface", "proxy_anchor")
+SUB_CENTERS = 3  # the paper's and the library's default
 
 
 class Criterion(nn.Module):
@@ -45,20 +49,25 @@ class MetricLoss(Criterion):
         from pytorch_metric_learning import losses  # only when asked for
 
         self.kind = kind
+        self.num_classes = num_classes
         if kind == "arcface":
             self.loss = losses.ArcFaceLoss(num_classes, dim)  # margin 28.6 degrees, scale 64
+        elif kind == "subcenter_arcface":
+            self.loss = losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=dim,
+                                                     sub_centers=SUB_CENTERS)  # same margin, scale
         else:
             self.loss = losses.ProxyAnchorLoss(num_classes, dim)  # margin 0.1, alpha 32
 
     def class_weights(self) -> torch.Tensor:
-        """(num_classes, dim)"""
-        return self.loss.W.t() if self.kind == "arcface" else self.loss.proxies
+        """(num_classes x centres per class, dim), a class's centres together"""
+        return self.loss.W.t() if self.kind != "proxy_anchor" else self.loss.proxies
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.loss(outputs.float(), targets)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
-        return F.normalize(outputs.float(), dim=1) @ F.normalize(self.class_weights().float(), dim=1).t()
+        cosines = F.normalize(outputs.float(), dim=1) @ F.normalize(self.class_weights().float(), dim=1).t()
+        return cosines.view(len(cosines), self.num_classes, -1).amax(dim=2)  # a class: its nearest centre
 
 
 def build_criterion(kind: str, num_classes: int, dim: int, label_smoothing: float = 0.0) -> Criterion:
