@@ -17,6 +17,7 @@ is a base, optionally followed by modifiers joined with "+" (e.g.
     light             default recipe + --augment light (no TrivialAugmentWide)
     gem               default recipe + --pooling gem
     proxy_anchor      default recipe + --loss proxy_anchor (on the 512-d neck)
+    subcenter         default recipe + --loss subcenter_arcface (3 centres a class)
     ema               default recipe + --ema 25% (an average over a quarter of the run's steps)
     sqrt              default recipe + --sampler sqrt (square-root class-balanced draws)
     balanced          default recipe + --sampler balanced (every class drawn equally)
@@ -89,6 +90,7 @@ BASES: dict[str, list[str] | None] = {
     "light": ["--augment", "light"],
     "gem": ["--pooling", "gem"],
     "proxy_anchor": ["--loss", "proxy_anchor"],
+    "subcenter": ["--loss", "subcenter_arcface"],
     "ema": ["--ema", "25%"],
     "sqrt": ["--sampler", "sqrt"],
     "balanced": ["--sampler", "balanced"],
@@ -106,7 +108,7 @@ MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
 
 DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "default", "default+tta", "default+qe", "default+dba",
                 "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
-                "light", "proxy_anchor", "gem", "ema", "sqrt", "balanced", "batch32", "lite2",
+                "light", "proxy_anchor", "gem", "ema", "subcenter", "sqrt", "balanced", "batch32", "lite2",
                 "lite2+tta+qe+kreciprocal"]
 
 

@@ -202,6 +202,22 @@ def test_the_input_size_is_the_backbones_own_except_in_the_seed_recipe():
     assert training_settings(["--image-size", "224"]) == training_settings([])
 
 
+def test_subcenter_arcface_scores_a_class_by_its_nearest_centre():
+    from trainer.losses import SUB_CENTERS, build_criterion
+
+    criterion = build_criterion("subcenter_arcface", 4, 8)
+    weights = criterion.class_weights()
+    assert weights.shape == (4 * SUB_CENTERS, 8)
+    # An embedding on class 2's last centre scores 1 for class 2, whatever its other centres are.
+    x = weights[2 * SUB_CENTERS + SUB_CENTERS - 1].detach().unsqueeze(0) * 5
+    scores = criterion.logits(x)
+    assert scores.shape == (1, 4) and scores.argmax().item() == 2
+    assert scores[0, 2].item() == pytest.approx(1.0, abs=1e-5)
+    loss = criterion(torch.randn(6, 8, requires_grad=True), torch.tensor([0, 1, 2, 3, 0, 1]))
+    loss.backward()
+    assert criterion.loss.W.grad is not None and torch.isfinite(loss)
+
+
 def test_gem_with_p_1_is_average_pooling():
     x = torch.rand(2, 5, 4, 4)
     gem = GeM(p=1.0)
@@ -230,6 +246,7 @@ def test_bad_recipe_numbers_are_exit_2(tmp_path, capsys, extra, message):
     ("default", []),
     ("ce-pooled", ["--loss", "ce", "--embedding-dim", "0"]),
     ("arcface-neck", ["--loss", "arcface", "--embedding-dim", "16"]),
+    ("subcenter-arcface", ["--loss", "subcenter_arcface", "--embedding-dim", "16"]),
     ("proxy-anchor-gem", ["--loss", "proxy_anchor", "--embedding-dim", "16", "--pooling", "gem"]),
     ("gem", ["--pooling", "gem"]),
     ("ema", ["--ema", "0.5", "--epochs", "2", "--select-by", "loss"]),
