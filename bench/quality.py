@@ -72,13 +72,14 @@ from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
 from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
 from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion  # noqa: E402
+from trainer.train import DEFAULTS as TRAINER_DEFAULTS  # noqa: E402
 from trainer.train import training_settings  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
 RUNS = ROOT / "runs" / "quality"
 RESULTS = ROOT / "bench" / "results" / "quality.json"
 BACKBONE = "efficientnet_lite0"
-TRAINER_SEED = 42  # the trainer's default --seed: runs trained with it keep their plain folder names
+TRAINER_SEED = TRAINER_DEFAULTS["seed"]  # runs trained with the trainer's own seed keep their plain folder names
 
 # base -> trainer arguments beyond the common ones, or None for no training
 BASES: dict[str, list[str] | None] = {
@@ -141,7 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="train the options that have no finished checkpoint")
     p.add_argument("--train-only", action="store_true", help="train (as --train) and measure nothing")
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default %(default)s)")
-    p.add_argument("--seeds", default="42", type=parse_seeds,
+    p.add_argument("--seeds", default=str(TRAINER_SEED), type=parse_seeds,
                    help="comma-separated training seeds: each trained base is trained and measured once per "
                         "seed (default %(default)s, the trainer's)")
     p.add_argument("--workers", type=int, default=1, help="trainer DataLoader workers (default %(default)s)")
