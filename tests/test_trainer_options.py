@@ -158,6 +158,25 @@ def test_class_balanced_sampler_draws_small_classes_more_often():
     assert parts[0] != parts[1]
 
 
+def test_the_sampler_flag_picks_the_training_order(real_subset):
+    from torch.utils.data import DistributedSampler
+
+    from imagesearch.model.preprocessing import PreprocessSpec
+    from trainer import distributed
+    from trainer.data import check_layout
+    from trainer.train import _loaders, _resolve_args, get_args_parser
+
+    layout = check_layout(real_subset)
+    spec = PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3)
+    for name, kind, power in (("shuffle", DistributedSampler, None), ("sqrt", distributed.ClassBalancedSampler, 0.5),
+                              ("balanced", distributed.ClassBalancedSampler, 0.0)):
+        args = _resolve_args(get_args_parser().parse_args(["--sampler", name, "--workers", "0"]), None)
+        _, _, sampler = _loaders(layout, spec, args, distributed.from_env(), torch.device("cpu"))
+        assert type(sampler) is kind and len(sampler) == len(layout.train.samples)
+        if power is not None:  # the class shares follow the flag's power (3 classes of 6 images: equal weights)
+            assert torch.allclose(sampler.weights, torch.full((18,), 6.0 ** (power - 1), dtype=torch.float64))
+
+
 def test_augmentations_differ_only_where_they_say():
     from torchvision import transforms
 
