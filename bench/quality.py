@@ -92,6 +92,8 @@ BASES: dict[str, list[str] | None] = {
     "gem": ["--pooling", "gem"],
     "proxy_anchor": ["--loss", "proxy_anchor"],
     "subcenter": ["--loss", "subcenter_arcface"],
+    "p2sgrad": ["--loss", "p2sgrad"],
+    "adacos": ["--loss", "adacos"],
     "ema": ["--ema", "25%"],
     "sqrt": ["--sampler", "sqrt"],
     "balanced": ["--sampler", "balanced"],

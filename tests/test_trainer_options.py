@@ -235,6 +235,46 @@ def test_subcenter_arcface_scores_a_class_by_its_nearest_centre():
     assert criterion.loss.W.grad is not None and torch.isfinite(loss)
 
 
+def test_adacos_scale_starts_from_the_number_of_classes_and_grows_as_classes_separate():
+    from trainer.losses import adacos_initial_scale, adacos_scale, build_criterion
+
+    assert adacos_initial_scale(10) == pytest.approx(2 ** 0.5 * np.log(9))
+    assert adacos_initial_scale(81) > adacos_initial_scale(10)
+    criterion = build_criterion("adacos", 4, 8)
+    assert float(criterion.scale) == pytest.approx(adacos_initial_scale(4))
+    targets = torch.tensor([0, 1, 2, 3])
+    # Each embedding at 60 degrees from its class and 90 from the others: the median target
+    # angle is capped at 45 degrees, B = 3 exp(0) = 3, so the scale is ln 3 / cos 45.
+    cosines = torch.where(F.one_hot(targets, 4).bool(), torch.tensor(0.5), torch.tensor(0.0))
+    assert adacos_scale(cosines, targets, 7.0) == pytest.approx(np.log(3) / np.cos(np.pi / 4), rel=1e-5)
+    # Closer to their classes (20 degrees): the scale follows the median angle up.
+    cosines = torch.where(F.one_hot(targets, 4).bool(), torch.tensor(np.cos(np.radians(20))), torch.tensor(0.0))
+    assert adacos_scale(cosines, targets, 7.0) == pytest.approx(np.log(3) / np.cos(np.radians(20)), rel=1e-4)
+    # A training step moves the stored scale (kept in the state dict for --resume); evaluation does not.
+    x = criterion.class_weights().detach()[targets] * 3 + 0.01 * torch.randn(4, 8)
+    before = float(criterion.scale)
+    criterion.train()
+    criterion(x, targets).backward()
+    moved = float(criterion.scale)
+    assert moved != pytest.approx(before) and "scale" in criterion.state_dict()
+    criterion.eval()
+    criterion(torch.randn(4, 8), targets)
+    assert float(criterion.scale) == moved and criterion.loss.scale == pytest.approx(moved)
+
+
+def test_p2sgrad_scores_classes_by_cosine_and_its_weights_learn():
+    from trainer.losses import build_criterion
+
+    criterion = build_criterion("p2sgrad", 3, 8)
+    weights = criterion.class_weights()
+    assert weights.shape == (3, 8)
+    scores = criterion.logits(weights[1].detach().unsqueeze(0) * 4)
+    assert scores.argmax().item() == 1 and scores[0, 1].item() == pytest.approx(1.0, abs=1e-5)
+    loss = criterion(torch.randn(5, 8, requires_grad=True), torch.tensor([0, 1, 2, 0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and criterion.loss.weight.grad.abs().sum() > 0
+
+
 def test_gem_with_p_1_is_average_pooling():
     x = torch.rand(2, 5, 4, 4)
     gem = GeM(p=1.0)
@@ -265,6 +305,8 @@ def test_bad_recipe_numbers_are_exit_2(tmp_path, capsys, extra, message):
     ("arcface-neck", ["--loss", "arcface", "--embedding-dim", "16"]),
     ("subcenter-arcface", ["--loss", "subcenter_arcface", "--embedding-dim", "16"]),
     ("proxy-anchor-gem", ["--loss", "proxy_anchor", "--embedding-dim", "16", "--pooling", "gem"]),
+    ("p2sgrad", ["--loss", "p2sgrad", "--embedding-dim", "16"]),
+    ("adacos", ["--loss", "adacos", "--embedding-dim", "16"]),
     ("gem", ["--pooling", "gem"]),
     ("ema", ["--ema", "0.5", "--epochs", "2", "--select-by", "loss"]),
     ("ema-span", ["--ema", "50%", "--epochs", "2", "--select-by", "loss", "--sampler", "sqrt"]),
@@ -299,6 +341,9 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
     if metric_loss:
         last = torch.load(out / "last.pt", weights_only=True)
         assert last["criterion"], "the loss's class weights are kept for --resume"
+    if name == "adacos":  # the scale the batches set is kept with the class weights
+        last = torch.load(out / "last.pt", weights_only=True)
+        assert float(last["criterion"]["scale"]) > 0
     if name == "ema-span":  # a time constant of half the run's steps
         steps = 2 * saved["resolved"]["steps_per_epoch"]
         assert saved["ema"] == "50%" and 1 / (1 - saved["resolved"]["ema_decay"]) == pytest.approx(steps / 2)

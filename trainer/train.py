@@ -172,8 +172,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         f"(default {d['patience']}; seed {s['patience']})")
     m = p.add_argument_group("model options (recorded in the checkpoint; the embedder serves them)")
     m.add_argument("--loss", choices=LOSSES,
-                   help="ce: cross-entropy on a classifier head; arcface / proxy_anchor: pytorch-metric-learning's "
-                        f"losses on the embedding (default {d['loss']}; seed {s['loss']})")
+                   help="ce: cross-entropy on a classifier head; arcface, subcenter_arcface, proxy_anchor, p2sgrad, "
+                        "adacos (a cosine softmax whose scale follows the number of classes and the batch): "
+                        "pytorch-metric-learning's losses on the embedding, see trainer/losses.py "
+                        f"(default {d['loss']}; seed {s['loss']})")
     m.add_argument("--embedding-dim", type=int, metavar="N",
                    help="a neck (linear + BatchNorm) to an N-d embedding before the loss; 0 = none, the backbone's "
                         f"pooled features (default {d['embedding_dim']}; seed {s['embedding_dim']})")
