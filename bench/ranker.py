@@ -239,7 +239,7 @@ def bench_size(G: int, args, rng: np.random.Generator, workdir: Path, rss_empty_
         channel.close()
     finally:
         rc = proc.terminate()
-    del index
+    index = None  # drop the core's copy of the matrix before the next size
     return {
         "G": G, "dim": dim,
         "latency": lat, "latency_results_agree": bool(agree), "search_stream": stream,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from imagesearch.defaults import PARENT_PID_ENV
 from imagesearch.parent import follow_parent
 
 ROOT = Path(__file__).resolve().parents[1]
