@@ -94,6 +94,7 @@ BASES: dict[str, list[str] | None] = {
     "subcenter": ["--loss", "subcenter_arcface"],
     "p2sgrad": ["--loss", "p2sgrad"],
     "adacos": ["--loss", "adacos"],
+    "imprint": ["--head-init", "imprint"],
     "ema": ["--ema", "25%"],
     "sqrt": ["--sampler", "sqrt"],
     "balanced": ["--sampler", "balanced"],

@@ -275,6 +275,62 @@ def test_p2sgrad_scores_classes_by_cosine_and_its_weights_learn():
     assert torch.isfinite(loss) and criterion.loss.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("loss", ["arcface", "subcenter_arcface", "proxy_anchor", "p2sgrad", "adacos"])
+def test_imprinting_points_each_class_weight_at_its_class_mean(real_subset, loss):
+    from imagesearch.model.backbones import build_model
+    from imagesearch.model.preprocessing import PreprocessSpec, decode_image, eval_transform
+    from trainer.data import check_layout
+    from trainer.imprint import PER_CLASS, imprint, pick
+    from trainer.losses import build_criterion
+
+    layout = check_layout(str(real_subset))
+    spec = PreprocessSpec(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", "none", 0, neck_dim=8).train()
+    criterion = build_criterion(loss, 3, 8)
+    lengths = criterion.class_weights().detach().norm(dim=1).clone()
+    done = imprint(model, criterion, layout.train.samples, spec, 3, torch.device("cpu"), seed=1, per_class=4)
+    assert done["images"] == 12 and done["per_class"] == 4 and 0 <= done["accuracy"] <= 1
+    assert model.training, "imprinting leaves the model in the mode it found it"
+    # The class means of the chosen images' served embeddings (eval mode: the neck's new statistics).
+    chosen = pick(layout.train.samples, 4, seed=1)
+    x = torch.stack([eval_transform(spec)(decode_image(Path(p).read_bytes(), reduce_to=spec.decode_size))
+                     for p, _ in chosen])
+    targets = torch.tensor([t for _, t in chosen])
+    with torch.no_grad():
+        unit = model.eval().embed(x)
+        z = model.neck[0](model.body(x))
+    torch.testing.assert_close(model.neck[1].running_mean, z.mean(0), atol=1e-5, rtol=1e-4)
+    means = F.normalize(torch.stack([unit[targets == c].mean(0) for c in range(3)]), dim=1)
+    weights = criterion.class_weights().detach()
+    centres = weights.shape[0] // 3
+    cos = F.normalize(weights, dim=1) @ means.t()
+    for c in range(3):
+        for k in range(centres):
+            assert cos[c * centres + k, c].item() > (0.98 if centres > 1 else 0.9999)
+    if centres > 1:  # sub-centres start near their mean, not on one point
+        assert not torch.allclose(weights[0], weights[1])
+    torch.testing.assert_close(weights.norm(dim=1), lengths, rtol=1e-4, atol=1e-5)
+    assert PER_CLASS >= 4
+
+
+def test_imprinting_draws_a_seeded_subset_of_each_class():
+    from trainer.imprint import pick
+
+    samples = [(f"{c}{i}", c) for c in range(3) for i in range(10 if c else 2)]
+    one = pick(samples, 4, seed=3)
+    assert [t for _, t in one].count(0) == 2 and [t for _, t in one].count(1) == 4
+    assert one == pick(samples, 4, seed=3) and one != pick(samples, 4, seed=4)
+    assert one == sorted(one, key=samples.index)
+
+
+def test_imprinting_a_cross_entropy_head_is_refused(tmp_path, capsys):
+    data = tmp_path / "nodata"
+    data.mkdir()
+    assert cli_main(args_for(data, tmp_path / "run", "--loss", "ce", "--head-init", "imprint")) == 2
+    assert "--head-init imprint" in capsys.readouterr().err
+
+
 def test_gem_with_p_1_is_average_pooling():
     x = torch.rand(2, 5, 4, 4)
     gem = GeM(p=1.0)
@@ -307,6 +363,7 @@ def test_bad_recipe_numbers_are_exit_2(tmp_path, capsys, extra, message):
     ("proxy-anchor-gem", ["--loss", "proxy_anchor", "--embedding-dim", "16", "--pooling", "gem"]),
     ("p2sgrad", ["--loss", "p2sgrad", "--embedding-dim", "16"]),
     ("adacos", ["--loss", "adacos", "--embedding-dim", "16"]),
+    ("imprint", ["--head-init", "imprint", "--embedding-dim", "16"]),
     ("gem", ["--pooling", "gem"]),
     ("ema", ["--ema", "0.5", "--epochs", "2", "--select-by", "loss"]),
     ("ema-span", ["--ema", "50%", "--epochs", "2", "--select-by", "loss", "--sampler", "sqrt"]),
@@ -341,6 +398,8 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
     if metric_loss:
         last = torch.load(out / "last.pt", weights_only=True)
         assert last["criterion"], "the loss's class weights are kept for --resume"
+    if name == "imprint":
+        assert saved["head_init"] == "imprint" and saved["resolved"]["imprinted"]["images"] == 6 * 3
     if name == "adacos":  # the scale the batches set is kept with the class weights
         last = torch.load(out / "last.pt", weights_only=True)
         assert float(last["criterion"]["scale"]) > 0

@@ -22,13 +22,16 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 RECIPES = {
     "default": {"loss": "arcface", "embedding_dim": 512, "optimizer": "adamw", "lr": 3e-4, "head_lr_mult": 10.0,
                 "weight_decay": 0.05, "warmup_epochs": 0.5, "schedule": "cosine", "label_smoothing": 0.0,
-                "select_by": "map", "patience": 5, "ema": 0.0, "augment": "strong", "sampler": "shuffle"},
+                "select_by": "map", "patience": 5, "ema": 0.0, "augment": "strong", "sampler": "shuffle",
+                "head_init": "random"},
     "seed": {"loss": "ce", "embedding_dim": 0, "optimizer": "adam", "lr": 1e-4, "head_lr_mult": 1.0,
              "weight_decay": 0.0, "warmup_epochs": 0.0, "schedule": "constant", "label_smoothing": 0.0,
-             "select_by": "loss", "patience": 3, "ema": 0.0, "augment": "seed", "sampler": "shuffle"},
+             "select_by": "loss", "patience": 3, "ema": 0.0, "augment": "seed", "sampler": "shuffle",
+             "head_init": "random"},
 }
 # What a run saved before a flag existed meant: the behaviour of that time.
-LEGACY = {"augment": {"seed": "seed", "default": "strong"}, "sampler": {"seed": "shuffle", "default": "shuffle"}}
+LEGACY = {"augment": {"seed": "seed", "default": "strong"}, "sampler": {"seed": "shuffle", "default": "shuffle"},
+          "head_init": {"seed": "random", "default": "random"}}
 SEED_IMAGE_SIZE = 224  # the notebook's input size, whatever the backbone (the default recipe: the backbone's own)
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1 % of the peak, not 0
 

@@ -65,6 +65,7 @@ from trainer import amp, distributed
 from trainer import recipe as recipes
 from trainer.data import SPLIT_FILE, Batch, Collate, ImageFiles, Layout, check_layout, read_split
 from trainer.early_stopping import EarlyStopping
+from trainer.imprint import HEAD_INITS, PER_CLASS, imprint
 from trainer.losses import LOSSES, Criterion, build_criterion
 from trainer.plots import write_plots
 
@@ -158,6 +159,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "to the square root of its image count) or balanced (every class equally); the last two "
                         "draw with replacement, as many images an epoch as shuffle "
                         f"(default {d['sampler']}; seed {s['sampler']})")
+    r.add_argument("--head-init", choices=HEAD_INITS,
+                   help="a metric loss's class weights at the start: random, or imprint (each class's mean "
+                        f"embedding over up to {PER_CLASS} of its training images; trainer/imprint.py) "
+                        f"(default {d['head_init']}; seed {s['head_init']})")
     r.add_argument("--ema", metavar="DECAY|P%",
                    help="evaluate and save an exponential moving average of the weights: a decay per step "
                         "(e.g. 0.998), or a span P%% of the run's steps (e.g. 25%%: the average's time constant "
@@ -433,6 +438,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         if not (0 <= value < high):
             raise errors.InvalidArgument(f"{flag} {value}: must be at least 0" +
                                          (f" and below {high:g}" if math.isfinite(high) else ""))
+    if args.head_init == "imprint" and args.loss == "ce":
+        raise errors.InvalidArgument("--head-init imprint sets a metric loss's class weights; --loss ce has a "
+                                     "linear classifier head: use a metric loss (e.g. --loss arcface) or drop "
+                                     "--head-init")
 
 
 def _run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -558,6 +567,12 @@ def main(args: argparse.Namespace) -> TrainResult:
     distributed.init(dist_info, device)
     model.to(device)
     criterion.to(device)
+    imprinted = None
+    if resumed and (run_dir / "args.json").is_file():  # what the run's start did, kept in its args.json
+        imprinted = json.loads((run_dir / "args.json").read_text()).get("resolved", {}).get("imprinted")
+    elif args.head_init == "imprint":  # a resumed run has its trained class weights
+        imprinted = imprint(model, criterion, layout.train.samples, spec, num_classes, device, seed=args.seed,
+                            batch_size=args.batch_size, workers=args.workers)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     train_model: nn.Module = model
@@ -613,7 +628,8 @@ def main(args: argparse.Namespace) -> TrainResult:
                     "class_names": list(layout.class_names), "preprocess": spec.to_dict(),
                     "train_images": len(layout.train.samples), "val_images": len(layout.val.samples),
                     "embedding_dim": model.dim, "steps_per_epoch": steps_per_epoch, "ema_decay": ema_decay,
-                    "resumed_at_epoch": start_epoch or None, "torch": str(torch.__version__)}
+                    "resumed_at_epoch": start_epoch or None,
+                    "imprinted": imprinted, "torch": str(torch.__version__)}
         if layout.carved is not None:
             atomic_write_text(run_dir / SPLIT_FILE, json.dumps(layout.carved, indent=1) + "\n")
         atomic_write_text(run_dir / "args.json",
