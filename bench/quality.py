@@ -18,6 +18,10 @@ is a base, optionally followed by modifiers joined with "+" (e.g.
     gem               default recipe + --pooling gem
     proxy_anchor      default recipe + --loss proxy_anchor (on the 512-d neck)
     subcenter         default recipe + --loss subcenter_arcface (3 centres a class)
+    p2sgrad           default recipe + --loss p2sgrad (no scale, no margin)
+    adacos            default recipe + --loss adacos (a margin-free cosine softmax, dynamic AdaCos scale)
+    imprint           default recipe + --head-init imprint (class weights from the class means)
+    p2sgrad-imprint   p2sgrad + --head-init imprint
     ema               default recipe + --ema 25% (an average over a quarter of the run's steps)
     sqrt              default recipe + --sampler sqrt (square-root class-balanced draws)
     balanced          default recipe + --sampler balanced (every class drawn equally)
@@ -95,6 +99,7 @@ BASES: dict[str, list[str] | None] = {
     "p2sgrad": ["--loss", "p2sgrad"],
     "adacos": ["--loss", "adacos"],
     "imprint": ["--head-init", "imprint"],
+    "p2sgrad-imprint": ["--loss", "p2sgrad", "--head-init", "imprint"],
     "ema": ["--ema", "25%"],
     "sqrt": ["--sampler", "sqrt"],
     "balanced": ["--sampler", "balanced"],

@@ -18,7 +18,9 @@ batch's mean loss, `criterion.logits(outputs)` -> class scores for accuracy.
   scale, no margin) and `adacos` (a cosine softmax without margin whose
   scale starts at sqrt(2) ln(C - 1) and follows the batch: dynamic AdaCos,
   pytorch-metric-learning's CosFaceLoss at margin 0 with the scale set
-  before each step).
+  before each step; under torchrun each process sets it from its own batch,
+  as the paper's per-batch estimate does, with no collective that a rank
+  with an empty batch would miss).
 """
 
 from __future__ import annotations
