@@ -6,27 +6,28 @@ Rows (each a model served by a fresh embedder process; one ranker process,
 a temporary SQLite file; retrieval/gallery indexed, retrieval/query asked,
 scored against retrieval/ground_truth.json with the project's metrics). A row
 is a base, optionally followed by modifiers joined with "+" (e.g.
-`arcface-512+qe+kreciprocal`). Bases:
+`default+qe+kreciprocal`). Bases:
 
     off-the-shelf     ImageNet Lite0 features, no training
     seed              --recipe seed (the seed notebook's recipe)
-    default           the default recipe (ArcFace on a 512-d neck, strong augmentation)
+    default           the default recipe (P2SGrad on a 512-d neck, strong augmentation)
+    arcface           default recipe + --loss arcface (the default recipe before P2SGrad; the
+                      bases below marked "ArcFace" add their option to this one, as measured)
     ce                default recipe with cross-entropy on the pooled 1280-d features
                       (--loss ce --embedding-dim 0)
     ce-ls0.1          ce + --label-smoothing 0.1 (the default recipe before ArcFace)
-    light             default recipe + --augment light (no TrivialAugmentWide)
-    gem               default recipe + --pooling gem
+    light             ArcFace + --augment light (no TrivialAugmentWide)
+    gem               ArcFace + --pooling gem
     proxy_anchor      default recipe + --loss proxy_anchor (on the 512-d neck)
     subcenter         default recipe + --loss subcenter_arcface (3 centres a class)
-    p2sgrad           default recipe + --loss p2sgrad (no scale, no margin)
     adacos            default recipe + --loss adacos (a margin-free cosine softmax, dynamic AdaCos scale)
-    imprint           default recipe + --head-init imprint (class weights from the class means)
-    p2sgrad-imprint   p2sgrad + --head-init imprint
-    ema               default recipe + --ema 25% (an average over a quarter of the run's steps)
-    sqrt              default recipe + --sampler sqrt (square-root class-balanced draws)
-    balanced          default recipe + --sampler balanced (every class drawn equally)
-    batch32           default recipe + --batch-size 32 (more, smaller steps in the same epochs)
-    lite2             default recipe on --backbone efficientnet_lite2 (at its own 260 px)
+    imprint           ArcFace + --head-init imprint (class weights from the class means)
+    p2sgrad-imprint   default recipe (P2SGrad) + --head-init imprint
+    ema               ArcFace + --ema 25% (an average over a quarter of the run's steps)
+    sqrt              ArcFace + --sampler sqrt (square-root class-balanced draws)
+    balanced          ArcFace + --sampler balanced (every class drawn equally)
+    batch32           ArcFace + --batch-size 32 (more, smaller steps in the same epochs)
+    lite2             ArcFace on --backbone efficientnet_lite2 (at its own 260 px)
 
 Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library defaults):
 
@@ -90,21 +91,21 @@ BASES: dict[str, list[str] | None] = {
     "off-the-shelf": None,
     "seed": ["--recipe", "seed"],
     "default": [],
+    "arcface": ["--loss", "arcface"],
     "ce": ["--loss", "ce", "--embedding-dim", "0"],
     "ce-ls0.1": ["--loss", "ce", "--embedding-dim", "0", "--label-smoothing", "0.1"],
-    "light": ["--augment", "light"],
-    "gem": ["--pooling", "gem"],
+    "light": ["--loss", "arcface", "--augment", "light"],
+    "gem": ["--loss", "arcface", "--pooling", "gem"],
     "proxy_anchor": ["--loss", "proxy_anchor"],
     "subcenter": ["--loss", "subcenter_arcface"],
-    "p2sgrad": ["--loss", "p2sgrad"],
     "adacos": ["--loss", "adacos"],
-    "imprint": ["--head-init", "imprint"],
+    "imprint": ["--loss", "arcface", "--head-init", "imprint"],
     "p2sgrad-imprint": ["--loss", "p2sgrad", "--head-init", "imprint"],
-    "ema": ["--ema", "25%"],
-    "sqrt": ["--sampler", "sqrt"],
-    "balanced": ["--sampler", "balanced"],
-    "batch32": ["--batch-size", "32"],
-    "lite2": ["--backbone", "efficientnet_lite2"],
+    "ema": ["--loss", "arcface", "--ema", "25%"],
+    "sqrt": ["--loss", "arcface", "--sampler", "sqrt"],
+    "balanced": ["--loss", "arcface", "--sampler", "balanced"],
+    "batch32": ["--loss", "arcface", "--batch-size", "32"],
+    "lite2": ["--loss", "arcface", "--backbone", "efficientnet_lite2"],
 }
 
 # modifier -> (embedder extra arguments, index_folder keyword arguments, query_folder keyword arguments)
@@ -115,7 +116,7 @@ MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
     "kreciprocal": ([], {}, {"k_reciprocal": KReciprocal()}),
 }
 
-DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "default", "default+tta", "default+qe", "default+dba",
+DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "arcface", "default", "default+tta", "default+qe", "default+dba",
                 "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
                 "light", "proxy_anchor", "gem", "ema", "subcenter", "sqrt", "balanced", "batch32", "lite2",
                 "lite2+tta+qe+kreciprocal"]

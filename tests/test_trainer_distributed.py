@@ -53,11 +53,11 @@ def test_torchrun_two_cpu_processes_write_one_run_in_the_checkpoint_format(tmp_p
     assert not any(k.startswith("module.") for k in raw["state_dict"]), "DDP wrapper must not leak into keys"
     loaded = load_checkpoint(out / "best.pt")
     assert loaded.class_names == ["blue", "green", "red"] and loaded.spec.input_size == 32
-    assert loaded.meta["embedding_dim"] == 512  # the default recipe's ArcFace neck
+    assert loaded.meta["embedding_dim"] == 512  # the default recipe's neck
 
     x = torch.rand(2, 3, 32, 32)
     loaded.model.eval()
     with torch.no_grad():
-        # No classifier head (ArcFace's class weights live in the loss, synchronised by hand: an
+        # No classifier head (the loss's class weights live in the loss, synchronised by hand: an
         # empty batch on one process, from the bad files, must still join that all_reduce).
         assert loaded.model(x).shape == (2, 512) and loaded.model.embed(x).shape == (2, 512)

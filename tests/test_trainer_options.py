@@ -195,9 +195,10 @@ def test_training_settings_name_what_a_run_trains_whatever_the_spelling():
     from trainer.train import training_settings
 
     default = training_settings([])
-    assert (default["loss"], default["embedding_dim"], default["augment"]) == ("arcface", 512, "strong")
-    assert training_settings(["--loss", "arcface", "--embedding-dim", "512"]) == default
-    assert training_settings(["--label-smoothing", "0.1"]) == default  # ArcFace has no use for it
+    assert (default["loss"], default["embedding_dim"], default["augment"]) == ("p2sgrad", 512, "strong")
+    assert training_settings(["--loss", "p2sgrad", "--embedding-dim", "512"]) == default
+    assert training_settings(["--label-smoothing", "0.1"]) == default  # a metric loss has no use for it
+    assert training_settings(["--loss", "arcface"]) != default
     ce = training_settings(["--loss", "ce", "--embedding-dim", "0"])
     assert ce != default and ce != training_settings(["--loss", "ce", "--embedding-dim", "0", "--label-smoothing", "0.1"])
     assert training_settings(["--augment", "light"]) != default
@@ -392,7 +393,7 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
         assert float(rows[0]["lr"]) == pytest.approx(1e-4)
     if name == "default":
         assert (saved["optimizer"], saved["select_by"], saved["head_lr_mult"]) == ("adamw", "map", 10.0)
-        assert (saved["loss"], saved["embedding_dim"], saved["augment"]) == ("arcface", 512, "strong")
+        assert (saved["loss"], saved["embedding_dim"], saved["augment"]) == ("p2sgrad", 512, "strong")
         best = max(rows, key=lambda r: float(r["val_map@10"]))
         assert best["best"] == "1"
     if metric_loss:

@@ -13,7 +13,7 @@ train transforms, Adam 1e-4, cross-entropy, batch 50). After every epoch
 the validation images are embedded and scored as a retrieval task (each a
 query against the rest: mAP@10, P@10, top-1); `--select-by map|loss` picks
 the epoch kept as best.pt, early stopping watches `--early-stop-on` (the
-same figure unless given). `--loss ce|arcface|proxy_anchor`,
+same figure unless given). `--loss ce|arcface|subcenter_arcface|proxy_anchor|p2sgrad|adacos`,
 `--embedding-dim N` (a linear + BatchNorm neck) and `--pooling avg|gem` are
 options of the one model, recorded in the checkpoint.
 
