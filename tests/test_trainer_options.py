@@ -425,6 +425,8 @@ def test_resume_keeps_the_model_options(real_subset, tmp_path, capsys):
     assert load_checkpoint(out / "last.pt").model.dim == 8
     assert cli_main(["--resume", str(out), "--epochs", "3", "--loss", "ce"]) == 2
     assert "--loss ce differs" in capsys.readouterr().err
+    assert cli_main(["--resume", str(out), "--epochs", "3", "--head-init", "imprint"]) == 2
+    assert "--head-init imprint differs" in capsys.readouterr().err
 
 
 def test_a_checkpoint_from_before_the_options_still_loads(tmp_path):

@@ -106,7 +106,7 @@ DEFAULTS = {
 RECIPE_FLAGS = tuple(recipes.RECIPES["default"])  # filled from --recipe when not given
 # Flags a resumed run cannot change: the model and its optimizer depend on them.
 FIXED_ON_RESUME = ("recipe", "backbone", "image_size", "freeze_backbone", "loss", "embedding_dim", "pooling",
-                   "optimizer", "ema")
+                   "optimizer", "ema", "head_init")  # head_init: what the run started from
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
