@@ -274,6 +274,14 @@ def test_p2sgrad_scores_classes_by_cosine_and_its_weights_learn():
     loss = criterion(torch.randn(5, 8, requires_grad=True), torch.tensor([0, 1, 2, 0, 1]))
     loss.backward()
     assert torch.isfinite(loss) and criterion.loss.weight.grad.abs().sum() > 0
+    # After an optimiser step the weights are unit again on every process, whether or not
+    # its forward ran (a process with an empty batch skips it): the copies stay equal.
+    with torch.no_grad():
+        criterion.loss.weight.add_(0.3 * torch.randn_like(criterion.loss.weight))
+    stepped = criterion.loss.weight.detach().clone()
+    criterion.after_step()
+    torch.testing.assert_close(criterion.loss.weight.norm(dim=0), torch.ones(3))
+    torch.testing.assert_close(criterion.loss.weight.detach(), stepped / stepped.norm(dim=0), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss", ["arcface", "subcenter_arcface", "proxy_anchor", "p2sgrad", "adacos"])

@@ -44,6 +44,9 @@ class Criterion(nn.Module):
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs
 
+    def after_step(self) -> None:
+        """Called on every process after each optimiser step, batch or not."""
+
 
 class CrossEntropy(Criterion):
     def __init__(self, label_smoothing: float = 0.0):
@@ -93,6 +96,14 @@ class MetricLoss(Criterion):
         if self.kind == "adacos":
             self.loss.scale = float(self.scale)
         return self.loss(outputs, targets)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        # P2SGrad wants unit class weights and renormalises them in its forward; doing it
+        # after each step as well keeps every process's copy equal under torchrun, also on a
+        # process whose batch was empty (all files unreadable) and so ran no forward.
+        if self.kind == "p2sgrad":
+            self.loss.weight.data = self.loss.weight.data.renorm(2, 1, 1e-5).mul(1e5)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         cosines = F.normalize(outputs.float(), dim=1) @ F.normalize(self.class_weights().float(), dim=1).t()

@@ -282,6 +282,7 @@ def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.opt
         distributed.average_gradients(criterion)  # the loss's own weights are outside DDP
         scaler.step(optimizer)
         scaler.update()
+        criterion.after_step()
         if ema is not None:
             ema.update_parameters(_core(model))
         if n:
