@@ -409,6 +409,19 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
         assert last["criterion"], "the loss's class weights are kept for --resume"
     if name == "imprint":
         assert saved["head_init"] == "imprint" and saved["resolved"]["imprinted"]["images"] == 6 * 3
+        # A resume keeps its trained weights (no second imprint over them) and the record of
+        # how the run started.
+        import trainer.train as train_module
+        calls = []
+        real = train_module.imprint
+        train_module.imprint = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            assert cli_main(["--resume", str(out), "--epochs", "2", "--workers", "0", "--log-level", "WARNING"]) == 0
+        finally:
+            train_module.imprint = real
+        assert calls == [] and [r["epoch"] for r in summary(out)] == ["1", "2"]
+        resumed = json.loads((out / "args.json").read_text())
+        assert resumed["resolved"]["imprinted"] == saved["resolved"]["imprinted"]
     if name == "adacos":  # the scale the batches set is kept with the class weights
         last = torch.load(out / "last.pt", weights_only=True)
         assert float(last["criterion"]["scale"]) > 0

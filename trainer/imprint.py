@@ -65,7 +65,7 @@ def imprint(model: EmbeddingNet, criterion: Criterion, samples: Sequence[tuple[s
     if not hasattr(criterion, "class_weights"):
         raise errors.InvalidArgument(
             f"--head-init imprint sets a metric loss's class weights; --loss {criterion.kind} has a linear "
-            f"classifier head instead: use --head-init random, or a metric loss such as --loss arcface")
+            f"classifier head instead: use --head-init random, or a metric loss such as --loss p2sgrad")
     started = time.monotonic()
     chosen = pick(samples, per_class, seed)
     loader = DataLoader(ImageFiles(chosen, eval_transform(spec), reduce_to=spec.decode_size),

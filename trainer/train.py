@@ -441,7 +441,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
                                          (f" and below {high:g}" if math.isfinite(high) else ""))
     if args.head_init == "imprint" and args.loss == "ce":
         raise errors.InvalidArgument("--head-init imprint sets a metric loss's class weights; --loss ce has a "
-                                     "linear classifier head: use a metric loss (e.g. --loss arcface) or drop "
+                                     "linear classifier head: use a metric loss (e.g. --loss p2sgrad) or drop "
                                      "--head-init")
 
 
@@ -569,9 +569,10 @@ def main(args: argparse.Namespace) -> TrainResult:
     model.to(device)
     criterion.to(device)
     imprinted = None
-    if resumed and (run_dir / "args.json").is_file():  # what the run's start did, kept in its args.json
-        imprinted = json.loads((run_dir / "args.json").read_text()).get("resolved", {}).get("imprinted")
-    elif args.head_init == "imprint":  # a resumed run has its trained class weights
+    if resumed:  # it has its trained class weights; its args.json keeps what its start did
+        if (run_dir / "args.json").is_file():
+            imprinted = json.loads((run_dir / "args.json").read_text()).get("resolved", {}).get("imprinted")
+    elif args.head_init == "imprint":
         imprinted = imprint(model, criterion, layout.train.samples, spec, num_classes, device, seed=args.seed,
                             batch_size=args.batch_size, workers=args.workers)
     if args.channels_last:
