@@ -86,26 +86,27 @@ RESULTS = ROOT / "bench" / "results" / "quality.json"
 BACKBONE = "efficientnet_lite0"
 TRAINER_SEED = TRAINER_DEFAULTS["seed"]  # runs trained with the trainer's own seed keep their plain folder names
 
+ARCFACE = ["--loss", "arcface"]  # the default recipe before P2SGrad: the bases measured on it keep it
 # base -> trainer arguments beyond the common ones, or None for no training
 BASES: dict[str, list[str] | None] = {
     "off-the-shelf": None,
     "seed": ["--recipe", "seed"],
     "default": [],
-    "arcface": ["--loss", "arcface"],
+    "arcface": ARCFACE,
     "ce": ["--loss", "ce", "--embedding-dim", "0"],
     "ce-ls0.1": ["--loss", "ce", "--embedding-dim", "0", "--label-smoothing", "0.1"],
-    "light": ["--loss", "arcface", "--augment", "light"],
-    "gem": ["--loss", "arcface", "--pooling", "gem"],
+    "light": [*ARCFACE, "--augment", "light"],
+    "gem": [*ARCFACE, "--pooling", "gem"],
     "proxy_anchor": ["--loss", "proxy_anchor"],
     "subcenter": ["--loss", "subcenter_arcface"],
     "adacos": ["--loss", "adacos"],
-    "imprint": ["--loss", "arcface", "--head-init", "imprint"],
+    "imprint": [*ARCFACE, "--head-init", "imprint"],
     "p2sgrad-imprint": ["--loss", "p2sgrad", "--head-init", "imprint"],
-    "ema": ["--loss", "arcface", "--ema", "25%"],
-    "sqrt": ["--loss", "arcface", "--sampler", "sqrt"],
-    "balanced": ["--loss", "arcface", "--sampler", "balanced"],
-    "batch32": ["--loss", "arcface", "--batch-size", "32"],
-    "lite2": ["--loss", "arcface", "--backbone", "efficientnet_lite2"],
+    "ema": [*ARCFACE, "--ema", "25%"],
+    "sqrt": [*ARCFACE, "--sampler", "sqrt"],
+    "balanced": [*ARCFACE, "--sampler", "balanced"],
+    "batch32": [*ARCFACE, "--batch-size", "32"],
+    "lite2": [*ARCFACE, "--backbone", "efficientnet_lite2"],
 }
 
 # modifier -> (embedder extra arguments, index_folder keyword arguments, query_folder keyword arguments)

@@ -377,7 +377,7 @@ def test_bad_recipe_numbers_are_exit_2(tmp_path, capsys, extra, message):
     ("ema", ["--ema", "0.5", "--epochs", "2", "--select-by", "loss"]),
     ("ema-span", ["--ema", "50%", "--epochs", "2", "--select-by", "loss", "--sampler", "sqrt"]),
 ])
-def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, tmp_path, name, extra):
+def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, tmp_path, monkeypatch, name, extra):
     out = tmp_path / name
     assert cli_main(args_for(real_subset, out, *extra)) == 0
     rows = summary(out)
@@ -414,11 +414,8 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
         import trainer.train as train_module
         calls = []
         real = train_module.imprint
-        train_module.imprint = lambda *a, **k: calls.append(1) or real(*a, **k)
-        try:
-            assert cli_main(["--resume", str(out), "--epochs", "2", "--workers", "0", "--log-level", "WARNING"]) == 0
-        finally:
-            train_module.imprint = real
+        monkeypatch.setattr(train_module, "imprint", lambda *a, **k: calls.append(1) or real(*a, **k))
+        assert cli_main(["--resume", str(out), "--epochs", "2", "--workers", "0", "--log-level", "WARNING"]) == 0
         assert calls == [] and [r["epoch"] for r in summary(out)] == ["1", "2"]
         resumed = json.loads((out / "args.json").read_text())
         assert resumed["resolved"]["imprinted"] == saved["resolved"]["imprinted"]

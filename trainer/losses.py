@@ -90,11 +90,11 @@ class MetricLoss(Criterion):
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         outputs = outputs.float()
-        if self.kind == "adacos" and self.training:
-            with torch.no_grad():
-                self.scale.fill_(adacos_scale(self.logits(outputs), targets, float(self.scale)))
         if self.kind == "adacos":
-            self.loss.scale = float(self.scale)
+            if self.training:
+                with torch.no_grad():
+                    self.scale.fill_(adacos_scale(self.logits(outputs), targets, float(self.scale)))
+            self.loss.scale = float(self.scale)  # the stored scale, also after a --resume
         return self.loss(outputs, targets)
 
     @torch.no_grad()
