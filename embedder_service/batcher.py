@@ -295,16 +295,21 @@ class Batcher(Generic[P, T, R]):
         full or max_wait_s has passed since a request was first waiting; None
         when closed and nothing is left."""
         with self._has_ready:
-            while not self._ready:
-                if self._stopping:
-                    return None
-                self._has_ready.wait()
-            deadline = time.monotonic() + self.max_wait_s
-            while len(self._ready) < self.max_batch and not self._stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while True:
+                while not self._ready:
+                    if self._stopping:
+                        return None
+                    self._has_ready.wait()
+                deadline = time.monotonic() + self.max_wait_s
+                while len(self._ready) < self.max_batch and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._has_ready.wait(remaining)
+                if self._ready:
                     break
-                self._has_ready.wait(remaining)
+                # Another model thread took every prepared request while this one
+                # waited for its batch to fill: wait for the next one from the start.
             if self._ready[0].rank[0] == 0 and any(r.rank[0] > 0 for r in self._ready):
                 # Priority-0 requests wait for no bulk: they go in a batch of their own,
                 # which runs in the time of a few images, not of a full batch.

@@ -201,6 +201,22 @@ def test_model_workers_run_batches_at_the_same_time():
     assert stats.batches >= 2 and stats.items == 16
 
 
+def test_model_workers_survive_another_taking_the_batch_they_waited_on(monkeypatch):
+    """A model thread waiting for its batch to fill can find that another model
+    thread took every prepared request meanwhile: it must wait again, not die
+    (a dead model thread left requests waiting forever once all had died)."""
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda hook_args: crashed.append(hook_args.exc_value))
+    for _ in range(20):
+        with Batcher(lambda x: x, lambda xs: [x * 10 for x in xs], max_batch=4, max_wait_s=0.002,
+                     prepare_workers=2, model_workers=4) as b:
+            results = sorted(f.result(10) for _, f in b.map_stream(((i, i) for i in range(200)), window=64))
+            alive = [t.is_alive() for t in b._threads]
+        assert results == [i * 10 for i in range(200)]
+        assert all(alive), alive
+        assert crashed == []
+
+
 @pytest.mark.parametrize("kwargs", [dict(max_batch=0), dict(max_wait_s=-1), dict(prepare_workers=0),
                                     dict(model_workers=0)])
 def test_batcher_rejects_nonsense_settings(kwargs):
