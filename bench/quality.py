@@ -107,6 +107,7 @@ BASES: dict[str, list[str] | None] = {
     "balanced": [*ARCFACE, "--sampler", "balanced"],
     "batch32": [*ARCFACE, "--batch-size", "32"],
     "lite2": [*ARCFACE, "--backbone", "efficientnet_lite2"],
+    "default-lite2": ["--backbone", "efficientnet_lite2"],
 }
 
 # modifier -> (embedder extra arguments, index_folder keyword arguments, query_folder keyword arguments)
