@@ -130,6 +130,8 @@ class ModelInfo:
     max_image_pixels: int
     max_batch: int
     max_message_bytes: int
+    max_streams: int = 0  # EmbedStream calls the server keeps open at once (0: no cap)
+    stream_window: int = 0  # items of one EmbedStream the server holds at once
 
 
 @dataclasses.dataclass(frozen=True)

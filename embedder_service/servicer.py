@@ -209,7 +209,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             class_names=info.class_names, max_image_bytes=limits.max_image_bytes,
             max_image_pixels=limits.max_image_pixels, max_batch=limits.max_batch,
             max_message_bytes=limits.max_message_bytes, engine=info.engine, precision=info.precision,
-            decode=info.spec.decode)
+            decode=info.spec.decode, max_streams=limits.max_streams, stream_window=limits.stream_window)
 
 
 def _stream_response(item_id: str, future: asyncio.Future, fingerprint: str) -> embedder_pb2.EmbedStreamResponse:

@@ -60,7 +60,8 @@ class FakeEmbedder(embedder_pb2_grpc.EmbedderServiceServicer):
     def GetModelInfo(self, request, context):
         self._enter("GetModelInfo", context)
         return embedder_pb2.GetModelInfoResponse(backbone="fake", dim=4, fingerprint=self.tag,
-                                                 max_message_bytes=self.max_message_bytes, max_image_bytes=10_000)
+                                                 max_message_bytes=self.max_message_bytes, max_image_bytes=10_000,
+                                                 max_streams=3, stream_window=16)
 
     def Embed(self, request, context):
         self._enter("Embed", context)
@@ -126,7 +127,7 @@ def test_unavailable_is_retried_by_grpc(grpc_server):
     fake = FakeEmbedder(unavailable=2)
     with EmbedderClient(start(grpc_server, fake), timeout=10) as client:
         info = client.model_info()
-    assert info.backbone == "fake"
+    assert (info.backbone, info.max_streams, info.stream_window) == ("fake", 3, 16)
     assert fake.calls == ["GetModelInfo"] * 3  # two UNAVAILABLE, then the answer
 
 

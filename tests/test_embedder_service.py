@@ -25,6 +25,7 @@ from PIL import Image
 
 from embedder_service.__main__ import MESSAGE_OVERHEAD_BYTES
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, register
+from imagesearch import defaults
 from imagesearch.model.backbones import build_model
 from imagesearch.model.checkpoint import load_model, save_checkpoint
 from imagesearch.model.preprocessing import PreprocessSpec, load_tensor
@@ -107,6 +108,7 @@ def test_model_info(stub, reference):
     assert list(info.class_names) == []
     assert (info.max_image_bytes, info.max_image_pixels, info.max_batch, info.max_message_bytes) == (
         LIMIT_BYTES, LIMIT_PIXELS, MAX_BATCH, LIMIT_BYTES + MESSAGE_OVERHEAD_BYTES)
+    assert info.max_streams == defaults.MAX_EMBED_STREAMS and info.stream_window >= MAX_BATCH  # resolved, not 0
 
 
 def test_health_and_reflection(server):
@@ -326,11 +328,13 @@ def test_models_that_cannot_be_served_end_the_process_with_a_clear_message(tmp_p
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_work_and_stops_the_batcher():
     proc = ServiceProcess("embedder_service", "--max-batch", "4", "--max-wait-ms", "5", "--stream-window", "8",
-                          "--grace", "120", wait_serving=False)
+                          "--max-streams", "7", "--grace", "120", wait_serving=False)
     try:
         _check_not_serving_until_loaded(proc)
         with proc.channel() as channel:
             stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
+            info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=30)
+            assert (info.max_streams, info.stream_window) == (7, 8)  # the flags, as a client sizes its streams
             images = photos(24)
             requests = [embedder_pb2.EmbedStreamRequest(id=str(i), image=d) for i, d in enumerate(images)]
             first_back = threading.Event()

@@ -54,7 +54,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("backbone", "dim", "input_size", "mean", "std", "device", "fingerprint", "weights", "max_image_bytes", "max_image_pixels", "max_batch", "max_message_bytes", "class_names", "interpolation", "engine", "precision", "decode")
+    __slots__ = ("backbone", "dim", "input_size", "mean", "std", "device", "fingerprint", "weights", "max_image_bytes", "max_image_pixels", "max_batch", "max_message_bytes", "class_names", "interpolation", "engine", "precision", "decode", "max_streams", "stream_window")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class GetModelInfoResponse(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_WINDOW_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     dim: int
     input_size: int
@@ -89,4 +91,6 @@ class GetModelInfoResponse(_message.Message):
     engine: str
     precision: str
     decode: str
-    def __init__(self, backbone: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., device: _Optional[str] = ..., fingerprint: _Optional[str] = ..., weights: _Optional[str] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., interpolation: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., decode: _Optional[str] = ...) -> None: ...
+    max_streams: int
+    stream_window: int
+    def __init__(self, backbone: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., device: _Optional[str] = ..., fingerprint: _Optional[str] = ..., weights: _Optional[str] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., interpolation: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., decode: _Optional[str] = ..., max_streams: _Optional[int] = ..., stream_window: _Optional[int] = ...) -> None: ...
