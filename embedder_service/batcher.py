@@ -146,18 +146,24 @@ class Batcher(Generic[P, T, R]):
         """Queue one item; the future holds its result, the exception `prepare`
         or `run` raised for it, or `Dropped`. `source` groups the requests of one
         caller (a stream) for ranking; None: the request is its own source.
-        Lower `priority` goes first."""
+        Lower `priority` goes first: 0 is interactive (prepared past the
+        read-ahead bound, batched apart from the rest), 1 and up are bulk."""
+        if priority < 0:
+            raise errors.InvalidArgument(f"priority must be 0 (interactive) or more (bulk), not {priority}")
         request: _Request[P, T, R] = _Request(payload, alive or _always)
         key = request if source is None else source
         with self._lock:
             if self._closed:
                 raise errors.Unavailable("the server is shutting down: retry on another replica")
+            # One task per request, each preparing the best one waiting. It is queued first
+            # (it runs once this lock is let go): should the pool refuse it (at interpreter
+            # exit), nothing is left counted or queued for a task that will never run.
+            self._pool.submit(self._prepare_best)
             self._stats.submitted += 1
             held = self._inflight.get(key, 0)
             self._inflight[key] = held + 1
             request.rank = (priority, held, next(self._seq))
             heapq.heappush(self._to_prepare, request)
-            self._pool.submit(self._prepare_best)  # one task per request: each prepares the best waiting one
             if priority == 0:
                 self._room.notify_all()  # a worker waiting for room may take this one now
         request.future.add_done_callback(lambda _f: self._done(key))

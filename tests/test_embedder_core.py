@@ -217,6 +217,30 @@ def test_model_workers_survive_another_taking_the_batch_they_waited_on(monkeypat
         assert crashed == []
 
 
+def test_batcher_refuses_a_priority_below_interactive():
+    """0 is the most urgent priority the batcher schedules apart (room to
+    prepare, a batch of its own); a negative one would skip both."""
+    with Batcher(lambda x: x, Recorder(), max_batch=4, max_wait_s=0.001) as b:
+        with pytest.raises(errors.InvalidArgument, match="priority must be 0"):
+            b.submit(1, priority=-1)
+        assert b.submit(2, priority=0).result(10) == 4 and b.stats.submitted == 1
+
+
+def test_a_submit_the_prepare_pool_refuses_leaves_nothing_behind(monkeypatch):
+    """At interpreter exit the pool refuses new tasks: the request must not stay
+    counted or queued for a task that never runs (close() would count it)."""
+    stream = object()
+    with Batcher(lambda x: x, Recorder(), max_batch=4, max_wait_s=0.001) as b:
+        def refuse(*args, **kwargs):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        monkeypatch.setattr(b._pool, "submit", refuse)
+        with pytest.raises(RuntimeError, match="interpreter shutdown"):
+            b.submit(1, source=stream, priority=1)
+        monkeypatch.undo()
+        assert (b.stats.submitted, b.in_flight(stream), len(b._to_prepare)) == (0, 0, 0)
+        assert b.submit(2, source=stream, priority=1).result(10) == 4
+
+
 @pytest.mark.parametrize("kwargs", [dict(max_batch=0), dict(max_wait_s=-1), dict(prepare_workers=0),
                                     dict(model_workers=0)])
 def test_batcher_rejects_nonsense_settings(kwargs):
