@@ -108,6 +108,7 @@ BASES: dict[str, list[str] | None] = {
     "batch32": [*ARCFACE, "--batch-size", "32"],
     "lite2": [*ARCFACE, "--backbone", "efficientnet_lite2"],
     "default-lite2": ["--backbone", "efficientnet_lite2"],
+    "default-260": ["--image-size", "260"],  # Lite0 at Lite2's input size: resolution or capacity?
 }
 
 # modifier -> (embedder extra arguments, index_folder keyword arguments, query_folder keyword arguments)
