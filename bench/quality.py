@@ -28,6 +28,8 @@ is a base, optionally followed by modifiers joined with "+" (e.g.
     balanced          ArcFace + --sampler balanced (every class drawn equally)
     batch32           ArcFace + --batch-size 32 (more, smaller steps in the same epochs)
     lite2             ArcFace on --backbone efficientnet_lite2 (at its own 260 px)
+    default-lite2     default recipe on --backbone efficientnet_lite2 (at its own 260 px)
+    default-260       default recipe on Lite0 at --image-size 260 (Lite2's input size)
 
 Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library defaults):
 

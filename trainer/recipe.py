@@ -5,8 +5,8 @@ neck, AdamW, the new parts at `head_lr_mult` x the backbone's learning rate,
 linear warm-up then cosine decay per step, RandomResizedCrop + flip +
 TrivialAugmentWide, checkpoint chosen by validation mAP@10 (bench/quality.py
 measured it against cross-entropy with and without label smoothing, and
-against ArcFace over three seeds: see bench/README.md "Search quality"). `--recipe seed` is the seed notebook's
-exactly (Adam 1e-4 on every layer, constant, plain cross-entropy on the pooled
+against ArcFace over three seeds: see bench/README.md "Search quality").
+`--recipe seed` is the seed notebook's exactly (Adam 1e-4 on every layer, constant, plain cross-entropy on the pooled
 features, its augmentation, chosen by validation loss). A recipe only fills
 the flags that were not given.
 """
