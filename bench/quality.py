@@ -30,6 +30,8 @@ is a base, optionally followed by modifiers joined with "+" (e.g.
     lite2             ArcFace on --backbone efficientnet_lite2 (at its own 260 px)
     default-lite2     default recipe on --backbone efficientnet_lite2 (at its own 260 px)
     default-260       default recipe on Lite0 at --image-size 260 (Lite2's input size)
+    distill-lite2     default recipe on Lite0 + --distill-from the default-lite2 checkpoint of the
+                      same seed (trained first when missing, with --train)
 
 Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library defaults):
 
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -88,9 +91,17 @@ RESULTS = ROOT / "bench" / "results" / "quality.json"
 BACKBONE = "efficientnet_lite0"
 TRAINER_SEED = TRAINER_DEFAULTS["seed"]  # runs trained with the trainer's own seed keep their plain folder names
 
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherOf:
+    """In a base's arguments: --distill-from the best.pt of `base` trained with the same seed."""
+    base: str
+
+
 ARCFACE = ["--loss", "arcface"]  # the default recipe before P2SGrad: the bases measured on it keep it
 # base -> trainer arguments beyond the common ones, or None for no training
-BASES: dict[str, list[str] | None] = {
+BASES: dict[str, list | None] = {
     "off-the-shelf": None,
     "seed": ["--recipe", "seed"],
     "default": [],
@@ -111,6 +122,7 @@ BASES: dict[str, list[str] | None] = {
     "lite2": [*ARCFACE, "--backbone", "efficientnet_lite2"],
     "default-lite2": ["--backbone", "efficientnet_lite2"],
     "default-260": ["--image-size", "260"],  # Lite0 at Lite2's input size: resolution or capacity?
+    "distill-lite2": [TeacherOf("default-lite2")],  # Lite0 taught by Lite2: capacity passed on?
 }
 
 # modifier -> (embedder extra arguments, index_folder keyword arguments, query_folder keyword arguments)
@@ -180,9 +192,20 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def trainer_args(args, base: str, seed: int) -> list[str]:
-    extra = BASES[base]
+    extra = []
+    for arg in BASES[base] or []:
+        extra += ["--distill-from", str(teacher_checkpoint(args, arg, seed))] if isinstance(arg, TeacherOf) else [arg]
     common = ["--backbone", BACKBONE, "--weights", "imagenet", "--epochs", str(args.epochs), "--seed", str(seed)]
-    return common + list(extra or [])  # a base's own --backbone comes later, and wins
+    return common + extra  # a base's own --backbone comes later, and wins
+
+
+def teacher_checkpoint(args, teacher: TeacherOf, seed: int) -> Path:
+    return run_dir(args, teacher.base, seed) / "best.pt"
+
+
+def teachers(base: str) -> list[str]:
+    """The bases whose checkpoints `base` distils from (trained before it)."""
+    return [a.base for a in BASES[base] or [] if isinstance(a, TeacherOf)]
 
 
 def run_dir(args, option: str, seed: int) -> Path:
@@ -305,6 +328,14 @@ def main(argv=None) -> int:
             continue
         for seed in args.seeds:
             label = option if len(args.seeds) == 1 else f"{option}@{seed}"
+            missing = [t for t in teachers(source) if not finished(run_dir(args, t, seed))]
+            if missing and (args.train or args.train_only):
+                for t in missing:
+                    train(args, t, seed)
+            elif missing:
+                left_out.append(f"{label} (its teacher {', '.join(missing)} is not trained for seed {seed}; "
+                                f"pass --train)")
+                continue
             run = run_dir(args, source, seed)
             state = "cached" if finished(run) else ""
             if not state and (args.train or args.train_only):

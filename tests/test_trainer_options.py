@@ -509,3 +509,112 @@ def test_the_embedder_serves_a_neck_checkpoint_at_its_dimension(real_subset, tmp
         finally:
             service.terminate()
     assert fingerprints[0] != fingerprints[1]
+
+
+# ---------------------------------------------------------------- distillation (trainer.distill)
+
+def _teacher(path: Path, *, size: int = 40, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), neck: int = 8) -> Path:
+    """A checkpoint of random Lite0 weights with its own input size and normalisation."""
+    from imagesearch.model.backbones import EmbeddingNet
+    from imagesearch.model.preprocessing import PreprocessSpec
+
+    torch.manual_seed(3)
+    model = EmbeddingNet("efficientnet_lite0", num_classes=0, neck_dim=neck)
+    meta = {"backbone": "efficientnet_lite0", "class_names": list(CLASSES), "embedding_dim": neck, "epoch": 1,
+            "model": model.options(), "preprocess": PreprocessSpec(size, mean, std).to_dict()}
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def test_relational_loss_compares_cosines_not_axes_and_teaches_only_the_student():
+    from trainer.distill import relational_loss
+
+    torch.manual_seed(0)
+    teacher = F.normalize(torch.randn(6, 8), dim=1)
+    rotation = torch.linalg.qr(torch.randn(12, 12))[0]
+    # the same cosines in another space, of another dimension and scale: nothing to learn
+    same = 5 * F.pad(teacher, (0, 4)) @ rotation
+    assert relational_loss(same, teacher).item() == pytest.approx(0, abs=1e-10)
+    student = torch.randn(6, 12, requires_grad=True)
+    teacher.requires_grad_(True)
+    loss = relational_loss(student, teacher)
+    assert loss.item() > 0.05
+    loss.backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    s, t = F.normalize(student.detach(), dim=1), teacher.detach()
+    pairs = [(i, j) for i in range(6) for j in range(6) if i != j]
+    expected = sum(((s[i] @ s[j]) - (t[i] @ t[j])) ** 2 for i, j in pairs) / len(pairs)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert relational_loss(student[:1], teacher[:1]).item() == 0  # one image: no pair
+
+
+def test_the_teacher_sees_the_student_batch_in_its_own_preprocessing(tmp_path):
+    from imagesearch.model.preprocessing import PreprocessSpec
+    from trainer.distill import Teacher
+
+    student = PreprocessSpec(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    teacher = Teacher(_teacher(tmp_path / "t.pt", size=40), student)
+    raw = torch.rand(2, 3, 32, 32)  # pixels in [0, 1]
+    batch = (raw - torch.tensor(student.mean).view(1, 3, 1, 1)) / torch.tensor(student.std).view(1, 3, 1, 1)
+    own = (raw - torch.tensor((0.5, 0.4, 0.3)).view(1, 3, 1, 1)) / torch.tensor((0.2, 0.25, 0.3)).view(1, 3, 1, 1)
+    own = F.interpolate(own, size=(40, 40), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        expected = teacher.model.eval().embed(own)
+    got = teacher(batch)
+    assert got.shape == (2, 8) and not got.requires_grad
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    teacher.train()
+    assert not teacher.model.training  # its BatchNorm statistics stay the trained ones
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_distillation_trains_and_a_resume_keeps_its_teacher(real_subset, tmp_path, monkeypatch, capsys):
+    import trainer.train as train_module
+    from trainer.train import training_settings
+
+    teacher = _teacher(tmp_path / "teacher.pt")
+    calls = []
+    real = train_module.relational_loss
+    monkeypatch.setattr(train_module, "relational_loss", lambda s, t: calls.append(t.shape) or real(s, t))
+    out = tmp_path / "student"
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(args_for(real_subset, out, "--embedding-dim", "16", "--distill-from", "teacher.pt",
+                             "--distill-weight", "2")) == 0
+    assert calls == [(6, 8)] * 3  # every step of 18 images in batches of 6, the teacher's 8-d vectors
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["distill_from"] == str(teacher.resolve()) and saved["distill_weight"] == 2
+    assert load_checkpoint(out / "best.pt").model.dim == 16  # the student serves alone
+    # The resumed run goes on with its teacher, however the path is spelled
+    calls.clear()
+    assert cli_main(["--resume", str(out), "--epochs", "2", "--workers", "0", "--distill-from",
+                     str(teacher), "--log-level", "WARNING"]) == 0
+    assert len(calls) == 3 and [r["epoch"] for r in summary(out)] == ["1", "2"]
+    assert cli_main(["--resume", str(out), "--epochs", "3", "--distill-from", str(_teacher(tmp_path / "other.pt"))]) == 2
+    assert "differs from the resumed run's" in capsys.readouterr().err
+    # What a run trains names its teacher; a run without one has no weight for it
+    with_teacher = training_settings(["--distill-from", "teacher.pt"])
+    assert with_teacher["distill_from"] == str(teacher.resolve()) and with_teacher["distill_weight"] == 1.0
+    assert with_teacher == training_settings(["--distill-from", str(teacher)])
+    assert training_settings([])["distill_weight"] is None
+    assert training_settings(["--distill-weight", "3"]) == training_settings([])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--loss", "ce"], "--loss ce trains a classifier head"),
+    (["--distill-weight", "0"], "--distill-weight 0"),
+    (["--distill-weight", "nan"], "--distill-weight nan"),
+])
+def test_distillation_refusals_are_exit_2(tmp_path, capsys, extra, message):
+    data = tmp_path / "nodata"
+    data.mkdir()
+    assert cli_main(args_for(data, tmp_path / "run", "--distill-from", str(_teacher(tmp_path / "t.pt")), *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_teacher_is_exit_2_before_any_model_is_built(real_subset, tmp_path, capsys, monkeypatch):
+    import trainer.train as train_module
+
+    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: pytest.fail("built a model first"))
+    assert cli_main(args_for(real_subset, tmp_path / "run", "--distill-from", str(tmp_path / "nope.pt"))) == 2
+    assert f"--distill-from {tmp_path / 'nope.pt'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -64,6 +64,7 @@ from imagesearch.retrieval_metrics import leave_one_out
 from trainer import amp, distributed
 from trainer import recipe as recipes
 from trainer.data import SPLIT_FILE, Batch, Collate, ImageFiles, Layout, check_layout, read_split
+from trainer.distill import Teacher, check_teacher_path, relational_loss
 from trainer.early_stopping import EarlyStopping
 from trainer.imprint import HEAD_INITS, PER_CLASS, imprint
 from trainer.losses import LOSSES, Criterion, build_criterion
@@ -102,11 +103,13 @@ DEFAULTS = {
     "amp": "auto",
     "channels_last": True,
     "val_split": None,
+    "distill_from": None,  # a teacher checkpoint (trainer.distill)
+    "distill_weight": 1.0,
 }
 RECIPE_FLAGS = tuple(recipes.RECIPES["default"])  # filled from --recipe when not given
 # Flags a resumed run cannot change: the model and its optimizer depend on them.
 FIXED_ON_RESUME = ("recipe", "backbone", "image_size", "freeze_backbone", "loss", "embedding_dim", "pooling",
-                   "optimizer", "ema", "head_init")  # head_init: what the run started from
+                   "optimizer", "ema", "head_init", "distill_from")  # head_init: what the run started from
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -175,6 +178,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--patience", type=int,
                    help=f"stop after this many epochs without a better --early-stop-on figure "
                         f"(default {d['patience']}; seed {s['patience']})")
+    k = p.add_argument_group("distillation (trainer.distill)")
+    k.add_argument("--distill-from", metavar="CHECKPOINT",
+                   help="a trained teacher (e.g. a Lite2 or B4 run's best.pt): the student's pairwise cosines in "
+                        "each batch also regress to the teacher's on the same images, so the cheaper backbone "
+                        "learns to rank as the larger one does (needs a metric --loss; default: none)")
+    k.add_argument("--distill-weight", type=float, metavar="W",
+                   help=f"weight of that term against the --loss (default {DEFAULTS['distill_weight']:g})")
     m = p.add_argument_group("model options (recorded in the checkpoint; the embedder serves them)")
     m.add_argument("--loss", choices=LOSSES,
                    help="ce: cross-entropy on a classifier head; arcface, subcenter_arcface, proxy_anchor, p2sgrad, "
@@ -245,10 +255,13 @@ def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.opt
                     scaler: torch.amp.GradScaler, *, freeze_backbone: bool = False,
                     channels_last: bool = False, skip_log: SkipLog | None = None,
                     progress: bool = True, desc: str = "", schedule: recipes.Schedule | None = None,
-                    first_step: int = 0, ema=None) -> dict:
+                    first_step: int = 0, ema=None, teacher: Teacher | None = None,
+                    distill_weight: float = 1.0) -> dict:
     """One pass over `loader`. `criterion` gives the batch's mean loss (and
     class scores for accuracy); `schedule` sets the learning rate of step
-    `first_step + batch index`; `ema` (an AveragedModel) follows every step.
+    `first_step + batch index`; `ema` (an AveragedModel) follows every step;
+    with a `teacher`, `distill_weight` x trainer.distill.relational_loss is
+    added to the loss.
     Returns loss, accuracy, images and skipped, summed over every process of
     a distributed run."""
     model.train()
@@ -275,8 +288,11 @@ def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.opt
         images, targets = _to_device(batch, device, channels_last)
         with precision.autocast():
             outputs = model(images)
+            taught = teacher(images) if teacher is not None and n else None
         # An empty batch (distributed: every process must step) contributes a zero loss.
         batch_loss = criterion(outputs, targets) if n else outputs.float().sum() * 0.0
+        if taught is not None:
+            batch_loss = batch_loss + distill_weight * relational_loss(outputs, taught)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(batch_loss).backward()
         distributed.average_gradients(criterion)  # the loss's own weights are outside DDP
@@ -373,6 +389,8 @@ def training_settings(argv: list[str] | None = None, saved: dict | None = None) 
     settings["embedding_dim"] = settings.get("embedding_dim") or 0  # None (older runs) and 0: no neck
     if settings.get("loss") != "ce":
         settings["label_smoothing"] = None  # a metric loss has no use for it
+    if not settings.get("distill_from"):
+        settings["distill_weight"] = None  # no teacher: no weight (runs before distillation read the same)
     return settings
 
 
@@ -395,6 +413,8 @@ def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Na
             args.ema = recipes.parse_ema(args.ema)
         except ValueError as e:
             raise errors.InvalidArgument(str(e)) from None
+    if args.distill_from:  # one spelling of the teacher's path, for a resume and training_settings
+        args.distill_from = str(Path(args.distill_from).expanduser().resolve())
     saved = (resumed or {}).get("args", {})
     if resumed is not None:
         for key in FIXED_ON_RESUME:
@@ -430,7 +450,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
                              ("--workers", args.workers, 0), ("--embedding-dim", args.embedding_dim, 0)):
         if value is not None and value < low:
             raise errors.InvalidArgument(f"{flag} {value}: must be at least {low}")
-    for flag, value in (("--lr", args.lr), ("--head-lr-mult", args.head_lr_mult)):
+    for flag, value in (("--lr", args.lr), ("--head-lr-mult", args.head_lr_mult),
+                        ("--distill-weight", args.distill_weight)):
         if not (value > 0 and math.isfinite(value)):
             raise errors.InvalidArgument(f"{flag} {value}: must be a positive number")
     for flag, value, high in (("--weight-decay", args.weight_decay, math.inf),
@@ -443,6 +464,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise errors.InvalidArgument("--head-init imprint sets a metric loss's class weights; --loss ce has a "
                                      "linear classifier head: use a metric loss (e.g. --loss p2sgrad) or drop "
                                      "--head-init")
+    if args.distill_from and args.loss == "ce":
+        raise errors.InvalidArgument("--distill-from matches the teacher's cosines between embeddings; --loss ce "
+                                     "trains a classifier head, not an embedding: use a metric loss (e.g. --loss "
+                                     "p2sgrad, the default recipe's) or drop --distill-from")
+    if args.distill_from:
+        check_teacher_path(args.distill_from)
 
 
 def _run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -575,6 +602,13 @@ def main(args: argparse.Namespace) -> TrainResult:
     elif args.head_init == "imprint":
         imprinted = imprint(model, criterion, layout.train.samples, spec, num_classes, device, seed=args.seed,
                             batch_size=args.batch_size, workers=args.workers)
+    teacher = None
+    if args.distill_from:
+        teacher = Teacher(args.distill_from, spec).to(device)
+        if args.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        log.info("distilling from %s (%s, %d-d, %d px), weight %g", args.distill_from, teacher.backbone,
+                 teacher.dim, teacher.size, args.distill_weight)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     train_model: nn.Module = model
@@ -668,7 +702,8 @@ def main(args: argparse.Namespace) -> TrainResult:
         tr = train_one_epoch(train_model, criterion, optimizer, train_loader, device, epoch, precision, scaler,
                              freeze_backbone=bool(args.freeze_backbone), channels_last=args.channels_last,
                              skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} train",
-                             schedule=schedule, first_step=(epoch - 1) * steps_per_epoch, ema=ema)
+                             schedule=schedule, first_step=(epoch - 1) * steps_per_epoch, ema=ema,
+                             teacher=teacher, distill_weight=args.distill_weight)
         va = evaluate(eval_model, criterion, val_loader, device, precision, channels_last=args.channels_last,
                       skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} val")
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
