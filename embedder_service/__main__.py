@@ -187,7 +187,9 @@ def _main(argv=None) -> int:
 
     def on_stop():
         servicer.ready.detach()
-        batcher.close()
+        # The calls are over (answered, or cancelled at the end of the grace period), so what
+        # is left is dropped at once; a model call that hangs cannot hold the stop past this.
+        batcher.close(timeout=config.grace_s)
         observed.close()
     serving.serve_until_signalled(running, on_stop=on_stop)
     return 0

@@ -123,6 +123,8 @@ class Batcher(Generic[P, T, R]):
         self.max_prepared = max_batch
         self._preparing = 0
         self._stopping = False  # set by close() once every submitted request is prepared
+        self._abandoned = False  # set by close() when its timeout passed first: what is left fails
+        self._running: set[_Request] = set()  # handed to `run`, not yet answered
         self._closed = False
         self._stats = BatcherStats()
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-model-{i}", daemon=True)
@@ -231,21 +233,54 @@ class Batcher(Generic[P, T, R]):
             stop.set()
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what was submitted, stop the model thread."""
+        """Refuse new work, finish what was submitted, stop the model threads.
+        With a `timeout`, return within about that many seconds whatever
+        `prepare` or `run` do: should the work not be done by then (a model
+        call that hangs), every request not yet prepared or not yet run fails
+        with Unavailable, and the threads still busy are left to end alone
+        (the model threads are daemons; a prepare worker is let go as soon as
+        its own `prepare` call returns)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._pool.shutdown(wait=True)  # every submitted request is now prepared (in _ready) or failed
-        with self._has_ready:
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        with self._lock:
+            # every submitted request is prepared (in _ready) or failed, or the time is up
+            while (self._to_prepare or self._preparing) and left() != 0.0:
+                self._room.wait(left())
+            late = bool(self._to_prepare or self._preparing)
             self._stopping = True
             self._has_ready.notify_all()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self._pool.shutdown(wait=False)  # its queued tasks find nothing left to take
         for thread in self._threads:
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            thread.join(left())
+        if late or self.running:
+            self._abandon()
         stats = self.stats
-        log.info("%s stopped: %d items in %d batches, %d dropped, %d failed to prepare",
-                 self.name, stats.items, stats.batches, stats.dropped, stats.prepare_failed)
+        log.info("%s stopped: %d items in %d batches, %d dropped, %d failed to prepare%s",
+                 self.name, stats.items, stats.batches, stats.dropped, stats.prepare_failed,
+                 f"; gave up after {timeout:g}s with work left (it failed with UNAVAILABLE)"
+                 if late or self.running else "")
+
+    def _abandon(self) -> None:
+        """close()'s timeout passed: fail what is still queued or prepared; the
+        prepare workers waiting for room give up."""
+        with self._lock:
+            self._abandoned = True
+            left = self._to_prepare + self._ready + list(self._running)
+            self._to_prepare.clear()
+            self._ready.clear()
+            self._room.notify_all()
+            self._has_ready.notify_all()
+        for request in left:
+            request.prepared = None
+            _settle(request, exception=errors.Unavailable(
+                "the server stopped before this item was embedded: retry on another replica"))
 
     def __enter__(self):
         return self
@@ -264,8 +299,11 @@ class Batcher(Generic[P, T, R]):
     def _prepare_best(self) -> None:
         # Wait for room before choosing: the best request is chosen when it can be prepared.
         with self._room:
-            while len(self._ready) + self._preparing >= self.max_prepared and self._to_prepare[0].rank[0] > 0:
+            while (not self._abandoned and self._to_prepare and self._to_prepare[0].rank[0] > 0
+                   and len(self._ready) + self._preparing >= self.max_prepared):
                 self._room.wait()
+            if not self._to_prepare:
+                return  # close() gave up and failed the request this task was for
             request = heapq.heappop(self._to_prepare)
             self._preparing += 1
         try:
@@ -273,7 +311,8 @@ class Batcher(Generic[P, T, R]):
         finally:
             with self._room:
                 self._preparing -= 1
-                self._room.notify()
+                # a worker waiting for room, or close() waiting for the last one
+                self._room.notify_all()
 
     def _prepare_one(self, request: _Request) -> None:
         if not request.future.set_running_or_notify_cancel():
@@ -293,6 +332,11 @@ class Batcher(Generic[P, T, R]):
             request.future.set_exception(exc)
             return
         with self._has_ready:
+            if self._abandoned:
+                request.prepared = None
+                _settle(request, exception=errors.Unavailable(
+                    "the server stopped before this item was embedded: retry on another replica"))
+                return
             heapq.heappush(self._ready, request)
             self._has_ready.notify()
 
@@ -336,7 +380,13 @@ class Batcher(Generic[P, T, R]):
                 else:
                     self._drop(request)
             if live:
-                self._run_batch(live)
+                with self._lock:
+                    self._running.update(live)
+                try:
+                    self._run_batch(live)
+                finally:
+                    with self._lock:
+                        self._running.difference_update(live)
 
     def _run_batch(self, batch: list[_Request]) -> None:
         try:
@@ -346,7 +396,7 @@ class Batcher(Generic[P, T, R]):
         except BaseException as exc:
             log.exception("%s: a batch of %d failed", self.name, len(batch))
             for request in batch:
-                request.future.set_exception(exc)
+                _settle(request, exception=exc)
             return
         finally:
             for request in batch:
@@ -356,7 +406,19 @@ class Batcher(Generic[P, T, R]):
             self._stats.items += len(batch)
             self._stats.batch_sizes[len(batch)] += 1
         for request, result in zip(batch, results):
+            _settle(request, result=result)
+
+
+def _settle(request: _Request, *, result=None, exception: BaseException | None = None) -> None:
+    """Set the request's outcome unless it has one (close() may have failed it
+    while a hung `run` held it)."""
+    try:
+        if exception is not None:
+            request.future.set_exception(exception)
+        else:
             request.future.set_result(result)
+    except futures.InvalidStateError:
+        pass
 
 
 def _is_alive(request: _Request) -> bool:
