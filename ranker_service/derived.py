@@ -3,7 +3,8 @@ database-side augmented vectors (DBA, a collection option) and the
 k-reciprocal neighbourhoods of each (k1, k2) searches have asked for (see
 reranking.py). docs/ranker.md#re-ranking says what a client sees.
 
-SQLite stays the source of truth: nothing here is stored. Each value is
+SQLite stays the source of truth. Only the DBA vectors are also kept on
+disk, as a cache for the next start (index_files.save_dba). Each value is
 tagged with the database generation (the counter every write bumps) of the
 snapshot it was built from; `Gallery` tells each collection's state its
 latest generation after every write (`note_write`, under the write lock,
@@ -277,10 +278,14 @@ class DerivedData:
         self._lock = threading.Lock()
         self._states: dict[str, _State] = {}
 
-    def track(self, coll, generation: int, *, start: bool = False) -> None:
+    def track(self, coll, generation: int, *, start: bool = False, built: dict | None = None) -> None:
         """Follow a collection (loaded, created, or first written); `start`:
-        build what is wanted now (a DBA collection at start-up)."""
+        build what is wanted now (a DBA collection at start-up); `built`:
+        {key: value} already built for `generation` (read from disk)."""
         state = _State(coll, generation)
+        for key, value in (built or {}).items():
+            slot = state._want(key)
+            slot.generation, slot.value = generation, value
         with self._lock:
             old = self._states.get(coll.name)
             self._states[coll.name] = state
@@ -288,8 +293,20 @@ class DerivedData:
             join(old.cancel(errors.NotFound(f"collection {coll.name!r} was dropped")), old.worker.name)
         if start:
             with state.lock:
-                state.urgent = True
-                state.worker.maintain()
+                if state._stale():
+                    state.urgent = True
+                    state.worker.maintain()
+
+    def current(self, collection: str, key: Hashable) -> tuple[int, object] | None:
+        """(generation, value) of the collection's `key` when it is current, else None."""
+        state = self._states.get(collection)
+        if state is None:
+            return None
+        with state.lock:
+            slot = state.slots.get(key)
+            if slot is None or slot.value is None or slot.generation < state.generation:
+                return None
+            return slot.generation, slot.value
 
     def note_write(self, coll, generation: int) -> None:
         """After a write is in memory (the gallery's write lock held): the

@@ -106,6 +106,7 @@ class Gallery:
         self.index = index or GalleryIndex(self.files_dir, faiss_device)
         # collection -> (database generation, rebuilds swapped in) its index files hold
         self._saved: dict[str, tuple[int, int]] = {}
+        self._dba_saved: dict[str, int] = {}  # collection -> generation of the augmented vectors on disk
         self.batch_size = batch_size
         self.attributes = AttributeTables()
         self.derived = DerivedData()
@@ -168,8 +169,14 @@ class Gallery:
                 self._save(coll, generation)
         for collection, name, text in self.store.iter_attributes():
             self.attributes.table(collection).set([(name, from_json(text))])
-        for coll in self.index.collections():  # DBA collections derive their vectors now, in the background
-            self.derived.track(coll, self._generations[coll.name], start=bool(coll.spec.dba_top_n))
+        for coll in self.index.collections():  # DBA collections derive their vectors now, in the background,
+            generation = self._generations[coll.name]  # unless they were saved at the last clean stop
+            augmented = index_files.load_dba(coll, self.files_dir, generation) if coll.spec.dba_top_n else None
+            if augmented is not None:
+                self._dba_saved[coll.name] = generation
+                log.info("collection %r: augmented vectors (dba) loaded from their file", coll.name)
+            self.derived.track(coll, generation, start=bool(coll.spec.dba_top_n),
+                               built={DBA: augmented} if augmented is not None else None)
         self._ready = True
         report = LoadReport(len(self.index.collection_names()), count, time.perf_counter() - start,
                             self.memory_bytes())
@@ -195,6 +202,15 @@ class Gallery:
             coll = self.index.find(stored.name)
             if coll is not None and self._saved.get(stored.name) != (stored.generation, coll.swaps):
                 self._save(coll, stored.generation)
+            built = self.derived.current(stored.name, DBA) if coll is not None and coll.spec.dba_top_n else None
+            if built is not None and built[0] == stored.generation and self._dba_saved.get(stored.name) != built[0]:
+                try:
+                    index_files.save_dba(coll, built[1], self.files_dir, built[0])
+                except OSError as exc:  # the next start rebuilds them: slower, still correct
+                    log.warning("collection %r: cannot write its augmented vectors to %s: %s", coll.name,
+                                self.files_dir, exc)
+                else:
+                    self._dba_saved[stored.name] = built[0]
 
     def _load_rows(self, collections: dict) -> int:
         path = self.store.path
@@ -374,6 +390,7 @@ class Gallery:
             count = self.store.drop_collection(collection)
             self.index.drop(collection)
             self._saved.pop(collection, None)
+            self._dba_saved.pop(collection, None)
             index_files.remove(collection, self.files_dir)
             self.attributes.drop(collection)
             self._generations.pop(collection, None)

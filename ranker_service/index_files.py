@@ -5,7 +5,12 @@
 database generation the files reflect), `<stem>.names` (the names by FAISS id
 or row, NUL-separated; "" for a dead id) and the vectors: `<stem>.npy`
 (exact float32 matrix) or `<stem>.faiss` (faiss.write_index; ivf_pq also keeps
-its float32 rows in `<stem>.rows.f32`, the re-rank source).
+its float32 rows in `<stem>.rows.f32`, the re-rank source). A collection with
+database-side augmentation also keeps its augmented vectors, derived data
+that takes O(G^2) work to rebuild (derived.py): `<stem>.dba.json` (the
+generation they were built from, the DBA options, count, dimension and
+fingerprint), `<stem>.dba.names` and `<stem>.dba.npy`, written at a clean stop
+and read at start-up when they match, else rebuilt in the background.
 
 The database keeps one generation counter, bumped by every write, and each
 collection records the generation of its last write. At start-up a
@@ -138,6 +143,56 @@ def load(name: str, dim: int, fingerprint: str, spec: IndexSpec, generation: int
         return None
 
 
+def _dba_meta(coll, generation: int) -> dict:
+    spec = coll.spec
+    return {"format": FORMAT, "name": coll.name, "dim": coll.dim, "fingerprint": coll.fingerprint,
+            "generation": generation, "count": len(coll), "dba_top_n": spec.dba_top_n, "dba_alpha": spec.dba_alpha}
+
+
+def save_dba(coll, augmented, folder: Path, generation: int) -> None:
+    """Write the augmented vectors (a Collection) of `coll` built from database
+    generation `generation`; the meta last, as `save` does."""
+    folder.mkdir(exist_ok=True)
+    base = folder / stem(coll.name)
+    meta_path = base.with_suffix(".dba.json")
+    meta_path.unlink(missing_ok=True)
+    matrix, names = augmented.snapshot_view()
+    tmp = base.with_suffix(".dba.npy.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, matrix)
+    _replace(tmp, base.with_suffix(".dba.npy"))
+    write_names(base.with_suffix(".dba.names"), names)
+    tmp = base.with_suffix(".dba.tmp")
+    tmp.write_text(json.dumps(_dba_meta(coll, generation)))
+    _replace(tmp, meta_path)
+
+
+def load_dba(coll, folder: Path, generation: int):
+    """The augmented vectors of `coll` (a Collection) as saved for database
+    generation `generation`, or None when missing, stale or unreadable."""
+    from ranker_service.index import Collection
+
+    base = folder / stem(coll.name)
+    try:
+        meta = json.loads(base.with_suffix(".dba.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta != _dba_meta(coll, generation):
+        log.info("collection %r: saved augmented vectors are stale (generation %s, database %s): rebuilding them",
+                 coll.name, meta.get("generation"), generation)
+        return None
+    try:
+        names = read_names(base.with_suffix(".dba.names"))
+        matrix = np.load(base.with_suffix(".dba.npy"))
+    except (OSError, ValueError) as exc:
+        log.warning("collection %r: cannot read its saved augmented vectors (%s): rebuilding them", coll.name, exc)
+        return None
+    if matrix.shape != (len(coll), coll.dim) or matrix.dtype != np.float32 or len(names) != len(coll) or None in names:
+        return None
+    return Collection.restore(coll.name, coll.dim, coll.fingerprint, matrix, names, created_at=coll.created_at,
+                              updated_at=coll.updated_at, spec=coll.spec)
+
+
 def invalidate(name: str, folder: Path) -> None:
     """Remove the collection's meta: its files are loaded no more (a rebuild
     replaced a file they need)."""
@@ -146,5 +201,5 @@ def invalidate(name: str, folder: Path) -> None:
 
 def remove(name: str, folder: Path) -> None:
     base = folder / stem(name)
-    for suffix in (".meta.json", ".names", ".npy", ".faiss", ".rows.f32"):
+    for suffix in (".meta.json", ".names", ".npy", ".faiss", ".rows.f32", ".dba.json", ".dba.names", ".dba.npy"):
         base.with_suffix(suffix).unlink(missing_ok=True)

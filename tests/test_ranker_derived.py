@@ -4,8 +4,9 @@ writes return at once; a search during a rebuild (held open by the test hook
 IMAGESEARCH_RANKER_REBUILD_PAUSE_S) waits for it and answers from the new
 data, never from the old; a search whose deadline passes first gets
 DEADLINE_EXCEEDED while plain searches go on; a burst of writes makes one
-rebuild; GetStats and the metrics show the state; a restart rebuilds a DBA
-collection at once; a clean stop cancels a rebuild."""
+rebuild; GetStats and the metrics show the state; a restart without saved
+augmented vectors rebuilds a DBA collection at once; a clean stop cancels a
+rebuild."""
 
 from __future__ import annotations
 
@@ -152,8 +153,8 @@ def test_search_waits_for_the_rebuild_and_never_sees_old_data(tmp_path, data):
 
 def test_burst_of_writes_makes_one_rebuild_and_a_restart_rebuilds(tmp_path, data):
     """20 Upsert calls in a row (writes pausing less than the debounce) make
-    one rebuild; GetStats and the metrics show the state; a restart derives
-    a DBA collection's vectors at once, before any search; a clean stop
+    one rebuild; GetStats and the metrics show the state; a restart without
+    saved augmented vectors derives them at once, before any search; a clean stop
     cancels a rebuild held open far longer than the stop takes."""
     G, names, queries, _ = data
     db = str(tmp_path / "b.db")
@@ -177,6 +178,12 @@ def test_burst_of_writes_makes_one_rebuild_and_a_restart_rebuilds(tmp_path, data
         assert ("imagesearch_ranker_derived_current", (("collection", "plain"),)) not in metrics  # nothing derived
     assert ranker.proc.returncode == 0, ranker.output
 
+    # The clean stop saved the augmented vectors (test_ranker_rerank: the next start serves them);
+    # without them a restart rebuilds.
+    saved = list((tmp_path / "b.db.index").glob("*.dba.*"))
+    assert len(saved) == 3
+    for f in saved:
+        f.unlink()
     pause = {**env, "IMAGESEARCH_RANKER_REBUILD_PAUSE_S": "30"}
     with ServiceProcess("ranker_service", "--db", db, "--grace", "30", env=pause) as ranker:
         stub = ranker_pb2_grpc.RankerServiceStub(ranker.channel())

@@ -309,23 +309,74 @@ def test_derived_data_follows_upserts_replacements_and_deletes(stub, collection,
     check(search(stub, collection, q, **options), want(G, names, q), tol=5e-6)
 
 
-def test_dba_option_survives_a_restart(tmp_path):
+def test_dba_option_and_its_augmented_vectors_survive_a_restart(tmp_path):
+    """The augmented vectors take O(G^2) work: a clean stop writes them next to the
+    database and the next start serves them at once (no rebuild); files from another
+    generation, or damaged ones, are rebuilt from SQLite instead."""
+    import json
+
     rng = np.random.default_rng(3)
     G = clustered(rng, clusters=3, per=10)
     names = [f"r{i:02d}" for i in range(len(G))]
     q = unit64(G[4].astype(np.float64) + 0.2)
-    want = ref_plain(ref_dba(G, names, 2, 3.0), names, q, 5)
-    for attempt in range(2):
+    extra = unit32(q[np.newaxis])
+    index_dir = tmp_path / "g.db.index"
+
+    def derived(stub):
+        return stub.GetStats(pb.GetStatsRequest(collection="dba"), timeout=TIMEOUT).collections[0].derived_data
+
+    def serve(step):
         proc = ServiceProcess("ranker_service", "--db", str(tmp_path / "g.db"), startup_timeout=120)
         try:
             with proc.channel() as channel:
                 stub = ranker_pb2_grpc.RankerServiceStub(channel)
-                if attempt == 0:
-                    create(stub, "dba", top_n=2)
-                    upsert(stub, "dba", names, G)
-                check(search(stub, "dba", q, top_k=5), want, tol=5e-6)
+                return step(stub)
         finally:
             assert proc.terminate() == 0, proc.output
+            serve.output = proc.output
+
+    def first(stub):
+        create(stub, "dba", top_n=2)
+        upsert(stub, "dba", names, G)
+        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G, names, 2, 3.0), names, q, 5), tol=5e-6)
+        assert derived(stub).last_build_seconds > 0  # built once, in the background
+
+    def loaded(stub):
+        info = derived(stub)  # current before any search asked, and never built in this process
+        assert info.state == pb.DERIVED_STATE_CURRENT and info.last_build_seconds == 0
+        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G, names, 2, 3.0), names, q, 5), tol=5e-6)
+        upsert(stub, "dba", ["new"], extra)  # a write: rebuilt, then saved again at the stop
+        G2, names2 = np.vstack([G, extra]), names + ["new"]
+        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G2, names2, 2, 3.0), names2, q, 5), tol=5e-6)
+
+    def loaded_after_the_write(stub):
+        info = derived(stub)
+        assert info.state == pb.DERIVED_STATE_CURRENT and info.last_build_seconds == 0
+        G2, names2 = np.vstack([G, extra]), names + ["new"]
+        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G2, names2, 2, 3.0), names2, q, 5), tol=5e-6)
+
+    def rebuilt(stub):
+        G2, names2 = np.vstack([G, extra]), names + ["new"]
+        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G2, names2, 2, 3.0), names2, q, 5), tol=5e-6)
+        assert derived(stub).last_build_seconds > 0
+
+    serve(first)
+    (meta,) = index_dir.glob("*.dba.json")
+    assert json.loads(meta.read_text())["count"] == len(G)
+    serve(loaded)
+    assert "augmented vectors (dba) loaded from their file" in serve.output
+    saved = json.loads(meta.read_text())
+    assert saved["count"] == len(G) + 1
+    serve(loaded_after_the_write)  # the files written at that stop hold the write
+    # another generation in the file: not served, rebuilt
+    meta.write_text(json.dumps({**saved, "generation": saved["generation"] - 1}))
+    serve(rebuilt)
+    assert "saved augmented vectors are stale" in serve.output
+    # a damaged matrix: rebuilt as well
+    meta.write_text(json.dumps(saved))
+    (matrix,) = index_dir.glob("*.dba.npy")
+    np.save(matrix, np.zeros((3, DIM), np.float32))
+    serve(rebuilt)
 
 
 # ---------------------------------------------------------------- option errors
