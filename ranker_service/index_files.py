@@ -70,6 +70,16 @@ def read_names(path: Path) -> list[str | None]:
     return [n.decode("utf-8") or None for n in data.split(b"\0")]
 
 
+def _write_matrix(coll, matrix_path: Path, names_path: Path) -> None:
+    """An exact Collection's float32 rows (.npy) and names."""
+    matrix, names = coll.snapshot_view()
+    tmp = matrix_path.with_name(matrix_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, matrix)
+    _replace(tmp, matrix_path)
+    write_names(names_path, names)
+
+
 def _meta(coll, spec: IndexSpec, generation: int) -> dict:
     return {"format": FORMAT, "name": coll.name, "kind": spec.kind, "params": spec.build_params(), "dim": coll.dim,
             "fingerprint": coll.fingerprint, "generation": generation, "count": len(coll)}
@@ -85,12 +95,7 @@ def save(coll, folder: Path, generation: int) -> None:
     meta_path = base.with_suffix(".meta.json")
     meta_path.unlink(missing_ok=True)
     if isinstance(coll, Collection):
-        matrix, names = coll.snapshot_view()
-        tmp = base.with_suffix(".npy.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, matrix)
-        _replace(tmp, base.with_suffix(".npy"))
-        write_names(base.with_suffix(".names"), names)
+        _write_matrix(coll, base.with_suffix(".npy"), base.with_suffix(".names"))
         spec = coll.spec
     else:
         spec = coll.spec
@@ -156,12 +161,7 @@ def save_dba(coll, augmented, folder: Path, generation: int) -> None:
     base = folder / stem(coll.name)
     meta_path = base.with_suffix(".dba.json")
     meta_path.unlink(missing_ok=True)
-    matrix, names = augmented.snapshot_view()
-    tmp = base.with_suffix(".dba.npy.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, matrix)
-    _replace(tmp, base.with_suffix(".dba.npy"))
-    write_names(base.with_suffix(".dba.names"), names)
+    _write_matrix(augmented, base.with_suffix(".dba.npy"), base.with_suffix(".dba.names"))
     tmp = base.with_suffix(".dba.tmp")
     tmp.write_text(json.dumps(_dba_meta(coll, generation)))
     _replace(tmp, meta_path)
