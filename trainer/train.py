@@ -15,7 +15,8 @@ query against the rest: mAP@10, P@10, top-1); `--select-by map|loss` picks
 the epoch kept as best.pt, early stopping watches `--early-stop-on` (the
 same figure unless given). `--loss ce|arcface|subcenter_arcface|proxy_anchor|p2sgrad|adacos`,
 `--embedding-dim N` (a linear + BatchNorm neck) and `--pooling avg|gem` are
-options of the one model, recorded in the checkpoint.
+options of the one model, recorded in the checkpoint. `--distill-from CHECKPOINT`
+adds a frozen teacher's in-batch cosines as a second target (trainer.distill).
 
 RUN_DIR gets args.json, summary.csv (one row per epoch), accuracy.png,
 loss.png, retrieval.png, best.pt and last.pt (imagesearch.model.checkpoint format;
