@@ -593,6 +593,10 @@ def test_distillation_trains_and_a_resume_keeps_its_teacher(real_subset, tmp_pat
     assert len(calls) == 3 and [r["epoch"] for r in summary(out)] == ["1", "2"]
     assert cli_main(["--resume", str(out), "--epochs", "3", "--distill-from", str(_teacher(tmp_path / "other.pt"))]) == 2
     assert "differs from the resumed run's" in capsys.readouterr().err
+    teacher.rename(tmp_path / "moved.pt")
+    assert cli_main(["--resume", str(out), "--epochs", "3"]) == 2
+    assert f"the resumed run was distilled from {teacher.resolve()}, which is no longer there" in (
+        capsys.readouterr().err)
     # What a run trains names its teacher; a run without one has no weight for it
     with_teacher = training_settings(["--distill-from", "teacher.pt"])
     assert with_teacher["distill_from"] == str(teacher.resolve()) and with_teacher["distill_weight"] == 1.0

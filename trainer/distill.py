@@ -33,10 +33,14 @@ from imagesearch.model.preprocessing import PreprocessSpec
 log = logging.getLogger(__name__)
 
 
-def check_teacher_path(path: str | Path) -> None:
-    if not Path(path).is_file():
-        raise errors.InvalidArgument(f"--distill-from {path}: no such file; pass a checkpoint the trainer wrote "
-                                     f"(a run's best.pt)")
+def check_teacher_path(path: str | Path, *, resumed: bool = False) -> None:
+    if Path(path).is_file():
+        return
+    if resumed:
+        raise errors.InvalidArgument(f"the resumed run was distilled from {path}, which is no longer there: put the "
+                                     f"teacher back at that path (a resumed run keeps its teacher)")
+    raise errors.InvalidArgument(f"--distill-from {path}: no such file; pass a checkpoint the trainer wrote "
+                                 f"(a run's best.pt)")
 
 
 class Teacher(nn.Module):

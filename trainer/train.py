@@ -470,7 +470,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
                                      "trains a classifier head, not an embedding: use a metric loss (e.g. --loss "
                                      "p2sgrad, the default recipe's) or drop --distill-from")
     if args.distill_from:
-        check_teacher_path(args.distill_from)
+        check_teacher_path(args.distill_from, resumed=bool(args.resume))
 
 
 def _run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
