@@ -187,7 +187,9 @@ def load_dba(coll, folder: Path, generation: int):
     except (OSError, ValueError) as exc:
         log.warning("collection %r: cannot read its saved augmented vectors (%s): rebuilding them", coll.name, exc)
         return None
-    if matrix.shape != (len(coll), coll.dim) or matrix.dtype != np.float32 or len(names) != len(coll) or None in names:
+    if (matrix.shape != (len(coll), coll.dim) or matrix.dtype != np.float32 or len(names) != len(coll)
+            or set(names) != set(coll.snapshot_view()[1])):
+        log.warning("collection %r: its saved augmented vectors do not match its rows: rebuilding them", coll.name)
         return None
     return Collection.restore(coll.name, coll.dim, coll.fingerprint, matrix, names, created_at=coll.created_at,
                               updated_at=coll.updated_at, spec=coll.spec)
