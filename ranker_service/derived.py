@@ -3,8 +3,9 @@ database-side augmented vectors (DBA, a collection option) and the
 k-reciprocal neighbourhoods of each (k1, k2) searches have asked for (see
 reranking.py). docs/ranker.md#re-ranking says what a client sees.
 
-SQLite stays the source of truth. Only the DBA vectors are also kept on
-disk, as a cache for the next start (index_files.save_dba). Each value is
+SQLite stays the source of truth. The values are also written to disk at a
+clean stop, as a cache for the next start (index_files: save_dba,
+save_k_reciprocal), and read back when their generation still holds. Each value is
 tagged with the database generation (the counter every write bumps) of the
 snapshot it was built from; `Gallery` tells each collection's state its
 latest generation after every write (`note_write`, under the write lock,
@@ -297,16 +298,14 @@ class DerivedData:
                     state.urgent = True
                     state.worker.maintain()
 
-    def current(self, collection: str, key: Hashable) -> tuple[int, object] | None:
-        """(generation, value) of the collection's `key` when it is current, else None."""
+    def current(self, collection: str) -> dict[Hashable, tuple[int, object]]:
+        """{key: (generation, value)} of the collection's values that are current."""
         state = self._states.get(collection)
         if state is None:
-            return None
+            return {}
         with state.lock:
-            slot = state.slots.get(key)
-            if slot is None or slot.value is None or slot.generation < state.generation:
-                return None
-            return slot.generation, slot.value
+            return {key: (slot.generation, slot.value) for key, slot in state.slots.items()
+                    if slot.value is not None and slot.generation >= state.generation}
 
     def note_write(self, coll, generation: int) -> None:
         """After a write is in memory (the gallery's write lock held): the

@@ -106,7 +106,8 @@ class Gallery:
         self.index = index or GalleryIndex(self.files_dir, faiss_device)
         # collection -> (database generation, rebuilds swapped in) its index files hold
         self._saved: dict[str, tuple[int, int]] = {}
-        self._dba_saved: dict[str, int] = {}  # collection -> generation of the augmented vectors on disk
+        # collection -> {derived key: database generation its file on disk holds} (index_files)
+        self._derived_saved: dict[str, dict] = {}
         self.batch_size = batch_size
         self.attributes = AttributeTables()
         self.derived = DerivedData()
@@ -169,20 +170,60 @@ class Gallery:
                 self._save(coll, generation)
         for collection, name, text in self.store.iter_attributes():
             self.attributes.table(collection).set([(name, from_json(text))])
-        for coll in self.index.collections():  # DBA collections derive their vectors now, in the background,
-            generation = self._generations[coll.name]  # unless they were saved at the last clean stop
-            augmented = index_files.load_dba(coll, self.files_dir, generation) if coll.spec.dba_top_n else None
-            if augmented is not None:
-                self._dba_saved[coll.name] = generation
-                log.info("collection %r: augmented vectors (dba) loaded from their file", coll.name)
-            self.derived.track(coll, generation, start=bool(coll.spec.dba_top_n),
-                               built={DBA: augmented} if augmented is not None else None)
+        for coll in self.index.collections():
+            self._load_derived(coll, self._generations[coll.name])
         self._ready = True
         report = LoadReport(len(self.index.collection_names()), count, time.perf_counter() - start,
                             self.memory_bytes())
         log.info("loaded %d vectors in %d collections from %s in %.2fs (%.1f MB in memory)",
                  report.vectors, report.collections, path, report.seconds, report.memory_bytes / 1e6)
         return report
+
+    def _load_derived(self, coll, generation: int) -> None:
+        """Follow `coll`'s derived data, starting from what the last clean stop
+        saved for this generation. A DBA collection without saved augmented
+        vectors derives them now, in the background."""
+        built = {}
+        dba = bool(coll.spec.dba_top_n)
+        if dba:
+            augmented = index_files.load_dba(coll, self.files_dir, generation)
+            if augmented is not None:
+                built[DBA] = augmented
+                log.info("collection %r: augmented vectors (dba) loaded from their file", coll.name)
+        if not dba or DBA in built:  # neighbourhoods over augmented vectors about to be rebuilt are stale too
+            served = built[DBA].snapshot_view if dba else coll.snapshot
+            for (k1, k2), value in index_files.load_k_reciprocal(coll, self.files_dir, generation, served,
+                                                                 over_dba=dba).items():
+                built[k_reciprocal_key(k1, k2)] = value
+                log.info("collection %r: k-reciprocal neighbourhoods k1=%d k2=%d loaded from their files",
+                         coll.name, k1, k2)
+        self._derived_saved[coll.name] = {key: generation for key in built}
+        self.derived.track(coll, generation, start=dba, built=built)
+
+    def _save_derived(self, coll, generation: int) -> None:
+        """Write the derived data of `coll` that is current at `generation` and
+        not on disk yet; remove saved k-reciprocal files of pairs no longer held."""
+        current = {key: value for key, (built, value) in self.derived.current(coll.name).items()
+                   if built == generation}
+        saved = self._derived_saved.setdefault(coll.name, {})
+        for key, value in current.items():
+            if saved.get(key) == generation:
+                continue
+            try:
+                if key == DBA:
+                    index_files.save_dba(coll, value, self.files_dir, generation)
+                else:
+                    index_files.save_k_reciprocal(coll, value, self.files_dir, generation,
+                                                  over_dba=bool(coll.spec.dba_top_n))
+            except OSError as exc:  # the next start rebuilds it: slower, still correct
+                log.warning("collection %r: cannot write its derived re-ranking data to %s: %s", coll.name,
+                            self.files_dir, exc)
+            else:
+                saved[key] = generation
+        keep = {(key[1], key[2]) for key in current if key != DBA}
+        index_files.remove_k_reciprocal(coll.name, self.files_dir, keep)
+        for key in [k for k in saved if k != DBA and (k[1], k[2]) not in keep]:
+            del saved[key]
 
     def _save(self, coll, generation: int) -> None:
         t0 = time.perf_counter()
@@ -202,15 +243,8 @@ class Gallery:
             coll = self.index.find(stored.name)
             if coll is not None and self._saved.get(stored.name) != (stored.generation, coll.swaps):
                 self._save(coll, stored.generation)
-            built = self.derived.current(stored.name, DBA) if coll is not None and coll.spec.dba_top_n else None
-            if built is not None and built[0] == stored.generation and self._dba_saved.get(stored.name) != built[0]:
-                try:
-                    index_files.save_dba(coll, built[1], self.files_dir, built[0])
-                except OSError as exc:  # the next start rebuilds them: slower, still correct
-                    log.warning("collection %r: cannot write its augmented vectors to %s: %s", coll.name,
-                                self.files_dir, exc)
-                else:
-                    self._dba_saved[stored.name] = built[0]
+            if coll is not None:
+                self._save_derived(coll, stored.generation)
 
     def _load_rows(self, collections: dict) -> int:
         path = self.store.path
@@ -390,7 +424,7 @@ class Gallery:
             count = self.store.drop_collection(collection)
             self.index.drop(collection)
             self._saved.pop(collection, None)
-            self._dba_saved.pop(collection, None)
+            self._derived_saved.pop(collection, None)
             index_files.remove(collection, self.files_dir)
             self.attributes.drop(collection)
             self._generations.pop(collection, None)

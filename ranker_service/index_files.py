@@ -9,8 +9,11 @@ its float32 rows in `<stem>.rows.f32`, the re-rank source). A collection with
 database-side augmentation also keeps its augmented vectors, derived data
 that takes O(G^2) work to rebuild (derived.py): `<stem>.dba.json` (the
 generation they were built from, the DBA options, count, dimension and
-fingerprint), `<stem>.dba.names` and `<stem>.dba.npy`, written at a clean stop
-and read at start-up when they match, else rebuilt in the background.
+fingerprint), `<stem>.dba.names` and `<stem>.dba.npy`. Likewise the k-reciprocal
+neighbourhoods of each (k1, k2) searches asked for (`<stem>.kr-K1-K2.json`,
+`.names`, `.npz`: the arrays of reranking.Neighbourhoods; the vectors are the
+collection's own, or its augmented ones). Both are written at a clean stop and
+read at start-up when they match, else rebuilt in the background.
 
 The database keeps one generation counter, bumped by every write, and each
 collection records the generation of its last write. At start-up a
@@ -195,6 +198,85 @@ def load_dba(coll, folder: Path, generation: int):
                               updated_at=coll.updated_at, spec=coll.spec)
 
 
+def _kr_path(name: str, folder: Path, k1: int, k2: int, suffix: str) -> Path:
+    return folder / f"{stem(name)}.kr-{k1}-{k2}{suffix}"
+
+
+def _kr_meta(coll, generation: int, k1: int, k2: int, over_dba: bool) -> dict:
+    return {"format": FORMAT, "name": coll.name, "dim": coll.dim, "fingerprint": coll.fingerprint,
+            "generation": generation, "count": len(coll), "k1": k1, "k2": k2, "over": "dba" if over_dba else "vectors"}
+
+
+def save_k_reciprocal(coll, neighbourhoods, folder: Path, generation: int, *, over_dba: bool) -> None:
+    """Write `coll`'s k-reciprocal neighbourhoods (reranking.Neighbourhoods) built
+    from database generation `generation` (over its augmented vectors when
+    `over_dba`); the meta last."""
+    k1, k2 = neighbourhoods.k1, neighbourhoods.k2
+    folder.mkdir(exist_ok=True)
+    meta_path = _kr_path(coll.name, folder, k1, k2, ".json")
+    meta_path.unlink(missing_ok=True)
+    arrays_path = _kr_path(coll.name, folder, k1, k2, ".npz")
+    tmp = arrays_path.with_name(arrays_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **neighbourhoods.arrays())
+    _replace(tmp, arrays_path)
+    write_names(_kr_path(coll.name, folder, k1, k2, ".names"), neighbourhoods.names)
+    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp.write_text(json.dumps(_kr_meta(coll, generation, k1, k2, over_dba)))
+    _replace(tmp, meta_path)
+
+
+def load_k_reciprocal(coll, folder: Path, generation: int, served, *, over_dba: bool) -> dict:
+    """{(k1, k2): Neighbourhoods} saved for database generation `generation`,
+    over the vectors `served()` gives ((matrix, names); a view of the
+    augmented vectors when `over_dba`, shared then, else a copy the
+    neighbourhoods keep). Files that are stale, damaged or over other rows are
+    left out (the pair is built again when a search asks)."""
+    from ranker_service.reranking import Neighbourhoods
+
+    found = {}
+    rows = None
+    for meta_path in sorted(folder.glob(f"{stem(coll.name)}.kr-*.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            k1, k2 = int(meta["k1"]), int(meta["k2"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if meta != _kr_meta(coll, generation, k1, k2, over_dba):
+            log.info("collection %r: saved k-reciprocal neighbourhoods k1=%d k2=%d are stale: left out", coll.name,
+                     k1, k2)
+            continue
+        try:
+            names = read_names(_kr_path(coll.name, folder, k1, k2, ".names"))
+            with np.load(_kr_path(coll.name, folder, k1, k2, ".npz")) as arrays:
+                arrays = {name: arrays[name] for name in Neighbourhoods.ARRAYS}
+            if rows is None:
+                matrix, served_names = served()
+                rows = {name: i for i, name in enumerate(served_names)}
+            if len(names) != len(rows) or set(names) != rows.keys():
+                raise ValueError("they name other rows than the collection's")
+            order = np.fromiter((rows[name] for name in names), dtype=np.int64, count=len(names))
+            same = bool((order == np.arange(len(order))).all())
+            found[(k1, k2)] = Neighbourhoods.from_arrays(matrix if same else matrix[order], names, arrays, k1, k2,
+                                                         shared_matrix=over_dba and same)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("collection %r: cannot use its saved k-reciprocal neighbourhoods k1=%d k2=%d (%s): left out",
+                        coll.name, k1, k2, exc)
+    return found
+
+
+def remove_k_reciprocal(name: str, folder: Path, keep: set = frozenset()) -> None:
+    """Remove the collection's saved k-reciprocal files but those of the (k1, k2) in `keep`."""
+    for path in folder.glob(f"{stem(name)}.kr-*"):
+        pair = path.name[len(stem(name)) + len(".kr-"):].split(".")[0]
+        try:
+            k1, k2 = (int(x) for x in pair.split("-"))
+        except ValueError:
+            k1 = k2 = None
+        if (k1, k2) not in keep:
+            path.unlink(missing_ok=True)
+
+
 def invalidate(name: str, folder: Path) -> None:
     """Remove the collection's meta: its files are loaded no more (a rebuild
     replaced a file they need)."""
@@ -205,3 +287,4 @@ def remove(name: str, folder: Path) -> None:
     base = folder / stem(name)
     for suffix in (".meta.json", ".names", ".npy", ".faiss", ".rows.f32", ".dba.json", ".dba.names", ".dba.npy"):
         base.with_suffix(suffix).unlink(missing_ok=True)
+    remove_k_reciprocal(name, folder)

@@ -232,6 +232,28 @@ class Neighbourhoods:
                    np.concatenate(cols) if cols else np.empty(0, np.int64),
                    np.concatenate(vals) if vals else np.empty(0), k1, k2, shared_matrix)
 
+    ARRAYS = ("ids", "tau", "v_ptr", "v_cols", "v_vals")  # what a file keeps (index_files)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays `from_arrays` rebuilds it from, beside the matrix and names."""
+        return {name: getattr(self, name) for name in self.ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, matrix32: np.ndarray, names: Sequence[str], arrays: dict, k1: int, k2: int, *,
+                    shared_matrix: bool = False) -> Neighbourhoods:
+        """Neighbourhoods as `arrays()` gave them, over the same rows (`names`, in
+        that order, and their vectors); ValueError when the arrays do not fit them."""
+        names = list(names)
+        n = len(names)
+        ids, tau, ptr, cols, vals = (np.asarray(arrays[name]) for name in cls.ARRAYS)
+        if (matrix32.shape[0] != n or ids.ndim != 2 or ids.shape[0] != n or tau.shape != (n,)
+                or ptr.shape != (n + 1,) or cols.shape != vals.shape or (n and ptr[-1] != cols.shape[0])
+                or (ids.size and not (0 <= ids.min() and ids.max() < n))
+                or (cols.size and not (0 <= cols.min() and cols.max() < n))):
+            raise ValueError(f"k-reciprocal arrays do not fit {n} rows")
+        return cls(matrix32, names, {name: i for i, name in enumerate(names)}, ids, tau, _reciprocal(ids, half_k(k1)),
+                   ptr, cols, vals, k1, k2, shared_matrix)
+
     @property
     def nbytes(self) -> int:
         """Memory held (an estimate for the Python sets), the matrix unless shared."""

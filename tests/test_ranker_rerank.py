@@ -309,10 +309,11 @@ def test_derived_data_follows_upserts_replacements_and_deletes(stub, collection,
     check(search(stub, collection, q, **options), want(G, names, q), tol=5e-6)
 
 
-def test_dba_option_and_its_augmented_vectors_survive_a_restart(tmp_path):
-    """The augmented vectors take O(G^2) work: a clean stop writes them next to the
-    database and the next start serves them at once (no rebuild); files from another
-    generation, or damaged ones, are rebuilt from SQLite instead."""
+def test_dba_option_and_its_derived_data_survive_a_restart(tmp_path):
+    """The augmented vectors and the k-reciprocal neighbourhoods over them take O(G^2)
+    work: a clean stop writes them next to the database and the next start serves them
+    at once (no rebuild); files from another generation, or damaged ones, are rebuilt
+    from SQLite instead."""
     import json
 
     rng = np.random.default_rng(3)
@@ -335,36 +336,43 @@ def test_dba_option_and_its_augmented_vectors_survive_a_restart(tmp_path):
             assert proc.terminate() == 0, proc.output
             serve.output = proc.output
 
+    def answers(stub, G, names):
+        A = ref_dba(G, names, 2, 3.0)
+        check(search(stub, "dba", q, top_k=5), ref_plain(A, names, q, 5), tol=5e-6)
+        check(search(stub, "dba", q, top_k=5, k_reciprocal=pb.KReciprocalRerank()),
+              ref_k_reciprocal(A, names, q, 5), tol=5e-6)
+
     def first(stub):
         create(stub, "dba", top_n=2)
         upsert(stub, "dba", names, G)
-        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G, names, 2, 3.0), names, q, 5), tol=5e-6)
-        assert derived(stub).last_build_seconds > 0  # built once, in the background
+        answers(stub, G, names)
+        assert derived(stub).last_build_seconds > 0  # built in the background
 
     def loaded(stub):
         info = derived(stub)  # current before any search asked, and never built in this process
         assert info.state == pb.DERIVED_STATE_CURRENT and info.last_build_seconds == 0
-        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G, names, 2, 3.0), names, q, 5), tol=5e-6)
+        assert list(info.kinds) == ["dba", "k-reciprocal k1=20 k2=6"]
+        answers(stub, G, names)
         upsert(stub, "dba", ["new"], extra)  # a write: rebuilt, then saved again at the stop
-        G2, names2 = np.vstack([G, extra]), names + ["new"]
-        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G2, names2, 2, 3.0), names2, q, 5), tol=5e-6)
+        answers(stub, np.vstack([G, extra]), names + ["new"])
 
     def loaded_after_the_write(stub):
         info = derived(stub)
         assert info.state == pb.DERIVED_STATE_CURRENT and info.last_build_seconds == 0
-        G2, names2 = np.vstack([G, extra]), names + ["new"]
-        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G2, names2, 2, 3.0), names2, q, 5), tol=5e-6)
+        assert list(info.kinds) == ["dba", "k-reciprocal k1=20 k2=6"]
+        answers(stub, np.vstack([G, extra]), names + ["new"])
 
     def rebuilt(stub):
-        G2, names2 = np.vstack([G, extra]), names + ["new"]
-        check(search(stub, "dba", q, top_k=5), ref_plain(ref_dba(G2, names2, 2, 3.0), names2, q, 5), tol=5e-6)
+        answers(stub, np.vstack([G, extra]), names + ["new"])
         assert derived(stub).last_build_seconds > 0
 
     serve(first)
     (meta,) = index_dir.glob("*.dba.json")
     assert json.loads(meta.read_text())["count"] == len(G)
+    assert len(list(index_dir.glob("*.kr-20-6.*"))) == 3
     serve(loaded)
     assert "augmented vectors (dba) loaded from their file" in serve.output
+    assert "k-reciprocal neighbourhoods k1=20 k2=6 loaded from their files" in serve.output
     saved = json.loads(meta.read_text())
     assert saved["count"] == len(G) + 1
     serve(loaded_after_the_write)  # the files written at that stop hold the write
@@ -377,6 +385,70 @@ def test_dba_option_and_its_augmented_vectors_survive_a_restart(tmp_path):
     (matrix,) = index_dir.glob("*.dba.npy")
     np.save(matrix, np.zeros((3, DIM), np.float32))
     serve(rebuilt)
+
+
+def test_k_reciprocal_neighbourhoods_survive_a_restart(tmp_path):
+    """Asked for once, a (k1, k2) pair's neighbourhoods are written at the clean stop
+    and served by the next start without a build."""
+    rng = np.random.default_rng(4)
+    G = clustered(rng, clusters=3, per=10)
+    names = [f"p{i:02d}" for i in range(len(G))]
+    q = unit64(G[7].astype(np.float64) + 0.2)
+    want = ref_k_reciprocal(G, names, q, 5, k1=10, k2=3)
+    options = {"k_reciprocal": pb.KReciprocalRerank(k1=10, k2=3)}
+    for attempt in range(2):
+        proc = ServiceProcess("ranker_service", "--db", str(tmp_path / "k.db"), startup_timeout=120)
+        try:
+            with proc.channel() as channel:
+                stub = ranker_pb2_grpc.RankerServiceStub(channel)
+                if attempt == 0:
+                    create(stub, "plain")
+                    upsert(stub, "plain", names, G)
+                else:
+                    (stats,) = stub.GetStats(pb.GetStatsRequest(collection="plain"), timeout=TIMEOUT).collections
+                    info = stats.derived_data
+                    assert (info.state, list(info.kinds), info.last_build_seconds) == (
+                        pb.DERIVED_STATE_CURRENT, ["k-reciprocal k1=10 k2=3"], 0)
+                check(search(stub, "plain", q, top_k=5, **options), want, tol=5e-6)
+        finally:
+            assert proc.terminate() == 0, proc.output
+
+
+def test_saved_k_reciprocal_neighbourhoods_load_over_rows_in_another_order(tmp_path):
+    """A collection read back from SQLite may hold its rows in another order than
+    the one its neighbourhoods were built over: they are rebuilt over the same rows
+    in their own order, and rank as before. Stale or damaged files are left out."""
+    from ranker_service import index_files
+    from ranker_service.reranking import Neighbourhoods, make_k_reciprocal
+
+    class Coll:
+        name, dim, fingerprint = "c", DIM, FP
+
+        def __len__(self):
+            return len(G)
+
+    rng = np.random.default_rng(5)
+    G = clustered(rng, clusters=4, per=12)
+    names = [f"n{i:02d}" for i in range(len(G))]
+    built = Neighbourhoods.build(G, names, 8, 3)
+    index_files.save_k_reciprocal(Coll(), built, tmp_path, 7, over_dba=False)
+    order = rng.permutation(len(G))
+    served = lambda: (G[order].copy(), [names[i] for i in order])  # noqa: E731
+    (loaded,) = index_files.load_k_reciprocal(Coll(), tmp_path, 7, served, over_dba=False).values()
+    options = make_k_reciprocal(8, 3)
+    for q in G[:6].astype(np.float64) + 0.05:
+        q /= np.linalg.norm(q)
+        assert loaded.rerank(q, 10, options) == built.rerank(q, 10, options)
+    assert index_files.load_k_reciprocal(Coll(), tmp_path, 8, served, over_dba=False) == {}  # another generation
+    assert index_files.load_k_reciprocal(Coll(), tmp_path, 7, served, over_dba=True) == {}  # not over DBA vectors
+    other = lambda: (G.copy(), [f"x{i}" for i in range(len(G))])  # noqa: E731
+    assert index_files.load_k_reciprocal(Coll(), tmp_path, 7, other, over_dba=False) == {}  # other rows
+    arrays = dict(built.arrays(), ids=built.ids + len(G))  # damaged: rows that do not exist
+    with open(tmp_path / f"{index_files.stem('c')}.kr-8-3.npz", "wb") as f:
+        np.savez(f, **arrays)
+    assert index_files.load_k_reciprocal(Coll(), tmp_path, 7, served, over_dba=False) == {}
+    index_files.remove_k_reciprocal("c", tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- option errors
