@@ -272,15 +272,13 @@ class Batcher(Generic[P, T, R]):
         prepare workers waiting for room give up."""
         with self._lock:
             self._abandoned = True
-            left = self._to_prepare + self._ready + list(self._running)
+            leftover = self._to_prepare + self._ready + list(self._running)
             self._to_prepare.clear()
             self._ready.clear()
             self._room.notify_all()
             self._has_ready.notify_all()
-        for request in left:
-            request.prepared = None
-            _settle(request, exception=errors.Unavailable(
-                "the server stopped before this item was embedded: retry on another replica"))
+        for request in leftover:
+            _fail_stopped(request)
 
     def __enter__(self):
         return self
@@ -332,13 +330,12 @@ class Batcher(Generic[P, T, R]):
             request.future.set_exception(exc)
             return
         with self._has_ready:
-            if self._abandoned:
-                request.prepared = None
-                _settle(request, exception=errors.Unavailable(
-                    "the server stopped before this item was embedded: retry on another replica"))
-                return
-            heapq.heappush(self._ready, request)
-            self._has_ready.notify()
+            abandoned = self._abandoned
+            if not abandoned:
+                heapq.heappush(self._ready, request)
+                self._has_ready.notify()
+        if abandoned:  # failed outside the lock: the future's done-callbacks take it
+            _fail_stopped(request)
 
     def _next_batch(self) -> list[_Request] | None:
         """The best-ranked prepared requests, up to max_batch, once the batch is
@@ -407,6 +404,13 @@ class Batcher(Generic[P, T, R]):
             self._stats.batch_sizes[len(batch)] += 1
         for request, result in zip(batch, results):
             _settle(request, result=result)
+
+
+def _fail_stopped(request: _Request) -> None:
+    """close() gave up before this request was answered."""
+    request.prepared = None
+    _settle(request, exception=errors.Unavailable(
+        "the server stopped before this item was embedded: retry on another replica"))
 
 
 def _settle(request: _Request, *, result=None, exception: BaseException | None = None) -> None:

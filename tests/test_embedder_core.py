@@ -180,6 +180,30 @@ def test_close_with_a_timeout_returns_though_the_model_hangs_and_fails_what_is_l
         b.submit(9)
 
 
+def test_an_item_prepared_after_close_gave_up_fails_and_leaves_the_batcher_usable():
+    """A prepare call that returns after close()'s timeout passed: its request fails
+    with Unavailable, and failing it (whose done-callbacks take the batcher's lock)
+    must not happen under that lock."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def prepare(x):
+        entered.set()
+        assert gate.wait(WAIT)
+        return x
+
+    b = Batcher(prepare, Recorder(), max_batch=2, max_wait_s=0.0, prepare_workers=1)
+    future = b.submit(1)
+    assert entered.wait(WAIT)
+    b.close(timeout=0.2)
+    gate.set()
+    with pytest.raises(errors.Unavailable, match="retry on another replica"):
+        future.result(WAIT)
+    reader = threading.Thread(target=lambda: b.stats, daemon=True)  # takes the lock
+    reader.start()
+    reader.join(WAIT)
+    assert not reader.is_alive(), "the batcher's lock was left held"
+
+
 def test_close_with_a_timeout_that_is_enough_finishes_the_work():
     b = Batcher(lambda x: x, Recorder(), max_batch=2, max_wait_s=0.0)
     futures = [b.submit(i) for i in range(7)]
