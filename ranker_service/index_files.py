@@ -38,6 +38,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from imagesearch.files import atomic_write, atomic_write_text
 from ranker_service.faiss_collection import DiskRows, FaissCollection
 from ranker_service.kinds import IVF_PQ, IndexSpec
 
@@ -55,15 +56,19 @@ def folder_for(db_path: Path) -> Path:
 
 
 def _replace(tmp: Path, path: Path) -> None:
+    """For files a library writes by path (faiss.write_index); the others go through atomic_write."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def write_names(path: Path, names: list[str | None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(b"\0".join((n or "").encode("utf-8") for n in names))
-    _replace(tmp, path)
+    data = b"\0".join((n or "").encode("utf-8") for n in names)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    atomic_write_text(path, json.dumps(meta))
 
 
 def read_names(path: Path) -> list[str | None]:
@@ -76,10 +81,7 @@ def read_names(path: Path) -> list[str | None]:
 def _write_matrix(coll, matrix_path: Path, names_path: Path) -> None:
     """An exact Collection's float32 rows (.npy) and names."""
     matrix, names = coll.snapshot_view()
-    tmp = matrix_path.with_name(matrix_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, matrix)
-    _replace(tmp, matrix_path)
+    atomic_write(matrix_path, lambda f: np.save(f, matrix))
     write_names(names_path, names)
 
 
@@ -108,9 +110,7 @@ def save(coll, folder: Path, generation: int) -> None:
         _replace(tmp, base.with_suffix(".faiss"))
         write_names(base.with_suffix(".names"), names)
         coll.flush_rows()
-    tmp = base.with_suffix(".meta.tmp")
-    tmp.write_text(json.dumps(_meta(coll, spec, generation)))
-    _replace(tmp, meta_path)
+    _write_meta(meta_path, _meta(coll, spec, generation))
 
 
 def load(name: str, dim: int, fingerprint: str, spec: IndexSpec, generation: int, count: int, folder: Path, *,
@@ -165,9 +165,7 @@ def save_dba(coll, augmented, folder: Path, generation: int) -> None:
     meta_path = base.with_suffix(".dba.json")
     meta_path.unlink(missing_ok=True)
     _write_matrix(augmented, base.with_suffix(".dba.npy"), base.with_suffix(".dba.names"))
-    tmp = base.with_suffix(".dba.tmp")
-    tmp.write_text(json.dumps(_dba_meta(coll, generation)))
-    _replace(tmp, meta_path)
+    _write_meta(meta_path, _dba_meta(coll, generation))
 
 
 def load_dba(coll, folder: Path, generation: int):
@@ -215,15 +213,9 @@ def save_k_reciprocal(coll, neighbourhoods, folder: Path, generation: int, *, ov
     folder.mkdir(exist_ok=True)
     meta_path = _kr_path(coll.name, folder, k1, k2, ".json")
     meta_path.unlink(missing_ok=True)
-    arrays_path = _kr_path(coll.name, folder, k1, k2, ".npz")
-    tmp = arrays_path.with_name(arrays_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **neighbourhoods.arrays())
-    _replace(tmp, arrays_path)
+    atomic_write(_kr_path(coll.name, folder, k1, k2, ".npz"), lambda f: np.savez(f, **neighbourhoods.arrays()))
     write_names(_kr_path(coll.name, folder, k1, k2, ".names"), neighbourhoods.names)
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(_kr_meta(coll, generation, k1, k2, over_dba)))
-    _replace(tmp, meta_path)
+    _write_meta(meta_path, _kr_meta(coll, generation, k1, k2, over_dba))
 
 
 def load_k_reciprocal(coll, folder: Path, generation: int, served, *, over_dba: bool) -> dict:
