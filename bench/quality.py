@@ -92,7 +92,6 @@ BACKBONE = "efficientnet_lite0"
 TRAINER_SEED = TRAINER_DEFAULTS["seed"]  # runs trained with the trainer's own seed keep their plain folder names
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TeacherOf:
     """In a base's arguments: --distill-from the best.pt of `base` trained with the same seed."""

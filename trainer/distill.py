@@ -19,7 +19,6 @@ its own, resized to its own input size.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -29,8 +28,6 @@ from torch import nn
 from imagesearch import errors
 from imagesearch.model.checkpoint import load_checkpoint
 from imagesearch.model.preprocessing import PreprocessSpec
-
-log = logging.getLogger(__name__)
 
 
 def check_teacher_path(path: str | Path, *, resumed: bool = False) -> None:
@@ -48,9 +45,7 @@ class Teacher(nn.Module):
 
     def __init__(self, path: str | Path, student_spec: PreprocessSpec):
         super().__init__()
-        check_teacher_path(path)
-        loaded = load_checkpoint(path)  # InvalidArgument for a file that is not one
-        self.path = str(path)
+        loaded = load_checkpoint(path)  # InvalidArgument for a missing file or one that is not a checkpoint
         self.backbone = loaded.backbone
         self.model = loaded.model.eval().requires_grad_(False)
         self.dim = self.model.dim
