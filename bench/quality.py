@@ -10,27 +10,33 @@ is a base, optionally followed by modifiers joined with "+" (e.g.
 
     off-the-shelf     ImageNet Lite0 features, no training
     seed              --recipe seed (the seed notebook's recipe)
-    default           the default recipe (P2SGrad on a 512-d neck, strong augmentation)
-    arcface           default recipe + --loss arcface (the default recipe before P2SGrad; the
+    default           the default recipe (P2SGrad on a 512-d neck, strong augmentation, peak lr 6e-4)
+    lr3e-4            the default recipe at --lr 3e-4 (its peak until run I; runs E-H's `default`)
+    lr1e-3            the default recipe at --lr 1e-3
+    default-lite2     the default recipe on --backbone efficientnet_lite2 (at its own 260 px)
+
+Bases measured before run I, at the peak learning rate of their time (--lr 3e-4):
+
+    arcface           lr3e-4 + --loss arcface (the default recipe before P2SGrad; the
                       bases below marked "ArcFace" add their option to this one, as measured)
-    ce                default recipe with cross-entropy on the pooled 1280-d features
+    ce                lr3e-4 with cross-entropy on the pooled 1280-d features
                       (--loss ce --embedding-dim 0)
     ce-ls0.1          ce + --label-smoothing 0.1 (the default recipe before ArcFace)
     light             ArcFace + --augment light (no TrivialAugmentWide)
     gem               ArcFace + --pooling gem
-    proxy_anchor      default recipe + --loss proxy_anchor (on the 512-d neck)
-    subcenter         default recipe + --loss subcenter_arcface (3 centres a class)
-    adacos            default recipe + --loss adacos (a margin-free cosine softmax, dynamic AdaCos scale)
+    proxy_anchor      lr3e-4 + --loss proxy_anchor (on the 512-d neck)
+    subcenter         lr3e-4 + --loss subcenter_arcface (3 centres a class)
+    adacos            lr3e-4 + --loss adacos (a margin-free cosine softmax, dynamic AdaCos scale)
     imprint           ArcFace + --head-init imprint (class weights from the class means)
-    p2sgrad-imprint   default recipe (P2SGrad) + --head-init imprint
+    p2sgrad-imprint   lr3e-4 (P2SGrad) + --head-init imprint
     ema               ArcFace + --ema 25% (an average over a quarter of the run's steps)
     sqrt              ArcFace + --sampler sqrt (square-root class-balanced draws)
     balanced          ArcFace + --sampler balanced (every class drawn equally)
     batch32           ArcFace + --batch-size 32 (more, smaller steps in the same epochs)
     lite2             ArcFace on --backbone efficientnet_lite2 (at its own 260 px)
-    default-lite2     default recipe on --backbone efficientnet_lite2 (at its own 260 px)
-    default-260       default recipe on Lite0 at --image-size 260 (Lite2's input size)
-    distill-lite2     default recipe on Lite0 + --distill-from the default-lite2 checkpoint of the
+    lite2-lr3e-4      lr3e-4 on --backbone efficientnet_lite2 (runs F-H's `default-lite2`)
+    lite0-260         lr3e-4 on Lite0 at --image-size 260 (Lite2's input size)
+    distill-lite2     lr3e-4 on Lite0 + --distill-from the lite2-lr3e-4 checkpoint of the
                       same seed (trained first when missing, with --train)
 
 Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library defaults):
@@ -98,30 +104,36 @@ class TeacherOf:
     base: str
 
 
-ARCFACE = ["--loss", "arcface"]  # the default recipe before P2SGrad: the bases measured on it keep it
+# Bases measured before run I keep the default recipe's peak learning rate of their time (3e-4); run I
+# measured twice that (the default since) and more, on the validation split, then on this test split.
+LR3 = ["--lr", "3e-4"]
+ARCFACE = ["--loss", "arcface", *LR3]  # the default recipe before P2SGrad: the bases measured on it keep it
 # base -> trainer arguments beyond the common ones, or None for no training
 BASES: dict[str, list | None] = {
     "off-the-shelf": None,
     "seed": ["--recipe", "seed"],
     "default": [],
+    "lr3e-4": LR3,  # the default recipe until run I (runs E-H's `default`)
+    "lr1e-3": ["--lr", "1e-3"],  # run I: a larger peak still
     "arcface": ARCFACE,
-    "ce": ["--loss", "ce", "--embedding-dim", "0"],
-    "ce-ls0.1": ["--loss", "ce", "--embedding-dim", "0", "--label-smoothing", "0.1"],
+    "ce": ["--loss", "ce", "--embedding-dim", "0", *LR3],
+    "ce-ls0.1": ["--loss", "ce", "--embedding-dim", "0", "--label-smoothing", "0.1", *LR3],
     "light": [*ARCFACE, "--augment", "light"],
     "gem": [*ARCFACE, "--pooling", "gem"],
-    "proxy_anchor": ["--loss", "proxy_anchor"],
-    "subcenter": ["--loss", "subcenter_arcface"],
-    "adacos": ["--loss", "adacos"],
+    "proxy_anchor": ["--loss", "proxy_anchor", *LR3],
+    "subcenter": ["--loss", "subcenter_arcface", *LR3],
+    "adacos": ["--loss", "adacos", *LR3],
     "imprint": [*ARCFACE, "--head-init", "imprint"],
-    "p2sgrad-imprint": ["--loss", "p2sgrad", "--head-init", "imprint"],
+    "p2sgrad-imprint": ["--loss", "p2sgrad", "--head-init", "imprint", *LR3],
     "ema": [*ARCFACE, "--ema", "25%"],
     "sqrt": [*ARCFACE, "--sampler", "sqrt"],
     "balanced": [*ARCFACE, "--sampler", "balanced"],
     "batch32": [*ARCFACE, "--batch-size", "32"],
     "lite2": [*ARCFACE, "--backbone", "efficientnet_lite2"],
     "default-lite2": ["--backbone", "efficientnet_lite2"],
-    "default-260": ["--image-size", "260"],  # Lite0 at Lite2's input size: resolution or capacity?
-    "distill-lite2": [TeacherOf("default-lite2")],  # Lite0 taught by Lite2: capacity passed on?
+    "lite2-lr3e-4": [*LR3, "--backbone", "efficientnet_lite2"],  # runs F-H's `default-lite2`
+    "lite0-260": [*LR3, "--image-size", "260"],  # Lite0 at Lite2's input size: resolution or capacity? (run F)
+    "distill-lite2": [*LR3, TeacherOf("lite2-lr3e-4")],  # Lite0 taught by Lite2: capacity passed on? (run G)
 }
 
 # modifier -> (embedder extra arguments, index_folder keyword arguments, query_folder keyword arguments)
@@ -133,10 +145,10 @@ MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
 }
 
 DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "arcface", "default", "default+tta", "default+qe", "default+dba",
-                "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
+                "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal", "lr3e-4",
                 "light", "proxy_anchor", "gem", "ema", "subcenter", "sqrt", "balanced", "batch32", "lite2",
-                "lite2+tta+qe+kreciprocal", "default-lite2", "default-lite2+tta+qe+kreciprocal", "distill-lite2",
-                "distill-lite2+tta+qe+kreciprocal"]
+                "lite2+tta+qe+kreciprocal", "default-lite2", "default-lite2+tta+qe+kreciprocal", "lite2-lr3e-4",
+                "lite2-lr3e-4+tta+qe+kreciprocal", "distill-lite2", "distill-lite2+tta+qe+kreciprocal"]
 
 
 def parse_option(option: str) -> tuple[str, list[str]]:

@@ -402,7 +402,9 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
             "adam", 1e-4, "loss", "constant")
         assert float(rows[0]["lr"]) == pytest.approx(1e-4)
     if name == "default":
-        assert (saved["optimizer"], saved["select_by"], saved["head_lr_mult"]) == ("adamw", "map", 10.0)
+        # the peak run I chose (bench/README.md): a change to it is a change of recipe, to be measured
+        assert (saved["optimizer"], saved["lr"], saved["select_by"], saved["head_lr_mult"]) == (
+            "adamw", 6e-4, "map", 10.0)
         assert (saved["loss"], saved["embedding_dim"], saved["augment"]) == ("p2sgrad", 512, "strong")
         best = max(rows, key=lambda r: float(r["val_map@10"]))
         assert best["best"] == "1"

@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 RECIPES = {
-    "default": {"loss": "p2sgrad", "embedding_dim": 512, "optimizer": "adamw", "lr": 3e-4, "head_lr_mult": 10.0,
+    "default": {"loss": "p2sgrad", "embedding_dim": 512, "optimizer": "adamw", "lr": 6e-4, "head_lr_mult": 10.0,
                 "weight_decay": 0.05, "warmup_epochs": 0.5, "schedule": "cosine", "label_smoothing": 0.0,
                 "select_by": "map", "patience": 5, "ema": 0.0, "augment": "strong", "sampler": "shuffle",
                 "head_init": "random"},
