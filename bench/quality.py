@@ -145,8 +145,8 @@ MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
 }
 
 DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "arcface", "default", "default+tta", "default+qe", "default+dba",
-                "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal", "lr3e-4",
-                "light", "proxy_anchor", "gem", "ema", "subcenter", "sqrt", "balanced", "batch32", "lite2",
+                "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
+                "lr3e-4", "light", "proxy_anchor", "gem", "ema", "subcenter", "sqrt", "balanced", "batch32", "lite2",
                 "lite2+tta+qe+kreciprocal", "default-lite2", "default-lite2+tta+qe+kreciprocal", "lite2-lr3e-4",
                 "lite2-lr3e-4+tta+qe+kreciprocal", "distill-lite2", "distill-lite2+tta+qe+kreciprocal"]
 
