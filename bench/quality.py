@@ -58,13 +58,16 @@ later run reuses any finished run in --runs that trained the same settings
 on the same data, whatever its folder is called, and says so ("cached" in
 the table). Without --train an option with no finished
 checkpoint is left out of the table (listed at the end). Training minutes
-come from the run's summary.csv. Prints a table and writes
-bench/results/quality.json.
+come from the run's summary.csv. Prints a table, then each query whose first
+hit some row gets wrong with how many rows do (the queries every row misses
+bound top-1 from above), and writes bench/results/quality.json (per row, the
+figures and `top1_missed`, those queries' names).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import hashlib
@@ -299,6 +302,7 @@ def measure(option: str, label: str, emb_args: list[str], ranker: RankerClient, 
         "option": label, "backbone": info.backbone, "weights": info.weights, "dim": info.dim,
         "fingerprint": info.fingerprint, "device": info.device, "queries": ev.queries, "gallery": indexed.done,
         f"map@{k}": ev.map, f"precision@{k}": ev.precision, f"recall@{k}": ev.recall, "top1": ev.top1,
+        "top1_missed": sorted(q.query for q in ev.per_query if not q.top1),
         "start_s": started_s, "index_s": indexed.seconds, "query_s": answered.seconds,
     }
 
@@ -319,6 +323,14 @@ def seed_means(rows: list[dict], k: int) -> list[dict]:
                     "precision_max": max(p), "map": sum(r[f"map@{k}"] for r in runs) / len(runs),
                     "top1": sum(r["top1"] for r in runs) / len(runs)})
     return out
+
+
+def first_hit_misses(rows: list[dict]) -> list[tuple[str, int]]:
+    """Each query some row ranks a wrong first hit for, with how many rows do,
+    most first: the queries every option misses are where top-1 stops rising
+    (ambiguous or mislabelled photos rather than a weak model)."""
+    counts = collections.Counter(q for r in rows for q in r["top1_missed"])
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def main(argv=None) -> int:
@@ -393,6 +405,11 @@ def main(argv=None) -> int:
         for m in means:
             print(f"{m['option']:<{width}} P@{k} {m['precision']:.4f} ({m['precision_min']:.4f}-"
                   f"{m['precision_max']:.4f})  mAP@{k} {m['map']:.4f}  top-1 {m['top1']:.4f}  [{m['runs']} runs]")
+    missed = first_hit_misses(rows)
+    if missed:
+        print(f"\nqueries whose first hit is wrong (in how many of the {len(rows)} rows):")
+        for query, n in missed:
+            print(f"  {query}  {n}/{len(rows)}")
     for note in left_out:
         print(f"left out: {note}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ own run. The measuring itself is the bench's job."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,33 @@ def test_each_base_and_seed_names_its_own_run(tmp_path):
     assert named["default@42"].startswith("default-") and "seed" not in named["default@42"]
     assert named["default@7"].startswith("default-seed7-") and named["lite2@7"].startswith("lite2-seed7-")
     assert len({name.rsplit("-", 1)[1] for name in named.values()}) == 6
+
+
+def test_rows_name_the_queries_whose_first_hit_is_wrong(tmp_path, clothing_dir):
+    """A tiny real retrieval split, measured off the shelf through the real
+    services: a hat whose ground truth names shoes cannot get its first hit
+    right, and the row and the summary say which query missed."""
+    labels = {}
+    for line in (clothing_dir / "retrieval" / "labels.csv").read_text().splitlines()[1:]:
+        name, split, label = line.split(",")
+        labels.setdefault((split, label), []).append(name)
+    retrieval = tmp_path / "data" / "retrieval"
+    for split in ("query", "gallery"):
+        (retrieval / split).mkdir(parents=True)
+    gallery = {label: sorted(labels[("gallery", label)])[:3] for label in ("shoes", "pants", "hat")}
+    for names in gallery.values():
+        for name in names:
+            shutil.copy(clothing_dir / "retrieval" / "gallery" / name, retrieval / "gallery" / name)
+    queries = {label: sorted(labels[("query", label)])[0] for label in ("shoes", "pants", "hat")}
+    for name in queries.values():
+        shutil.copy(clothing_dir / "retrieval" / "query" / name, retrieval / "query" / name)
+    truth = {queries["shoes"]: gallery["shoes"], queries["pants"]: gallery["pants"], queries["hat"]: gallery["shoes"]}
+    (retrieval / "ground_truth.json").write_text(json.dumps(truth))
+    out = tmp_path / "quality.json"
+    done = bench("--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--out", str(out),
+                 "--options", "off-the-shelf")
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert queries["hat"] in row["top1_missed"] and set(row["top1_missed"]) <= set(truth)
+    assert len(row["top1_missed"]) == round((1 - row["top1"]) * row["queries"])
+    assert f"  {queries['hat']}  1/1" in done.stdout.split("first hit is wrong")[1]
