@@ -374,7 +374,11 @@ def test_sigterm_drains_in_flight_work_and_stops_the_batcher():
     m = re.search(r"batcher stopped: (\d+) items in (\d+) batches, (\d+) dropped", log)
     assert m, log
     items, batches, dropped = map(int, m.groups())
-    assert items + dropped == 24 + 16 + 3 and dropped >= 1  # expired calls never reached the model
+    # Every stream item and unary call ran; no expired call did. Those that reached the batcher
+    # were dropped there; on a loaded machine some expire before the server takes them at all
+    # (gRPC answers DEADLINE_EXCEEDED without a handler), so `dropped` may be under 3. The drop
+    # path itself is test_faults_embedder's.
+    assert items == 24 + 16 and dropped <= 3, (items, dropped)
     assert batches < items  # items were batched
 
 
