@@ -327,8 +327,8 @@ def seed_means(rows: list[dict], k: int) -> list[dict]:
 
 def first_hit_misses(rows: list[dict]) -> list[tuple[str, int]]:
     """Each query some row ranks a wrong first hit for, with how many rows do,
-    most first: the queries every option misses are where top-1 stops rising
-    (ambiguous or mislabelled photos rather than a weak model)."""
+    most first. The queries every option misses cap top-1 whatever the option:
+    look at those photos (ambiguous or mislabelled ones are the usual cause)."""
     counts = collections.Counter(q for r in rows for q in r["top1_missed"])
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 

@@ -1,9 +1,11 @@
 """bench/quality.py's bookkeeping, run as its users run it (tests never import
-bench): bad options and seeds are refused, and each base and seed names its
-own run. The measuring itself is the bench's job."""
+bench): bad options and seeds are refused, each base and seed names its own
+run, and a measured row names the queries whose first hit it gets wrong. The
+figures themselves are the bench's job."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -51,9 +53,9 @@ def test_rows_name_the_queries_whose_first_hit_is_wrong(tmp_path, clothing_dir):
     services: a hat whose ground truth names shoes cannot get its first hit
     right, and the row and the summary say which query missed."""
     labels = {}
-    for line in (clothing_dir / "retrieval" / "labels.csv").read_text().splitlines()[1:]:
-        name, split, label = line.split(",")
-        labels.setdefault((split, label), []).append(name)
+    with open(clothing_dir / "retrieval" / "labels.csv", newline="") as f:
+        for line in csv.DictReader(f):
+            labels.setdefault((line["split"], line["class"]), []).append(line["file"])
     retrieval = tmp_path / "data" / "retrieval"
     for split in ("query", "gallery"):
         (retrieval / split).mkdir(parents=True)
