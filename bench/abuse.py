@@ -3,7 +3,7 @@ memory while 1,000 abusive streams of one kind are open.
 
 For each service (an embedder and a ranker started here as real processes with
 their default bounds and an auth token), first the good client alone (the
-unloaded baseline), then each kind of abuse in turn (`imagesearch.abuse.KINDS`:
+unloaded baseline), then each kind of abuse in turn (`testkit.abuse.KINDS`:
 health Watch without a token; EmbedStream silent; EmbedStream sending 256 KB
 images and never reading; Upsert silent; SearchStream silent), N streams at a
 time while the good client keeps calling on its own connection. Prints p50/p99
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesearch import abuse
-from imagesearch.testing import ServiceProcess, sample_photos
+from testkit import abuse
+from testkit import ServiceProcess, sample_photos
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from clients.ranker import RankerClient
-from imagesearch.testing import ServiceProcess
+from testkit import ServiceProcess
 from ranker_service.store import GalleryStore, bulk_load
 
 

@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from clients.ranker import RankerClient  # noqa: E402
-from clients.services import RANKER_MODULE, Services  # noqa: E402
+from clients.cli.services import RANKER_MODULE, Services  # noqa: E402
 from clients.types import DatabaseAugmentation, KReciprocal  # noqa: E402
 
 COLLECTION = "gallery"

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from clients.cli.demo import find_photos  # noqa: E402
 from embedder_service.embedder import Embedder  # noqa: E402
 from imagesearch.model.preprocessing import is_image_path  # noqa: E402
-from imagesearch.testing import ServiceProcess, sample_photos  # noqa: E402
+from testkit import ServiceProcess, sample_photos  # noqa: E402
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
 
 LOADS: list[float] = []  # 1-minute load average after each round (the machine is shared)

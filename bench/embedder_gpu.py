@@ -21,7 +21,7 @@ import torch
 from bench.embedder import real_photos, run_stream, take
 from embedder_service.embedder import Embedder
 from imagesearch.model.gpu import decode_batch
-from imagesearch.testing import ServiceProcess
+from testkit import ServiceProcess
 from imagesearch.v1 import embedder_pb2_grpc
 
 

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.embedder import real_photos, run_stream, take, upscale_12mp  # noqa: E402
-from imagesearch.testing import ServiceProcess  # noqa: E402
+from testkit import ServiceProcess  # noqa: E402
 from imagesearch.v1 import embedder_pb2_grpc  # noqa: E402
 
 

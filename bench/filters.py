@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE
-from imagesearch.testing import unit32
+from testkit import unit32
 from ranker_service.filtering import ann_then_filter, exact_among
 from ranker_service.index import make_collection
 from ranker_service.kinds import make_spec

@@ -39,7 +39,7 @@ from clients.cli.incremental import MTIME, SHA256, SIZE, sha256_file
 from clients.embedder import EmbedderClient
 from clients.ranker import RankerClient
 from clients.types import Embedding
-from imagesearch.testing import ServiceProcess, sample_photos, unit32
+from testkit import ServiceProcess, sample_photos, unit32
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOTHING = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.load [--clients 256] [--seconds 30] [--mix embed=1,search=1]
 
 Starts an embedder and a ranker as child processes on port 0 (through
-`clients.services`, the CLI's own launcher; or uses running ones given with
+`clients.cli.services`, the CLI's own launcher; or uses running ones given with
 --embedder / --ranker), then:
 
 1. prepares the work: real photos (scikit-image / scikit-learn samples, as
@@ -51,8 +51,8 @@ import numpy as np  # noqa: E402
 from clients.embedder import EmbedderClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
-from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
-from imagesearch.testing import reference_ranking, sample_photos, unit32  # noqa: E402
+from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
+from testkit import reference_ranking, sample_photos, unit32  # noqa: E402
 
 KINDS = ("embed", "search")
 TOLERANCE = 1e-5

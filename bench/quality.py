@@ -89,7 +89,7 @@ from clients.cli.jobs import index_folder, query_folder  # noqa: E402
 from clients.embedder import EmbedderClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
-from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
+from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
 from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion  # noqa: E402
 from trainer.train import DEFAULTS as TRAINER_DEFAULTS  # noqa: E402
 from trainer.train import training_settings  # noqa: E402

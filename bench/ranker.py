@@ -47,7 +47,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from clients.channels import FAST_UNARY_STREAM  # noqa: E402
-from imagesearch.testing import ServiceProcess  # noqa: E402
+from testkit import ServiceProcess  # noqa: E402
 from imagesearch.v1 import ranker_pb2 as pb  # noqa: E402
 from imagesearch.v1 import ranker_pb2_grpc  # noqa: E402
 from ranker_service.index import GalleryIndex, Query  # noqa: E402

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.ranker_data import clothing_centres, clustered_chunks
-from imagesearch.testing import ServiceProcess
+from testkit import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from ranker_service import index_files

@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from imagesearch.model.backbones import BACKBONES, build_model, default_device  # noqa: E402
 from imagesearch.model.preprocessing import PreprocessSpec, decode_image, eval_transform, is_image_path, train_transform  # noqa: E402
-from imagesearch.testing import sample_photos  # noqa: E402
+from testkit import sample_photos  # noqa: E402
 
 CLOTHING = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
 

@@ -137,7 +137,7 @@ RANKER_ENV = "IMAGESEARCH_RANKER"  # the ranker's flag prefix, and the CLI's ran
 AUTH_TOKEN_ENV = "IMAGESEARCH_AUTH_TOKEN"
 LOG_LEVEL_ENV = "IMAGESEARCH_LOG_LEVEL"
 LOG_FORMAT_ENV = "IMAGESEARCH_LOG_FORMAT"  # text | json
-# Set by clients.services for the services it starts: the starting process's pid,
+# Set by clients.cli.services for the services it starts: the starting process's pid,
 # so the service asks Linux to SIGTERM it when that process dies (imagesearch.parent).
 PARENT_PID_ENV = "IMAGESEARCH_PARENT_PID"
 TORCH_THREADS_ENV = "IMAGESEARCH_TORCH_THREADS"

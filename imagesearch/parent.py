@@ -1,4 +1,4 @@
-"""A service started by `clients.services` dies with the process that started it.
+"""A service started by `clients.cli.services` dies with the process that started it.
 
 The starting process passes its pid in IMAGESEARCH_PARENT_PID; the service,
 first thing, asks Linux to send it SIGTERM when that parent dies

@@ -3,7 +3,7 @@ labelled ImageFolder data set, a gallery/query photo set with ground truth.
 
 Fixtures live in conftest.py. What the benchmarks need too (the service
 launcher, photos as JPEG bytes, unit vectors, the float64 reference ranking)
-lives in imagesearch.testing."""
+lives in testkit."""
 
 from __future__ import annotations
 

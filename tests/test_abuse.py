@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagesearch import abuse
-from imagesearch.testing import ServiceProcess, sample_photos
+from testkit import abuse
+from testkit import ServiceProcess, sample_photos
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 
 TOKEN = "ci-abuse-token"

@@ -51,7 +51,7 @@ def parse_report(text: str) -> ReportParser:
 
 def test_cli_imports_only_the_contracts():
     """clients -> contracts: no torch, no service or trainer code (the CLI starts fast)."""
-    code = ("import sys, clients.cli.parser, clients.cli.commands, clients.cli.jobs, clients.services; "
+    code = ("import sys, clients.cli.parser, clients.cli.commands, clients.cli.jobs, clients.cli.services; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & "
             "{'torch', 'torchvision', 'timm', 'embedder_service', 'ranker_service', 'trainer', 'bench'}); "
             "print(bad); sys.exit(1 if bad else 0)")

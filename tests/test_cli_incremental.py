@@ -22,7 +22,7 @@ import pytest
 
 from clients import cli
 from clients.ranker import RankerClient
-from imagesearch.testing import ROOT, ServiceProcess, sample_photos
+from testkit import ROOT, ServiceProcess, sample_photos
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from clients import cli, metrics
 from clients.cli import commands
 from clients.cli.parser import build_parser
 from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion
-from imagesearch.testing import ServiceProcess
+from testkit import ServiceProcess
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.helpers import make_photo_set
 

@@ -354,7 +354,7 @@ def test_round_robin_over_two_embedder_processes():
     """Two real embedder processes behind one `ipv4:` target: both get calls
     and streams. They differ only in ways the answers show: B serves random
     weights (another fingerprint) and a smaller max batch."""
-    from imagesearch.testing import ServiceProcess
+    from testkit import ServiceProcess
 
     a = ServiceProcess("embedder_service", "--backbone", "efficientnet_lite0", "--max-batch", "8")
     try:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from imagesearch.defaults import MAX_IMAGE_PIXELS
-from imagesearch.testing import ROOT
+from testkit import ROOT
 
 SIDE = int(MAX_IMAGE_PIXELS ** 0.5)  # 7071 -> 49,999,041 pixels: at the limit
 BYTES_PER_PIXEL = 8

@@ -29,7 +29,7 @@ from imagesearch import defaults
 from imagesearch.model.backbones import build_model
 from imagesearch.model.checkpoint import load_model, save_checkpoint
 from imagesearch.model.preprocessing import PreprocessSpec, load_tensor
-from imagesearch.testing import ROOT, ServiceProcess, sample_photos
+from testkit import ROOT, ServiceProcess, sample_photos
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from tests.helpers import encode, photo
 from tests.test_embedder_inputs import BAD, GOOD, LIMIT_BYTES, LIMIT_PIXELS

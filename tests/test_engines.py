@@ -24,7 +24,7 @@ from embedder_service.embedder import Embedder
 from imagesearch import errors
 from imagesearch.model import engines
 from imagesearch.model.backbones import fingerprint
-from imagesearch.testing import ROOT, ServiceProcess
+from testkit import ROOT, ServiceProcess
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 TOLERANCE = 1e-4  # the engines' contract: max abs difference to torch float32

@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import pytest
 
-from imagesearch.testing import ROOT, ServiceProcess, sample_photos
+from testkit import ROOT, ServiceProcess, sample_photos
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 
 TOL = 1e-5
@@ -74,7 +74,7 @@ def test_embedder_killed_during_index_then_a_rerun_completes_the_gallery(tmp_pat
     db = tmp_path / "g.db"
     with ServiceProcess("ranker_service", "--db", str(db)) as ranker, ranker.channel() as channel:
         stub = ranker_pb2_grpc.RankerServiceStub(channel)
-        # On the CPU, with one thread (imagesearch.testing.ServiceProcess), so that 64 images take long enough to kill mid-run.
+        # On the CPU, with one thread (testkit.ServiceProcess), so that 64 images take long enough to kill mid-run.
         embedder = ServiceProcess("embedder_service", *EMBEDDER_ARGS)
         try:
             cli = subprocess.Popen(index_command(gallery, embedder, ranker), cwd=ROOT, env=env,

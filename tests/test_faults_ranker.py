@@ -32,7 +32,7 @@ import pytest
 from clients.channels import RetryPolicy
 from clients.errors import ClientError
 from clients.ranker import RankerClient
-from imagesearch.testing import ServiceProcess, reference_ranking, unit32
+from testkit import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 

@@ -307,7 +307,7 @@ def test_an_empty_token_is_refused_at_start_up(tmp_path, how):
 
 
 def test_start_up_log_says_whether_auth_and_tls_are_on(tmp_path):
-    from imagesearch.testing import ServiceProcess
+    from testkit import ServiceProcess
 
     proc = ServiceProcess("ranker_service", "--db", tmp_path / "g.db", env={"IMAGESEARCH_AUTH_TOKEN": "t0k"})
     try:

@@ -18,7 +18,7 @@ import pytest
 from clients.embedder import file_source
 from clients.errors import UsageError
 from imagesearch import serving
-from imagesearch.testing import ServiceProcess
+from testkit import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from imagesearch.testing import ROOT, ServiceProcess, reference_ranking, sample_photos, unit32
+from testkit import ROOT, ServiceProcess, reference_ranking, sample_photos, unit32
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 
 TOL = 1e-5

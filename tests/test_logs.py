@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from imagesearch import logs
-from imagesearch.testing import ROOT, ServiceProcess
+from testkit import ROOT, ServiceProcess
 
 KEYS = ["time", "level", "logger", "message", "method", "code", "peer", "duration"]
 

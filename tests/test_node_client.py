@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagesearch.testing import ROOT, ServiceProcess
+from testkit import ROOT, ServiceProcess
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 NODE_DIR = ROOT / "tests" / "node"

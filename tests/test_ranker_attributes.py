@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from imagesearch import defaults
-from imagesearch.testing import ServiceProcess, reference_ranking, unit32
+from testkit import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from ranker_service.attributes import AttributeTable, check_filters

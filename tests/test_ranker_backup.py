@@ -102,7 +102,7 @@ def test_imagesearch_backup_of_a_ranker_being_written_restores_into_a_new_ranker
     import sys
 
     from clients.ranker import RankerClient
-    from imagesearch.testing import ROOT, ServiceProcess
+    from testkit import ROOT, ServiceProcess
 
     rng = np.random.default_rng(2)
     written: dict[str, np.ndarray] = {}

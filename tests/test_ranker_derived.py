@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from imagesearch import errors
-from imagesearch.testing import ServiceProcess
+from testkit import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from tests.test_ranker_rerank import (

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from imagesearch import errors
-from imagesearch.testing import ROOT, ServiceProcess
+from testkit import ROOT, ServiceProcess
 from ranker_service import faiss_collection, faiss_device
 from ranker_service.index import make_collection
 from tests.test_ranker_kinds import DIM, SPECS, N, clustered

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imagesearch import errors
-from imagesearch.testing import reference_ranking, unit32
+from testkit import reference_ranking, unit32
 from ranker_service import ranking
 from ranker_service.index import MIN_GROWTH_ROWS, Collection, GalleryIndex, Query
 from ranker_service.rwlock import ReadWriteLock

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from imagesearch import errors
-from imagesearch.testing import reference_ranking, unit32
+from testkit import reference_ranking, unit32
 from ranker_service import faiss_collection, index_files, kinds
 from ranker_service.index import GalleryIndex, Query, make_collection
 from ranker_service.kinds import IndexSpec, make_spec

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from imagesearch.testing import ServiceProcess, reference_ranking
+from testkit import ServiceProcess, reference_ranking
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from tests.test_ranker_kinds import DIM, clustered

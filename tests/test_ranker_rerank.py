@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from imagesearch.testing import ServiceProcess, unit32
+from testkit import ServiceProcess, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from imagesearch import serving
-from imagesearch.testing import ServiceProcess, reference_ranking, unit32
+from testkit import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 from ranker_service.servicer import SERVICE_NAME

@@ -14,7 +14,7 @@ import pytest
 
 from imagesearch import errors
 from imagesearch.errors import StoreError
-from imagesearch.testing import unit32
+from testkit import unit32
 from ranker_service.gallery import Gallery, UpsertItem
 from ranker_service.index import Query
 from ranker_service.migrations import MIGRATIONS, MIGRATIONS_TABLE

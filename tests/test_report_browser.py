@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesearch.testing import ROOT
+from testkit import ROOT
 from tests.helpers import make_photo_set
 from tests.test_cli import write_json
 

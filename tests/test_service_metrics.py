@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from imagesearch.testing import ServiceProcess, sample_photos
+from testkit import ServiceProcess, sample_photos
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 
 METRICS_LINE = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
@@ -144,7 +144,7 @@ def test_serve_gives_each_replica_its_own_metrics_port(tmp_path):
     import sys
     import time
 
-    from imagesearch.testing import ROOT
+    from testkit import ROOT
 
     proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve", "--db", str(tmp_path / "g.db"),
                              "--embedder-port", "0", "--ranker-port", "0", "--embedder-replicas", "2",

@@ -1,4 +1,4 @@
-"""Services started by clients.services die with the process that started them
+"""Services started by clients.cli.services die with the process that started them
 (the child arms PR_SET_PDEATHSIG itself: imagesearch/parent.py), and are started
 without a preexec_fn, whose plain fork crashes children under gRPC (grpc/grpc#43055)."""
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PARENT = """
 import sys, time
-from clients.services import ChildService
+from clients.cli.services import ChildService
 child = ChildService("ranker", "ranker_service", ["--db", sys.argv[1]])
 child.wait_listening(120)
 print(child.proc.pid, flush=True)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from imagesearch.testing import ROOT, ServiceProcess, sample_photos
+from testkit import ROOT, ServiceProcess, sample_photos
 
 TRACING = {"OTEL_TRACES_EXPORTER": "console"}
 

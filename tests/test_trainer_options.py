@@ -23,7 +23,7 @@ from imagesearch.model.backbones import GeM, fingerprint
 from imagesearch.model.checkpoint import load_checkpoint, load_model, save_checkpoint
 from imagesearch.model.preprocessing import load_tensor
 from imagesearch.retrieval_metrics import leave_one_out, top_k_others
-from imagesearch.testing import ServiceProcess
+from testkit import ServiceProcess
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from trainer import recipe as recipes
 from trainer.__main__ import main as cli_main

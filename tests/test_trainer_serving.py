@@ -10,7 +10,7 @@ import torch
 
 from imagesearch.model.checkpoint import load_checkpoint
 from imagesearch.model.preprocessing import load_tensor
-from imagesearch.testing import ServiceProcess
+from testkit import ServiceProcess
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from tests.helpers import make_dataset
 from tests.test_trainer import tiny_args

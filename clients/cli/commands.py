@@ -36,7 +36,7 @@ from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
 from clients.ranker import ADDRESS_ENV as RANKER_ENV
 from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
 from clients.ranker import RankerClient
-from clients.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, wait_for_signal
+from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, wait_for_signal
 from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
 

@@ -29,7 +29,7 @@ class StartupError(SystemExit):
 
 def run_main(main, argv=None) -> int:
     """Run `main(argv)`; a StartupError becomes one line on stderr and exit 2.
-    First, a service started by clients.services follows its parent (imagesearch.parent)."""
+    First, a service started by clients.cli.services follows its parent (imagesearch.parent)."""
     follow_parent()
     try:
         return main(argv) or 0

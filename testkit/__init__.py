@@ -2,7 +2,7 @@
 other (tests/test_architecture.py). Torch-free.
 
 - `ServiceProcess`: a service as a real child process on 127.0.0.1 port 0,
-  started and stopped by the product's own launcher (`clients.services.ChildService`),
+  started and stopped by the product's own launcher (`clients.cli.services.ChildService`),
   with what a test needs on top: the whole log, a channel, SIGKILL.
 - `sample_photos`: n distinct real photos as JPEG bytes (the demo's photos
   that ship with scikit-image and scikit-learn, then crops of them).
@@ -23,7 +23,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.cli.demo import find_photos
-from clients.services import ChildService
+from clients.cli.services import ChildService
 from imagesearch.defaults import MAX_MESSAGE_BYTES, TORCH_THREADS_ENV
 
 # The repository root: services run with it first on their path, so a test

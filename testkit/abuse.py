@@ -1,5 +1,5 @@
 """Abusive clients against a running service, with a well-behaved client on
-its own connection beside them (issue 11). Torch-free; `bench/abuse.py` prints
+its own connection beside them. Torch-free; `bench/abuse.py` prints
 the table, `tests/test_abuse.py` runs a smaller version in CI.
 
 Kinds of abuse, each N streams opened over N / `per_connection` connections
