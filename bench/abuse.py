@@ -1,4 +1,4 @@
-"""Abuse bench (issue 11): a well-behaved client's latency and the server's
+"""Abuse bench: a well-behaved client's latency and the server's
 memory while 1,000 abusive streams of one kind are open.
 
 For each service (an embedder and a ranker started here as real processes with

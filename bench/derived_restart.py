@@ -8,8 +8,8 @@ alpha 3; `--derived dba`), or searched with k-reciprocal re-ranking (k1 20,
 k2 6; `--derived k-reciprocal`). After a clean stop (which writes the derived
 data next to the index files, ranker_service/index_files.py) the ranker is
 started again, in turn with those files ("saved") and with them removed
-("rebuilt": the O(G^2) derivation runs after the start, as it did before the
-files existed: a DBA collection's at once in the background, a k-reciprocal
+("rebuilt": the O(G^2) derivation runs after the start: a DBA collection's
+at once in the background, a k-reciprocal
 pair's when the first search asks). Per start: seconds from the process start
 to health SERVING and to the first answered search that needs the data, side
 by side over `--rounds` rounds, and the median ratio.

@@ -8,7 +8,7 @@ At the same batch size, torch fp16 (autocast), in one process:
 - CPU decode + forward: `Embedder.embed_images` (Pillow on the CPU, serially);
 - the service (`--device cuda --cuda-graphs`), one EmbedStream, decode threads on the CPU.
 Each rate is printed with its ratio to the ceiling (target >= 0.8 with decode included).
-It has not run on a GPU yet: no GPU was lent to the session that wrote it.
+No GPU figure yet.
 """
 
 from __future__ import annotations

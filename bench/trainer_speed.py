@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     spec = PreprocessSpec(args.image_size, info.preprocess.mean, info.preprocess.std, info.preprocess.interpolation)
 
     source, data = photos(args.images)
-    tt, et = train_transform(spec, "seed"), eval_transform(spec)  # the figures in bench/README.md
+    tt, et = train_transform(spec, "seed"), eval_transform(spec)  # as in bench/results/training.md
     batch = torch.stack([et(decode_image(b)) for b in (data * (args.batch // len(data) + 1))[:args.batch]])
     targets = torch.arange(args.batch) % 10
 

@@ -167,8 +167,8 @@ def service_config(service_names: Sequence[str], retry: RetryPolicy | None) -> d
 
 
 # Server-streaming calls (Search, ListItems...) read on the calling thread instead of handing
-# each message over from the channel's thread: 0.3 ms less per Search here (bench/README.md,
-# "Search with paging"). gRPC Python's experimental grpc.experimental.ChannelOptions option.
+# each message over from the channel's thread, which shortens every Search
+# (bench/results/ranker.md). gRPC Python's experimental grpc.experimental.ChannelOptions option.
 FAST_UNARY_STREAM = [("SingleThreadedUnaryStream", 1)]
 
 

@@ -7,7 +7,7 @@ threads (ONNX Runtime, OpenVINO or torch) and, for the torch engine, torch's
 own OpenMP team. `plan_threads` is the default split as a function of the core
 count, the engine and the device; every number can be overridden by a flag or
 its environment variable (docs/embedder.md#threads, measured in
-bench/README.md#embedder).
+bench/results/embedder.md).
 """
 
 from __future__ import annotations

@@ -20,19 +20,19 @@ CACHE_DIR_NAME = "imagesearch"
 # The embedder's thread split on CPU with an ONNX engine (embedder_service.threads,
 # docs/embedder.md#threads): intra-op threads and decode workers per core, whether
 # ONNX Runtime's threads spin, and the EmbedStream window in batches (2: the decode
-# threads prepare batch n+1 while batch n runs). Measured in bench/README.md#embedder.
+# threads prepare batch n+1 while batch n runs). Measured: bench/results/embedder.md.
 CPU_ENGINE_THREADS_PER_CORE = 1.0
 CPU_DECODE_WORKERS_PER_CORE = 1.0
 CPU_ENGINE_SPINNING = False
 CPU_STREAM_WINDOW_BATCHES = 2
-# The embedder's --max-batch default: on CPU small batches stream faster (8 against
-# 32: 1.35x with onnxruntime, 1.4x with torch, bench/README.md#embedder); on CUDA 32.
+# The embedder's --max-batch default: on CPU batches of 8 stream faster than 32 with
+# either engine (bench/results/embedder.md); on CUDA bigger batches feed the device.
 CPU_MAX_BATCH = 8
 CUDA_MAX_BATCH = 32
 # EmbedStream calls open at once on one embedder; past it RESOURCE_EXHAUSTED. gRPC's
 # HTTP/2 transport takes in a stream's first message (up to --max-image-bytes) plus
 # about 200 KB whether or not the server reads it, so this cap is what bounds the
-# memory of streams that send and never read (bench/README.md#abuse).
+# memory of streams that send and never read (bench/results/abuse.md).
 MAX_EMBED_STREAMS = 256
 # How JPEGs are decoded (PreprocessSpec.decode): "draft" = at the smallest DCT
 # scale whose sides still cover the input size; "full" = every pixel.
@@ -65,7 +65,7 @@ MAX_LIST_PAGE = 10000
 # A filtered search on an approximate (ANN) index scans the matching rows
 # exactly when at most this share of the collection matches: measured cheapest
 # up to 0.03, on a par with FAISS's selector search at 0.1, slower at 0.3
-# (bench/filters.py, bench/README.md#filtered-search).
+# (bench/filters.py, bench/results/ranker.md#filtered-search).
 FILTER_EXACT_SCAN_SHARE = 0.1
 # ... and otherwise over-fetches k * (1 / share) * this from the ANN index,
 # falling back to the exact scan when fewer than k of them pass.

@@ -406,6 +406,6 @@ def test_vectors_go_as_the_same_bytes_as_a_list_of_floats(vector):
 
 
 def test_client_channels_read_streamed_answers_on_the_calling_thread():
-    # The 0.3 ms a Search saves (bench/README.md, "Search with paging"); every Search test here runs with it.
+    # What a Search saves: bench/results/ranker.md#grpc-search-with-paging; every Search test here runs with it.
     options = channel_options(["imagesearch.v1.RankerService"], retry=RetryPolicy(), max_message_bytes=1 << 20)
     assert FAST_UNARY_STREAM == [("SingleThreadedUnaryStream", 1)] and FAST_UNARY_STREAM[0] in options

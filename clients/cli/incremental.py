@@ -17,8 +17,8 @@ attributes, with whatever attributes the run adds (`--attributes`,
 - any other new name: **embed** (new).
 
 Items whose files are gone (and were not renamed) are **gone**: `--sync`
-deletes them. Items stored without a `sha256` (indexed before this existed,
-or by another tool) are embedded again once, to get their attributes.
+deletes them. Items stored without a `sha256` (by another tool, say) are
+embedded again once, to get their attributes.
 
 An interrupted run needs nothing special: every chunk the ranker
 acknowledged is stored with its attributes, so the next run finds those

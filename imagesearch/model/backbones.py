@@ -332,8 +332,8 @@ def load_tensors(path: Path, what: str):
 def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str, tta: str = "none") -> str:
     """sha256 over every weight tensor (name, dtype, shape, bytes), the
     preprocessing settings and the test-time augmentation: two servers agree
-    on it only if their vectors do. (tta "none" leaves the hash as it was
-    before the option existed.)"""
+    on it only if their vectors do. (tta "none" adds nothing to the hash, so
+    a model served without TTA keeps its fingerprint.)"""
     h = hashlib.sha256()
     preprocess = spec.to_dict()
     if preprocess["decode"] == "full":  # fingerprints from before decode modes existed stay valid

@@ -79,8 +79,8 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
 
 
 def model_options(meta: dict) -> dict:
-    """EmbeddingNet options a checkpoint's meta records; defaults for files
-    written before the options existed."""
+    """EmbeddingNet options a checkpoint's meta records; defaults where it
+    records none."""
     saved = meta.get("model") or {}
     classes = len(meta.get("class_names") or []) or 1000
     return {"pooling": saved.get("pooling", "avg"), "neck_dim": saved.get("neck_dim"),

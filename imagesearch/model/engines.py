@@ -63,8 +63,8 @@ class Engine(Protocol):
 
 
 def resolve_engine(engine: str, device_type: str) -> str:
-    """`auto` -> onnxruntime on CPU (bench/README.md: 1.5-2x torch eager on
-    Lite0 here), torch on CUDA (fp16 autocast). ONNX engines run on the CPU."""
+    """`auto` -> onnxruntime on CPU (faster than torch eager there:
+    bench/results/embedder.md), torch on CUDA (fp16 autocast). ONNX engines run on the CPU."""
     if engine not in ENGINES:
         raise errors.InvalidArgument(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     if engine == "auto":

@@ -6,10 +6,10 @@ functions, so a vector computed anywhere comes from the same pixels.
 - `decode_image(data)`: any common encoded image to an RGB PIL image, with
   EXIF orientation applied, limits enforced and clear errors for bad input;
   with `reduce_to`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4,
-  1/8) whose sides still cover it (Pillow's draft mode: 5-7x faster on
-  12-megapixel photos). Memory: at most 8 bytes a pixel of the image at the
-  peak (PIL holds RGB, RGBA, F and I images in 4 bytes a pixel: the decoded
-  image plus one such copy), never float64 copies.
+  1/8) whose sides still cover it (Pillow's draft mode; bench/results/decode.md).
+  Memory: at most 8 bytes a pixel of the image at the peak (PIL holds RGB,
+  RGBA, F and I images in 4 bytes a pixel: the decoded image plus one such
+  copy), never float64 copies.
 - `PreprocessSpec`: input size, mean/std, interpolation and decode mode of a model.
 - `eval_transform(spec)` / `train_transform(spec, augment)`: PIL image -> tensor.
 """
@@ -83,7 +83,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
-        # A spec written before decode modes existed was trained and served on full decodes.
+        # A spec without a decode mode was trained and served on full decodes.
         return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"),
                    d.get("decode", "full"))
 
