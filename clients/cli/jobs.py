@@ -68,6 +68,7 @@ class IndexReport(JobReport):
     gone: list[str] = dataclasses.field(default_factory=list)  # stored items whose files are gone
     deleted: int = 0     # of those, deleted (--sync)
     hashed: int = 0      # files whose sha256 was computed
+    vanished: list[str] = dataclasses.field(default_factory=list)  # listed, then gone before they were read
 
 
 @dataclasses.dataclass
@@ -297,6 +298,9 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
               if found is not None else {})
     plan = make_plan(listing.images, stored, extra, full=full)
     report.unchanged, report.gone, report.hashed = len(plan.unchanged), plan.gone, plan.hashed
+    report.vanished = plan.vanished
+    report.total_images -= len(plan.vanished)
+    report.failed.update({n: Failure(n, grpc.StatusCode.INVALID_ARGUMENT, why) for n, why in plan.unreadable.items()})
     for i in range(0, len(plan.renames), RENAME_BATCH):
         report.renamed += ranker.rename(collection, plan.renames[i:i + RENAME_BATCH]).renamed
     if plan.retag:
