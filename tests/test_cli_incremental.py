@@ -276,3 +276,29 @@ def test_index_sync_while_files_are_deleted_and_renamed_converges(services, phot
     n = len(list(g.glob("*.jpg")))
     assert f"indexed 0 of {n} images" in out and f"{n} unchanged, 0 renamed, 0 with new attributes" in out, out
     assert "deleted" not in out
+
+
+def test_a_name_the_ranker_refuses_fails_that_file_alone(services, photos, tmp_path, capsys):
+    """Names with a newline or ESC are legal on Linux and refused by the ranker:
+    each is reported with the ranker's reason, every other file of its chunk is
+    indexed, the exit code follows the rule for bad inputs, and a rerun stays
+    the same."""
+    g = tmp_path / "gallery"
+    for i in range(40):
+        write(g / f"{i:02d}.jpg", photos[i])
+    write(g / "bad\nname.jpg", photos[50])
+    write(g / "esc\x1b[31m.jpg", photos[51])
+    f = flags(services, "oddnames")
+    for rerun in (False, True):
+        rc = cli.main(["index", str(g), *f, "--chunk-size", "32"])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert "indexed 40 of 42 images" in err if not rerun else "indexed 0 of 42 images" in err, err
+        assert "control characters" in err and "Traceback" not in err
+        assert sorted(items(services, "oddnames")) == [f"{i:02d}.jpg" for i in range(40)]
+    assert cli.main(["index", str(g), *f, "--strict"]) == 2
+    capsys.readouterr()
+    out = tmp_path / "r.json"
+    assert cli.main(["query", str(g), *f, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert len(results) == 42 and results["07.jpg"][0] == "07.jpg"   # a query's name is only a label
