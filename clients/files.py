@@ -93,7 +93,8 @@ def list_images(folder: str | os.PathLike, *, what: str = "folder", follow_symli
             elif not follow_symlinks and path.is_symlink() and not _inside(root, path):
                 skipped.append((name, SYMLINK_OUT))
             elif not path.is_file():
-                skipped.append((name, "not a regular file"))
+                if os.path.lexists(path):  # else it was removed while the folder was walked
+                    skipped.append((name, "not a regular file"))
             else:
                 images.append((name, path))
     images.sort()

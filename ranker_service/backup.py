@@ -8,6 +8,11 @@ wait for the copy, searches go on from memory), turns it into a standalone
 file (journal_mode=DELETE), checks it with `PRAGMA integrity_check`, counts
 what it holds and hashes it. The `Backup` RPC streams that file to the client
 in chunks; the copy is deleted when the call ends, however it ends.
+
+A copy needs free space beside the database for a whole copy: it is refused
+up front ("not enough disk for a backup: needs N, has M"), counting the
+space copies already running will take. The servicer bounds how many run at
+once and ends a copy whose reader stops reading (`RankerServicer`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
+import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,13 +72,37 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Bytes that copies being made will still write, per folder.
+_reserved: dict[Path, int] = {}
+_reserved_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _room_for(store: GalleryStore, folder: Path) -> Iterator[None]:
+    """Reserve room under `folder` for a copy of the store (the database file
+    and its WAL: an upper bound), or refuse the copy when the disk lacks it."""
+    need = sum(p.stat().st_size for p in (store.path, Path(f"{store.path}-wal")) if p.exists())
+    with _reserved_lock:
+        free = shutil.disk_usage(folder).free - _reserved.get(folder, 0)
+        if need > free:
+            raise errors.ResourceExhausted(
+                f"not enough disk for a backup: needs {need} bytes under {folder}, has {max(free, 0)} "
+                "(copies running now count against it); free space there, or wait for running backups")
+        _reserved[folder] = _reserved.get(folder, 0) + need
+    try:
+        yield
+    finally:
+        with _reserved_lock:
+            _reserved[folder] -= need
+
+
 @contextlib.contextmanager
 def backup_copy(store: GalleryStore, folder: Path | None = None) -> Iterator[BackupCopy]:
     """A checked copy of the store's committed data in a temporary file under
     `folder` (default: the database's own folder, so it needs free space there
-    the size of the database); deleted on exit."""
-    folder = Path(folder) if folder is not None else store.path.resolve().parent
-    with tempfile.TemporaryDirectory(prefix=".backup-", dir=folder) as tmp:
+    the size of the database, checked first); deleted on exit."""
+    folder = Path(folder).resolve() if folder is not None else store.path.resolve().parent
+    with _room_for(store, folder), tempfile.TemporaryDirectory(prefix=".backup-", dir=folder) as tmp:
         path = Path(tmp) / store.path.name
         started = time.monotonic()
         store.copy_to(path)
@@ -86,3 +118,10 @@ def read_chunks(path: Path, size: int = CHUNK_BYTES) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(size):
             yield chunk
+
+
+def lower_priority() -> None:
+    """Run the calling thread at the lowest CPU priority (Linux: a thread's
+    own nice value), so that a backup's copying and hashing yield to searches."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -23,7 +24,7 @@ from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service import kinds
 from ranker_service.attributes import AttributeFilter, check_filters, from_json
 from ranker_service.backend import RankerBackend
-from ranker_service.backup import read_chunks
+from ranker_service.backup import lower_priority, read_chunks
 from ranker_service.gallery import UpsertItem
 from ranker_service.index import CollectionStats, Match, Query
 from ranker_service.reranking import make_expansion, make_k_reciprocal
@@ -35,6 +36,9 @@ SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
 DEFAULT_MAX_BATCH = 64
 # Upsert requests read ahead of the one being validated.
 UPSERT_READ_AHEAD = 64
+# Backups running at once, and how long one waits for its reader to take a chunk.
+DEFAULT_MAX_BACKUPS = 2
+DEFAULT_BACKUP_IDLE_S = 60.0
 
 
 def _match(m: Match) -> ranker_pb2.Match:
@@ -149,12 +153,18 @@ async def _derived_ready(gallery: RankerBackend, queries: list[Query]) -> None:
 
 
 class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
-    def __init__(self, *, max_batch: int = DEFAULT_MAX_BATCH):
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+    def __init__(self, *, max_batch: int = DEFAULT_MAX_BATCH, max_backups: int = DEFAULT_MAX_BACKUPS,
+                 backup_idle_s: float = DEFAULT_BACKUP_IDLE_S):
+        if max_batch < 1 or max_backups < 1 or backup_idle_s <= 0:
+            raise ValueError("max_batch and max_backups must be at least 1, backup_idle_s above 0")
         self.ready: serving.Readiness[RankerBackend] = serving.Readiness(
             "the ranker is still loading its database (health NOT_SERVING): retry shortly")
         self.max_batch = max_batch
+        self.max_backups, self.backup_idle_s = max_backups, backup_idle_s
+        self._backups = 0  # running now (changed on the event loop only)
+        # Backups copy, check and hash on threads of their own at the lowest CPU
+        # priority: a burst of them never takes the pool that searches run on.
+        self._backup_pool = ThreadPoolExecutor(max_backups, thread_name_prefix="backup", initializer=lower_priority)
 
     def attach(self, gallery: RankerBackend) -> None:
         self.ready.attach(gallery)
@@ -251,18 +261,37 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         return ranker_pb2.DropCollectionResponse(deleted=deleted)
 
     async def Backup(self, request, context):
-        backup = self.ready.core().backup()
-        copy = await _blocking(backup.__enter__)
+        core = self.ready.core()
+        if self._backups >= self.max_backups:
+            raise errors.ResourceExhausted(
+                f"{self._backups} backups are running, the most this ranker runs at once (--max-backups "
+                f"{self.max_backups}): try again when one has ended")
+        self._backups += 1
+        try:
+            await self._backup(core.backup(), context)
+        finally:
+            self._backups -= 1
+
+    async def _backup(self, backup, context) -> None:
+        loop = asyncio.get_running_loop()
+        copy = await loop.run_in_executor(self._backup_pool, backup.__enter__)
         try:
             chunks = read_chunks(copy.path)
             first = True
-            while (chunk := await _blocking(next, chunks, None)) is not None:
+            while (chunk := await loop.run_in_executor(self._backup_pool, next, chunks, None)) is not None:
                 head = dict(total_bytes=copy.size, sha256=copy.sha256, collections=copy.collections,
                             vectors=copy.vectors) if first else {}
                 first = False
-                await context.write(ranker_pb2.BackupResponse(chunk=chunk, **head))
+                try:
+                    await asyncio.wait_for(context.write(ranker_pb2.BackupResponse(chunk=chunk, **head)),
+                                           self.backup_idle_s)
+                except TimeoutError:
+                    log.warning("Backup: the reader took nothing for %g s; the copy is deleted", self.backup_idle_s)
+                    raise errors.DeadlineExceeded(
+                        f"the backup's reader took nothing for {self.backup_idle_s:g} s (--backup-idle-s): the "
+                        "copy is deleted; call Backup again and read it as it comes") from None
         finally:
-            await _blocking(backup.__exit__, None, None, None)
+            await loop.run_in_executor(self._backup_pool, backup.__exit__, None, None, None)
 
 
 def register(servicer: RankerServicer):

@@ -209,3 +209,96 @@ def test_a_killed_run_resumes_without_duplicates_or_embedding_acknowledged_files
     after = items(services, "killed")
     assert sorted(after) == [f"{i:03d}.jpg" for i in range(n)]  # every file once
     assert all(after[name].updated_at == t for name, t in before.items())  # acknowledged ones not written again
+
+
+def test_the_planner_takes_a_file_that_vanished_or_cannot_be_read_as_an_event(tmp_path):
+    from clients.cli.incremental import make_plan
+    from clients.files import list_images
+    from clients.types import StoredItem
+
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        write(tmp_path / name, name.encode())
+    listing = list_images(tmp_path)
+    (tmp_path / "b.jpg").unlink()                  # removed after the listing
+    (tmp_path / "c.jpg").unlink()
+    (tmp_path / "c.jpg").mkdir()                   # stat works, reading fails
+    stored = {"b.jpg": StoredItem("b.jpg", {"sha256": "x", "size": "5", "mtime": "1"}, 0.0, 0.0, "")}
+    plan = make_plan(listing.images, stored, lambda name: {})
+    assert plan.vanished == ["b.jpg"] and plan.gone == ["b.jpg"]
+    assert list(plan.unreadable) == ["c.jpg"] and "cannot read c.jpg" in plan.unreadable["c.jpg"]
+    assert plan.embed == [("a.jpg", tmp_path / "a.jpg")] and plan.hashed == 1
+
+
+def test_index_sync_while_files_are_deleted_and_renamed_converges(services, photos, tmp_path, capsys):
+    """A seeded writer deletes and renames gallery files while `index --sync`
+    reads the folder: each run ends with an exit code, never a traceback; a
+    run over the quiet folder then makes the collection equal the folder, and
+    one more changes nothing."""
+    import random
+    import threading
+
+    g = tmp_path / "gallery"
+    for i in range(48):
+        write(g / f"{i:02d}.jpg", photos[i])
+    f = flags(services, "racing")
+    rng = random.Random(7)
+    for attempt in range(3):
+        stop = threading.Event()
+
+        def churn():
+            while not stop.is_set():
+                files = sorted(g.glob("*.jpg"))
+                if len(files) < 8:
+                    return
+                victim = rng.choice(files)
+                with __import__("contextlib").suppress(OSError):
+                    if rng.random() < 0.5:
+                        victim.unlink()
+                    else:
+                        victim.rename(victim.with_name(f"r{rng.randrange(10**6)}.jpg"))
+                time.sleep(0.002)
+
+        writer = threading.Thread(target=churn)
+        writer.start()
+        try:
+            rc = cli.main(["index", str(g), *f, "--sync"])
+        finally:
+            stop.set()
+            writer.join()
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert "Traceback" not in err
+    assert cli.main(["index", str(g), *f, "--sync"]) == 0
+    capsys.readouterr()
+    assert sorted(items(services, "racing")) == sorted(p.name for p in g.glob("*.jpg"))
+    assert cli.main(["index", str(g), *f, "--sync"]) == 0
+    out = capsys.readouterr().err
+    n = len(list(g.glob("*.jpg")))
+    assert f"indexed 0 of {n} images" in out and f"{n} unchanged, 0 renamed, 0 with new attributes" in out, out
+    assert "deleted" not in out
+
+
+def test_a_name_the_ranker_refuses_fails_that_file_alone(services, photos, tmp_path, capsys):
+    """Names with a newline or ESC are legal on Linux and refused by the ranker:
+    each is reported with the ranker's reason, every other file of its chunk is
+    indexed, the exit code follows the rule for bad inputs, and a rerun stays
+    the same."""
+    g = tmp_path / "gallery"
+    for i in range(40):
+        write(g / f"{i:02d}.jpg", photos[i])
+    write(g / "bad\nname.jpg", photos[50])
+    write(g / "esc\x1b[31m.jpg", photos[51])
+    f = flags(services, "oddnames")
+    for rerun in (False, True):
+        rc = cli.main(["index", str(g), *f, "--chunk-size", "32"])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert "indexed 40 of 42 images" in err if not rerun else "indexed 0 of 42 images" in err, err
+        assert "control characters" in err and "Traceback" not in err
+        assert sorted(items(services, "oddnames")) == [f"{i:02d}.jpg" for i in range(40)]
+    assert cli.main(["index", str(g), *f, "--strict"]) == 2
+    capsys.readouterr()
+    out = tmp_path / "r.json"
+    assert cli.main(["query", str(g), *f, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert len(results) == 42 and results["07.jpg"][0] == "07.jpg"   # a query's name is only a label

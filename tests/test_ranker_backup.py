@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -94,7 +95,75 @@ def test_a_closed_store_cannot_be_backed_up(tmp_path):
         pass
 
 
+def test_a_backup_the_disk_has_no_room_for_is_refused_up_front(tmp_path, monkeypatch):
+    import shutil
+
+    store = GalleryStore.open(tmp_path / "live.db")
+    store.upsert(unit_rows(0, 200, np.random.default_rng(1)), [("c", DIM, "fp")])
+    size = sum(p.stat().st_size for p in tmp_path.glob("live.db*") if p.name in ("live.db", "live.db-wal"))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=size // 2))
+    with pytest.raises(errors.ResourceExhausted, match=r"not enough disk for a backup: needs \d+ bytes .* has \d+"), \
+            backup_copy(store):
+        pass
+    assert not list(tmp_path.glob(".backup-*"))
+    # Room for one copy, not two: the second is refused while the first is being made.
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=int(size * 1.8)))
+    with backup_copy(store) as first:
+        assert first.vectors == 200
+        with pytest.raises(errors.ResourceExhausted, match="copies running now count"), backup_copy(store):
+            pass
+    with backup_copy(store):  # the first one's room is free again
+        pass
+    store.close()
+
+
 # ---------------------------------------------------------------- through a real ranker
+
+
+def _fill(address: str, n: int, dim: int = 256) -> None:
+    from clients.ranker import RankerClient
+
+    rng = np.random.default_rng(3)
+    with RankerClient(address) as client:
+        for start in range(0, n, 2000):
+            v = rng.standard_normal((2000, dim)).astype(np.float32)
+            client.upsert("c", [(f"n{start + i:06d}", v[i]) for i in range(2000)], fingerprint="fp")
+
+
+def test_backups_are_capped_and_one_whose_reader_stops_reading_is_ended(tmp_path):
+    """Calls past --max-backups are refused as RESOURCE_EXHAUSTED while copies
+    run; a copy nobody reads is ended after --backup-idle-s and deleted, and
+    the ranker then takes backups again."""
+    import grpc
+
+    from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
+    from testkit import ServiceProcess
+
+    with ServiceProcess("ranker_service", "--db", str(tmp_path / "live.db"), "--max-backups", "2",
+                        "--backup-idle-s", "2") as ranker, ranker.channel() as channel:
+        _fill(ranker.address, 20000)   # ~20 MB: far more than HTTP/2 buffers hold
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        unread = [stub.Backup(ranker_pb2.BackupRequest(), timeout=60) for _ in range(2)]
+        for call in unread:
+            next(call)   # one chunk: the copy is made and being sent
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.Backup(ranker_pb2.BackupRequest(), timeout=60))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-backups 2" in refused.value.details()
+        deadline = time.monotonic() + 30
+        while list(tmp_path.glob(".backup-*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not list(tmp_path.glob(".backup-*")), "an unread copy is still on disk"
+        for call in unread:
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in call:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "took nothing for 2 s" in ended.value.details()
+        assert ranker.output.count("the reader took nothing") == 2
+        whole = b"".join(r.chunk for r in stub.Backup(ranker_pb2.BackupRequest(), timeout=60))
+        assert len(whole) > 20000 * 256 * 4
 
 
 def test_imagesearch_backup_of_a_ranker_being_written_restores_into_a_new_ranker(tmp_path):

@@ -172,3 +172,15 @@ def test_serve_gives_each_replica_its_own_metrics_port(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
+
+
+def test_the_metrics_endpoint_answers_metrics_alone(tmp_path):
+    import urllib.error
+
+    with ServiceProcess("ranker_service", "--db", str(tmp_path / "r.db"), "--metrics-port", "0") as ranker:
+        url = metrics_url(ranker)
+        assert scrape(url)
+        for path in ("/", "/metrics/", "/metricsx", "/favicon.ico", "/../metrics/x"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url.removesuffix("/metrics") + path, timeout=10)
+            assert refused.value.code == 404, path

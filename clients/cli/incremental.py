@@ -17,8 +17,15 @@ attributes, with whatever attributes the run adds (`--attributes`,
 - any other new name: **embed** (new).
 
 Items whose files are gone (and were not renamed) are **gone**: `--sync`
-deletes them. Items stored without a `sha256` (by another tool, say) are
+deletes them. Items stored without a `sha256` (indexed by another tool) are
 embedded again once, to get their attributes.
+
+The folder can change while a run reads it. A listed file that is gone when
+it is looked at is **vanished**: treated as not in the folder (its stored
+item is gone too). One that cannot be read (permissions, I/O) is
+**unreadable**: reported with its reason, its stored item left alone. A file
+renamed or added after the listing is picked up by the next run, so `--sync`
+converges: a run over a folder that stopped changing changes nothing more.
 
 An interrupted run needs nothing special: every chunk the ranker
 acknowledged is stored with its attributes, so the next run finds those
@@ -87,6 +94,8 @@ class Plan:
     renames: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (stored name, file name)
     gone: list[str] = dataclasses.field(default_factory=list)                 # stored, file gone
     attributes: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # for embed, retag, renames
+    vanished: list[str] = dataclasses.field(default_factory=list)             # listed, gone when looked at
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)      # name -> why it cannot be read
     hashed: int = 0
 
 
@@ -97,37 +106,13 @@ def make_plan(images: list[tuple[str, Path]], stored: Mapping[str, StoredItem],
     plan = Plan()
     fresh: list[tuple[str, Path, dict[str, str]]] = []
     for name, path in images:
-        st = path.stat()
-        size, mtime = str(st.st_size), str(st.st_mtime_ns)
-        item = stored.get(name)
-        old = item.attributes if item is not None else {}
-        if full or SHA256 not in old:
-            digest = sha256_file(path)
-            plan.hashed += 1
-            want = {**extra(name), SHA256: digest, SIZE: size, MTIME: mtime}
-            plan.attributes[name] = want
-            if item is None and not full:
-                fresh.append((name, path, want))
-            else:
-                plan.embed.append((name, path))
-            continue
-        if old.get(SIZE) == size and old.get(MTIME) == mtime:
-            want = {**extra(name), SHA256: old[SHA256], SIZE: size, MTIME: mtime}
-            if want == old:
-                plan.unchanged.append(name)
-            else:
-                plan.attributes[name] = want
-                plan.retag.append(name)
-            continue
-        digest = sha256_file(path)
-        plan.hashed += 1
-        want = {**extra(name), SHA256: digest, SIZE: size, MTIME: mtime}
-        plan.attributes[name] = want
-        if digest == old[SHA256] and old.get(SIZE) == size:
-            plan.retag.append(name)
-        else:
-            plan.embed.append((name, path))
-    local = {name for name, _ in images}
+        try:
+            _sort(plan, fresh, name, path, stored.get(name), extra, full)
+        except FileNotFoundError:
+            plan.vanished.append(name)
+        except OSError as exc:
+            plan.unreadable[name] = f"cannot read {name}: {exc.strerror or exc}"
+    local = {name for name, _ in images} - set(plan.vanished)
     gone = [n for n in sorted(stored) if n not in local]
     by_content: dict[tuple[str, str], list[str]] = {}
     for n in gone:
@@ -147,3 +132,39 @@ def make_plan(images: list[tuple[str, Path]], stored: Mapping[str, StoredItem],
             plan.embed.append((name, path))
     plan.gone = [n for n in gone if n not in renamed]
     return plan
+
+
+def _sort(plan: Plan, fresh: list, name: str, path: Path, item: StoredItem | None,
+          extra: Callable[[str], dict[str, str]], full: bool) -> None:
+    """Put one listed file on its pile (new names go to `fresh`, matched
+    against gone items for renames afterwards). Raises OSError when the
+    file cannot be looked at, leaving `plan` untouched."""
+    st = path.stat()
+    size, mtime = str(st.st_size), str(st.st_mtime_ns)
+    old = item.attributes if item is not None else {}
+    if full or SHA256 not in old:
+        digest = sha256_file(path)
+        plan.hashed += 1
+        want = {**extra(name), SHA256: digest, SIZE: size, MTIME: mtime}
+        plan.attributes[name] = want
+        if item is None and not full:
+            fresh.append((name, path, want))
+        else:
+            plan.embed.append((name, path))
+        return
+    if old.get(SIZE) == size and old.get(MTIME) == mtime:
+        want = {**extra(name), SHA256: old[SHA256], SIZE: size, MTIME: mtime}
+        if want == old:
+            plan.unchanged.append(name)
+        else:
+            plan.attributes[name] = want
+            plan.retag.append(name)
+        return
+    digest = sha256_file(path)
+    plan.hashed += 1
+    want = {**extra(name), SHA256: digest, SIZE: size, MTIME: mtime}
+    plan.attributes[name] = want
+    if digest == old[SHA256] and old.get(SIZE) == size:
+        plan.retag.append(name)
+    else:
+        plan.embed.append((name, path))

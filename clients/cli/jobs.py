@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -68,6 +68,7 @@ class IndexReport(JobReport):
     gone: list[str] = dataclasses.field(default_factory=list)  # stored items whose files are gone
     deleted: int = 0     # of those, deleted (--sync)
     hashed: int = 0      # files whose sha256 was computed
+    vanished: list[str] = dataclasses.field(default_factory=list)  # listed, then gone before they were read
 
 
 @dataclasses.dataclass
@@ -245,6 +246,28 @@ class _Job:
         state.count(len(state.names) - state.counted)
 
 
+class _Kept:
+    """An iterator that remembers what it gave. gRPC reads a request iterator
+    from a thread of its own, which may still be inside `next` when the call
+    has failed: `all()` waits for it, then returns every item, read or not."""
+
+    def __init__(self, items: Iterator[Embedding]):
+        self._items, self._given, self._lock = items, [], threading.Lock()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Embedding:
+        with self._lock:
+            item = next(self._items)
+            self._given.append(item)
+            return item
+
+    def all(self) -> list[Embedding]:
+        with self._lock:
+            return self._given + list(self._items)
+
+
 def _run_chunks(chunks: list[list], worker: Callable[[list], None], *, concurrency: int) -> None:
     pool = futures.ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="chunk")
     try:
@@ -297,6 +320,9 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
               if found is not None else {})
     plan = make_plan(listing.images, stored, extra, full=full)
     report.unchanged, report.gone, report.hashed = len(plan.unchanged), plan.gone, plan.hashed
+    report.vanished = plan.vanished
+    report.total_images -= len(plan.vanished)
+    report.failed.update({n: Failure(n, grpc.StatusCode.INVALID_ARGUMENT, why) for n, why in plan.unreadable.items()})
     for i in range(0, len(plan.renames), RENAME_BATCH):
         report.renamed += ranker.rename(collection, plan.renames[i:i + RENAME_BATCH]).renamed
     if plan.retag:
@@ -319,14 +345,30 @@ def _embed_and_store(embedder: EmbedderClient, ranker: RankerClient, listing: Fo
                      concurrency: int | None, progress: bool | None) -> None:
     job = _Job(embedder, ranker, listing, report, "indexing", progress)
 
-    def step(chunk: _Chunk, embeddings: Iterator[Embedding], timeout: float) -> None:
-        reply = ranker.upsert(collection, embeddings, attributes=attributes.get, timeout=timeout)
-        chunk.done.update(chunk.sent)
+    def store(items: Iterable[Embedding], timeout: float) -> None:
+        reply = ranker.upsert(collection, items, attributes=attributes.get, timeout=timeout)
         with job.lock:
             report.inserted += reply.inserted
             report.replaced += reply.replaced
-        if reply.upserted != len(chunk.sent):
-            log.warning("the ranker acknowledged %d of %d items sent", reply.upserted, len(chunk.sent))
+
+    def step(chunk: _Chunk, embeddings: Iterator[Embedding], timeout: float) -> None:
+        items = _Kept(embeddings)
+        try:
+            store(items, timeout)
+        except ClientError as exc:
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # One item the ranker refuses (a name it does not store, say) fails
+            # the whole call: store the chunk's items one by one, so that only
+            # the refused ones fail, each with the ranker's reason.
+            for item in items.all():
+                try:
+                    store([item], ranker.timeout)
+                except ClientError as one:
+                    if one.code != grpc.StatusCode.INVALID_ARGUMENT:
+                        raise
+                    chunk.failed[item.name] = Failure(item.name, one.code, str(one))
+        chunk.done.update(n for n in chunk.sent if n not in chunk.failed)
 
     job.run(step, count_sent=True, unanswered="not confirmed by the ranker: ", chunk_size=chunk_size,
             concurrency=concurrency)

@@ -91,6 +91,9 @@ def index_summary(r: IndexReport) -> None:
         else:
             say(f"  {len(r.gone)} items whose files are gone are still in the collection (--sync deletes them): "
                 f"{_names(r.gone)}")
+    if r.vanished:
+        say(f"  {len(r.vanished)} files were removed or renamed while the run read the folder "
+            f"(the next run picks up what is there then): {_names(r.vanished)}")
     print_failures("not indexed", r.failed, r.skipped)
     if r.failed:
         say("run the same `imagesearch index` again to complete the gallery once the cause is fixed "

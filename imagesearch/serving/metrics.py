@@ -2,7 +2,8 @@
 
 Off unless `--metrics-port` (or `<PREFIX>_METRICS_PORT`) is given; 0 picks a
 free port, and the log says `metrics on http://HOST:PORT/metrics`. The HTTP
-endpoint binds the server's `--host`. Each server has its own registry (so
+endpoint binds the server's `--host` and answers `/metrics` alone (404 for any
+other path). Each server has its own registry (so
 several servers in one test process do not collide) holding the library's
 process, platform and GC collectors, the per-RPC metrics every server has,
 and what the service adds through `counter` / `gauge` / `histogram`:
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 from prometheus_client import (
@@ -31,8 +34,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from imagesearch.serving.config import env_default
 
@@ -78,10 +82,12 @@ class ServiceMetrics:
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics endpoint (a daemon thread); returns its port."""
         try:
-            self.http, _thread = start_http_server(port, addr=host, registry=self.registry)
+            self.http = make_server(host, port, _only_metrics(make_wsgi_app(self.registry)),
+                                    ThreadingWSGIServer, handler_class=_QuietHandler)
         except OSError as exc:
             raise SystemExit(f"error: cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
                              "pick another --metrics-port") from None
+        threading.Thread(target=self.http.serve_forever, name="metrics-http", daemon=True).start()
         self.port = self.http.server_port
         log.info("metrics on http://%s:%d/metrics", host, self.port)
         return self.port
@@ -91,6 +97,22 @@ class ServiceMetrics:
             self.http.shutdown()
             self.http.server_close()
             self.http = None
+
+
+def _only_metrics(app):
+    """`app` at /metrics; 404 for every other path (a scraper asks for one)."""
+    def wsgi(environ, start_response):
+        if environ.get("PATH_INFO") == "/metrics":
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: metrics are served at /metrics\n"]
+
+    return wsgi
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # scrapes are not worth a log line each
+        pass
 
 
 def status_of(context, exc: BaseException | None) -> grpc.StatusCode:
