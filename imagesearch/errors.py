@@ -88,3 +88,18 @@ def shorten(text: str, limit: int = 80) -> str:
     shown = text if len(text) <= limit else text[: max(1, limit - 20)]
     shown = shown.encode("unicode_escape", "backslashreplace").decode("ascii") if not shown.isprintable() else shown
     return shown if len(text) <= limit else f"{shown}...({len(text)} characters)"
+
+
+# The most characters of an error message that go back to a client.
+MAX_MESSAGE_CHARS = 1000
+
+
+def message_of(exc: BaseException) -> str:
+    """The message a client gets for `exc`, at most about MAX_MESSAGE_CHARS:
+    a longer one (a client's huge name or id inside it) is cut in the middle,
+    keeping what was wrong at its start and why at its end."""
+    text = str(exc) or type(exc).__name__
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    head, tail = MAX_MESSAGE_CHARS * 2 // 3, MAX_MESSAGE_CHARS // 4
+    return f"{text[:head]}...({len(text) - head - tail} characters cut)...{text[-tail:]}"

@@ -91,6 +91,19 @@ def test_ranker_refuses_names_with_control_characters(ranker, bad):
     assert ok.upserted == 1
 
 
+def test_an_error_answer_never_repeats_a_huge_client_string_whole(ranker):
+    stub, _ = ranker()
+    stub.Upsert(iter([ranker_pb2.UpsertRequest(collection="c", name="a", vector=unit())]), timeout=10)
+    huge = "q" * 1_000_000
+    (answer,) = stub.SearchStream(iter([ranker_pb2.SearchStreamRequest(id=huge, collection="c", vector=unit(dim=4),
+                                                                       top_k=1)]), timeout=30)
+    assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert len(answer.error.message) < 1100 and "dimension" in answer.error.message, answer.error.message[-300:]
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Search(ranker_pb2.SearchRequest(collection=huge, vector=unit(), top_k=1), timeout=30))
+    assert len(info.value.details()) < 1100
+
+
 def test_embedder_caps_names_and_ids_and_never_logs_them_whole(grpc_server, caplog):
     caplog.set_level(logging.INFO)
     stub, _ = start_embedder(grpc_server)

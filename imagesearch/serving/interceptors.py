@@ -178,7 +178,7 @@ class _MapErrors(Wrapping):
     def _status(self, exc: errors.ImageSearchError) -> tuple[grpc.StatusCode, str]:
         code = status_code(exc)
         log.info("%s -> %s: %s", self.method, code.name, shorten(str(exc), 300))
-        return code, str(exc)
+        return code, errors.message_of(exc)
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -358,7 +358,7 @@ async def _touching(iterator, touch):
 
 def item_error_fields(exc: BaseException) -> tuple[int, str]:
     """(numeric code, message) for a per-item error inside a stream."""
-    return status_code(exc).value[0], str(exc) or type(exc).__name__
+    return status_code(exc).value[0], errors.message_of(exc)
 
 
 def item_error(exc: BaseException, method: str, what: str):
