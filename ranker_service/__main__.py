@@ -32,7 +32,6 @@ from ranker_service.backend import BACKENDS
 from ranker_service.gallery import DEFAULT_BATCH_SIZE, Gallery
 from ranker_service.metrics import metered
 from ranker_service.servicer import (
-    DEFAULT_BACKUP_IDLE_S,
     DEFAULT_MAX_BACKUPS,
     DEFAULT_MAX_BATCH,
     SERVICE_NAME,
@@ -76,10 +75,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"(env {ENV}_FAISS_DEVICE; default %(default)s)")
     r.add_argument("--max-backups", type=int, default=serving.env_default(f"{ENV}_MAX_BACKUPS", DEFAULT_MAX_BACKUPS),
                    help="Backup calls running at once; more are refused (RESOURCE_EXHAUSTED) (default %(default)s)")
-    r.add_argument("--backup-idle-s", type=float,
-                   default=serving.env_default(f"{ENV}_BACKUP_IDLE_S", DEFAULT_BACKUP_IDLE_S),
-                   help="end a Backup whose reader takes nothing for this long, deleting its copy "
-                        "(default %(default)s)")
     r.add_argument("--busy-timeout", type=float, default=serving.env_default(f"{ENV}_BUSY_TIMEOUT", 5.0),
                    help="seconds to wait for a database locked by another process (default %(default)s)")
     r.add_argument("--max-db-mb", type=float, default=serving.env_default(f"{ENV}_MAX_DB_MB", 0.0),
@@ -116,8 +111,7 @@ def _main(argv: list[str] | None = None) -> int:
              "(--faiss-device %s)", args.db, store.pragma("journal_mode"), SYNC_NAMES.get(store.pragma("synchronous")),
              store.pragma("locking_mode"), _BLAS_THREADS, device, args.faiss_device)
     gallery = Gallery(store, batch_size=args.batch_size, faiss_device=device)
-    servicer = RankerServicer(max_batch=args.max_batch, max_backups=args.max_backups,
-                               backup_idle_s=args.backup_idle_s)
+    servicer = RankerServicer(max_batch=args.max_batch, max_backups=args.max_backups)
     try:
         running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
         observed.start(args.host)
@@ -149,8 +143,7 @@ def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig, observe
     if not args.milvus_uri:
         raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
     gallery = MilvusGallery(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
-    servicer = RankerServicer(max_batch=args.max_batch, max_backups=args.max_backups,
-                               backup_idle_s=args.backup_idle_s)
+    servicer = RankerServicer(max_batch=args.max_batch, max_backups=args.max_backups)
     running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
     observed.start(args.host)
     try:

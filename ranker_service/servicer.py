@@ -12,6 +12,7 @@ stream goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from imagesearch import errors, serving
-from imagesearch.defaults import DEFAULT_DBA_TOP_N, DERIVED_DEADLINE_MARGIN_S
+from imagesearch.defaults import DEFAULT_DBA_TOP_N, DEFAULT_TOP_K, DERIVED_DEADLINE_MARGIN_S
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service import kinds
 from ranker_service.attributes import AttributeFilter, check_filters, from_json
@@ -36,9 +37,16 @@ SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
 DEFAULT_MAX_BATCH = 64
 # Upsert requests read ahead of the one being validated.
 UPSERT_READ_AHEAD = 64
-# Backups running at once, and how long one waits for its reader to take a chunk.
+# Backups running at once.
 DEFAULT_MAX_BACKUPS = 2
-DEFAULT_BACKUP_IDLE_S = 60.0
+# Room for search answers computed and not yet written, across calls. A client
+# that does not read holds its answer's room until it reads or the server's
+# --stream-idle-timeout ends the call; searches past the room wait before they
+# search. Answers over SMALL_ANSWER matches take at most three quarters of it,
+# so a small search always finds room.
+ANSWER_ROOM_BYTES = 32 << 20
+MATCH_BYTES = 256  # one match of an answer, as Python objects and protobuf
+SMALL_ANSWER = 100
 
 
 def _match(m: Match) -> ranker_pb2.Match:
@@ -154,13 +162,14 @@ async def _derived_ready(gallery: RankerBackend, queries: list[Query]) -> None:
 
 class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def __init__(self, *, max_batch: int = DEFAULT_MAX_BATCH, max_backups: int = DEFAULT_MAX_BACKUPS,
-                 backup_idle_s: float = DEFAULT_BACKUP_IDLE_S):
-        if max_batch < 1 or max_backups < 1 or backup_idle_s <= 0:
-            raise ValueError("max_batch and max_backups must be at least 1, backup_idle_s above 0")
+                 answer_room_bytes: int = ANSWER_ROOM_BYTES):
+        if max_batch < 1 or max_backups < 1:
+            raise ValueError("max_batch and max_backups must be at least 1")
         self.ready: serving.Readiness[RankerBackend] = serving.Readiness(
             "the ranker is still loading its database (health NOT_SERVING): retry shortly")
         self.max_batch = max_batch
-        self.max_backups, self.backup_idle_s = max_backups, backup_idle_s
+        self.max_backups = max_backups
+        self.answers = serving.ByteBudget(answer_room_bytes)
         self._backups = 0  # running now (changed on the event loop only)
         # Backups copy, check and hash on threads of their own at the lowest CPU
         # priority: a burst of them never takes the pool that searches run on.
@@ -189,18 +198,31 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         result = await _blocking(self.ready.core().delete, request.collection, list(request.names))
         return ranker_pb2.DeleteResponse(deleted=result.deleted, not_found=result.not_found)
 
+    @contextlib.asynccontextmanager
+    async def _answer_room(self, matches: int):
+        """Room for an answer of `matches` matches until it is written."""
+        big = matches > SMALL_ANSWER
+        held = await self.answers.acquire(matches * MATCH_BYTES, rank=int(big),
+                                          limit=self.answers.capacity * 3 // 4 if big else None)
+        try:
+            yield
+        finally:
+            self.answers.release(held)
+
     async def Search(self, request, context):
         gallery = self.ready.core()
         query = _query(request, "query", deadline=_deadline(context))
-        await _derived_ready(gallery, [query])
-        matches = await _blocking(gallery.search, query)
-        page = request.page_size
-        if page:
-            for start in range(0, len(matches), page):
-                await context.write(ranker_pb2.SearchResponse(matches=[_match(m) for m in matches[start:start + page]]))
-        else:
-            for m in matches:
-                await context.write(ranker_pb2.SearchResponse(match=_match(m)))
+        async with self._answer_room(query.top_k or DEFAULT_TOP_K):
+            await _derived_ready(gallery, [query])
+            matches = await _blocking(gallery.search, query)
+            page = request.page_size
+            if page:
+                for start in range(0, len(matches), page):
+                    await context.write(ranker_pb2.SearchResponse(
+                        matches=[_match(m) for m in matches[start:start + page]]))
+            else:
+                for m in matches:
+                    await context.write(ranker_pb2.SearchResponse(match=_match(m)))
 
     async def SearchStream(self, requests, context):
         gallery = self.ready.core()
@@ -216,19 +238,21 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                         queries.append(Query(r.collection, (), id=r.id))
                 good = [q for i, q in enumerate(queries) if i not in bad]
                 log.debug("SearchStream: %d queries in one batch", len(queries))
-                try:
-                    await _derived_ready(gallery, good)
-                    answers = iter(await _blocking(gallery.search_many, good))
-                except errors.ImageSearchError as exc:  # e.g. shutting down: every query of the batch gets it
-                    answers = iter([exc] * len(good))
-                results = [bad[i] if i in bad else next(answers) for i in range(len(queries))]
-                for query, result in zip(queries, results):
-                    if isinstance(result, Exception):
-                        answer = ranker_pb2.SearchStreamResponse(
-                            id=query.id, error=serving.item_error(result, "SearchStream", f"query {query.id!r}"))
-                    else:
-                        answer = ranker_pb2.SearchStreamResponse(id=query.id, matches=[_match(m) for m in result])
-                    await context.write(answer)
+                async with self._answer_room(sum(q.top_k or DEFAULT_TOP_K for q in good)):
+                    try:
+                        await _derived_ready(gallery, good)
+                        answers = iter(await _blocking(gallery.search_many, good))
+                    except errors.ImageSearchError as exc:  # e.g. shutting down: every query of the batch gets it
+                        answers = iter([exc] * len(good))
+                    results = [bad[i] if i in bad else next(answers) for i in range(len(queries))]
+                    for query, result in zip(queries, results):
+                        if isinstance(result, Exception):
+                            answer = ranker_pb2.SearchStreamResponse(
+                                id=query.id, error=serving.item_error(result, "SearchStream", f"query {query.id!r}"))
+                        else:
+                            answer = ranker_pb2.SearchStreamResponse(id=query.id,
+                                                                     matches=[_match(m) for m in result])
+                        await context.write(answer)
         reader.raise_failure()
 
     async def GetStats(self, request, context):
@@ -282,14 +306,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 head = dict(total_bytes=copy.size, sha256=copy.sha256, collections=copy.collections,
                             vectors=copy.vectors) if first else {}
                 first = False
-                try:
-                    await asyncio.wait_for(context.write(ranker_pb2.BackupResponse(chunk=chunk, **head)),
-                                           self.backup_idle_s)
-                except TimeoutError:
-                    log.warning("Backup: the reader took nothing for %g s; the copy is deleted", self.backup_idle_s)
-                    raise errors.DeadlineExceeded(
-                        f"the backup's reader took nothing for {self.backup_idle_s:g} s (--backup-idle-s): the "
-                        "copy is deleted; call Backup again and read it as it comes") from None
+                # A reader that stops reading blocks this write; the server's
+                # --stream-idle-timeout then ends the call, and the copy goes.
+                await context.write(ranker_pb2.BackupResponse(chunk=chunk, **head))
         finally:
             await loop.run_in_executor(self._backup_pool, backup.__exit__, None, None, None)
 

@@ -104,6 +104,32 @@ def test_an_error_answer_never_repeats_a_huge_client_string_whole(ranker):
     assert len(info.value.details()) < 1100
 
 
+def test_unread_search_answers_are_bounded_in_total_and_small_searches_go_on(grpc_server, tmp_path):
+    """Large answers nobody reads hold at most three quarters of the answer room;
+    the searches past it wait before searching; a small search still answers,
+    and every waiting search answers once the earlier ones are read."""
+    gallery = Gallery(GalleryStore.open(tmp_path / "g.db"))
+    gallery.load()
+    room = 1000 * 256 * 4  # four answers of 1000 matches
+    servicer = RankerServicer(answer_room_bytes=room)
+    servicer.attach(gallery)
+    _, channel = grpc_server(register_ranker(servicer), [RANKER])
+    stub = ranker_pb2_grpc.RankerServiceStub(channel)
+    stub.Upsert(iter([ranker_pb2.UpsertRequest(collection="c", name=f"n{i}", vector=unit(seed=i))
+                      for i in range(1200)]), timeout=30)
+    unread = [stub.Search(ranker_pb2.SearchRequest(collection="c", vector=unit(seed=i), top_k=1000), timeout=60)
+              for i in range(10)]
+    deadline = time.monotonic() + 10
+    while len(servicer.answers._waiters) < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert servicer.answers.used <= room * 3 // 4 and len(servicer.answers._waiters) == 7
+    started = time.monotonic()
+    small = list(stub.Search(ranker_pb2.SearchRequest(collection="c", vector=unit(), top_k=10), timeout=10))
+    assert len(small) == 10 and time.monotonic() - started < 5
+    assert [len(list(call)) for call in unread] == [1000] * 10
+    assert servicer.answers.used == 0
+
+
 def test_embedder_caps_names_and_ids_and_never_logs_them_whole(grpc_server, caplog):
     caplog.set_level(logging.INFO)
     stub, _ = start_embedder(grpc_server)

@@ -133,7 +133,7 @@ def _fill(address: str, n: int, dim: int = 256) -> None:
 
 def test_backups_are_capped_and_one_whose_reader_stops_reading_is_ended(tmp_path):
     """Calls past --max-backups are refused as RESOURCE_EXHAUSTED while copies
-    run; a copy nobody reads is ended after --backup-idle-s and deleted, and
+    run; a copy nobody reads is ended after --stream-idle-timeout and deleted, and
     the ranker then takes backups again."""
     import grpc
 
@@ -141,7 +141,7 @@ def test_backups_are_capped_and_one_whose_reader_stops_reading_is_ended(tmp_path
     from testkit import ServiceProcess
 
     with ServiceProcess("ranker_service", "--db", str(tmp_path / "live.db"), "--max-backups", "2",
-                        "--backup-idle-s", "2") as ranker, ranker.channel() as channel:
+                        "--stream-idle-timeout", "2") as ranker, ranker.channel() as channel:
         _fill(ranker.address, 20000)   # ~20 MB: far more than HTTP/2 buffers hold
         stub = ranker_pb2_grpc.RankerServiceStub(channel)
         unread = [stub.Backup(ranker_pb2.BackupRequest(), timeout=60) for _ in range(2)]
@@ -160,8 +160,7 @@ def test_backups_are_capped_and_one_whose_reader_stops_reading_is_ended(tmp_path
                 for _ in call:
                     pass
             assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "took nothing for 2 s" in ended.value.details()
-        assert ranker.output.count("the reader took nothing") == 2
+            assert "wrote no response for 2 s" in ended.value.details()
         whole = b"".join(r.chunk for r in stub.Backup(ranker_pb2.BackupRequest(), timeout=60))
         assert len(whole) > 20000 * 256 * 4
 
