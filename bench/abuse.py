@@ -5,7 +5,8 @@ For each service (an embedder and a ranker started here as real processes with
 their default bounds and an auth token), first the good client alone (the
 unloaded baseline), then each kind of abuse in turn (`testkit.abuse.KINDS`:
 health Watch without a token; EmbedStream silent; EmbedStream sending 256 KB
-images and never reading; Upsert silent; SearchStream silent), N streams at a
+images and never reading; Upsert silent; SearchStream silent; Search with
+top_k=1000 never read; Backup never read), N streams at a
 time while the good client keeps calling on its own connection. Prints p50/p99
 per method, failed calls, Watch streams refused and RSS growth, and checks the
 targets: no failed good call; p99 under 1 s for health, GetModelInfo, GetStats

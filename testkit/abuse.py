@@ -10,6 +10,9 @@ and left open while the good client keeps calling:
 - `embed_flood`: EmbedStream calls that send 256 KB images and never read.
 - `upsert_silent`: Upsert calls that never send.
 - `search_silent`: SearchStream calls that never send.
+- `search_unread`: Search calls with top_k=1000 whose answers are never read.
+- `backup_unread`: Backup calls whose copies are never read (the server caps
+  them: the rest are refused and counted).
 
 The good client measures each of its calls (latency, failure) and the
 server's resident memory is sampled from /proc during the run.
@@ -33,7 +36,7 @@ from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_p
 
 KINDS = {
     "embedder": ("watch", "embed_silent", "embed_flood"),
-    "ranker": ("watch", "upsert_silent", "search_silent"),
+    "ranker": ("watch", "upsert_silent", "search_silent", "search_unread", "backup_unread"),
 }
 MESSAGE_BYTES = 64 << 20
 
@@ -163,7 +166,7 @@ async def _flood(call, image: bytes) -> None:
 
 
 async def _abuse(target: str, kind: str, n: int, metadata, per_connection: int, opened: threading.Event,
-                 stop: asyncio.Event, refused: list) -> None:
+                 stop: asyncio.Event, refused: list, collection: str = "", query: Sequence[float] = ()) -> None:
     options = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)]
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(math.ceil(n / per_connection))]
     calls, tasks = [], []
@@ -181,6 +184,12 @@ async def _abuse(target: str, kind: str, n: int, metadata, per_connection: int, 
                 call = ranker_pb2_grpc.RankerServiceStub(channel).Upsert(metadata=metadata)
             elif kind == "search_silent":
                 call = ranker_pb2_grpc.RankerServiceStub(channel).SearchStream(metadata=metadata)
+            elif kind == "search_unread":
+                call = ranker_pb2_grpc.RankerServiceStub(channel).Search(
+                    ranker_pb2.SearchRequest(collection=collection, vector=query, top_k=1000), metadata=metadata)
+            elif kind == "backup_unread":
+                call = ranker_pb2_grpc.RankerServiceStub(channel).Backup(ranker_pb2.BackupRequest(),
+                                                                         metadata=metadata)
             else:
                 raise ValueError(f"unknown abuse kind {kind!r}")
             calls.append(call)
@@ -195,6 +204,10 @@ async def _abuse(target: str, kind: str, n: int, metadata, per_connection: int, 
             await asyncio.sleep(1.0)
         opened.set()
         await stop.wait()
+        if kind == "backup_unread":  # count the Backups the server refused (--max-backups)
+            for call in calls:
+                if call.done() and await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refused.append(1)
         if kind == "embed_silent":  # count the EmbedStreams the server refused (--max-streams)
             for call in calls:
                 if call.done() and await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -234,7 +247,7 @@ def run(target: str, service: str, kind: str, *, pid: int, streams: int, seconds
         def abuse_thread():
             asyncio.set_event_loop(loop)
             loop.run_until_complete(_abuse(target, kind, streams, metadata, per_connection, opened, stop_abuse,
-                                           refused))
+                                           refused, collection, query))
         abuser = threading.Thread(target=abuse_thread, name="abusers", daemon=True)
         abuser.start()
         opened.wait(120)
