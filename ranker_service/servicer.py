@@ -42,8 +42,9 @@ DEFAULT_MAX_BACKUPS = 2
 # Room for search answers computed and not yet written, across calls. A client
 # that does not read holds its answer's room until it reads or the server's
 # --stream-idle-timeout ends the call; searches past the room wait before they
-# search. Answers over SMALL_ANSWER matches take at most three quarters of it,
-# so a small search always finds room.
+# search. Answers over SMALL_ANSWER matches take at most a quarter of it: a
+# small search always finds room, and a burst of large ones is searched and
+# written a few dozen at a time, not all at once (bench/results/abuse.md).
 ANSWER_ROOM_BYTES = 32 << 20
 MATCH_BYTES = 256  # one match of an answer, as Python objects and protobuf
 SMALL_ANSWER = 100
@@ -203,7 +204,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         """Room for an answer of `matches` matches until it is written."""
         big = matches > SMALL_ANSWER
         held = await self.answers.acquire(matches * MATCH_BYTES, rank=int(big),
-                                          limit=self.answers.capacity * 3 // 4 if big else None)
+                                          limit=self.answers.capacity // 4 if big else None)
         try:
             yield
         finally:
