@@ -50,6 +50,10 @@ function formParams() {
 
 function restore(url) {
   const params = new URL(url).searchParams;
+  const coll = params.get("collection");
+  if (coll && ![...$("collection").options].some((o) => o.value === coll)) {
+    $("collection").append(new Option(coll, coll));  // gone, or a typo: searching says so
+  }
   for (const id of FIELDS) if (params.has(id)) $(id).value = params.get(id);
   const filters = params.getAll("filter").map((f) => {
     const at = f.indexOf("=");
