@@ -22,7 +22,7 @@ from clients import RankerClient  # noqa: E402
 from clients.cli import main as cli_main  # noqa: E402
 from clients.embedder import EmbedderClient  # noqa: E402
 from clients.cli.jobs import index_folder  # noqa: E402
-from clients.web.app import WebConfig, create_app  # noqa: E402
+from clients.web.app import WebConfig, bind, create_app  # noqa: E402
 from testkit import ServiceProcess, sample_photos  # noqa: E402
 
 COLLECTION = "photos"
@@ -217,3 +217,10 @@ def test_web_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
     assert cli_main(["web"]) == 2
     assert "imagesearch web needs the [web] extra: pip install 'imagesearch[web]'" in capsys.readouterr().err
     assert cli_main(["demo", "--web", "--out-dir", os.devnull]) == 2
+
+
+def test_the_listening_socket_says_it_is_tcp():
+    """asyncio turns Nagle off (TCP_NODELAY) only on sockets created as IPPROTO_TCP:
+    without it every answer waited 40 ms for a delayed ACK (bench/web.py)."""
+    with bind("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP and sock.getsockname()[1] > 0

@@ -375,7 +375,9 @@ def create_app(config: WebConfig) -> Starlette:
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port (0: a free port), so the URL printed is the real one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say they are TCP
+    # (with proto 0, Nagle meets delayed ACKs and every answer waits 40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
