@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import subprocess
@@ -127,8 +128,6 @@ def test_drop_a_photo_then_more_like_this_then_the_shared_url(browser, web_url, 
     # A JSON download in the CLI's results format.
     with page.expect_download() as download:
         page.click("#download")
-    import json
-
     assert json.loads(open(download.value.path()).read()) == {other: more}
 
     OUTPUT.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,7 @@ class Backend:
         self._info_lock = threading.Lock()
         self._attributes: dict[str, tuple[tuple, dict[str, list[str]]]] = {}
         self._thumbs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._thumbs_lock = threading.Lock()
 
     def close(self) -> None:
         self.embedder.close()
@@ -161,11 +162,16 @@ class Backend:
         return path
 
     def thumbnail(self, path: Path, etag: str) -> bytes:
-        data = self._thumbs.get(etag)
+        """The cached thumbnail for `etag`, made (outside the lock) when missing."""
+        with self._thumbs_lock:
+            data = self._thumbs.get(etag)
+            if data is not None:
+                self._thumbs.move_to_end(etag)
+                return data
+        data = thumbnail_jpeg(path, THUMB_PX)
         if data is None:
-            data = thumbnail_jpeg(path, THUMB_PX)
-            if data is None:
-                raise WebError(404, f"{path.name} cannot be read as an image")
+            raise WebError(404, f"{path.name} cannot be read as an image")
+        with self._thumbs_lock:
             self._thumbs[etag] = data
             while len(self._thumbs) > THUMB_CACHE:
                 self._thumbs.popitem(last=False)
