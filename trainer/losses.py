@@ -24,7 +24,6 @@ LOSSES = ("ce", "arcface", "p2sgrad")
 
 class Criterion(nn.Module):
     kind = "ce"
-    uses_head = True  # the model's classifier head makes the outputs
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs
@@ -43,8 +42,6 @@ class CrossEntropy(Criterion):
 
 
 class MetricLoss(Criterion):
-    uses_head = False
-
     def __init__(self, kind: str, num_classes: int, dim: int):
         super().__init__()
         from pytorch_metric_learning import losses  # only when asked for
