@@ -36,7 +36,8 @@ from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
 from clients.ranker import ADDRESS_ENV as RANKER_ENV
 from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
 from clients.ranker import RankerClient
-from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, wait_for_signal
+from clients.cli.services import (EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, require_extras,
+                                  wait_for_signal)
 from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
 
@@ -342,6 +343,7 @@ def cmd_serve(args) -> int:
                          key=args.probe_tls_key)
     elif args.tls_client_ca:
         raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
+    require_extras("embedder", "ranker")
     emb_args = embedder_args(checkpoint=args.checkpoint, backbone=args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE),
                              weights=args.weights, device=args.device)
     def metrics(offset: int) -> list[str]:
@@ -405,6 +407,10 @@ def run_job(args, *, title: str | None = None) -> int:
     if k > args.top_k:
         raise UsageError(f"--k {k} is more than --top-k {args.top_k}: the metrics need at least k results")
     _check_truth_covers(queries, truth)
+    if not args.embedder:
+        require_extras("embedder", hint="; or give --embedder the address of a running one")
+    if not args.ranker:
+        require_extras("ranker", hint="; or give --ranker the address of a running one")
 
     security = _security(args)
     with contextlib.ExitStack() as stack:
@@ -474,6 +480,7 @@ def run_job(args, *, title: str | None = None) -> int:
 
 
 def cmd_demo(args) -> int:
+    require_extras("demo")
     out: Path = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="imagesearch-demo-") as tmp:
