@@ -88,6 +88,20 @@ def test_every_extra_the_checks_name_is_in_pyproject():
     assert "imagesearch[all" in " ".join(optional["dev"])
 
 
+def test_ci_runs_the_readme_test_command_and_the_readme_names_real_extras():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().replace(" --quiet", "")
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv && ")]
+    (test_command,) = [c for c in commands if "pytest" in c]
+    for part in test_command.split(" && "):
+        assert part in ci, part
+    (demo_command,) = [c for c in commands if "imagesearch demo" in c]
+    assert "'.[demo]'" in demo_command
+    optional = PYPROJECT["project"]["optional-dependencies"]
+    named = set(re.findall(r"^\| `\[(\w+)\]`", readme, flags=re.MULTILINE))
+    assert named == set(optional), "the README's install table names every extra, and only those"
+
+
 def test_only_the_product_packages_ship():
     setuptools = pytest.importorskip("setuptools")
     include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
