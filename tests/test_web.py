@@ -215,7 +215,8 @@ def test_web_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
     assert cli_main(["web"]) == 2
-    assert "imagesearch web needs the [web] extra: pip install 'imagesearch[web]'" in capsys.readouterr().err
+    assert ("imagesearch web needs the [web] extra (uvicorn is not installed): pip install 'imagesearch[web]'"
+            in capsys.readouterr().err)
     assert cli_main(["demo", "--web", "--out-dir", os.devnull]) == 2
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -39,7 +38,8 @@ from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
 from clients.ranker import ADDRESS_ENV as RANKER_ENV
 from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
 from clients.ranker import RankerClient
-from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, wait_for_signal
+from clients.cli.services import (EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, require_extras,
+                                  wait_for_signal)
 from clients.types import DatabaseAugmentation
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
 
@@ -327,6 +327,7 @@ def cmd_serve(args) -> int:
                          key=args.probe_tls_key)
     elif args.tls_client_ca:
         raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
+    require_extras("embedder", "ranker")
     emb_args = embedder_args(checkpoint=args.checkpoint, backbone=args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE),
                              weights=args.weights, device=args.device)
     def metrics(offset: int) -> list[str]:
@@ -390,6 +391,10 @@ def run_job(args, *, title: str | None = None) -> int:
     if k > args.top_k:
         raise UsageError(f"--k {k} is more than --top-k {args.top_k}: the metrics need at least k results")
     _check_truth_covers(queries, truth)
+    if not args.embedder:
+        require_extras("embedder", hint="; or give --embedder the address of a running one")
+    if not args.ranker:
+        require_extras("ranker", hint="; or give --ranker the address of a running one")
 
     security = _security(args)
     with contextlib.ExitStack() as stack:
@@ -458,14 +463,9 @@ def run_job(args, *, title: str | None = None) -> int:
     return _job_exit(answered)
 
 
-# What `imagesearch web` needs beyond the base install (the [web] extra).
-WEB_MODULES = (("starlette",), ("uvicorn",), ("python_multipart", "multipart"))
-
-
 def _web():
     """clients.web.app, imported only now, or a usage error naming the extra."""
-    if any(all(importlib.util.find_spec(m) is None for m in names) for names in WEB_MODULES):
-        raise UsageError("imagesearch web needs the [web] extra: pip install 'imagesearch[web]'")
+    require_extras("web")
     from clients.web import app
 
     return app
@@ -490,8 +490,7 @@ def cmd_web(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    if args.web:
-        _web()  # said before the demo's minute of work
+    require_extras("demo", *(["web"] if args.web else []))  # said before the demo's minute of work
     out: Path = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="imagesearch-demo-") as tmp, Services() as services:
