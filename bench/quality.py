@@ -11,33 +11,22 @@ is a base, optionally followed by modifiers joined with "+" (e.g.
     off-the-shelf     ImageNet Lite0 features, no training
     seed              --recipe seed (the seed notebook's recipe)
     default           the default recipe (P2SGrad on a 512-d neck, strong augmentation, peak lr 6e-4)
-    lr3e-4            the default recipe at --lr 3e-4 (its peak until run I; runs E-H's `default`)
+    lr3e-4            the default recipe at --lr 3e-4
     lr1e-3            the default recipe at --lr 1e-3
     default-lite2     the default recipe on --backbone efficientnet_lite2 (at its own 260 px)
-
-Bases measured before run I, at the peak learning rate of their time (--lr 3e-4):
-
-    arcface           lr3e-4 + --loss arcface (the default recipe before P2SGrad; the
-                      bases below marked "ArcFace" add their option to this one, as measured)
+    arcface           lr3e-4 + --loss arcface (the bases below marked "ArcFace" add their option to it)
     ce                lr3e-4 with cross-entropy on the pooled 1280-d features
                       (--loss ce --embedding-dim 0)
-    ce-ls0.1          ce + --label-smoothing 0.1 (the default recipe before ArcFace)
-    light             ArcFace + --augment light (no TrivialAugmentWide)
-    gem               ArcFace + --pooling gem
-    proxy_anchor      lr3e-4 + --loss proxy_anchor (on the 512-d neck)
-    subcenter         lr3e-4 + --loss subcenter_arcface (3 centres a class)
-    adacos            lr3e-4 + --loss adacos (a margin-free cosine softmax, dynamic AdaCos scale)
-    imprint           ArcFace + --head-init imprint (class weights from the class means)
-    p2sgrad-imprint   lr3e-4 (P2SGrad) + --head-init imprint
-    ema               ArcFace + --ema 25% (an average over a quarter of the run's steps)
+    ce-ls0.1          ce + --label-smoothing 0.1
     sqrt              ArcFace + --sampler sqrt (square-root class-balanced draws)
     balanced          ArcFace + --sampler balanced (every class drawn equally)
     batch32           ArcFace + --batch-size 32 (more, smaller steps in the same epochs)
     lite2             ArcFace on --backbone efficientnet_lite2 (at its own 260 px)
-    lite2-lr3e-4      lr3e-4 on --backbone efficientnet_lite2 (runs F-H's `default-lite2`)
+    lite2-lr3e-4      lr3e-4 on --backbone efficientnet_lite2
     lite0-260         lr3e-4 on Lite0 at --image-size 260 (Lite2's input size)
-    distill-lite2     lr3e-4 on Lite0 + --distill-from the lite2-lr3e-4 checkpoint of the
-                      same seed (trained first when missing, with --train)
+
+The figures of the training options that measured no better and left the
+trainer are in bench/results/trainer-options.md.
 
 Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library defaults):
 
@@ -69,7 +58,6 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
-import dataclasses
 import hashlib
 import json
 import os
@@ -101,42 +89,25 @@ BACKBONE = "efficientnet_lite0"
 TRAINER_SEED = TRAINER_DEFAULTS["seed"]  # runs trained with the trainer's own seed keep their plain folder names
 
 
-@dataclasses.dataclass(frozen=True)
-class TeacherOf:
-    """In a base's arguments: --distill-from the best.pt of `base` trained with the same seed."""
-    base: str
-
-
-# Bases measured before run I keep the default recipe's peak learning rate of their time (3e-4); run I
-# measured twice that (the default since) and more, on the validation split, then on this test split.
 LR3 = ["--lr", "3e-4"]
-ARCFACE = ["--loss", "arcface", *LR3]  # the default recipe before P2SGrad: the bases measured on it keep it
+ARCFACE = ["--loss", "arcface", *LR3]  # the bases that add an option to ArcFace
 # base -> trainer arguments beyond the common ones, or None for no training
 BASES: dict[str, list | None] = {
     "off-the-shelf": None,
     "seed": ["--recipe", "seed"],
     "default": [],
-    "lr3e-4": LR3,  # the default recipe until run I (runs E-H's `default`)
-    "lr1e-3": ["--lr", "1e-3"],  # run I: a larger peak still
+    "lr3e-4": LR3,
+    "lr1e-3": ["--lr", "1e-3"],
     "arcface": ARCFACE,
     "ce": ["--loss", "ce", "--embedding-dim", "0", *LR3],
     "ce-ls0.1": ["--loss", "ce", "--embedding-dim", "0", "--label-smoothing", "0.1", *LR3],
-    "light": [*ARCFACE, "--augment", "light"],
-    "gem": [*ARCFACE, "--pooling", "gem"],
-    "proxy_anchor": ["--loss", "proxy_anchor", *LR3],
-    "subcenter": ["--loss", "subcenter_arcface", *LR3],
-    "adacos": ["--loss", "adacos", *LR3],
-    "imprint": [*ARCFACE, "--head-init", "imprint"],
-    "p2sgrad-imprint": ["--loss", "p2sgrad", "--head-init", "imprint", *LR3],
-    "ema": [*ARCFACE, "--ema", "25%"],
     "sqrt": [*ARCFACE, "--sampler", "sqrt"],
     "balanced": [*ARCFACE, "--sampler", "balanced"],
     "batch32": [*ARCFACE, "--batch-size", "32"],
     "lite2": [*ARCFACE, "--backbone", "efficientnet_lite2"],
     "default-lite2": ["--backbone", "efficientnet_lite2"],
-    "lite2-lr3e-4": [*LR3, "--backbone", "efficientnet_lite2"],  # runs F-H's `default-lite2`
-    "lite0-260": [*LR3, "--image-size", "260"],  # Lite0 at Lite2's input size: resolution or capacity? (run F)
-    "distill-lite2": [*LR3, TeacherOf("lite2-lr3e-4")],  # Lite0 taught by Lite2: capacity passed on? (run G)
+    "lite2-lr3e-4": [*LR3, "--backbone", "efficientnet_lite2"],
+    "lite0-260": [*LR3, "--image-size", "260"],  # Lite0 at Lite2's input size: resolution or capacity?
 }
 
 # modifier -> (embedder extra arguments, index_folder keyword arguments, query_folder keyword arguments)
@@ -149,9 +120,8 @@ MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
 
 DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "arcface", "default", "default+tta", "default+qe", "default+dba",
                 "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
-                "lr3e-4", "light", "proxy_anchor", "gem", "ema", "subcenter", "sqrt", "balanced", "batch32", "lite2",
-                "lite2+tta+qe+kreciprocal", "default-lite2", "default-lite2+tta+qe+kreciprocal", "lite2-lr3e-4",
-                "lite2-lr3e-4+tta+qe+kreciprocal", "distill-lite2", "distill-lite2+tta+qe+kreciprocal"]
+                "lr3e-4", "sqrt", "balanced", "batch32", "lite2", "lite2+tta+qe+kreciprocal", "default-lite2",
+                "default-lite2+tta+qe+kreciprocal", "lite2-lr3e-4", "lite2-lr3e-4+tta+qe+kreciprocal"]
 
 
 def parse_option(option: str) -> tuple[str, list[str]]:
@@ -207,20 +177,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def trainer_args(args, base: str, seed: int) -> list[str]:
-    extra = []
-    for arg in BASES[base] or []:
-        extra += ["--distill-from", str(teacher_checkpoint(args, arg, seed))] if isinstance(arg, TeacherOf) else [arg]
     common = ["--backbone", BACKBONE, "--weights", "imagenet", "--epochs", str(args.epochs), "--seed", str(seed)]
-    return common + extra  # a base's own --backbone comes later, and wins
-
-
-def teacher_checkpoint(args, teacher: TeacherOf, seed: int) -> Path:
-    return run_dir(args, teacher.base, seed) / "best.pt"
-
-
-def teachers(base: str) -> list[str]:
-    """The bases whose checkpoints `base` distils from (trained before it)."""
-    return [a.base for a in BASES[base] or [] if isinstance(a, TeacherOf)]
+    return common + list(BASES[base] or [])  # a base's own --backbone comes later, and wins
 
 
 def run_dir(args, option: str, seed: int) -> Path:
@@ -352,14 +310,6 @@ def main(argv=None) -> int:
             continue
         for seed in args.seeds:
             label = option if len(args.seeds) == 1 else f"{option}@{seed}"
-            missing = [t for t in teachers(source) if not finished(run_dir(args, t, seed))]
-            if missing and (args.train or args.train_only):
-                for t in missing:
-                    train(args, t, seed)
-            elif missing:
-                left_out.append(f"{label} (its teacher {', '.join(missing)} is not trained for seed {seed}; "
-                                f"pass --train)")
-                continue
             run = run_dir(args, source, seed)
             state = "cached" if finished(run) else ""
             if not state and (args.train or args.train_only):

@@ -15,6 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+from imagesearch import extras
+
+# Before anything imports what the [embedder] extra brings: a base install gets one line, exit 2.
+extras.exit_if_missing("embedder", prog="imagesearch-embedder")
+
 from embedder_service.metrics import EmbedderMetrics
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, Limits, register
 from embedder_service.threads import SPINNING, plan_threads

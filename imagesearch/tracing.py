@@ -25,6 +25,8 @@ import sys
 
 import grpc
 
+from imagesearch import extras
+
 log = logging.getLogger(__name__)
 
 _provider = None
@@ -53,6 +55,7 @@ def configure(service_name: str):
     global _provider
     if _provider is not None or not enabled():
         return _provider
+    extras.exit_if_missing("tracing")  # the base install (a client library user) has no OpenTelemetry
     from opentelemetry import trace
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider

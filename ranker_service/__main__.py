@@ -23,6 +23,11 @@ import argparse
 import logging
 import sys
 
+from imagesearch import extras
+
+# Before anything imports what the [ranker] extra brings: a base install gets one line, exit 2.
+extras.exit_if_missing("ranker", prog="imagesearch-ranker")
+
 from imagesearch import defaults, serving
 from imagesearch.errors import InvalidArgument, StoreError
 from imagesearch.serving.metrics import add_metrics_arguments
@@ -138,6 +143,9 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig, observed: Observability) -> None:
+    message = extras.missing_extra_message("milvus")
+    if message is not None:
+        raise serving.StartupError(message)
     from ranker_service.milvus_backend import MilvusGallery
 
     if not args.milvus_uri:

@@ -125,6 +125,15 @@ def test_commands_are_the_project_entry_points(dockerfile, compose):
     assert compose["services"]["embedder"]["command"][0] == "imagesearch-embedder" in scripts
 
 
+def test_the_image_installs_the_extras_of_the_services_it_runs(dockerfile):
+    build = dockerfile["build"]["instructions"]
+    args = dict(rest.split("=", 1) for word, rest in build if word == "ARG" and "=" in rest)
+    installed = set(args["EXTRAS"].split(","))
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"embedder", "ranker"} <= installed <= set(optional)
+    assert any('pip install ".[${EXTRAS}]"' in rest for word, rest in build if word == "RUN")
+
+
 def test_compose_ranker_keeps_its_database_on_a_volume_and_publishes_its_port(compose):
     ranker = compose["services"]["ranker"]
     db = Path(ranker["environment"]["IMAGESEARCH_RANKER_DB"])

@@ -364,7 +364,7 @@ def test_run_folder_and_checkpoint_format(tiny_data, tmp_path):
     assert PreprocessSpec.from_dict(meta["preprocess"]) == PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3, "bicubic")
     # The default recipe: P2SGrad on a 512-d neck; the loss holds the class weights, so no classifier head.
     assert meta["embedding_dim"] == 512 and meta["weights"] == "none"
-    assert meta["model"] == {"pooling": "avg", "neck_dim": 512, "num_classes": 0}
+    assert meta["model"] == {"neck_dim": 512, "num_classes": 0}
     assert meta["recipe"] == "default" and meta["loss"] == "p2sgrad"
     assert set(meta["metrics"]) >= {"val_loss", "val_accuracy", "train_loss", "train_accuracy"}
     assert not any(k.startswith("module.") for k in raw["state_dict"])

@@ -5,6 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 
+from imagesearch import extras
+
+# Before anything imports what the [train] extra brings: a base install gets one line, exit 2.
+extras.exit_if_missing("train", prog="imagesearch-train")
+
 from imagesearch import errors, logs
 from trainer import distributed
 from trainer.train import PROG, get_args_parser

@@ -1,14 +1,13 @@
-"""The training recipes: loss, optimiser, learning-rate schedule, augmentation and weight EMA.
+"""The training recipes: loss, optimiser, learning-rate schedule and augmentation.
 
 `--recipe default`: P2SGrad (pytorch-metric-learning) on a 512-d embedding
 neck, AdamW, the new parts at `head_lr_mult` x the backbone's learning rate,
 linear warm-up then cosine decay per step, RandomResizedCrop + flip +
-TrivialAugmentWide, checkpoint chosen by validation mAP@10 (bench/quality.py
-measured it against cross-entropy with and without label smoothing, and
-against ArcFace over three seeds: see bench/README.md "Search quality").
-`--recipe seed` is the seed notebook's exactly (Adam 1e-4 on every layer, constant, plain cross-entropy on the pooled
-features, its augmentation, chosen by validation loss). A recipe only fills
-the flags that were not given.
+TrivialAugmentWide, no label smoothing, checkpoint chosen by validation
+mAP@10 (figures: bench/results/quality.md). `--recipe seed` is the seed
+notebook's exactly (Adam 1e-4 on every layer, constant, plain cross-entropy
+on the pooled features, its augmentation, chosen by validation loss). A
+recipe only fills the flags that were not given.
 """
 
 from __future__ import annotations
@@ -17,31 +16,25 @@ import math
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 RECIPES = {
     "default": {"loss": "p2sgrad", "embedding_dim": 512, "optimizer": "adamw", "lr": 6e-4, "head_lr_mult": 10.0,
                 "weight_decay": 0.05, "warmup_epochs": 0.5, "schedule": "cosine", "label_smoothing": 0.0,
-                "select_by": "map", "patience": 5, "ema": 0.0, "augment": "strong", "sampler": "shuffle",
-                "head_init": "random"},
+                "select_by": "map", "patience": 5, "augment": "strong", "sampler": "shuffle"},
     "seed": {"loss": "ce", "embedding_dim": 0, "optimizer": "adam", "lr": 1e-4, "head_lr_mult": 1.0,
              "weight_decay": 0.0, "warmup_epochs": 0.0, "schedule": "constant", "label_smoothing": 0.0,
-             "select_by": "loss", "patience": 3, "ema": 0.0, "augment": "seed", "sampler": "shuffle",
-             "head_init": "random"},
+             "select_by": "loss", "patience": 3, "augment": "seed", "sampler": "shuffle"},
 }
-# What a run saved before a flag existed meant: the behaviour of that time.
-LEGACY = {"augment": {"seed": "seed", "default": "strong"}, "sampler": {"seed": "shuffle", "default": "shuffle"},
-          "head_init": {"seed": "random", "default": "random"}}
 SEED_IMAGE_SIZE = 224  # the notebook's input size, whatever the backbone (the default recipe: the backbone's own)
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1 % of the peak, not 0
 
 
 def parameter_groups(model: nn.Module, extra: nn.Module | None, lr: float, head_lr_mult: float,
                      weight_decay: float) -> list[dict]:
-    """Backbone body at `lr`; everything new (neck, head, GeM's p, the loss's
-    class weights) at lr x head_lr_mult. Weight decay on matrices and
-    convolution kernels only (not on biases, norms or GeM's p). Groups with
-    the same settings are merged, so the seed recipe has one group, as it did."""
+    """Backbone body at `lr`; everything new (neck, head, the loss's class
+    weights) at lr x head_lr_mult. Weight decay on matrices and convolution
+    kernels only (not on biases or norms). Groups with the same settings are
+    merged, so the seed recipe has one group."""
     buckets: dict[tuple[float, float], list] = {}
 
     def add(name: str, p: torch.Tensor, new: bool) -> None:
@@ -51,7 +44,7 @@ def parameter_groups(model: nn.Module, extra: nn.Module | None, lr: float, head_
         buckets.setdefault(key, []).append(p)
 
     for name, p in model.named_parameters():
-        add(name, p, not name.startswith("body.") or name.endswith(".p"))
+        add(name, p, not name.startswith("body."))
     if extra is not None:
         for name, p in extra.named_parameters():
             add(name, p, True)
@@ -84,44 +77,3 @@ class Schedule:
         f = self.factor(step)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * f
-
-
-def parse_ema(text: str) -> float | str:
-    """`--ema`: "0" (off), a decay per step in (0, 1) such as "0.998", or a
-    span "P%": the average's time constant is P % of the run's optimiser
-    steps, whatever their number (a fixed decay means a different average
-    for a 3-epoch run than for a 100-epoch one). Returns the decay as a float
-    or the span in its canonical spelling ("25%")."""
-    text = str(text).strip()
-    if text.endswith("%"):
-        try:
-            percent = float(text[:-1])
-        except ValueError:
-            raise ValueError(f"--ema {text}: a span is a percentage of the run's steps, e.g. 25%") from None
-        if not (0 < percent <= 100):
-            raise ValueError(f"--ema {text}: a span must be above 0 % and at most 100 %")
-        return f"{percent:g}%"
-    try:
-        decay = float(text)
-    except ValueError:
-        raise ValueError(f"--ema {text}: give a decay in [0, 1) such as 0.998, or a span such as 25%") from None
-    if not (0 <= decay < 1):
-        raise ValueError(f"--ema {text}: a decay must be at least 0 and below 1")
-    return decay
-
-
-def ema_decay(ema: float | str, total_steps: int) -> float:
-    """The per-step decay `--ema` means for a run of `total_steps` optimiser
-    steps: a span of P % gives the time constant 1 / (1 - decay) = P % of them
-    (at least one step)."""
-    if isinstance(ema, str):
-        horizon = max(1.0, float(ema.rstrip("%")) / 100 * total_steps)
-        return 1.0 - 1.0 / horizon
-    return float(ema)
-
-
-def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of the weights (and BatchNorm buffers), or None for decay 0."""
-    if not decay:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

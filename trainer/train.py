@@ -6,22 +6,21 @@
 
 Shaped like torchvision's references/classification/train.py:
 `get_args_parser()`, `main(args)`, `train_one_epoch(...)`, `evaluate(...)`.
-`--recipe default` (AdamW, a higher learning rate for the new head,
-warm-up + cosine, label smoothing, RandomResizedCrop + TrivialAugmentWide;
-see trainer.recipe) or `--recipe seed` (the seed notebook's exactly: its
-train transforms, Adam 1e-4, cross-entropy, batch 50). After every epoch
-the validation images are embedded and scored as a retrieval task (each a
-query against the rest: mAP@10, P@10, top-1); `--select-by map|loss` picks
-the epoch kept as best.pt, early stopping watches `--early-stop-on` (the
-same figure unless given). `--loss ce|arcface|subcenter_arcface|proxy_anchor|p2sgrad|adacos`,
-`--embedding-dim N` (a linear + BatchNorm neck) and `--pooling avg|gem` are
-options of the one model, recorded in the checkpoint. `--distill-from CHECKPOINT`
-adds a frozen teacher's in-batch cosines as a second target (trainer.distill).
+`--recipe default` (P2SGrad on a 512-d neck, AdamW with the new parts at a
+higher learning rate, warm-up + cosine, RandomResizedCrop + flip +
+TrivialAugmentWide, no label smoothing; see trainer.recipe) or `--recipe
+seed` (the seed notebook's exactly: its train transforms, Adam 1e-4,
+cross-entropy, batch 50). After every epoch the validation images are
+embedded and scored as a retrieval task (each a query against the rest:
+mAP@10, P@10, top-1); `--select-by map|loss` picks the epoch kept as
+best.pt, early stopping watches `--early-stop-on` (the same figure unless
+given). `--loss ce|arcface|p2sgrad` and `--embedding-dim N` (a linear +
+BatchNorm neck) are options of the one model, recorded in the checkpoint.
 
 RUN_DIR gets args.json, summary.csv (one row per epoch), accuracy.png,
 loss.png, retrieval.png, best.pt and last.pt (imagesearch.model.checkpoint format;
-last.pt also holds the optimizer, loss, EMA, loss-scaler and early-stopping
-state for --resume).
+last.pt also holds the optimizer, loss, loss-scaler and early-stopping state
+for --resume).
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ from imagesearch.defaults import DEFAULT_BACKBONE, LOG_FORMAT_ENV
 from imagesearch.files import atomic_write_text
 from imagesearch.model.backbones import (
     BACKBONES,
-    POOLINGS,
     WEIGHTS_CHOICES_HELP,
     EmbeddingNet,
     backbone_info,
@@ -65,9 +63,7 @@ from imagesearch.retrieval_metrics import leave_one_out
 from trainer import amp, distributed
 from trainer import recipe as recipes
 from trainer.data import SPLIT_FILE, Batch, Collate, ImageFiles, Layout, check_layout, read_split
-from trainer.distill import Teacher, check_teacher_path, relational_loss
 from trainer.early_stopping import EarlyStopping
-from trainer.imprint import HEAD_INITS, PER_CLASS, imprint
 from trainer.losses import LOSSES, Criterion, build_criterion
 from trainer.plots import write_plots
 
@@ -96,7 +92,6 @@ DEFAULTS = {
     "epochs": 30,
     "batch_size": 50,
     "image_size": None,  # the backbone's own input size (the seed recipe: the notebook's 224)
-    "pooling": "avg",
     "freeze_backbone": False,
     "workers": None,  # default_workers(world size)
     "seed": 42,
@@ -104,13 +99,10 @@ DEFAULTS = {
     "amp": "auto",
     "channels_last": True,
     "val_split": None,
-    "distill_from": None,  # a teacher checkpoint (trainer.distill)
-    "distill_weight": 1.0,
 }
 RECIPE_FLAGS = tuple(recipes.RECIPES["default"])  # filled from --recipe when not given
 # Flags a resumed run cannot change: the model and its optimizer depend on them.
-FIXED_ON_RESUME = ("recipe", "backbone", "image_size", "freeze_backbone", "loss", "embedding_dim", "pooling",
-                   "optimizer", "ema", "head_init", "distill_from")  # head_init: what the run started from
+FIXED_ON_RESUME = ("recipe", "backbone", "image_size", "freeze_backbone", "loss", "embedding_dim", "optimizer")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -135,15 +127,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help=f"images per step, per process (default: {DEFAULTS['batch_size']})")
     r = p.add_argument_group("recipe (flags not given come from --recipe)")
     r.add_argument("--recipe", choices=sorted(recipes.RECIPES),
-                   help="default: AdamW, head at --head-lr-mult x lr, warm-up + cosine, label smoothing, "
-                        "RandomResizedCrop + TrivialAugmentWide, best epoch by val mAP@10; seed: the seed "
+                   help="default: P2SGrad on a 512-d neck, AdamW, head at --head-lr-mult x lr, warm-up + "
+                        "cosine, RandomResizedCrop + TrivialAugmentWide, best epoch by val mAP@10; seed: the seed "
                         "notebook's Adam 1e-4, constant, plain cross-entropy, its augmentation, best by val "
                         "loss (default: default)")
     d, s = recipes.RECIPES["default"], recipes.RECIPES["seed"]
     r.add_argument("--optimizer", choices=("adamw", "adam"), help=f"(default {d['optimizer']}; seed {s['optimizer']})")
     r.add_argument("--lr", type=float, help=f"peak learning rate of the backbone (default {d['lr']}; seed {s['lr']})")
     r.add_argument("--head-lr-mult", type=float, metavar="X",
-                   help=f"learning rate of the new parts (head, neck, GeM, loss weights) as a multiple of --lr "
+                   help=f"learning rate of the new parts (head, neck, loss weights) as a multiple of --lr "
                         f"(default {d['head_lr_mult']}; seed {s['head_lr_mult']})")
     r.add_argument("--weight-decay", type=float, help=f"(default {d['weight_decay']}; seed {s['weight_decay']})")
     r.add_argument("--warmup-epochs", type=float, metavar="E",
@@ -155,22 +147,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--label-smoothing", type=float, metavar="F",
                    help=f"for --loss ce (default {d['label_smoothing']}; seed {s['label_smoothing']})")
     r.add_argument("--augment", choices=AUGMENTATIONS,
-                   help="training augmentation: strong (RandomResizedCrop + flip + TrivialAugmentWide), light "
-                        f"(RandomResizedCrop + flip) or seed (the notebook's) (default {d['augment']}; "
+                   help="training augmentation: strong (RandomResizedCrop + flip + TrivialAugmentWide) or seed "
+                        f"(the notebook's) (default {d['augment']}; "
                         f"seed {s['augment']})")
     r.add_argument("--sampler", choices=("shuffle", *distributed.SAMPLER_POWERS),
                    help="training order: shuffle (each image once an epoch), sqrt (class c drawn in proportion "
                         "to the square root of its image count) or balanced (every class equally); the last two "
                         "draw with replacement, as many images an epoch as shuffle "
                         f"(default {d['sampler']}; seed {s['sampler']})")
-    r.add_argument("--head-init", choices=HEAD_INITS,
-                   help="a metric loss's class weights at the start: random, or imprint (each class's mean "
-                        f"embedding over up to {PER_CLASS} of its training images; trainer/imprint.py) "
-                        f"(default {d['head_init']}; seed {s['head_init']})")
-    r.add_argument("--ema", metavar="DECAY|P%",
-                   help="evaluate and save an exponential moving average of the weights: a decay per step "
-                        "(e.g. 0.998), or a span P%% of the run's steps (e.g. 25%%: the average's time constant "
-                        "is a quarter of the run, whatever its length); 0 = off (default 0)")
     r.add_argument("--select-by", choices=sorted(SELECT_BY),
                    help=f"best.pt is the epoch with the best validation mAP@10 (map) or loss "
                         f"(default {d['select_by']}; seed {s['select_by']})")
@@ -179,23 +163,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--patience", type=int,
                    help=f"stop after this many epochs without a better --early-stop-on figure "
                         f"(default {d['patience']}; seed {s['patience']})")
-    k = p.add_argument_group("distillation (trainer.distill)")
-    k.add_argument("--distill-from", metavar="CHECKPOINT",
-                   help="a trained teacher (e.g. a Lite2 or B4 run's best.pt): the student's pairwise cosines in "
-                        "each batch also regress to the teacher's on the same images, so the cheaper backbone "
-                        "learns to rank as the larger one does (needs a metric --loss; default: none)")
-    k.add_argument("--distill-weight", type=float, metavar="W",
-                   help=f"weight of that term against the --loss (default {DEFAULTS['distill_weight']:g})")
     m = p.add_argument_group("model options (recorded in the checkpoint; the embedder serves them)")
     m.add_argument("--loss", choices=LOSSES,
-                   help="ce: cross-entropy on a classifier head; arcface, subcenter_arcface, proxy_anchor, p2sgrad, "
-                        "adacos (a cosine softmax whose scale follows the number of classes and the batch): "
-                        "pytorch-metric-learning's losses on the embedding, see trainer/losses.py "
+                   help="ce: cross-entropy on a classifier head; arcface, p2sgrad: pytorch-metric-learning's "
+                        "losses on the embedding, see trainer/losses.py "
                         f"(default {d['loss']}; seed {s['loss']})")
     m.add_argument("--embedding-dim", type=int, metavar="N",
                    help="a neck (linear + BatchNorm) to an N-d embedding before the loss; 0 = none, the backbone's "
                         f"pooled features (default {d['embedding_dim']}; seed {s['embedding_dim']})")
-    m.add_argument("--pooling", choices=POOLINGS, help="global pooling: avg or gem (generalised mean) (default: avg)")
     p.add_argument("--image-size", type=int, metavar="PX",
                    help="square input size (default: the backbone's own, as EfficientNet scales resolution with "
                         "the model: " + ", ".join(f"{name.removeprefix('efficientnet_')} {info.preprocess.input_size}"
@@ -256,13 +231,10 @@ def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.opt
                     scaler: torch.amp.GradScaler, *, freeze_backbone: bool = False,
                     channels_last: bool = False, skip_log: SkipLog | None = None,
                     progress: bool = True, desc: str = "", schedule: recipes.Schedule | None = None,
-                    first_step: int = 0, ema=None, teacher: Teacher | None = None,
-                    distill_weight: float = 1.0) -> dict:
+                    first_step: int = 0) -> dict:
     """One pass over `loader`. `criterion` gives the batch's mean loss (and
     class scores for accuracy); `schedule` sets the learning rate of step
-    `first_step + batch index`; `ema` (an AveragedModel) follows every step;
-    with a `teacher`, `distill_weight` x trainer.distill.relational_loss is
-    added to the loss.
+    `first_step + batch index`.
     Returns loss, accuracy, images and skipped, summed over every process of
     a distributed run."""
     model.train()
@@ -289,19 +261,14 @@ def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.opt
         images, targets = _to_device(batch, device, channels_last)
         with precision.autocast():
             outputs = model(images)
-            taught = teacher(images) if teacher is not None and n else None
         # An empty batch (distributed: every process must step) contributes a zero loss.
         batch_loss = criterion(outputs, targets) if n else outputs.float().sum() * 0.0
-        if taught is not None:
-            batch_loss = batch_loss + distill_weight * relational_loss(outputs, taught)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(batch_loss).backward()
         distributed.average_gradients(criterion)  # the loss's own weights are outside DDP
         scaler.step(optimizer)
         scaler.update()
         criterion.after_step()
-        if ema is not None:
-            ema.update_parameters(_core(model))
         if n:
             loss_sum += batch_loss.item() * n
             correct += (criterion.logits(outputs.detach()).argmax(1) == targets).sum().item()
@@ -379,19 +346,16 @@ RUN_LOCAL = ("data", "out", "resume", "workers", "device", "log_level", "log_for
 def training_settings(argv: list[str] | None = None, saved: dict | None = None) -> dict:
     """What a run trains, comparable across spellings: the resolved model and
     recipe flags of trainer arguments `argv`, or of a run's saved args.json
-    (`saved`; flags it predates read as what they meant then). Two runs with
-    equal settings on the same data train the same model."""
-    # A saved run resolves as a --resume of it would: its own flags, then what the
-    # flags it predates meant then (recipes.LEGACY), then its recipe's.
+    (`saved`). Two runs with equal settings on the same data train the same
+    model."""
+    # A saved run resolves as a --resume of it would: its own flags, then its recipe's.
     given = get_args_parser().parse_args([] if saved is not None else argv or [])
     values = vars(_resolve_args(given, {"args": saved} if saved is not None else None))
     settings = {k: v for k, v in values.items() if k in (*DEFAULTS, *RECIPE_FLAGS, "early_stop_on")
                 and k not in RUN_LOCAL}
-    settings["embedding_dim"] = settings.get("embedding_dim") or 0  # None (older runs) and 0: no neck
+    settings["embedding_dim"] = settings.get("embedding_dim") or 0  # None and 0: no neck
     if settings.get("loss") != "ce":
         settings["label_smoothing"] = None  # a metric loss has no use for it
-    if not settings.get("distill_from"):
-        settings["distill_weight"] = None  # no teacher: no weight (runs before distillation read the same)
     return settings
 
 
@@ -409,13 +373,6 @@ class TrainResult:
 def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Namespace:
     """Fill flags that were not given: from the resumed run, else DEFAULTS."""
     args = argparse.Namespace(**vars(args))
-    if args.ema is not None:  # one spelling, so a resume and training_settings compare values
-        try:
-            args.ema = recipes.parse_ema(args.ema)
-        except ValueError as e:
-            raise errors.InvalidArgument(str(e)) from None
-    if args.distill_from:  # one spelling of the teacher's path, for a resume and training_settings
-        args.distill_from = str(Path(args.distill_from).expanduser().resolve())
     saved = (resumed or {}).get("args", {})
     if resumed is not None:
         for key in FIXED_ON_RESUME:
@@ -428,15 +385,12 @@ def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Na
                     f"a resumed run keeps its model: drop the flag or start a new run with another --out")
         if args.data is None:
             args.data = saved.get("data")
-        if args.recipe is None and "recipe" not in saved:
-            args.recipe = "seed"  # a run from before the recipes: it was the seed's
     for key, default in DEFAULTS.items():
         if getattr(args, key, None) is None:
             setattr(args, key, saved.get(key, default) if key not in ("workers", "device") else default)
     for key in RECIPE_FLAGS:
         if getattr(args, key, None) is None:
-            legacy = recipes.LEGACY.get(key, {}).get(args.recipe) if resumed is not None else None
-            setattr(args, key, saved.get(key, legacy if legacy is not None else recipes.RECIPES[args.recipe][key]))
+            setattr(args, key, saved.get(key, recipes.RECIPES[args.recipe][key]))
     if args.early_stop_on is None:
         args.early_stop_on = saved.get("early_stop_on") or args.select_by
     if args.image_size is None:
@@ -451,8 +405,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
                              ("--workers", args.workers, 0), ("--embedding-dim", args.embedding_dim, 0)):
         if value is not None and value < low:
             raise errors.InvalidArgument(f"{flag} {value}: must be at least {low}")
-    for flag, value in (("--lr", args.lr), ("--head-lr-mult", args.head_lr_mult),
-                        ("--distill-weight", args.distill_weight)):
+    for flag, value in (("--lr", args.lr), ("--head-lr-mult", args.head_lr_mult)):
         if not (value > 0 and math.isfinite(value)):
             raise errors.InvalidArgument(f"{flag} {value}: must be a positive number")
     for flag, value, high in (("--weight-decay", args.weight_decay, math.inf),
@@ -461,16 +414,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
         if not (0 <= value < high):
             raise errors.InvalidArgument(f"{flag} {value}: must be at least 0" +
                                          (f" and below {high:g}" if math.isfinite(high) else ""))
-    if args.head_init == "imprint" and args.loss == "ce":
-        raise errors.InvalidArgument("--head-init imprint sets a metric loss's class weights; --loss ce has a "
-                                     "linear classifier head: use a metric loss (e.g. --loss p2sgrad) or drop "
-                                     "--head-init")
-    if args.distill_from and args.loss == "ce":
-        raise errors.InvalidArgument("--distill-from matches the teacher's cosines between embeddings; --loss ce "
-                                     "trains a classifier head, not an embedding: use a metric loss (e.g. --loss "
-                                     "p2sgrad, the default recipe's) or drop --distill-from")
-    if args.distill_from:
-        check_teacher_path(args.distill_from, resumed=bool(args.resume))
 
 
 def _run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -535,7 +478,7 @@ def _meta(args, layout: Layout, spec: PreprocessSpec, model: EmbeddingNet, epoch
         "class_names": list(layout.class_names),
         "preprocess": spec.to_dict(),
         "embedding_dim": model.dim,
-        "model": model.options(),  # pooling, neck, head: how to rebuild it (imagesearch.model.checkpoint)
+        "model": model.options(),  # neck, head: how to rebuild it (imagesearch.model.checkpoint)
         "loss": args.loss,
         "recipe": args.recipe,
         "epoch": epoch,
@@ -584,32 +527,17 @@ def main(args: argparse.Namespace) -> TrainResult:
     head_classes = num_classes if args.loss == "ce" else 0  # a metric-learning loss holds the class weights
     if resumed:
         options = model_options(resumed["meta"])
-        model = EmbeddingNet(args.backbone, num_classes=options["num_classes"], neck_dim=options["neck_dim"],
-                             pooling=options["pooling"])
+        model = EmbeddingNet(args.backbone, num_classes=options["num_classes"], neck_dim=options["neck_dim"])
         model.load_state_dict(resumed["state_dict"], strict=True)
     else:
-        model = build_model(args.backbone, args.weights, head_classes, neck_dim=args.embedding_dim or None,
-                            pooling=args.pooling)  # WeightsUnavailable: before training
+        model = build_model(args.backbone, args.weights, head_classes,
+                            neck_dim=args.embedding_dim or None)  # WeightsUnavailable: before training
     if args.freeze_backbone:
         model.body.requires_grad_(False)
     criterion = build_criterion(args.loss, num_classes, model.dim, args.label_smoothing)
     distributed.init(dist_info, device)
     model.to(device)
     criterion.to(device)
-    imprinted = None
-    if resumed:  # it has its trained class weights; its args.json keeps what its start did
-        if (run_dir / "args.json").is_file():
-            imprinted = json.loads((run_dir / "args.json").read_text()).get("resolved", {}).get("imprinted")
-    elif args.head_init == "imprint":
-        imprinted = imprint(model, criterion, layout.train.samples, spec, num_classes, device, seed=args.seed,
-                            batch_size=args.batch_size, workers=args.workers)
-    teacher = None
-    if args.distill_from:
-        teacher = Teacher(args.distill_from, spec).to(device)
-        if args.channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        log.info("distilling from %s (%s, %d-d, %d px), weight %g", args.distill_from, teacher.backbone,
-                 teacher.dim, teacher.size, args.distill_weight)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     train_model: nn.Module = model
@@ -651,10 +579,6 @@ def main(args: argparse.Namespace) -> TrainResult:
 
     train_loader, val_loader, train_sampler = _loaders(layout, spec, args, dist_info, device)
     steps_per_epoch = len(train_loader)
-    ema_decay = recipes.ema_decay(args.ema, args.epochs * steps_per_epoch)
-    ema = recipes.build_ema(model, ema_decay)
-    if ema is not None and resumed and resumed.get("ema"):
-        ema.load_state_dict(resumed["ema"])
     del resumed
     schedule = recipes.Schedule(args.schedule, args.epochs * steps_per_epoch,
                                 round(args.warmup_epochs * steps_per_epoch))
@@ -664,20 +588,19 @@ def main(args: argparse.Namespace) -> TrainResult:
         resolved = {"world_size": dist_info.world_size, "device": str(device), "amp": precision.mode,
                     "class_names": list(layout.class_names), "preprocess": spec.to_dict(),
                     "train_images": len(layout.train.samples), "val_images": len(layout.val.samples),
-                    "embedding_dim": model.dim, "steps_per_epoch": steps_per_epoch, "ema_decay": ema_decay,
-                    "resumed_at_epoch": start_epoch or None,
-                    "imprinted": imprinted, "torch": str(torch.__version__)}
+                    "embedding_dim": model.dim, "steps_per_epoch": steps_per_epoch,
+                    "resumed_at_epoch": start_epoch or None, "torch": str(torch.__version__)}
         if layout.carved is not None:
             atomic_write_text(run_dir / SPLIT_FILE, json.dumps(layout.carved, indent=1) + "\n")
         atomic_write_text(run_dir / "args.json",
                            json.dumps({**_args_dict(args), "resolved": resolved}, indent=2) + "\n")
     trainable = sum(p.numel() for p in params)
-    log.info("data %s: %d classes, %d train / %d val images; %s (weights %s, %s, %s pooling, %d-d embedding, "
+    log.info("data %s: %d classes, %d train / %d val images; %s (weights %s, %s, %d-d embedding, "
              "loss %s), %s trainable parameters; recipe %s: %s lr %g (new parts x%g), %s, %s augmentation, best by val %s; "
              "device %s x%d, amp %s, batch %d, workers %d", args.data, num_classes,
              len(layout.train.samples), len(layout.val.samples), args.backbone,
              args.weights if not start_epoch else f"resumed at epoch {start_epoch}",
-             "frozen backbone" if args.freeze_backbone else "all layers", args.pooling, model.dim, args.loss,
+             "frozen backbone" if args.freeze_backbone else "all layers", model.dim, args.loss,
              f"{trainable:,}", args.recipe, args.optimizer, args.lr, args.head_lr_mult, args.schedule,
              args.augment, args.select_by, device, dist_info.world_size, precision.mode, args.batch_size, args.workers)
 
@@ -691,7 +614,6 @@ def main(args: argparse.Namespace) -> TrainResult:
 
     skip_log = SkipLog()
     stopped_early = stopper.should_stop
-    eval_model = ema.module if ema is not None else model  # what is validated and saved as best.pt
     epoch = start_epoch
     # Progress bars are for a terminal: a JSON log stream gets only JSON lines.
     bars = main_proc and getattr(args, "log_format", "text") == "text"
@@ -703,9 +625,8 @@ def main(args: argparse.Namespace) -> TrainResult:
         tr = train_one_epoch(train_model, criterion, optimizer, train_loader, device, epoch, precision, scaler,
                              freeze_backbone=bool(args.freeze_backbone), channels_last=args.channels_last,
                              skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} train",
-                             schedule=schedule, first_step=(epoch - 1) * steps_per_epoch, ema=ema,
-                             teacher=teacher, distill_weight=args.distill_weight)
-        va = evaluate(eval_model, criterion, val_loader, device, precision, channels_last=args.channels_last,
+                             schedule=schedule, first_step=(epoch - 1) * steps_per_epoch)
+        va = evaluate(model, criterion, val_loader, device, precision, channels_last=args.channels_last,
                       skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} val")
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_map@10": va["map"],
@@ -717,18 +638,16 @@ def main(args: argparse.Namespace) -> TrainResult:
             stopper.step(epoch, row[watched])
         row["best"] = int(improved)
         if improved:
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in eval_model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         history.append(row)
         if main_proc:
             meta = _meta(args, layout, spec, model, epoch, row, selector.best_epoch)
             if improved:
-                save_checkpoint(run_dir / "best.pt", eval_model, meta)
+                save_checkpoint(run_dir / "best.pt", model, meta)
             extra = {"scaler": scaler.state_dict(), "early_stopping": selector.state_dict(),
                      "criterion": criterion.state_dict(), "history": history}
             if stopper is not selector:
                 extra["early_stopping_watch"] = stopper.state_dict()
-            if ema is not None:
-                extra["ema"] = ema.state_dict()
             save_checkpoint(run_dir / "last.pt", model, meta, optimizer.state_dict(), extra=extra)
             write_summary(run_dir / "summary.csv", history)
             write_plots(run_dir, history, selector.best_epoch, title=args.backbone)

@@ -8,6 +8,7 @@
     imagesearch evaluate r.json --ground-truth gt.json
     imagesearch run --gallery G --query Q --out r.json   all of it, services included
     imagesearch demo                             `run` on photos shipped with scikit-image/-learn
+    imagesearch web --gallery GALLERY_DIR        search by picture in a browser (the [web] extra)
 
 parser (flags), commands (one function per sub-command), jobs (index and
 query over a folder), output (terminal summaries), report (HTML), demo (its

@@ -27,7 +27,9 @@ from clients.cli import dedupe, report
 from clients.cli import demo as demo_data
 from clients.cli.incremental import parse_pairs
 from clients.cli.jobs import QueryReport, above, index_folder, query_folder
-from clients.cli.output import index_summary, json_text, printable, query_summary, say
+from clients.cli.options import n_alpha as _n_alpha
+from clients.cli.options import rerank_options
+from clients.cli.output import index_summary, json_text, match_json, printable, query_summary, say
 from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
 from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
 from clients.embedder import EmbedderClient, file_source
@@ -36,8 +38,9 @@ from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
 from clients.ranker import ADDRESS_ENV as RANKER_ENV
 from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
 from clients.ranker import RankerClient
-from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, wait_for_signal
-from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion
+from clients.cli.services import (EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, require_extras,
+                                  wait_for_signal)
+from clients.types import DatabaseAugmentation
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
 
 log = logging.getLogger(__name__)
@@ -176,26 +179,9 @@ def _filters(args) -> dict[str, list[str]]:
     return parse_pairs(getattr(args, "filter", None), "--filter")
 
 
-def _n_alpha(text: str | None, flag: str) -> tuple[int, float | None] | None:
-    """--flag N[:ALPHA] -> (N, ALPHA or None); None when the flag is absent."""
-    if text is None:
-        return None
-    head, _, tail = text.partition(":")
-    try:
-        n = int(head)
-        alpha = float(tail) if tail else None
-    except ValueError:
-        raise UsageError(f"{flag} takes N or N:ALPHA (e.g. 2 or 2:3), not {text!r}") from None
-    if not 1 <= n <= 100 or (alpha is not None and not 0 <= alpha <= 100):
-        raise UsageError(f"{flag} {text}: N must be 1..100 and ALPHA 0..100")
-    return n, alpha
-
-
 def _rerank(args) -> dict:
     """query_folder / search keyword arguments of --query-expansion and --rerank."""
-    qe = _n_alpha(getattr(args, "query_expansion", None), "--query-expansion")
-    return {"query_expansion": QueryExpansion(*qe) if qe else None,
-            "k_reciprocal": KReciprocal() if getattr(args, "rerank", None) == "k-reciprocal" else None}
+    return rerank_options(getattr(args, "query_expansion", None), getattr(args, "rerank", None))
 
 
 def _dba(args) -> DatabaseAugmentation | None:
@@ -259,8 +245,7 @@ def cmd_search(args) -> int:
         matches = above(rank.search(args.collection, result.vector, top_k=args.top_k, fingerprint=result.fingerprint,
                                     filters=filters, with_attributes=args.json, **rerank), args.min_score)
     if args.json:
-        print(json_text([{"rank": m.rank, "name": m.name, "score": round(m.score, 6), "attributes": m.attributes}
-                         for m in matches]))
+        print(json_text([match_json(m) for m in matches]))
     else:
         if not matches:
             say(f"no matches in collection {args.collection!r}"
@@ -342,6 +327,7 @@ def cmd_serve(args) -> int:
                          key=args.probe_tls_key)
     elif args.tls_client_ca:
         raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
+    require_extras("embedder", "ranker")
     emb_args = embedder_args(checkpoint=args.checkpoint, backbone=args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE),
                              weights=args.weights, device=args.device)
     def metrics(offset: int) -> list[str]:
@@ -405,6 +391,10 @@ def run_job(args, *, title: str | None = None) -> int:
     if k > args.top_k:
         raise UsageError(f"--k {k} is more than --top-k {args.top_k}: the metrics need at least k results")
     _check_truth_covers(queries, truth)
+    if not args.embedder:
+        require_extras("embedder", hint="; or give --embedder the address of a running one")
+    if not args.ranker:
+        require_extras("ranker", hint="; or give --ranker the address of a running one")
 
     security = _security(args)
     with contextlib.ExitStack() as stack:
@@ -473,11 +463,49 @@ def run_job(args, *, title: str | None = None) -> int:
     return _job_exit(answered)
 
 
+def _web():
+    """clients.web.app, imported only now, or a usage error naming the extra."""
+    require_extras("web")
+    from clients.web import app
+
+    return app
+
+
+def _serve_web(args, *, embedder: str, ranker: str, gallery: Path | None, security: Security) -> None:
+    web = _web()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.web_token:
+        say(f"warning: the page listens on {args.host} with no --web-token: whoever reaches it can search")
+    config = web.WebConfig(embedder, ranker, gallery=gallery, security=security, web_token=args.web_token or None,
+                           timeout=getattr(args, "timeout", 30.0))
+    web.serve(config, args.host, args.port, announce=lambda url: say(f"search page: {url} (Ctrl-C stops it)"))
+
+
+def cmd_web(args) -> int:
+    _web()
+    if args.gallery is not None and not args.gallery.is_dir():
+        raise UsageError(f"the gallery folder {args.gallery} does not exist or is not a folder")
+    _serve_web(args, embedder=args.embedder or DEFAULT_EMBEDDER, ranker=args.ranker or DEFAULT_RANKER,
+               gallery=args.gallery, security=_security(args))
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
+    require_extras("demo", *(["web"] if args.web else []))  # said before the demo's minute of work
     out: Path = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="imagesearch-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="imagesearch-demo-") as tmp, Services() as services:
         gallery, query, gt_path, truth = demo_data.build(tmp, seed=args.seed)
+        token = os.environ.get(AUTH_TOKEN_ENV) or None
+        embedder = ranker = None
+        if args.web:  # services started here outlive the run, for the page
+            env = {AUTH_TOKEN_ENV: token} if token else {}
+            say("starting the services for the page")
+            services.start("embedder", EMBEDDER_MODULE, embedder_args(
+                checkpoint=args.checkpoint, backbone=args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE),
+                weights=args.weights, device=args.device), env=env)
+            services.start("ranker", RANKER_MODULE, ["--db", str(Path(tmp) / "demo.db")], env=env)
+            services.wait_ready(START_TIMEOUT_S)
+            embedder, ranker = (child.address for child in services.children)
         say(f"demo: {len(list(gallery.iterdir()))} photos from scikit-image and scikit-learn as the gallery, "
              f"{len(truth)} altered copies as queries")
         (out / "ground_truth.json").write_text(gt_path.read_text())
@@ -485,14 +513,16 @@ def cmd_demo(args) -> int:
             gallery=gallery, query=query, out=out / "results.json", html=out / "report.html", no_html=False,
             follow_symlinks=False, ground_truth=gt_path, labels_from_folders=None, collection="demo", top_k=10, k=None, db=None,
             min_score=None,
-            chunk_size=32, concurrency=None, progress=None, embedder=None, ranker=None, timeout=120.0,
+            chunk_size=32, concurrency=None, progress=None, embedder=embedder, ranker=ranker, timeout=120.0,
             connect_timeout=5.0, tls=False, tls_ca=None, tls_cert=None, tls_key=None, tls_server_name=None,
-            auth_token=os.environ.get(AUTH_TOKEN_ENV) or None, checkpoint=args.checkpoint,
+            auth_token=token, checkpoint=args.checkpoint,
             backbone=args.backbone, weights=args.weights, device=args.device)
         code = run_job(run_args, title="imagesearch demo: altered copies of real photos")
-    say("(each query has one relevant gallery photo, two for the motorcycle stereo pair, so precision@10 "
-         "is at most 0.1-0.2 here: mAP@10 and top-1 are the figures to read)")
-    say(f"demo done: open {(out / 'report.html').resolve()}")
+        say("(each query has one relevant gallery photo, two for the motorcycle stereo pair, so precision@10 "
+            "is at most 0.1-0.2 here: mAP@10 and top-1 are the figures to read)")
+        say(f"demo done: open {(out / 'report.html').resolve()}")
+        if args.web and code == EXIT_OK:
+            _serve_web(args, embedder=embedder, ranker=ranker, gallery=gallery, security=Security(auth_token=token))
     return code
 
 

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from clients.errors import ClientError
+from imagesearch.extras import install_command
 
 # Real photographs in scikit-image's data folder (its synthetic images are left out).
 SKIMAGE_PHOTOS = (
@@ -46,7 +47,7 @@ def find_photos() -> list[Path]:
                    if (sklearn / "datasets" / "images" / n).is_file()]
     if len(photos) < MIN_PHOTOS:
         raise ClientError(f"the demo needs at least {MIN_PHOTOS} photos from scikit-image and scikit-learn, "
-                          f"found {len(photos)}: pip install scikit-image scikit-learn")
+                          f"found {len(photos)}: {install_command('demo')}")
     return photos
 
 

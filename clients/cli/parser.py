@@ -9,6 +9,7 @@ from pathlib import Path
 
 from clients.channels import AUTH_TOKEN_ENV
 from clients.cli import commands
+from clients.cli.options import RERANK_CHOICES
 from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
 from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
 from clients.ranker import ADDRESS_ENV as RANKER_ENV
@@ -209,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(p)
     p.set_defaults(func=commands.cmd_run)
 
+    p = sub.add_parser("web", parents=[client], help="search by picture in a browser (the [web] extra)",
+                       description="Serves one page (and its JSON API: docs/clients.md#the-web-page) that "
+                                   "searches a collection with a dropped, picked or pasted image, through the "
+                                   "services at --embedder and --ranker. Binds 127.0.0.1 unless --host says "
+                                   "otherwise.")
+    p.add_argument("--gallery", type=Path, metavar="GALLERY_DIR",
+                   help="the indexed gallery folder: thumbnails and \"more like this\" read files under it only")
+    _web_arguments(p)
+    p.set_defaults(func=commands.cmd_web)
+
     p = sub.add_parser("demo", parents=[model], help="`run` on real photos shipped with scikit-image and scikit-learn",
                        description="Builds a gallery of real photos shipped inside scikit-image and "
                                    "scikit-learn, queries it with altered copies (crop, flip, colour, resize, "
@@ -217,8 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=Path("imagesearch-demo"),
                    help="where results.json, report.html and ground_truth.json go (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the alterations (default %(default)s)")
+    p.add_argument("--web", action="store_true",
+                   help="then serve the search page on the demo gallery (the [web] extra) until Ctrl-C")
+    _web_arguments(p)
     p.set_defaults(func=commands.cmd_demo)
     return parser
+
+
+def _web_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the web page")
+    g.add_argument("--host", default=env("IMAGESEARCH_WEB_HOST", "127.0.0.1"),
+                   help="address the page binds (env IMAGESEARCH_WEB_HOST; default %(default)s, this machine "
+                        "only; 0.0.0.0 exposes it: give it a --web-token)")
+    g.add_argument("--port", type=int, default=int(env("IMAGESEARCH_WEB_PORT", 8080)),
+                   help="(env IMAGESEARCH_WEB_PORT; default %(default)s; 0 picks a free one)")
+    g.add_argument("--web-token", default=env("IMAGESEARCH_WEB_TOKEN"),
+                   help="require this token of the page's visitors: open /?token=TOKEN once, or send "
+                        "'Authorization: Bearer TOKEN' (env IMAGESEARCH_WEB_TOKEN)")
 
 
 def _job_arguments(p: argparse.ArgumentParser) -> None:
@@ -245,7 +271,7 @@ def _rerank_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--query-expansion", metavar="N[:ALPHA]", default=None,
                    help="alpha-weighted query expansion: add the first pass's N best matches, weighted by "
                         "score^ALPHA (default 3), to each query and search again")
-    g.add_argument("--rerank", choices=["k-reciprocal"], default=None,
+    g.add_argument("--rerank", choices=RERANK_CHOICES, default=None,
                    help="k-reciprocal re-ranking of each query's top 100 (k1 20, k2 6, lambda 0.3; scores become "
                         "0.3 x cosine + 0.7 x (1 - Jaccard distance))")
 

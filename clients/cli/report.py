@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 THUMB_PX = 112
 
 
-def thumbnail_data_uri(path: Path, size: int = THUMB_PX) -> str | None:
-    """A small JPEG of the image as a data: URI, or None when it cannot be read."""
+def thumbnail_jpeg(path: Path, size: int = THUMB_PX) -> bytes | None:
+    """A JPEG of the image fitting in size x size (EXIF orientation applied),
+    or None when it cannot be read."""
     from PIL import Image, ImageOps
 
     try:
@@ -38,7 +39,13 @@ def thumbnail_data_uri(path: Path, size: int = THUMB_PX) -> str | None:
     except Exception as exc:  # any undecodable file becomes a placeholder, never a crash
         log.debug("no thumbnail for %s: %s", path, exc)
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def thumbnail_data_uri(path: Path, size: int = THUMB_PX) -> str | None:
+    """A small JPEG of the image as a data: URI, or None when it cannot be read."""
+    data = thumbnail_jpeg(path, size)
+    return None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 _STYLE = """

@@ -21,7 +21,8 @@ import time
 from typing import Callable, Sequence, TextIO
 
 from clients.channels import ManagedChannel, Security
-from clients.errors import ClientError, ServiceUnavailable
+from clients.errors import ClientError, ServiceUnavailable, UsageError
+from imagesearch import extras
 from imagesearch.defaults import PARENT_PID_ENV
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,14 @@ log = logging.getLogger(__name__)
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 EMBEDDER_MODULE = "embedder_service"
 RANKER_MODULE = "ranker_service"
+
+
+def require_extras(*names: str, hint: str = "") -> None:
+    """Before any service starts: a UsageError naming the extra this install
+    lacks (the children run on this interpreter, so what it lacks they lack)."""
+    messages = [m + hint for m in map(extras.missing_extra_message, names) if m is not None]
+    if messages:
+        raise UsageError("\n".join(messages))
 
 
 class ChildService:

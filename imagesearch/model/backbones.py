@@ -134,56 +134,23 @@ def backbone_info(name: str) -> BackboneInfo:
             f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
 
 
-POOLINGS = ("avg", "gem")
-
-
-class GeM(nn.Module):
-    """Generalised-mean pooling (Radenovic et al.): (mean x^p)^(1/p) over the
-    spatial positions, with a learnable p (3 at the start); (N, C, H, W) -> (N, C)."""
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6):
-        super().__init__()
-        self.p = nn.Parameter(torch.tensor(float(p)))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.p.float()
-        pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
-        return pooled.to(x.dtype)
-
-
-def _set_pooling(body: nn.Module, pooling: str) -> None:
-    """Replace the body's global average pooling (timm: global_pool, torchvision
-    B4: Sequential index 1) with `pooling`."""
-    if pooling == "avg":
-        return
-    if pooling != "gem":
-        raise errors.InvalidArgument(f"unknown pooling {pooling!r}; one of {', '.join(POOLINGS)}")
-    if hasattr(body, "global_pool"):
-        body.global_pool = GeM()
-    else:
-        body[1] = GeM()
-
-
 class EmbeddingNet(nn.Module):
-    """Backbone body (global pooling: `pooling`) -> optional neck -> the
+    """Backbone body (global average pooling) -> optional neck -> the
     embedding -> classifier head.
 
     Options, recorded in a checkpoint's meta (older checkpoints have none:
-    average pooling, no neck, a linear head):
-    - `pooling`: "avg" (the backbone's own) or "gem" (generalised mean).
+    no neck, a linear head):
     - `neck_dim`: a Linear(backbone dim, neck_dim) + BatchNorm1d neck; the
       embedding is then neck_dim-d.
     - `num_classes`: 0 = no classifier head (a metric-learning loss holds the
       class weights); forward() then returns the unnormalised embedding.
     """
 
-    def __init__(self, backbone: str, num_classes: int = IMAGENET_CLASSES, *, neck_dim: int | None = None,
-                 pooling: str = "avg"):
+    def __init__(self, backbone: str, num_classes: int = IMAGENET_CLASSES, *, neck_dim: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.body, head = backbone_info(backbone).build_body()
-        self.configure(num_classes=num_classes, neck_dim=neck_dim, pooling=pooling)
+        self.configure(num_classes=num_classes, neck_dim=neck_dim)
         if num_classes == IMAGENET_CLASSES and not neck_dim:
             self.head = head  # the backbone's own ImageNet classifier, so ImageNet files load whole
 
@@ -194,7 +161,7 @@ class EmbeddingNet(nn.Module):
 
     def options(self) -> dict:
         """What a checkpoint's meta records to rebuild this model."""
-        return {"pooling": self.pooling, "neck_dim": self.neck_dim, "num_classes": self.num_classes}
+        return {"neck_dim": self.neck_dim, "num_classes": self.num_classes}
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding before normalisation, (N, dim): pooled features, through the neck if any."""
@@ -212,11 +179,9 @@ class EmbeddingNet(nn.Module):
         self.head = self._new_head(num_classes)
         self.num_classes = num_classes
 
-    def configure(self, *, num_classes: int, neck_dim: int | None = None, pooling: str = "avg") -> None:
-        """Turn a loaded plain model into one with these options: pooling and a
-        fresh neck and head (the body's weights stay)."""
-        _set_pooling(self.body, pooling)
-        self.pooling = pooling
+    def configure(self, *, num_classes: int, neck_dim: int | None = None) -> None:
+        """Turn a loaded plain model into one with these options: a fresh neck
+        and head (the body's weights stay)."""
         info = backbone_info(self.backbone)
         if neck_dim is not None and neck_dim < 1:
             raise errors.InvalidArgument(f"embedding dimension {neck_dim}: must be positive")
@@ -286,12 +251,11 @@ def load_by_key_order(model: EmbeddingNet, state: dict[str, torch.Tensor], *, so
 
 
 def build_model(backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
-                num_classes: int = IMAGENET_CLASSES, *, neck_dim: int | None = None,
-                pooling: str = "avg") -> EmbeddingNet:
+                num_classes: int = IMAGENET_CLASSES, *, neck_dim: int | None = None) -> EmbeddingNet:
     """A model with `weights` loaded into its body and a head for
     `num_classes` classes (the ImageNet head is kept when num_classes is 1000
-    and there is no neck; 0 = no head); `neck_dim` and `pooling` as in
-    EmbeddingNet (the neck starts fresh; GeM starts at p = 3)."""
+    and there is no neck; 0 = no head); `neck_dim` as in EmbeddingNet (the
+    neck starts fresh)."""
     model = EmbeddingNet(backbone)  # ImageNet-shaped head, so ImageNet files load whole
     if weights == "imagenet":
         backbone_info(backbone).load_imagenet(model)
@@ -311,8 +275,8 @@ def build_model(backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
             model.load_backbone_state(state)
         except errors.InvalidArgument:
             load_by_key_order(model, state, source=str(path))
-    if num_classes != IMAGENET_CLASSES or neck_dim or pooling != "avg":
-        model.configure(num_classes=num_classes, neck_dim=neck_dim, pooling=pooling)
+    if num_classes != IMAGENET_CLASSES or neck_dim:
+        model.configure(num_classes=num_classes, neck_dim=neck_dim)
     return model
 
 

@@ -247,7 +247,7 @@ def eval_transform(spec: PreprocessSpec) -> transforms.Compose:
     ])
 
 
-AUGMENTATIONS = ("strong", "light", "seed")
+AUGMENTATIONS = ("strong", "seed")
 # RandomResizedCrop's area range: the eval transform keeps the whole object, so
 # the crops stay large (torchvision's (0.08, 1) loses the object too often).
 CROP_SCALE = (0.25, 1.0)
@@ -258,21 +258,17 @@ def train_transform(spec: PreprocessSpec, augment: str = "strong") -> transforms
 
     - "strong": RandomResizedCrop (area 25-100 %), horizontal flip,
       TrivialAugmentWide (one random op at a random strength per image).
-    - "light": RandomResizedCrop (area 25-100 %) and horizontal flip only
-      (for short fine-tuning, where TrivialAugmentWide's regularisation
-      costs more fitting than it saves).
     - "seed": the seed notebook's: square resize, sharpness, rotation 30,
       colour jitter, perspective, horizontal flip.
     """
     interpolation = _INTERPOLATIONS[spec.interpolation]
-    if augment in ("strong", "light"):
+    if augment == "strong":
         steps = [
             transforms.RandomResizedCrop(spec.input_size, scale=CROP_SCALE, interpolation=interpolation,
                                          antialias=True),
             transforms.RandomHorizontalFlip(),
+            transforms.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR),
         ]
-        if augment == "strong":
-            steps.append(transforms.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
     elif augment == "seed":
         steps = [
             transforms.Resize((spec.input_size, spec.input_size), interpolation=interpolation, antialias=True),
