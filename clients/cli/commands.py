@@ -37,7 +37,7 @@ from clients.ranker import ADDRESS_ENV as RANKER_ENV
 from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
 from clients.ranker import RankerClient
 from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, wait_for_signal
-from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion
+from clients.types import KReciprocal, QueryExpansion
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
 
 log = logging.getLogger(__name__)
@@ -198,19 +198,12 @@ def _rerank(args) -> dict:
             "k_reciprocal": KReciprocal() if getattr(args, "rerank", None) == "k-reciprocal" else None}
 
 
-def _dba(args) -> DatabaseAugmentation | None:
-    dba = _n_alpha(getattr(args, "dba", None), "--dba")
-    return DatabaseAugmentation(*dba) if dba else None
-
-
 def cmd_index(args) -> int:
-    dba = _dba(args)
     gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
     with _clients(args) as (emb, rank):
         r = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
                          concurrency=args.concurrency, progress=args.progress, attributes=_attributes(args),
-                         attributes_from_folders=args.attributes_from_folders, sync=args.sync, full=args.full,
-                         dba=dba)
+                         attributes_from_folders=args.attributes_from_folders, sync=args.sync, full=args.full)
     index_summary(r)
     return _job_exit(r, args.strict)
 
@@ -389,7 +382,7 @@ def cmd_run(args) -> int:
 def run_job(args, *, title: str | None = None) -> int:
     """`run`: validate everything first, start what is missing, index, query,
     write the JSON and HTML, evaluate, stop what was started."""
-    rerank, dba = _rerank(args), _dba(args)
+    rerank = _rerank(args)
     html_path = None if args.no_html else (args.html or args.out.with_suffix(".html"))
     _check_distinct(args.out, html_path, default_html=not args.html)
     _check_top_k(args.top_k)
@@ -445,7 +438,7 @@ def run_job(args, *, title: str | None = None) -> int:
         say(f"model: {info.backbone} ({info.weights}), {info.dim}-d, on {info.device}")
 
         indexed = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
-                               concurrency=args.concurrency, progress=args.progress, dba=dba)
+                               concurrency=args.concurrency, progress=args.progress)
         index_summary(indexed)
         if indexed.service_error:
             raise ClientError(f"indexing failed: {indexed.service_error}")
