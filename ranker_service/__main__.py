@@ -24,10 +24,9 @@ import logging
 import sys
 
 from imagesearch import defaults, serving
-from imagesearch.errors import InvalidArgument, StoreError
+from imagesearch.errors import StoreError
 from imagesearch.serving.metrics import add_metrics_arguments
 from imagesearch.serving.observe import Observability
-from ranker_service import faiss_device
 from ranker_service.backend import BACKENDS
 from ranker_service.gallery import DEFAULT_BATCH_SIZE, Gallery
 from ranker_service.metrics import metered
@@ -62,11 +61,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Upsert items per SQLite transaction (one fsync each) (default %(default)s)")
     r.add_argument("--max-batch", type=int, default=serving.env_default(f"{ENV}_MAX_BATCH", DEFAULT_MAX_BATCH),
                    help="most SearchStream queries answered by one matrix product (default %(default)s)")
-    r.add_argument("--faiss-device", choices=faiss_device.DEVICES,
-                   default=serving.env_default(f"{ENV}_FAISS_DEVICE", "cpu"),
-                   help="where the FAISS kinds (ivf_pq, exact float16) search: cpu; cuda (needs faiss-gpu and a "
-                        "GPU, else the start fails); auto (the GPU when faiss has one) "
-                        f"(env {ENV}_FAISS_DEVICE; default %(default)s)")
     r.add_argument("--busy-timeout", type=float, default=serving.env_default(f"{ENV}_BUSY_TIMEOUT", 5.0),
                    help="seconds to wait for a database locked by another process (default %(default)s)")
     r.add_argument("--max-db-mb", type=float, default=serving.env_default(f"{ENV}_MAX_DB_MB", 0.0),
@@ -85,10 +79,6 @@ def _main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.max_batch < 1:
         raise serving.StartupError("--batch-size and --max-batch must be at least 1")
     config = serving.ServerConfig.from_args(args)
-    try:
-        device = faiss_device.choose(args.faiss_device)
-    except InvalidArgument as exc:
-        raise serving.StartupError(str(exc)) from None
     observed = Observability("ranker", args.metrics_port)
     if args.backend == "milvus":
         serve_milvus(args, config, observed)
@@ -99,10 +89,10 @@ def _main(argv: list[str] | None = None) -> int:
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         raise SystemExit(f"error: {exc}") from None
-    log.info("database %s (journal_mode=%s, synchronous=%s, locking_mode=%s); BLAS threads %s; FAISS searches on %s "
-             "(--faiss-device %s)", args.db, store.pragma("journal_mode"), SYNC_NAMES.get(store.pragma("synchronous")),
-             store.pragma("locking_mode"), _BLAS_THREADS, device, args.faiss_device)
-    gallery = Gallery(store, batch_size=args.batch_size, faiss_device=device)
+    log.info("database %s (journal_mode=%s, synchronous=%s, locking_mode=%s); BLAS threads %s", args.db,
+             store.pragma("journal_mode"), SYNC_NAMES.get(store.pragma("synchronous")), store.pragma("locking_mode"),
+             _BLAS_THREADS)
+    gallery = Gallery(store, batch_size=args.batch_size)
     servicer = RankerServicer(max_batch=args.max_batch)
     try:
         running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)

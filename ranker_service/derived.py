@@ -1,11 +1,10 @@
 """Data derived from a collection's vectors, rebuilt in the background: the
-database-side augmented vectors (DBA, a collection option) and the
 k-reciprocal neighbourhoods of each (k1, k2) searches have asked for (see
 reranking.py). docs/ranker.md#re-ranking says what a client sees.
 
 SQLite stays the source of truth. The values are also written to disk at a
-clean stop, as a cache for the next start (index_files: save_dba,
-save_k_reciprocal), and read back when their generation still holds. Each value is
+clean stop, as a cache for the next start (index_files.save_k_reciprocal),
+and read back when their generation still holds. Each value is
 tagged with the database generation (the counter every write bumps) of the
 snapshot it was built from; `Gallery` tells each collection's state its
 latest generation after every write (`note_write`, under the write lock,
@@ -14,13 +13,12 @@ read, so a value tagged g holds every write up to g (perhaps newer ones).
 
 Rebuilds: one background job per collection at a time (background.py, the
 FAISS rebuilds' machinery). A write to a collection that has derived data
-wanted (DBA, or k-reciprocal asked for before) starts one; the job waits
-until writes pause for `DERIVED_DEBOUNCE_S` (at most `DERIVED_MAX_DELAY_S`
-after the first write it has not seen; at once when a search waits), then
-rebuilds every stale value from one snapshot, DBA first (k-reciprocal data
-of a DBA collection is built over its augmented vectors). Writes made during
-a job start one more job after it, however many they are. A clean stop
-cancels the job between chunks. At start-up DBA collections start at once.
+wanted (k-reciprocal asked for before) starts one; the job waits until
+writes pause for `DERIVED_DEBOUNCE_S` (at most `DERIVED_MAX_DELAY_S` after
+the first write it has not seen; at once when a search waits), then rebuilds
+every stale value from one snapshot. Writes made during a job start one more
+job after it, however many they are. A clean stop cancels the job between
+chunks.
 
 Searches never build: `pending` (the servicer awaits it without a thread)
 and `get` (blocking, with a deadline) wait until every value a search needs
@@ -44,12 +42,10 @@ from collections.abc import Hashable, Sequence
 
 from imagesearch import defaults, errors
 from ranker_service.background import Background, Job, join
-from ranker_service.index import Collection
-from ranker_service.reranking import Neighbourhoods, augment
+from ranker_service.reranking import Neighbourhoods
 
 log = logging.getLogger(__name__)
 
-DBA = "dba"
 # k-reciprocal entries kept per collection (a few (k1, k2) pairs); the least recently used goes first.
 MAX_ENTRIES = 4
 DEBOUNCE_S = float(os.environ.get(defaults.DERIVED_DEBOUNCE_ENV) or defaults.DERIVED_DEBOUNCE_S)
@@ -63,7 +59,7 @@ def k_reciprocal_key(k1: int, k2: int) -> tuple:
 
 
 def describe(key: Hashable) -> str:
-    return key if isinstance(key, str) else f"k-reciprocal k1={key[1]} k2={key[2]}"
+    return f"k-reciprocal k1={key[1]} k2={key[2]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +69,7 @@ class DerivedStatus:
     built_generation: int  # the oldest tag among the wanted values (-1: one was never built)
     building_since: float  # unix seconds the running rebuild began (0: none runs)
     last_build_seconds: float  # how long the last finished rebuild took (0: none yet)
-    kinds: tuple[str, ...]  # what is derived: "dba", "k-reciprocal k1=20 k2=6"
+    kinds: tuple[str, ...]  # what is derived: "k-reciprocal k1=20 k2=6"
 
 
 class _Slot:
@@ -105,8 +101,6 @@ class _State:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.slots: collections.OrderedDict[Hashable, _Slot] = collections.OrderedDict()
-        if coll.spec.dba_top_n:
-            self.slots[DBA] = _Slot()  # always first: k-reciprocal data of a DBA collection is built over it
         self.generation = generation
         self.last_write = 0.0  # monotonic
         self.unseen_since: float | None = None  # first write no job has taken yet (monotonic)
@@ -131,10 +125,9 @@ class _State:
         slot = self.slots.get(key)
         if slot is None:
             slot = self.slots[key] = _Slot()
-            others = [k for k in self.slots if k != DBA]
-            if len(others) > MAX_ENTRIES:
-                del self.slots[others[0]]
-        elif key != DBA:
+            if len(self.slots) > MAX_ENTRIES:
+                self.slots.popitem(last=False)
+        else:
             self.slots.move_to_end(key)
         return slot
 
@@ -206,35 +199,15 @@ class _State:
             self.unseen_since = None
             self.urgent = False
             self.building_since = time.time()
-            dba_slot = self.slots.get(DBA)
         t0 = time.perf_counter()
-        coll, spec = self.coll, self.coll.spec
-        snapshot = None
+        snapshot = self.coll.snapshot() if keys else None
         for key in keys:
-            if key == DBA:
-                snapshot = coll.snapshot()
-                matrix, names = snapshot
-                value = Collection.restore(coll.name, coll.dim, coll.fingerprint,
-                                           augment(matrix, names, spec.dba_top_n, spec.dba_alpha, step=job.step),
-                                           names, created_at=coll.created_at, updated_at=coll.updated_at,
-                                           spec=spec)
-                tag = generation
-            elif dba_slot is not None:  # over the augmented vectors (just built, or current already)
-                with self.lock:
-                    served, tag = dba_slot.value, dba_slot.generation
-                if served is None or tag < generation:
-                    return False  # (the DBA build was cancelled)
-                value = Neighbourhoods.build(*served.snapshot_view(), key[1], key[2], shared_matrix=True,
-                                             step=job.step)
-            else:
-                snapshot = snapshot or coll.snapshot()
-                value = Neighbourhoods.build(*snapshot, key[1], key[2], step=job.step)
-                tag = generation
+            value = Neighbourhoods.build(*snapshot, key[1], key[2], step=job.step)
             job.step(0)
             with self.lock:
                 slot = self.slots.get(key)
-                if slot is not None and tag > slot.generation:
-                    slot.generation, slot.value = tag, value
+                if slot is not None and generation > slot.generation:
+                    slot.generation, slot.value = generation, value
                     self._resolve()
                     self.changed.notify_all()
         seconds = time.perf_counter() - t0
@@ -279,9 +252,8 @@ class DerivedData:
         self._lock = threading.Lock()
         self._states: dict[str, _State] = {}
 
-    def track(self, coll, generation: int, *, start: bool = False, built: dict | None = None) -> None:
-        """Follow a collection (loaded, created, or first written); `start`:
-        build what is wanted now (a DBA collection at start-up); `built`:
+    def track(self, coll, generation: int, *, built: dict | None = None) -> None:
+        """Follow a collection (loaded, created, or first written); `built`:
         {key: value} already built for `generation` (read from disk)."""
         state = _State(coll, generation)
         for key, value in (built or {}).items():
@@ -292,11 +264,6 @@ class DerivedData:
             self._states[coll.name] = state
         if old is not None:
             join(old.cancel(errors.NotFound(f"collection {coll.name!r} was dropped")), old.worker.name)
-        if start:
-            with state.lock:
-                if state._stale():
-                    state.urgent = True
-                    state.worker.maintain()
 
     def current(self, collection: str) -> dict[Hashable, tuple[int, object]]:
         """{key: (generation, value)} of the collection's values that are current."""
@@ -358,16 +325,11 @@ class DerivedData:
         return None if state is None else state.status()
 
     def nbytes(self, collection: str) -> int:
-        """Memory the collection's derived data holds (values with `nbytes` or `memory_bytes()`)."""
+        """Memory the collection's derived data holds."""
         state = self._states.get(collection)
         if state is None:
             return 0
-        total = 0
-        for slot in list(state.slots.values()):
-            value = slot.value
-            if value is not None:
-                total += value.memory_bytes() if hasattr(value, "memory_bytes") else int(getattr(value, "nbytes", 0))
-        return total
+        return sum(slot.value.nbytes for slot in list(state.slots.values()) if slot.value is not None)
 
     def wait_idle(self, collection: str, timeout: float | None = None) -> bool:
         """Until no rebuild of the collection runs (tests, benchmarks); False on timeout."""

@@ -51,7 +51,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ranker_service import background, faiss_device, kinds
+from ranker_service import background, kinds
 from ranker_service.background import Job
 from ranker_service.kinds import EXACT, HNSW, IVF_PQ, IndexSpec
 from ranker_service.ranking import score_margin, select_top_k
@@ -201,7 +201,7 @@ class FaissCollection:
 
     def __init__(self, name: str, dim: int, fingerprint: str, spec: IndexSpec, *, created_at: float | None = None,
                  updated_at: float | None = None, capacity: int = 0, files_dir: Path | None = None,
-                 rows: DiskRows | None = None, device: str = "cpu"):
+                 rows: DiskRows | None = None):
         if dim <= 0:
             raise ValueError(f"dimension must be positive, got {dim}")
         now = time.time()
@@ -239,11 +239,6 @@ class FaissCollection:
             failed="background rebuild failed; searches go on with the current index "
                    "(the next start rebuilds from SQLite)")
         self.swaps = 0  # rebuilds swapped in (the gallery rewrites index files after one)
-        # --faiss-device cuda: a GPU copy of the index answers searches (faiss_device.py)
-        self.device = device if faiss_device.runs_on_gpu(spec) else "cpu"
-        self._device_index = None
-        self._device_lock = threading.Lock()  # one GPU search at a time (FAISS GPU resources are not thread-safe)
-        self._to_device()
 
     def rows_path(self, files_dir: Path) -> Path:
         from ranker_service.index_files import stem
@@ -252,8 +247,7 @@ class FaissCollection:
 
     @classmethod
     def restore(cls, name: str, dim: int, fingerprint: str, spec: IndexSpec, index, names_by_id: list[str | None],
-                rows: DiskRows | None, files_dir: Path, *, created_at: float, updated_at: float,
-                device: str = "cpu") -> FaissCollection:
+                rows: DiskRows | None, files_dir: Path, *, created_at: float, updated_at: float) -> FaissCollection:
         """A collection from its saved index and names (see index_files)."""
         if index.d != dim or index.ntotal != (len(names_by_id) if spec.kind != IVF_PQ or index.is_trained
                                               else 0):
@@ -262,9 +256,8 @@ class FaissCollection:
             raise ValueError(f"saved index holds {index.ntotal} vectors of dim {index.d}, "
                              f"names {len(names_by_id)}, expected dim {dim}")
         coll = cls(name, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
-                   capacity=len(names_by_id), files_dir=files_dir, rows=rows, device=device)
+                   capacity=len(names_by_id), files_dir=files_dir, rows=rows)
         coll._index = index
-        coll._to_device()
         coll._names_by_id = names_by_id
         total = len(names_by_id)
         if None in names_by_id:
@@ -278,25 +271,6 @@ class FaissCollection:
         coll._dead = total - len(coll._ids)
         coll._names_bytes = sum(sys.getsizeof(n) for n in coll._ids)
         return coll
-
-    def _to_device(self) -> None:
-        """(Re)make the GPU copy of the index (caller keeps writers out)."""
-        self._device_index = self._device_copy(self._index)
-
-    def _device_copy(self, index):
-        if self.device != "cuda" or not index.is_trained:
-            return None
-        t0 = time.perf_counter()
-        try:
-            copy = faiss_device.index_to_gpu(index, self.spec)
-        except RuntimeError as exc:  # e.g. parameters this GPU build does not take, or out of GPU memory
-            log.warning("collection %r: cannot copy its %s index to the GPU (%s): it searches on the CPU", self.name,
-                        self.spec.label, str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
-            self.device = "cpu"
-            return None
-        log.info("collection %r: %s index of %d vectors copied to the GPU in %.2fs", self.name, self.spec.label,
-                 index.ntotal, time.perf_counter() - t0)
-        return copy
 
     def state(self):
         """(the FAISS index, names by id) for saving; the caller keeps writers
@@ -401,34 +375,12 @@ class FaissCollection:
                 fetch = self.spec.candidates(kmax, n)
             else:
                 fetch = kmax
-            if self._device_index is not None:
-                found = self._device_search(q32, fetch)
-            elif self._index.is_trained:
+            if self._index.is_trained:
                 sel = self._selector()
                 _, found = self._index.search(q32, fetch, params=self._params(sel, fetch))
             else:
                 found = self._scan(q32, fetch)
             return [self._rank(found[i], queries64[i], int(k)) for i, k in enumerate(top_ks)]
-
-    def _device_search(self, q32: np.ndarray, fetch: int) -> np.ndarray:
-        """ANN candidates from the GPU copy (caller holds the read lock). GPU
-        indexes take no IDSelector: fetch `fetch + dead` (at most the GPU's
-        limit) and drop dead ids here; a query left with fewer than `fetch`
-        live ids while the limit cut the fetch is searched again on the CPU
-        index, with the live bitmap as selector. Rows padded with -1."""
-        ntotal = self._index.ntotal
-        k = min(ntotal, fetch + self._dead, faiss_device.GPU_MAX_K)
-        params = self._params(None, k) if self.spec.kind == IVF_PQ else None  # nprobe; GPUs take no selector
-        with self._device_lock:
-            _, found = self._device_index.search(q32, k, params=params)
-        out = np.full((q32.shape[0], fetch), -1, dtype=np.int64)
-        for i in range(q32.shape[0]):
-            ids = faiss_device.live_ids(found[i], self._live)[:fetch]
-            if ids.shape[0] < fetch and k < min(ntotal, fetch + self._dead):
-                _, again = self._index.search(q32[i:i + 1], fetch, params=self._params(self._selector(), fetch))
-                ids = again[0]
-            out[i, : ids.shape[0]] = ids
-        return out
 
     def _scan(self, q32: np.ndarray, fetch: int) -> np.ndarray:
         """Untrained ivf_pq: exact float32 scan of the on-disk rows, dead ids excluded."""
@@ -525,14 +477,10 @@ class FaissCollection:
         if self._index.is_trained:
             faiss.omp_set_num_threads(BUILD_THREADS)
             t0 = time.perf_counter()
-            ids = np.arange(first_id, first_id + block.shape[0], dtype=np.int64)
-            for index in (self._index, self._device_index):
-                if index is None:
-                    continue
-                if self.spec.kind == IVF_PQ:
-                    index.add_with_ids(block, ids)
-                else:
-                    index.add(block)
+            if self.spec.kind == IVF_PQ:
+                self._index.add_with_ids(block, np.arange(first_id, first_id + block.shape[0], dtype=np.int64))
+            else:
+                self._index.add(block)
             self.build_seconds += time.perf_counter() - t0
 
     def load_row(self, name: str, vector: np.ndarray) -> None:
@@ -693,10 +641,8 @@ class FaissCollection:
                 build.copy(self, job, seen + np.flatnonzero(bits[seen:now]), 0.0)
                 if compact:
                     names, ids, live, dead = build.finish(bits)
-                device_index = self._device_copy(index)
                 with self._rw.write():
                     self._index = index
-                    self._device_index = device_index
                     if compact:
                         self._names_by_id, self._ids, self._live, self._dead = names, ids, live, dead
                         if disk is not None:  # index files saved earlier name the old rows: no longer valid
@@ -723,7 +669,6 @@ class FaissCollection:
     def close(self) -> None:
         self.stop_background()
         with self._rw.write():  # searches in flight finish first
-            self._device_index = None
             if self._disk is not None:
                 self._disk.close()
         if self._tmpdir is not None:

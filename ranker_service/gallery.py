@@ -29,7 +29,7 @@ from imagesearch.errors import StoreError
 from ranker_service import index_files
 from ranker_service.attributes import AttributeFilter, AttributeTables, check_attributes, from_json, passes, to_json
 from ranker_service.backup import backup_copy
-from ranker_service.derived import DBA, DerivedData, Wait, k_reciprocal_key
+from ranker_service.derived import DerivedData, Wait, k_reciprocal_key
 from ranker_service.filtering import filtered_search
 from ranker_service.index import CollectionStats, GalleryIndex, Match, Query, describe_query
 from ranker_service.kinds import IndexSpec, spec_from_json
@@ -97,13 +97,13 @@ class Gallery:
     """Store + index. Thread-safe. `load()` before use; `close()` at the end."""
 
     def __init__(self, store: GalleryStore, index: GalleryIndex | None = None, *,
-                 batch_size: int = DEFAULT_BATCH_SIZE, files_dir: Path | None = None, faiss_device: str = "cpu"):
+                 batch_size: int = DEFAULT_BATCH_SIZE, files_dir: Path | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.store = store
         self.files_dir = files_dir or index_files.folder_for(Path(store.path))
         self.files_dir.mkdir(exist_ok=True)
-        self.index = index or GalleryIndex(self.files_dir, faiss_device)
+        self.index = index or GalleryIndex(self.files_dir)
         # collection -> (database generation, rebuilds swapped in) its index files hold
         self._saved: dict[str, tuple[int, int]] = {}
         # collection -> {derived key: database generation its file on disk holds} (index_files)
@@ -142,8 +142,7 @@ class Gallery:
                                  f"({meta.kind} {meta.params}): {exc}") from exc
             t0 = time.perf_counter()
             coll = index_files.load(meta.name, meta.dim, meta.fingerprint, spec, meta.generation, meta.count,
-                                    self.files_dir, created_at=meta.created_at, updated_at=meta.updated_at,
-                                    device=self.index.device)
+                                    self.files_dir, created_at=meta.created_at, updated_at=meta.updated_at)
             if coll is not None:
                 self.index.add(coll)
                 self._saved[meta.name] = (meta.generation, coll.swaps)
@@ -181,24 +180,14 @@ class Gallery:
 
     def _load_derived(self, coll, generation: int) -> None:
         """Follow `coll`'s derived data, starting from what the last clean stop
-        saved for this generation. A DBA collection without saved augmented
-        vectors derives them now, in the background."""
+        saved for this generation."""
         built = {}
-        dba = bool(coll.spec.dba_top_n)
-        if dba:
-            augmented = index_files.load_dba(coll, self.files_dir, generation)
-            if augmented is not None:
-                built[DBA] = augmented
-                log.info("collection %r: augmented vectors (dba) loaded from their file", coll.name)
-        if not dba or DBA in built:  # neighbourhoods over augmented vectors about to be rebuilt are stale too
-            served = built[DBA].snapshot_view if dba else coll.snapshot
-            for (k1, k2), value in index_files.load_k_reciprocal(coll, self.files_dir, generation, served,
-                                                                 over_dba=dba).items():
-                built[k_reciprocal_key(k1, k2)] = value
-                log.info("collection %r: k-reciprocal neighbourhoods k1=%d k2=%d loaded from their files",
-                         coll.name, k1, k2)
+        for (k1, k2), value in index_files.load_k_reciprocal(coll, self.files_dir, generation).items():
+            built[k_reciprocal_key(k1, k2)] = value
+            log.info("collection %r: k-reciprocal neighbourhoods k1=%d k2=%d loaded from their files",
+                     coll.name, k1, k2)
         self._derived_saved[coll.name] = {key: generation for key in built}
-        self.derived.track(coll, generation, start=dba, built=built)
+        self.derived.track(coll, generation, built=built)
 
     def _save_derived(self, coll, generation: int) -> None:
         """Write the derived data of `coll` that is current at `generation` and
@@ -210,19 +199,15 @@ class Gallery:
             if saved.get(key) == generation:
                 continue
             try:
-                if key == DBA:
-                    index_files.save_dba(coll, value, self.files_dir, generation)
-                else:
-                    index_files.save_k_reciprocal(coll, value, self.files_dir, generation,
-                                                  over_dba=bool(coll.spec.dba_top_n))
+                index_files.save_k_reciprocal(coll, value, self.files_dir, generation)
             except OSError as exc:  # the next start rebuilds it: slower, still correct
                 log.warning("collection %r: cannot write its derived re-ranking data to %s: %s", coll.name,
                             self.files_dir, exc)
             else:
                 saved[key] = generation
-        keep = {(key[1], key[2]) for key in current if key != DBA}
+        keep = {(key[1], key[2]) for key in current}
         index_files.remove_k_reciprocal(coll.name, self.files_dir, keep)
-        for key in [k for k in saved if k != DBA and (k[1], k[2]) not in keep]:
+        for key in [k for k in saved if (k[1], k[2]) not in keep]:
             del saved[key]
 
     def _save(self, coll, generation: int) -> None:
@@ -409,7 +394,7 @@ class Gallery:
             coll = self.index.create(collection, dim, fingerprint, spec, created_at=stored.created_at,
                                      updated_at=stored.updated_at)
             self._generations[collection] = stored.generation
-            self.derived.track(coll, stored.generation, start=bool(spec.dba_top_n))
+            self.derived.track(coll, stored.generation)
         log.info("created collection %r (dim %d, %s %s)", collection, dim, spec.label, spec.params())
         return coll.stats(), True
 
@@ -470,27 +455,25 @@ class Gallery:
 
     def search(self, query: Query) -> list[Match]:
         self._require_ready()
-        if self._reranked(query):
+        if query.reranked:
             found = self._search_reranked(query, describe_query(query), self._allowed(query))
         else:
             found = self.index.search(query, allowed=self._allowed(query))
         return self._with_attributes(query, found)
 
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
-        """Plain unfiltered queries of one collection share one matrix product
-        (on a DBA collection, one product over its augmented vectors); queries
-        with query expansion or k-reciprocal re-ranking run one by one. Either
-        way an answer never depends on the other queries of the batch."""
+        """Plain unfiltered queries of one collection share one matrix product;
+        queries with query expansion or k-reciprocal re-ranking run one by one.
+        Either way an answer never depends on the other queries of the batch."""
         self._require_ready()
         allowed = [self._allowed(q) if q.collection in self.index else None for q in queries]
-        special = [i for i, q in enumerate(queries) if self._reranked(q)]
+        special = [i for i, q in enumerate(queries) if q.reranked]
         plain = sorted(set(range(len(queries))) - set(special))
         results: list = [None] * len(queries)
         if plain:
             for i, r in zip(plain, self.index.search_many([queries[i] for i in plain], [allowed[i] for i in plain])):
                 results[i] = r
-        self._search_augmented(queries, [i for i in special if allowed[i] is None], results)
-        for i in (i for i in special if results[i] is None):
+        for i in special:
             try:
                 results[i] = self._search_reranked(queries[i], describe_query(queries[i], i), allowed[i])
             except errors.ImageSearchError as exc:
@@ -499,34 +482,6 @@ class Gallery:
                 for q, r in zip(queries, results)]
 
     # ------------------------------------------------------------ re-ranking (reranking.py, derived.py)
-
-    def _search_augmented(self, queries: Sequence[Query], positions: list[int], results: list) -> None:
-        """Into `results`: the unfiltered queries at `positions` that only need a
-        DBA collection's augmented vectors, one product per collection (the
-        caller answers the others one by one)."""
-        groups: dict[str, tuple] = {}
-        for i in positions:
-            query = queries[i]
-            if query.reranked:
-                continue
-            try:
-                coll, vector, k = self.index.prepare(query, describe_query(query, i))
-            except errors.ImageSearchError as exc:
-                results[i] = exc
-                continue
-            group = groups.setdefault(coll.name, (coll, [], [], []))
-            group[1].append(i)
-            group[2].append(vector)
-            group[3].append(k)
-        for coll, where, vectors, ks in groups.values():
-            try:
-                served = self._derived(coll, queries[where[0]])[DBA]
-            except errors.ImageSearchError as exc:
-                for i in where:
-                    results[i] = exc
-                continue
-            for i, found in zip(where, served.search(np.stack(vectors), ks)):
-                results[i] = [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
 
     def _note_writes(self, collections: Iterable[str]) -> None:
         """After a write is in memory (write lock held): the collections'
@@ -539,25 +494,11 @@ class Gallery:
                 if coll is not None:
                     self.derived.note_write(coll, generation)
 
-    def _reranked(self, query: Query) -> bool:
-        if query.reranked:
-            return True
-        coll = self.index.find(query.collection)
-        return coll is not None and coll.spec.dba_top_n > 0
-
     @staticmethod
-    def _derived_keys(coll, query: Query) -> list:
-        """The derived data a query on `coll` needs: the augmented vectors of a
-        DBA collection, the k-reciprocal neighbourhoods of its (k1, k2)."""
-        keys = [DBA] if coll.spec.dba_top_n else []
-        if query.k_reciprocal is not None:
-            keys.append(k_reciprocal_key(query.k_reciprocal.k1, query.k_reciprocal.k2))
-        return keys
-
-    def _derived(self, coll, query: Query) -> dict:
-        """{key: value} of the derived data the query needs, current: waits for
-        a rebuild in progress until the query's deadline (never builds)."""
-        return self.derived.get(coll.name, self._derived_keys(coll, query), query.deadline)
+    def _derived_keys(query: Query) -> list:
+        """The derived data a query needs: the k-reciprocal neighbourhoods of its (k1, k2)."""
+        options = query.k_reciprocal
+        return [] if options is None else [k_reciprocal_key(options.k1, options.k2)]
 
     def derived_pending(self, query: Query) -> Wait | None:
         """None when the derived data a query needs is current (or it needs
@@ -569,24 +510,25 @@ class Gallery:
             coll, _, _ = self.index.prepare(query, describe_query(query))
         except errors.ImageSearchError:
             return None
-        return self.derived.pending(coll.name, self._derived_keys(coll, query))
+        return self.derived.pending(coll.name, self._derived_keys(query))
 
     def _search_reranked(self, query: Query, what: str, allowed: set[str] | None) -> list[Match]:
         coll, q64, k = self.index.prepare(query, what)
-        derived = self._derived(coll, query)
-        served = derived.get(DBA, coll)  # a DBA collection serves its augmented vectors
+        # the derived data the query needs, current: waits for a rebuild in
+        # progress until the query's deadline (never builds)
+        derived = self.derived.get(coll.name, self._derived_keys(query), query.deadline)
 
         def first_pass(vector: np.ndarray, kk: int) -> list[tuple[str, float]]:
             if allowed is not None:
-                return filtered_search(served, vector, kk, allowed)
-            (found,) = served.search(vector[np.newaxis], [kk])
+                return filtered_search(coll, vector, kk, allowed)
+            (found,) = coll.search(vector[np.newaxis], [kk])
             return found
 
         if query.expansion is not None:
             top, vectors = [], []
             for name, score in first_pass(q64, query.expansion.top_n):
                 try:
-                    vectors.append(served.vector(name))
+                    vectors.append(coll.vector(name))
                 except KeyError:  # deleted since the first pass
                     continue
                 top.append(score)
@@ -636,7 +578,7 @@ class Gallery:
                 for s in self.index.stats(collection or None)]
 
     def memory_bytes(self) -> int:
-        """Indexes plus derived data (DBA vectors, k-reciprocal neighbourhoods)."""
+        """Indexes plus derived data (k-reciprocal neighbourhoods)."""
         return sum(s.memory_bytes + self.derived.nbytes(s.name) for s in self.index.stats())
 
     def backup(self):

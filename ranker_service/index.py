@@ -101,7 +101,7 @@ class CollectionStats:
 
 def make_collection(name: str, dim: int, fingerprint: str, spec: IndexSpec | None = None, *,
                     created_at: float | None = None, updated_at: float | None = None, capacity: int = 0,
-                    files_dir: Path | None = None, device: str = "cpu"):
+                    files_dir: Path | None = None):
     """An empty collection of the spec's kind: `Collection` for exact float32,
     `FaissCollection` for the others."""
     spec = spec or IndexSpec()
@@ -109,7 +109,7 @@ def make_collection(name: str, dim: int, fingerprint: str, spec: IndexSpec | Non
         return Collection(name, dim, fingerprint, created_at=created_at, updated_at=updated_at, capacity=capacity,
                           spec=spec)
     return FaissCollection(name, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
-                           capacity=capacity, files_dir=files_dir, device=device)
+                           capacity=capacity, files_dir=files_dir)
 
 
 def describe_query(query: Query, position: int | None = None) -> str:
@@ -140,8 +140,7 @@ class Collection:
         self.margin = score_margin(self.dim)
         self._matrix = np.empty((capacity, self.dim), dtype=np.float32)
         # Fault the pages in now, in one sequential pass: first-touching them a
-        # row at a time while loading costs ~10x more (measured: 3.7 s vs 0.45 s
-        # for 100k x 1280).
+        # row at a time while loading costs about ten times more.
         self._matrix.fill(0)
         self._n = 0
         self._names: list[str] = []
@@ -378,11 +377,10 @@ class _Picked:
 class GalleryIndex:
     """All collections in memory: validated search over them. Thread-safe."""
 
-    def __init__(self, files_dir: Path | None = None, device: str = "cpu") -> None:
+    def __init__(self, files_dir: Path | None = None) -> None:
         self._collections: dict[str, Collection | FaissCollection] = {}
         self._lock = threading.Lock()
         self.files_dir = files_dir  # where ivf_pq keeps its on-disk rows (a temporary folder if None)
-        self.device = device  # where FAISS kinds search: cpu or cuda (faiss_device.choose)
 
     def __contains__(self, collection: str) -> bool:
         return collection in self._collections
@@ -405,7 +403,7 @@ class GalleryIndex:
     def create(self, collection: str, dim: int, fingerprint: str, spec: IndexSpec | None = None, *,
                created_at: float | None = None, updated_at: float | None = None, capacity: int = 0):
         coll = make_collection(collection, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
-                               capacity=capacity, files_dir=self.files_dir, device=self.device)
+                               capacity=capacity, files_dir=self.files_dir)
         return self.add(coll)
 
     def add(self, coll):
@@ -442,7 +440,7 @@ class GalleryIndex:
                 coll = self._collections.get(collection)
                 if coll is None:
                     coll = make_collection(collection, vectors32.shape[1], fingerprint, spec, created_at=updated_at,
-                                           updated_at=updated_at, files_dir=self.files_dir, device=self.device)
+                                           updated_at=updated_at, files_dir=self.files_dir)
                     self._collections[collection] = coll
         return coll.upsert(names, vectors32, updated_at)
 

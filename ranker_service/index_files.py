@@ -5,15 +5,12 @@
 database generation the files reflect), `<stem>.names` (the names by FAISS id
 or row, NUL-separated; "" for a dead id) and the vectors: `<stem>.npy`
 (exact float32 matrix) or `<stem>.faiss` (faiss.write_index; ivf_pq also keeps
-its float32 rows in `<stem>.rows.f32`, the re-rank source). A collection with
-database-side augmentation also keeps its augmented vectors, derived data
-that takes O(G^2) work to rebuild (derived.py): `<stem>.dba.json` (the
-generation they were built from, the DBA options, count, dimension and
-fingerprint), `<stem>.dba.names` and `<stem>.dba.npy`. Likewise the k-reciprocal
-neighbourhoods of each (k1, k2) searches asked for (`<stem>.kr-K1-K2.json`,
-`.names`, `.npz`: the arrays of reranking.Neighbourhoods; the vectors are the
-collection's own, or its augmented ones). Both are written at a clean stop and
-read at start-up when they match, else rebuilt in the background.
+its float32 rows in `<stem>.rows.f32`, the re-rank source). The k-reciprocal
+neighbourhoods of each (k1, k2) searches asked for, derived data that takes
+O(G^2) work to rebuild, are kept too (`<stem>.kr-K1-K2.json`, `.names`,
+`.npz`: the arrays of reranking.Neighbourhoods over the collection's own
+vectors): written at a clean stop and read at start-up when they match, else
+rebuilt when a search asks.
 
 The database keeps one generation counter, bumped by every write, and each
 collection records the generation of its last write. At start-up a
@@ -114,7 +111,7 @@ def save(coll, folder: Path, generation: int) -> None:
 
 
 def load(name: str, dim: int, fingerprint: str, spec: IndexSpec, generation: int, count: int, folder: Path, *,
-         created_at: float, updated_at: float, device: str = "cpu"):
+         created_at: float, updated_at: float):
     """The collection from its files, or None when they are missing or stale."""
     from ranker_service.index import Collection
 
@@ -145,85 +142,37 @@ def load(name: str, dim: int, fingerprint: str, spec: IndexSpec, generation: int
                 rows.close()
                 return None
         return FaissCollection.restore(name, dim, fingerprint, spec, index, names, rows, folder,
-                                       created_at=created_at, updated_at=updated_at, device=device)
+                                       created_at=created_at, updated_at=updated_at)
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("collection %r: cannot read its index files (%s): rebuilding from SQLite", name, exc)
         return None
-
-
-def _dba_meta(coll, generation: int) -> dict:
-    spec = coll.spec
-    return {"format": FORMAT, "name": coll.name, "dim": coll.dim, "fingerprint": coll.fingerprint,
-            "generation": generation, "count": len(coll), "dba_top_n": spec.dba_top_n, "dba_alpha": spec.dba_alpha}
-
-
-def save_dba(coll, augmented, folder: Path, generation: int) -> None:
-    """Write the augmented vectors (a Collection) of `coll` built from database
-    generation `generation`; the meta last, as `save` does."""
-    folder.mkdir(exist_ok=True)
-    base = folder / stem(coll.name)
-    meta_path = base.with_suffix(".dba.json")
-    meta_path.unlink(missing_ok=True)
-    _write_matrix(augmented, base.with_suffix(".dba.npy"), base.with_suffix(".dba.names"))
-    _write_meta(meta_path, _dba_meta(coll, generation))
-
-
-def load_dba(coll, folder: Path, generation: int):
-    """The augmented vectors of `coll` (a Collection) as saved for database
-    generation `generation`, or None when missing, stale or unreadable."""
-    from ranker_service.index import Collection
-
-    base = folder / stem(coll.name)
-    try:
-        meta = json.loads(base.with_suffix(".dba.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if meta != _dba_meta(coll, generation):
-        log.info("collection %r: saved augmented vectors are stale (generation %s, database %s): rebuilding them",
-                 coll.name, meta.get("generation"), generation)
-        return None
-    try:
-        names = read_names(base.with_suffix(".dba.names"))
-        matrix = np.load(base.with_suffix(".dba.npy"))
-    except (OSError, ValueError) as exc:
-        log.warning("collection %r: cannot read its saved augmented vectors (%s): rebuilding them", coll.name, exc)
-        return None
-    if (matrix.shape != (len(coll), coll.dim) or matrix.dtype != np.float32 or len(names) != len(coll)
-            or set(names) != set(coll.snapshot_view()[1])):
-        log.warning("collection %r: its saved augmented vectors do not match its rows: rebuilding them", coll.name)
-        return None
-    return Collection.restore(coll.name, coll.dim, coll.fingerprint, matrix, names, created_at=coll.created_at,
-                              updated_at=coll.updated_at, spec=coll.spec)
 
 
 def _kr_path(name: str, folder: Path, k1: int, k2: int, suffix: str) -> Path:
     return folder / f"{stem(name)}.kr-{k1}-{k2}{suffix}"
 
 
-def _kr_meta(coll, generation: int, k1: int, k2: int, over_dba: bool) -> dict:
+def _kr_meta(coll, generation: int, k1: int, k2: int) -> dict:
     return {"format": FORMAT, "name": coll.name, "dim": coll.dim, "fingerprint": coll.fingerprint,
-            "generation": generation, "count": len(coll), "k1": k1, "k2": k2, "over": "dba" if over_dba else "vectors"}
+            "generation": generation, "count": len(coll), "k1": k1, "k2": k2}
 
 
-def save_k_reciprocal(coll, neighbourhoods, folder: Path, generation: int, *, over_dba: bool) -> None:
+def save_k_reciprocal(coll, neighbourhoods, folder: Path, generation: int) -> None:
     """Write `coll`'s k-reciprocal neighbourhoods (reranking.Neighbourhoods) built
-    from database generation `generation` (over its augmented vectors when
-    `over_dba`); the meta last."""
+    from database generation `generation`; the meta last."""
     k1, k2 = neighbourhoods.k1, neighbourhoods.k2
     folder.mkdir(exist_ok=True)
     meta_path = _kr_path(coll.name, folder, k1, k2, ".json")
     meta_path.unlink(missing_ok=True)
     atomic_write(_kr_path(coll.name, folder, k1, k2, ".npz"), lambda f: np.savez(f, **neighbourhoods.arrays()))
     write_names(_kr_path(coll.name, folder, k1, k2, ".names"), neighbourhoods.names)
-    _write_meta(meta_path, _kr_meta(coll, generation, k1, k2, over_dba))
+    _write_meta(meta_path, _kr_meta(coll, generation, k1, k2))
 
 
-def load_k_reciprocal(coll, folder: Path, generation: int, served, *, over_dba: bool) -> dict:
+def load_k_reciprocal(coll, folder: Path, generation: int) -> dict:
     """{(k1, k2): Neighbourhoods} saved for database generation `generation`,
-    over the vectors `served()` gives ((matrix, names); a view of the
-    augmented vectors when `over_dba`, shared then, else a copy the
-    neighbourhoods keep). Files that are stale, damaged or over other rows are
-    left out (the pair is built again when a search asks)."""
+    over a copy of the collection's vectors. Files that are stale, damaged or
+    over other rows are left out (the pair is built again when a search asks)."""
     from ranker_service.reranking import Neighbourhoods
 
     found = {}
@@ -234,7 +183,7 @@ def load_k_reciprocal(coll, folder: Path, generation: int, served, *, over_dba: 
             k1, k2 = int(meta["k1"]), int(meta["k2"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if meta != _kr_meta(coll, generation, k1, k2, over_dba):
+        if meta != _kr_meta(coll, generation, k1, k2):
             log.info("collection %r: saved k-reciprocal neighbourhoods k1=%d k2=%d are stale: left out", coll.name,
                      k1, k2)
             continue
@@ -243,14 +192,13 @@ def load_k_reciprocal(coll, folder: Path, generation: int, served, *, over_dba: 
             with np.load(_kr_path(coll.name, folder, k1, k2, ".npz")) as arrays:
                 arrays = {name: arrays[name] for name in Neighbourhoods.ARRAYS}
             if rows is None:
-                matrix, served_names = served()
-                rows = {name: i for i, name in enumerate(served_names)}
+                matrix, stored_names = coll.snapshot()
+                rows = {name: i for i, name in enumerate(stored_names)}
             if len(names) != len(rows) or set(names) != rows.keys():
                 raise ValueError("they name other rows than the collection's")
             order = np.fromiter((rows[name] for name in names), dtype=np.int64, count=len(names))
             same = bool((order == np.arange(len(order))).all())
-            found[(k1, k2)] = Neighbourhoods.from_arrays(matrix if same else matrix[order], names, arrays, k1, k2,
-                                                         shared_matrix=over_dba and same)
+            found[(k1, k2)] = Neighbourhoods.from_arrays(matrix if same else matrix[order], names, arrays, k1, k2)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("collection %r: cannot use its saved k-reciprocal neighbourhoods k1=%d k2=%d (%s): left out",
                         coll.name, k1, k2, exc)
@@ -277,6 +225,6 @@ def invalidate(name: str, folder: Path) -> None:
 
 def remove(name: str, folder: Path) -> None:
     base = folder / stem(name)
-    for suffix in (".meta.json", ".names", ".npy", ".faiss", ".rows.f32", ".dba.json", ".dba.names", ".dba.npy"):
+    for suffix in (".meta.json", ".names", ".npy", ".faiss", ".rows.f32"):
         base.with_suffix(suffix).unlink(missing_ok=True)
     remove_k_reciprocal(name, folder)

@@ -7,16 +7,13 @@
   `ef_construction`, searched with `ef_search`).
 - `ivf_pq`: FAISS IndexIVFPQ (`nlist` lists, `nprobe` probed per query,
   `pq_bytes` bytes of code per vector); the full float32 vectors for the
-  re-rank stay on disk in a memory-mapped file.
+  re-rank stay in a file on disk, read with pread (page cache, not process
+  memory).
 
 ANN kinds fetch `rerank_factor` x top_k candidates (at least `MIN_CANDIDATES`)
 and re-rank them exactly in float64 from the stored float32 vectors when
 `rerank` is on (the default): the scores returned are then the exact cosine
 similarities and ties are broken by name, as for `exact`.
-
-`exact` float32 collections may also serve database-side augmented vectors
-(`dba_top_n` > 0, with `dba_alpha`; see reranking.py): derived data, the
-stored vectors stay as upserted.
 
 A spec is stored as JSON in the `collections` table (`kind`, `params`).
 """
@@ -27,7 +24,6 @@ import dataclasses
 import json
 
 from imagesearch import errors
-from ranker_service.reranking import check_dba
 
 EXACT, HNSW, IVF_PQ = "exact", "hnsw", "ivf_pq"
 KINDS = (EXACT, HNSW, IVF_PQ)
@@ -41,10 +37,8 @@ REBUILD_MIN_DEAD = 1024
 
 # Defaults that differ by kind. ivf_pq: 64-byte codes cannot order vectors whose
 # scores differ by ~0.01 (a cluster of near-duplicates), so it probes more lists and
-# re-ranks 50 x top_k candidates from disk (bench/README.md: recall@10 0.54 with
-# nprobe 32 and 10 x, 1.00 with 64 and 50 x, at 1M).
-# hnsw: M 16 / efConstruction 40 / ef 128 / 10 x gave recall@10 0.84 at 1M (0.93 at
-# ef 1024: the graph limits it); M 32 / 64 / ef 256 / 30 x gave 0.978, p99 5.6 ms.
+# re-ranks 50 x top_k candidates from disk; hnsw re-ranks 30 x top_k candidates
+# (the defaults that reach recall@10 near 1 at 1M vectors in bench/ranker_kinds.py).
 KIND_DEFAULTS = {"ivf_pq": {"nprobe": 64, "rerank_factor": 50}, "hnsw": {"rerank_factor": 30}}
 
 
@@ -60,8 +54,6 @@ class IndexSpec:
     pq_bytes: int = 64
     rerank: bool = True
     rerank_factor: int = 10
-    dba_top_n: int = 0  # 0: no database-side augmentation
-    dba_alpha: float = 3.0
 
     @property
     def label(self) -> str:
@@ -71,8 +63,7 @@ class IndexSpec:
     def params(self) -> dict:
         """The parameters that matter for this kind (for stats and storage)."""
         if self.kind == EXACT:
-            dba = {"dba_top_n": self.dba_top_n, "dba_alpha": self.dba_alpha} if self.dba_top_n else {}
-            return {"float16": self.float16, **dba}
+            return {"float16": self.float16}
         common = {"rerank": self.rerank, "rerank_factor": self.rerank_factor}
         if self.kind == HNSW:
             return {"hnsw_m": self.hnsw_m, "ef_construction": self.ef_construction, "ef_search": self.ef_search,
@@ -82,7 +73,7 @@ class IndexSpec:
     def build_params(self) -> dict:
         """The parameters the built index depends on (not ef_search, nprobe or
         the re-rank, which only steer searches): index files must match these."""
-        search_only = {"ef_search", "nprobe", "rerank", "rerank_factor", "dba_top_n", "dba_alpha"}
+        search_only = {"ef_search", "nprobe", "rerank", "rerank_factor"}
         return {k: v for k, v in self.params().items() if k not in search_only}
 
     def to_json(self) -> str:
@@ -108,20 +99,10 @@ def make_spec(kind: str = EXACT, *, what: str = "index options", **params) -> In
     unknown = set(params) - fields
     if unknown:
         raise errors.InvalidArgument(f"{what}: unknown index parameters {sorted(unknown)}")
-    given = {k: v for k, v in params.items()
-             if v not in (None, 0) or isinstance(v, bool) or (k == "dba_alpha" and v is not None)}
+    given = {k: v for k, v in params.items() if v not in (None, 0) or isinstance(v, bool)}
     given = {**KIND_DEFAULTS.get(kind, {}), **given}
     if kind != EXACT and given.get("float16"):
         raise errors.InvalidArgument(f"{what}: float16 applies to the exact kind only")
-    if given.get("dba_top_n"):
-        if kind != EXACT or given.get("float16"):
-            raise errors.InvalidArgument(
-                f"{what}: database-side augmentation (dba) applies to the exact float32 kind only (it serves a "
-                f"float32 matrix of augmented vectors), not {kind}{' float16' if given.get('float16') else ''}")
-        given["dba_top_n"], given["dba_alpha"] = check_dba(given["dba_top_n"], given.get("dba_alpha"),
-                                                           what=f"{what}: dba")
-    else:
-        given.pop("dba_alpha", None)
     spec = IndexSpec(kind=kind, **given)
     for name, low, high in (("hnsw_m", 4, 256), ("ef_construction", 8, 4096), ("ef_search", 1, 32768),
                             ("nlist", 1, 1 << 20), ("nprobe", 1, 1 << 20), ("pq_bytes", 1, 1024),

@@ -229,10 +229,6 @@ class MilvusGallery:
                 f"collection {collection!r}: dimension {dim} is outside Milvus's limits {MIN_DIM}..{MAX_DIM}")
         if spec.float16:
             raise errors.InvalidArgument("the Milvus backend keeps float32 vectors: float16 is not available")
-        if spec.dba_top_n:
-            raise errors.InvalidArgument(
-                "database-side augmentation (dba) needs the SQLite backend, which derives the served vectors in "
-                "memory; Milvus serves the vectors it stores")
         now = time.time()
         coll = _Coll(collection, dim, fingerprint, spec, now, now)
         schema = MilvusClient.create_schema(auto_id=False)
@@ -429,7 +425,7 @@ class MilvusGallery:
         return self._answer(query, describe_query(query))
 
     def derived_pending(self, query: Query) -> None:
-        """No derived data here (DBA and k-reciprocal are refused): never waits."""
+        """No derived data here (k-reciprocal is refused): never waits."""
         return None
 
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:

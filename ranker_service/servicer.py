@@ -18,7 +18,7 @@ import time
 import grpc
 
 from imagesearch import errors, serving
-from imagesearch.defaults import DEFAULT_DBA_TOP_N, DERIVED_DEADLINE_MARGIN_S
+from imagesearch.defaults import DERIVED_DEADLINE_MARGIN_S
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service import kinds
 from ranker_service.attributes import AttributeFilter, check_filters, from_json
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
 DEFAULT_MAX_BATCH = 64
+DBA_REMOVED = ("index options: dba: database-side augmentation was removed from the ranker; use query expansion "
+               "(query_expansion) and k-reciprocal re-ranking (k_reciprocal) per search, and `--tta flip` at the "
+               "embedder")
 # Upsert requests read ahead of the one being validated.
 UPSERT_READ_AHEAD = 64
 
@@ -94,17 +97,14 @@ def index_spec(options: ranker_pb2.IndexOptions) -> kinds.IndexSpec:
     if kind != kinds.EXACT:
         params["rerank"] = not options.no_rerank
     if options.HasField("dba"):
-        params["dba_top_n"] = options.dba.top_n or DEFAULT_DBA_TOP_N
-        params["dba_alpha"] = _optional(options.dba, "alpha")
+        raise errors.InvalidArgument(DBA_REMOVED)
     return kinds.make_spec(kind, **params)
 
 
 def index_options(spec: kinds.IndexSpec) -> ranker_pb2.IndexOptions:
     params = spec.params()
     rerank = params.pop("rerank", True)
-    dba_top_n, dba_alpha = params.pop("dba_top_n", 0), params.pop("dba_alpha", None)
-    dba = ranker_pb2.DatabaseAugmentation(top_n=dba_top_n, alpha=dba_alpha) if dba_top_n else None
-    return ranker_pb2.IndexOptions(kind=_KIND_TO_PROTO[spec.kind], no_rerank=not rerank, dba=dba, **params)
+    return ranker_pb2.IndexOptions(kind=_KIND_TO_PROTO[spec.kind], no_rerank=not rerank, **params)
 
 
 _DERIVED_STATES = {"none": ranker_pb2.DERIVED_STATE_UNSPECIFIED, "current": ranker_pb2.DERIVED_STATE_CURRENT,
