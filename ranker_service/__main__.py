@@ -27,11 +27,11 @@ from imagesearch import defaults, serving
 from imagesearch.errors import StoreError
 from imagesearch.serving.metrics import add_metrics_arguments
 from imagesearch.serving.observe import Observability
-from ranker_service.backend import BACKENDS
-from ranker_service.gallery import DEFAULT_BATCH_SIZE, Gallery
+from ranker_service.backend import BACKENDS, DEFAULT_BATCH_SIZE
 from ranker_service.metrics import metered
 from ranker_service.servicer import DEFAULT_MAX_BATCH, SERVICE_NAME, RankerServicer, register
-from ranker_service.store import GalleryStore
+from ranker_service.sqlite.backend import SqliteBackend
+from ranker_service.sqlite.store import Store
 
 log = logging.getLogger("ranker_service")
 
@@ -84,15 +84,15 @@ def _main(argv: list[str] | None = None) -> int:
         serve_milvus(args, config, observed)
         return
     try:
-        store = GalleryStore.open(args.db, busy_timeout=args.busy_timeout,
-                                  max_bytes=int(args.max_db_mb * 1e6) if args.max_db_mb > 0 else None)
+        store = Store.open(args.db, busy_timeout=args.busy_timeout,
+                           max_bytes=int(args.max_db_mb * 1e6) if args.max_db_mb > 0 else None)
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         raise SystemExit(f"error: {exc}") from None
     log.info("database %s (journal_mode=%s, synchronous=%s, locking_mode=%s); BLAS threads %s", args.db,
              store.pragma("journal_mode"), SYNC_NAMES.get(store.pragma("synchronous")), store.pragma("locking_mode"),
              _BLAS_THREADS)
-    gallery = Gallery(store, batch_size=args.batch_size)
+    gallery = SqliteBackend(store, batch_size=args.batch_size)
     servicer = RankerServicer(max_batch=args.max_batch)
     try:
         running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
@@ -120,11 +120,11 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig, observed: Observability) -> None:
-    from ranker_service.milvus_backend import MilvusGallery
+    from ranker_service.milvus import MilvusBackend
 
     if not args.milvus_uri:
         raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
-    gallery = MilvusGallery(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
+    gallery = MilvusBackend(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
     servicer = RankerServicer(max_batch=args.max_batch)
     running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
     observed.start(args.host)

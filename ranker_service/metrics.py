@@ -9,8 +9,8 @@
     imagesearch_ranker_deleted_rows_total               rows removed by Delete
     imagesearch_ranker_search_duration_seconds{kind}    ranking one query, by the collection's index kind
                                                         (a SearchStream batch: its time shared by its queries)
-    imagesearch_ranker_derived_current{collection}      1 when a collection's derived re-ranking data (DBA,
-                                                        k-reciprocal) is built from its last write, 0 while stale
+    imagesearch_ranker_derived_current{collection}      1 when a collection's derived re-ranking data
+                                                        (k-reciprocal) is built from its last write, 0 while stale
                                                         or being rebuilt (only collections that have some)
     imagesearch_ranker_derived_rebuilding{collection}   1 while it is being rebuilt in the background
     imagesearch_ranker_derived_build_seconds{collection}  how long its last rebuild took
@@ -32,8 +32,7 @@ from prometheus_client.registry import Collector
 from imagesearch import errors
 from imagesearch.serving.metrics import ServiceMetrics
 from ranker_service.backend import RankerBackend
-from ranker_service.gallery import DeleteResult, UpsertItem, UpsertResult
-from ranker_service.index import Match, Query
+from ranker_service.types import DeleteResult, Match, Query, UpsertItem, UpsertResult
 
 PREFIX = "imagesearch_ranker"
 

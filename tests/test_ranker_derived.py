@@ -218,14 +218,14 @@ def test_core_wait_names_the_rebuild_when_the_deadline_passes(tmp_path, monkeypa
     """In the core: a search whose deadline has passed while the derived data
     is stale gets DeadlineExceeded (DEADLINE_EXCEEDED) naming the collection
     and what is being rebuilt; nothing is built by the search."""
-    from ranker_service import background
-    from ranker_service.gallery import Gallery, UpsertItem
-    from ranker_service.index import Query
-    from ranker_service.reranking import make_k_reciprocal
-    from ranker_service.store import GalleryStore
+    from ranker_service.memory import background
+    from ranker_service.sqlite.backend import SqliteBackend
+    from ranker_service.sqlite.store import Store
+    from ranker_service.types import Query, UpsertItem
+    from ranker_service.validation import make_k_reciprocal
 
     monkeypatch.setattr(background, "PAUSE_S", 1.0)
-    gallery = Gallery(GalleryStore.open(tmp_path / "c.db"))
+    gallery = SqliteBackend(Store.open(tmp_path / "c.db"))
     gallery.load()
     try:
         rng = np.random.default_rng(3)

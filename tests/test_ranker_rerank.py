@@ -275,8 +275,9 @@ def test_saved_k_reciprocal_neighbourhoods_load_over_rows_in_another_order(tmp_p
     """A collection read back from SQLite may hold its rows in another order than
     the one its neighbourhoods were built over: they are rebuilt over the same rows
     in their own order, and rank as before. Stale or damaged files are left out."""
-    from ranker_service import index_files
-    from ranker_service.reranking import Neighbourhoods, make_k_reciprocal
+    from ranker_service.rerank.maths import Neighbourhoods
+    from ranker_service.sqlite import snapshots as index_files
+    from ranker_service.validation import make_k_reciprocal
 
     class Coll:
         name, dim, fingerprint = "c", DIM, FP

@@ -6,23 +6,7 @@ live ids; searches pass that bitmap to FAISS as an `IDSelectorBitmap`, so a
 dead id is never returned (HNSW cannot remove ids, and re-adding an id leaves
 the old vector findable). Once dead ids pass `REBUILD_DEAD_SHARE` of the index
 (and `REBUILD_MIN_DEAD`), the collection is rebuilt from its live vectors with
-ids 0..n-1, in the background (see below).
-
-Background rebuilds: the write that passes the threshold only starts a
-thread and returns. The thread builds a new index from a snapshot of the live
-ids, reading rows under the read lock a chunk at a time, while searches use
-the current index with its tombstones and writes go on applying to it (new
-ids, new tombstones). It then catches up with the ids written meanwhile, in
-passes without the write mutex until few are left, and finally, under the
-write mutex (writers wait for at most `CATCH_UP_FINAL` adds), adds the last
-ones, marks dead every copied id that died meanwhile, and swaps the index,
-names, id map, live bitmap (and ivf_pq's rows file) under the write lock. No
-search ever sees a dead id: before the swap the old bitmap excludes it, after
-it the new one. An ivf_pq with enough rows is trained the same way (the ids
-kept, only the index swapped). A rebuild is cancelled, never swapped, once
-the collection is closing (`stop_background`); SQLite stays the truth, and a
-crash mid-rebuild leaves index files older than the database's generation,
-so the next start rebuilds from SQLite.
+ids 0..n-1, in the background (faiss_build.py).
 
 Re-rank: the candidates FAISS returns are rescored in float64 from the stored
 float32 vectors (HNSW: its own flat storage; ivf_pq: a float32 file on disk,
@@ -32,186 +16,55 @@ exact float16: the float16 rows themselves) and sorted by (-score, name).
 `ivf_pq` needs training: below `train_size(nlist)` vectors (and until its
 background training is swapped in) it answers by an exact scan of its
 on-disk rows.
-
-Locking as in `index.Collection`: one writer at a time (`_write_mutex`), the
-readers-writer lock around every change searches could see.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import hashlib
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from ranker_service import background, kinds
-from ranker_service.background import Job
-from ranker_service.kinds import EXACT, HNSW, IVF_PQ, IndexSpec
-from ranker_service.ranking import score_margin, select_top_k
-from ranker_service.rwlock import ReadWriteLock
+from ranker_service.memory import background
+from ranker_service.memory.background import Job
+from ranker_service.memory.collection import CollectionBase, Found, last_of
+from ranker_service.memory.faiss_build import (
+    ADD_CHUNK,
+    BUILD_THREADS,
+    DiskRows,
+    Rebuilds,
+    compaction_due,
+    new_index,
+    train_size,
+)
+from ranker_service.memory.rwlock import ReadWriteLock
+from ranker_service.topk import rank_exact, select_top_k
+from ranker_service.types import EXACT, HNSW, IVF_PQ, IndexSpec
 
-log = logging.getLogger(__name__)
-
-ADD_CHUNK = 16384          # vectors per FAISS add() while loading or rebuilding
-TRAIN_POINTS_PER_LIST = 40  # ivf_pq training sample: this many vectors per list ...
-MIN_TRAIN = 1024            # ... and at least this many (PQ codebooks have 256 entries)
-REBUILD_MIN_DEAD = kinds.REBUILD_MIN_DEAD
-BUILD_THREADS = int(os.environ.get("IMAGESEARCH_RANKER_BUILD_THREADS") or os.cpu_count() or 1)
-REBUILD_CHUNK = 1024      # vectors per FAISS add() in a rebuild: how soon a cancelled one stops
-CATCH_UP_PASSES = 8       # a rebuild catches up with writes made meanwhile in at most this many passes ...
-CATCH_UP_FINAL = 1024     # ... until fewer new ids than this are left: those it adds under the write mutex
 # Seconds a background rebuild sleeps after each chunk (background.PAUSE_S,
 # IMAGESEARCH_RANKER_REBUILD_PAUSE_S): a throttle; tests hold a rebuild open with it.
 REBUILD_PAUSE_S = background.PAUSE_S
 
 
-def train_size(nlist: int) -> int:
-    return max(TRAIN_POINTS_PER_LIST * nlist, MIN_TRAIN)
+def file_stem(collection: str) -> str:
+    """The start of the name of every file of a collection (a hash: any name is safe)."""
+    return hashlib.sha256(collection.encode("utf-8")).hexdigest()[:32]
 
 
-class DiskRows:
-    """float32 rows by id in a file (the re-rank source of ivf_pq): appended as
-    ids are given out, read back with pread. Not fsync'ed: SQLite is the truth,
-    and a stale or torn file is rebuilt from it."""
-
-    def __init__(self, path: Path, dim: int, *, truncate: bool = True):
-        self.path = path
-        self.dim = dim
-        self.row_bytes = dim * 4
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0), 0o644)
-
-    def rows(self) -> int:
-        return os.fstat(self._fd).st_size // self.row_bytes
-
-    def write(self, first_id: int, block: np.ndarray) -> None:
-        data = np.ascontiguousarray(block, dtype="<f4").tobytes()
-        offset = first_id * self.row_bytes
-        while data:
-            done = os.pwrite(self._fd, data, offset)
-            data, offset = data[done:], offset + done
-
-    def read(self, ids: Sequence[int]) -> np.ndarray:
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for j, i in enumerate(ids):
-            out[j] = np.frombuffer(os.pread(self._fd, self.row_bytes, int(i) * self.row_bytes), dtype="<f4")
-        return out
-
-    def read_range(self, start: int, stop: int) -> np.ndarray:
-        data = os.pread(self._fd, (stop - start) * self.row_bytes, start * self.row_bytes)
-        return np.frombuffer(data, dtype="<f4").reshape(-1, self.dim)
-
-    def flush(self) -> None:
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def new_index(spec: IndexSpec, dim: int):
-    """An empty FAISS index of the spec's kind (ivf_pq untrained)."""
-    if spec.kind == EXACT:
-        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    if spec.kind == HNSW:
-        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = spec.ef_construction
-        return index
-    if spec.kind == IVF_PQ:
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, spec.pq_bytes, 8, faiss.METRIC_INNER_PRODUCT)
-        index.own_fields = True
-        quantizer.this.disown()
-        return index
-    raise ValueError(f"no FAISS index for kind {spec.kind!r}")
-
-
-class _Build:
-    """The new index a rebuild fills, copying rows from the collection by id:
-    when compacting, new id = position (with the names and the name -> id map
-    built alongside), else the same id (ivf_pq training)."""
-
-    def __init__(self, index, disk: DiskRows | None, compact: bool, chunk: int):
-        self.index, self.disk, self.compact, self.chunk = index, disk, compact, chunk
-        self.count = 0
-        self.seconds = 0.0
-        self._old_ids: list[np.ndarray] = []
-        self._names: list[str | None] = []
-        self._ids: dict[str, int] = {}
-
-    def copy(self, coll: FaissCollection, job: Job, ids: np.ndarray, pause: float) -> bool:
-        """Rows of `ids` (ascending) into the new index; False if cancelled."""
-        for start in range(0, ids.shape[0], self.chunk):
-            if job.cancelled:
-                return False
-            chunk = ids[start:start + self.chunk].astype(np.int64)
-            with coll._rw.read():
-                block = coll._rows(chunk)
-                names = [coll._names_by_id[i] for i in chunk] if self.compact else None
-            t0 = time.perf_counter()
-            first = self.count
-            if self.disk is not None:
-                self.disk.write(first, block)
-            if coll.spec.kind == IVF_PQ:
-                if self.index.is_trained:
-                    target = np.arange(first, first + chunk.shape[0], dtype=np.int64) if self.compact else chunk
-                    self.index.add_with_ids(block, target)
-            else:
-                self.index.add(block)  # ids 0, 1, ...: positions (these kinds always compact)
-            self.seconds += time.perf_counter() - t0
-            if self.compact:
-                self._old_ids.append(chunk)
-                for j, name in enumerate(names):
-                    if name is not None:
-                        self._ids[name] = first + j  # a later id of a name wins: the earlier one is dead
-                self._names.extend(names)
-            self.count += chunk.shape[0]
-            if pause:
-                time.sleep(pause)
-        return True
-
-    def finish(self, bits: np.ndarray) -> tuple[list[str | None], dict[str, int], np.ndarray, int]:
-        """Names by new id, name -> id, the live bitmap and the dead count,
-        with every copied id that is dead now (`bits`: the collection's live
-        ids, read under the write mutex) marked dead."""
-        old = np.concatenate(self._old_ids) if self._old_ids else np.empty(0, dtype=np.int64)
-        dead = np.flatnonzero(bits[old] == 0)
-        for pos in dead.tolist():
-            name = self._names[pos]
-            if name is not None and self._ids.get(name) == pos:
-                del self._ids[name]
-            self._names[pos] = None
-        alive = np.ones(self.count, dtype=bool)
-        alive[dead] = False
-        live = np.zeros(max(8, (self.count + 7) // 8), dtype=np.uint8)
-        packed = np.packbits(alive, bitorder="little")
-        live[: packed.shape[0]] = packed
-        return self._names, self._ids, live, int(dead.shape[0])
-
-
-class FaissCollection:
-    """Same interface as `index.Collection`, over a FAISS index."""
+class FaissCollection(Rebuilds, CollectionBase):
+    """A `Collection` (collection.py) over a FAISS index."""
 
     def __init__(self, name: str, dim: int, fingerprint: str, spec: IndexSpec, *, created_at: float | None = None,
                  updated_at: float | None = None, capacity: int = 0, files_dir: Path | None = None,
-                 rows: DiskRows | None = None):
-        if dim <= 0:
-            raise ValueError(f"dimension must be positive, got {dim}")
-        now = time.time()
-        self.name = name
-        self.dim = int(dim)
-        self.fingerprint = fingerprint
-        self.spec = spec
-        self.created_at = now if created_at is None else created_at
-        self.updated_at = self.created_at if updated_at is None else updated_at
-        self.margin = score_margin(self.dim)
+                 rows: DiskRows | None = None, on_rows_replaced: Callable[[str], None] | None = None):
+        super().__init__(name, dim, fingerprint, spec, created_at, updated_at)
+        self.on_rows_replaced = on_rows_replaced  # a rebuild replaced ivf_pq's rows file (index files go stale)
         self._tmpdir = None
         if files_dir is None and spec.kind == IVF_PQ:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="ranker-ivfpq-")
@@ -238,17 +91,16 @@ class FaissCollection:
             lambda job: self._rebuild(job, pause=REBUILD_PAUSE_S), thread=f"ranker-rebuild-{name[:32]}",
             failed="background rebuild failed; searches go on with the current index "
                    "(the next start rebuilds from SQLite)")
-        self.swaps = 0  # rebuilds swapped in (the gallery rewrites index files after one)
+        self.swaps = 0  # rebuilds swapped in (the backend writes index files again after one)
 
     def rows_path(self, files_dir: Path) -> Path:
-        from ranker_service.index_files import stem
-
-        return files_dir / f"{stem(self.name)}.rows.f32"
+        return files_dir / f"{file_stem(self.name)}.rows.f32"
 
     @classmethod
     def restore(cls, name: str, dim: int, fingerprint: str, spec: IndexSpec, index, names_by_id: list[str | None],
-                rows: DiskRows | None, files_dir: Path, *, created_at: float, updated_at: float) -> FaissCollection:
-        """A collection from its saved index and names (see index_files)."""
+                rows: DiskRows | None, files_dir: Path, *, created_at: float, updated_at: float,
+                on_rows_replaced: Callable[[str], None] | None = None) -> FaissCollection:
+        """A collection from its saved index and names (sqlite/snapshots.py)."""
         if index.d != dim or index.ntotal != (len(names_by_id) if spec.kind != IVF_PQ or index.is_trained
                                               else 0):
             if rows is not None:
@@ -256,7 +108,7 @@ class FaissCollection:
             raise ValueError(f"saved index holds {index.ntotal} vectors of dim {index.d}, "
                              f"names {len(names_by_id)}, expected dim {dim}")
         coll = cls(name, dim, fingerprint, spec, created_at=created_at, updated_at=updated_at,
-                   capacity=len(names_by_id), files_dir=files_dir, rows=rows)
+                   capacity=len(names_by_id), files_dir=files_dir, rows=rows, on_rows_replaced=on_rows_replaced)
         coll._index = index
         coll._names_by_id = names_by_id
         total = len(names_by_id)
@@ -335,12 +187,6 @@ class FaissCollection:
             return (index_bytes + self._live.nbytes + sys.getsizeof(self._names_by_id) + sys.getsizeof(self._ids)
                     + self._names_bytes)
 
-    def stats(self):
-        from ranker_service.index import CollectionStats
-
-        return CollectionStats(self.name, len(self), self.dim, self.fingerprint, self.memory_bytes(),
-                               self.created_at, self.updated_at, self.spec)
-
     def _selector(self):
         if self._dead == 0:
             return None
@@ -359,10 +205,8 @@ class FaissCollection:
             params.sel = sel
         return params
 
-    def search(self, queries64: np.ndarray, top_ks: Sequence[int]) -> list[list[tuple[str, float]]]:
-        queries64 = np.atleast_2d(queries64)
-        if queries64.shape[1] != self.dim or queries64.shape[0] != len(top_ks):
-            raise ValueError(f"queries of shape {queries64.shape} for dim {self.dim} and {len(top_ks)} top_k values")
+    def search(self, queries64: np.ndarray, top_ks: Sequence[int]) -> list[Found]:
+        queries64 = self._check_queries(queries64, top_ks)
         q32 = np.ascontiguousarray(queries64, dtype=np.float32)
         with self._rw.read():
             n = len(self._ids)
@@ -393,7 +237,7 @@ class FaissCollection:
         top = np.argpartition(-scores, fetch - 1, axis=1)[:, :fetch]
         return top
 
-    def _rank(self, ids: np.ndarray, query64: np.ndarray, k: int) -> list[tuple[str, float]]:
+    def _rank(self, ids: np.ndarray, query64: np.ndarray, k: int) -> Found:
         ids = [int(i) for i in ids if i >= 0]
         if not ids:
             return []
@@ -402,11 +246,9 @@ class FaissCollection:
             # FAISS's own order and (approximate) scores are not kept: score the
             # candidates exactly anyway, but only the first k of them.
             ids, names = ids[:k], names[:k]
-        scores = (self._rows(ids).astype(np.float64) * query64).sum(axis=1)
-        order = sorted(range(len(ids)), key=lambda j: (-scores[j], names[j]))[:k]
-        return [(names[j], float(scores[j])) for j in order]
+        return rank_exact(names, self._rows(ids), query64, k)
 
-    def search_among(self, query64: np.ndarray, k: int, names: Iterable[str]) -> list[tuple[str, float]]:
+    def search_among(self, query64: np.ndarray, k: int, names: Iterable[str]) -> Found:
         """Top-k of one query over the rows of `names` only (see filtering.py):
         an exact scan of just those stored rows (from disk for ivf_pq), ranked
         as the exact kind ranks."""
@@ -419,7 +261,7 @@ class FaissCollection:
             return select_top_k(rows @ query64.astype(np.float32), rows, [n for _, n in picked], query64, int(k),
                                 self.margin)
 
-    def search_filtered(self, query64: np.ndarray, k: int, names: Iterable[str]) -> list[tuple[str, float]] | None:
+    def search_filtered(self, query64: np.ndarray, k: int, names: Iterable[str]) -> Found | None:
         """Top-k of one query among `names` through the index itself: FAISS
         skips every other id during the search (an `IDSelectorBitmap` of the
         passing ids), then the exact re-rank. None when the index cannot
@@ -514,12 +356,8 @@ class FaissCollection:
             self._rebuild(Job(), pause=0.0)
 
     def upsert(self, names: Sequence[str], vectors32: np.ndarray, updated_at: float | None = None) -> tuple[int, int]:
-        vectors32 = np.ascontiguousarray(vectors32, dtype=np.float32)
-        if vectors32.ndim != 2 or vectors32.shape != (len(names), self.dim):
-            raise ValueError(f"{len(names)} names with vectors of shape {vectors32.shape} for dim {self.dim}")
-        last: dict[str, int] = {}
-        for j, name in enumerate(names):
-            last[name] = j
+        vectors32 = self._check_rows(names, vectors32)
+        last = last_of(names)
         unique = list(last)
         block = vectors32[list(last.values())]
         with self._write_mutex:
@@ -548,12 +386,12 @@ class FaissCollection:
             self._maintain()
         return removed
 
-    # ------------------------------------------------------------ background rebuilds
+    # ------------------------------------------------------------ background rebuilds (faiss_build.py)
 
     def _upkeep_due(self) -> bool:
         """Is a rebuild due (caller holds the write mutex)? Dead ids past the
         threshold, or an untrained ivf_pq with enough live rows to train."""
-        if self._dead >= REBUILD_MIN_DEAD and self._dead > kinds.REBUILD_DEAD_SHARE * len(self._names_by_id):
+        if compaction_due(self._dead, len(self._names_by_id)):
             return True
         return (self.spec.kind == IVF_PQ and not self._index.is_trained
                 and len(self._ids) >= train_size(self.spec.nlist))
@@ -579,92 +417,6 @@ class FaissCollection:
     @property
     def rebuilding(self) -> bool:
         return self._upkeep.running
-
-    def _rebuild(self, job: Job, pause: float) -> bool:
-        """Build a new index from a snapshot of the live ids, outside the write
-        mutex, while searches use the current index and writes go on applying
-        to it; catch up with those writes in passes; then, under the write
-        mutex, add the last few, mark what died meanwhile, and swap under the
-        write lock. Compaction (dead ids past the threshold) gives the live
-        vectors new ids 0..n-1 (and ivf_pq a new rows file); training an
-        ivf_pq keeps the ids and swaps only the index. Returns True once
-        swapped, False when cancelled."""
-        t0 = time.perf_counter()
-        with self._write_mutex:  # the snapshot: writers wait only for this
-            if job.cancelled:
-                return False
-            total = len(self._names_by_id)
-            # ivf_pq may rebuild only to train (ids kept); the other kinds rebuild only to compact
-            compact = (self.spec.kind != IVF_PQ or self._index.is_trained
-                       or (self._dead >= REBUILD_MIN_DEAD and self._dead > kinds.REBUILD_DEAD_SHARE * total))
-            live_ids = np.flatnonzero(np.unpackbits(self._live, bitorder="little")[:total])
-            index = None
-            if self.spec.kind == IVF_PQ and self._index.is_trained:
-                index = faiss.clone_index(self._index)  # keeps the trained lists and codebooks
-                index.reset()
-        faiss.omp_set_num_threads(BUILD_THREADS)
-        trained_now = False
-        if index is None:
-            index = new_index(self.spec, self.dim)
-            if self.spec.kind == IVF_PQ and live_ids.shape[0] >= train_size(self.spec.nlist):
-                rng = np.random.default_rng(0)
-                sample = np.sort(rng.choice(live_ids, train_size(self.spec.nlist), replace=False))
-                with self._rw.read():
-                    rows = self._rows(sample)
-                index.train(rows)
-                del rows
-                trained_now = True
-        disk = None
-        if compact and self._disk is not None:
-            disk = DiskRows(self._disk.path.with_suffix(".rebuild"), self.dim)
-        background = job.background
-        build = _Build(index, disk, compact, REBUILD_CHUNK if background else ADD_CHUNK)
-        swapped = False
-        try:
-            if not build.copy(self, job, live_ids, pause):
-                return False
-            seen = total
-            for _ in range(CATCH_UP_PASSES):  # the writes made meanwhile, without the mutex
-                with self._rw.read():
-                    now = len(self._names_by_id)
-                    bits = np.unpackbits(self._live, bitorder="little")
-                if now - seen < CATCH_UP_FINAL:
-                    break
-                if not build.copy(self, job, seen + np.flatnonzero(bits[seen:now]), pause):
-                    return False
-                seen = now
-            with self._write_mutex:
-                if job.cancelled:
-                    return False
-                now = len(self._names_by_id)
-                bits = np.unpackbits(self._live, bitorder="little")
-                build.copy(self, job, seen + np.flatnonzero(bits[seen:now]), 0.0)
-                if compact:
-                    names, ids, live, dead = build.finish(bits)
-                with self._rw.write():
-                    self._index = index
-                    if compact:
-                        self._names_by_id, self._ids, self._live, self._dead = names, ids, live, dead
-                        if disk is not None:  # index files saved earlier name the old rows: no longer valid
-                            from ranker_service.index_files import invalidate
-
-                            invalidate(self.name, self._disk.path.parent)
-                            os.replace(disk.path, self._disk.path)
-                            self._disk.close()
-                            disk.path = self._disk.path
-                            self._disk = disk
-                swapped = True
-                self.swaps += 1
-                self.build_seconds += build.seconds
-            what = "compacted" if compact else ("trained" if trained_now else "rebuilt")
-            where = "in the background" if background else "at start-up"
-            log.info("collection %r: %s %s index %s: %d vectors (%d written meanwhile) in %.1fs", self.name, what,
-                     self.spec.label, where, build.count, max(0, now - total), time.perf_counter() - t0)
-            return True
-        finally:
-            if disk is not None and not swapped:
-                disk.close()
-                disk.path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.stop_background()

@@ -1,5 +1,6 @@
-"""Re-ranking, numpy only (no gRPC, no SQLite): the options, their checks, and
-the two methods (docs/ranker.md#re-ranking gives the definitions):
+"""Re-ranking maths, numpy only (no gRPC, no SQLite, no index): the two
+methods (docs/ranker.md#re-ranking gives the definitions; their options are
+types.Expansion and types.KReciprocal, checked in validation.py):
 
 - alpha-weighted query expansion (`expand_query`), per request;
 - k-reciprocal re-ranking (`Neighbourhoods.build` at index time per collection
@@ -13,73 +14,13 @@ gallery size, time O(G^2 d).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from imagesearch import defaults, errors
-from ranker_service.ranking import exact_scores, score_margin, select_top_k
-
-# ---------------------------------------------------------------- options
-
-@dataclasses.dataclass(frozen=True)
-class Expansion:
-    """Alpha-weighted query expansion of one query."""
-
-    top_n: int = defaults.DEFAULT_QE_TOP_N
-    alpha: float = defaults.DEFAULT_QE_ALPHA
-
-
-@dataclasses.dataclass(frozen=True)
-class KReciprocal:
-    """k-reciprocal re-ranking of one query's shortlist."""
-
-    k1: int = defaults.DEFAULT_KR_K1
-    k2: int = defaults.DEFAULT_KR_K2
-    lam: float = defaults.DEFAULT_KR_LAMBDA
-    shortlist: int = defaults.DEFAULT_KR_SHORTLIST
-
-
-def _alpha(alpha: float | None, default: float, what: str) -> float:
-    if alpha is None:
-        return default
-    if not math.isfinite(alpha) or not 0 <= alpha <= 100:
-        raise errors.InvalidArgument(f"{what}: alpha {alpha} is out of range 0..100")
-    return float(alpha)
-
-
-def _top_n(top_n: int, default: int, what: str) -> int:
-    top_n = top_n or default
-    if not 1 <= top_n <= defaults.MAX_RERANK_TOP_N:
-        raise errors.InvalidArgument(f"{what}: top_n {top_n} is out of range 1..{defaults.MAX_RERANK_TOP_N} "
-                                     f"(0 = {default})")
-    return top_n
-
-
-def make_expansion(top_n: int = 0, alpha: float | None = None, *, what: str = "query expansion") -> Expansion:
-    """A checked Expansion (0 / None take the defaults); InvalidArgument when out of range."""
-    return Expansion(_top_n(top_n, defaults.DEFAULT_QE_TOP_N, what), _alpha(alpha, defaults.DEFAULT_QE_ALPHA, what))
-
-
-def make_k_reciprocal(k1: int = 0, k2: int = 0, lam: float | None = None, shortlist: int = 0, *,
-                      what: str = "k-reciprocal re-ranking") -> KReciprocal:
-    k1 = k1 or defaults.DEFAULT_KR_K1
-    if not 1 <= k1 <= defaults.MAX_KR_K1:
-        raise errors.InvalidArgument(f"{what}: k1 {k1} is out of range 1..{defaults.MAX_KR_K1} "
-                                     f"(0 = {defaults.DEFAULT_KR_K1})")
-    k2 = k2 or min(defaults.DEFAULT_KR_K2, k1)
-    if not 1 <= k2 <= k1:
-        raise errors.InvalidArgument(f"{what}: k2 {k2} is out of range 1..k1 ({k1})")
-    lam = defaults.DEFAULT_KR_LAMBDA if lam is None else float(lam)
-    if not 0 <= lam <= 1:  # (NaN fails too)
-        raise errors.InvalidArgument(f"{what}: lambda {lam} is out of range 0..1")
-    shortlist = shortlist or defaults.DEFAULT_KR_SHORTLIST
-    if not 1 <= shortlist <= defaults.MAX_TOP_K:
-        raise errors.InvalidArgument(f"{what}: shortlist {shortlist} is out of range 1..{defaults.MAX_TOP_K} "
-                                     f"(0 = {defaults.DEFAULT_KR_SHORTLIST})")
-    return KReciprocal(k1, k2, lam, shortlist)
-
+from imagesearch import defaults
+from ranker_service.topk import exact_scores, score_margin, select_top_k
+from ranker_service.types import KReciprocal
 
 # ---------------------------------------------------------------- gallery-to-gallery neighbours
 
@@ -198,7 +139,7 @@ class Neighbourhoods:
                    np.concatenate(cols) if cols else np.empty(0, np.int64),
                    np.concatenate(vals) if vals else np.empty(0), k1, k2)
 
-    ARRAYS = ("ids", "tau", "v_ptr", "v_cols", "v_vals")  # what a file keeps (index_files)
+    ARRAYS = ("ids", "tau", "v_ptr", "v_cols", "v_vals")  # what a file keeps (sqlite/snapshots.py)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays `from_arrays` rebuilds it from, beside the matrix and names."""

@@ -1,4 +1,5 @@
-"""The ranker's core: the SQLite store and the in-memory index kept in step.
+"""The default backend (`SqliteBackend`): the SQLite store and the
+in-memory indexes kept in step.
 
 Order of a write: validate, commit to SQLite, then apply to memory, all under
 one write lock. So memory never holds what the database does not, and memory
@@ -18,114 +19,79 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from imagesearch import errors
-from imagesearch.defaults import DEFAULT_LIST_PAGE, MAX_LIST_PAGE
 from imagesearch.errors import StoreError
-from ranker_service import index_files
-from ranker_service.attributes import AttributeFilter, AttributeTables, check_attributes, from_json, passes, to_json
-from ranker_service.backup import backup_copy
-from ranker_service.derived import DerivedData, Wait, k_reciprocal_key
-from ranker_service.filtering import filtered_search
-from ranker_service.index import CollectionStats, GalleryIndex, Match, Query, describe_query
-from ranker_service.kinds import IndexSpec, spec_from_json
-from ranker_service.reranking import expand_query
-from ranker_service.store import GalleryStore, StoredItem, UpsertRow
-from ranker_service.upsert_job import (
+from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, UpsertJob, with_progress
+from ranker_service.memory.attributes import AttributeTables
+from ranker_service.memory.collection import Collection
+from ranker_service.memory.registry import Registry, matches
+from ranker_service.rerank.cache import DerivedData, Wait
+from ranker_service.rerank.search import needs, reranked_search
+from ranker_service.sqlite import snapshots
+from ranker_service.sqlite.backup import backup_copy
+from ranker_service.sqlite.store import STORED_DTYPE, Store, UpsertRow
+from ranker_service.types import (
+    AttributeFilter,
+    CollectionStats,
+    DeleteResult,
+    IndexSpec,
+    ItemPage,
+    LoadReport,
+    Match,
+    Pending,
+    Query,
+    RenameResult,
     UpsertItem,
-    UpsertJob,
-    UpsertResult,
-    _Pending,
-    _with_progress,
-    describe_item,
 )
-from ranker_service.vectors import (
-    MAX_DIM,
-    STORED_DTYPE,
+from ranker_service.validation import (
     check_collection,
-    check_name,
-    stored_form,
-    unit_vector,
+    check_delete,
+    check_fits,
+    check_list_items,
+    check_new_collection,
+    check_renamings,
+    check_same_collection,
+    describe_query,
+    from_json,
+    passes,
+    pending_item,
+    spec_from_json,
+    to_json,
 )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 256
 
 
-@dataclasses.dataclass(frozen=True)
-class DeleteResult:
-    deleted: int
-    not_found: list[str]
+class SqliteBackend(BackendBase):
+    """Store + indexes. Thread-safe. `load()` before use; `close()` at the end."""
 
+    LOADING = "the ranker is still loading its database: retry shortly"
 
-@dataclasses.dataclass(frozen=True)
-class RenameResult:
-    renamed: int
-    not_found: list[str]
-
-
-@dataclasses.dataclass(frozen=True)
-class ItemPage:
-    items: list[StoredItem]  # attributes as JSON text, in name order
-    last: str  # the last name read from the database ("" when none): where the next page starts
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadReport:
-    collections: int
-    vectors: int
-    seconds: float
-    memory_bytes: int
-
-
-def _check_fits(collection: str, dim: int, fingerprint: str, item: _Pending) -> None:
-    if item.vector.shape[0] != dim:
-        raise errors.InvalidArgument(
-            f"{item.what}: vector has {item.vector.shape[0]} values but collection {collection!r} has dimension {dim}")
-    if item.fingerprint != fingerprint:
-        raise errors.FailedPrecondition(
-            f"{item.what}: fingerprint {item.fingerprint!r} differs from collection {collection!r}'s "
-            f"{fingerprint!r}: vectors of another model (or preprocessing) cannot share a collection")
-
-
-class Gallery:
-    """Store + index. Thread-safe. `load()` before use; `close()` at the end."""
-
-    def __init__(self, store: GalleryStore, index: GalleryIndex | None = None, *,
+    def __init__(self, store: Store, index: Registry | None = None, *,
                  batch_size: int = DEFAULT_BATCH_SIZE, files_dir: Path | None = None):
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        super().__init__(batch_size)
         self.store = store
-        self.files_dir = files_dir or index_files.folder_for(Path(store.path))
+        self.files_dir = files_dir or snapshots.folder_for(Path(store.path))
         self.files_dir.mkdir(exist_ok=True)
-        self.index = index or GalleryIndex(self.files_dir)
-        # collection -> (database generation, rebuilds swapped in) its index files hold
-        self._saved: dict[str, tuple[int, int]] = {}
-        # collection -> {derived key: database generation its file on disk holds} (index_files)
-        self._derived_saved: dict[str, dict] = {}
-        self.batch_size = batch_size
+        self.snapshots = snapshots.Snapshots(self.files_dir)
+        self.index = index or Registry(self.files_dir, self._rows_replaced)
         self.attributes = AttributeTables()
         self.derived = DerivedData()
-        # collection -> database generation of its last write that memory holds (see derived.py)
+        # collection -> database generation of its last write that memory holds (rerank/cache.py)
         self._generations: dict[str, int] = {}
         self._write_lock = threading.Lock()
-        self._ready = False
-        self._closed = False
 
     # ------------------------------------------------------------ life cycle
 
-    @property
-    def ready(self) -> bool:
-        return self._ready and not self._closed
-
     def load(self) -> LoadReport:
         """Every collection into memory: from its index files when they hold
-        the collection's current generation (see index_files), else from
+        the collection's current generation (sqlite/snapshots.py), else from
         SQLite: per collection one index preallocated to its row count, each
         BLOB copied once, straight into it (then built: FAISS kinds), and its
         index files written again. Raises StoreError for a damaged database."""
@@ -141,11 +107,9 @@ class Gallery:
                 raise StoreError(f"{path}: collection {meta.name!r} has unusable index options "
                                  f"({meta.kind} {meta.params}): {exc}") from exc
             t0 = time.perf_counter()
-            coll = index_files.load(meta.name, meta.dim, meta.fingerprint, spec, meta.generation, meta.count,
-                                    self.files_dir, created_at=meta.created_at, updated_at=meta.updated_at)
+            coll = self.snapshots.load(meta, spec, self._rows_replaced)
             if coll is not None:
                 self.index.add(coll)
-                self._saved[meta.name] = (meta.generation, coll.swaps)
                 count += len(coll)
                 coll.start_upkeep()  # a rebuild due (dead ids past the threshold) runs in the background
                 log.info("collection %r (%s, %d vectors): loaded from its index files in %.2fs",
@@ -166,11 +130,12 @@ class Gallery:
             log.info("collection %r (%s, %d vectors): built from SQLite in %.2fs (index build time; %.2fs after "
                      "reading rows)", name, coll.spec.label, len(coll), coll.build_seconds, time.perf_counter() - t0)
             if coll.spec.label != "exact":  # building was costly: keep it for the next start
-                self._save(coll, generation)
+                self.snapshots.save(coll, generation)
         for collection, name, text in self.store.iter_attributes():
             self.attributes.table(collection).set([(name, from_json(text))])
-        for coll in self.index.collections():
-            self._load_derived(coll, self._generations[coll.name])
+        for coll in self.index.collections():  # derived data the last clean stop saved for this generation
+            generation = self._generations[coll.name]
+            self.derived.track(coll, generation, built=self.snapshots.load_derived(coll, generation))
         self._ready = True
         report = LoadReport(len(self.index.collection_names()), count, time.perf_counter() - start,
                             self.memory_bytes())
@@ -178,60 +143,16 @@ class Gallery:
                  report.vectors, report.collections, path, report.seconds, report.memory_bytes / 1e6)
         return report
 
-    def _load_derived(self, coll, generation: int) -> None:
-        """Follow `coll`'s derived data, starting from what the last clean stop
-        saved for this generation."""
-        built = {}
-        for (k1, k2), value in index_files.load_k_reciprocal(coll, self.files_dir, generation).items():
-            built[k_reciprocal_key(k1, k2)] = value
-            log.info("collection %r: k-reciprocal neighbourhoods k1=%d k2=%d loaded from their files",
-                     coll.name, k1, k2)
-        self._derived_saved[coll.name] = {key: generation for key in built}
-        self.derived.track(coll, generation, built=built)
-
-    def _save_derived(self, coll, generation: int) -> None:
-        """Write the derived data of `coll` that is current at `generation` and
-        not on disk yet; remove saved k-reciprocal files of pairs no longer held."""
-        current = {key: value for key, (built, value) in self.derived.current(coll.name).items()
-                   if built == generation}
-        saved = self._derived_saved.setdefault(coll.name, {})
-        for key, value in current.items():
-            if saved.get(key) == generation:
-                continue
-            try:
-                index_files.save_k_reciprocal(coll, value, self.files_dir, generation)
-            except OSError as exc:  # the next start rebuilds it: slower, still correct
-                log.warning("collection %r: cannot write its derived re-ranking data to %s: %s", coll.name,
-                            self.files_dir, exc)
-            else:
-                saved[key] = generation
-        keep = {(key[1], key[2]) for key in current}
-        index_files.remove_k_reciprocal(coll.name, self.files_dir, keep)
-        for key in [k for k in saved if (k[1], k[2]) not in keep]:
-            del saved[key]
-
-    def _save(self, coll, generation: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            index_files.save(coll, self.files_dir, generation)
-        except OSError as exc:  # the next start rebuilds from SQLite: slower, still correct
-            log.warning("collection %r: cannot write its index files to %s: %s", coll.name, self.files_dir, exc)
-            return
-        self._saved[coll.name] = (generation, coll.swaps)
-        log.info("collection %r: index files written (generation %d) in %.2fs", coll.name, generation,
-                 time.perf_counter() - t0)
+    def _rows_replaced(self, collection: str) -> None:
+        """A rebuild replaced ivf_pq's rows file: the index files saved before name the old rows."""
+        snapshots.invalidate(collection, self.files_dir)
 
     def save_index_files(self) -> None:
-        """Write the index files of every collection changed since they were
-        last written (the caller holds the write lock, or no writes can come)."""
-        for stored in self.store.collections():
-            coll = self.index.find(stored.name)
-            if coll is not None and self._saved.get(stored.name) != (stored.generation, coll.swaps):
-                self._save(coll, stored.generation)
-            if coll is not None:
-                self._save_derived(coll, stored.generation)
+        """Write the files of every collection changed since they were last
+        written (the caller holds the write lock, or no writes can come)."""
+        self.snapshots.save_changed(self.store.collections(), self.index, self.derived)
 
-    def _load_rows(self, collections: dict) -> int:
+    def _load_rows(self, collections: dict[str, Collection]) -> int:
         path = self.store.path
         count = 0
         for collection, name, dim, blob in self.store.iter_rows(list(collections)):
@@ -268,33 +189,15 @@ class Gallery:
                 coll.close()
         log.info("closed %s", self.store.path)
 
-    def _require_ready(self) -> None:
-        if self._closed:
-            raise errors.Unavailable("the ranker is shutting down")
-        if not self._ready:
-            raise errors.Unavailable("the ranker is still loading its database: retry shortly")
-
     # ------------------------------------------------------------ writes
 
-    def _prepare(self, index: int, item: UpsertItem) -> _Pending:
-        what = describe_item(index, item.name)
-        check_collection(item.collection, what=what)
-        check_name(item.name, what=what)
-        vector = stored_form(unit_vector(item.vector, what=what))
-        attributes = check_attributes(item.attributes, what=what)
-        return _Pending(index, item.collection, item.name, vector, item.fingerprint, attributes)
-
-    def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
-        """Validate and commit a stream of items in batches; see the module docstring."""
-        return self.upsert_job().run(items)
-
-    def upsert_job(self) -> GalleryUpsertJob:
+    def upsert_job(self) -> SqliteUpsertJob:
         """An upsert fed one item at a time (an async server reads its stream
         without a thread): `add` is quick; `flush` and `finish` write to SQLite."""
         self._require_ready()
-        return GalleryUpsertJob(self)
+        return SqliteUpsertJob(self)
 
-    def _commit(self, batch: list[_Pending]) -> tuple[int, int, errors.ImageSearchError | None]:
+    def _commit(self, batch: list[Pending]) -> tuple[int, int, errors.ImageSearchError | None]:
         """Commit the longest valid prefix of `batch` (checked against the
         collections as they are now), then apply it to memory. Returns
         (inserted, replaced, the error of the first invalid item or None)."""
@@ -303,7 +206,7 @@ class Gallery:
                 raise errors.Unavailable("the ranker is shutting down")
             specs: dict[str, tuple[int, str]] = {}
             new_collections: list[tuple[str, int, str]] = []
-            ok: list[_Pending] = []
+            ok: list[Pending] = []
             failure = None
             for p in batch:
                 coll = self.index.find(p.collection)
@@ -313,7 +216,7 @@ class Gallery:
                     new_collections.append((p.collection, p.vector.shape[0], p.fingerprint))
                 else:
                     try:
-                        _check_fits(p.collection, *spec, p)
+                        check_fits(p.collection, *spec, p)
                     except errors.ImageSearchError as exc:
                         failure = exc
                         break
@@ -353,9 +256,7 @@ class Gallery:
 
     def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
         self._require_ready()
-        check_collection(collection, what="delete")
-        for i, name in enumerate(names):
-            check_name(name, what=f"delete: names[{i}]", new=False)
+        check_delete(collection, names)
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
@@ -374,21 +275,13 @@ class Gallery:
         existing collection with the same dimension, fingerprint and index
         options is no error: (its stats, False); with others, AlreadyExists."""
         self._require_ready()
-        check_collection(collection, what="create collection")
-        if not 1 <= dim <= MAX_DIM:
-            raise errors.InvalidArgument(f"create collection {collection!r}: dimension {dim} is out of range "
-                                         f"1..{MAX_DIM}")
-        spec.check_dim(dim, f"create collection {collection!r}")
+        check_new_collection(collection, dim, spec)
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
             coll = self.index.find(collection)
             if coll is not None:
-                if (coll.dim, coll.fingerprint, coll.spec) != (dim, fingerprint, spec):
-                    raise errors.AlreadyExists(
-                        f"collection {collection!r} exists with dimension {coll.dim}, fingerprint "
-                        f"{coll.fingerprint!r} and index {coll.spec.label} {coll.spec.params()}: not dimension "
-                        f"{dim}, fingerprint {fingerprint!r}, index {spec.label} {spec.params()}; drop it first")
+                check_same_collection(collection, (coll.dim, coll.fingerprint, coll.spec), (dim, fingerprint, spec))
                 return coll.stats(), False
             stored = self.store.create_collection(collection, dim, fingerprint, spec.kind, spec.to_json())
             coll = self.index.create(collection, dim, fingerprint, spec, created_at=stored.created_at,
@@ -408,9 +301,7 @@ class Gallery:
             self.index.get(collection)  # NotFound if unknown
             count = self.store.drop_collection(collection)
             self.index.drop(collection)
-            self._saved.pop(collection, None)
-            self._derived_saved.pop(collection, None)
-            index_files.remove(collection, self.files_dir)
+            self.snapshots.forget(collection)
             self.attributes.drop(collection)
             self._generations.pop(collection, None)
             self.derived.drop(collection)
@@ -421,10 +312,7 @@ class Gallery:
         """New names for items, keeping their vectors and attributes; applied
         in order, a target that exists is replaced (like `mv`)."""
         self._require_ready()
-        check_collection(collection, what="rename")
-        for i, (old, new) in enumerate(renamings):
-            check_name(old, what=f"rename: renamings[{i}].from_name")
-            check_name(new, what=f"rename: renamings[{i}].to_name")
+        check_renamings(collection, renamings)
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
@@ -447,11 +335,11 @@ class Gallery:
             return None
         return self.attributes.table(query.collection).matching(query.filters)
 
-    def _with_attributes(self, query: Query, matches: list[Match]) -> list[Match]:
+    def _with_attributes(self, query: Query, found: list[Match]) -> list[Match]:
         if not query.with_attributes:
-            return matches
+            return found
         table = self.attributes.table(query.collection)
-        return [dataclasses.replace(m, attributes=dict(table.get(m.name))) for m in matches]
+        return [dataclasses.replace(m, attributes=dict(table.get(m.name))) for m in found]
 
     def search(self, query: Query) -> list[Match]:
         self._require_ready()
@@ -481,11 +369,11 @@ class Gallery:
         return [r if isinstance(r, errors.ImageSearchError) else self._with_attributes(q, r)
                 for q, r in zip(queries, results)]
 
-    # ------------------------------------------------------------ re-ranking (reranking.py, derived.py)
+    # ------------------------------------------------------------ re-ranking (rerank/)
 
     def _note_writes(self, collections: Iterable[str]) -> None:
         """After a write is in memory (write lock held): the collections'
-        generations, which make their derived data stale (derived.py)."""
+        generations, which make their derived data stale (rerank/cache.py)."""
         for collection in collections:
             generation = self.store.generation(collection)
             if generation is not None:
@@ -493,12 +381,6 @@ class Gallery:
                 coll = self.index.find(collection)
                 if coll is not None:
                     self.derived.note_write(coll, generation)
-
-    @staticmethod
-    def _derived_keys(query: Query) -> list:
-        """The derived data a query needs: the k-reciprocal neighbourhoods of its (k1, k2)."""
-        options = query.k_reciprocal
-        return [] if options is None else [k_reciprocal_key(options.k1, options.k2)]
 
     def derived_pending(self, query: Query) -> Wait | None:
         """None when the derived data a query needs is current (or it needs
@@ -510,50 +392,18 @@ class Gallery:
             coll, _, _ = self.index.prepare(query, describe_query(query))
         except errors.ImageSearchError:
             return None
-        return self.derived.pending(coll.name, self._derived_keys(query))
+        return self.derived.pending(coll.name, needs(query))
 
     def _search_reranked(self, query: Query, what: str, allowed: set[str] | None) -> list[Match]:
         coll, q64, k = self.index.prepare(query, what)
-        # the derived data the query needs, current: waits for a rebuild in
-        # progress until the query's deadline (never builds)
-        derived = self.derived.get(coll.name, self._derived_keys(query), query.deadline)
-
-        def first_pass(vector: np.ndarray, kk: int) -> list[tuple[str, float]]:
-            if allowed is not None:
-                return filtered_search(coll, vector, kk, allowed)
-            (found,) = coll.search(vector[np.newaxis], [kk])
-            return found
-
-        if query.expansion is not None:
-            top, vectors = [], []
-            for name, score in first_pass(q64, query.expansion.top_n):
-                try:
-                    vectors.append(coll.vector(name))
-                except KeyError:  # deleted since the first pass
-                    continue
-                top.append(score)
-            if top:
-                q64 = expand_query(q64, np.stack(vectors), top, query.expansion.alpha)
-        options = query.k_reciprocal
-        if options is None:
-            found = first_pass(q64, k)
-        else:
-            neighbourhoods = derived[k_reciprocal_key(options.k1, options.k2)]
-            found = neighbourhoods.rerank(q64, k, options, allowed)
-        return [Match(rank, name, score) for rank, (name, score) in enumerate(found, 1)]
+        return matches(reranked_search(coll, q64, k, query, self.derived, allowed))
 
     def list_items(self, collection: str, *, page_size: int = 0, start_after: str = "", limit: int = 0,
                    filters: Sequence[AttributeFilter] = (), with_vectors: bool = False) -> Iterator[ItemPage]:
         """Pages of a collection's items in name order (see ListItems)."""
         self._require_ready()
-        check_collection(collection, what="list items")
-        if not 0 <= page_size <= MAX_LIST_PAGE:
-            raise errors.InvalidArgument(f"list items: page_size {page_size} is out of range: "
-                                         f"use 1..{MAX_LIST_PAGE} (0 = {DEFAULT_LIST_PAGE})")
-        if limit < 0:
-            raise errors.InvalidArgument(f"list items: limit {limit} is negative")
+        page_size = check_list_items(collection, page_size, limit)
         self.index.get(collection)  # NotFound for an unknown collection
-        page_size = page_size or DEFAULT_LIST_PAGE
         left = limit or None
         after = start_after
         while left is None or left > 0:
@@ -582,31 +432,27 @@ class Gallery:
         return sum(s.memory_bytes + self.derived.nbytes(s.name) for s in self.index.stats())
 
     def backup(self):
-        """A checked copy of the database in a temporary file (ranker_service.backup)."""
+        """A checked copy of the database in a temporary file (sqlite/backup.py)."""
         return backup_copy(self.store)
 
-    @property
-    def max_top_k(self) -> int:
-        return self.index.max_top_k
 
-
-class GalleryUpsertJob(UpsertJob):
-    """The SQLite backend's upsert job (see upsert_job.py): an item is checked
+class SqliteUpsertJob(UpsertJob):
+    """The SQLite backend's upsert job (backend.py): an item is checked
     against its collection (or against the first item of a collection this
     call creates) as it is added."""
 
-    def __init__(self, gallery: Gallery):
-        super().__init__(gallery)
+    def __init__(self, backend: SqliteBackend):
+        super().__init__(backend)
         self._pending_specs: dict[str, tuple[int, str]] = {}  # collections first seen in `pending`
 
-    def _prepare(self, index: int, item: UpsertItem) -> _Pending:
-        p = self._gallery._prepare(index, item)
-        coll = self._gallery.index.find(p.collection)
+    def _prepare(self, index: int, item: UpsertItem) -> Pending:
+        p = pending_item(index, item)
+        coll = self._backend.index.find(p.collection)
         spec = (coll.dim, coll.fingerprint) if coll is not None else self._pending_specs.get(p.collection)
         if spec is None:
             self._pending_specs[p.collection] = (p.vector.shape[0], p.fingerprint)
         else:
-            _check_fits(p.collection, *spec, p)
+            check_fits(p.collection, *spec, p)
         return p
 
     def flush(self) -> None:
@@ -615,6 +461,6 @@ class GalleryUpsertJob(UpsertJob):
         batch = list(self._pending)
         self._pending.clear()
         self._pending_specs.clear()
-        _, _, failure = self._commit_batch(batch, self._gallery._commit)
+        _, _, failure = self._commit_batch(batch, self._backend._commit)
         if failure is not None:
-            raise _with_progress(failure, self.committed)
+            raise with_progress(failure, self.committed)

@@ -7,13 +7,13 @@ ranker's own connection, in one step under the store's write lock: writes
 wait for the copy, searches go on from memory), turns it into a standalone
 file (journal_mode=DELETE), checks it with `PRAGMA integrity_check`, counts
 what it holds and hashes it. The `Backup` RPC streams that file to the client
-in chunks; the copy is deleted when the call ends, however it ends.
+in chunks (servicer.py); the copy is deleted when the call ends, however it
+ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import sqlite3
@@ -23,21 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imagesearch import errors
-from ranker_service.store import GalleryStore
+from ranker_service.sqlite.store import Store
+from ranker_service.types import BackupCopy
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class BackupCopy:
-    path: Path
-    size: int
-    sha256: str
-    collections: int
-    vectors: int
-    seconds: float  # how long writes waited for the copy
 
 
 def check_copy(path: Path) -> tuple[int, int]:
@@ -65,7 +56,7 @@ def _sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def backup_copy(store: GalleryStore, folder: Path | None = None) -> Iterator[BackupCopy]:
+def backup_copy(store: Store, folder: Path | None = None) -> Iterator[BackupCopy]:
     """A checked copy of the store's committed data in a temporary file under
     `folder` (default: the database's own folder, so it needs free space there
     the size of the database); deleted on exit."""
@@ -80,9 +71,3 @@ def backup_copy(store: GalleryStore, folder: Path | None = None) -> Iterator[Bac
         log.info("backup copy: %d collections, %d vectors, %d bytes (writes waited %.3f s)",
                  collections, vectors, copy.size, seconds)
         yield copy
-
-
-def read_chunks(path: Path, size: int = CHUNK_BYTES) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(size):
-            yield chunk

@@ -1,39 +1,29 @@
 """Data derived from a collection's vectors, rebuilt in the background: the
-k-reciprocal neighbourhoods of each (k1, k2) searches have asked for (see
-reranking.py). docs/ranker.md#re-ranking says what a client sees.
+k-reciprocal neighbourhoods of each (k1, k2) searches have asked for
+(maths.py). docs/ranker.md#derived-data-rebuilt-in-the-background says when
+they are rebuilt and what a client and an operator see.
 
-SQLite stays the source of truth. The values are also written to disk at a
-clean stop, as a cache for the next start (index_files.save_k_reciprocal),
-and read back when their generation still holds. Each value is
-tagged with the database generation (the counter every write bumps) of the
-snapshot it was built from; `Gallery` tells each collection's state its
-latest generation after every write (`note_write`, under the write lock,
-once the write is in memory). The snapshot is taken after the generation is
-read, so a value tagged g holds every write up to g (perhaps newer ones).
-
-Rebuilds: one background job per collection at a time (background.py, the
-FAISS rebuilds' machinery). A write to a collection that has derived data
-wanted (k-reciprocal asked for before) starts one; the job waits until
-writes pause for `DERIVED_DEBOUNCE_S` (at most `DERIVED_MAX_DELAY_S` after
-the first write it has not seen; at once when a search waits), then rebuilds
-every stale value from one snapshot. Writes made during a job start one more
-job after it, however many they are. A clean stop cancels the job between
-chunks.
+Each value is tagged with the database generation (the counter every write
+bumps) of the snapshot it was built from; the SQLite backend tells each
+collection's state its latest generation after every write (`note_write`,
+under the write lock, once the write is in memory). The snapshot is taken
+after the generation is read, so a value tagged g holds every write up to g
+(perhaps newer ones). One background job per collection at a time
+(memory/background.py) rebuilds every stale value from one snapshot, once
+writes pause (`DERIVED_DEBOUNCE_S`, at most `DERIVED_MAX_DELAY_S`; at once
+when a search waits).
 
 Searches never build: `pending` (the servicer awaits it without a thread)
 and `get` (blocking, with a deadline) wait until every value a search needs
 is tagged with at least the generation the collection had when the search
-asked, so a search that starts after a write returned never sees a deleted
-or replaced vector, nor misses a new one. The wait ends at the search's
-deadline with DEADLINE_EXCEEDED; values of an older generation are never
-served.
+asked. The wait ends at the search's deadline with DEADLINE_EXCEEDED; values
+of an older generation are never served.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import threading
@@ -41,8 +31,10 @@ import time
 from collections.abc import Hashable, Sequence
 
 from imagesearch import defaults, errors
-from ranker_service.background import Background, Job, join
-from ranker_service.reranking import Neighbourhoods
+from ranker_service.memory.background import Background, Job, join
+from ranker_service.memory.collection import Collection
+from ranker_service.rerank.maths import Neighbourhoods
+from ranker_service.types import DerivedStatus
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +52,6 @@ def k_reciprocal_key(k1: int, k2: int) -> tuple:
 
 def describe(key: Hashable) -> str:
     return f"k-reciprocal k1={key[1]} k2={key[2]}"
-
-
-@dataclasses.dataclass(frozen=True)
-class DerivedStatus:
-    state: str  # NONE (nothing derived is wanted), CURRENT, STALE (a rebuild is due), REBUILDING
-    generation: int  # the collection's last write
-    built_generation: int  # the oldest tag among the wanted values (-1: one was never built)
-    building_since: float  # unix seconds the running rebuild began (0: none runs)
-    last_build_seconds: float  # how long the last finished rebuild took (0: none yet)
-    kinds: tuple[str, ...]  # what is derived: "k-reciprocal k1=20 k2=6"
 
 
 class _Slot:
@@ -95,7 +77,7 @@ class Wait(concurrent.futures.Future):
 class _State:
     """One collection's derived data and its rebuilds. Thread-safe."""
 
-    def __init__(self, coll, generation: int):
+    def __init__(self, coll: Collection, generation: int):
         self.coll = coll
         self.name = coll.name
         self.lock = threading.Lock()
@@ -252,7 +234,7 @@ class DerivedData:
         self._lock = threading.Lock()
         self._states: dict[str, _State] = {}
 
-    def track(self, coll, generation: int, *, built: dict | None = None) -> None:
+    def track(self, coll: Collection, generation: int, *, built: dict | None = None) -> None:
         """Follow a collection (loaded, created, or first written); `built`:
         {key: value} already built for `generation` (read from disk)."""
         state = _State(coll, generation)
@@ -274,7 +256,7 @@ class DerivedData:
             return {key: (slot.generation, slot.value) for key, slot in state.slots.items()
                     if slot.value is not None and slot.generation >= state.generation}
 
-    def note_write(self, coll, generation: int) -> None:
+    def note_write(self, coll: Collection, generation: int) -> None:
         """After a write is in memory (the gallery's write lock held): the
         collection's new generation; a rebuild starts if derived data is wanted."""
         state = self._states.get(coll.name)
@@ -330,11 +312,6 @@ class DerivedData:
         if state is None:
             return 0
         return sum(slot.value.nbytes for slot in list(state.slots.values()) if slot.value is not None)
-
-    def wait_idle(self, collection: str, timeout: float | None = None) -> bool:
-        """Until no rebuild of the collection runs (tests, benchmarks); False on timeout."""
-        state = self._states.get(collection)
-        return state is None or state.worker.wait(timeout)
 
     def drop(self, collection: str) -> None:
         with self._lock:
