@@ -22,12 +22,14 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from imagesearch import defaults, serving
 from imagesearch.errors import StoreError
 from imagesearch.serving.metrics import add_metrics_arguments
 from imagesearch.serving.observe import Observability
-from ranker_service.backend import BACKENDS, DEFAULT_BATCH_SIZE
+from ranker_service.backend import BACKENDS, DEFAULT_BATCH_SIZE, RankerBackend
 from ranker_service.metrics import metered
 from ranker_service.servicer import DEFAULT_MAX_BATCH, SERVICE_NAME, RankerServicer, register
 from ranker_service.sqlite.backend import SqliteBackend
@@ -81,8 +83,12 @@ def _main(argv: list[str] | None = None) -> int:
     config = serving.ServerConfig.from_args(args)
     observed = Observability("ranker", args.metrics_port)
     if args.backend == "milvus":
-        serve_milvus(args, config, observed)
-        return
+        from ranker_service.milvus import MilvusBackend
+
+        if not args.milvus_uri:
+            raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
+        backend = MilvusBackend(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
+        return serve(args, config, observed, backend, None, release=lambda: None)
     try:
         store = Store.open(args.db, busy_timeout=args.busy_timeout,
                            max_bytes=int(args.max_db_mb * 1e6) if args.max_db_mb > 0 else None)
@@ -92,56 +98,38 @@ def _main(argv: list[str] | None = None) -> int:
     log.info("database %s (journal_mode=%s, synchronous=%s, locking_mode=%s); BLAS threads %s", args.db,
              store.pragma("journal_mode"), SYNC_NAMES.get(store.pragma("synchronous")), store.pragma("locking_mode"),
              _BLAS_THREADS)
-    gallery = SqliteBackend(store, batch_size=args.batch_size)
+    backend = SqliteBackend(store, batch_size=args.batch_size)
+    # a search waiting for a rebuild of derived data that the stop will cancel ends at once (UNAVAILABLE)
+    return serve(args, config, observed, backend, store.path, release=store.close, on_drain=backend.derived.stop)
+
+
+def serve(args: argparse.Namespace, config: serving.ServerConfig, observed: Observability, backend: RankerBackend,
+          db_path: Path | None, *, release: Callable[[], None], on_drain: Callable[[], None] | None = None) -> int:
+    """Start the server (health NOT_SERVING, RPCs UNAVAILABLE), load the backend, turn SERVING, and serve
+    until SIGTERM/SIGINT; `release` frees what the backend holds when the start fails."""
     servicer = RankerServicer(max_batch=args.max_batch)
     try:
         running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
         observed.start(args.host)
     except BaseException:
-        store.close()
+        release()
         raise
     try:
-        gallery.load()
+        backend.load()
     except (StoreError, MemoryError) as exc:
         log.error("cannot start: %s", exc)
         running.stop(0).wait()
-        store.close()
+        release()
         raise SystemExit(f"error: {exc}") from None
-    servicer.attach(metered(gallery, observed.metrics, store.path))
+    servicer.attach(metered(backend, observed.metrics, db_path))
     running.set_serving(True)
 
     def on_stop():
         servicer.ready.detach()
-        gallery.close()
+        backend.close()
         observed.close()
-    # a search waiting for a rebuild of derived data that the stop will cancel ends at once (UNAVAILABLE)
-    serving.serve_until_signalled(running, on_stop=on_stop, on_drain=gallery.derived.stop)
+    serving.serve_until_signalled(running, on_stop=on_stop, on_drain=on_drain)
     return 0
-
-
-def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig, observed: Observability) -> None:
-    from ranker_service.milvus import MilvusBackend
-
-    if not args.milvus_uri:
-        raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
-    gallery = MilvusBackend(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
-    servicer = RankerServicer(max_batch=args.max_batch)
-    running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
-    observed.start(args.host)
-    try:
-        gallery.load()
-    except StoreError as exc:
-        log.error("cannot start: %s", exc)
-        running.stop(0).wait()
-        raise SystemExit(f"error: {exc}") from None
-    servicer.attach(metered(gallery, observed.metrics, None))
-    running.set_serving(True)
-
-    def on_stop():
-        servicer.ready.detach()
-        gallery.close()
-        observed.close()
-    serving.serve_until_signalled(running, on_stop=on_stop)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 
 from imagesearch import errors
 from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE
+from ranker_service import validation
 from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, UpsertJob
 from ranker_service.rerank.maths import expand_query
 from ranker_service.topk import rank_exact, score_margin
@@ -42,7 +43,6 @@ from ranker_service.types import (
     StoredItem,
     UpsertItem,
 )
-from ranker_service import validation
 
 log = logging.getLogger(__name__)
 

@@ -24,17 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from imagesearch import defaults, errors
-from imagesearch.defaults import (
-    DEFAULT_LIST_PAGE,
-    DEFAULT_TOP_K,
-    MAX_ATTRIBUTE_KEY_CHARS,
-    MAX_ATTRIBUTE_VALUE_CHARS,
-    MAX_ATTRIBUTES,
-    MAX_FILTER_VALUES,
-    MAX_FILTERS,
-    MAX_LIST_PAGE,
-    MAX_TOP_K,
-)
+from imagesearch.defaults import DEFAULT_TOP_K, MAX_TOP_K
 from imagesearch.errors import shorten
 from ranker_service.types import (
     EXACT,
@@ -157,9 +147,9 @@ def describe_query(query: Query, position: int | None = None) -> str:
 def _check_key(key: str, what: str) -> None:
     if not isinstance(key, str) or not key:
         raise errors.InvalidArgument(f"{what}: empty attribute key")
-    if len(key) > MAX_ATTRIBUTE_KEY_CHARS:
+    if len(key) > defaults.MAX_ATTRIBUTE_KEY_CHARS:
         raise errors.InvalidArgument(f"{what}: attribute key {key[:40]!r}... has {len(key)} characters; "
-                                     f"at most {MAX_ATTRIBUTE_KEY_CHARS} are allowed")
+                                     f"at most {defaults.MAX_ATTRIBUTE_KEY_CHARS} are allowed")
     if _has_control_chars(key):
         raise errors.InvalidArgument(f"{what}: attribute key {key!r} contains control characters")
 
@@ -167,9 +157,9 @@ def _check_key(key: str, what: str) -> None:
 def _check_value(key: str, value: str, what: str) -> None:
     if not isinstance(value, str):
         raise errors.InvalidArgument(f"{what}: attribute {key!r} is not a string")
-    if len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
+    if len(value) > defaults.MAX_ATTRIBUTE_VALUE_CHARS:
         raise errors.InvalidArgument(f"{what}: attribute {key!r} has a value of {len(value)} characters; "
-                                     f"at most {MAX_ATTRIBUTE_VALUE_CHARS} are allowed")
+                                     f"at most {defaults.MAX_ATTRIBUTE_VALUE_CHARS} are allowed")
     if "\x00" in value:
         raise errors.InvalidArgument(f"{what}: attribute {key!r} has a value with a NUL character")
 
@@ -178,8 +168,9 @@ def check_attributes(attributes: Mapping[str, str] | None, *, what: str) -> dict
     """A validated plain copy of an item's attributes (InvalidArgument past the limits)."""
     if not attributes:
         return {}
-    if len(attributes) > MAX_ATTRIBUTES:
-        raise errors.InvalidArgument(f"{what}: {len(attributes)} attributes; at most {MAX_ATTRIBUTES} are allowed")
+    if len(attributes) > defaults.MAX_ATTRIBUTES:
+        raise errors.InvalidArgument(f"{what}: {len(attributes)} attributes; "
+                                     f"at most {defaults.MAX_ATTRIBUTES} are allowed")
     out = {}
     for key, value in attributes.items():
         _check_key(key, what)
@@ -193,15 +184,15 @@ def check_filters(filters: Iterable[tuple[str, Sequence[str]]], *, what: str) ->
     intersect (both must pass)."""
     out = []
     for i, (key, values) in enumerate(filters):
-        if i >= MAX_FILTERS:
-            raise errors.InvalidArgument(f"{what}: more than {MAX_FILTERS} attribute filters")
+        if i >= defaults.MAX_FILTERS:
+            raise errors.InvalidArgument(f"{what}: more than {defaults.MAX_FILTERS} attribute filters")
         _check_key(key, f"{what}: filter {i}")
         values = list(values)
         if not values:
             raise errors.InvalidArgument(f"{what}: filter {i} on {key!r} has no values: it would pass nothing")
-        if len(values) > MAX_FILTER_VALUES:
+        if len(values) > defaults.MAX_FILTER_VALUES:
             raise errors.InvalidArgument(f"{what}: filter {i} on {key!r} has {len(values)} values; "
-                                         f"at most {MAX_FILTER_VALUES} are allowed")
+                                         f"at most {defaults.MAX_FILTER_VALUES} are allowed")
         for value in values:
             _check_value(key, value, f"{what}: filter {i}")
         out.append(AttributeFilter(key, frozenset(values)))
@@ -365,12 +356,12 @@ def check_same_collection(collection: str, have: tuple[int, str, IndexSpec], wan
 def check_list_items(collection: str, page_size: int, limit: int) -> int:
     """ListItems' collection name, page size and limit; the page size to use."""
     check_collection(collection, what="list items")
-    if not 0 <= page_size <= MAX_LIST_PAGE:
+    if not 0 <= page_size <= defaults.MAX_LIST_PAGE:
         raise errors.InvalidArgument(f"list items: page_size {page_size} is out of range: "
-                                     f"use 1..{MAX_LIST_PAGE} (0 = {DEFAULT_LIST_PAGE})")
+                                     f"use 1..{defaults.MAX_LIST_PAGE} (0 = {defaults.DEFAULT_LIST_PAGE})")
     if limit < 0:
         raise errors.InvalidArgument(f"list items: limit {limit} is negative")
-    return page_size or DEFAULT_LIST_PAGE
+    return page_size or defaults.DEFAULT_LIST_PAGE
 
 
 def check_renamings(collection: str, renamings: Sequence[tuple[str, str]]) -> None:

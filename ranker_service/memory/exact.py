@@ -18,13 +18,7 @@ write mutex) copies the old rows into the bigger matrix while searches go on
 reading the old one, and only the swap of the two takes the write lock. The
 lock prefers writers, so a stream of searches cannot starve an upsert.
 
-Memory
-------
-Rows live in one C-contiguous `(capacity, dim)` float32 array. Appends grow it
-geometrically by 1/16 (at least 64 rows): amortised O(1) copies per append
-with at most ~6% slack; the slack rows come from `np.empty`, so the pages of
-a large matrix are not even resident until written. Deletions swap the last
-row into the hole; when slack passes 1/8 the matrix shrinks back.
+Memory layout and growth: docs/ranker.md#memory.
 """
 
 from __future__ import annotations
@@ -149,7 +143,8 @@ class ExactCollection(CollectionBase):
                 return []
             rows.sort()  # in memory order
             sub = self._matrix[rows]
-            return select_top_k(sub @ q32, sub, _Picked(self._names, rows), query64, int(k), self.margin)
+            names = [self._names[r] for r in rows.tolist()]
+            return select_top_k(sub @ q32, sub, names, query64, int(k), self.margin)
 
     # ------------------------------------------------------------ writing
 
@@ -251,16 +246,3 @@ class ExactCollection(CollectionBase):
         matrix[: self._n] = self._matrix[: self._n]
         with self._rw.write():
             self._matrix = matrix
-
-
-class _Picked:
-    """names[rows[i]] without building the list (only candidates are looked up)."""
-
-    def __init__(self, names: list[str], rows: np.ndarray):
-        self._names, self._rows = names, rows
-
-    def __getitem__(self, i: int) -> str:
-        return self._names[self._rows[i]]
-
-    def __len__(self) -> int:
-        return self._rows.shape[0]

@@ -1,21 +1,13 @@
-"""One collection held in a FAISS index: `exact` float16, `hnsw` or `ivf_pq`.
+"""One collection held in a FAISS index: `exact` float16, `hnsw` or `ivf_pq`
+(docs/ranker.md#index-kinds).
 
-Ids: every stored version of a vector gets a fresh FAISS id (0, 1, 2, ...),
-never reused. A replacement or a delete marks the old id dead in a bitmap of
-live ids; searches pass that bitmap to FAISS as an `IDSelectorBitmap`, so a
-dead id is never returned (HNSW cannot remove ids, and re-adding an id leaves
-the old vector findable). Once dead ids pass `REBUILD_DEAD_SHARE` of the index
-(and `REBUILD_MIN_DEAD`), the collection is rebuilt from its live vectors with
-ids 0..n-1, in the background (faiss_build.py).
-
-Re-rank: the candidates FAISS returns are rescored in float64 from the stored
-float32 vectors (HNSW: its own flat storage; ivf_pq: a float32 file on disk,
-read with pread, so the full vectors take page cache, not process memory;
-exact float16: the float16 rows themselves) and sorted by (-score, name).
-
-`ivf_pq` needs training: below `train_size(nlist)` vectors (and until its
-background training is swapped in) it answers by an exact scan of its
-on-disk rows.
+Every stored version of a vector gets a fresh FAISS id, never reused; a
+replacement or a delete marks the old id dead in a bitmap of live ids, which
+every search passes to FAISS (`IDSelectorBitmap`): a dead id is never
+returned. Candidates are re-ranked in float64 from the stored float32 vectors
+(HNSW: its own flat storage; ivf_pq: a float32 file on disk, read with pread;
+exact float16: the float16 rows) and sorted by (-score, name). An `ivf_pq`
+below `train_size(nlist)` vectors answers by an exact scan of its rows file.
 """
 
 from __future__ import annotations

@@ -1,22 +1,8 @@
 """Building and rebuilding a FAISS collection's index (faiss.py): the empty
-index of a kind, ivf_pq's float32 rows file, and the background rebuild.
-
-Background rebuilds: the write that passes the threshold only starts a
-thread and returns. The thread builds a new index from a snapshot of the
-live ids, reading rows under the read lock a chunk at a time, while searches
-use the current index with its tombstones and writes go on applying to it
-(new ids, new tombstones). It then catches up with the ids written
-meanwhile, in passes without the write mutex until few are left, and
-finally, under the write mutex (writers wait for at most `CATCH_UP_FINAL`
-adds), adds the last ones, marks dead every copied id that died meanwhile,
-and swaps the index, names, id map, live bitmap (and ivf_pq's rows file)
-under the write lock. No search ever sees a dead id: before the swap the old
-bitmap excludes it, after it the new one. An ivf_pq with enough rows is
-trained the same way (the ids kept, only the index swapped). A rebuild is
-cancelled, never swapped, once the collection is closing
-(`stop_background`); SQLite stays the truth, and a crash mid-rebuild leaves
-index files older than the database's generation, so the next start
-rebuilds from SQLite.
+index of a kind, ivf_pq's float32 rows file, and the background rebuild that
+drops dead ids or trains an ivf_pq while searches and writes go on, then
+swaps under the write lock (docs/ranker.md#index-kinds: how no search ever
+sees a dead id, and what a clean stop or a crash mid-rebuild leaves).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 from imagesearch import defaults, errors
 from ranker_service.memory.background import Background, Job, join
@@ -46,12 +46,11 @@ DEBOUNCE_S = float(os.environ.get(defaults.DERIVED_DEBOUNCE_ENV) or defaults.DER
 NONE, CURRENT, STALE, REBUILDING = "none", "current", "stale", "rebuilding"
 
 
-def k_reciprocal_key(k1: int, k2: int) -> tuple:
-    return ("k-reciprocal", k1, k2)
+Key = tuple[int, int]  # the (k1, k2) of a collection's k-reciprocal neighbourhoods
 
 
-def describe(key: Hashable) -> str:
-    return f"k-reciprocal k1={key[1]} k2={key[2]}"
+def describe(key: Key) -> str:
+    return f"k-reciprocal k1={key[0]} k2={key[1]}"
 
 
 class _Slot:
@@ -82,7 +81,7 @@ class _State:
         self.name = coll.name
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.slots: collections.OrderedDict[Hashable, _Slot] = collections.OrderedDict()
+        self.slots: collections.OrderedDict[Key, _Slot] = collections.OrderedDict()
         self.generation = generation
         self.last_write = 0.0  # monotonic
         self.unseen_since: float | None = None  # first write no job has taken yet (monotonic)
@@ -97,13 +96,13 @@ class _State:
 
     # ------------------------------------------------------------ under self.lock
 
-    def _stale(self) -> list[Hashable]:
+    def _stale(self) -> list[Key]:
         return [key for key, slot in self.slots.items() if slot.generation < self.generation]
 
     def _due(self) -> bool:
         return bool(self._stale())
 
-    def _want(self, key: Hashable) -> _Slot:
+    def _want(self, key: Key) -> _Slot:
         slot = self.slots.get(key)
         if slot is None:
             slot = self.slots[key] = _Slot()
@@ -129,7 +128,7 @@ class _State:
             _settle(wait, exc)
         self.waits = []
 
-    def pending(self, keys: Sequence[Hashable]) -> Wait | None:
+    def pending(self, keys: Sequence[Key]) -> Wait | None:
         """None when every key is current; else a Wait, and a rebuild started (no debounce)."""
         slots = [self._want(k) for k in keys]
         if all(slot.generation >= self.generation for slot in slots):
@@ -184,7 +183,7 @@ class _State:
         t0 = time.perf_counter()
         snapshot = self.coll.snapshot() if keys else None
         for key in keys:
-            value = Neighbourhoods.build(*snapshot, key[1], key[2], step=job.step)
+            value = Neighbourhoods.build(*snapshot, *key, step=job.step)
             job.step(0)
             with self.lock:
                 slot = self.slots.get(key)
@@ -247,7 +246,7 @@ class DerivedData:
         if old is not None:
             join(old.cancel(errors.NotFound(f"collection {coll.name!r} was dropped")), old.worker.name)
 
-    def current(self, collection: str) -> dict[Hashable, tuple[int, object]]:
+    def current(self, collection: str) -> dict[Key, tuple[int, object]]:
         """{key: (generation, value)} of the collection's values that are current."""
         state = self._states.get(collection)
         if state is None:
@@ -271,7 +270,7 @@ class DerivedData:
             state.changed.notify_all()
             state.worker.maintain()
 
-    def pending(self, collection: str, keys: Sequence[Hashable]) -> Wait | None:
+    def pending(self, collection: str, keys: Sequence[Key]) -> Wait | None:
         """None when the collection's `keys` are current (or it is not
         followed); else a Wait that is done once they are."""
         state = self._states.get(collection)
@@ -280,7 +279,7 @@ class DerivedData:
         with state.lock:
             return state.pending(keys)
 
-    def get(self, collection: str, keys: Sequence[Hashable], deadline: float | None) -> dict:
+    def get(self, collection: str, keys: Sequence[Key], deadline: float | None) -> dict:
         """{key: value}, every one current, waiting (never building) until
         `deadline` (time.monotonic(); None: no limit); DeadlineExceeded past it."""
         if not keys:

@@ -6,21 +6,19 @@ neighbourhoods (cache.py). Filters apply to every pass.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-
 import numpy as np
 
 from ranker_service.memory.collection import Collection, Found
 from ranker_service.memory.filtering import filtered_search
-from ranker_service.rerank.cache import DerivedData, k_reciprocal_key
+from ranker_service.rerank.cache import DerivedData, Key
 from ranker_service.rerank.maths import expand_query
 from ranker_service.types import Query
 
 
-def needs(query: Query) -> list[Hashable]:
+def needs(query: Query) -> list[Key]:
     """The derived data a query needs: the k-reciprocal neighbourhoods of its (k1, k2)."""
     options = query.k_reciprocal
-    return [] if options is None else [k_reciprocal_key(options.k1, options.k2)]
+    return [] if options is None else [(options.k1, options.k2)]
 
 
 def reranked_search(coll: Collection, q64: np.ndarray, k: int, query: Query, cache: DerivedData,
@@ -48,4 +46,4 @@ def reranked_search(coll: Collection, q64: np.ndarray, k: int, query: Query, cac
     options = query.k_reciprocal
     if options is None:
         return first_pass(q64, k)
-    return derived[k_reciprocal_key(options.k1, options.k2)].rerank(q64, k, options, allowed)
+    return derived[(options.k1, options.k2)].rerank(q64, k, options, allowed)

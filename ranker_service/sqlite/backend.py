@@ -26,6 +26,7 @@ import numpy as np
 
 from imagesearch import errors
 from imagesearch.errors import StoreError
+from ranker_service import validation
 from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, UpsertJob, with_progress
 from ranker_service.memory.attributes import AttributeTables
 from ranker_service.memory.collection import Collection
@@ -47,21 +48,6 @@ from ranker_service.types import (
     Query,
     RenameResult,
     UpsertItem,
-)
-from ranker_service.validation import (
-    check_collection,
-    check_delete,
-    check_fits,
-    check_list_items,
-    check_new_collection,
-    check_renamings,
-    check_same_collection,
-    describe_query,
-    from_json,
-    passes,
-    pending_item,
-    spec_from_json,
-    to_json,
 )
 
 log = logging.getLogger(__name__)
@@ -102,7 +88,7 @@ class SqliteBackend(BackendBase):
         for meta in self.store.collections():
             self._generations[meta.name] = meta.generation
             try:
-                spec = spec_from_json(meta.kind, meta.params)
+                spec = validation.spec_from_json(meta.kind, meta.params)
             except (errors.InvalidArgument, ValueError) as exc:
                 raise StoreError(f"{path}: collection {meta.name!r} has unusable index options "
                                  f"({meta.kind} {meta.params}): {exc}") from exc
@@ -132,7 +118,7 @@ class SqliteBackend(BackendBase):
             if coll.spec.label != "exact":  # building was costly: keep it for the next start
                 self.snapshots.save(coll, generation)
         for collection, name, text in self.store.iter_attributes():
-            self.attributes.table(collection).set([(name, from_json(text))])
+            self.attributes.table(collection).set([(name, validation.from_json(text))])
         for coll in self.index.collections():  # derived data the last clean stop saved for this generation
             generation = self._generations[coll.name]
             self.derived.track(coll, generation, built=self.snapshots.load_derived(coll, generation))
@@ -216,7 +202,7 @@ class SqliteBackend(BackendBase):
                     new_collections.append((p.collection, p.vector.shape[0], p.fingerprint))
                 else:
                     try:
-                        check_fits(p.collection, *spec, p)
+                        validation.check_fits(p.collection, *spec, p)
                     except errors.ImageSearchError as exc:
                         failure = exc
                         break
@@ -224,9 +210,9 @@ class SqliteBackend(BackendBase):
             if not ok:
                 return 0, 0, failure
             now = time.time()
-            existing = self.store.upsert(
-                [UpsertRow(p.collection, p.name, p.vector, p.fingerprint, to_json(p.attributes)) for p in ok],
-                new_collections, now)
+            rows = [UpsertRow(p.collection, p.name, p.vector, p.fingerprint, validation.to_json(p.attributes))
+                    for p in ok]
+            existing = self.store.upsert(rows, new_collections, now)
             inserted = replaced = 0
             seen = set(existing)
             by_collection: dict[str, tuple[list[str], list[np.ndarray]]] = {}
@@ -256,7 +242,7 @@ class SqliteBackend(BackendBase):
 
     def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
         self._require_ready()
-        check_delete(collection, names)
+        validation.check_delete(collection, names)
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
@@ -275,13 +261,14 @@ class SqliteBackend(BackendBase):
         existing collection with the same dimension, fingerprint and index
         options is no error: (its stats, False); with others, AlreadyExists."""
         self._require_ready()
-        check_new_collection(collection, dim, spec)
+        validation.check_new_collection(collection, dim, spec)
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
             coll = self.index.find(collection)
             if coll is not None:
-                check_same_collection(collection, (coll.dim, coll.fingerprint, coll.spec), (dim, fingerprint, spec))
+                validation.check_same_collection(collection, (coll.dim, coll.fingerprint, coll.spec),
+                                                 (dim, fingerprint, spec))
                 return coll.stats(), False
             stored = self.store.create_collection(collection, dim, fingerprint, spec.kind, spec.to_json())
             coll = self.index.create(collection, dim, fingerprint, spec, created_at=stored.created_at,
@@ -294,7 +281,7 @@ class SqliteBackend(BackendBase):
     def drop_collection(self, collection: str) -> int:
         """Delete a collection, its vectors and its index files; returns how many vectors it held."""
         self._require_ready()
-        check_collection(collection, what="drop collection")
+        validation.check_collection(collection, what="drop collection")
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
@@ -312,7 +299,7 @@ class SqliteBackend(BackendBase):
         """New names for items, keeping their vectors and attributes; applied
         in order, a target that exists is replaced (like `mv`)."""
         self._require_ready()
-        check_renamings(collection, renamings)
+        validation.check_renamings(collection, renamings)
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
@@ -344,7 +331,7 @@ class SqliteBackend(BackendBase):
     def search(self, query: Query) -> list[Match]:
         self._require_ready()
         if query.reranked:
-            found = self._search_reranked(query, describe_query(query), self._allowed(query))
+            found = self._search_reranked(query, validation.describe_query(query), self._allowed(query))
         else:
             found = self.index.search(query, allowed=self._allowed(query))
         return self._with_attributes(query, found)
@@ -363,7 +350,7 @@ class SqliteBackend(BackendBase):
                 results[i] = r
         for i in special:
             try:
-                results[i] = self._search_reranked(queries[i], describe_query(queries[i], i), allowed[i])
+                results[i] = self._search_reranked(queries[i], validation.describe_query(queries[i], i), allowed[i])
             except errors.ImageSearchError as exc:
                 results[i] = exc
         return [r if isinstance(r, errors.ImageSearchError) else self._with_attributes(q, r)
@@ -389,7 +376,7 @@ class SqliteBackend(BackendBase):
         if not self._ready or query.collection not in self.index:
             return None
         try:  # a query the search will refuse starts no rebuild
-            coll, _, _ = self.index.prepare(query, describe_query(query))
+            coll, _, _ = self.index.prepare(query, validation.describe_query(query))
         except errors.ImageSearchError:
             return None
         return self.derived.pending(coll.name, needs(query))
@@ -402,7 +389,7 @@ class SqliteBackend(BackendBase):
                    filters: Sequence[AttributeFilter] = (), with_vectors: bool = False) -> Iterator[ItemPage]:
         """Pages of a collection's items in name order (see ListItems)."""
         self._require_ready()
-        page_size = check_list_items(collection, page_size, limit)
+        page_size = validation.check_list_items(collection, page_size, limit)
         self.index.get(collection)  # NotFound for an unknown collection
         left = limit or None
         after = start_after
@@ -413,7 +400,7 @@ class SqliteBackend(BackendBase):
                 return
             after = rows[-1].name
             if filters:
-                rows = [r for r in rows if passes(from_json(r.attributes), filters)]
+                rows = [r for r in rows if validation.passes(validation.from_json(r.attributes), filters)]
             if rows:
                 if left is not None:
                     left -= len(rows)
@@ -422,7 +409,7 @@ class SqliteBackend(BackendBase):
     def stats(self, collection: str | None = None) -> list[CollectionStats]:
         self._require_ready()
         if collection:
-            check_collection(collection, what="stats")
+            validation.check_collection(collection, what="stats")
         return [dataclasses.replace(s, memory_bytes=s.memory_bytes + self.derived.nbytes(s.name),
                                     derived=self.derived.status(s.name))
                 for s in self.index.stats(collection or None)]
@@ -446,13 +433,13 @@ class SqliteUpsertJob(UpsertJob):
         self._pending_specs: dict[str, tuple[int, str]] = {}  # collections first seen in `pending`
 
     def _prepare(self, index: int, item: UpsertItem) -> Pending:
-        p = pending_item(index, item)
+        p = validation.pending_item(index, item)
         coll = self._backend.index.find(p.collection)
         spec = (coll.dim, coll.fingerprint) if coll is not None else self._pending_specs.get(p.collection)
         if spec is None:
             self._pending_specs[p.collection] = (p.vector.shape[0], p.fingerprint)
         else:
-            check_fits(p.collection, *spec, p)
+            validation.check_fits(p.collection, *spec, p)
         return p
 
     def flush(self) -> None:

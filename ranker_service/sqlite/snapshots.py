@@ -36,7 +36,7 @@ from ranker_service.memory.faiss import FaissCollection
 from ranker_service.memory.faiss import file_stem as stem
 from ranker_service.memory.faiss_build import DiskRows
 from ranker_service.memory.registry import Registry
-from ranker_service.rerank.cache import DerivedData, k_reciprocal_key
+from ranker_service.rerank.cache import DerivedData
 from ranker_service.rerank.maths import Neighbourhoods
 from ranker_service.sqlite.store import StoredCollection
 from ranker_service.types import EXACT, IVF_PQ, IndexSpec
@@ -225,7 +225,7 @@ class Snapshots:
         self.folder = folder
         # collection -> (database generation, rebuilds swapped in) its index files hold
         self._saved: dict[str, tuple[int, int]] = {}
-        # collection -> {derived key: database generation its file holds}
+        # collection -> {(k1, k2): database generation its file holds}
         self._derived: dict[str, dict] = {}
 
     def load(self, meta: StoredCollection, spec: IndexSpec, on_rows_replaced: Callable[[str], None] | None
@@ -237,10 +237,9 @@ class Snapshots:
         return coll
 
     def load_derived(self, coll: Collection, generation: int) -> dict:
-        """{derived key: value} the last clean stop saved for this generation."""
-        built = {}
-        for (k1, k2), value in load_k_reciprocal(coll, self.folder, generation).items():
-            built[k_reciprocal_key(k1, k2)] = value
+        """{(k1, k2): neighbourhoods} the last clean stop saved for this generation."""
+        built = load_k_reciprocal(coll, self.folder, generation)
+        for k1, k2 in built:
             log.info("collection %r: k-reciprocal neighbourhoods k1=%d k2=%d loaded from their files",
                      coll.name, k1, k2)
         self._derived[coll.name] = {key: generation for key in built}
@@ -282,9 +281,8 @@ class Snapshots:
                             self.folder, exc)
             else:
                 saved[key] = generation
-        keep = {(key[1], key[2]) for key in current}
-        remove_k_reciprocal(coll.name, self.folder, keep)
-        for key in [k for k in saved if (k[1], k[2]) not in keep]:
+        remove_k_reciprocal(coll.name, self.folder, keep=current)
+        for key in [k for k in saved if k not in current]:
             del saved[key]
 
     def forget(self, collection: str) -> None:

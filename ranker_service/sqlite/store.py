@@ -1,39 +1,22 @@
-"""The ranker's SQLite database, through sqlite-utils.
+"""The ranker's SQLite database, through sqlite-utils (tables: migrations.py).
 
-Tables (see `migrations.py`): `collections` (name, dim, fingerprint,
-timestamps, index kind and parameters, generation of its last write),
-`ranker_state` (the generation counter every write bumps) and `vectors`
-(one row per (collection, name): the unit vector as a float32 little-endian
-BLOB, its dim, the model fingerprint, attributes, timestamps).
-
-Durability settings, chosen so that an acknowledged write survives `kill -9`
-(and a power cut):
-
-- `journal_mode=WAL`: a commit appends to the -wal file; a crash mid-commit
-  leaves a torn frame that recovery ignores, never a half-written row.
-- `synchronous=FULL`: the WAL is fsync'ed at every commit, before the commit
-  returns and so before any acknowledgement. (`NORMAL` would already survive
-  kill -9, since the OS keeps the written pages, but not a power cut; batches
-  of a few hundred items amortise the one fsync per commit.)
-- `locking_mode=EXCLUSIVE`: the ranker keeps its file locked while it runs.
-  A second ranker on the same file would otherwise serve a stale memory
-  matrix; here it is refused at start with a clear message. (It also means
-  the WAL needs no -shm file.) Other readers must wait for the ranker to stop.
-- `page_size=16384` for new files: two or three 1280-d rows per page instead
-  of one row plus an overflow page each.
+Settings (docs/ranker.md#storage), chosen so that an acknowledged write
+survives `kill -9` and a power cut: `journal_mode=WAL` (a crash mid-commit
+leaves a torn frame that recovery ignores); `synchronous=FULL` (the WAL is
+fsync'ed before a commit returns: `NORMAL` would survive kill -9 but not a
+power cut; batches amortise the fsync); `locking_mode=EXCLUSIVE` (a second
+ranker on the file would serve a stale memory matrix: it is refused at start;
+the WAL then needs no -shm file); `page_size=16384` for new files.
 
 Each write is one explicit `BEGIN IMMEDIATE ... COMMIT` transaction around
-sqlite-utils' batched `insert_all` (which nests inside it as a savepoint)
-and one `executemany` UPDATE for replaced rows (keeping their created_at),
-so a batch is committed whole or not at all. (A bare
-`with db.conn:` is not enough with sqlite-utils 4, whose `execute()` commits
-any implicit transaction it opened itself.)
-
-Start-up problems (missing folder, read-only file or folder, file locked by
-another process, not a database, damaged rows, database from a newer
-version) raise `StoreError` with a message for a person. Failures during a
-write raise the domain error that fits (`ResourceExhausted` when the database
-is full, `Unavailable` for I/O errors, ...); the transaction is rolled back.
+sqlite-utils' batched `insert_all` (nested inside it as a savepoint) and one
+`executemany` UPDATE for replaced rows (keeping their created_at): a batch
+is committed whole or not at all. (A bare `with db.conn:` is not enough with
+sqlite-utils 4, whose `execute()` commits any implicit transaction it
+opened itself.) Start-up problems raise `StoreError` with a message for a
+person; a failed write raises the domain error that fits (`ResourceExhausted`
+when the database is full, `Unavailable` for I/O errors, ...) and is rolled
+back.
 """
 
 from __future__ import annotations
