@@ -217,7 +217,7 @@ def from_json(text: str | None) -> dict[str, str]:
 # Defaults that differ by kind. ivf_pq: 64-byte codes cannot order vectors whose
 # scores differ by ~0.01 (a cluster of near-duplicates), so it probes more lists and
 # re-ranks 50 x top_k candidates from disk; hnsw re-ranks 30 x top_k candidates
-# (the defaults that reach recall@10 near 1 at 1M vectors in bench/ranker_kinds.py).
+# (bench/ranker_kinds.py measures the recall each reaches).
 KIND_DEFAULTS = {IVF_PQ: {"nprobe": 64, "rerank_factor": 50}, HNSW: {"rerank_factor": 30}}
 _RANGES = (("hnsw_m", 4, 256), ("ef_construction", 8, 4096), ("ef_search", 1, 32768), ("nlist", 1, 1 << 20),
            ("nprobe", 1, 1 << 20), ("pq_bytes", 1, 1024), ("rerank_factor", 1, 1000))
