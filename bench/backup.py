@@ -22,7 +22,7 @@ import numpy as np
 
 from clients.ranker import RankerClient
 from testkit import ServiceProcess
-from ranker_service.store import GalleryStore, bulk_load
+from ranker_service.sqlite.store import Store, bulk_load
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "bench.db"
-        store = GalleryStore.open(db)
+        store = Store.open(db)
         for start in range(0, args.vectors, 10_000):
             n = min(10_000, args.vectors - start)
             v = rng.standard_normal((n, args.dim)).astype(np.float32)

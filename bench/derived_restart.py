@@ -1,16 +1,13 @@
 """A restart of a collection with derived re-ranking data: read back from disk against rebuilt.
 
-    python bench/derived_restart.py [--derived dba|k-reciprocal] [--n 10000] [--dim 512] [--rounds 2]
+    python bench/derived_restart.py [--n 10000] [--dim 512] [--rounds 2]
 
 A real ranker process over a temporary SQLite file holds one exact collection
-of `--n` clustered random unit vectors: with database-side augmentation (n 2,
-alpha 3; `--derived dba`), or searched with k-reciprocal re-ranking (k1 20,
-k2 6; `--derived k-reciprocal`). After a clean stop (which writes the derived
-data next to the index files, ranker_service/index_files.py) the ranker is
-started again, in turn with those files ("saved") and with them removed
-("rebuilt": the O(G^2) derivation runs after the start: a DBA collection's
-at once in the background, a k-reciprocal
-pair's when the first search asks). Per start: seconds from the process start
+of `--n` clustered random unit vectors, searched with k-reciprocal re-ranking
+(k1 20, k2 6). After a clean stop (which writes the derived data next to the
+index files, ranker_service/sqlite/snapshots.py) the ranker is started again,
+in turn with those files ("saved") and with them removed ("rebuilt": the
+O(G^2) derivation runs when the first search asks). Per start: seconds from the process start
 to health SERVING and to the first answered search that needs the data, side
 by side over `--rounds` rounds, and the median ratio.
 """
@@ -32,33 +29,30 @@ if str(ROOT) not in sys.path:
 
 from clients.ranker import RankerClient  # noqa: E402
 from clients.cli.services import RANKER_MODULE, Services  # noqa: E402
-from clients.types import DatabaseAugmentation, KReciprocal  # noqa: E402
+from clients.types import KReciprocal  # noqa: E402
 
 COLLECTION = "gallery"
-FILES = {"dba": "*.dba.*", "k-reciprocal": "*.kr-*"}  # what a clean stop writes (index_files)
+FILES = "*.kr-*"  # what a clean stop writes (sqlite/snapshots.py)
 
 
-def search(ranker: RankerClient, derived: str, query: np.ndarray) -> list[str]:
+def search(ranker: RankerClient, query: np.ndarray) -> list[str]:
     """The top 10 of a search that needs the derived data."""
-    options = {"k_reciprocal": KReciprocal()} if derived == "k-reciprocal" else {}
-    return [m.name for m in ranker.search(COLLECTION, query, top_k=10, **options)]
+    return [m.name for m in ranker.search(COLLECTION, query, top_k=10, k_reciprocal=KReciprocal())]
 
 
-def start(services: Services, db: Path, derived: str, query: np.ndarray) -> tuple[object, float, float, list]:
+def start(services: Services, db: Path, query: np.ndarray) -> tuple[object, float, float, list]:
     """(child, seconds to SERVING, seconds to the first search that needs the data answered, its names)."""
     t0 = time.perf_counter()
     child = services.start("ranker", RANKER_MODULE, ["--db", str(db)])
     child.wait_ready(600)
     serving = time.perf_counter() - t0
     with RankerClient(child.address, timeout=3600) as ranker:
-        names = search(ranker, derived, query)
+        names = search(ranker, query)
     return child, serving, time.perf_counter() - t0, names
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--derived", choices=sorted(FILES), default="dba",
-                   help="what the collection derives (default %(default)s)")
     p.add_argument("--n", type=int, default=10000, help="gallery vectors (default %(default)s)")
     p.add_argument("--dim", type=int, default=512, help="their dimension (default %(default)s: the default neck)")
     p.add_argument("--rounds", type=int, default=2, help="saved/rebuilt start pairs (default %(default)s)")
@@ -73,31 +67,30 @@ def main(argv=None) -> int:
         child = services.start("ranker", RANKER_MODULE, ["--db", str(db)])
         child.wait_ready(120)
         with RankerClient(child.address, timeout=3600) as ranker:
-            ranker.create_collection(COLLECTION, args.dim,
-                                     dba=DatabaseAugmentation(top_n=2) if args.derived == "dba" else None)
+            ranker.create_collection(COLLECTION, args.dim)
             ranker.upsert(COLLECTION, ((f"{i:08d}", v) for i, v in enumerate(matrix)))
             t0 = time.perf_counter()
-            first = search(ranker, args.derived, matrix[0])
-            print(f"n {args.n}, dim {args.dim}: first build of the {args.derived} data "
+            first = search(ranker, matrix[0])
+            print(f"n {args.n}, dim {args.dim}: first build of the k-reciprocal data "
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
         child.stop()
         files = Path(tmp) / "g.db.index"
         for round_ in range(args.rounds):
             for mode in ("saved", "rebuilt"):
-                saved = list(files.glob(FILES[args.derived]))
+                saved = list(files.glob(FILES))
                 if not saved:
-                    raise SystemExit(f"no saved {args.derived} data in {files} after a clean stop")
+                    raise SystemExit(f"no saved k-reciprocal data in {files} after a clean stop")
                 if mode == "rebuilt":
                     for f in saved:
                         f.unlink()
-                child, serving, answered, names = start(services, db, args.derived, matrix[0])
+                child, serving, answered, names = start(services, db, matrix[0])
                 if names != first:
                     raise SystemExit(f"{mode} start answered {names[:3]}..., not {first[:3]}...")
                 times[mode].append((serving, answered))
-                print(f"  round {round_ + 1} {mode}: SERVING {serving:.2f} s, first {args.derived} search "
+                print(f"  round {round_ + 1} {mode}: SERVING {serving:.2f} s, first k-reciprocal search "
                       f"{answered:.2f} s", flush=True)
                 child.stop()  # a clean stop writes the files again (after "rebuilt": built by then)
-    print(f"\n| start | to SERVING (s, median) | to the first {args.derived} search answered (s, median) | ratio |")
+    print("\n| start | to SERVING (s, median) | to the first k-reciprocal search answered (s, median) | ratio |")
     print("|---|---:|---:|---:|")
     base = statistics.median(a for _, a in times["rebuilt"])
     for mode in ("rebuilt", "saved"):

@@ -28,6 +28,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -35,15 +36,29 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE
+from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE, FILTER_OVERFETCH
 from testkit import unit32
-from ranker_service.filtering import ann_then_filter, exact_among
-from ranker_service.index import make_collection
-from ranker_service.kinds import make_spec
+from ranker_service.memory.registry import make_collection
+from ranker_service.validation import make_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARES = (0.002, 0.01, 0.03, 0.1, 0.3, 0.5)
 K = 10
+
+
+def exact_among(coll, query64, k, allowed):
+    """(a): the exact top-k over the passing rows (what the ranker does below the share)."""
+    return coll.search_among(query64, k, allowed)
+
+
+def ann_then_filter(coll, query64, k, allowed, overfetch=FILTER_OVERFETCH):
+    """(b): the ANN search over-fetching k / share x `overfetch` candidates, those
+    that pass kept; None when fewer than min(k, passing) pass."""
+    n, m = len(coll), len(allowed)
+    fetch = min(n, math.ceil(k * (n / m) * overfetch))
+    (found,) = coll.search(query64[np.newaxis], [fetch])
+    hits = [(name, score) for name, score in found if name in allowed][:k]
+    return hits if len(hits) >= min(k, m) else None
 
 
 def median_ms(fn, queries) -> float:

@@ -32,7 +32,6 @@ Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library def
 
     tta               the embedder with --tta flip
     qe                each query with alpha-weighted query expansion (n 2, alpha 3)
-    dba               the collection with database-side augmentation (n 2, alpha 3)
     kreciprocal       k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3), after qe when both
 
 `--seeds 42,7` trains and measures each trained base once per seed (rows
@@ -78,7 +77,7 @@ from clients.embedder import EmbedderClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
 from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
-from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion  # noqa: E402
+from clients.types import KReciprocal, QueryExpansion  # noqa: E402
 from trainer.train import DEFAULTS as TRAINER_DEFAULTS  # noqa: E402
 from trainer.train import training_settings  # noqa: E402
 
@@ -114,12 +113,11 @@ BASES: dict[str, list | None] = {
 MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
     "tta": (["--tta", "flip"], {}, {}),
     "qe": ([], {}, {"query_expansion": QueryExpansion()}),
-    "dba": ([], {"dba": DatabaseAugmentation()}, {}),
     "kreciprocal": ([], {}, {"k_reciprocal": KReciprocal()}),
 }
 
-DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "arcface", "default", "default+tta", "default+qe", "default+dba",
-                "default+dba+qe", "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
+DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "arcface", "default", "default+tta", "default+qe",
+                "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
                 "lr3e-4", "sqrt", "balanced", "batch32", "lite2", "lite2+tta+qe+kreciprocal", "default-lite2",
                 "default-lite2+tta+qe+kreciprocal", "lite2-lr3e-4", "lite2-lr3e-4+tta+qe+kreciprocal"]
 

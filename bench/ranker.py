@@ -9,7 +9,7 @@ For each gallery size G (random unit vectors, dim 1280), measured side by side
 in one run:
 
 (a) Search latency p50/p99: over gRPC (a real ranker process on port 0 with a
-    temporary SQLite file) and the core `GalleryIndex` alone, each against a
+    temporary SQLite file) and the core `Registry` alone, each against a
     bare numpy product + argpartition over the same matrix (the three calls
     interleaved per query, in a random order).
 (b) SearchStream queries/s for N queries on one stream, against bare numpy
@@ -50,9 +50,10 @@ from clients.channels import FAST_UNARY_STREAM  # noqa: E402
 from testkit import ServiceProcess  # noqa: E402
 from imagesearch.v1 import ranker_pb2 as pb  # noqa: E402
 from imagesearch.v1 import ranker_pb2_grpc  # noqa: E402
-from ranker_service.index import GalleryIndex, Query  # noqa: E402
+from ranker_service.memory.registry import Registry  # noqa: E402
 from ranker_service.servicer import DEFAULT_MAX_BATCH  # noqa: E402
-from ranker_service.store import GalleryStore, bulk_load  # noqa: E402
+from ranker_service.sqlite.store import Store, bulk_load  # noqa: E402
+from ranker_service.types import Query  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTION = "bench"
@@ -129,7 +130,7 @@ def bench_size(G: int, args, rng: np.random.Generator, workdir: Path, rss_empty_
     db = workdir / f"g{G}.db"
 
     # Bulk load through the store module (no server running: the file is free).
-    store = GalleryStore.open(db)
+    store = Store.open(db)
     t0 = time.perf_counter()
     bulk_load(store, COLLECTION, names, matrix, fingerprint="bench", batch=2000)
     bulk_s = time.perf_counter() - t0
@@ -153,7 +154,7 @@ def bench_size(G: int, args, rng: np.random.Generator, workdir: Path, rss_empty_
               f"= {rss_per_vector / (4 * dim):.3f} x 4*dim", flush=True)
 
         # The core alone, in this process, over its own copy of the matrix.
-        index = GalleryIndex()
+        index = Registry()
         index.upsert(COLLECTION, names, matrix, "bench")
 
         # (a) latency, interleaved: bare, core, gRPC.
@@ -261,7 +262,7 @@ def bench_seed_loop(args, rng: np.random.Generator) -> dict:
     names = [f"img/{i:07d}.jpg" for i in range(G)]
     queries = rng.standard_normal((args.loop_queries, dim)).astype(np.float32)
     loop_s, loop_answers = seed_notebook_loop(matrix, names, queries, K)
-    index = GalleryIndex()
+    index = Registry()
     index.upsert(COLLECTION, names, matrix, "")
     core_t, bare_t, agree = [], [], True
     for _ in range(3):  # repeat: the core is fast, take the median

@@ -40,9 +40,9 @@ from bench.ranker_data import clothing_centres, clustered_chunks
 from testkit import ServiceProcess
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
-from ranker_service import index_files
-from ranker_service.kinds import make_spec, spec_from_json
-from ranker_service.store import GalleryStore, bulk_load
+from ranker_service.sqlite import snapshots
+from ranker_service.sqlite.store import Store, bulk_load
+from ranker_service.validation import make_spec, spec_from_json
 
 COLLECTION = "bench"
 K = 10
@@ -77,7 +77,7 @@ def prepare(G: int, queries: np.ndarray, centres: np.ndarray, workdir: Path, see
     best_ids = np.zeros((q64.shape[0], 0), dtype=np.int64)
     best_scores = np.zeros((q64.shape[0], 0))
     names = names_for(G)
-    store = GalleryStore.open(db)
+    store = Store.open(db)
     t0 = time.perf_counter()
     start = 0
     for block in clustered_chunks(centres, G, seed, CHUNK):
@@ -107,7 +107,7 @@ def set_kind(db: Path, label: str, params: dict, rebuild: bool = True) -> bool:
                                            [COLLECTION]).fetchone())
         conn.execute("UPDATE collections SET kind = ?, params = ? WHERE name = ?", [spec.kind, spec.to_json(),
                                                                                    COLLECTION])
-    folder = index_files.folder_for(db)
+    folder = snapshots.folder_for(db)
     if (old.kind, old.build_params()) == (spec.kind, spec.build_params()) and not rebuild:
         return False  # only search-time parameters changed: the index files stay valid
     if folder.exists():

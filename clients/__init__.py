@@ -11,7 +11,6 @@ from clients.errors import ClientError, ServiceUnavailable, UsageError
 from clients.ranker import RankerClient
 from clients.types import (
     CollectionStats,
-    DatabaseAugmentation,
     DeleteResult,
     Embedding,
     Failure,
@@ -24,7 +23,7 @@ from clients.types import (
     UpsertResult,
 )
 
-__all__ = ["ClientError", "CollectionStats", "DatabaseAugmentation", "DeleteResult", "EmbedderClient", "Embedding",
+__all__ = ["ClientError", "CollectionStats", "DeleteResult", "EmbedderClient", "Embedding",
            "Failure", "ImageSource", "KReciprocal", "Match", "ModelInfo", "QueryExpansion", "RankerClient",
            "RetryPolicy", "SearchResult", "Security", "ServiceUnavailable", "Stats", "UpsertResult", "UsageError",
            "file_source"]

@@ -1,10 +1,13 @@
 """Walking an image folder: every file under it, named by its path relative
 to the folder with posix separators (the names that go into the ranker and
-into the results JSON)."""
+into the results JSON); the attributes `imagesearch index` keeps for each
+file; thumbnails of gallery files (the HTML report, the web page)."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +16,13 @@ from imagesearch.defaults import (
     IMAGE_EXTENSIONS,  # noqa: F401 (re-exported)
     is_image_path,
 )
+
+
+log = logging.getLogger(__name__)
+
+# The attributes `imagesearch index` keeps for each file (clients.cli.incremental).
+SHA256, SIZE, MTIME = "sha256", "size", "mtime"
+FILE_KEYS = (SHA256, SIZE, MTIME)
 
 
 def file_inside(root: str | os.PathLike, name: str) -> Path | None:
@@ -108,3 +118,23 @@ def _inside(root: Path, path: Path) -> bool:
         return path.resolve().is_relative_to(root.resolve())
     except (OSError, RuntimeError):  # a symlink loop
         return False
+
+
+def thumbnail_jpeg(path: Path, size: int) -> bytes | None:
+    """A JPEG of the image fitting in size x size (EXIF orientation applied),
+    or None when it cannot be read."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (size * 2, size * 2))  # fast JPEG downscale on decode
+            img = ImageOps.exif_transpose(img)
+            img.thumbnail((size, size))
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=80)
+    except Exception as exc:  # any undecodable file becomes a placeholder, never a crash
+        log.debug("no thumbnail for %s: %s", path, exc)
+        return None
+    return buf.getvalue()

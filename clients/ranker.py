@@ -16,7 +16,6 @@ from clients.errors import SERVE_HINT, ClientError, UsageError
 from clients.types import (
     BackupResult,
     CollectionStats,
-    DatabaseAugmentation,
     DeleteResult,
     Embedding,
     Failure,
@@ -141,14 +140,13 @@ class RankerClient(ServiceClient):
         first = head[0]
         return BackupResult(str(path), first.total_bytes, first.sha256, first.collections, first.vectors)
 
-    def create_collection(self, collection: str, dim: int, fingerprint: str = "", *, kind: str = "exact",
-                          dba: DatabaseAugmentation | None = None) -> tuple[CollectionStats, bool]:
+    def create_collection(self, collection: str, dim: int, fingerprint: str = "", *,
+                          kind: str = "exact") -> tuple[CollectionStats, bool]:
         """CreateCollection: an empty collection of an index kind (exact, exact16,
-        hnsw, ivf_pq) with database-side augmentation when `dba` is given.
-        Returns (its stats, created); an identical collection is no error
+        hnsw, ivf_pq). Returns (its stats, created); an identical collection is no error
         (created False), one with other options is (ALREADY_EXISTS)."""
         request = ranker_pb2.CreateCollectionRequest(collection=collection, dim=dim, fingerprint=fingerprint,
-                                                     index=wire.index_options(kind, dba))
+                                                     index=wire.index_options(kind))
         try:
             reply = self.stub.CreateCollection(request, timeout=self.timeout)
         except grpc.RpcError as exc:

@@ -79,16 +79,6 @@ class KReciprocal:
     shortlist: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class DatabaseAugmentation:
-    """A collection option (exact kind, SQLite backend): searches rank each
-    item's vector augmented from its `top_n` nearest gallery neighbours,
-    weighted by max(similarity, 0)^alpha. 0 / None: the defaults (2 and 3.0)."""
-
-    top_n: int = 0
-    alpha: float | None = None
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class StoredItem:
     """One item of a collection (ListItems): its name, attributes, times,
@@ -144,7 +134,6 @@ class CollectionStats:
     created_at: float
     updated_at: float
     kind: str = "exact"
-    dba: DatabaseAugmentation | None = None  # database-side augmentation, when the collection has it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,6 @@ from google.protobuf import descriptor
 
 from clients.types import (
     CollectionStats,
-    DatabaseAugmentation,
     DeleteResult,
     Failure,
     KReciprocal,
@@ -102,29 +101,21 @@ def collection_stats(c: ranker_pb2.CollectionStats) -> CollectionStats:
     kind = _KINDS.get(c.index.kind, "exact")
     if kind == "exact" and c.index.float16:
         kind = "exact16"
-    dba = (DatabaseAugmentation(c.index.dba.top_n, c.index.dba.alpha if c.index.dba.HasField("alpha") else None)
-           if c.index.HasField("dba") else None)
     return CollectionStats(c.name, c.count, c.dim, c.fingerprint, c.memory_bytes, c.created_at, c.updated_at,
-                           kind, dba)
+                           kind)
 
 
 def stats(reply: ranker_pb2.GetStatsResponse) -> Stats:
     return Stats(tuple(collection_stats(c) for c in reply.collections), reply.memory_bytes, reply.max_top_k)
 
 
-def index_options(kind: str = "exact", dba: DatabaseAugmentation | None = None) -> ranker_pb2.IndexOptions:
-    """IndexOptions for a kind (exact, exact16, hnsw, ivf_pq; parameters at their defaults) and DBA."""
+def index_options(kind: str = "exact") -> ranker_pb2.IndexOptions:
+    """IndexOptions for a kind (exact, exact16, hnsw, ivf_pq; parameters at their defaults)."""
     kinds = {"exact": ranker_pb2.INDEX_KIND_EXACT, "exact16": ranker_pb2.INDEX_KIND_EXACT,
              "hnsw": ranker_pb2.INDEX_KIND_HNSW, "ivf_pq": ranker_pb2.INDEX_KIND_IVF_PQ}
     if kind not in kinds:
         raise ValueError(f"unknown index kind {kind!r}: use one of {', '.join(kinds)}")
-    options = ranker_pb2.IndexOptions(kind=kinds[kind], float16=kind == "exact16")
-    if dba is not None:
-        options.dba.SetInParent()
-        options.dba.top_n = dba.top_n
-        if dba.alpha is not None:
-            options.dba.alpha = dba.alpha
-    return options
+    return ranker_pb2.IndexOptions(kind=kinds[kind], float16=kind == "exact16")
 
 
 def rerank_fields(query_expansion: QueryExpansion | None, k_reciprocal: KReciprocal | None) -> dict:

@@ -70,25 +70,23 @@ FILTER_EXACT_SCAN_SHARE = 0.1
 # ... and otherwise over-fetches k * (1 / share) * this from the ANN index,
 # falling back to the exact scan when fewer than k of them pass.
 FILTER_OVERFETCH = 2.0
-# Re-ranking (docs/ranker.md#re-ranking), off unless a request or collection asks.
+# Re-ranking (docs/ranker.md#re-ranking), off unless a request asks.
 # alpha = 3 as in Radenovic et al. (TPAMI 2018) for alpha-weighted query
-# expansion and database-side augmentation; a small n (2), since a larger one
+# expansion; a small n (2), since a larger one
 # pulls in items of other classes where a class has few gallery images.
 # k-reciprocal: the paper's defaults (Zhong et al. 2017: k1 20, k2 6, lambda 0.3).
 DEFAULT_QE_TOP_N = 2
 DEFAULT_QE_ALPHA = 3.0
-DEFAULT_DBA_TOP_N = 2
-DEFAULT_DBA_ALPHA = 3.0
 MAX_RERANK_TOP_N = 100
 DEFAULT_KR_K1 = 20
 DEFAULT_KR_K2 = 6
 DEFAULT_KR_LAMBDA = 0.3
 DEFAULT_KR_SHORTLIST = 100
 MAX_KR_K1 = 100
-# Derived gallery data (DBA vectors, k-reciprocal neighbourhoods) is made by a
+# Derived gallery data (k-reciprocal neighbourhoods) is made by a
 # G x G product in row chunks of about this many float32 scores (64 MB).
 DERIVED_CHUNK_SCORES = 1 << 24
-# It is rebuilt in the background after writes (ranker_service/derived.py):
+# It is rebuilt in the background after writes (ranker_service/rerank/cache.py):
 # once writes pause this long (a burst of upserts makes one rebuild), at most
 # this long after the first write it has not seen, or at once when a search
 # waits for it. A search waiting for it answers DEADLINE_EXCEEDED this long

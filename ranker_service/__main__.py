@@ -22,6 +22,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from imagesearch import extras
 
@@ -29,21 +31,14 @@ from imagesearch import extras
 extras.exit_if_missing("ranker", prog="imagesearch-ranker")
 
 from imagesearch import defaults, serving
-from imagesearch.errors import InvalidArgument, StoreError
+from imagesearch.errors import StoreError
 from imagesearch.serving.metrics import add_metrics_arguments
 from imagesearch.serving.observe import Observability
-from ranker_service import faiss_device
-from ranker_service.backend import BACKENDS
-from ranker_service.gallery import DEFAULT_BATCH_SIZE, Gallery
+from ranker_service.backend import BACKENDS, DEFAULT_BATCH_SIZE, RankerBackend
 from ranker_service.metrics import metered
-from ranker_service.servicer import (
-    DEFAULT_MAX_BACKUPS,
-    DEFAULT_MAX_BATCH,
-    SERVICE_NAME,
-    RankerServicer,
-    register,
-)
-from ranker_service.store import GalleryStore
+from ranker_service.servicer import DEFAULT_MAX_BACKUPS, DEFAULT_MAX_BATCH, SERVICE_NAME, RankerServicer, register
+from ranker_service.sqlite.backend import SqliteBackend
+from ranker_service.sqlite.store import Store
 
 log = logging.getLogger("ranker_service")
 
@@ -73,11 +68,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Upsert items per SQLite transaction (one fsync each) (default %(default)s)")
     r.add_argument("--max-batch", type=int, default=serving.env_default(f"{ENV}_MAX_BATCH", DEFAULT_MAX_BATCH),
                    help="most SearchStream queries answered by one matrix product (default %(default)s)")
-    r.add_argument("--faiss-device", choices=faiss_device.DEVICES,
-                   default=serving.env_default(f"{ENV}_FAISS_DEVICE", "cpu"),
-                   help="where the FAISS kinds (ivf_pq, exact float16) search: cpu; cuda (needs faiss-gpu and a "
-                        "GPU, else the start fails); auto (the GPU when faiss has one) "
-                        f"(env {ENV}_FAISS_DEVICE; default %(default)s)")
     r.add_argument("--max-backups", type=int, default=serving.env_default(f"{ENV}_MAX_BACKUPS", DEFAULT_MAX_BACKUPS),
                    help="Backup calls running at once; more are refused (RESOURCE_EXHAUSTED) (default %(default)s)")
     r.add_argument("--busy-timeout", type=float, default=serving.env_default(f"{ENV}_BUSY_TIMEOUT", 5.0),
@@ -98,76 +88,58 @@ def _main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.max_batch < 1:
         raise serving.StartupError("--batch-size and --max-batch must be at least 1")
     config = serving.ServerConfig.from_args(args)
-    try:
-        device = faiss_device.choose(args.faiss_device)
-    except InvalidArgument as exc:
-        raise serving.StartupError(str(exc)) from None
     observed = Observability("ranker", args.metrics_port)
     if args.backend == "milvus":
-        serve_milvus(args, config, observed)
-        return
+        message = extras.missing_extra_message("milvus")
+        if message is not None:
+            raise serving.StartupError(message)
+        from ranker_service.milvus import MilvusBackend
+
+        if not args.milvus_uri:
+            raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
+        backend = MilvusBackend(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
+        return serve(args, config, observed, backend, None, release=lambda: None)
     try:
-        store = GalleryStore.open(args.db, busy_timeout=args.busy_timeout,
-                                  max_bytes=int(args.max_db_mb * 1e6) if args.max_db_mb > 0 else None)
+        store = Store.open(args.db, busy_timeout=args.busy_timeout,
+                           max_bytes=int(args.max_db_mb * 1e6) if args.max_db_mb > 0 else None)
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         raise SystemExit(f"error: {exc}") from None
-    log.info("database %s (journal_mode=%s, synchronous=%s, locking_mode=%s); BLAS threads %s; FAISS searches on %s "
-             "(--faiss-device %s)", args.db, store.pragma("journal_mode"), SYNC_NAMES.get(store.pragma("synchronous")),
-             store.pragma("locking_mode"), _BLAS_THREADS, device, args.faiss_device)
-    gallery = Gallery(store, batch_size=args.batch_size, faiss_device=device)
+    log.info("database %s (journal_mode=%s, synchronous=%s, locking_mode=%s); BLAS threads %s", args.db,
+             store.pragma("journal_mode"), SYNC_NAMES.get(store.pragma("synchronous")), store.pragma("locking_mode"),
+             _BLAS_THREADS)
+    backend = SqliteBackend(store, batch_size=args.batch_size)
+    # a search waiting for a rebuild of derived data that the stop will cancel ends at once (UNAVAILABLE)
+    return serve(args, config, observed, backend, store.path, release=store.close, on_drain=backend.derived.stop)
+
+
+def serve(args: argparse.Namespace, config: serving.ServerConfig, observed: Observability, backend: RankerBackend,
+          db_path: Path | None, *, release: Callable[[], None], on_drain: Callable[[], None] | None = None) -> int:
+    """Start the server (health NOT_SERVING, RPCs UNAVAILABLE), load the backend, turn SERVING, and serve
+    until SIGTERM/SIGINT; `release` frees what the backend holds when the start fails."""
     servicer = RankerServicer(max_batch=args.max_batch, max_backups=args.max_backups)
     try:
         running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
         observed.start(args.host)
     except BaseException:
-        store.close()
+        release()
         raise
     try:
-        gallery.load()
+        backend.load()
     except (StoreError, MemoryError) as exc:
         log.error("cannot start: %s", exc)
         running.stop(0).wait()
-        store.close()
+        release()
         raise SystemExit(f"error: {exc}") from None
-    servicer.attach(metered(gallery, observed.metrics, store.path))
+    servicer.attach(metered(backend, observed.metrics, db_path))
     running.set_serving(True)
 
     def on_stop():
         servicer.ready.detach()
-        gallery.close()
+        backend.close()
         observed.close()
-    # a search waiting for a rebuild of derived data that the stop will cancel ends at once (UNAVAILABLE)
-    serving.serve_until_signalled(running, on_stop=on_stop, on_drain=gallery.derived.stop)
+    serving.serve_until_signalled(running, on_stop=on_stop, on_drain=on_drain)
     return 0
-
-
-def serve_milvus(args: argparse.Namespace, config: serving.ServerConfig, observed: Observability) -> None:
-    message = extras.missing_extra_message("milvus")
-    if message is not None:
-        raise serving.StartupError(message)
-    from ranker_service.milvus_backend import MilvusGallery
-
-    if not args.milvus_uri:
-        raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
-    gallery = MilvusGallery(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
-    servicer = RankerServicer(max_batch=args.max_batch, max_backups=args.max_backups)
-    running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
-    observed.start(args.host)
-    try:
-        gallery.load()
-    except StoreError as exc:
-        log.error("cannot start: %s", exc)
-        running.stop(0).wait()
-        raise SystemExit(f"error: {exc}") from None
-    servicer.attach(metered(gallery, observed.metrics, None))
-    running.set_serving(True)
-
-    def on_stop():
-        servicer.ready.detach()
-        gallery.close()
-        observed.close()
-    serving.serve_until_signalled(running, on_stop=on_stop)
 
 
 if __name__ == "__main__":

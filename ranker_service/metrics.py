@@ -1,29 +1,15 @@
 """The ranker's own Prometheus metrics, on top of the per-RPC ones
-(imagesearch.serving.metrics):
-
-    imagesearch_ranker_vectors{collection, kind}        vectors stored per collection
-    imagesearch_ranker_memory_bytes{collection, kind}   bytes in memory per collection
-    imagesearch_ranker_database_bytes                   the SQLite file and its WAL on disk
-    imagesearch_ranker_upserted_rows_total              rows committed by Upsert calls (a failed call's
-                                                        batches committed before the failure included)
-    imagesearch_ranker_deleted_rows_total               rows removed by Delete
-    imagesearch_ranker_search_duration_seconds{kind}    ranking one query, by the collection's index kind
-                                                        (a SearchStream batch: its time shared by its queries)
-    imagesearch_ranker_derived_current{collection}      1 when a collection's derived re-ranking data (DBA,
-                                                        k-reciprocal) is built from its last write, 0 while stale
-                                                        or being rebuilt (only collections that have some)
-    imagesearch_ranker_derived_rebuilding{collection}   1 while it is being rebuilt in the background
-    imagesearch_ranker_derived_build_seconds{collection}  how long its last rebuild took
-
-Per-collection figures are read from the backend at scrape time (a collector,
-so nothing is kept in step by hand); the others by `MeteredBackend`, a proxy
+(imagesearch.serving.metrics); docs/operations.md#metrics lists them.
+Per-collection figures (vectors, memory, derived data) are read from the
+backend at scrape time (a collector, so nothing is kept in step by hand);
+rows upserted and deleted and search durations by `MeteredBackend`, a proxy
 in front of the backend the servicer uses.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
@@ -32,8 +18,7 @@ from prometheus_client.registry import Collector
 from imagesearch import errors
 from imagesearch.serving.metrics import ServiceMetrics
 from ranker_service.backend import RankerBackend
-from ranker_service.gallery import DeleteResult, UpsertItem, UpsertResult
-from ranker_service.index import Match, Query
+from ranker_service.types import DeleteResult, Match, Query, UpsertResult
 
 PREFIX = "imagesearch_ranker"
 
@@ -132,12 +117,7 @@ class MeteredBackend:
                 return "unknown"
         return kind
 
-    def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
-        result = self._backend.upsert(items)
-        self.upserted.inc(result.upserted)
-        return result
-
-    def upsert_job(self):
+    def upsert_job(self):  # (the servicer upserts through a job)
         return _CountingJob(self._backend.upsert_job(), self.upserted)
 
     def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:

@@ -1,5 +1,5 @@
 """`RankerService` over gRPC (grpc.aio): a thin servicer over a `RankerBackend`
-(`Gallery`: SQLite + in-memory indexes, or `MilvusGallery`).
+(`SqliteBackend`: SQLite + in-memory indexes, or `MilvusBackend`).
 
 The servicer converts protos to the core's plain types and back; the core
 raises `imagesearch.errors`, which `imagesearch.serving`'s interceptor maps to
@@ -14,27 +14,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 
 from imagesearch import errors, serving
-from imagesearch.defaults import DEFAULT_DBA_TOP_N, DEFAULT_TOP_K, DERIVED_DEADLINE_MARGIN_S
+from imagesearch.defaults import DEFAULT_TOP_K, DERIVED_DEADLINE_MARGIN_S
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
-from ranker_service import kinds
-from ranker_service.attributes import AttributeFilter, check_filters, from_json
 from ranker_service.backend import RankerBackend
-from ranker_service.backup import lower_priority, read_chunks
-from ranker_service.gallery import UpsertItem
-from ranker_service.index import CollectionStats, Match, Query
-from ranker_service.reranking import make_expansion, make_k_reciprocal
-from ranker_service.store import StoredItem
+from ranker_service.types import (
+    EXACT,
+    HNSW,
+    IVF_PQ,
+    AttributeFilter,
+    CollectionStats,
+    DerivedStatus,
+    IndexSpec,
+    Match,
+    Query,
+    StoredItem,
+    UpsertItem,
+)
+from ranker_service.validation import (
+    DBA_REMOVED,
+    check_filters,
+    from_json,
+    make_expansion,
+    make_k_reciprocal,
+    make_spec,
+)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
 DEFAULT_MAX_BATCH = 64
+CHUNK_BYTES = 1 << 20  # Backup's chunks
 # Upsert requests read ahead of the one being validated.
 UPSERT_READ_AHEAD = 64
 # Backups running at once.
@@ -92,39 +111,36 @@ def _item(item: StoredItem) -> ranker_pb2.Item:
     return out
 
 
-_KIND_TO_PROTO = {kinds.EXACT: ranker_pb2.INDEX_KIND_EXACT, kinds.HNSW: ranker_pb2.INDEX_KIND_HNSW,
-                  kinds.IVF_PQ: ranker_pb2.INDEX_KIND_IVF_PQ}
-_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()} | {ranker_pb2.INDEX_KIND_UNSPECIFIED: kinds.EXACT}
+_KIND_TO_PROTO = {EXACT: ranker_pb2.INDEX_KIND_EXACT, HNSW: ranker_pb2.INDEX_KIND_HNSW,
+                  IVF_PQ: ranker_pb2.INDEX_KIND_IVF_PQ}
+_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()} | {ranker_pb2.INDEX_KIND_UNSPECIFIED: EXACT}
 
 
-def index_spec(options: ranker_pb2.IndexOptions) -> kinds.IndexSpec:
+def index_spec(options: ranker_pb2.IndexOptions) -> IndexSpec:
     kind = _KIND_FROM_PROTO.get(options.kind)
     if kind is None:
         raise errors.InvalidArgument(f"unknown index kind {options.kind}")
     params = {"float16": options.float16, "hnsw_m": options.hnsw_m, "ef_construction": options.ef_construction,
               "ef_search": options.ef_search, "nlist": options.nlist, "nprobe": options.nprobe,
               "pq_bytes": options.pq_bytes, "rerank_factor": options.rerank_factor}
-    if kind != kinds.EXACT:
+    if kind != EXACT:
         params["rerank"] = not options.no_rerank
     if options.HasField("dba"):
-        params["dba_top_n"] = options.dba.top_n or DEFAULT_DBA_TOP_N
-        params["dba_alpha"] = _optional(options.dba, "alpha")
-    return kinds.make_spec(kind, **params)
+        raise errors.InvalidArgument(DBA_REMOVED)
+    return make_spec(kind, **params)
 
 
-def index_options(spec: kinds.IndexSpec) -> ranker_pb2.IndexOptions:
+def index_options(spec: IndexSpec) -> ranker_pb2.IndexOptions:
     params = spec.params()
     rerank = params.pop("rerank", True)
-    dba_top_n, dba_alpha = params.pop("dba_top_n", 0), params.pop("dba_alpha", None)
-    dba = ranker_pb2.DatabaseAugmentation(top_n=dba_top_n, alpha=dba_alpha) if dba_top_n else None
-    return ranker_pb2.IndexOptions(kind=_KIND_TO_PROTO[spec.kind], no_rerank=not rerank, dba=dba, **params)
+    return ranker_pb2.IndexOptions(kind=_KIND_TO_PROTO[spec.kind], no_rerank=not rerank, **params)
 
 
 _DERIVED_STATES = {"none": ranker_pb2.DERIVED_STATE_UNSPECIFIED, "current": ranker_pb2.DERIVED_STATE_CURRENT,
                    "stale": ranker_pb2.DERIVED_STATE_STALE, "rebuilding": ranker_pb2.DERIVED_STATE_REBUILDING}
 
 
-def derived_data(d) -> ranker_pb2.DerivedData | None:
+def derived_data(d: DerivedStatus | None) -> ranker_pb2.DerivedData | None:
     if d is None:
         return None
     return ranker_pb2.DerivedData(state=_DERIVED_STATES[d.state], generation=max(0, d.generation),
@@ -144,10 +160,23 @@ async def _blocking(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
+def _lower_priority() -> None:
+    """Run the calling thread at the lowest CPU priority (Linux: a thread's own
+    nice value), so that a backup's copying and hashing yield to searches."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+def read_chunks(path: Path, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
 async def _derived_ready(gallery: RankerBackend, queries: list[Query]) -> None:
     """Wait, on the event loop (no pool thread held), until the derived
     re-ranking data the queries need is current (a rebuild after a write runs
-    in the background: derived.py), within the first query's deadline (the
+    in the background: rerank/cache.py), within the first query's deadline (the
     call's); DeadlineExceeded past it. The search itself then waits no more
     (unless another write came meanwhile)."""
     waits = [w for q in queries if (w := gallery.derived_pending(q)) is not None]
@@ -170,11 +199,11 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             "the ranker is still loading its database (health NOT_SERVING): retry shortly")
         self.max_batch = max_batch
         self.max_backups = max_backups
-        self.answers = serving.ByteBudget(answer_room_bytes)
         self._backups = 0  # running now (changed on the event loop only)
         # Backups copy, check and hash on threads of their own at the lowest CPU
         # priority: a burst of them never takes the pool that searches run on.
-        self._backup_pool = ThreadPoolExecutor(max_backups, thread_name_prefix="backup", initializer=lower_priority)
+        self._backup_pool = ThreadPoolExecutor(max_backups, thread_name_prefix="backup", initializer=_lower_priority)
+        self.answers = serving.ByteBudget(answer_room_bytes)
 
     def attach(self, gallery: RankerBackend) -> None:
         self.ready.attach(gallery)

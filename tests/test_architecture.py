@@ -35,7 +35,20 @@ RULES = [
     ("tests never import bench", ("tests",), ("bench",)),
     ("the shared test helpers are torch-free", ("testkit",), ("torch", "torchvision", "timm")),
     ("the defaults are torch-free", ("imagesearch.defaults",), ("torch", "torchvision", "timm")),
+    # the ranker by layer (docs/ranker.md#where-things-live)
+    ("the ranker's in-memory indexes know no storage, re-ranking, Milvus or gRPC", ("ranker_service.memory",),
+     ("ranker_service.sqlite", "ranker_service.rerank", "ranker_service.milvus", "ranker_service.servicer",
+      "sqlite3", "sqlite_utils", "pymilvus", "grpc", "grpc_*")),
+    ("the Milvus backend never imports the SQLite backend or the in-memory indexes", ("ranker_service.milvus",),
+     ("ranker_service.sqlite", "ranker_service.memory", "sqlite3", "sqlite_utils", "faiss")),
+    ("the re-ranking maths knows no index and no storage", ("ranker_service.rerank.maths",),
+     ("ranker_service.memory", "ranker_service.sqlite", "ranker_service.milvus")),
+    ("the ranker's value types, checks and backend protocol import no other layer of it",
+     ("ranker_service.types", "ranker_service.validation", "ranker_service.backend", "ranker_service.topk"),
+     ("ranker_service.memory", "ranker_service.sqlite", "ranker_service.rerank", "ranker_service.milvus",
+      "ranker_service.servicer", "ranker_service.metrics", "ranker_service.__main__", "grpc", "faiss")),
 ]
+RANKER_MAX_LINES = 500
 
 
 def module_name(path: Path) -> str:
@@ -149,3 +162,124 @@ def test_a_rule_catches_a_forbidden_import():
     # The embedder imports the model (and so torch): the ranker's rule would flag it.
     closure = import_closure("embedder_service.embedder")
     assert any(applies(name, ("torch", "imagesearch.model")) for name in closure)
+
+
+# ---------------------------------------------------------------- import circles
+
+def import_graph(modules) -> dict[str, set[str]]:
+    """module -> the project modules its imports run (module-level and
+    function-level alike; `a.b.c` runs `a` and `a.b` too), among `modules`.
+    A module's own parent packages are left out: they are initialised
+    before it runs, so a package `__init__` that re-exports its modules
+    makes no circle with them."""
+    graph = {}
+    for module in modules:
+        edges = set()
+        for name in direct_imports(module):
+            for part in with_parents(name):
+                if part in modules and part != module and not module.startswith(part + "."):
+                    edges.add(part)
+        graph[module] = edges
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for nxt in edges:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        circles.append(sorted(component))
+    return circles
+
+
+def circle_path(graph: dict[str, set[str]], circle: list[str]) -> str:
+    """One loop through the circle's modules, for the message."""
+    members = set(circle)
+    path = [circle[0]]
+    while True:
+        nxt = min(m for m in graph[path[-1]] if m in members)
+        if nxt in path:
+            return " -> ".join(path[path.index(nxt):] + [nxt])
+        path.append(nxt)
+
+
+def test_no_import_circles_in_the_product():
+    graph = import_graph({m for m in MODULES if applies(m, PRODUCT)})
+    circles = import_circles(graph)
+    assert not circles, "import circles (function-level imports count):\n" + "\n".join(
+        circle_path(graph, c) for c in circles)
+
+
+def test_the_circle_finder_sees_a_circle_and_ignores_parent_packages():
+    graph = {"p": {"p.a"}, "p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "q": set()}
+    assert import_circles(graph) == [["p.a", "p.b", "p.c"]]
+    assert circle_path(graph, ["p.a", "p.b", "p.c"]) == "p.a -> p.b -> p.c -> p.a"
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    # clients/__init__ re-exports clients.ranker, which imports clients.types: no circle
+    graph = import_graph({m for m in MODULES if applies(m, ("clients",))})
+    assert "clients" not in graph["clients.types"] and "clients.ranker" in graph["clients"]
+
+
+# ---------------------------------------------------------------- the ranker's layers
+
+def test_ranker_modules_stay_small():
+    sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items() if applies(m, ("ranker_service",))}
+    big = {m: n for m, n in sizes.items() if n > RANKER_MAX_LINES}
+    assert not big, f"ranker_service modules over {RANKER_MAX_LINES} lines (split by job): {big}"
+
+
+def test_no_product_module_imports_a_private_name_of_another():
+    wrong = []
+    for module, path in MODULES.items():
+        if not applies(module, PRODUCT):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or applies(node.module or "", PACKAGES)):
+                wrong += [f"{module}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not wrong, "private names belong to their module:\n" + "\n".join(wrong)
+
+
+def test_ranker_collections_are_typed():
+    """Every parameter that takes an in-memory collection says which protocol it follows."""
+    untyped = []
+    for module, path in MODULES.items():
+        if applies(module, ("ranker_service",)):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    untyped += [f"{module}.{node.name}({a.arg})" for a in node.args.args + node.args.kwonlyargs
+                                if a.arg in ("coll", "collection_index") and a.annotation is None]
+    assert not untyped, untyped

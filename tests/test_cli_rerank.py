@@ -1,7 +1,6 @@
-"""The CLI's re-ranking flags: `--query-expansion N[:ALPHA]`, `--rerank
-k-reciprocal` (query, search, run) and `--dba N[:ALPHA]` (index, run): their
-parsing and usage errors, and `run` end to end through real services with all
-three (the collection then holds the DBA option)."""
+"""The CLI's re-ranking flags: `--query-expansion N[:ALPHA]` and `--rerank
+k-reciprocal` (query, search, run): their parsing and usage errors, and `run`
+end to end through real services with both."""
 
 from __future__ import annotations
 
@@ -16,9 +15,7 @@ import pytest
 from clients import cli, metrics
 from clients.cli import commands
 from clients.cli.parser import build_parser
-from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion
-from testkit import ServiceProcess
-from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
+from clients.types import KReciprocal, QueryExpansion
 from tests.helpers import make_photo_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,16 +26,14 @@ def test_flags_parse_into_the_library_options():
     assert commands._rerank(args) == {"query_expansion": QueryExpansion(3, 0.5), "k_reciprocal": KReciprocal()}
     args = build_parser().parse_args(["search", "x.jpg", "--query-expansion", "2"])
     assert commands._rerank(args) == {"query_expansion": QueryExpansion(2, None), "k_reciprocal": None}
-    args = build_parser().parse_args(["index", "g", "--dba", "5:3"])
-    assert commands._dba(args) == DatabaseAugmentation(5, 3.0)
     args = build_parser().parse_args(["run", "--gallery", "g", "--query", "q"])
-    assert commands._dba(args) is None and commands._rerank(args) == {"query_expansion": None, "k_reciprocal": None}
+    assert commands._rerank(args) == {"query_expansion": None, "k_reciprocal": None}
 
 
 @pytest.mark.parametrize("argv, text", [
     (["query", "q", "--query-expansion", "two"], "--query-expansion takes N or N:ALPHA"),
     (["query", "q", "--query-expansion", "0"], "N must be 1..100"),
-    (["index", "g", "--dba", "2:-1"], "ALPHA 0..100"),
+    (["query", "q", "--query-expansion", "2:-1"], "ALPHA 0..100"),
 ])
 def test_bad_flags_are_usage_errors(tmp_path, capsys, argv, text):
     (tmp_path / "q").mkdir()
@@ -48,7 +43,7 @@ def test_bad_flags_are_usage_errors(tmp_path, capsys, argv, text):
     assert text in capsys.readouterr().err
 
 
-def test_run_with_dba_query_expansion_and_k_reciprocal(tmp_path):
+def test_run_with_query_expansion_and_k_reciprocal(tmp_path):
     gallery, query, truth = make_photo_set(tmp_path)
     gt = tmp_path / "gt.json"
     gt.write_text(json.dumps(truth))
@@ -59,17 +54,9 @@ def test_run_with_dba_query_expansion_and_k_reciprocal(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "clients.cli", "run", "--gallery", str(gallery), "--query", str(query), "--out",
          str(out), "--ground-truth", str(gt), "--top-k", "3", "--no-progress", "--no-html", "--db", str(db),
-         "--dba", "2:3", "--query-expansion", "1:0", "--rerank", "k-reciprocal"],
+         "--query-expansion", "1:0", "--rerank", "k-reciprocal"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     assert sorted(results) == sorted(truth) and all(len(v) == 3 for v in results.values())
     assert metrics.evaluate(results, truth, k=3).top1 >= 0.8, proc.stdout
-    ranker = ServiceProcess("ranker_service", "--db", str(db), startup_timeout=120)
-    try:
-        with ranker.channel() as channel:
-            stats = ranker_pb2_grpc.RankerServiceStub(channel).GetStats(ranker_pb2.GetStatsRequest(), timeout=30)
-        (coll,) = stats.collections
-        assert coll.index.HasField("dba") and (coll.index.dba.top_n, coll.index.dba.alpha) == (2, 3.0)
-    finally:
-        assert ranker.terminate() == 0, ranker.output

@@ -92,7 +92,7 @@ def test_item_attributes_filters_and_listing_fields():
 
 
 def test_re_ranking_fields_are_additive_and_off_when_absent():
-    """Issue 15 item 4: new fields only (numbers after the existing ones), each
+    """New fields only (numbers after the existing ones), each
     a message whose absence means off; alpha and lambda have presence, so 0 is
     a value, not the default."""
     def numbers(message):
@@ -104,10 +104,12 @@ def test_re_ranking_fields_are_additive_and_off_when_absent():
     assert numbers(ranker_pb2.IndexOptions)["dba"] == 11 and max(
         n for name, n in numbers(ranker_pb2.IndexOptions).items() if name != "dba") == 10
     assert numbers(ranker_pb2.QueryExpansion) == {"top_n": 1, "alpha": 2}
+    # DBA was removed: its field and message stay, deprecated, with their numbers.
     assert numbers(ranker_pb2.DatabaseAugmentation) == {"top_n": 1, "alpha": 2}
+    assert ranker_pb2.IndexOptions.DESCRIPTOR.fields_by_name["dba"].GetOptions().deprecated
+    assert ranker_pb2.DatabaseAugmentation.DESCRIPTOR.GetOptions().deprecated
     assert numbers(ranker_pb2.KReciprocalRerank) == {"k1": 1, "k2": 2, "lambda": 3, "shortlist": 4}
-    for message, field in ((ranker_pb2.QueryExpansion, "alpha"), (ranker_pb2.DatabaseAugmentation, "alpha"),
-                           (ranker_pb2.KReciprocalRerank, "lambda")):
+    for message, field in ((ranker_pb2.QueryExpansion, "alpha"), (ranker_pb2.KReciprocalRerank, "lambda")):
         assert message.DESCRIPTOR.fields_by_name[field].has_presence
         assert message(**{field: 0.0}).HasField(field)
 

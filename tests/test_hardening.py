@@ -26,11 +26,11 @@ from embedder_service.servicer import EmbedderServicer, Limits
 from embedder_service.servicer import register as register_embedder
 from imagesearch import serving
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
-from ranker_service.gallery import Gallery
+from ranker_service.sqlite.backend import SqliteBackend
 from ranker_service.servicer import SERVICE_NAME as RANKER
 from ranker_service.servicer import RankerServicer
 from ranker_service.servicer import register as register_ranker
-from ranker_service.store import GalleryStore
+from ranker_service.sqlite.store import Store
 from tests.certs import make_pki
 from tests.conftest import ROOT
 
@@ -61,7 +61,7 @@ def start_embedder(grpc_server, config=None, **limits):
 @pytest.fixture
 def ranker(grpc_server, tmp_path):
     def start(config=None):
-        gallery = Gallery(GalleryStore.open(tmp_path / "g.db"))
+        gallery = SqliteBackend(Store.open(tmp_path / "g.db"))
         gallery.load()
         servicer = RankerServicer()
         servicer.attach(gallery)
@@ -108,7 +108,7 @@ def test_unread_search_answers_are_bounded_in_total_and_small_searches_go_on(grp
     """Large answers nobody reads hold at most a quarter of the answer room;
     the searches past it wait before searching; a small search still answers,
     and every waiting search answers once the earlier ones are read."""
-    gallery = Gallery(GalleryStore.open(tmp_path / "g.db"))
+    gallery = SqliteBackend(Store.open(tmp_path / "g.db"))
     gallery.load()
     room = 1000 * 256 * 12  # three answers of 1000 matches in its quarter
     servicer = RankerServicer(answer_room_bytes=room)

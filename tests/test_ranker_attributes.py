@@ -14,7 +14,8 @@ from imagesearch import defaults
 from testkit import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
-from ranker_service.attributes import AttributeTable, check_filters
+from ranker_service.memory.attributes import AttributeTable
+from ranker_service.validation import check_filters
 from tests.test_ranker_backends import BACKENDS, backend_args
 
 DIM = 16
@@ -257,23 +258,23 @@ def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub, d
         again.terminate()
 
 
-def test_filtered_search_on_a_kind_without_a_selector_over_fetches_then_falls_back():
-    """A kind with no `search_filtered` (the over-fetch path): k passing
-    matches at a broad share, the exact answer at a selective one, and the
-    exact scan when the over-fetched candidates hold fewer than k."""
-    from ranker_service import filtering
-    from ranker_service.index import make_collection
-    from ranker_service.kinds import make_spec
+def test_filtered_search_falls_back_to_the_exact_scan_when_the_index_finds_too_few():
+    """An ANN kind's filtered search that returns fewer than min(k, passing)
+    matches is answered by the exact scan of the passing rows instead; a
+    selective filter goes to the exact scan at once."""
+    from ranker_service.memory import filtering
+    from ranker_service.memory.registry import make_collection
+    from ranker_service.validation import make_spec
 
-    class NoSelector:
+    class Blind:  # an index that finds nothing that passes
         def __init__(self, coll):
             self.coll, self.spec = coll, coll.spec
 
         def __len__(self):
             return len(self.coll)
 
-        def search(self, queries64, top_ks):
-            return self.coll.search(queries64, top_ks)
+        def search_filtered(self, query64, k, names):
+            return []
 
         def search_among(self, query64, k, names):
             return self.coll.search_among(query64, k, names)
@@ -284,20 +285,13 @@ def test_filtered_search_on_a_kind_without_a_selector_over_fetches_then_falls_ba
     names = [f"{i:05d}" for i in range(n)]
     coll = make_collection("x", DIM, "", make_spec("hnsw"))
     coll.upsert(names, vectors)
-    wrapped = NoSelector(coll)
     q = rng.standard_normal(DIM)
     q /= np.linalg.norm(q)
     half = {names[i] for i in range(0, n, 2)}
-    got = filtering.filtered_search(wrapped, q, 10, half)
+    got = filtering.filtered_search(coll, q, 10, half)
     assert len(got) == 10 and all(name in half for name, _ in got)
     few = {names[i] for i in range(0, n, 400)}  # 5 items: exact
-    assert [n for n, _ in filtering.filtered_search(wrapped, q, 10, few)] == \
+    assert [n for n, _ in filtering.filtered_search(Blind(coll), q, 10, few)] == \
         reference_ranking(vectors[::400], sorted(few), q, 10)[0]
-
-    class Blind(NoSelector):  # an index that finds nothing that passes
-        def search(self, queries64, top_ks):
-            return [[] for _ in top_ks]
-
-    assert filtering.ann_then_filter(Blind(coll), q, 10, half) is None
     assert [n for n, _ in filtering.filtered_search(Blind(coll), q, 10, half)] == \
         reference_ranking(vectors[::2], sorted(half), q, 10)[0]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from imagesearch import errors
-from ranker_service.backup import backup_copy, read_chunks
-from ranker_service.store import GalleryStore, UpsertRow
-from ranker_service.vectors import from_blob
+from ranker_service.servicer import read_chunks
+from ranker_service.sqlite.backup import backup_copy
+from ranker_service.sqlite.store import Store, UpsertRow, from_blob
 
 DIM = 64
 BATCH = 50
@@ -28,7 +28,7 @@ def unit_rows(start: int, n: int, rng) -> list[UpsertRow]:
 
 
 def test_backup_copies_under_concurrent_writes_are_whole_checked_snapshots(tmp_path):
-    store = GalleryStore.open(tmp_path / "live.db")
+    store = Store.open(tmp_path / "live.db")
     rng = np.random.default_rng(0)
     written: dict[str, np.ndarray] = {}
     store.upsert(first := unit_rows(0, BATCH, rng), [("c", DIM, "fp")])
@@ -75,21 +75,21 @@ def test_backup_copies_under_concurrent_writes_are_whole_checked_snapshots(tmp_p
 
 
 def test_a_copy_opens_as_a_ranker_database_of_its_own(tmp_path):
-    store = GalleryStore.open(tmp_path / "live.db")
+    store = Store.open(tmp_path / "live.db")
     rows = unit_rows(0, 10, np.random.default_rng(1))
     store.upsert(rows, [("c", DIM, "fp")])
     with backup_copy(store) as copy:
         restored = tmp_path / "restored.db"
         restored.write_bytes(copy.path.read_bytes())
     store.close()
-    again = GalleryStore.open(restored)
+    again = Store.open(restored)
     assert [c.count for c in again.collections()] == [10]
     np.testing.assert_array_equal(again.vector("c", "n000003"), rows[3].vector)
     again.close()
 
 
 def test_a_closed_store_cannot_be_backed_up(tmp_path):
-    store = GalleryStore.open(tmp_path / "live.db")
+    store = Store.open(tmp_path / "live.db")
     store.close()
     with pytest.raises(errors.Unavailable), backup_copy(store):
         pass
@@ -98,7 +98,7 @@ def test_a_closed_store_cannot_be_backed_up(tmp_path):
 def test_a_backup_the_disk_has_no_room_for_is_refused_up_front(tmp_path, monkeypatch):
     import shutil
 
-    store = GalleryStore.open(tmp_path / "live.db")
+    store = Store.open(tmp_path / "live.db")
     store.upsert(unit_rows(0, 200, np.random.default_rng(1)), [("c", DIM, "fp")])
     size = sum(p.stat().st_size for p in tmp_path.glob("live.db*") if p.name in ("live.db", "live.db-wal"))
     real = shutil.disk_usage

@@ -13,14 +13,17 @@ from hypothesis import strategies as st
 
 from imagesearch import errors
 from testkit import reference_ranking, unit32
-from ranker_service import ranking
-from ranker_service.index import MIN_GROWTH_ROWS, Collection, GalleryIndex, Query
-from ranker_service.rwlock import ReadWriteLock
-from ranker_service.vectors import MAX_TOP_K, check_collection, check_name, unit_vector
+from ranker_service import topk as ranking
+from ranker_service.memory.exact import MIN_GROWTH_ROWS
+from ranker_service.memory.exact import ExactCollection
+from ranker_service.memory.registry import Registry
+from ranker_service.memory.rwlock import ReadWriteLock
+from ranker_service.types import Query
+from ranker_service.validation import MAX_TOP_K, check_collection, check_name, unit_vector
 
 
 def make_index(matrix32, names, collection="c", fingerprint="fp"):
-    index = GalleryIndex()
+    index = Registry()
     index.upsert(collection, names, matrix32, fingerprint)
     return index
 
@@ -103,7 +106,7 @@ def test_score_margin_bounds_float32_error():
 
 def test_collection_upsert_replace_delete_keep_rows_names_consistent():
     rng = np.random.default_rng(1)
-    coll = Collection("c", 8, "fp")
+    coll = ExactCollection("c", 8, "fp")
     vecs = unit32(rng.standard_normal((300, 8)))
     names = [f"n{i}" for i in range(300)]
     assert coll.upsert(names, vecs) == (300, 0)
@@ -125,7 +128,7 @@ def test_collection_upsert_replace_delete_keep_rows_names_consistent():
 
 
 def test_growth_is_amortised_with_small_slack_and_shrinks_after_deletes():
-    coll = Collection("c", 4, "")
+    coll = ExactCollection("c", 4, "")
     rng = np.random.default_rng(2)
     reallocations = 0
     last_capacity = coll.capacity
@@ -144,7 +147,7 @@ def test_growth_is_amortised_with_small_slack_and_shrinks_after_deletes():
 
 
 def test_memory_bytes_counts_matrix_and_names():
-    coll = Collection("c", 1280, "")
+    coll = ExactCollection("c", 1280, "")
     coll.upsert([f"img{i}" for i in range(1000)], unit32(np.ones((1000, 1280))))
     mem = coll.memory_bytes()
     assert mem >= coll.capacity * 1280 * 4
@@ -227,7 +230,7 @@ def test_searches_never_see_half_written_rows():
     paired with another row."""
     dim = 2048
     rng = np.random.default_rng(11)
-    coll = Collection("c", dim, "")
+    coll = ExactCollection("c", dim, "")
     a = np.zeros(dim)
     a[: dim // 2] = 1
     b = np.zeros(dim)

@@ -11,9 +11,12 @@ import pytest
 
 from imagesearch import errors
 from testkit import reference_ranking, unit32
-from ranker_service import faiss_collection, index_files, kinds
-from ranker_service.index import GalleryIndex, Query, make_collection
-from ranker_service.kinds import IndexSpec, make_spec
+from ranker_service.memory import faiss as faiss_kind
+from ranker_service.memory import faiss_build
+from ranker_service.memory.registry import Registry, make_collection
+from ranker_service.sqlite import snapshots
+from ranker_service.types import IndexSpec, Query
+from ranker_service.validation import make_spec, spec_from_json
 
 DIM = 32
 N = 3000
@@ -100,11 +103,11 @@ def test_deleted_and_replaced_vectors_never_come_back(label, tmp_path):
 
 @pytest.mark.parametrize("label", KINDS)
 def test_rebuild_once_the_dead_share_passes_the_threshold(label, tmp_path, monkeypatch):
-    monkeypatch.setattr(faiss_collection, "REBUILD_MIN_DEAD", 10)
+    monkeypatch.setattr(faiss_build, "REBUILD_MIN_DEAD", 10)
     matrix = clustered(N, 6)
     names = [f"n{i:05d}" for i in range(N)]
     coll = build(label, matrix, names, tmp_path)
-    dead_limit = kinds.REBUILD_DEAD_SHARE * N
+    dead_limit = faiss_build.REBUILD_DEAD_SHARE * N
     coll.delete(names[: int(dead_limit) - 5])
     assert coll.dead == int(dead_limit) - 5
     coll.delete(names[int(dead_limit) - 5: int(dead_limit) + 50])  # past the share: rebuilt, ids compacted
@@ -121,10 +124,10 @@ def test_writes_during_a_background_rebuild_are_kept_and_dead_ids_never_found(la
     """A rebuild held open (small chunks, a pause after each): writes return at
     once, searches never see a deleted or replaced vector before, during or
     after the swap, and the swapped index holds every write made meanwhile."""
-    monkeypatch.setattr(faiss_collection, "REBUILD_MIN_DEAD", 10)
-    monkeypatch.setattr(faiss_collection, "REBUILD_CHUNK", 200)
-    monkeypatch.setattr(faiss_collection, "CATCH_UP_FINAL", 50)
-    monkeypatch.setattr(faiss_collection, "REBUILD_PAUSE_S", 0.3)
+    monkeypatch.setattr(faiss_build, "REBUILD_MIN_DEAD", 10)
+    monkeypatch.setattr(faiss_build, "REBUILD_CHUNK", 200)
+    monkeypatch.setattr(faiss_build, "CATCH_UP_FINAL", 50)
+    monkeypatch.setattr(faiss_kind, "REBUILD_PAUSE_S", 0.3)
     matrix = clustered(N, 13)
     names = [f"n{i:05d}" for i in range(N)]
     coll = build(label, matrix, names, tmp_path)
@@ -173,9 +176,9 @@ def test_writes_during_a_background_rebuild_are_kept_and_dead_ids_never_found(la
 
 
 def test_closing_cancels_a_rebuild_before_its_swap(tmp_path, monkeypatch):
-    monkeypatch.setattr(faiss_collection, "REBUILD_MIN_DEAD", 10)
-    monkeypatch.setattr(faiss_collection, "REBUILD_CHUNK", 100)
-    monkeypatch.setattr(faiss_collection, "REBUILD_PAUSE_S", 0.2)
+    monkeypatch.setattr(faiss_build, "REBUILD_MIN_DEAD", 10)
+    monkeypatch.setattr(faiss_build, "REBUILD_CHUNK", 100)
+    monkeypatch.setattr(faiss_kind, "REBUILD_PAUSE_S", 0.2)
     matrix = clustered(N, 16)
     names = [f"n{i:05d}" for i in range(N)]
     coll = build("ivf_pq", matrix, names, tmp_path)
@@ -184,8 +187,8 @@ def test_closing_cancels_a_rebuild_before_its_swap(tmp_path, monkeypatch):
     coll.stop_background()
     assert not coll.rebuilding and coll.swaps == 1  # the training at build(), not the compaction
     assert coll.dead == N // 2 and not list(tmp_path.glob("*.rebuild"))
-    index_files.save(coll, tmp_path, generation=3)
-    again = index_files.load("c", DIM, "fp", SPECS["ivf_pq"], 3, N - N // 2, tmp_path, created_at=1.0, updated_at=2.0)
+    snapshots.save(coll, tmp_path, generation=3)
+    again = snapshots.load("c", DIM, "fp", SPECS["ivf_pq"], 3, N - N // 2, tmp_path, created_at=1.0, updated_at=2.0)
     q64 = matrix[N - 1][np.newaxis].astype(np.float64)
     assert again.search(q64, [5]) == coll.search(q64, [5])
 
@@ -198,10 +201,10 @@ def test_index_files_round_trip(label, tmp_path):
     coll = make_collection("c/ü", DIM, "fp", spec, files_dir=tmp_path, created_at=1.0, updated_at=2.0)
     coll.upsert(names, matrix)
     coll.delete(names[:10])
-    index_files.save(coll, tmp_path, generation=7)
+    snapshots.save(coll, tmp_path, generation=7)
     args = {"created_at": 1.0, "updated_at": 2.0}
-    assert index_files.load("c/ü", DIM, "fp", spec, 8, N - 10, tmp_path, **args) is None  # stale generation
-    again = index_files.load("c/ü", DIM, "fp", spec, 7, N - 10, tmp_path, **args)
+    assert snapshots.load("c/ü", DIM, "fp", spec, 8, N - 10, tmp_path, **args) is None  # stale generation
+    again = snapshots.load("c/ü", DIM, "fp", spec, 7, N - 10, tmp_path, **args)
     assert again is not None and len(again) == N - 10 and sorted(again.names()) == sorted(names[10:])
     queries = clustered(5, 9)
     for q in queries:
@@ -219,7 +222,7 @@ def test_ivf_pq_answers_exactly_before_it_is_trained(tmp_path):
     names = [f"n{i:04d}" for i in range(500)]
     coll = make_collection("c", DIM, "fp", spec, files_dir=tmp_path)
     coll.upsert(names, matrix)
-    assert not coll.trained and faiss_collection.train_size(64) > 500
+    assert not coll.trained and faiss_build.train_size(64) > 500
     coll.delete(names[:5])
     for q in clustered(5, 11):
         want, _ = reference_ranking(matrix[5:], names[5:], q, 10)
@@ -227,7 +230,7 @@ def test_ivf_pq_answers_exactly_before_it_is_trained(tmp_path):
 
 
 def test_gallery_index_makes_the_kind_and_reports_it():
-    index = GalleryIndex()
+    index = Registry()
     index.create("h", DIM, "fp", SPECS["hnsw"])
     index.upsert("h", ["a", "b"], clustered(2, 12))
     (stats,) = index.stats("h")
@@ -248,5 +251,5 @@ def test_bad_index_options_are_invalid_arguments(kind, params, text):
 
 def test_spec_round_trips_through_json():
     spec = make_spec("ivf_pq", nlist=8, nprobe=4, pq_bytes=16, rerank=False)
-    assert kinds.spec_from_json(spec.kind, spec.to_json()) == spec
+    assert spec_from_json(spec.kind, spec.to_json()) == spec
     assert make_spec("", float16=False) == IndexSpec()

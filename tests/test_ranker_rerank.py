@@ -1,9 +1,9 @@
-"""Re-ranking through a real ranker process: alpha-weighted query expansion,
-database-side augmentation (a collection option) and k-reciprocal
-re-ranking, each against an independent dense float64 numpy reference written
-here from the definitions in docs/ranker.md#re-ranking; derived data follows
-upserts, replacements and deletes; option errors; the Milvus backend's
-support (query expansion) and refusals (DBA, k-reciprocal).
+"""Re-ranking through a real ranker process: alpha-weighted query expansion
+and k-reciprocal re-ranking, each against an independent dense float64 numpy
+reference written here from the definitions in docs/ranker.md#re-ranking;
+derived data follows upserts, replacements and deletes; option errors; the
+removed DBA option refused on both backends; the Milvus backend's support
+(query expansion) and refusals (k-reciprocal).
 """
 
 from __future__ import annotations
@@ -40,18 +40,6 @@ def ref_expand(G, names, q, top_n, alpha, allowed=None):
     for j in top:
         out += max(s[j], 0.0) ** alpha * G[j].astype(np.float64)
     return out / np.linalg.norm(out)
-
-
-def ref_dba(G, names, top_n, alpha):
-    G64 = G.astype(np.float64)
-    S = G64 @ G64.T
-    out = np.empty_like(G64)
-    for i in range(len(G)):
-        v = G64[i].copy()
-        for j in _order(S[i], names, exclude=i)[:top_n]:
-            v += max(S[i, j], 0.0) ** alpha * G64[j]
-        out[i] = v / np.linalg.norm(v)
-    return out.astype(np.float32)
 
 
 def ref_k_reciprocal(G, names, q, k, k1=20, k2=6, lam=0.3, shortlist=100, allowed=None):
@@ -132,8 +120,8 @@ def upsert(stub, collection, names, vectors, attributes=None):
                              for n, v in zip(names, vectors)]), timeout=TIMEOUT)
 
 
-def create(stub, collection, **dba):
-    options = pb.IndexOptions(kind=pb.INDEX_KIND_EXACT, dba=pb.DatabaseAugmentation(**dba) if dba else None)
+def create(stub, collection, **options):
+    options = pb.IndexOptions(kind=pb.INDEX_KIND_EXACT, **options)
     return stub.CreateCollection(pb.CreateCollectionRequest(collection=collection, dim=DIM, fingerprint=FP,
                                                             index=options), timeout=TIMEOUT)
 
@@ -218,71 +206,18 @@ def test_search_stream_answers_do_not_depend_on_the_batch(stub, gallery):
             assert answers[f"{i}-{j}"] == search(stub, "plain", q, **kind)[0]
 
 
-# ---------------------------------------------------------------- database-side augmentation
+# ---------------------------------------------------------------- derived data
 
-def test_dba_collection_serves_augmented_vectors(stub, gallery):
-    G, names, queries, _ = gallery
-    reply = create(stub, "dba", top_n=3, alpha=2.0)
-    assert reply.created and reply.collection.index.dba.top_n == 3 and reply.collection.index.dba.alpha == 2.0
-    upsert(stub, "dba", names, G)
-    A = ref_dba(G, names, 3, 2.0)
-    for q in queries:
-        check(search(stub, "dba", q), ref_plain(A, names, q, 10), tol=5e-6)
-        check(search(stub, "dba", q, query_expansion=pb.QueryExpansion()),
-              ref_plain(A, names, ref_expand(A, names, q, 2, 3.0), 10), tol=5e-6)
-        check(search(stub, "dba", q, k_reciprocal=pb.KReciprocalRerank()), ref_k_reciprocal(A, names, q, 10),
-              tol=5e-6)
-    # the stored vectors stay as upserted
-    items = list(stub.ListItems(pb.ListItemsRequest(collection="dba", with_vectors=True, limit=3), timeout=TIMEOUT))
-    item = items[0].items[0]
-    np.testing.assert_array_equal(np.asarray(item.vector, np.float32), G[names.index(item.name)])
-    stats = stub.GetStats(pb.GetStatsRequest(collection="dba"), timeout=TIMEOUT).collections[0]
-    assert stats.index.dba.top_n == 3
-    assert stats.memory_bytes > 2 * A.nbytes  # the stored and the augmented matrix
-    search(stub, "plain", queries[0], k_reciprocal=pb.KReciprocalRerank())
-    plain = stub.GetStats(pb.GetStatsRequest(collection="plain"), timeout=TIMEOUT).collections[0]
-    assert plain.memory_bytes > 2 * G.nbytes  # its k-reciprocal data holds a copy of the vectors
-
-
-def test_dba_with_filters(stub, gallery):
-    G, names, queries, attributes = gallery
-    create(stub, "dba-filtered", top_n=2)
-    upsert(stub, "dba-filtered", names, G, attributes)
-    A = ref_dba(G, names, 2, 3.0)
-    allowed = {n for n in names if attributes[n]["half"] == "1"}
-    f = [pb.AttributeFilter(key="half", values=["1"])]
-    for q in queries:
-        check(search(stub, "dba-filtered", q, filters=f), ref_plain(A, names, q, 10, allowed), tol=5e-6)
-        check(search(stub, "dba-filtered", q, filters=f, query_expansion=pb.QueryExpansion()),
-              ref_plain(A, names, ref_expand(A, names, q, 2, 3.0, allowed), 10, allowed), tol=5e-6)
-
-
-def test_dba_defaults_and_alpha_zero(stub, gallery):
-    G, names, queries, _ = gallery
-    assert create(stub, "dba-default", top_n=0).collection.index.dba.top_n == 2
-    assert create(stub, "dba-a0", top_n=2, alpha=0.0).collection.index.dba.alpha == 0.0
-    upsert(stub, "dba-default", names, G)
-    upsert(stub, "dba-a0", names, G)
-    check(search(stub, "dba-default", queries[0]), ref_plain(ref_dba(G, names, 2, 3.0), names, queries[0], 10),
-          tol=5e-6)
-    check(search(stub, "dba-a0", queries[0]), ref_plain(ref_dba(G, names, 2, 0.0), names, queries[0], 10),
-          tol=5e-6)
-
-
-@pytest.mark.parametrize("collection, rerank", [("dba-writes", {}), ("kr-writes", {"k_reciprocal": True})])
-def test_derived_data_follows_upserts_replacements_and_deletes(stub, collection, rerank):
+def test_derived_data_follows_upserts_replacements_and_deletes(stub):
+    collection = "kr-writes"
     rng = np.random.default_rng(5)
     G = clustered(rng, clusters=4, per=15)
     names = [f"w{i:03d}" for i in range(len(G))]
-    dba = collection.startswith("dba")
-    if dba:
-        create(stub, collection, top_n=2)
     upsert(stub, collection, names, G)
-    options = {"k_reciprocal": pb.KReciprocalRerank(k1=6, k2=3)} if rerank else {}
+    options = {"k_reciprocal": pb.KReciprocalRerank(k1=6, k2=3)}
 
     def want(G, names, q):
-        served = ref_dba(G, names, 2, 3.0) if dba else G
-        return ref_k_reciprocal(served, names, q, 10, k1=6, k2=3) if rerank else ref_plain(served, names, q, 10)
+        return ref_k_reciprocal(G, names, q, 10, k1=6, k2=3)
 
     q = unit64(G[0].astype(np.float64) + 0.1)
     check(search(stub, collection, q, **options), want(G, names, q), tol=5e-6)
@@ -307,84 +242,6 @@ def test_derived_data_follows_upserts_replacements_and_deletes(stub, collection,
     upsert(stub, collection, ["new"], unit32(q[np.newaxis]))
     G, names = np.vstack([G, unit32(q[np.newaxis])]), names + ["new"]
     check(search(stub, collection, q, **options), want(G, names, q), tol=5e-6)
-
-
-def test_dba_option_and_its_derived_data_survive_a_restart(tmp_path):
-    """The augmented vectors and the k-reciprocal neighbourhoods over them take O(G^2)
-    work: a clean stop writes them next to the database and the next start serves them
-    at once (no rebuild); files from another generation, or damaged ones, are rebuilt
-    from SQLite instead."""
-    import json
-
-    rng = np.random.default_rng(3)
-    G = clustered(rng, clusters=3, per=10)
-    names = [f"r{i:02d}" for i in range(len(G))]
-    q = unit64(G[4].astype(np.float64) + 0.2)
-    extra = unit32(q[np.newaxis])
-    index_dir = tmp_path / "g.db.index"
-
-    def derived(stub):
-        return stub.GetStats(pb.GetStatsRequest(collection="dba"), timeout=TIMEOUT).collections[0].derived_data
-
-    def serve(step):
-        proc = ServiceProcess("ranker_service", "--db", str(tmp_path / "g.db"), startup_timeout=120)
-        try:
-            with proc.channel() as channel:
-                stub = ranker_pb2_grpc.RankerServiceStub(channel)
-                return step(stub)
-        finally:
-            assert proc.terminate() == 0, proc.output
-            serve.output = proc.output
-
-    def answers(stub, G, names):
-        A = ref_dba(G, names, 2, 3.0)
-        check(search(stub, "dba", q, top_k=5), ref_plain(A, names, q, 5), tol=5e-6)
-        check(search(stub, "dba", q, top_k=5, k_reciprocal=pb.KReciprocalRerank()),
-              ref_k_reciprocal(A, names, q, 5), tol=5e-6)
-
-    def first(stub):
-        create(stub, "dba", top_n=2)
-        upsert(stub, "dba", names, G)
-        answers(stub, G, names)
-        assert derived(stub).last_build_seconds > 0  # built in the background
-
-    def loaded(stub):
-        info = derived(stub)  # current before any search asked, and never built in this process
-        assert info.state == pb.DERIVED_STATE_CURRENT and info.last_build_seconds == 0
-        assert list(info.kinds) == ["dba", "k-reciprocal k1=20 k2=6"]
-        answers(stub, G, names)
-        upsert(stub, "dba", ["new"], extra)  # a write: rebuilt, then saved again at the stop
-        answers(stub, np.vstack([G, extra]), names + ["new"])
-
-    def loaded_after_the_write(stub):
-        info = derived(stub)
-        assert info.state == pb.DERIVED_STATE_CURRENT and info.last_build_seconds == 0
-        assert list(info.kinds) == ["dba", "k-reciprocal k1=20 k2=6"]
-        answers(stub, np.vstack([G, extra]), names + ["new"])
-
-    def rebuilt(stub):
-        answers(stub, np.vstack([G, extra]), names + ["new"])
-        assert derived(stub).last_build_seconds > 0
-
-    serve(first)
-    (meta,) = index_dir.glob("*.dba.json")
-    assert json.loads(meta.read_text())["count"] == len(G)
-    assert len(list(index_dir.glob("*.kr-20-6.*"))) == 3
-    serve(loaded)
-    assert "augmented vectors (dba) loaded from their file" in serve.output
-    assert "k-reciprocal neighbourhoods k1=20 k2=6 loaded from their files" in serve.output
-    saved = json.loads(meta.read_text())
-    assert saved["count"] == len(G) + 1
-    serve(loaded_after_the_write)  # the files written at that stop hold the write
-    # another generation in the file: not served, rebuilt
-    meta.write_text(json.dumps({**saved, "generation": saved["generation"] - 1}))
-    serve(rebuilt)
-    assert "saved augmented vectors are stale" in serve.output
-    # a damaged matrix: rebuilt as well
-    meta.write_text(json.dumps(saved))
-    (matrix,) = index_dir.glob("*.dba.npy")
-    np.save(matrix, np.zeros((3, DIM), np.float32))
-    serve(rebuilt)
 
 
 def test_k_reciprocal_neighbourhoods_survive_a_restart(tmp_path):
@@ -418,35 +275,41 @@ def test_saved_k_reciprocal_neighbourhoods_load_over_rows_in_another_order(tmp_p
     """A collection read back from SQLite may hold its rows in another order than
     the one its neighbourhoods were built over: they are rebuilt over the same rows
     in their own order, and rank as before. Stale or damaged files are left out."""
-    from ranker_service import index_files
-    from ranker_service.reranking import Neighbourhoods, make_k_reciprocal
+    from ranker_service.rerank.maths import Neighbourhoods
+    from ranker_service.sqlite import snapshots as index_files
+    from ranker_service.validation import make_k_reciprocal
 
     class Coll:
         name, dim, fingerprint = "c", DIM, FP
 
+        def __init__(self, rows=None, row_names=None):
+            self.rows, self.row_names = rows, row_names
+
         def __len__(self):
             return len(G)
+
+        def snapshot(self):
+            return self.rows.copy(), list(self.row_names)
 
     rng = np.random.default_rng(5)
     G = clustered(rng, clusters=4, per=12)
     names = [f"n{i:02d}" for i in range(len(G))]
     built = Neighbourhoods.build(G, names, 8, 3)
-    index_files.save_k_reciprocal(Coll(), built, tmp_path, 7, over_dba=False)
+    index_files.save_k_reciprocal(Coll(), built, tmp_path, 7)
     order = rng.permutation(len(G))
-    served = lambda: (G[order].copy(), [names[i] for i in order])  # noqa: E731
-    (loaded,) = index_files.load_k_reciprocal(Coll(), tmp_path, 7, served, over_dba=False).values()
+    served = Coll(G[order], [names[i] for i in order])
+    (loaded,) = index_files.load_k_reciprocal(served, tmp_path, 7).values()
     options = make_k_reciprocal(8, 3)
     for q in G[:6].astype(np.float64) + 0.05:
         q /= np.linalg.norm(q)
         assert loaded.rerank(q, 10, options) == built.rerank(q, 10, options)
-    assert index_files.load_k_reciprocal(Coll(), tmp_path, 8, served, over_dba=False) == {}  # another generation
-    assert index_files.load_k_reciprocal(Coll(), tmp_path, 7, served, over_dba=True) == {}  # not over DBA vectors
-    other = lambda: (G.copy(), [f"x{i}" for i in range(len(G))])  # noqa: E731
-    assert index_files.load_k_reciprocal(Coll(), tmp_path, 7, other, over_dba=False) == {}  # other rows
+    assert index_files.load_k_reciprocal(served, tmp_path, 8) == {}  # another generation
+    other = Coll(G, [f"x{i}" for i in range(len(G))])
+    assert index_files.load_k_reciprocal(other, tmp_path, 7) == {}  # other rows
     arrays = dict(built.arrays(), ids=built.ids + len(G))  # damaged: rows that do not exist
     with open(tmp_path / f"{index_files.stem('c')}.kr-8-3.npz", "wb") as f:
         np.savez(f, **arrays)
-    assert index_files.load_k_reciprocal(Coll(), tmp_path, 7, served, over_dba=False) == {}
+    assert index_files.load_k_reciprocal(served, tmp_path, 7) == {}
     index_files.remove_k_reciprocal("c", tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -475,17 +338,21 @@ def test_bad_options_are_invalid_argument(stub, gallery, options, text):
     assert len(by_id["good"].matches) == 10
 
 
-@pytest.mark.parametrize("options", [pb.IndexOptions(kind=pb.INDEX_KIND_HNSW, dba=pb.DatabaseAugmentation()),
-                                     pb.IndexOptions(kind=pb.INDEX_KIND_IVF_PQ, dba=pb.DatabaseAugmentation()),
-                                     pb.IndexOptions(float16=True, dba=pb.DatabaseAugmentation()),
-                                     pb.IndexOptions(dba=pb.DatabaseAugmentation(top_n=101)),
-                                     pb.IndexOptions(dba=pb.DatabaseAugmentation(alpha=-2))])
-def test_unsupported_dba_is_refused(stub, options):
-    with pytest.raises(grpc.RpcError) as err:
-        stub.CreateCollection(pb.CreateCollectionRequest(collection="bad-dba", dim=DIM, fingerprint=FP,
-                                                         index=options), timeout=TIMEOUT)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "dba" in err.value.details()
+def assert_dba_refused(stub, collection):
+    """DBA was removed: a CreateCollection that sets it, in any form, is
+    INVALID_ARGUMENT saying so and what to use instead; nothing is created."""
+    for dba in (pb.DatabaseAugmentation(), pb.DatabaseAugmentation(top_n=2, alpha=3.0)):
+        with pytest.raises(grpc.RpcError) as err:
+            create(stub, collection, dba=dba)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for text in ("database-side augmentation was removed", "query expansion", "k-reciprocal", "--tta flip"):
+            assert text in err.value.details()
+    names = [c.name for c in stub.GetStats(pb.GetStatsRequest(), timeout=TIMEOUT).collections]
+    assert collection not in names
+
+
+def test_dba_is_refused(stub):
+    assert_dba_refused(stub, "dba")
 
 
 @pytest.mark.parametrize("label, options", [
@@ -524,9 +391,7 @@ def test_milvus_query_expansion_and_refusals(tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 search(stub, "m", q, k_reciprocal=pb.KReciprocalRerank())
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "SQLite backend" in err.value.details()
-            with pytest.raises(grpc.RpcError) as err:
-                create(stub, "m-dba", top_n=2)
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dba" in err.value.details()
+            assert_dba_refused(stub, "m-dba")
     finally:
         assert proc.terminate() == 0, proc.output
 
@@ -535,37 +400,21 @@ def test_milvus_query_expansion_and_refusals(tmp_path):
 
 def test_client_library_options(ranker, gallery):
     from clients.ranker import RankerClient
-    from clients.types import DatabaseAugmentation, KReciprocal, QueryExpansion
+    from clients.types import KReciprocal, QueryExpansion
 
     G, names, queries, _ = gallery
     with RankerClient(ranker.address, timeout=TIMEOUT) as client:
-        stats, created = client.create_collection("client-dba", DIM, FP, dba=DatabaseAugmentation(3, 0.0))
-        assert created and stats.dba == DatabaseAugmentation(3, 0.0) and stats.kind == "exact"
-        assert client.stats("client-dba").collection("client-dba").dba == DatabaseAugmentation(3, 0.0)
-        assert client.create_collection("client-dba", DIM, FP, dba=DatabaseAugmentation(3, 0.0))[1] is False
-        client.upsert("client-dba", list(zip(names, G)), fingerprint=FP)
-        A = ref_dba(G, names, 3, 0.0)
+        stats, created = client.create_collection("client", DIM, FP)
+        assert created and stats.kind == "exact"
+        assert client.create_collection("client", DIM, FP)[1] is False
+        client.upsert("client", list(zip(names, G)), fingerprint=FP)
+        A = G
         q = queries[1]
-        got = client.search("client-dba", q, query_expansion=QueryExpansion(4, 1.0), k_reciprocal=KReciprocal(k1=10))
+        got = client.search("client", q, query_expansion=QueryExpansion(4, 1.0), k_reciprocal=KReciprocal(k1=10))
         want = ref_k_reciprocal(A, names, ref_expand(A, names, q, 4, 1.0), 10, k1=10)
         check(([m.name for m in got], [m.score for m in got]), want, tol=5e-6)
         streamed = {r.name: r.matches for r in client.search_stream(
-            "client-dba", [(f"q{i}", v) for i, v in enumerate(queries)], k_reciprocal=KReciprocal(lam=0.1))}
+            "client", [(f"q{i}", v) for i, v in enumerate(queries)], k_reciprocal=KReciprocal(lam=0.1))}
         for i, v in enumerate(queries):
             want = ref_k_reciprocal(A, names, v, 10, lam=0.1)
             check(([m.name for m in streamed[f"q{i}"]], [m.score for m in streamed[f"q{i}"]]), want, tol=5e-6)
-
-
-def test_search_stream_on_a_dba_collection_equals_search(stub, gallery):
-    G, names, queries, _ = gallery
-    create(stub, "dba-stream", top_n=2)
-    upsert(stub, "dba-stream", names, G)
-    A = ref_dba(G, names, 2, 3.0)
-    requests = [pb.SearchStreamRequest(id=f"q{i}", collection="dba-stream", vector=q, top_k=5 + i)
-                for i, q in enumerate(queries)]
-    requests.append(pb.SearchStreamRequest(id="bad", collection="dba-stream", vector=[1.0, 2.0]))
-    answers = {a.id: a for a in stub.SearchStream(iter(requests), timeout=TIMEOUT)}
-    assert answers["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    for i, q in enumerate(queries):
-        got = ([m.name for m in answers[f"q{i}"].matches], [m.score for m in answers[f"q{i}"].matches])
-        check(got, ref_plain(A, names, q, 5 + i), tol=5e-6)

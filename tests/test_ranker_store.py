@@ -1,4 +1,4 @@
-"""The ranker's SQLite store and the Gallery core (store + memory) on a real
+"""The ranker's SQLite store and the SQLite backend (store + memory) on a real
 SQLite file, without gRPC."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 from imagesearch import errors
 from imagesearch.errors import StoreError
 from testkit import unit32
-from ranker_service.gallery import Gallery, UpsertItem
-from ranker_service.index import Query
-from ranker_service.migrations import MIGRATIONS, MIGRATIONS_TABLE
-from ranker_service.store import GalleryStore, UpsertRow
+from ranker_service.sqlite.backend import SqliteBackend
+from ranker_service.sqlite.migrations import MIGRATIONS, MIGRATIONS_TABLE
+from ranker_service.sqlite.store import Store, UpsertRow
+from ranker_service.types import Query, UpsertItem
 
 
 @pytest.fixture
@@ -28,13 +28,13 @@ def db_path(tmp_path):
 
 @pytest.fixture
 def store(db_path):
-    s = GalleryStore.open(db_path, busy_timeout=0.2)
+    s = Store.open(db_path, busy_timeout=0.2)
     yield s
     s.close()
 
 
-def open_gallery(path, **kw) -> Gallery:
-    gallery = Gallery(GalleryStore.open(path, busy_timeout=0.2), **kw)
+def open_gallery(path, **kw) -> SqliteBackend:
+    gallery = SqliteBackend(Store.open(path, busy_timeout=0.2), **kw)
     gallery.load()
     return gallery
 
@@ -72,11 +72,10 @@ def test_new_database_is_wal_fsynced_locked_and_migrated(store, db_path):
     assert store.pragma("locking_mode") == "exclusive"
     assert store.pragma("page_size") == 16384
     applied = [r[0] for r in store.db.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")]
-    assert applied == MIGRATIONS.names == ["m001_collections_and_vectors", "m002_index_kinds_and_generation",
-                                                   "m003_item_attributes"]
+    assert applied == MIGRATIONS.names == ["m001_collections_and_vectors"]
     assert {"collections", "vectors"} <= set(store.db.table_names())
     store.close()
-    reopened = GalleryStore.open(db_path)
+    reopened = Store.open(db_path)
     assert MIGRATIONS.pending(reopened.db) == []
     reopened.close()
 
@@ -107,11 +106,11 @@ def test_delete_returns_only_existing_names(store):
 
 
 def test_database_from_a_newer_version_is_refused(db_path):
-    GalleryStore.open(db_path).close()
+    Store.open(db_path).close()
     with raw(db_path) as conn:
         conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES ('m099_future', 'x')")
     with pytest.raises(StoreError, match="m099_future.*newer version"):
-        GalleryStore.open(db_path)
+        Store.open(db_path)
 
 
 # ---------------------------------------------------------------- unusable files
@@ -120,27 +119,27 @@ def test_database_from_a_newer_version_is_refused(db_path):
 def test_not_a_database_is_refused_with_a_clear_message(db_path):
     db_path.write_bytes(b"this is not sqlite at all\n" * 400)
     with pytest.raises(StoreError, match="is not a SQLite database"):
-        GalleryStore.open(db_path)
+        Store.open(db_path)
 
 
 def test_file_locked_by_another_connection_is_refused(store, db_path):
     with pytest.raises(StoreError, match="locked by another process"):
-        GalleryStore.open(db_path, busy_timeout=0.1)
+        Store.open(db_path, busy_timeout=0.1)
 
 
 def test_read_only_file_is_refused(db_path):
-    GalleryStore.open(db_path).close()
+    Store.open(db_path).close()
     undo = make_read_only(db_path)
     try:
         with pytest.raises(StoreError, match="read-only"):
-            GalleryStore.open(db_path)
+            Store.open(db_path)
     finally:
         undo()
 
 
 def test_missing_folder_is_refused(tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
-        GalleryStore.open(tmp_path / "no" / "such" / "ranker.db")
+        Store.open(tmp_path / "no" / "such" / "ranker.db")
 
 
 @pytest.mark.parametrize("damage,text", [
@@ -154,13 +153,13 @@ def test_damaged_rows_fail_the_load_naming_the_row(db_path, damage, text):
     gallery.close()
     with raw(db_path) as conn:
         conn.execute(damage)
-    gallery = Gallery(GalleryStore.open(db_path))
+    gallery = SqliteBackend(Store.open(db_path))
     with pytest.raises(StoreError, match=text):
         gallery.load()
     gallery.close()
 
 
-# ---------------------------------------------------------------- the Gallery core
+# ---------------------------------------------------------------- the SQLite backend
 
 
 def test_gallery_upsert_commits_then_memory_and_survives_reopen(db_path):
@@ -235,7 +234,7 @@ def test_collection_keeps_its_first_dim_and_fingerprint_across_batches(db_path):
 def test_full_database_fails_the_write_cleanly(db_path):
     """A write that cannot fit (--max-db-mb) is RESOURCE_EXHAUSTED; earlier
     batches stay committed; the file passes integrity_check."""
-    gallery = Gallery(GalleryStore.open(db_path, max_bytes=400_000), batch_size=16)
+    gallery = SqliteBackend(Store.open(db_path, max_bytes=400_000), batch_size=16)
     gallery.load()
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((400, 256)).astype(np.float32)
@@ -261,7 +260,7 @@ def test_closed_gallery_refuses_writes(db_path):
 
 
 def test_gallery_is_unavailable_until_loaded_and_validates_deletes(db_path):
-    gallery = Gallery(GalleryStore.open(db_path))
+    gallery = SqliteBackend(Store.open(db_path))
     with pytest.raises(errors.Unavailable, match="still loading"):
         gallery.search(Query("c", [1.0, 0.0]))
     gallery.load()

@@ -25,22 +25,19 @@ from clients import metrics
 from clients.channels import AUTH_TOKEN_ENV, Security
 from clients.cli import dedupe, report
 from clients.cli import demo as demo_data
-from clients.cli.incremental import parse_pairs
-from clients.cli.jobs import QueryReport, above, index_folder, query_folder
-from clients.cli.options import n_alpha as _n_alpha
-from clients.cli.options import rerank_options
-from clients.cli.output import index_summary, json_text, match_json, printable, query_summary, say
+from clients.cli.jobs import QueryReport, index_folder, query_folder
+from clients.cli.output import index_summary, json_text, printable, query_summary, say
 from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
 from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
 from clients.embedder import EmbedderClient, file_source
 from clients.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ClientError, UsageError
+from clients.options import above, match_json, parse_pairs, rerank_options
 from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
 from clients.ranker import ADDRESS_ENV as RANKER_ENV
 from clients.ranker import DEFAULT_ADDRESS as DEFAULT_RANKER
 from clients.ranker import RankerClient
 from clients.cli.services import (EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, require_extras,
                                   wait_for_signal)
-from clients.types import DatabaseAugmentation
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
 
 log = logging.getLogger(__name__)
@@ -184,19 +181,12 @@ def _rerank(args) -> dict:
     return rerank_options(getattr(args, "query_expansion", None), getattr(args, "rerank", None))
 
 
-def _dba(args) -> DatabaseAugmentation | None:
-    dba = _n_alpha(getattr(args, "dba", None), "--dba")
-    return DatabaseAugmentation(*dba) if dba else None
-
-
 def cmd_index(args) -> int:
-    dba = _dba(args)
     gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
     with _clients(args) as (emb, rank):
         r = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
                          concurrency=args.concurrency, progress=args.progress, attributes=_attributes(args),
-                         attributes_from_folders=args.attributes_from_folders, sync=args.sync, full=args.full,
-                         dba=dba)
+                         attributes_from_folders=args.attributes_from_folders, sync=args.sync, full=args.full)
     index_summary(r)
     return _job_exit(r, args.strict)
 
@@ -375,7 +365,7 @@ def cmd_run(args) -> int:
 def run_job(args, *, title: str | None = None) -> int:
     """`run`: validate everything first, start what is missing, index, query,
     write the JSON and HTML, evaluate, stop what was started."""
-    rerank, dba = _rerank(args), _dba(args)
+    rerank = _rerank(args)
     html_path = None if args.no_html else (args.html or args.out.with_suffix(".html"))
     _check_distinct(args.out, html_path, default_html=not args.html)
     _check_top_k(args.top_k)
@@ -435,7 +425,7 @@ def run_job(args, *, title: str | None = None) -> int:
         say(f"model: {info.backbone} ({info.weights}), {info.dim}-d, on {info.device}")
 
         indexed = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
-                               concurrency=args.concurrency, progress=args.progress, dba=dba)
+                               concurrency=args.concurrency, progress=args.progress)
         index_summary(indexed)
         if indexed.service_error:
             raise ClientError(f"indexing failed: {indexed.service_error}")

@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
 from clients.errors import UsageError
+from clients.files import FILE_KEYS, MTIME, SHA256, SIZE
 from clients.types import StoredItem
 
-SHA256, SIZE, MTIME, CLASS = "sha256", "size", "mtime", "class"
-FILE_KEYS = (SHA256, SIZE, MTIME)
+CLASS = "class"
 HASH_CHUNK = 1 << 20
 
 
@@ -53,17 +53,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def parse_pairs(pairs: Iterable[str], flag: str) -> dict[str, list[str]]:
-    """`k=v` strings into {k: [v, ...]} (a key given again adds a value)."""
-    out: dict[str, list[str]] = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        out.setdefault(key, []).append(value)
-    return out
 
 
 def extra_attributes(fixed: Mapping[str, str], from_folders: bool) -> Callable[[str], dict[str, str]]:

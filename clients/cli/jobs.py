@@ -29,9 +29,10 @@ import grpc
 from clients.cli.incremental import extra_attributes, make_plan
 from clients.embedder import EmbedderClient, file_source
 from clients.errors import ClientError, UsageError
+from clients.options import above
 from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
 from clients.ranker import RankerClient
-from clients.types import DatabaseAugmentation, Embedding, Failure, KReciprocal, Match, QueryExpansion
+from clients.types import Embedding, Failure, KReciprocal, Match, QueryExpansion
 
 log = logging.getLogger(__name__)
 
@@ -294,15 +295,12 @@ LIST_S, LIST_VECTORS_S = 0.001, 0.01
 def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path | FolderListing, *,
                  collection: str, chunk_size: int = 32, concurrency: int | None = None,
                  progress: bool | None = None, attributes: Mapping[str, str] | None = None,
-                 attributes_from_folders: bool = False, sync: bool = False, full: bool = False,
-                 dba: DatabaseAugmentation | None = None) -> IndexReport:
+                 attributes_from_folders: bool = False, sync: bool = False, full: bool = False) -> IndexReport:
     """Bring `collection` in step with the images under `folder` (or of a
     listing already made by clients.files.list_images, so that a folder is
     listed once): embed only new and changed files, re-key renamed ones,
     refresh attributes, and with `sync` delete items whose files are gone
-    (see clients.cli.incremental). `full` embeds every file again. With
-    `dba`, the collection is created with database-side augmentation first
-    (an existing one must have the same options)."""
+    (see clients.cli.incremental). `full` embeds every file again."""
     listing = _listing(folder, "gallery folder")
     report = IndexReport(folder=listing.root, total_images=len(listing.images), skipped=listing.skipped,
                          collection=collection)
@@ -310,9 +308,6 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
         raise UsageError(f"no images under {listing.root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     extra = extra_attributes(attributes or {}, attributes_from_folders)
     check_collection_model(embedder, ranker, collection, must_exist=False)
-    if dba is not None:
-        info = embedder.model_info()
-        ranker.create_collection(collection, info.dim, info.fingerprint, dba=dba)
     start = time.monotonic()
     found = ranker.stats().collection(collection)
     count = found.count if found is not None else 0
@@ -372,11 +367,6 @@ def _embed_and_store(embedder: EmbedderClient, ranker: RankerClient, listing: Fo
 
     job.run(step, count_sent=True, unanswered="not confirmed by the ranker: ", chunk_size=chunk_size,
             concurrency=concurrency)
-
-
-def above(matches: list[Match], min_score: float | None) -> list[Match]:
-    """The matches scoring at least `min_score` (all when None)."""
-    return matches if min_score is None else [m for m in matches if m.score >= min_score]
 
 
 def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path | FolderListing, *,

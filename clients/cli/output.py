@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 from clients.cli.jobs import IndexReport, QueryReport
 from clients.files import SYMLINK_OUT
-from clients.types import Failure, Match
+from clients.types import Failure
 
 # Invisible characters that reorder the text around them (the "Trojan Source" set).
 _BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -47,11 +47,6 @@ def json_text(data) -> str:
     text = json.dumps(data, indent=1, ensure_ascii=False)
     return text if text.isprintable() else "".join(
         f"\\u{ord(ch):04x}" if unicodedata.category(ch) == "Cc" and ch != "\n" or ch in _BIDI else ch for ch in text)
-
-
-def match_json(m: Match) -> dict:
-    """One match as `imagesearch search --json` and the web page's API give it."""
-    return {"rank": m.rank, "name": m.name, "score": round(m.score, 6), "attributes": m.attributes}
 
 
 def say(message: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from clients.channels import AUTH_TOKEN_ENV
 from clients.cli import commands
-from clients.cli.options import RERANK_CHOICES
+from clients.options import RERANK_CHOICES
 from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
 from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
 from clients.ranker import ADDRESS_ENV as RANKER_ENV
@@ -137,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync", action="store_true",
                    help="also delete the collection's items whose files are no longer under GALLERY_DIR")
     p.add_argument("--full", action="store_true", help="embed every file again, changed or not")
-    _dba_argument(p)
     _job_arguments(p)
     p.add_argument("--strict", action="store_true", help="exit 2 when any image could not be indexed")
     p.set_defaults(func=commands.cmd_index)
@@ -276,13 +275,6 @@ def _rerank_arguments(p: argparse.ArgumentParser) -> None:
                         "0.3 x cosine + 0.7 x (1 - Jaccard distance))")
 
 
-def _dba_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dba", metavar="N[:ALPHA]", default=None,
-                   help="create the collection with database-side augmentation: searches rank each item's vector "
-                        "augmented with its N nearest gallery neighbours weighted by similarity^ALPHA (default 3); "
-                        "exact kind only")
-
-
 def _min_score_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-score", type=float, default=None, metavar="COSINE",
                    help="drop matches scoring below this cosine similarity")
@@ -300,7 +292,6 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="cut-off of the metrics (default: --top-k)")
     _min_score_argument(p)
     _rerank_arguments(p)
-    _dba_argument(p)
     p.add_argument("--db", type=Path, default=None,
                    help="SQLite file for a ranker this command starts (default: a temporary one)")
     _job_arguments(p)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import logging
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from clients.files import file_inside
+from clients.files import file_inside, thumbnail_jpeg
 from clients.metrics import Evaluation, QueryScore
 from clients.types import Failure, Match
 from imagesearch.files import atomic_write_text
@@ -20,26 +19,6 @@ from imagesearch.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 THUMB_PX = 112
-
-
-def thumbnail_jpeg(path: Path, size: int = THUMB_PX) -> bytes | None:
-    """A JPEG of the image fitting in size x size (EXIF orientation applied),
-    or None when it cannot be read."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (size * 2, size * 2))  # fast JPEG downscale on decode
-            img = ImageOps.exif_transpose(img)
-            img.thumbnail((size, size))
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=80)
-    except Exception as exc:  # any undecodable file becomes a placeholder, never a crash
-        log.debug("no thumbnail for %s: %s", path, exc)
-        return None
-    return buf.getvalue()
 
 
 def thumbnail_data_uri(path: Path, size: int = THUMB_PX) -> str | None:

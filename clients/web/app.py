@@ -43,14 +43,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from clients.channels import Security
-from clients.cli.incremental import FILE_KEYS, parse_pairs
-from clients.cli.jobs import above
-from clients.cli.options import RERANK_CHOICES, rerank_options
-from clients.cli.output import match_json
-from clients.cli.report import thumbnail_jpeg
 from clients.embedder import EmbedderClient
 from clients.errors import ClientError, ServiceUnavailable, UsageError
-from clients.files import file_inside
+from clients.files import FILE_KEYS, file_inside, thumbnail_jpeg
+from clients.options import RERANK_CHOICES, above, match_json, parse_pairs, rerank_options
 from clients.ranker import RankerClient
 from clients.types import CollectionStats
 from imagesearch.defaults import MAX_TOP_K, is_image_path

@@ -1,37 +1,22 @@
-"""The ranker's SQLite database, through sqlite-utils.
+"""The ranker's SQLite database, through sqlite-utils (tables: migrations.py).
 
-Tables (see `migrations.py`): `collections` (name, dim, fingerprint,
-timestamps, index kind and parameters, generation of its last write),
-`ranker_state` (the generation counter every write bumps) and `vectors` (one row per (collection, name): the unit vector as
-a float32 little-endian BLOB, its dim, the model fingerprint, timestamps).
-
-Durability settings, chosen so that an acknowledged write survives `kill -9`
-(and a power cut):
-
-- `journal_mode=WAL`: a commit appends to the -wal file; a crash mid-commit
-  leaves a torn frame that recovery ignores, never a half-written row.
-- `synchronous=FULL`: the WAL is fsync'ed at every commit, before the commit
-  returns and so before any acknowledgement. (`NORMAL` would already survive
-  kill -9, since the OS keeps the written pages, but not a power cut; batches
-  of a few hundred items amortise the one fsync per commit.)
-- `locking_mode=EXCLUSIVE`: the ranker keeps its file locked while it runs.
-  A second ranker on the same file would otherwise serve a stale memory
-  matrix; here it is refused at start with a clear message. (It also means
-  the WAL needs no -shm file.) Other readers must wait for the ranker to stop.
-- `page_size=16384` for new files: two or three 1280-d rows per page instead
-  of one row plus an overflow page each.
+Settings (docs/ranker.md#storage), chosen so that an acknowledged write
+survives `kill -9` and a power cut: `journal_mode=WAL` (a crash mid-commit
+leaves a torn frame that recovery ignores); `synchronous=FULL` (the WAL is
+fsync'ed before a commit returns: `NORMAL` would survive kill -9 but not a
+power cut; batches amortise the fsync); `locking_mode=EXCLUSIVE` (a second
+ranker on the file would serve a stale memory matrix: it is refused at start;
+the WAL then needs no -shm file); `page_size=16384` for new files.
 
 Each write is one explicit `BEGIN IMMEDIATE ... COMMIT` transaction around
-sqlite-utils' batched `insert_all` (which nests inside it as a savepoint)
-and one `executemany` UPDATE for replaced rows (keeping their created_at), so a batch is committed whole or not at all. (A bare
-`with db.conn:` is not enough with sqlite-utils 4, whose `execute()` commits
-any implicit transaction it opened itself.)
-
-Start-up problems (missing folder, read-only file or folder, file locked by
-another process, not a database, damaged rows, database from a newer
-version) raise `StoreError` with a message for a person. Failures during a
-write raise the domain error that fits (`ResourceExhausted` when the database
-is full, `Unavailable` for I/O errors, ...); the transaction is rolled back.
+sqlite-utils' batched `insert_all` (nested inside it as a savepoint) and one
+`executemany` UPDATE for replaced rows (keeping their created_at): a batch
+is committed whole or not at all. (A bare `with db.conn:` is not enough with
+sqlite-utils 4, whose `execute()` commits any implicit transaction it
+opened itself.) Start-up problems raise `StoreError` with a message for a
+person; a failed write raises the domain error that fits (`ResourceExhausted`
+when the database is full, `Unavailable` for I/O errors, ...) and is rolled
+back.
 """
 
 from __future__ import annotations
@@ -51,8 +36,8 @@ import sqlite_utils
 
 from imagesearch import errors
 from imagesearch.errors import StoreError, UnknownMigrations
-from ranker_service.migrations import MIGRATIONS
-from ranker_service.vectors import from_blob, to_blob
+from ranker_service.sqlite.migrations import MIGRATIONS
+from ranker_service.types import StoredItem
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +47,8 @@ SYNCHRONOUS = "FULL"
 SQL_BATCH_ROWS = 100
 # Names per `IN (...)` lookup.
 LOOKUP_CHUNK = 500
+
+STORED_DTYPE = np.dtype("<f4")  # float32 little-endian: the BLOB layout
 
 if not hasattr(sqlite_utils.Database, "atomic"):  # pragma: no cover - depends on the installed version
     raise ImportError("ranker_service needs sqlite-utils >= 4 (nested savepoints inside an explicit transaction)")
@@ -89,14 +76,16 @@ class UpsertRow:
     attributes: str = "{}"  # JSON (attributes.to_json)
 
 
-@dataclasses.dataclass(frozen=True)
-class StoredItem:
-    name: str
-    attributes: str  # JSON
-    created_at: float
-    updated_at: float
-    fingerprint: str
-    vector: np.ndarray | None  # float32, when asked for
+def to_blob(vector32: np.ndarray) -> bytes:
+    """float32 little-endian bytes of a stored vector."""
+    return np.ascontiguousarray(vector32, dtype=STORED_DTYPE).tobytes()
+
+
+def from_blob(blob: bytes, dim: int) -> np.ndarray:
+    """A read-only float32 view of a stored BLOB (ValueError if its length is wrong)."""
+    if len(blob) != dim * STORED_DTYPE.itemsize:
+        raise ValueError(f"a {dim}-d vector takes {dim * STORED_DTYPE.itemsize} bytes, this BLOB has {len(blob)}")
+    return np.frombuffer(blob, dtype=STORED_DTYPE)
 
 
 def _errorname(exc: sqlite3.Error) -> str:
@@ -148,7 +137,7 @@ def write_error(exc: sqlite3.Error, doing: str) -> errors.ImageSearchError:
     return errors.ImageSearchError(f"{doing}: database error: {exc}")
 
 
-class GalleryStore:
+class Store:
     """The one connection to the ranker's database. Thread-safe (one lock)."""
 
     def __init__(self, path: Path, db: sqlite_utils.Database):
@@ -160,7 +149,7 @@ class GalleryStore:
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, busy_timeout: float = 5.0, max_bytes: int | None = None) -> GalleryStore:
+    def open(cls, path: str | os.PathLike, *, busy_timeout: float = 5.0, max_bytes: int | None = None) -> Store:
         """Open (creating if missing) and migrate the database; lock it for this
         process. Raises StoreError with a clear message when it cannot be used."""
         path = Path(path)
@@ -394,7 +383,7 @@ class GalleryStore:
 
     def _bump(self) -> int:
         """The next database generation (inside a write transaction; writes to
-        `vectors` bump it by trigger, see migrations.m002)."""
+        `vectors` bump it by trigger, see migrations.m001)."""
         self.db.execute("UPDATE ranker_state SET value = value + 1 WHERE key = 'generation'")
         return int(self.db.execute("SELECT value FROM ranker_state WHERE key = 'generation'").fetchone()[0])
 
@@ -453,11 +442,11 @@ class GalleryStore:
         return existing
 
 
-def bulk_load(store: GalleryStore, collection: str, names: Sequence[str], vectors32: np.ndarray,
+def bulk_load(store: Store, collection: str, names: Sequence[str], vectors32: np.ndarray,
               fingerprint: str = "", batch: int = 2000) -> None:
     """Write many float32 unit vectors straight through the store, `batch`
     per transaction (benchmarks, imports). No validation: the caller
-    normalises (see `vectors.unit_vector`); a running ranker holds the lock."""
+    normalises (see `validation.unit_vector`); a running ranker holds the lock."""
     vectors32 = np.asarray(vectors32, dtype=np.float32)
     known = {c.name for c in store.collections()}
     for start in range(0, len(names), batch):

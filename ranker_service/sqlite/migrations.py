@@ -87,35 +87,31 @@ MIGRATIONS = Migrations()
 
 @MIGRATIONS
 def m001_collections_and_vectors(db: sqlite_utils.Database) -> None:
-    """A collection keeps the dimension and fingerprint of its first vector;
-    a vector row is unique per (collection, name) and holds the unit vector as
-    float32 little-endian bytes, its dimension and its model fingerprint."""
-    db["collections"].create(
-        {"name": str, "dim": int, "fingerprint": str, "created_at": float, "updated_at": float},
-        pk="name",
-        not_null={"dim", "fingerprint", "created_at", "updated_at"},
-    )
-    db["vectors"].create(
-        {"collection": str, "name": str, "dim": int, "fingerprint": str, "vector": bytes,
-         "created_at": float, "updated_at": float},
-        pk=("collection", "name"),
-        not_null={"dim", "fingerprint", "vector", "created_at", "updated_at"},
-        foreign_keys=[("collection", "collections", "name")],
-    )
-
-
-@MIGRATIONS
-def m002_index_kinds_and_generation(db: sqlite_utils.Database) -> None:
-    """A collection's index kind and parameters (JSON; see kinds.py) and the
-    database generation of its last write; `ranker_state` holds the one
+    """A collection keeps the dimension and fingerprint of its first vector,
+    its index kind and parameters (JSON; see types.IndexSpec) and the database
+    generation of its last write; a vector row is unique per (collection,
+    name) and holds the unit vector as float32 little-endian bytes, its
+    dimension, its model fingerprint and its item's attributes (a JSON object
+    of strings with sorted keys, '{}' for none). `ranker_state` holds the one
     generation counter. Triggers bump it, and stamp the collection, on every
     insert, update and delete of a vector row, whoever writes (the ranker or
     a person with the sqlite3 shell), so index files checked against it at
-    start-up are never taken for current after a change. Existing
-    collections become `exact` float32."""
-    db["collections"].add_column("kind", str, not_null_default="exact")
-    db["collections"].add_column("params", str, not_null_default="{}")
-    db["collections"].add_column("generation", int, not_null_default=0)
+    start-up are never taken for current after a change."""
+    db["collections"].create(
+        {"name": str, "dim": int, "fingerprint": str, "created_at": float, "updated_at": float, "kind": str,
+         "params": str, "generation": int},
+        pk="name",
+        not_null={"dim", "fingerprint", "created_at", "updated_at", "kind", "params", "generation"},
+        defaults={"kind": "exact", "params": "{}", "generation": 0},
+    )
+    db["vectors"].create(
+        {"collection": str, "name": str, "dim": int, "fingerprint": str, "vector": bytes,
+         "created_at": float, "updated_at": float, "attributes": str},
+        pk=("collection", "name"),
+        not_null={"dim", "fingerprint", "vector", "created_at", "updated_at", "attributes"},
+        defaults={"attributes": "{}"},
+        foreign_keys=[("collection", "collections", "name")],
+    )
     db["ranker_state"].create({"key": str, "value": int}, pk="key", not_null={"value"})
     db["ranker_state"].insert({"key": "generation", "value": 0})
     for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):
@@ -125,10 +121,3 @@ def m002_index_kinds_and_generation(db: sqlite_utils.Database) -> None:
                 UPDATE collections SET generation = (SELECT value FROM ranker_state WHERE key = 'generation')
                     WHERE name = {row}.collection;
             END""")
-
-
-@MIGRATIONS
-def m003_item_attributes(db: sqlite_utils.Database) -> None:
-    """Each vector row gets its item's attributes: a JSON object of strings
-    with sorted keys ('{}' for none; see attributes.py). Existing items have none."""
-    db["vectors"].add_column("attributes", str, not_null_default="{}")

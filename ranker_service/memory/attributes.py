@@ -1,5 +1,5 @@
-"""Item attributes: their limits, attribute filters, and the in-memory table a
-filtered search asks which names pass. No SQLite, no gRPC.
+"""Item attributes in memory: per collection, the table a filtered search
+asks which names pass. No SQLite, no gRPC.
 
 An item's attributes are a small `{key: value}` map of strings (class, shop,
 sha256, ...) stored with it. A filter passes an item whose value of `key` is
@@ -11,100 +11,12 @@ answer, not of the collection.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import threading
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 
-from imagesearch import errors
-from imagesearch.defaults import (
-    MAX_ATTRIBUTE_KEY_CHARS,
-    MAX_ATTRIBUTE_VALUE_CHARS,
-    MAX_ATTRIBUTES,
-    MAX_FILTER_VALUES,
-    MAX_FILTERS,
-)
+from ranker_service.types import AttributeFilter
 
-Attributes = Mapping[str, str]
 NO_ATTRIBUTES: Mapping[str, str] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class AttributeFilter:
-    key: str
-    values: frozenset[str]
-
-    def passes(self, attributes: Attributes) -> bool:
-        value = attributes.get(self.key)
-        return value is not None and value in self.values
-
-
-def _check_key(key: str, what: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise errors.InvalidArgument(f"{what}: empty attribute key")
-    if len(key) > MAX_ATTRIBUTE_KEY_CHARS:
-        raise errors.InvalidArgument(f"{what}: attribute key {key[:40]!r}... has {len(key)} characters; "
-                                     f"at most {MAX_ATTRIBUTE_KEY_CHARS} are allowed")
-    if any(unicodedata.category(ch) == "Cc" for ch in key):
-        raise errors.InvalidArgument(f"{what}: attribute key {key!r} contains control characters")
-
-
-def _check_value(key: str, value: str, what: str) -> None:
-    if not isinstance(value, str):
-        raise errors.InvalidArgument(f"{what}: attribute {key!r} is not a string")
-    if len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
-        raise errors.InvalidArgument(f"{what}: attribute {key!r} has a value of {len(value)} characters; "
-                                     f"at most {MAX_ATTRIBUTE_VALUE_CHARS} are allowed")
-    if "\x00" in value:
-        raise errors.InvalidArgument(f"{what}: attribute {key!r} has a value with a NUL character")
-
-
-def check_attributes(attributes: Attributes | None, *, what: str) -> dict[str, str]:
-    """A validated plain copy of an item's attributes (InvalidArgument past the limits)."""
-    if not attributes:
-        return {}
-    if len(attributes) > MAX_ATTRIBUTES:
-        raise errors.InvalidArgument(f"{what}: {len(attributes)} attributes; at most {MAX_ATTRIBUTES} are allowed")
-    out = {}
-    for key, value in attributes.items():
-        _check_key(key, what)
-        _check_value(key, value, what)
-        out[key] = value
-    return out
-
-
-def check_filters(filters: Iterable[tuple[str, Sequence[str]]], *, what: str) -> tuple[AttributeFilter, ...]:
-    """Validated filters from (key, values) pairs; filters on the same key
-    intersect (both must pass)."""
-    out = []
-    for i, (key, values) in enumerate(filters):
-        if i >= MAX_FILTERS:
-            raise errors.InvalidArgument(f"{what}: more than {MAX_FILTERS} attribute filters")
-        _check_key(key, f"{what}: filter {i}")
-        values = list(values)
-        if not values:
-            raise errors.InvalidArgument(f"{what}: filter {i} on {key!r} has no values: it would pass nothing")
-        if len(values) > MAX_FILTER_VALUES:
-            raise errors.InvalidArgument(f"{what}: filter {i} on {key!r} has {len(values)} values; "
-                                         f"at most {MAX_FILTER_VALUES} are allowed")
-        for value in values:
-            _check_value(key, value, f"{what}: filter {i}")
-        out.append(AttributeFilter(key, frozenset(values)))
-    return tuple(out)
-
-
-def passes(attributes: Attributes, filters: Sequence[AttributeFilter]) -> bool:
-    return all(f.passes(attributes) for f in filters)
-
-
-def to_json(attributes: Attributes) -> str:
-    """The stored form: compact JSON with sorted keys ('{}' for none)."""
-    return json.dumps(dict(attributes), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def from_json(text: str | None) -> dict[str, str]:
-    return json.loads(text) if text and text != "{}" else {}
 
 
 class AttributeTable:

@@ -1,55 +1,43 @@
 """Data derived from a collection's vectors, rebuilt in the background: the
-database-side augmented vectors (DBA, a collection option) and the
-k-reciprocal neighbourhoods of each (k1, k2) searches have asked for (see
-reranking.py). docs/ranker.md#re-ranking says what a client sees.
+k-reciprocal neighbourhoods of each (k1, k2) searches have asked for
+(maths.py). docs/ranker.md#derived-data-rebuilt-in-the-background says when
+they are rebuilt and what a client and an operator see.
 
-SQLite stays the source of truth. The values are also written to disk at a
-clean stop, as a cache for the next start (index_files: save_dba,
-save_k_reciprocal), and read back when their generation still holds. Each value is
-tagged with the database generation (the counter every write bumps) of the
-snapshot it was built from; `Gallery` tells each collection's state its
-latest generation after every write (`note_write`, under the write lock,
-once the write is in memory). The snapshot is taken after the generation is
-read, so a value tagged g holds every write up to g (perhaps newer ones).
-
-Rebuilds: one background job per collection at a time (background.py, the
-FAISS rebuilds' machinery). A write to a collection that has derived data
-wanted (DBA, or k-reciprocal asked for before) starts one; the job waits
-until writes pause for `DERIVED_DEBOUNCE_S` (at most `DERIVED_MAX_DELAY_S`
-after the first write it has not seen; at once when a search waits), then
-rebuilds every stale value from one snapshot, DBA first (k-reciprocal data
-of a DBA collection is built over its augmented vectors). Writes made during
-a job start one more job after it, however many they are. A clean stop
-cancels the job between chunks. At start-up DBA collections start at once.
+Each value is tagged with the database generation (the counter every write
+bumps) of the snapshot it was built from; the SQLite backend tells each
+collection's state its latest generation after every write (`note_write`,
+under the write lock, once the write is in memory). The snapshot is taken
+after the generation is read, so a value tagged g holds every write up to g
+(perhaps newer ones). One background job per collection at a time
+(memory/background.py) rebuilds every stale value from one snapshot, once
+writes pause (`DERIVED_DEBOUNCE_S`, at most `DERIVED_MAX_DELAY_S`; at once
+when a search waits).
 
 Searches never build: `pending` (the servicer awaits it without a thread)
 and `get` (blocking, with a deadline) wait until every value a search needs
 is tagged with at least the generation the collection had when the search
-asked, so a search that starts after a write returned never sees a deleted
-or replaced vector, nor misses a new one. The wait ends at the search's
-deadline with DEADLINE_EXCEEDED; values of an older generation are never
-served.
+asked. The wait ends at the search's deadline with DEADLINE_EXCEEDED; values
+of an older generation are never served.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 from imagesearch import defaults, errors
-from ranker_service.background import Background, Job, join
-from ranker_service.index import Collection
-from ranker_service.reranking import Neighbourhoods, augment
+from ranker_service.memory.background import Background, Job, join
+from ranker_service.memory.collection import Collection
+from ranker_service.rerank.maths import Neighbourhoods
+from ranker_service.types import DerivedStatus
 
 log = logging.getLogger(__name__)
 
-DBA = "dba"
 # k-reciprocal entries kept per collection (a few (k1, k2) pairs); the least recently used goes first.
 MAX_ENTRIES = 4
 DEBOUNCE_S = float(os.environ.get(defaults.DERIVED_DEBOUNCE_ENV) or defaults.DERIVED_DEBOUNCE_S)
@@ -58,22 +46,11 @@ DEBOUNCE_S = float(os.environ.get(defaults.DERIVED_DEBOUNCE_ENV) or defaults.DER
 NONE, CURRENT, STALE, REBUILDING = "none", "current", "stale", "rebuilding"
 
 
-def k_reciprocal_key(k1: int, k2: int) -> tuple:
-    return ("k-reciprocal", k1, k2)
+Key = tuple[int, int]  # the (k1, k2) of a collection's k-reciprocal neighbourhoods
 
 
-def describe(key: Hashable) -> str:
-    return key if isinstance(key, str) else f"k-reciprocal k1={key[1]} k2={key[2]}"
-
-
-@dataclasses.dataclass(frozen=True)
-class DerivedStatus:
-    state: str  # NONE (nothing derived is wanted), CURRENT, STALE (a rebuild is due), REBUILDING
-    generation: int  # the collection's last write
-    built_generation: int  # the oldest tag among the wanted values (-1: one was never built)
-    building_since: float  # unix seconds the running rebuild began (0: none runs)
-    last_build_seconds: float  # how long the last finished rebuild took (0: none yet)
-    kinds: tuple[str, ...]  # what is derived: "dba", "k-reciprocal k1=20 k2=6"
+def describe(key: Key) -> str:
+    return f"k-reciprocal k1={key[0]} k2={key[1]}"
 
 
 class _Slot:
@@ -99,14 +76,12 @@ class Wait(concurrent.futures.Future):
 class _State:
     """One collection's derived data and its rebuilds. Thread-safe."""
 
-    def __init__(self, coll, generation: int):
+    def __init__(self, coll: Collection, generation: int):
         self.coll = coll
         self.name = coll.name
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.slots: collections.OrderedDict[Hashable, _Slot] = collections.OrderedDict()
-        if coll.spec.dba_top_n:
-            self.slots[DBA] = _Slot()  # always first: k-reciprocal data of a DBA collection is built over it
+        self.slots: collections.OrderedDict[Key, _Slot] = collections.OrderedDict()
         self.generation = generation
         self.last_write = 0.0  # monotonic
         self.unseen_since: float | None = None  # first write no job has taken yet (monotonic)
@@ -121,20 +96,19 @@ class _State:
 
     # ------------------------------------------------------------ under self.lock
 
-    def _stale(self) -> list[Hashable]:
+    def _stale(self) -> list[Key]:
         return [key for key, slot in self.slots.items() if slot.generation < self.generation]
 
     def _due(self) -> bool:
         return bool(self._stale())
 
-    def _want(self, key: Hashable) -> _Slot:
+    def _want(self, key: Key) -> _Slot:
         slot = self.slots.get(key)
         if slot is None:
             slot = self.slots[key] = _Slot()
-            others = [k for k in self.slots if k != DBA]
-            if len(others) > MAX_ENTRIES:
-                del self.slots[others[0]]
-        elif key != DBA:
+            if len(self.slots) > MAX_ENTRIES:
+                self.slots.popitem(last=False)
+        else:
             self.slots.move_to_end(key)
         return slot
 
@@ -154,7 +128,7 @@ class _State:
             _settle(wait, exc)
         self.waits = []
 
-    def pending(self, keys: Sequence[Hashable]) -> Wait | None:
+    def pending(self, keys: Sequence[Key]) -> Wait | None:
         """None when every key is current; else a Wait, and a rebuild started (no debounce)."""
         slots = [self._want(k) for k in keys]
         if all(slot.generation >= self.generation for slot in slots):
@@ -206,35 +180,15 @@ class _State:
             self.unseen_since = None
             self.urgent = False
             self.building_since = time.time()
-            dba_slot = self.slots.get(DBA)
         t0 = time.perf_counter()
-        coll, spec = self.coll, self.coll.spec
-        snapshot = None
+        snapshot = self.coll.snapshot() if keys else None
         for key in keys:
-            if key == DBA:
-                snapshot = coll.snapshot()
-                matrix, names = snapshot
-                value = Collection.restore(coll.name, coll.dim, coll.fingerprint,
-                                           augment(matrix, names, spec.dba_top_n, spec.dba_alpha, step=job.step),
-                                           names, created_at=coll.created_at, updated_at=coll.updated_at,
-                                           spec=spec)
-                tag = generation
-            elif dba_slot is not None:  # over the augmented vectors (just built, or current already)
-                with self.lock:
-                    served, tag = dba_slot.value, dba_slot.generation
-                if served is None or tag < generation:
-                    return False  # (the DBA build was cancelled)
-                value = Neighbourhoods.build(*served.snapshot_view(), key[1], key[2], shared_matrix=True,
-                                             step=job.step)
-            else:
-                snapshot = snapshot or coll.snapshot()
-                value = Neighbourhoods.build(*snapshot, key[1], key[2], step=job.step)
-                tag = generation
+            value = Neighbourhoods.build(*snapshot, *key, step=job.step)
             job.step(0)
             with self.lock:
                 slot = self.slots.get(key)
-                if slot is not None and tag > slot.generation:
-                    slot.generation, slot.value = tag, value
+                if slot is not None and generation > slot.generation:
+                    slot.generation, slot.value = generation, value
                     self._resolve()
                     self.changed.notify_all()
         seconds = time.perf_counter() - t0
@@ -279,9 +233,8 @@ class DerivedData:
         self._lock = threading.Lock()
         self._states: dict[str, _State] = {}
 
-    def track(self, coll, generation: int, *, start: bool = False, built: dict | None = None) -> None:
-        """Follow a collection (loaded, created, or first written); `start`:
-        build what is wanted now (a DBA collection at start-up); `built`:
+    def track(self, coll: Collection, generation: int, *, built: dict | None = None) -> None:
+        """Follow a collection (loaded, created, or first written); `built`:
         {key: value} already built for `generation` (read from disk)."""
         state = _State(coll, generation)
         for key, value in (built or {}).items():
@@ -292,13 +245,8 @@ class DerivedData:
             self._states[coll.name] = state
         if old is not None:
             join(old.cancel(errors.NotFound(f"collection {coll.name!r} was dropped")), old.worker.name)
-        if start:
-            with state.lock:
-                if state._stale():
-                    state.urgent = True
-                    state.worker.maintain()
 
-    def current(self, collection: str) -> dict[Hashable, tuple[int, object]]:
+    def current(self, collection: str) -> dict[Key, tuple[int, object]]:
         """{key: (generation, value)} of the collection's values that are current."""
         state = self._states.get(collection)
         if state is None:
@@ -307,7 +255,7 @@ class DerivedData:
             return {key: (slot.generation, slot.value) for key, slot in state.slots.items()
                     if slot.value is not None and slot.generation >= state.generation}
 
-    def note_write(self, coll, generation: int) -> None:
+    def note_write(self, coll: Collection, generation: int) -> None:
         """After a write is in memory (the gallery's write lock held): the
         collection's new generation; a rebuild starts if derived data is wanted."""
         state = self._states.get(coll.name)
@@ -322,7 +270,7 @@ class DerivedData:
             state.changed.notify_all()
             state.worker.maintain()
 
-    def pending(self, collection: str, keys: Sequence[Hashable]) -> Wait | None:
+    def pending(self, collection: str, keys: Sequence[Key]) -> Wait | None:
         """None when the collection's `keys` are current (or it is not
         followed); else a Wait that is done once they are."""
         state = self._states.get(collection)
@@ -331,7 +279,7 @@ class DerivedData:
         with state.lock:
             return state.pending(keys)
 
-    def get(self, collection: str, keys: Sequence[Hashable], deadline: float | None) -> dict:
+    def get(self, collection: str, keys: Sequence[Key], deadline: float | None) -> dict:
         """{key: value}, every one current, waiting (never building) until
         `deadline` (time.monotonic(); None: no limit); DeadlineExceeded past it."""
         if not keys:
@@ -358,21 +306,11 @@ class DerivedData:
         return None if state is None else state.status()
 
     def nbytes(self, collection: str) -> int:
-        """Memory the collection's derived data holds (values with `nbytes` or `memory_bytes()`)."""
+        """Memory the collection's derived data holds."""
         state = self._states.get(collection)
         if state is None:
             return 0
-        total = 0
-        for slot in list(state.slots.values()):
-            value = slot.value
-            if value is not None:
-                total += value.memory_bytes() if hasattr(value, "memory_bytes") else int(getattr(value, "nbytes", 0))
-        return total
-
-    def wait_idle(self, collection: str, timeout: float | None = None) -> bool:
-        """Until no rebuild of the collection runs (tests, benchmarks); False on timeout."""
-        state = self._states.get(collection)
-        return state is None or state.worker.wait(timeout)
+        return sum(slot.value.nbytes for slot in list(state.slots.values()) if slot.value is not None)
 
     def drop(self, collection: str) -> None:
         with self._lock:

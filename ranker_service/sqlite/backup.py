@@ -7,21 +7,21 @@ ranker's own connection, in one step under the store's write lock: writes
 wait for the copy, searches go on from memory), turns it into a standalone
 file (journal_mode=DELETE), checks it with `PRAGMA integrity_check`, counts
 what it holds and hashes it. The `Backup` RPC streams that file to the client
-in chunks; the copy is deleted when the call ends, however it ends.
+in chunks (servicer.py); the copy is deleted when the call ends, however it
+ends.
 
 A copy needs free space beside the database for a whole copy: it is refused
 up front ("not enough disk for a backup: needs N, has M"), counting the
 space copies already running will take. The servicer bounds how many run at
-once and ends a copy whose reader stops reading (`RankerServicer`).
+once, on threads of their own at the lowest CPU priority; a copy whose reader
+stops reading ends with the server's stream idle timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -31,21 +31,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imagesearch import errors
-from ranker_service.store import GalleryStore
+from ranker_service.sqlite.store import Store
+from ranker_service.types import BackupCopy
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class BackupCopy:
-    path: Path
-    size: int
-    sha256: str
-    collections: int
-    vectors: int
-    seconds: float  # how long writes waited for the copy
 
 
 def check_copy(path: Path) -> tuple[int, int]:
@@ -78,7 +69,7 @@ _reserved_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _room_for(store: GalleryStore, folder: Path) -> Iterator[None]:
+def _room_for(store: Store, folder: Path) -> Iterator[None]:
     """Reserve room under `folder` for a copy of the store (the database file
     and its WAL: an upper bound), or refuse the copy when the disk lacks it."""
     need = sum(p.stat().st_size for p in (store.path, Path(f"{store.path}-wal")) if p.exists())
@@ -97,7 +88,7 @@ def _room_for(store: GalleryStore, folder: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def backup_copy(store: GalleryStore, folder: Path | None = None) -> Iterator[BackupCopy]:
+def backup_copy(store: Store, folder: Path | None = None) -> Iterator[BackupCopy]:
     """A checked copy of the store's committed data in a temporary file under
     `folder` (default: the database's own folder, so it needs free space there
     the size of the database, checked first); deleted on exit."""
@@ -113,15 +104,3 @@ def backup_copy(store: GalleryStore, folder: Path | None = None) -> Iterator[Bac
                  collections, vectors, copy.size, seconds)
         yield copy
 
-
-def read_chunks(path: Path, size: int = CHUNK_BYTES) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(size):
-            yield chunk
-
-
-def lower_priority() -> None:
-    """Run the calling thread at the lowest CPU priority (Linux: a thread's
-    own nice value), so that a backup's copying and hashing yield to searches."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

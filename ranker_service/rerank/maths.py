@@ -1,9 +1,8 @@
-"""Re-ranking, numpy only (no gRPC, no SQLite): the options, their checks, and
-the three methods (docs/ranker.md#re-ranking gives the definitions):
+"""Re-ranking maths, numpy only (no gRPC, no SQLite, no index): the two
+methods (docs/ranker.md#re-ranking gives the definitions; their options are
+types.Expansion and types.KReciprocal, checked in validation.py):
 
 - alpha-weighted query expansion (`expand_query`), per request;
-- database-side augmentation (`augment`), a collection option: the vectors a
-  collection serves are derived from its stored ones;
 - k-reciprocal re-ranking (`Neighbourhoods.build` at index time per collection
   generation, `Neighbourhoods.rerank` per query).
 
@@ -15,78 +14,13 @@ gallery size, time O(G^2 d).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from imagesearch import defaults, errors
-from ranker_service.ranking import exact_scores, score_margin, select_top_k
-
-# ---------------------------------------------------------------- options
-
-@dataclasses.dataclass(frozen=True)
-class Expansion:
-    """Alpha-weighted query expansion of one query."""
-
-    top_n: int = defaults.DEFAULT_QE_TOP_N
-    alpha: float = defaults.DEFAULT_QE_ALPHA
-
-
-@dataclasses.dataclass(frozen=True)
-class KReciprocal:
-    """k-reciprocal re-ranking of one query's shortlist."""
-
-    k1: int = defaults.DEFAULT_KR_K1
-    k2: int = defaults.DEFAULT_KR_K2
-    lam: float = defaults.DEFAULT_KR_LAMBDA
-    shortlist: int = defaults.DEFAULT_KR_SHORTLIST
-
-
-def _alpha(alpha: float | None, default: float, what: str) -> float:
-    if alpha is None:
-        return default
-    if not math.isfinite(alpha) or not 0 <= alpha <= 100:
-        raise errors.InvalidArgument(f"{what}: alpha {alpha} is out of range 0..100")
-    return float(alpha)
-
-
-def _top_n(top_n: int, default: int, what: str) -> int:
-    top_n = top_n or default
-    if not 1 <= top_n <= defaults.MAX_RERANK_TOP_N:
-        raise errors.InvalidArgument(f"{what}: top_n {top_n} is out of range 1..{defaults.MAX_RERANK_TOP_N} "
-                                     f"(0 = {default})")
-    return top_n
-
-
-def make_expansion(top_n: int = 0, alpha: float | None = None, *, what: str = "query expansion") -> Expansion:
-    """A checked Expansion (0 / None take the defaults); InvalidArgument when out of range."""
-    return Expansion(_top_n(top_n, defaults.DEFAULT_QE_TOP_N, what), _alpha(alpha, defaults.DEFAULT_QE_ALPHA, what))
-
-
-def check_dba(top_n: int, alpha: float | None, *, what: str = "dba") -> tuple[int, float]:
-    """(top_n, alpha) of a database-side augmentation (0 / None take the defaults)."""
-    return _top_n(top_n, defaults.DEFAULT_DBA_TOP_N, what), _alpha(alpha, defaults.DEFAULT_DBA_ALPHA, what)
-
-
-def make_k_reciprocal(k1: int = 0, k2: int = 0, lam: float | None = None, shortlist: int = 0, *,
-                      what: str = "k-reciprocal re-ranking") -> KReciprocal:
-    k1 = k1 or defaults.DEFAULT_KR_K1
-    if not 1 <= k1 <= defaults.MAX_KR_K1:
-        raise errors.InvalidArgument(f"{what}: k1 {k1} is out of range 1..{defaults.MAX_KR_K1} "
-                                     f"(0 = {defaults.DEFAULT_KR_K1})")
-    k2 = k2 or min(defaults.DEFAULT_KR_K2, k1)
-    if not 1 <= k2 <= k1:
-        raise errors.InvalidArgument(f"{what}: k2 {k2} is out of range 1..k1 ({k1})")
-    lam = defaults.DEFAULT_KR_LAMBDA if lam is None else float(lam)
-    if not 0 <= lam <= 1:  # (NaN fails too)
-        raise errors.InvalidArgument(f"{what}: lambda {lam} is out of range 0..1")
-    shortlist = shortlist or defaults.DEFAULT_KR_SHORTLIST
-    if not 1 <= shortlist <= defaults.MAX_TOP_K:
-        raise errors.InvalidArgument(f"{what}: shortlist {shortlist} is out of range 1..{defaults.MAX_TOP_K} "
-                                     f"(0 = {defaults.DEFAULT_KR_SHORTLIST})")
-    return KReciprocal(k1, k2, lam, shortlist)
-
+from imagesearch import defaults
+from ranker_service.topk import exact_scores, score_margin, select_top_k
+from ranker_service.types import KReciprocal
 
 # ---------------------------------------------------------------- gallery-to-gallery neighbours
 
@@ -127,7 +61,7 @@ def neighbours(matrix32: np.ndarray, count: int, names: Sequence[str],
     return ids, sims
 
 
-# ---------------------------------------------------------------- query expansion, augmentation
+# ---------------------------------------------------------------- query expansion
 
 def expand_query(query64: np.ndarray, vectors: np.ndarray, scores: Sequence[float], alpha: float) -> np.ndarray:
     """normalise(q + sum_i max(s_i, 0)^alpha g_i) in float64 (q itself when that is zero)."""
@@ -137,31 +71,6 @@ def expand_query(query64: np.ndarray, vectors: np.ndarray, scores: Sequence[floa
     out = query64 + weights @ np.asarray(vectors, dtype=np.float64)
     norm = np.linalg.norm(out)
     return out / norm if norm > 0 and np.isfinite(norm) else query64
-
-
-def augment(matrix32: np.ndarray, names: Sequence[str], top_n: int, alpha: float,
-            chunk_scores: int = defaults.DERIVED_CHUNK_SCORES, step: Step = None) -> np.ndarray:
-    """Database-side augmentation: row g becomes normalise(g + sum over its
-    top_n nearest other rows j of max(s(g, j), 0)^alpha j), float32."""
-    n, dim = matrix32.shape
-    if n == 0:
-        return matrix32.copy()
-    ids, sims = neighbours(matrix32, top_n, names, chunk_scores, step)
-    weights = np.maximum(sims.astype(np.float64), 0.0) ** alpha
-    weights[:, 0] = 1.0
-    out = np.empty_like(matrix32)
-    rows = max(1, chunk_scores // (2 * dim))  # float64 sums: the same bytes as a chunk of float32 scores
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        block = np.zeros((stop - start, dim))
-        for j in range(ids.shape[1]):  # (an einsum over (rows, m, dim) is ~8x slower)
-            block += weights[start:stop, j:j + 1] * matrix32[ids[start:stop, j]]
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        bad = ~(norms[:, 0] > 0)
-        block[bad] = matrix32[start:stop][bad]
-        norms[bad] = 1.0
-        out[start:stop] = block / norms
-    return out
 
 
 # ---------------------------------------------------------------- k-reciprocal re-ranking
@@ -191,9 +100,9 @@ def _reciprocal(ids: np.ndarray, k: int) -> list[set[int]]:
 @dataclasses.dataclass
 class Neighbourhoods:
     """A collection's gallery-to-gallery k-reciprocal data (for one k1, k2)
-    over a snapshot of its served vectors."""
+    over a snapshot of its vectors."""
 
-    matrix: np.ndarray            # (n, dim) float32 served vectors
+    matrix: np.ndarray            # (n, dim) float32 vectors
     names: list[str]
     rows: dict[str, int]          # name -> row
     ids: np.ndarray               # (n, m) nearest rows, the row itself first
@@ -204,12 +113,10 @@ class Neighbourhoods:
     v_vals: np.ndarray
     k1: int
     k2: int
-    shared_matrix: bool = False   # True when `matrix` belongs to another object (a DBA view)
 
     @classmethod
     def build(cls, matrix32: np.ndarray, names: Sequence[str], k1: int, k2: int,
-              chunk_scores: int = defaults.DERIVED_CHUNK_SCORES, *, shared_matrix: bool = False,
-              step: Step = None) -> Neighbourhoods:
+              chunk_scores: int = defaults.DERIVED_CHUNK_SCORES, *, step: Step = None) -> Neighbourhoods:
         names = list(names)
         n = matrix32.shape[0]
         ids, sims = neighbours(matrix32, max(k1, k2 - 1), names, chunk_scores, step)
@@ -230,17 +137,17 @@ class Neighbourhoods:
                 step()
         return cls(matrix32, names, {name: i for i, name in enumerate(names)}, ids, tau, half, ptr,
                    np.concatenate(cols) if cols else np.empty(0, np.int64),
-                   np.concatenate(vals) if vals else np.empty(0), k1, k2, shared_matrix)
+                   np.concatenate(vals) if vals else np.empty(0), k1, k2)
 
-    ARRAYS = ("ids", "tau", "v_ptr", "v_cols", "v_vals")  # what a file keeps (index_files)
+    ARRAYS = ("ids", "tau", "v_ptr", "v_cols", "v_vals")  # what a file keeps (sqlite/snapshots.py)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays `from_arrays` rebuilds it from, beside the matrix and names."""
         return {name: getattr(self, name) for name in self.ARRAYS}
 
     @classmethod
-    def from_arrays(cls, matrix32: np.ndarray, names: Sequence[str], arrays: dict, k1: int, k2: int, *,
-                    shared_matrix: bool = False) -> Neighbourhoods:
+    def from_arrays(cls, matrix32: np.ndarray, names: Sequence[str], arrays: dict, k1: int, k2: int
+                    ) -> Neighbourhoods:
         """Neighbourhoods as `arrays()` gave them, over the same rows (`names`, in
         that order, and their vectors); ValueError when the arrays do not fit them."""
         names = list(names)
@@ -252,13 +159,13 @@ class Neighbourhoods:
                 or (cols.size and not (0 <= cols.min() and cols.max() < n))):
             raise ValueError(f"k-reciprocal arrays do not fit {n} rows")
         return cls(matrix32, names, {name: i for i, name in enumerate(names)}, ids, tau, _reciprocal(ids, half_k(k1)),
-                   ptr, cols, vals, k1, k2, shared_matrix)
+                   ptr, cols, vals, k1, k2)
 
     @property
     def nbytes(self) -> int:
-        """Memory held (an estimate for the Python sets), the matrix unless shared."""
+        """Memory held, its copy of the vectors included (an estimate for the Python sets)."""
         return (self.ids.nbytes + self.tau.nbytes + self.v_ptr.nbytes + self.v_cols.nbytes + self.v_vals.nbytes
-                + sum(64 + 28 * len(h) for h in self.half) + (0 if self.shared_matrix else self.matrix.nbytes))
+                + sum(64 + 28 * len(h) for h in self.half) + self.matrix.nbytes)
 
     def _v(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.v_ptr[g], self.v_ptr[g + 1]

@@ -1,10 +1,13 @@
-"""Option values the commands and the web page both parse: N[:ALPHA] and the
-re-ranking options of a search (docs/ranker.md#re-ranking)."""
+"""Search options and answers as text, for the CLI and the web page alike:
+N[:ALPHA], the re-ranking options of a search (docs/ranker.md#re-ranking),
+KEY=VALUE pairs, a minimum score, and a match as JSON."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from clients.errors import UsageError
-from clients.types import KReciprocal, QueryExpansion
+from clients.types import KReciprocal, Match, QueryExpansion
 
 RERANK_CHOICES = ("k-reciprocal",)
 
@@ -33,3 +36,24 @@ def rerank_options(query_expansion: str | None, rerank: str | None, *,
     qe = n_alpha(query_expansion, flags[0])
     return {"query_expansion": QueryExpansion(*qe) if qe else None,
             "k_reciprocal": KReciprocal() if rerank == "k-reciprocal" else None}
+
+
+def parse_pairs(pairs: Iterable[str], flag: str) -> dict[str, list[str]]:
+    """`k=v` strings into {k: [v, ...]} (a key given again adds a value)."""
+    out: dict[str, list[str]] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def above(matches: list[Match], min_score: float | None) -> list[Match]:
+    """The matches scoring at least `min_score` (all when None)."""
+    return matches if min_score is None else [m for m in matches if m.score >= min_score]
+
+
+def match_json(m: Match) -> dict:
+    """One match as `imagesearch search --json` and the web page's API give it."""
+    return {"rank": m.rank, "name": m.name, "score": round(m.score, 6), "attributes": m.attributes}

@@ -1,28 +1,11 @@
-"""The ranker's Milvus backend: the same core interface as `Gallery`, over
-Milvus collections through pymilvus (`--backend milvus --milvus-uri URI`).
-
-Milvus, not SQLite, is then the source of truth: it stores, shards and
-replicates; this process keeps no vectors, only a cache of each collection's
-settings (read from a settings collection in Milvus, so several rankers can
-serve one Milvus). `MilvusClient("./x.db")` opens an embedded milvus-lite
-file, `MilvusClient("http://host:19530", token=...)` a server or cluster.
-
-Held to a Milvus *server's* documented limits, not only milvus-lite's (which
-accepts more):
-- collection names: letters, digits and "_", starting with a letter or "_",
-  at most 255 characters. Ours are free text (1..128 characters), so each maps
-  to `is_<letters/digits of the name>_<sha256 prefix>`; the real name is kept
-  in the settings collection.
-- dimension 2..32,768 (float vectors).
-- writes are upserts (primary key = the item name, VARCHAR of at most 16,384
-  bytes: 4,096 characters of up to 4 bytes).
-- top-k at most 16,384 per search: results are over-fetched (exact: until
-  the float32 scores prove the float64 top-k is inside, see ranking.py; ANN:
-  top_k x rerank_factor) and re-ranked in float64 from the returned vectors,
-  ties broken by name, as the SQLite backend does.
-- consistency level Strong on every collection: a search sees every write
-  acknowledged before it. An upsert is acknowledged once Milvus has written
-  it to its WAL (the message queue), Milvus's durability, not an fsync here.
+"""The ranker's Milvus backend (`MilvusBackend`): the same interface as the
+SQLite backend (backend.RankerBackend), over Milvus collections through
+pymilvus (`--backend milvus --milvus-uri URI`: a server or cluster, or a
+milvus-lite file). Milvus is then the source of truth; this process keeps no
+vectors, only a cache of each collection's settings, which live in a Milvus
+collection so that several rankers can serve one Milvus. It keeps to a Milvus
+*server's* limits (names, dimension, top-k) and ranks as the SQLite backend
+does (float64, ties by name): docs/ranker.md#milvus-backend.
 """
 
 from __future__ import annotations
@@ -33,38 +16,32 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from imagesearch import errors
-from imagesearch.defaults import DEFAULT_LIST_PAGE, FILTER_EXACT_SCAN_SHARE, MAX_LIST_PAGE
-from ranker_service import kinds
-from ranker_service.attributes import AttributeFilter, check_attributes, to_json
-from ranker_service.gallery import (
-    DEFAULT_BATCH_SIZE,
+from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE
+from ranker_service import validation
+from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, UpsertJob
+from ranker_service.rerank.maths import expand_query
+from ranker_service.topk import rank_exact, score_margin
+from ranker_service.types import (
+    EXACT,
+    HNSW,
+    IVF_PQ,
+    AttributeFilter,
+    CollectionStats,
     DeleteResult,
+    IndexSpec,
     ItemPage,
     LoadReport,
+    Match,
+    Pending,
+    Query,
     RenameResult,
+    StoredItem,
     UpsertItem,
-    UpsertResult,
-    _check_fits,
-    _Pending,
-    describe_item,
-)
-from ranker_service.index import CollectionStats, Match, Query, describe_query
-from ranker_service.ranking import score_margin
-from ranker_service.reranking import expand_query
-from ranker_service.store import StoredItem
-from ranker_service.upsert_job import UpsertJob
-from ranker_service.vectors import (
-    MAX_TOP_K,
-    check_collection,
-    check_name,
-    check_top_k,
-    stored_form,
-    unit_vector,
 )
 
 log = logging.getLogger(__name__)
@@ -96,17 +73,17 @@ def filter_expression(filters: Sequence[AttributeFilter]) -> str:
     return " and ".join(one(f) for f in filters)
 
 
-def _index_params(spec: kinds.IndexSpec) -> tuple[str, dict, dict]:
+def _index_params(spec: IndexSpec) -> tuple[str, dict, dict]:
     """(Milvus index type, build params, search params) for a spec."""
-    if spec.kind == kinds.HNSW:
+    if spec.kind == HNSW:
         return "HNSW", {"M": spec.hnsw_m, "efConstruction": spec.ef_construction}, {"ef": spec.ef_search}
-    if spec.kind == kinds.IVF_PQ:
+    if spec.kind == IVF_PQ:
         return "IVF_PQ", {"nlist": spec.nlist, "m": spec.pq_bytes, "nbits": 8}, {"nprobe": spec.nprobe}
     return "FLAT", {}, {}
 
 
 class _Coll:
-    def __init__(self, name: str, dim: int, fingerprint: str, spec: kinds.IndexSpec, created_at: float,
+    def __init__(self, name: str, dim: int, fingerprint: str, spec: IndexSpec, created_at: float,
                  updated_at: float):
         self.name, self.dim, self.fingerprint, self.spec = name, dim, fingerprint, spec
         self.created_at, self.updated_at = created_at, updated_at
@@ -114,24 +91,19 @@ class _Coll:
         self.margin = score_margin(dim)
 
 
-class MilvusGallery:
-    """`Gallery`'s interface over Milvus. Thread-safe. `load()` connects."""
+class MilvusBackend(BackendBase):
+    """`RankerBackend` over Milvus. Thread-safe. `load()` connects."""
+
+    LOADING = "the ranker is still connecting to Milvus: retry shortly"
 
     def __init__(self, uri: str, token: str = "", *, batch_size: int = DEFAULT_BATCH_SIZE, timeout: float = 60.0):
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        self.uri, self.token, self.batch_size, self.timeout = uri, token, batch_size, timeout
+        super().__init__(batch_size)
+        self.uri, self.token, self.timeout = uri, token, timeout
         self.client = None
         self._colls: dict[str, _Coll] = {}
         self._lock = threading.Lock()
-        self._ready = False
-        self._closed = False
 
     # ------------------------------------------------------------ life cycle
-
-    @property
-    def ready(self) -> bool:
-        return self._ready and not self._closed
 
     def load(self) -> LoadReport:
         from pymilvus import MilvusClient
@@ -164,12 +136,6 @@ class MilvusGallery:
                 self.client.close()
         log.info("closed the Milvus connection to %s", self.uri)
 
-    def _require_ready(self) -> None:
-        if self._closed:
-            raise errors.Unavailable("the ranker is shutting down")
-        if not self._ready:
-            raise errors.Unavailable("the ranker is still connecting to Milvus: retry shortly")
-
     def _call(self, doing: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -193,8 +159,8 @@ class MilvusGallery:
 
     def _from_row(self, row: dict) -> _Coll:
         s = json.loads(row["settings"])
-        return _Coll(s["name"], int(s["dim"]), s["fingerprint"], kinds.spec_from_json(s["kind"], json.dumps(s["params"])),
-                     float(s["created_at"]), float(s["updated_at"]))
+        spec = validation.spec_from_json(s["kind"], json.dumps(s["params"]))
+        return _Coll(s["name"], int(s["dim"]), s["fingerprint"], spec, float(s["created_at"]), float(s["updated_at"]))
 
     def _write_settings(self, coll: _Coll) -> None:
         settings = {"name": coll.name, "dim": coll.dim, "fingerprint": coll.fingerprint, "kind": coll.spec.kind,
@@ -216,12 +182,10 @@ class MilvusGallery:
     def _get(self, collection: str) -> _Coll:
         coll = self._find(collection)
         if coll is None:
-            known = sorted(self._colls)
-            listing = ", ".join(repr(c) for c in known[:10]) + (" ..." if len(known) > 10 else "")
-            raise errors.NotFound(f"unknown collection {collection!r} (known: {listing or 'none yet'})")
+            raise validation.unknown_collection(collection, self._colls)
         return coll
 
-    def _create(self, collection: str, dim: int, fingerprint: str, spec: kinds.IndexSpec) -> _Coll:
+    def _create(self, collection: str, dim: int, fingerprint: str, spec: IndexSpec) -> _Coll:
         from pymilvus import DataType, MilvusClient
 
         if not MIN_DIM <= dim <= MAX_DIM:
@@ -229,10 +193,6 @@ class MilvusGallery:
                 f"collection {collection!r}: dimension {dim} is outside Milvus's limits {MIN_DIM}..{MAX_DIM}")
         if spec.float16:
             raise errors.InvalidArgument("the Milvus backend keeps float32 vectors: float16 is not available")
-        if spec.dba_top_n:
-            raise errors.InvalidArgument(
-                "database-side augmentation (dba) needs the SQLite backend, which derives the served vectors in "
-                "memory; Milvus serves the vectors it stores")
         now = time.time()
         coll = _Coll(collection, dim, fingerprint, spec, now, now)
         schema = MilvusClient.create_schema(auto_id=False)
@@ -262,24 +222,21 @@ class MilvusGallery:
     # ------------------------------------------------------------ writes
 
     def create_collection(self, collection: str, dim: int, fingerprint: str,
-                          spec: kinds.IndexSpec) -> tuple[CollectionStats, bool]:
+                          spec: IndexSpec) -> tuple[CollectionStats, bool]:
         self._require_ready()
-        check_collection(collection, what="create collection")
-        spec.check_dim(dim, f"create collection {collection!r}")
+        validation.check_new_collection(collection, dim, spec, MIN_DIM, MAX_DIM)
         with self._lock:
             coll = self._find(collection)
             if coll is not None:
-                if (coll.dim, coll.fingerprint, coll.spec) != (dim, fingerprint, spec):
-                    raise errors.AlreadyExists(
-                        f"collection {collection!r} exists with dimension {coll.dim}, fingerprint "
-                        f"{coll.fingerprint!r} and index {coll.spec.label} {coll.spec.params()}; drop it first")
+                validation.check_same_collection(collection, (coll.dim, coll.fingerprint, coll.spec),
+                                                 (dim, fingerprint, spec))
                 return self._stats(coll), False
             coll = self._create(collection, dim, fingerprint, spec)
         return self._stats(coll), True
 
     def drop_collection(self, collection: str) -> int:
         self._require_ready()
-        check_collection(collection, what="drop collection")
+        validation.check_collection(collection, what="drop collection")
         with self._lock:
             coll = self._get(collection)
             count = self._count(coll)
@@ -288,27 +245,15 @@ class MilvusGallery:
             self._colls.pop(collection, None)
         return count
 
-    def upsert(self, items: Iterable[UpsertItem]) -> UpsertResult:
-        return self.upsert_job().run(items)
-
     def upsert_job(self) -> "MilvusUpsertJob":
         """An upsert fed one item at a time: `add` validates (no Milvus call);
         `flush` and `finish` create collections and write (blocking)."""
         self._require_ready()
         return MilvusUpsertJob(self)
 
-    def _pending_item(self, i: int, item: UpsertItem) -> _Pending:
-        what = describe_item(i, item.name)
-        check_collection(item.collection, what=what)
-        check_name(item.name, what=what)
-        if len(item.name.encode("utf-8")) > MAX_NAME_BYTES:
-            raise errors.InvalidArgument(f"{what}: the name takes more than {MAX_NAME_BYTES} bytes in UTF-8")
-        return _Pending(i, item.collection, item.name, stored_form(unit_vector(item.vector, what=what)),
-                        item.fingerprint, check_attributes(item.attributes, what=what))
-
-    def _commit(self, batch: list[_Pending]) -> tuple[int, int]:
+    def _commit(self, batch: list[Pending]) -> tuple[int, int]:
         now = time.time()
-        by_coll: dict[str, dict[str, _Pending]] = {}
+        by_coll: dict[str, dict[str, Pending]] = {}
         for p in batch:
             by_coll.setdefault(p.collection, {})[p.name] = p  # the last of repeated names wins
         inserted = replaced = 0
@@ -334,9 +279,7 @@ class MilvusGallery:
 
     def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
         self._require_ready()
-        check_collection(collection, what="delete")
-        for i, name in enumerate(names):
-            check_name(name, what=f"delete: names[{i}]")
+        validation.check_delete(collection, names)
         coll = self._get(collection)
         wanted = list(dict.fromkeys(names))
         found = {r["name"] for r in self._call("looking up names", self.client.get, coll.key, ids=wanted,
@@ -351,18 +294,13 @@ class MilvusGallery:
     # ------------------------------------------------------------ reads
 
     def _prepare(self, query: Query, what: str) -> tuple[_Coll, np.ndarray, int]:
-        k = check_top_k(query.top_k, what=what)
-        check_collection(query.collection, what=what)
+        k = validation.check_query(query, what)
         coll = self._get(query.collection)
-        if query.fingerprint and query.fingerprint != coll.fingerprint:
-            raise errors.FailedPrecondition(
-                f"{what}: fingerprint {query.fingerprint!r} differs from collection {coll.name!r}'s "
-                f"{coll.fingerprint!r}: the query vector comes from another model (or preprocessing)")
-        return coll, unit_vector(query.vector, what=what, dim=coll.dim), k
+        return coll, validation.query_vector(query, what, coll.name, coll.dim, coll.fingerprint), k
 
     def _search(self, coll: _Coll, q64: np.ndarray, k: int, query: Query | None = None) -> list[Match]:
         _, _, search_params = _index_params(coll.spec)
-        exact = coll.spec.kind == kinds.EXACT
+        exact = coll.spec.kind == EXACT
         fetch = min(MAX_SEARCH_LIMIT, max(2 * k, k + 64) if exact else coll.spec.candidates(k, MAX_SEARCH_LIMIT))
         q32 = q64.astype(np.float32).tolist()
         expr = filter_expression(query.filters) if query is not None and query.filters else ""
@@ -396,13 +334,12 @@ class MilvusGallery:
         """The exact float64 top-k of rows {name, vector[, attributes]}, ties by name."""
         if not rows:
             return []
-        names = [r["name"] for r in rows]
-        vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).astype(np.float64)
-        scores = (vectors * q64).sum(axis=1)
-        order = sorted(range(len(rows)), key=lambda j: (-scores[j], names[j]))[:k]
+        by_name = {r["name"]: r for r in rows}
+        found = rank_exact(list(by_name), np.asarray([r["vector"] for r in by_name.values()], dtype=np.float32),
+                           q64, k)
         with_attributes = query is not None and query.with_attributes
-        return [Match(rank, names[j], float(scores[j]), dict(rows[j].get("attributes") or {}) if with_attributes else {})
-                for rank, j in enumerate(order, 1)]
+        return [Match(rank, name, score, dict(by_name[name].get("attributes") or {}) if with_attributes else {})
+                for rank, (name, score) in enumerate(found, 1)]
 
     def _answer(self, query: Query, what: str) -> list[Match]:
         """One query; with query expansion, the first pass's vectors come back
@@ -426,10 +363,10 @@ class MilvusGallery:
 
     def search(self, query: Query) -> list[Match]:
         self._require_ready()
-        return self._answer(query, describe_query(query))
+        return self._answer(query, validation.describe_query(query))
 
     def derived_pending(self, query: Query) -> None:
-        """No derived data here (DBA and k-reciprocal are refused): never waits."""
+        """No derived data here (k-reciprocal is refused): never waits."""
         return None
 
     def search_many(self, queries: Sequence[Query]) -> list[list[Match] | errors.ImageSearchError]:
@@ -437,7 +374,7 @@ class MilvusGallery:
         results: list[list[Match] | errors.ImageSearchError] = []
         for i, query in enumerate(queries):
             try:
-                results.append(self._answer(query, describe_query(query, i)))
+                results.append(self._answer(query, validation.describe_query(query, i)))
             except errors.ImageSearchError as exc:
                 results.append(exc)
         return results
@@ -452,12 +389,7 @@ class MilvusGallery:
         """Pages of items in name order: the (filtered) names first, sorted
         here (Milvus queries are unordered), then each page's rows by name."""
         self._require_ready()
-        check_collection(collection, what="list items")
-        if not 0 <= page_size <= MAX_LIST_PAGE:
-            raise errors.InvalidArgument(f"list items: page_size {page_size} is out of range: "
-                                         f"use 1..{MAX_LIST_PAGE} (0 = {DEFAULT_LIST_PAGE})")
-        if limit < 0:
-            raise errors.InvalidArgument(f"list items: limit {limit} is negative")
+        size = validation.check_list_items(collection, page_size, limit)
         coll = self._get(collection)
         expr = " and ".join(e for e in (f"name > {json.dumps(start_after)}" if start_after else "",
                                         filter_expression(filters)) if e)
@@ -473,13 +405,12 @@ class MilvusGallery:
         names.sort()
         if limit:
             names = names[:limit]
-        size = page_size or DEFAULT_LIST_PAGE
         fields = ["name", "attributes", "created_at", "updated_at"] + (["vector"] if with_vectors else [])
         for start in range(0, len(names), size):
             page = names[start:start + size]
             rows = {r["name"]: r for r in self._call("reading items", self.client.get, coll.key, ids=page,
                                                      output_fields=fields)}
-            items = [StoredItem(n, to_json(rows[n].get("attributes") or {}), rows[n]["created_at"],
+            items = [StoredItem(n, validation.to_json(rows[n].get("attributes") or {}), rows[n]["created_at"],
                                 rows[n]["updated_at"], coll.fingerprint,
                                 np.asarray(rows[n]["vector"], dtype=np.float32) if with_vectors else None)
                      for n in page if n in rows]
@@ -489,10 +420,7 @@ class MilvusGallery:
         """Each renaming as an upsert of the row under its new name, then a
         delete of the old name (in order; a target that exists is replaced)."""
         self._require_ready()
-        check_collection(collection, what="rename")
-        for i, (old, new) in enumerate(renamings):
-            check_name(old, what=f"rename: renamings[{i}].from_name")
-            check_name(new, what=f"rename: renamings[{i}].to_name")
+        validation.check_renamings(collection, renamings)
         coll = self._get(collection)
         done, not_found = 0, []
         with self._lock:
@@ -522,7 +450,7 @@ class MilvusGallery:
     def stats(self, collection: str | None = None) -> list[CollectionStats]:
         self._require_ready()
         if collection:
-            check_collection(collection, what="stats")
+            validation.check_collection(collection, what="stats")
             return [self._stats(self._get(collection))]
         return [self._stats(self._colls[name]) for name in sorted(self._colls)]
 
@@ -534,38 +462,37 @@ class MilvusGallery:
             "Backup copies the SQLite backend's database; with --backend milvus the vectors live in Milvus: "
             "back them up with Milvus's own tools (e.g. milvus-backup)")
 
-    @property
-    def max_top_k(self) -> int:
-        return MAX_TOP_K
-
 
 class MilvusUpsertJob(UpsertJob):
-    """The Milvus backend's upsert job (see upsert_job.py): a flush is also due
+    """The Milvus backend's upsert job (backend.py): a flush is also due
     when an item names a collection that does not exist yet (it is created,
     with the first item's dimension and fingerprint, as the batch commits)."""
 
-    def _prepare(self, index: int, item: UpsertItem) -> _Pending:
-        return self._gallery._pending_item(index, item)
+    def _prepare(self, index: int, item: UpsertItem) -> Pending:
+        p = validation.pending_item(index, item)
+        if len(p.name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise errors.InvalidArgument(f"{p.what}: the name takes more than {MAX_NAME_BYTES} bytes in UTF-8")
+        return p
 
-    def _due(self, p: _Pending) -> bool:
-        return self._gallery._find(p.collection) is None
+    def _due(self, p: Pending) -> bool:
+        return self._backend._find(p.collection) is None
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[Pending]) -> None:
         if batch:
-            self._commit_batch(batch, self._gallery._commit)
+            self._commit_batch(batch, self._backend._commit)
 
     def flush(self) -> None:
-        gallery, batch = self._gallery, []
+        backend, batch = self._backend, []
         pending, self._pending = self._pending, []
         for p in pending:
-            with gallery._lock:
-                coll = gallery._find(p.collection)
+            with backend._lock:
+                coll = backend._find(p.collection)
                 if coll is None:
                     self._commit(batch)
                     batch = []
-                    coll = gallery._create(p.collection, p.vector.shape[0], p.fingerprint, kinds.IndexSpec())
+                    coll = backend._create(p.collection, p.vector.shape[0], p.fingerprint, IndexSpec())
             try:
-                _check_fits(p.collection, coll.dim, coll.fingerprint, p)
+                validation.check_fits(p.collection, coll.dim, coll.fingerprint, p)
             except errors.ImageSearchError as exc:
                 self.fail(exc)
                 break

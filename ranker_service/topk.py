@@ -65,3 +65,10 @@ def select_top_k(scores32: np.ndarray, matrix32: np.ndarray, names: Sequence[str
     order = sorted(range(cand.shape[0]), key=lambda j: (-exact[j], names[cand[j]]))[:k]
     return [(names[cand[j]], float(exact[j])) for j in order]
 
+
+
+def rank_exact(names: Sequence[str], rows32: np.ndarray, query64: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """[(name, float64 score)] best first, ties by name, at most k, every row scored exactly."""
+    scores = exact_scores(rows32, query64)
+    order = sorted(range(len(names)), key=lambda j: (-scores[j], names[j]))[:k]
+    return [(names[j], float(scores[j])) for j in order]
