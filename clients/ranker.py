@@ -234,9 +234,10 @@ class RankerClient(ServiceClient):
         finally:
             call.cancel()
 
-    def rename(self, collection: str, renamings: Sequence[tuple[str, str]]) -> RenameResult:
-        """New names for items, keeping their vectors and attributes (in order; an existing target is replaced)."""
-        request = ranker_pb2.RenameRequest(collection=collection, renamings=[
+    def rename(self, collection: str, renamings: Sequence[tuple[str, str]], *, in_order: bool = False) -> RenameResult:
+        """New names for items, keeping their vectors and attributes (an existing target is replaced).
+        Renamings that share a name are refused unless `in_order` applies them one after another, like `mv`."""
+        request = ranker_pb2.RenameRequest(collection=collection, in_order=in_order, renamings=[
             ranker_pb2.Renaming(from_name=old, to_name=new) for old, new in renamings])
         try:
             return wire.rename_result(self.stub.Rename(request, timeout=self.stream_deadline(len(renamings))))

@@ -81,7 +81,8 @@ class RankerBackend(Protocol):
     def list_items(self, collection: str, *, page_size: int = 0, start_after: str = "", limit: int = 0,
                    filters: Sequence[AttributeFilter] = (), with_vectors: bool = False) -> Iterator[ItemPage]: ...
 
-    def rename(self, collection: str, renamings: Sequence[tuple[str, str]]) -> RenameResult: ...
+    def rename(self, collection: str, renamings: Sequence[tuple[str, str]], in_order: bool = False) -> RenameResult:
+        """New names for items, keeping vectors and attributes (validation.check_renamings)."""
 
     def memory_bytes(self) -> int: ...
 
@@ -203,3 +204,14 @@ class UpsertJob:
         if self.failure is not None:
             raise with_progress(self.failure, self.committed) from None
         return UpsertResult(self.committed, self.inserted, self.replaced)
+
+
+def not_renamed(renamings: Sequence[tuple[str, str]], done: Sequence[tuple[str, str]]) -> list[str]:
+    """The source of every renaming not among `done` (which keeps their order)."""
+    left, i = [], 0
+    for pair in renamings:
+        if i < len(done) and done[i] == pair:
+            i += 1
+        else:
+            left.append(pair[0])
+    return left

@@ -416,11 +416,11 @@ class MilvusBackend(BackendBase):
                      for n in page if n in rows]
             yield ItemPage(items, page[-1])
 
-    def rename(self, collection: str, renamings: Sequence[tuple[str, str]]) -> RenameResult:
+    def rename(self, collection: str, renamings: Sequence[tuple[str, str]], in_order: bool = False) -> RenameResult:
         """Each renaming as an upsert of the row under its new name, then a
         delete of the old name (in order; a target that exists is replaced)."""
         self._require_ready()
-        validation.check_renamings(collection, renamings)
+        validation.check_renamings(collection, renamings, in_order)
         coll = self._get(collection)
         done, not_found = 0, []
         with self._lock:

@@ -302,7 +302,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     async def Rename(self, request, context):
         result = await _blocking(self.ready.core().rename, request.collection,
-                                 [(r.from_name, r.to_name) for r in request.renamings])
+                                 [(r.from_name, r.to_name) for r in request.renamings], request.in_order)
         return ranker_pb2.RenameResponse(renamed=result.renamed, not_found=result.not_found)
 
     async def CreateCollection(self, request, context):

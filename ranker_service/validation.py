@@ -364,11 +364,26 @@ def check_list_items(collection: str, page_size: int, limit: int) -> int:
     return page_size or defaults.DEFAULT_LIST_PAGE
 
 
-def check_renamings(collection: str, renamings: Sequence[tuple[str, str]]) -> None:
+def check_renamings(collection: str, renamings: Sequence[tuple[str, str]], in_order: bool = False) -> None:
+    """Names valid; unless `in_order` (applied one after another, like `mv`),
+    no two renamings touch one name: a source and a target, a source twice or
+    a target twice would make the outcome depend on the order."""
     check_collection(collection, what="rename")
     for i, (old, new) in enumerate(renamings):
         check_name(old, what=f"rename: renamings[{i}].from_name")
         check_name(new, what=f"rename: renamings[{i}].to_name")
+    if in_order:
+        return
+    first: dict[str, int] = {}  # name -> the renaming that touched it first
+    for i, pair in enumerate(renamings):
+        for name in dict.fromkeys(pair):
+            j = first.setdefault(name, i)
+            if j != i:
+                a, b = renamings[j]
+                raise errors.InvalidArgument(
+                    f"rename: renamings[{j}] ({shorten(a)!r} -> {shorten(b)!r}) and renamings[{i}] "
+                    f"({shorten(pair[0])!r} -> {shorten(pair[1])!r}) both name {shorten(name)!r}: send them in "
+                    "separate calls, or set in_order to apply them one after another like mv")
 
 
 def check_delete(collection: str, names: Sequence[str]) -> None:

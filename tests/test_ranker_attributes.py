@@ -218,6 +218,32 @@ def test_filters_return_k_matches_on_every_index_kind(ranker, stub, options):
         assert len(set(half) & set(want)) >= floor, (half, want)
 
 
+def test_overlapping_renames_are_refused_unless_in_order(stub, data):
+    rng = np.random.default_rng(4)
+    v = unit32(rng.standard_normal((3, DIM)))
+    stub.Upsert(iter([pb.UpsertRequest(collection="o", name=n, vector=v[i], fingerprint="fp")
+                      for i, n in enumerate(["x", "y", "z"])]), timeout=TIMEOUT)
+
+    def rename(*pairs, in_order=False):
+        return stub.Rename(pb.RenameRequest(collection="o", in_order=in_order, renamings=[
+            pb.Renaming(from_name=a, to_name=b) for a, b in pairs]), timeout=TIMEOUT)
+
+    for pairs in ((("x", "y"), ("y", "x")), (("x", "a"), ("x", "b")), (("x", "a"), ("z", "a"))):
+        with pytest.raises(grpc.RpcError) as refused:
+            rename(*pairs)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "renamings[0]" in refused.value.details() and "renamings[1]" in refused.value.details()
+        assert "in_order" in refused.value.details()
+    names = lambda: sorted(i.name for p in stub.ListItems(pb.ListItemsRequest(collection="o")) for i in p.items)  # noqa: E731
+    assert names() == ["x", "y", "z"]  # nothing renamed
+    # In order, like mv: x replaces y, then goes on to w; a source renamed already is not found again.
+    reply = rename(("x", "y"), ("y", "w"), ("x", "q"), in_order=True)
+    assert reply.renamed == 2 and list(reply.not_found) == ["x"]
+    assert names() == ["w", "z"]
+    got = [r.match for r in stub.Search(pb.SearchRequest(collection="o", vector=v[0], top_k=1), timeout=TIMEOUT)]
+    assert got[0].name == "w" and got[0].score == pytest.approx(1.0, abs=1e-6)
+
+
 def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub, data):
     """(Last in the module: it restarts the ranker.)"""
     rng = np.random.default_rng(3)

@@ -160,3 +160,53 @@ def test_hnsw_rebuild_runs_outside_the_write_and_survives_kill_9(tmp_path):
         assert search(stub, fresh[0], 2)[0] in {"late", "new0-0"}
         assert search(stub, fresh[1], 1) in (["new0-1"], [names[2500]])
     assert ranker.proc.returncode == 0, ranker.output
+
+
+@pytest.mark.parametrize("kind", list(OPTIONS))
+def test_counts_and_listings_agree_with_searches_during_renames(kind, tmp_path):
+    """Renames of every item back and forth while GetStats, ListItems and
+    Search read: every count is the collection's size, every listing and
+    every listing and answer names each vector once (a renamed item is never
+    counted twice or missing). Bounded: 6 rounds of renames, seed 5."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    n = 400
+    vectors = clustered(n, 5)
+    with ServiceProcess("ranker_service", "--db", tmp_path / "r.db") as ranker, ranker.channel() as channel:
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        stub.CreateCollection(pb.CreateCollectionRequest(collection="k", dim=DIM, fingerprint="fp",
+                                                         index=OPTIONS[kind]), timeout=TIMEOUT)
+        stub.Upsert(iter([pb.UpsertRequest(collection="k", name=f"a{i}", vector=vectors[i], fingerprint="fp")
+                          for i in range(n)]), timeout=TIMEOUT)
+        done = threading.Event()
+        wrong: list[str] = []
+        reads = [0]
+
+        def read():
+            while not done.is_set():
+                count = stub.GetStats(pb.GetStatsRequest(collection="k"), timeout=TIMEOUT).collections[0].count
+                listed = [i.name for p in stub.ListItems(pb.ListItemsRequest(collection="k"), timeout=TIMEOUT)
+                          for i in p.items]
+                found = search(stub, vectors[int(rng.integers(n))], k=10)
+                for what, got, want in (("count", count, n), ("listing", len(listed), n), ("search", len(found), 10)):
+                    if got != want:
+                        wrong.append(f"{what} {got}")
+                for what, names in (("listed", listed), ("found", found)):
+                    if len({name[1:] for name in names}) != len(names):
+                        wrong.append(f"a vector {what} under two names")
+                reads[0] += 1
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            for round_ in range(6):
+                a, b = ("a", "b") if round_ % 2 == 0 else ("b", "a")
+                reply = stub.Rename(pb.RenameRequest(collection="k", renamings=[
+                    pb.Renaming(from_name=f"{a}{i}", to_name=f"{b}{i}") for i in range(n)]), timeout=TIMEOUT)
+                assert reply.renamed == n and not reply.not_found
+                time.sleep(0.05)
+        finally:
+            done.set()
+            reader.join()
+        assert reads[0] >= 3 and not wrong, (reads[0], wrong[:5])

@@ -369,12 +369,14 @@ class ListItemsResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
 
 class RenameRequest(_message.Message):
-    __slots__ = ("collection", "renamings")
+    __slots__ = ("collection", "renamings", "in_order")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     RENAMINGS_FIELD_NUMBER: _ClassVar[int]
+    IN_ORDER_FIELD_NUMBER: _ClassVar[int]
     collection: str
     renamings: _containers.RepeatedCompositeFieldContainer[Renaming]
-    def __init__(self, collection: _Optional[str] = ..., renamings: _Optional[_Iterable[_Union[Renaming, _Mapping]]] = ...) -> None: ...
+    in_order: bool
+    def __init__(self, collection: _Optional[str] = ..., renamings: _Optional[_Iterable[_Union[Renaming, _Mapping]]] = ..., in_order: _Optional[bool] = ...) -> None: ...
 
 class Renaming(_message.Message):
     __slots__ = ("from_name", "to_name")

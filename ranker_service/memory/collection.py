@@ -72,6 +72,10 @@ class Collection(Protocol):
     def delete(self, names: Iterable[str], updated_at: float | None = None) -> list[str]:
         """Remove names; the names that were removed."""
 
+    def rename(self, renamings: Sequence[tuple[str, str]], updated_at: float | None = None) -> None:
+        """Give rows new names, in order (a target present is replaced), as one
+        change: a search, a count or a listing sees all of it or none."""
+
     def start_upkeep(self) -> None:
         """Start a background rebuild if one is due (after a restore from index files)."""
 

@@ -198,28 +198,43 @@ class ExactCollection(CollectionBase):
     def delete(self, names: Iterable[str], updated_at: float | None = None) -> list[str]:
         """Remove names (compacting: the last row moves into the hole).
         Returns the names that were removed."""
-        removed = []
         with self._write_mutex:
             with self._rw.write():
-                for name in names:
-                    row = self._rows.pop(name, None)
-                    if row is None:
-                        continue
-                    last = self._n - 1
-                    if row != last:
-                        moved = self._names[last]
-                        self._matrix[row] = self._matrix[last]
-                        self._names[row] = moved
-                        self._rows[moved] = row
-                    self._names.pop()
-                    self._n = last
-                    self._names_bytes -= sys.getsizeof(name)
-                    removed.append(name)
+                removed = [name for name in names if self._remove(name)]
                 if updated_at is not None and removed:
                     self.updated_at = updated_at
             if self.capacity - self._n > max(MIN_GROWTH_ROWS, self._n // SHRINK_DIVISOR):
                 self._resize(grown_capacity(self._n) if self._n else 0)
         return removed
+
+    def _remove(self, name: str) -> bool:
+        """Remove one row, the last row moving into its hole (caller holds the write lock)."""
+        row = self._rows.pop(name, None)
+        if row is None:
+            return False
+        last = self._n - 1
+        if row != last:
+            moved = self._names[last]
+            self._matrix[row] = self._matrix[last]
+            self._names[row] = moved
+            self._rows[moved] = row
+        self._names.pop()
+        self._n = last
+        self._names_bytes -= sys.getsizeof(name)
+        return True
+
+    def rename(self, renamings: Sequence[tuple[str, str]], updated_at: float | None = None) -> None:
+        with self._write_mutex, self._rw.write():
+            for old, new in renamings:
+                if old == new or old not in self._rows:
+                    continue
+                self._remove(new)  # a target present is replaced
+                row = self._rows.pop(old)
+                self._rows[new] = row
+                self._names[row] = new
+                self._names_bytes += sys.getsizeof(new) - sys.getsizeof(old)
+            if updated_at is not None:
+                self.updated_at = updated_at
 
     def first_nonfinite(self, chunk_rows: int = 4096) -> str | None:
         """The name of the first row holding NaN/Inf (a damaged database), or None.

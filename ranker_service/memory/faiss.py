@@ -129,7 +129,8 @@ class FaissCollection(Rebuilds, CollectionBase):
     # ------------------------------------------------------------ reading
 
     def __len__(self) -> int:
-        return len(self._ids)
+        with self._rw.read():  # a rename changes the id map in two steps
+            return len(self._ids)
 
     def __contains__(self, name: str) -> bool:
         with self._rw.read():
@@ -377,6 +378,25 @@ class FaissCollection(Rebuilds, CollectionBase):
                     self.updated_at = updated_at
             self._maintain()
         return removed
+
+    def rename(self, renamings: Sequence[tuple[str, str]], updated_at: float | None = None) -> None:
+        # Each vector goes under a fresh id and its old id dies, as an upsert and
+        # a delete would (so a background rebuild catches up with it), under one
+        # write lock.
+        with self._write_mutex:
+            with self._rw.write():
+                for old, new in renamings:
+                    fid = self._ids.get(old)
+                    if old == new or fid is None:
+                        continue
+                    block = self._rows([fid]).copy()
+                    self._add(self._give_ids([new]), block)  # a target present dies
+                    del self._ids[old]
+                    self._kill(fid)
+                    self._names_bytes -= sys.getsizeof(old)
+                if updated_at is not None:
+                    self.updated_at = updated_at
+            self._maintain()
 
     # ------------------------------------------------------------ background rebuilds (faiss_build.py)
 

@@ -27,7 +27,7 @@ import numpy as np
 from imagesearch import errors
 from imagesearch.errors import StoreError
 from ranker_service import validation
-from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, UpsertJob, with_progress
+from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, UpsertJob, not_renamed, with_progress
 from ranker_service.memory.attributes import AttributeTables
 from ranker_service.memory.collection import Collection
 from ranker_service.memory.registry import Registry, matches
@@ -295,25 +295,21 @@ class SqliteBackend(BackendBase):
         log.info("dropped collection %r (%d vectors)", collection, count)
         return count
 
-    def rename(self, collection: str, renamings: Sequence[tuple[str, str]]) -> RenameResult:
+    def rename(self, collection: str, renamings: Sequence[tuple[str, str]], in_order: bool = False) -> RenameResult:
         """New names for items, keeping their vectors and attributes; applied
         in order, a target that exists is replaced (like `mv`)."""
         self._require_ready()
-        validation.check_renamings(collection, renamings)
+        validation.check_renamings(collection, renamings, in_order)
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
             coll = self.index.get(collection)
             now = time.time()
             done = self.store.rename(collection, list(renamings), now)
-            for old, new in done:  # memory: the same vector under the new name
-                if old != new:
-                    coll.upsert([new], coll.vector(old)[np.newaxis], now)
-                    coll.delete([old], now)
+            coll.rename(done, now)  # memory: the same vectors under the new names, in one step
             self.attributes.table(collection).rename(done)
             self._note_writes([collection])
-        moved = {old for old, _ in done}
-        return RenameResult(len(done), [old for old, _ in renamings if old not in moved])
+        return RenameResult(len(done), not_renamed(renamings, done))
 
     # ------------------------------------------------------------ reads
 
