@@ -35,7 +35,7 @@ from imagesearch.errors import StoreError
 from imagesearch.serving.metrics import add_metrics_arguments
 from imagesearch.serving.observe import Observability
 from ranker_service.backend import BACKENDS, DEFAULT_BATCH_SIZE, RankerBackend
-from ranker_service.metrics import metered
+from ranker_service.metrics import COLLECTION_LABELS, collection_label, metered
 from ranker_service.servicer import DEFAULT_MAX_BACKUPS, DEFAULT_MAX_BATCH, SERVICE_NAME, RankerServicer, register
 from ranker_service.sqlite.backend import SqliteBackend
 from ranker_service.sqlite.store import Store
@@ -68,6 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Upsert items per SQLite transaction (one fsync each) (default %(default)s)")
     r.add_argument("--max-batch", type=int, default=serving.env_default(f"{ENV}_MAX_BATCH", DEFAULT_MAX_BATCH),
                    help="most SearchStream queries answered by one matrix product (default %(default)s)")
+    r.add_argument("--metrics-collections", choices=COLLECTION_LABELS,
+                   default=serving.env_default(f"{ENV}_METRICS_COLLECTIONS", "auto"),
+                   help="how per-collection metrics name a collection: names, hashed (sha256, 12 hex digits), or "
+                        "auto: names unless an auth token is set (default %(default)s)")
     r.add_argument("--max-backups", type=int, default=serving.env_default(f"{ENV}_MAX_BACKUPS", DEFAULT_MAX_BACKUPS),
                    help="Backup calls running at once; more are refused (RESOURCE_EXHAUSTED) (default %(default)s)")
     r.add_argument("--busy-timeout", type=float, default=serving.env_default(f"{ENV}_BUSY_TIMEOUT", 5.0),
@@ -131,7 +135,8 @@ def serve(args: argparse.Namespace, config: serving.ServerConfig, observed: Obse
         running.stop(0).wait()
         release()
         raise SystemExit(f"error: {exc}") from None
-    servicer.attach(metered(backend, observed.metrics, db_path))
+    servicer.attach(metered(backend, observed.metrics, db_path,
+                            collection_label(args.metrics_collections, config.auth_token is not None)))
     running.set_serving(True)
 
     def on_stop():

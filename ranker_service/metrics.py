@@ -4,12 +4,18 @@ Per-collection figures (vectors, memory, derived data) are read from the
 backend at scrape time (a collector, so nothing is kept in step by hand);
 rows upserted and deleted and search durations by `MeteredBackend`, a proxy
 in front of the backend the servicer uses.
+
+Collection names are labels only where the operator allows it
+(`--metrics-collections names`); `hashed` puts the first 12 hex digits of
+each name's sha256 instead, and is what `auto` means on a server with a
+token (whoever can reach the metrics port does not learn what it holds).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
@@ -23,10 +29,21 @@ from ranker_service.types import DeleteResult, Match, Query, UpsertResult
 PREFIX = "imagesearch_ranker"
 
 
+COLLECTION_LABELS = ("auto", "names", "hashed")
+
+
+def collection_label(policy: str, has_token: bool) -> Callable[[str], str]:
+    """The label a collection's metrics carry, under `--metrics-collections`."""
+    if policy == "names" or (policy == "auto" and not has_token):
+        return str
+    return lambda name: hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
 class CollectionsCollector(Collector):
-    def __init__(self, backend: RankerBackend, db_path: Path | None):
+    def __init__(self, backend: RankerBackend, db_path: Path | None, label: Callable[[str], str] = str):
         self.backend = backend
         self.db_path = db_path
+        self.label = label
 
     def collect(self):
         vectors = GaugeMetricFamily(f"{PREFIX}_vectors", "Vectors stored per collection", labels=["collection", "kind"])
@@ -43,13 +60,14 @@ class CollectionsCollector(Collector):
         seconds = GaugeMetricFamily(f"{PREFIX}_derived_build_seconds", "How long the last rebuild of the derived "
                                     "re-ranking data took", labels=["collection"])
         for s in stats:
-            vectors.add_metric([s.name, s.spec.kind], s.count)
-            memory.add_metric([s.name, s.spec.kind], s.memory_bytes)
+            name = self.label(s.name)
+            vectors.add_metric([name, s.spec.kind], s.count)
+            memory.add_metric([name, s.spec.kind], s.memory_bytes)
             derived = s.derived
             if derived is not None and derived.state != "none":
-                current.add_metric([s.name], float(derived.state == "current"))
-                rebuilding.add_metric([s.name], float(derived.state == "rebuilding"))
-                seconds.add_metric([s.name], derived.last_build_seconds)
+                current.add_metric([name], float(derived.state == "current"))
+                rebuilding.add_metric([name], float(derived.state == "rebuilding"))
+                seconds.add_metric([name], derived.last_build_seconds)
         yield vectors
         yield memory
         yield current
@@ -95,14 +113,15 @@ class _CountingJob:
 class MeteredBackend:
     """The backend, counting what it commits and timing searches by index kind."""
 
-    def __init__(self, backend: RankerBackend, metrics: ServiceMetrics, db_path: Path | None = None):
+    def __init__(self, backend: RankerBackend, metrics: ServiceMetrics, db_path: Path | None = None,
+                 label: Callable[[str], str] = str):
         self._backend = backend
         self.upserted = metrics.counter("upserted_rows", "Rows committed by Upsert calls")
         self.deleted = metrics.counter("deleted_rows", "Rows removed by Delete")
         self.search_seconds = metrics.histogram("search_duration_seconds",
                                                 "Ranking one query, by the collection's index kind", ["kind"])
         self._kinds: dict[str, str] = {}
-        metrics.registry.register(CollectionsCollector(backend, db_path))
+        metrics.registry.register(CollectionsCollector(backend, db_path, label))
 
     def __getattr__(self, name):  # everything not measured goes straight through
         return getattr(self._backend, name)
@@ -149,6 +168,7 @@ class MeteredBackend:
         return self._backend.drop_collection(collection)
 
 
-def metered(backend: RankerBackend, metrics: ServiceMetrics | None, db_path: Path | None):
+def metered(backend: RankerBackend, metrics: ServiceMetrics | None, db_path: Path | None,
+            label: Callable[[str], str] = str):
     """`backend` behind a MeteredBackend when the server has metrics, else itself."""
-    return backend if metrics is None else MeteredBackend(backend, metrics, db_path)
+    return backend if metrics is None else MeteredBackend(backend, metrics, db_path, label)

@@ -184,3 +184,20 @@ def test_the_metrics_endpoint_answers_metrics_alone(tmp_path):
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(url.removesuffix("/metrics") + path, timeout=10)
             assert refused.value.code == 404, path
+
+
+@pytest.mark.parametrize("flags, shown", [((), "hashed"), (("--metrics-collections", "names"), "names")])
+def test_with_a_token_collection_names_stay_off_the_metrics_page_unless_allowed(tmp_path, flags, shown):
+    import hashlib
+
+    token = "metrics-test-token"
+    with ServiceProcess("ranker_service", "--db", str(tmp_path / "r.db"), "--metrics-port", "0", *flags,
+                        env={"IMAGESEARCH_AUTH_TOKEN": token}) as ranker, ranker.channel() as channel:
+        ranker_pb2_grpc.RankerServiceStub(channel).Upsert(
+            iter([ranker_pb2.UpsertRequest(collection="secret-shop", name="a", vector=unit(8, 0), fingerprint="fp")]),
+            timeout=30, metadata=[("authorization", f"Bearer {token}")])
+        with urllib.request.urlopen(metrics_url(ranker), timeout=10) as reply:
+            page = reply.read().decode()
+        label = "secret-shop" if shown == "names" else hashlib.sha256(b"secret-shop").hexdigest()[:12]
+        assert f'imagesearch_ranker_vectors{{collection="{label}",kind="exact"}} 1.0' in page
+        assert ("secret-shop" in page) == (shown == "names")
