@@ -77,9 +77,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"serve an int8 model (onnxruntime, static quantisation) calibrated on the images "
                         f"in FOLDER; its vectors differ from fp32, so it has its own fingerprint "
                         f"(env {ENV}_INT8_CALIBRATION)")
-    m.add_argument("--cuda-graphs", action="store_true", default=_env("CUDA_GRAPHS", "") == "1",
-                   help=f"--engine torch on CUDA: replay the forward pass of each padded batch size as a CUDA "
-                        f"graph (env {ENV}_CUDA_GRAPHS=1; not yet run on a GPU)")
     t = p.add_argument_group("threads (0 / auto = embedder_service.threads.plan_threads, from the core count: "
                              "docs/embedder.md#threads)")
     t.add_argument("--threads", type=int, default=_env("THREADS", 0),
@@ -221,7 +218,7 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
     embedder = Embedder.load(checkpoint=args.checkpoint, backbone=args.backbone, weights=args.weights,
                              device=device, precision=args.precision, engine=args.engine,
                              cache_dir=args.engine_cache, int8_calibration=args.int8_calibration,
-                             decode=args.decode, cuda_graphs=args.cuda_graphs,
+                             decode=args.decode,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                              max_batch=plan.max_batch, tta=args.tta, engine_threads=plan.engine_threads,
                              engine_spinning=plan.engine_spinning)

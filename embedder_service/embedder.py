@@ -61,7 +61,7 @@ class Embedder:
 
     def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", precision: str = "auto",
                  engine: str = "auto", cache_dir: str | os.PathLike | None = None,
-                 int8_calibration: str | os.PathLike | None = None, cuda_graphs: bool = False,
+                 int8_calibration: str | os.PathLike | None = None,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  max_batch: int | None = None, tta: str = "none", engine_threads: int | None = None,
                  engine_spinning: bool = True):
@@ -86,7 +86,7 @@ class Embedder:
                 model, float_fingerprint, model_fingerprint, Path(int8_calibration), name, cache_dir)
         self.engine = engines.build_engine(name, model, loaded.spec, float_fingerprint,
                                            device=self.device, precision=precision, max_batch=max_batch,
-                                           cache_dir=cache_dir, int8_path=int8_path, cuda_graphs=cuda_graphs,
+                                           cache_dir=cache_dir, int8_path=int8_path,
                                            threads=engine_threads, spinning=engine_spinning)
         self.info = ModelInfo(
             backbone=loaded.backbone, dim=model.dim, spec=loaded.spec, device=str(self.device),
@@ -171,9 +171,6 @@ class Embedder:
             batch_sizes = sizes() if sizes else (1,)
         for n in batch_sizes:
             self.embed_tensors([torch.zeros(3, size, size)] * n)
-        capture = getattr(self.engine, "capture_graphs", None)
-        if capture is not None and self.device.type == "cuda":
-            capture((3, size, size))  # after cuDNN autotuning picked each size's kernels
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info("warmed up batch sizes %s in %.1fs", list(batch_sizes), time.monotonic() - started)

@@ -145,20 +145,16 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, model: EmbeddingNet, device: torch.device, precision: str = "auto",
-                 max_batch: int | None = None, cuda_graphs: bool = False):
+                 max_batch: int | None = None):
         bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else True
         self.autocast = autocast_dtype(device.type, precision, bf16_supported=bf16)
         self.precision = precision_name(self.autocast)
         self.device = device
         self.bucket_cap = max_batch if device.type == "cuda" else None
-        if cuda_graphs and not self.bucket_cap:
-            raise errors.InvalidArgument("--cuda-graphs needs --device cuda (and a --max-batch)")
         if self.bucket_cap:
             torch.backends.cudnn.benchmark = True
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self._pin = device.type == "cuda"
-        self.graphs: dict[int, tuple] = {}
-        self._use_graphs = cuda_graphs
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast,
@@ -173,36 +169,7 @@ class TorchEngine:
         if self._pin and x.device.type == "cpu":
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        graph = self.graphs.get(x.shape[0])
-        if graph is not None:
-            g, static_in, static_out = graph
-            static_in.copy_(x)
-            g.replay()
-            vectors = static_out
-        else:
-            vectors = self._forward(x)
-        return vectors[:n].float().cpu().numpy()
-
-    def capture_graphs(self, input_shape: tuple[int, int, int]) -> None:
-        """CUDA graphs of the forward pass, one per bucket size (static input
-        and output buffers; a replay launches the whole network at once).
-        Called by warm-up when the engine was built with cuda_graphs=True."""
-        if not self._use_graphs or self.graphs:
-            return
-        for n in cuda_buckets(self.bucket_cap):
-            static_in = torch.zeros((n, *input_shape), device=self.device).contiguous(
-                memory_format=torch.channels_last)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._forward(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static_out = self._forward(static_in)
-            self.graphs[n] = (g, static_in, static_out)
-        log.info("captured CUDA graphs for batch sizes %s", sorted(self.graphs))
+        return self._forward(x)[:n].float().cpu().numpy()
 
     def warm_up_sizes(self) -> list[int]:
         return cuda_buckets(self.bucket_cap) if self.bucket_cap else [1]
@@ -400,7 +367,7 @@ def quantize_int8(float_path: Path, out_path: Path, batches: Iterable[np.ndarray
 def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerprint: str, *,
                  device: torch.device, precision: str = "auto", max_batch: int | None = None,
                  cache_dir: str | os.PathLike | None = None, int8_path: Path | None = None,
-                 cuda_graphs: bool = False, threads: int | None = None, spinning: bool = True) -> Engine:
+                 threads: int | None = None, spinning: bool = True) -> Engine:
     """The engine `name` (already resolved: not "auto") serving `model`.
     ONNX engines export on first use into `cache_dir` and are checked against
     torch float32 before they serve (a stale or corrupt cache file is refused);
@@ -408,9 +375,7 @@ def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerpri
     `threads` (intra-op threads; None: torch's count) and `spinning` are the
     ONNX runtimes' (OpenVINO has no spinning switch)."""
     if name == "torch":
-        return TorchEngine(model, device, precision, max_batch, cuda_graphs)
-    if cuda_graphs:
-        raise errors.InvalidArgument("--cuda-graphs is for --engine torch on CUDA")
+        return TorchEngine(model, device, precision, max_batch)
     if precision not in ("auto", "fp32"):
         raise errors.InvalidArgument(f"--engine {name} runs in fp32 (or int8); --precision {precision} "
                                      f"is for --engine torch")
