@@ -22,7 +22,7 @@ extras.exit_if_missing("embedder", prog="imagesearch-embedder")
 
 from embedder_service.metrics import EmbedderMetrics
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, Limits, register
-from embedder_service.threads import SPINNING, plan_threads
+from embedder_service.threads import plan_threads
 from imagesearch import defaults, errors, serving
 from imagesearch.serving.metrics import add_metrics_arguments
 from imagesearch.serving.observe import Observability
@@ -84,10 +84,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"with --engine torch on CPU, 1 otherwise (env {ENV}_THREADS)")
     t.add_argument("--engine-threads", type=int, default=_env("ENGINE_THREADS", 0),
                    help=f"ONNX Runtime / OpenVINO intra-op threads; 0 = the core count (env {ENV}_ENGINE_THREADS)")
-    t.add_argument("--engine-spinning", choices=SPINNING, default=_env("ENGINE_SPINNING", "auto"),
-                   help=f"whether ONNX Runtime's threads busy-wait for work; auto = "
-                        f"{'on' if defaults.CPU_ENGINE_SPINNING else 'off'} (a spinning thread holds a core the "
-                        f"decode threads need) (env {ENV}_ENGINE_SPINNING; default %(default)s)")
     t.add_argument("--decode-workers", type=int, default=_env("DECODE_WORKERS", 0),
                    help=f"threads that decode and preprocess; 0 = the core count on CPU, min(8, cores) on CUDA "
                         f"(env {ENV}_DECODE_WORKERS)")
@@ -143,8 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16")),
                                  ("--tta", args.tta, ("none", "flip")),
                                  ("--engine", args.engine, defaults.ENGINES),
-                                 ("--decode", args.decode, ("auto", *defaults.DECODE_MODES)),
-                                 ("--engine-spinning", args.engine_spinning, SPINNING)]:
+                                 ("--decode", args.decode, ("auto", *defaults.DECODE_MODES))]:
         if value not in choices:
             parser.error(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if args.checkpoint and args.weights:
@@ -208,7 +203,7 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
     device, engine = resolve_engine(args.engine, args.device)
     plan = plan_threads(engine, device.type, args.max_batch,
                         torch_threads=args.threads or int(os.environ.get(defaults.TORCH_THREADS_ENV) or 0),
-                        engine_threads=args.engine_threads, engine_spinning=args.engine_spinning,
+                        engine_threads=args.engine_threads,
                         decode_workers=args.decode_workers, stream_window=args.stream_window,
                         model_workers=args.model_workers)
     torch.set_num_threads(plan.torch_threads)
@@ -220,8 +215,7 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
                              cache_dir=args.engine_cache, int8_calibration=args.int8_calibration,
                              decode=args.decode,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                             max_batch=plan.max_batch, tta=args.tta, engine_threads=plan.engine_threads,
-                             engine_spinning=plan.engine_spinning)
+                             max_batch=plan.max_batch, tta=args.tta, engine_threads=plan.engine_threads)
     embedder.warm_up()
     decode, run_batch = embedder.decode, embedder.embed_tensors
     if metrics is not None:

@@ -63,8 +63,7 @@ class Embedder:
                  engine: str = "auto", cache_dir: str | os.PathLike | None = None,
                  int8_calibration: str | os.PathLike | None = None,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_batch: int | None = None, tta: str = "none", engine_threads: int | None = None,
-                 engine_spinning: bool = True):
+                 max_batch: int | None = None, tta: str = "none", engine_threads: int | None = None):
         if max_image_bytes < 1 or max_image_pixels < 1:
             raise errors.InvalidArgument("image limits must be positive")
         if tta not in TTAS:
@@ -87,7 +86,7 @@ class Embedder:
         self.engine = engines.build_engine(name, model, loaded.spec, float_fingerprint,
                                            device=self.device, precision=precision, max_batch=max_batch,
                                            cache_dir=cache_dir, int8_path=int8_path,
-                                           threads=engine_threads, spinning=engine_spinning)
+                                           threads=engine_threads)
         self.info = ModelInfo(
             backbone=loaded.backbone, dim=model.dim, spec=loaded.spec, device=str(self.device),
             precision=self.engine.precision, engine=self.engine.name, fingerprint=model_fingerprint,

@@ -407,7 +407,7 @@ def test_flags_and_their_environment_variables(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["--max-batch", "-1"], ["--max-wait-ms", "-1"], ["--max-image-bytes", "0"],
-                                  ["--engine-threads", "-1"], ["--engine-spinning", "maybe"],
+                                  ["--engine-threads", "-1"],
                                   ["--checkpoint", "a.pt", "--weights", "none"], ["--backbone", "resnet50"]])
 def test_nonsense_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -420,8 +420,7 @@ def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
     # ONNX engines on CPU: the engine gets the cores and sleeps when idle, torch one
     # thread (only the decode threads' tensor ops), two batches of stream window.
     ort = plan_threads("onnxruntime", "cpu", 8, cores=4)
-    assert (ort.engine_threads, ort.engine_spinning, ort.torch_threads, ort.decode_workers, ort.stream_window) == (
-        4, False, 1, 4, 16)
+    assert (ort.engine_threads, ort.torch_threads, ort.decode_workers, ort.stream_window) == (4, 1, 4, 16)
     assert plan_threads("openvino", "cpu", 8, cores=2).engine_threads == 2
     # torch on CPU: torch's team on every core, one batch of window.
     torch_cpu = plan_threads("torch", "cpu", 8, cores=2)
@@ -434,16 +433,14 @@ def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
     assert plan_threads("onnxruntime", "cpu", 16, cores=2).stream_window == 32
     # Every number can be overridden.
     assert ort.model_workers == torch_cpu.model_workers == cuda.model_workers == 1
-    custom = plan_threads("onnxruntime", "cpu", 8, cores=2, torch_threads=2, engine_threads=1, engine_spinning="on",
+    custom = plan_threads("onnxruntime", "cpu", 8, cores=2, torch_threads=2, engine_threads=1,
                           decode_workers=3, stream_window=8, model_workers=2)
-    assert (custom.torch_threads, custom.engine_threads, custom.engine_spinning, custom.decode_workers,
-            custom.stream_window, custom.model_workers) == (2, 1, True, 3, 8, 2)
+    assert (custom.torch_threads, custom.engine_threads, custom.decode_workers,
+            custom.stream_window, custom.model_workers) == (2, 1, 3, 8, 2)
     assert plan_threads("torch", "cpu", 8, cores=2, torch_threads=1).engine_threads == 1
     assert plan_threads("onnxruntime", "cpu", 8).cores == available_cores() >= 1
     with pytest.raises(errors.InvalidArgument):
         plan_threads("auto", "cpu", 8)
-    with pytest.raises(errors.InvalidArgument):
-        plan_threads("onnxruntime", "cpu", 8, engine_spinning="sometimes")
 
 
 def test_available_cores_honours_a_cgroup_cpu_quota(tmp_path):
@@ -462,10 +459,8 @@ def test_available_cores_honours_a_cgroup_cpu_quota(tmp_path):
 
 def test_thread_flags_and_environment_reach_the_parser(monkeypatch):
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_THREADS", "3")
-    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_SPINNING", "on")
     args = cli.parse_args(["--decode-workers", "5", "--model-workers", "2"])
-    assert (args.engine_threads, args.engine_spinning, args.decode_workers, args.model_workers) == (3, "on", 5, 2)
-    assert cli.parse_args(["--engine-spinning", "off"]).engine_spinning == "off"
+    assert (args.engine_threads, args.decode_workers, args.model_workers) == (3, 5, 2)
 
 
 def _first_batch_held():

@@ -256,22 +256,22 @@ def _threads() -> int:
 class OnnxRuntimeEngine:
     """An ONNX file in ONNX Runtime's CPU provider: `threads` intra-op threads
     (None: torch's thread count), one inter-op thread, operators in sequence,
-    every graph optimisation. `spinning`: whether the intra-op threads
-    busy-wait for work between operators and runs instead of sleeping (ONNX
-    Runtime's default). Spinning shaves the wake-up off each of Lite0's ~100
-    operators, but a spinning thread holds a core that the decode threads
-    need: the embedder chooses (embedder_service.threads)."""
+    every graph optimisation. The intra-op threads sleep between operators
+    and runs instead of busy-waiting as ONNX Runtime does by default: spinning
+    shaves the wake-up off each of Lite0's ~100 operators, but a spinning
+    thread holds a core that the decode threads need (the service measured
+    0.95x torch's with spinning, 1.75x without: bench/results/embedder.md)."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None, spinning: bool = True):
+    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or _threads()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
@@ -282,7 +282,6 @@ class OnnxRuntimeEngine:
         self.precision = precision
         self.path = path
         self.threads = options.intra_op_num_threads
-        self.spinning = spinning
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         # A contiguous float32 CPU tensor's numpy view shares its memory: no copy.
@@ -367,13 +366,12 @@ def quantize_int8(float_path: Path, out_path: Path, batches: Iterable[np.ndarray
 def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerprint: str, *,
                  device: torch.device, precision: str = "auto", max_batch: int | None = None,
                  cache_dir: str | os.PathLike | None = None, int8_path: Path | None = None,
-                 threads: int | None = None, spinning: bool = True) -> Engine:
+                 threads: int | None = None) -> Engine:
     """The engine `name` (already resolved: not "auto") serving `model`.
     ONNX engines export on first use into `cache_dir` and are checked against
     torch float32 before they serve (a stale or corrupt cache file is refused);
     `int8_path` (onnxruntime only) serves that quantised file instead.
-    `threads` (intra-op threads; None: torch's count) and `spinning` are the
-    ONNX runtimes' (OpenVINO has no spinning switch)."""
+    `threads` (intra-op threads; None: torch's count) is the ONNX runtimes'."""
     if name == "torch":
         return TorchEngine(model, device, precision, max_batch)
     if precision not in ("auto", "fp32"):
@@ -383,7 +381,7 @@ def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerpri
     model = model.eval()
     path = onnx_file(model, spec, fingerprint, cache_dir or default_cache_dir())
     if name == "onnxruntime":
-        engine: Engine = OnnxRuntimeEngine(path, threads=threads, spinning=spinning)
+        engine: Engine = OnnxRuntimeEngine(path, threads=threads)
     else:
         engine = OpenVinoEngine(path, threads=threads)
     reference = TorchEngine(model, torch.device("cpu"), "fp32")
@@ -392,5 +390,5 @@ def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerpri
     if int8_path is not None:
         if name != "onnxruntime":
             raise errors.InvalidArgument("int8 (--int8-calibration) is served by --engine onnxruntime")
-        engine = OnnxRuntimeEngine(int8_path, precision="int8", threads=threads, spinning=spinning)
+        engine = OnnxRuntimeEngine(int8_path, precision="int8", threads=threads)
     return engine
