@@ -65,11 +65,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"inference engine; auto = onnxruntime on CPU, torch (fp16) on CUDA; onnxruntime and "
                         f"openvino export the model to ONNX once, cached by fingerprint (env {ENV}_ENGINE; "
                         f"default %(default)s)")
-    m.add_argument("--decode", choices=("auto", *defaults.DECODE_MODES), default=_env("DECODE", "auto"),
+    m.add_argument("--decode", choices=defaults.DECODE_MODES, default=_env("DECODE", None),
                    help=f"JPEG decode: draft = at the smallest DCT scale that covers the input size, full = every "
-                        f"pixel; auto = the model's (draft for ImageNet weights and new checkpoints, full for "
-                        f"checkpoints from before draft existed). Enters the fingerprint; full keeps fingerprints "
-                        f"of collections built before (env {ENV}_DECODE; default %(default)s)")
+                        f"pixel (the baseline the benchmarks measure draft against); default: the model's own "
+                        f"mode, draft for ImageNet weights and trainer checkpoints. Enters the fingerprint "
+                        f"(env {ENV}_DECODE)")
     m.add_argument("--engine-cache", default=_env("ENGINE_CACHE", None),
                    help=f"folder for exported ONNX models (env {ENV}_ENGINE_CACHE; default "
                         f"$XDG_CACHE_HOME/imagesearch or ~/.cache/imagesearch)")
@@ -139,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16")),
                                  ("--tta", args.tta, ("none", "flip")),
                                  ("--engine", args.engine, defaults.ENGINES),
-                                 ("--decode", args.decode, ("auto", *defaults.DECODE_MODES))]:
+                                 ("--decode", args.decode or "draft", defaults.DECODE_MODES)]:
         if value not in choices:
             parser.error(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if args.checkpoint and args.weights:

@@ -115,11 +115,11 @@ class Embedder:
 
     @classmethod
     def load(cls, *, checkpoint: str | None = None, backbone: str | None = None, weights: str | None = None,
-             decode: str = "auto", **kwargs) -> "Embedder":
+             decode: str | None = None, **kwargs) -> "Embedder":
         """A trainer checkpoint (backbone and preprocessing from its meta), else
         `backbone` (default efficientnet_lite0) with `weights` (default imagenet).
         `decode` "draft" or "full" overrides the spec's JPEG decode mode (and so
-        the fingerprint); "auto" keeps the model's."""
+        the fingerprint)."""
         if checkpoint and weights:
             raise errors.InvalidArgument(
                 "--checkpoint and --weights exclude each other: a checkpoint holds its own weights")
@@ -129,7 +129,7 @@ class Embedder:
             raise errors.InvalidArgument(
                 f"--backbone {backbone} does not match the checkpoint {checkpoint}, "
                 f"which holds {loaded.backbone}; drop --backbone")
-        if decode != "auto":
+        if decode is not None:
             loaded = dataclasses.replace(loaded, spec=dataclasses.replace(loaded.spec, decode=decode))
         embedder = cls(loaded, **kwargs)
         log.info("loaded %s (%s weights, %d-d, tta %s) on %s, engine %s, %s, in %.1fs; fingerprint %s",

@@ -220,9 +220,6 @@ def test_early_stopping_compares_with_the_best_not_the_previous_epoch():
     scores = EarlyStopping(patience=2, mode="max")  # mAP@10: higher is better
     assert [scores.step(e, v) for e, v in enumerate([0.5, 0.7, 0.6, 0.65], 1)] == [True, True, False, False]
     assert scores.best_epoch == 2 and scores.should_stop
-    old = EarlyStopping(patience=3)  # a last.pt from before the figures were generalised
-    old.load_state_dict({"best_loss": 0.25, "best_epoch": 4, "bad_epochs": 1})
-    assert (old.best_value, old.best_epoch) == (0.25, 4)
 
 
 @pytest.mark.parametrize("select_by, figure, scripted", [

@@ -57,7 +57,7 @@ from imagesearch.model.backbones import (
     default_device,
     set_threads_from_env,
 )
-from imagesearch.model.checkpoint import model_options, read_checkpoint, save_checkpoint
+from imagesearch.model.checkpoint import read_checkpoint, save_checkpoint
 from imagesearch.model.preprocessing import AUGMENTATIONS, PreprocessSpec, eval_transform, train_transform
 from imagesearch.retrieval_metrics import leave_one_out
 from trainer import amp, distributed
@@ -526,8 +526,7 @@ def main(args: argparse.Namespace) -> TrainResult:
     _seed_all(args.seed)
     head_classes = num_classes if args.loss == "ce" else 0  # a metric-learning loss holds the class weights
     if resumed:
-        options = model_options(resumed["meta"])
-        model = EmbeddingNet(args.backbone, num_classes=options["num_classes"], neck_dim=options["neck_dim"])
+        model = EmbeddingNet(args.backbone, **resumed["meta"]["model"])
         model.load_state_dict(resumed["state_dict"], strict=True)
     else:
         model = build_model(args.backbone, args.weights, head_classes,
@@ -669,7 +668,7 @@ def main(args: argparse.Namespace) -> TrainResult:
         best = next((r for r in history if r["epoch"] == selector.best_epoch), None)
         if best is not None:
             log.info("restored the best epoch's weights: epoch %d (val loss %.4f, acc %.4f, mAP@10 %.4f) -> %s",
-                     best["epoch"], best["val_loss"], best["val_accuracy"], best.get("val_map@10", math.nan),
+                     best["epoch"], best["val_loss"], best["val_accuracy"], best["val_map@10"],
                      run_dir / "best.pt")
     else:
         log.warning("no epoch had a finite validation %s; best.pt was not written", SELECT_BY[args.select_by])

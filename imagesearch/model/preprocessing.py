@@ -83,9 +83,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
-        # A spec without a decode mode was trained and served on full decodes.
-        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"),
-                   d.get("decode", "full"))
+        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d["interpolation"], d["decode"])
 
 
 def _describe(name: str) -> str:
