@@ -22,11 +22,6 @@ A request carries an `alive()` callable (for a gRPC call: the call is still
 active and its deadline has not passed). Requests that are no longer alive are
 dropped before preparing and again before inference; their futures fail with
 `Dropped`.
-
-`map_stream` feeds an iterator of (key, payload) through `submit` with at most
-`window` items not yet handed back to the caller (backpressure: a fast client
-cannot make the server queue unbounded memory) and yields (key, done future)
-in completion order.
 """
 
 from __future__ import annotations
@@ -36,11 +31,10 @@ import dataclasses
 import heapq
 import itertools
 import logging
-import queue
 import threading
 import time
 from concurrent import futures
-from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Generic, Sequence, TypeVar
 
 from imagesearch import errors
 
@@ -49,7 +43,6 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")  # payload as submitted
 T = TypeVar("T")  # prepared item
 R = TypeVar("R")  # result of one item
-K = TypeVar("K")  # caller's key in map_stream
 
 Alive = Callable[[], bool]
 
@@ -183,54 +176,6 @@ class Batcher(Generic[P, T, R]):
                 self._inflight[key] = left
             else:
                 self._inflight.pop(key, None)
-
-    def map_stream(self, items: Iterable[tuple[K, P]], *, window: int,
-                   alive: Alive | None = None) -> Iterator[tuple[K, futures.Future[R]]]:
-        """Submit (key, payload) pairs read from `items` on a reader thread, never
-        more than `window` ahead of what the caller has taken back, and yield
-        (key, done future) as items complete. An exception raised by `items`
-        itself is re-raised here after the items already read are handed back."""
-        if window < 1:
-            raise errors.InvalidArgument(f"window must be at least 1, not {window}")
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        slots = threading.Semaphore(window)
-        stop = threading.Event()
-        end = object()
-        source = object()  # this stream's requests are ranked together
-
-        def reader():
-            count, failure = 0, None
-            try:
-                for key, payload in items:
-                    while not slots.acquire(timeout=0.1):
-                        if stop.is_set():
-                            return
-                    if stop.is_set():
-                        return
-                    future = self.submit(payload, alive, source, priority=1)
-                    future.add_done_callback(lambda f, key=key: done.put((key, f)))
-                    count += 1
-            except BaseException as exc:  # the request stream broke or was cancelled
-                failure = exc
-            finally:
-                done.put((end, (count, failure)))
-
-        thread = threading.Thread(target=reader, name=f"{self.name}-stream-reader", daemon=True)
-        thread.start()
-        expected, failure, handed = None, None, 0
-        try:
-            while expected is None or handed < expected:
-                key, value = done.get()
-                if key is end:
-                    expected, failure = value
-                    continue
-                handed += 1
-                yield key, value
-                slots.release()
-            if failure is not None:
-                raise failure
-        finally:
-            stop.set()
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new work, finish what was submitted, stop the model threads.

@@ -122,8 +122,6 @@ KEEPALIVE_TIME_S = 60.0
 KEEPALIVE_TIMEOUT_S = 20.0
 MIN_CLIENT_PING_INTERVAL_S = 10.0
 MAX_PING_STRIKES = 2
-# Longest client string (item name, stream id) a server echoes into a log line.
-LOG_TEXT_CHARS = 80
 
 # ---------------------------------------------------------------- ports, addresses, environment
 EMBEDDER_PORT = 50051

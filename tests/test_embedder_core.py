@@ -211,37 +211,60 @@ def test_close_with_a_timeout_that_is_enough_finishes_the_work():
     assert [f.result(0) for f in futures] == [2 * i for i in range(7)] and not b.running
 
 
-def test_map_stream_keeps_at_most_window_items_in_flight():
-    pulled = []
+def test_embed_stream_reads_at_most_its_window_ahead_of_its_answers():
+    """No limit on an EmbedStream's length: the servicer reads at most
+    --stream-window items that are not yet answered, then stops reading (gRPC
+    flow control then holds the client's sends)."""
+    import asyncio
+    from concurrent import futures
+    from types import SimpleNamespace
 
-    def items():
+    from embedder_service.servicer import EmbedderServicer, Limits
+    from imagesearch.v1 import embedder_pb2
+
+    window, pulled, held, written = 4, [], [], []
+
+    class Batcher:
+        def submit(self, payload, alive, source=None, priority=0):
+            held.append(futures.Future())  # the model answers only when the test says so
+            return held[-1]
+
+        def in_flight(self, source):
+            return 0
+
+    class Context:
+        def time_remaining(self):
+            return None
+
+        def add_done_callback(self, fn):
+            pass
+
+        async def write(self, response):
+            written.append(response.id)
+
+    async def requests():
         for i in range(40):
             pulled.append(i)
-            yield str(i), i
+            yield embedder_pb2.EmbedStreamRequest(id=str(i), image=b"x")
 
-    window = 4
-    with Batcher(lambda x: x, Recorder(), max_batch=4, max_wait_s=0.001) as b:
-        got = {}
-        for k, (key, future) in enumerate(b.map_stream(items(), window=window), start=1):
-            time.sleep(0.005)  # a slow consumer: the reader would run ahead if it could
-            # the reader holds at most `window` un-returned items plus the one it waits to submit
-            assert len(pulled) <= k + window, (len(pulled), k)
-            got[key] = future.result()
-    assert got == {str(i): 2 * i for i in range(40)}
+    async def run():
+        servicer = EmbedderServicer()
+        servicer.attach(SimpleNamespace(info=SimpleNamespace(fingerprint="fp")), Batcher(),
+                        Limits(max_image_bytes=10, max_image_pixels=10, max_batch=2, max_message_bytes=100,
+                               stream_window=window))
+        call = asyncio.ensure_future(servicer.EmbedStream(requests(), Context()))
+        await asyncio.sleep(0.3)  # let the reader run as far as it can
+        assert len(pulled) == window and not written
+        while not call.done():  # answer what was read; each answer lets one more in
+            for future in held:
+                if not future.done():
+                    future.set_result(np.zeros(2, np.float32))
+            await asyncio.sleep(0.01)
+            assert len(pulled) - len(written) <= window
+        await call
 
-
-def test_map_stream_hands_back_what_it_read_then_raises_the_iterators_error():
-    def items():
-        yield "a", 1
-        yield "b", 2
-        raise ConnectionError("client went away")
-
-    with Batcher(lambda x: x, Recorder(), max_batch=4, max_wait_s=0.001) as b:
-        seen = []
-        with pytest.raises(ConnectionError):
-            for key, future in b.map_stream(items(), window=8):
-                seen.append((key, future.result()))
-    assert sorted(seen) == [("a", 2), ("b", 4)]
+    asyncio.run(run())
+    assert sorted(written, key=int) == [str(i) for i in range(40)]
 
 
 def test_model_workers_run_batches_at_the_same_time():
@@ -259,7 +282,7 @@ def test_model_workers_run_batches_at_the_same_time():
         return [x * 10 for x in items]
 
     with Batcher(lambda x: x, run, max_batch=4, max_wait_s=0.001, model_workers=2) as b:
-        results = sorted(f.result(10) for _, f in b.map_stream(((i, i) for i in range(16)), window=16))
+        results = sorted(f.result(10) for f in [b.submit(i) for i in range(16)])
         stats = b.stats
     assert results == [i * 10 for i in range(16)]
     assert stats.batches >= 2 and stats.items == 16
@@ -274,7 +297,7 @@ def test_model_workers_survive_another_taking_the_batch_they_waited_on(monkeypat
     for _ in range(20):
         with Batcher(lambda x: x, lambda xs: [x * 10 for x in xs], max_batch=4, max_wait_s=0.002,
                      prepare_workers=2, model_workers=4) as b:
-            results = sorted(f.result(10) for _, f in b.map_stream(((i, i) for i in range(200)), window=64))
+            results = sorted(f.result(10) for f in [b.submit(i) for i in range(200)])
             alive = [t.is_alive() for t in b._threads]
         assert results == [i * 10 for i in range(200)]
         assert all(alive), alive

@@ -36,7 +36,6 @@ from imagesearch.model.preprocessing import IMAGE_EXTENSIONS, decode_image, is_i
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 SPLIT_FILE = "val_split.json"  # in the run folder: the validation split carved by --val-split
 
 
