@@ -54,9 +54,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"(env {ENV}_WEIGHTS; default imagenet)")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("DEVICE", "auto"),
                    help=f"auto = cuda when there is one (env {ENV}_DEVICE; default %(default)s)")
-    m.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=_env("PRECISION", "auto"),
-                   help=f"autocast dtype; auto = fp16 on CUDA, fp32 on CPU (env {ENV}_PRECISION; "
-                        f"default %(default)s)")
     m.add_argument("--tta", choices=("none", "flip"), default=_env("TTA", "none"),
                    help=f"test-time augmentation: flip = average the vectors of the image and its mirror image, "
                         f"renormalised (about 2x the compute; other vectors, so another fingerprint) "
@@ -136,7 +133,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.backbone is not None and args.backbone not in defaults.BACKBONES:  # from the environment
         parser.error(f"{ENV}_BACKBONE={args.backbone!r}: choose one of {', '.join(defaults.BACKBONES)}")
     for flag, value, choices in [("--device", args.device, ("auto", "cpu", "cuda")),
-                                 ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16")),
                                  ("--tta", args.tta, ("none", "flip")),
                                  ("--engine", args.engine, defaults.ENGINES),
                                  ("--decode", args.decode or "draft", defaults.DECODE_MODES)]:
@@ -211,7 +207,7 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
     # is decoded; PIL's own process-wide guard would only speak first, in its words.
     Image.MAX_IMAGE_PIXELS = None
     embedder = Embedder.load(checkpoint=args.checkpoint, backbone=args.backbone, weights=args.weights,
-                             device=device, precision=args.precision, engine=args.engine,
+                             device=device, engine=args.engine,
                              cache_dir=args.engine_cache, int8_calibration=args.int8_calibration,
                              decode=args.decode,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,

@@ -48,7 +48,7 @@ class ModelInfo:
     dim: int
     spec: PreprocessSpec
     device: str
-    precision: str  # fp32, fp16, bf16 or int8
+    precision: str  # fp32, fp16 (torch on CUDA) or int8
     engine: str  # torch, onnxruntime or openvino
     fingerprint: str
     weights: str
@@ -59,7 +59,7 @@ class ModelInfo:
 class Embedder:
     """A model ready for inference plus the limits its inputs must respect."""
 
-    def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", precision: str = "auto",
+    def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto",
                  engine: str = "auto", cache_dir: str | os.PathLike | None = None,
                  int8_calibration: str | os.PathLike | None = None,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -84,7 +84,7 @@ class Embedder:
             int8_path, model_fingerprint = self._int8(
                 model, float_fingerprint, model_fingerprint, Path(int8_calibration), name, cache_dir)
         self.engine = engines.build_engine(name, model, loaded.spec, float_fingerprint,
-                                           device=self.device, precision=precision, max_batch=max_batch,
+                                           device=self.device, max_batch=max_batch,
                                            cache_dir=cache_dir, int8_path=int8_path,
                                            threads=engine_threads)
         self.info = ModelInfo(

@@ -341,15 +341,6 @@ def test_batcher_rejects_nonsense_settings(kwargs):
 def test_autocast_dtype_selection():
     assert autocast_dtype("cpu") is None
     assert autocast_dtype("cuda") is torch.float16
-    assert autocast_dtype("cuda", "bf16") is torch.bfloat16
-    assert autocast_dtype("cuda", "fp32") is None
-    assert autocast_dtype("cpu", "bf16") is torch.bfloat16
-    with pytest.raises(errors.InvalidArgument, match="fp16 needs a CUDA"):
-        autocast_dtype("cpu", "fp16")
-    with pytest.raises(errors.InvalidArgument, match="no bfloat16"):
-        autocast_dtype("cuda", "bf16", bf16_supported=False)
-    with pytest.raises(errors.InvalidArgument, match="unknown precision"):
-        autocast_dtype("cuda", "int8")
 
 
 def test_cuda_batches_are_padded_to_a_few_bucket_sizes():

@@ -152,12 +152,6 @@ def test_auto_is_onnxruntime_on_cpu_and_torch_on_cuda():
     assert engines.engine_device("auto", "auto") == "auto"
 
 
-def test_onnx_engines_refuse_torch_only_precisions(reference, cache_dir):
-    with pytest.raises(errors.InvalidArgument, match="runs in fp32"):
-        engines.build_engine("onnxruntime", reference.loaded.model, reference.loaded.spec, "x",
-                             device=torch.device("cpu"), precision="bf16", cache_dir=cache_dir)
-
-
 def test_a_missing_engine_package_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
     with pytest.raises(errors.FailedPrecondition) as info:

@@ -39,8 +39,6 @@ from imagesearch.model.preprocessing import PreprocessSpec
 log = logging.getLogger(__name__)
 
 ENGINES = defaults.ENGINES
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Largest max-abs difference an exported model may show against torch float32
 # on the check batch before it is refused (the engines' contract is 1e-4).
 EXPORT_TOLERANCE = 1e-4
@@ -53,7 +51,7 @@ _PACKAGES = {"onnxruntime": ("onnxruntime", "pip install onnxruntime"),
 
 class Engine(Protocol):
     name: str  # "torch", "onnxruntime", "openvino"
-    precision: str  # "fp32", "fp16", "bf16", "int8"
+    precision: str  # "fp32", "fp16" (torch on CUDA), "int8"
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         """(N, 3, S, S) float32 CPU inputs -> (N, dim) float32 unit vectors."""
@@ -92,26 +90,11 @@ def require(package: str):
             f"the {package} package is not installed ({exc}); install it with: {install}") from None
 
 
-def autocast_dtype(device_type: str, precision: str = "auto", *, bf16_supported: bool = True) -> torch.dtype | None:
-    """The autocast dtype for `precision` on a device type; None means plain float32.
-
-    auto: fp16 on CUDA (tensor cores, and 10 mantissa bits keep vectors closer
-    to float32 than bf16's 7), float32 elsewhere. fp16 is CUDA-only; bf16 needs
-    a GPU that has it (Ampere and later) or the CPU."""
-    if precision not in PRECISIONS:
-        raise errors.InvalidArgument(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return torch.float16 if device_type == "cuda" else None
-    dtype = _DTYPES[precision]
-    if dtype is torch.float16 and device_type != "cuda":
-        raise errors.InvalidArgument(f"--precision fp16 needs a CUDA device, not {device_type}; use fp32 or bf16")
-    if dtype is torch.bfloat16 and not bf16_supported:
-        raise errors.InvalidArgument(f"--precision bf16: this {device_type} device has no bfloat16; use fp16 or fp32")
-    return dtype
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The torch engine's autocast dtype on a device type; None means plain float32:
+    fp16 on CUDA (tensor cores, and 10 mantissa bits keep vectors closer to
+    float32 than bf16's 7), float32 elsewhere."""
+    return torch.float16 if device_type == "cuda" else None
 
 
 def bucket_size(n: int, max_batch: int) -> int:
@@ -138,17 +121,15 @@ def default_cache_dir() -> Path:
 
 
 class TorchEngine:
-    """The model in torch, eager. On CUDA: fp16/bf16 autocast, batches padded to
+    """The model in torch, eager. On CUDA: fp16 autocast, batches padded to
     bucket sizes (eval-mode BatchNorm: padding changes no other row), pinned
     host memory and cuDNN autotuning."""
 
     name = "torch"
 
-    def __init__(self, model: EmbeddingNet, device: torch.device, precision: str = "auto",
-                 max_batch: int | None = None):
-        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else True
-        self.autocast = autocast_dtype(device.type, precision, bf16_supported=bf16)
-        self.precision = precision_name(self.autocast)
+    def __init__(self, model: EmbeddingNet, device: torch.device, max_batch: int | None = None):
+        self.autocast = autocast_dtype(device.type)
+        self.precision = "fp32" if self.autocast is None else "fp16"
         self.device = device
         self.bucket_cap = max_batch if device.type == "cuda" else None
         if self.bucket_cap:
@@ -364,7 +345,7 @@ def quantize_int8(float_path: Path, out_path: Path, batches: Iterable[np.ndarray
 
 
 def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerprint: str, *,
-                 device: torch.device, precision: str = "auto", max_batch: int | None = None,
+                 device: torch.device, max_batch: int | None = None,
                  cache_dir: str | os.PathLike | None = None, int8_path: Path | None = None,
                  threads: int | None = None) -> Engine:
     """The engine `name` (already resolved: not "auto") serving `model`.
@@ -373,10 +354,7 @@ def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerpri
     `int8_path` (onnxruntime only) serves that quantised file instead.
     `threads` (intra-op threads; None: torch's count) is the ONNX runtimes'."""
     if name == "torch":
-        return TorchEngine(model, device, precision, max_batch)
-    if precision not in ("auto", "fp32"):
-        raise errors.InvalidArgument(f"--engine {name} runs in fp32 (or int8); --precision {precision} "
-                                     f"is for --engine torch")
+        return TorchEngine(model, device, max_batch)
     require(name)  # a missing runtime is one line before the seconds of an export
     model = model.eval()
     path = onnx_file(model, spec, fingerprint, cache_dir or default_cache_dir())
@@ -384,7 +362,7 @@ def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerpri
         engine: Engine = OnnxRuntimeEngine(path, threads=threads)
     else:
         engine = OpenVinoEngine(path, threads=threads)
-    reference = TorchEngine(model, torch.device("cpu"), "fp32")
+    reference = TorchEngine(model, torch.device("cpu"))
     diff = check_equal(engine, reference, spec)
     log.info("%s engine equals torch fp32 within %.1e on the check batch", name, diff)
     if int8_path is not None:
