@@ -1,5 +1,5 @@
 """Server configuration: the flags (with environment defaults) both servers
-take, `ServerConfig` built from them, start-up errors, and logging set-up."""
+take, `ServerConfig` built from them, and start-up errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from imagesearch import defaults, logs
+from imagesearch import defaults
 from imagesearch.defaults import AUTH_TOKEN_ENV
 from imagesearch.defaults import MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES
 from imagesearch.parent import follow_parent
@@ -166,12 +166,3 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, env_prefix: str, de
                    help=f"require 'authorization: Bearer TOKEN' on every RPC but health (env {AUTH_TOKEN_ENV}); "
                         "an empty token is refused")
     s.add_argument("--auth-token-file", type=Path, default=None, help="read the token from this file")
-
-
-def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
-    """--log-level and --log-format (imagesearch.logs)."""
-    logs.add_logging_arguments(parser)
-
-
-def configure_logging(level: str, fmt: str = "text") -> None:
-    logs.configure_logging(level, fmt)
