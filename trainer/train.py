@@ -13,8 +13,7 @@ seed` (the seed notebook's exactly: its train transforms, Adam 1e-4,
 cross-entropy, batch 50). After every epoch the validation images are
 embedded and scored as a retrieval task (each a query against the rest:
 mAP@10, P@10, top-1); `--select-by map|loss` picks the epoch kept as
-best.pt, early stopping watches `--early-stop-on` (the same figure unless
-given). `--loss ce|arcface|p2sgrad` and `--embedding-dim N` (a linear +
+best.pt and the figure early stopping watches. `--loss ce|arcface|p2sgrad` and `--embedding-dim N` (a linear +
 BatchNorm neck) are options of the one model, recorded in the checkpoint.
 
 RUN_DIR gets args.json, summary.csv (one row per epoch), accuracy.png,
@@ -74,7 +73,7 @@ RETRIEVAL_K = 10
 SUMMARY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_map@10",
                   "val_precision@10", "val_top1", "lr", "seconds", "train_skipped", "val_skipped", "train_images",
                   "val_images", "best")
-SELECT_BY = {"map": "val_map@10", "loss": "val_loss"}  # --select-by / --early-stop-on -> summary column
+SELECT_BY = {"map": "val_map@10", "loss": "val_loss"}  # --select-by -> summary column
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -155,12 +154,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "draw with replacement, as many images an epoch as shuffle "
                         f"(default {d['sampler']}; seed {s['sampler']})")
     r.add_argument("--select-by", choices=sorted(SELECT_BY),
-                   help=f"best.pt is the epoch with the best validation mAP@10 (map) or loss "
-                        f"(default {d['select_by']}; seed {s['select_by']})")
-    r.add_argument("--early-stop-on", choices=sorted(SELECT_BY),
-                   help="the figure early stopping watches (default: the --select-by one)")
+                   help=f"best.pt is the epoch with the best validation mAP@10 (map) or loss, and early "
+                        f"stopping watches that figure (default {d['select_by']}; seed {s['select_by']})")
     r.add_argument("--patience", type=int,
-                   help=f"stop after this many epochs without a better --early-stop-on figure "
+                   help=f"stop after this many epochs without a better --select-by figure "
                         f"(default {d['patience']}; seed {s['patience']})")
     m = p.add_argument_group("model options (recorded in the checkpoint; the embedder serves them)")
     m.add_argument("--loss", choices=LOSSES,
@@ -347,7 +344,7 @@ def training_settings(argv: list[str] | None = None, saved: dict | None = None) 
     # A saved run resolves as a --resume of it would: its own flags, then its recipe's.
     given = get_args_parser().parse_args([] if saved is not None else argv or [])
     values = vars(_resolve_args(given, {"args": saved} if saved is not None else None))
-    settings = {k: v for k, v in values.items() if k in (*DEFAULTS, *RECIPE_FLAGS, "early_stop_on")
+    settings = {k: v for k, v in values.items() if k in (*DEFAULTS, *RECIPE_FLAGS)
                 and k not in RUN_LOCAL}
     settings["embedding_dim"] = settings.get("embedding_dim") or 0  # None and 0: no neck
     if settings.get("loss") != "ce":
@@ -387,8 +384,6 @@ def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Na
     for key in RECIPE_FLAGS:
         if getattr(args, key, None) is None:
             setattr(args, key, saved.get(key, recipes.RECIPES[args.recipe][key]))
-    if args.early_stop_on is None:
-        args.early_stop_on = saved.get("early_stop_on") or args.select_by
     if args.image_size is None:
         args.image_size = (recipes.SEED_IMAGE_SIZE if args.recipe == "seed"
                            else backbone_info(args.backbone).preprocess.input_size)
@@ -544,8 +539,6 @@ def main(args: argparse.Namespace) -> TrainResult:
     optimizer = recipes.build_optimizer(args.optimizer, groups)
     scaler = precision.grad_scaler()
     selector = EarlyStopping(args.patience, mode="max" if args.select_by == "map" else "min")
-    stopper = selector if args.early_stop_on == args.select_by else EarlyStopping(
-        args.patience, mode="max" if args.early_stop_on == "map" else "min")
     history: list[dict] = []
     start_epoch = 0
     best_state = None
@@ -558,8 +551,6 @@ def main(args: argparse.Namespace) -> TrainResult:
         if resumed.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(resumed["scaler"])
         selector.load_state_dict(resumed["early_stopping"])
-        if stopper is not selector and resumed.get("early_stopping_watch"):
-            stopper.load_state_dict(resumed["early_stopping_watch"])
         history = list(resumed.get("history", []))
         start_epoch = int(resumed["meta"]["epoch"])
         if (run_dir / "best.pt").is_file():
@@ -598,20 +589,20 @@ def main(args: argparse.Namespace) -> TrainResult:
              f"{trainable:,}", args.recipe, args.optimizer, args.lr, args.head_lr_mult, args.schedule,
              args.augment, args.select_by, device, dist_info.world_size, precision.mode, args.batch_size, args.workers)
 
-    watched = SELECT_BY[args.early_stop_on]
+    watched = SELECT_BY[args.select_by]
     if start_epoch >= args.epochs:
         log.info("nothing to do: %s is at epoch %d of --epochs %d (pass a larger --epochs to go on)",
                  run_dir, start_epoch, args.epochs)
-    elif stopper.should_stop:
+    elif selector.should_stop:
         log.info("nothing to do: %s stopped early (%d epochs without a better %s, patience %d; "
-                 "pass a larger --patience to go on)", run_dir, stopper.bad_epochs, watched, args.patience)
+                 "pass a larger --patience to go on)", run_dir, selector.bad_epochs, watched, args.patience)
 
     skip_log = SkipLog()
-    stopped_early = stopper.should_stop
+    stopped_early = selector.should_stop
     epoch = start_epoch
     # Progress bars are for a terminal: a JSON log stream gets only JSON lines.
     bars = main_proc and getattr(args, "log_format", "text") == "text"
-    while epoch < args.epochs and not stopper.should_stop:
+    while epoch < args.epochs and not selector.should_stop:
         epoch += 1
         _seed_all(args.seed + 10_000 * epoch + dist_info.rank)  # same augmentations after --resume
         train_sampler.set_epoch(epoch)
@@ -627,9 +618,7 @@ def main(args: argparse.Namespace) -> TrainResult:
                "val_precision@10": va["precision"], "val_top1": va["top1"], "lr": optimizer.param_groups[0]["lr"],
                "seconds": round(time.monotonic() - started, 1), "train_skipped": tr["skipped"],
                "val_skipped": va["skipped"], "train_images": tr["images"], "val_images": va["images"]}
-        improved = selector.step(epoch, row[SELECT_BY[args.select_by]])
-        if stopper is not selector:
-            stopper.step(epoch, row[watched])
+        improved = selector.step(epoch, row[watched])
         row["best"] = int(improved)
         if improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -640,8 +629,6 @@ def main(args: argparse.Namespace) -> TrainResult:
                 save_checkpoint(run_dir / "best.pt", model, meta)
             extra = {"scaler": scaler.state_dict(), "early_stopping": selector.state_dict(),
                      "criterion": criterion.state_dict(), "history": history}
-            if stopper is not selector:
-                extra["early_stopping_watch"] = stopper.state_dict()
             save_checkpoint(run_dir / "last.pt", model, meta, optimizer.state_dict(), extra=extra)
             write_summary(run_dir / "summary.csv", history)
             write_plots(run_dir, history, selector.best_epoch, title=args.backbone)
@@ -649,13 +636,13 @@ def main(args: argparse.Namespace) -> TrainResult:
         log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f mAP@10 %.4f P@10 %.4f%s | "
                  "lr %g | %.0fs%s", epoch, args.epochs, tr["loss"], tr["accuracy"], va["loss"], va["accuracy"],
                  va["map"], va["precision"],
-                 " (best)" if improved else f" (best: epoch {selector.best_epoch}, {stopper.bad_epochs}/"
+                 " (best)" if improved else f" (best: epoch {selector.best_epoch}, {selector.bad_epochs}/"
                                             f"{args.patience} without improvement)",
                  row["lr"], row["seconds"], f" | skipped {skipped} bad files" if skipped else "")
-        if stopper.should_stop:
+        if selector.should_stop:
             stopped_early = True
             log.info("early stop after epoch %d: validation %s has not beaten epoch %d's %.4f for %d epochs",
-                     epoch, watched, stopper.best_epoch, stopper.best_value, stopper.bad_epochs)
+                     epoch, watched, selector.best_epoch, selector.best_value, selector.bad_epochs)
         distributed.barrier()
 
     if best_state is not None:
