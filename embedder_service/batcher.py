@@ -26,7 +26,6 @@ dropped before preparing and again before inference; their futures fail with
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import heapq
 import itertools
@@ -53,17 +52,13 @@ def _always() -> bool:
 
 @dataclasses.dataclass
 class BatcherStats:
-    """Counters since start; `batch_sizes` maps a batch size to how many batches had it."""
+    """Counters since start."""
 
     submitted: int = 0
     prepare_failed: int = 0
     dropped: int = 0
     batches: int = 0
     items: int = 0
-    batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def snapshot(self) -> "BatcherStats":
-        return dataclasses.replace(self, batch_sizes=collections.Counter(self.batch_sizes))
 
 
 class _Request(Generic[P, T, R]):
@@ -130,7 +125,7 @@ class Batcher(Generic[P, T, R]):
     @property
     def stats(self) -> BatcherStats:
         with self._lock:
-            return self._stats.snapshot()
+            return dataclasses.replace(self._stats)
 
     @property
     def running(self) -> bool:
@@ -346,7 +341,6 @@ class Batcher(Generic[P, T, R]):
         with self._lock:
             self._stats.batches += 1
             self._stats.items += len(batch)
-            self._stats.batch_sizes[len(batch)] += 1
         for request, result in zip(batch, results):
             _settle(request, result=result)
 
