@@ -84,9 +84,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--decode-workers", type=int, default=_env("DECODE_WORKERS", 0),
                    help=f"threads that decode and preprocess; 0 = the core count on CPU, min(8, cores) on CUDA "
                         f"(env {ENV}_DECODE_WORKERS)")
-    t.add_argument("--model-workers", type=int, default=_env("MODEL_WORKERS", 0),
-                   help=f"threads running batches through the engine at once; 0 = 1 "
-                        f"(env {ENV}_MODEL_WORKERS)")
     b = p.add_argument_group("batching and limits")
     b.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", 0),
                    help=f"largest batch the model runs; 0 = {defaults.CPU_MAX_BATCH} on CPU, "
@@ -126,7 +123,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                ("--max-inflight-image-bytes", args.max_inflight_image_bytes, 1),
                                ("--threads", args.threads, 0), ("--decode-workers", args.decode_workers, 0),
                                ("--engine-threads", args.engine_threads, 0),
-                               ("--model-workers", args.model_workers, 0),
                                ("--stream-window", args.stream_window, 0), ("--max-streams", args.max_streams, 0)]:
         if value < least:
             parser.error(f"{flag} must be at least {least}, not {value}")
@@ -199,9 +195,8 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
     device, engine = resolve_engine(args.engine, args.device)
     plan = plan_threads(engine, device.type, args.max_batch,
                         torch_threads=args.threads or int(os.environ.get(defaults.TORCH_THREADS_ENV) or 0),
-                        engine_threads=args.engine_threads,
-                        decode_workers=args.decode_workers, stream_window=args.stream_window,
-                        model_workers=args.model_workers)
+                        engine_threads=args.engine_threads, decode_workers=args.decode_workers,
+                        stream_window=args.stream_window)
     torch.set_num_threads(plan.torch_threads)
     # decode_image checks --max-image-pixels against the header before any pixel
     # is decoded; PIL's own process-wide guard would only speak first, in its words.
@@ -219,7 +214,7 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
         decode, run_batch = measured.timed_decode(decode, args.max_image_bytes), measured.timed_batch(run_batch)
     batcher = Batcher(lambda item: decode(*item), run_batch,
                       max_batch=plan.max_batch, max_wait_s=args.max_wait_ms / 1000.0,
-                      prepare_workers=plan.decode_workers, model_workers=plan.model_workers)
+                      prepare_workers=plan.decode_workers)
     if metrics is not None:
         measured.watch_queue(batcher)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,

@@ -77,21 +77,18 @@ class _Request(Generic[P, T, R]):
 
 class Batcher(Generic[P, T, R]):
     """`prepare(payload) -> item` runs on `prepare_workers` threads;
-    `run([item, ...]) -> [result, ...]` runs on `model_workers` model threads
-    (default one; more need a thread-safe `run`), in batches of up to
-    `max_batch` gathered for at most `max_wait_s`."""
+    `run([item, ...]) -> [result, ...]` runs on one model thread, in batches
+    of up to `max_batch` gathered for at most `max_wait_s`."""
 
     def __init__(self, prepare: Callable[[P], T], run: Callable[[list[T]], Sequence[R]], *,
                  max_batch: int = 32, max_wait_s: float = 0.005, prepare_workers: int = 2,
-                 model_workers: int = 1, name: str = "batcher"):
+                 name: str = "batcher"):
         if max_batch < 1:
             raise errors.InvalidArgument(f"max_batch must be at least 1, not {max_batch}")
         if max_wait_s < 0:
             raise errors.InvalidArgument(f"max_wait_s must be >= 0, not {max_wait_s}")
         if prepare_workers < 1:
             raise errors.InvalidArgument(f"prepare_workers must be at least 1, not {prepare_workers}")
-        if model_workers < 1:
-            raise errors.InvalidArgument(f"model_workers must be at least 1, not {model_workers}")
         self._prepare = prepare
         self._run = run
         self.max_batch = max_batch
@@ -115,10 +112,8 @@ class Batcher(Generic[P, T, R]):
         self._running: set[_Request] = set()  # handed to `run`, not yet answered
         self._closed = False
         self._stats = BatcherStats()
-        self._threads = [threading.Thread(target=self._loop, name=f"{name}-model-{i}", daemon=True)
-                         for i in range(model_workers)]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-model", daemon=True)
+        self._thread.start()
 
     # ------------------------------------------------------------ public
 
@@ -129,7 +124,7 @@ class Batcher(Generic[P, T, R]):
 
     @property
     def running(self) -> bool:
-        return any(thread.is_alive() for thread in self._threads)
+        return self._thread.is_alive()
 
     def submit(self, payload: P, alive: Alive | None = None, source: object = None,
                priority: int = 0) -> futures.Future[R]:
@@ -173,12 +168,12 @@ class Batcher(Generic[P, T, R]):
                 self._inflight.pop(key, None)
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what was submitted, stop the model threads.
+        """Refuse new work, finish what was submitted, stop the model thread.
         With a `timeout`, return within about that many seconds whatever
         `prepare` or `run` do: should the work not be done by then (a model
         call that hangs), every request not yet prepared or not yet run fails
         with Unavailable, and the threads still busy are left to end alone
-        (the model threads are daemons; a prepare worker is let go as soon as
+        (the model thread is a daemon; a prepare worker is let go as soon as
         its own `prepare` call returns)."""
         with self._lock:
             if self._closed:
@@ -197,8 +192,7 @@ class Batcher(Generic[P, T, R]):
             self._stopping = True
             self._has_ready.notify_all()
         self._pool.shutdown(wait=False)  # its queued tasks find nothing left to take
-        for thread in self._threads:
-            thread.join(left())
+        self._thread.join(left())
         if late or self.running:
             self._abandon()
         stats = self.stats
@@ -282,21 +276,16 @@ class Batcher(Generic[P, T, R]):
         full or max_wait_s has passed since a request was first waiting; None
         when closed and nothing is left."""
         with self._has_ready:
-            while True:
-                while not self._ready:
-                    if self._stopping:
-                        return None
-                    self._has_ready.wait()
-                deadline = time.monotonic() + self.max_wait_s
-                while len(self._ready) < self.max_batch and not self._stopping:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._has_ready.wait(remaining)
-                if self._ready:
+            while not self._ready:
+                if self._stopping:
+                    return None
+                self._has_ready.wait()
+            deadline = time.monotonic() + self.max_wait_s
+            while len(self._ready) < self.max_batch and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     break
-                # Another model thread took every prepared request while this one
-                # waited for its batch to fill: wait for the next one from the start.
+                self._has_ready.wait(remaining)
             if self._ready[0].rank[0] == 0 and any(r.rank[0] > 0 for r in self._ready):
                 # Priority-0 requests wait for no bulk: they go in a batch of their own,
                 # which runs in the time of a few images, not of a full batch.

@@ -27,12 +27,10 @@ class ThreadPlan:
     engine_threads: int  # ONNX Runtime / OpenVINO intra-op threads (the torch engine uses torch_threads)
     decode_workers: int
     stream_window: int  # items one EmbedStream has in flight
-    model_workers: int = 1  # threads running batches through the engine at once
 
     def describe(self) -> str:
         return (f"{self.cores} cores: max batch {self.max_batch}, engine threads {self.engine_threads}, "
-                f"torch threads {self.torch_threads}, "
-                f"decode workers {self.decode_workers}, model workers {self.model_workers}, "
+                f"torch threads {self.torch_threads}, decode workers {self.decode_workers}, "
                 f"stream window {self.stream_window}")
 
 
@@ -58,7 +56,7 @@ def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 
 def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: int | None = None,
                  torch_threads: int = 0, engine_threads: int = 0,
-                 decode_workers: int = 0, stream_window: int = 0, model_workers: int = 0) -> ThreadPlan:
+                 decode_workers: int = 0, stream_window: int = 0) -> ThreadPlan:
     """The default thread split for `engine` ("torch", "onnxruntime",
     "openvino": already resolved) on `device_type`, with every non-zero /
     argument taking precedence.
@@ -84,8 +82,7 @@ def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: in
     if engine not in ("torch", "onnxruntime", "openvino"):
         raise errors.InvalidArgument(f"plan_threads needs a resolved engine, not {engine!r}")
     for label, value in [("torch threads", torch_threads), ("engine threads", engine_threads),
-                         ("decode workers", decode_workers), ("stream window", stream_window),
-                         ("model workers", model_workers)]:
+                         ("decode workers", decode_workers), ("stream window", stream_window)]:
         if value < 0:
             raise errors.InvalidArgument(f"{label} must be at least 0 (0 = the default), not {value}")
     if max_batch < 0:
@@ -109,5 +106,4 @@ def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: in
         engine_threads=engine_threads or (torch_threads if engine == "torch" and torch_threads else
                                           plan.engine_threads),
         decode_workers=decode_workers or plan.decode_workers,
-        model_workers=model_workers or plan.model_workers,
         stream_window=stream_window or plan.stream_window)

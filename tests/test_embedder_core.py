@@ -267,43 +267,6 @@ def test_embed_stream_reads_at_most_its_window_ahead_of_its_answers():
     assert sorted(written, key=int) == [str(i) for i in range(40)]
 
 
-def test_model_workers_run_batches_at_the_same_time():
-    """With two model threads, two batches are in `run` at once (a barrier
-    both must reach); every item still gets its own result."""
-    both_in = threading.Barrier(2, timeout=10)
-    calls = iter(range(1_000_000))  # next() is atomic under the GIL
-
-    def run(items):
-        # The first two batches raise BrokenBarrierError (failing the test) unless both are in
-        # run at once. Only those two: on a loaded machine the items can come in an odd number
-        # of batches, and the last one would wait for a partner that never comes.
-        if next(calls) < 2:
-            both_in.wait()
-        return [x * 10 for x in items]
-
-    with Batcher(lambda x: x, run, max_batch=4, max_wait_s=0.001, model_workers=2) as b:
-        results = sorted(f.result(10) for f in [b.submit(i) for i in range(16)])
-        stats = b.stats
-    assert results == [i * 10 for i in range(16)]
-    assert stats.batches >= 2 and stats.items == 16
-
-
-def test_model_workers_survive_another_taking_the_batch_they_waited_on(monkeypatch):
-    """A model thread waiting for its batch to fill can find that another model
-    thread took every prepared request meanwhile: it must wait again, not die
-    (a dead model thread left requests waiting forever once all had died)."""
-    crashed = []
-    monkeypatch.setattr(threading, "excepthook", lambda hook_args: crashed.append(hook_args.exc_value))
-    for _ in range(20):
-        with Batcher(lambda x: x, lambda xs: [x * 10 for x in xs], max_batch=4, max_wait_s=0.002,
-                     prepare_workers=2, model_workers=4) as b:
-            results = sorted(f.result(10) for f in [b.submit(i) for i in range(200)])
-            alive = [t.is_alive() for t in b._threads]
-        assert results == [i * 10 for i in range(200)]
-        assert all(alive), alive
-        assert crashed == []
-
-
 def test_batcher_refuses_a_priority_below_interactive():
     """0 is the most urgent priority the batcher schedules apart (room to
     prepare, a batch of its own); a negative one would skip both."""
@@ -328,8 +291,7 @@ def test_a_submit_the_prepare_pool_refuses_leaves_nothing_behind(monkeypatch):
         assert b.submit(2, source=stream, priority=1).result(10) == 4
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_batch=0), dict(max_wait_s=-1), dict(prepare_workers=0),
-                                    dict(model_workers=0)])
+@pytest.mark.parametrize("kwargs", [dict(max_batch=0), dict(max_wait_s=-1), dict(prepare_workers=0)])
 def test_batcher_rejects_nonsense_settings(kwargs):
     with pytest.raises(errors.InvalidArgument):
         Batcher(lambda x: x, Recorder(), **kwargs)
@@ -446,11 +408,9 @@ def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
     assert (plan_threads("onnxruntime", "cpu").max_batch, plan_threads("torch", "cuda").max_batch) == (8, 32)
     assert plan_threads("onnxruntime", "cpu", 16, cores=2).stream_window == 32
     # Every number can be overridden.
-    assert ort.model_workers == torch_cpu.model_workers == cuda.model_workers == 1
     custom = plan_threads("onnxruntime", "cpu", 8, cores=2, torch_threads=2, engine_threads=1,
-                          decode_workers=3, stream_window=8, model_workers=2)
-    assert (custom.torch_threads, custom.engine_threads, custom.decode_workers,
-            custom.stream_window, custom.model_workers) == (2, 1, 3, 8, 2)
+                          decode_workers=3, stream_window=8)
+    assert (custom.torch_threads, custom.engine_threads, custom.decode_workers, custom.stream_window) == (2, 1, 3, 8)
     assert plan_threads("torch", "cpu", 8, cores=2, torch_threads=1).engine_threads == 1
     assert plan_threads("onnxruntime", "cpu", 8).cores == available_cores() >= 1
     with pytest.raises(errors.InvalidArgument):
@@ -473,8 +433,8 @@ def test_available_cores_honours_a_cgroup_cpu_quota(tmp_path):
 
 def test_thread_flags_and_environment_reach_the_parser(monkeypatch):
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_THREADS", "3")
-    args = cli.parse_args(["--decode-workers", "5", "--model-workers", "2"])
-    assert (args.engine_threads, args.decode_workers, args.model_workers) == (3, 5, 2)
+    args = cli.parse_args(["--decode-workers", "5"])
+    assert (args.engine_threads, args.decode_workers) == (3, 5)
 
 
 def _first_batch_held():

@@ -201,7 +201,7 @@ def test_the_service_reports_its_engine_and_serves_the_same_vectors(cache_dir, r
         got = np.array(stub.Embed(embedder_pb2.EmbedRequest(image=photos[0]), timeout=60).vector, np.float32)
         # The thread plan as asked for; torch's one thread from the tests' IMAGESEARCH_TORCH_THREADS=1,
         # the window from the plan (two batches with an ONNX engine on CPU).
-        assert "max batch 4, engine threads 1, torch threads 1, decode workers 3, model workers 1, stream window 8" in proc.output
+        assert "max batch 4, engine threads 1, torch threads 1, decode workers 3, stream window 8" in proc.output
     assert np.abs(got - reference(photos[0])).max() <= TOLERANCE
 
 
