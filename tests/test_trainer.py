@@ -256,24 +256,14 @@ def test_training_stops_early_and_restores_the_best_epoch(tiny_data, tmp_path, m
 
 # ---------------------------------------------------------------- mixed precision seam
 
-@pytest.mark.parametrize("requested, device, bf16, mode, scales", [
-    ("auto", "cuda", True, "bf16", False),
-    ("auto", "cuda", False, "fp16", True),
-    ("auto", "cpu", False, "off", False),
-    ("off", "cuda", True, "off", False),
-    ("fp16", "cuda", True, "fp16", True),
-    ("bf16", "cpu", False, "bf16", False),
+@pytest.mark.parametrize("device, bf16, mode, scales", [
+    ("cuda", True, "bf16", False),
+    ("cuda", False, "fp16", True),
+    ("cpu", False, "off", False),
 ])
-def test_precision_choice(requested, device, bf16, mode, scales):
-    p = amp.resolve_precision(requested, device, bf16)
+def test_precision_choice(device, bf16, mode, scales):
+    p = amp.resolve_precision(device, bf16)
     assert (p.mode, p.scales_loss, p.device_type) == (mode, scales, device)
-
-
-def test_precision_refusals():
-    with pytest.raises(errors.FailedPrecondition, match="bfloat16"):
-        amp.resolve_precision("bf16", "cuda", False)
-    with pytest.raises(errors.InvalidArgument, match="--amp"):
-        amp.resolve_precision("fp8", "cuda", True)
 
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])

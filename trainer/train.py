@@ -95,7 +95,6 @@ DEFAULTS = {
     "workers": None,  # default_workers(world size)
     "seed": 42,
     "device": "auto",
-    "amp": "auto",
     "val_split": None,
 }
 RECIPE_FLAGS = tuple(recipes.RECIPES["default"])  # filled from --recipe when not given
@@ -179,9 +178,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="DataLoader processes per training process (default: half the cores, 1 to 8)")
     p.add_argument("--seed", type=int, help=f"random seed (default: {DEFAULTS['seed']})")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto = cuda when there is one)")
-    p.add_argument("--amp", choices=amp.CHOICES,
-                   help="mixed precision: auto = bf16 (else fp16 + loss scaling) on CUDA, off on CPU "
-                        "(default: auto)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its last.pt: weights, optimizer, epoch and early-stopping "
                         "state; flags not given take that run's values")
@@ -499,9 +495,7 @@ def main(args: argparse.Namespace) -> TrainResult:
         device = torch.device("cuda", dist_info.local_rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-    precision = amp.precision_for(device, args.amp)
-    if precision.device_type == "cpu" and precision.mode == "fp16":
-        log.warning("--amp fp16 on CPU is slow and meant for testing; bf16 or off are the CPU choices")
+    precision = amp.precision_for(device)  # bf16 (else fp16 + loss scaling) on CUDA, off on CPU
 
     carved = read_split(run_dir) if resume_dir else None
     layout = check_layout(args.data, val_split=None if carved else args.val_split, seed=args.seed, carved=carved)
