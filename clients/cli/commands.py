@@ -381,9 +381,6 @@ def run_job(args, *, title: str | None = None) -> int:
     _check_top_k(args.top_k)
     k = args.k or args.top_k
     truth = _load_ground_truth(args)
-    for folder, what in ((args.gallery, "gallery"), (args.query, "query")):
-        if not folder.is_dir():
-            raise UsageError(f"the {what} folder {folder} does not exist or is not a folder")
     _check_outputs(args.out, html_path, default_html=not args.html)
     gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
     queries = _require_images(args.query, "query folder", args.follow_symlinks)
