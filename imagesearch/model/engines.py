@@ -137,11 +137,6 @@ class TorchEngine:
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self._pin = device.type == "cuda"
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast,
-                                                    enabled=self.autocast is not None):
-            return self.model.embed(x)  # float32 and L2-normalised (EmbeddingNet.embed)
-
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         n = x.shape[0]
         if self.bucket_cap and n < bucket_size(n, self.bucket_cap):
@@ -150,7 +145,10 @@ class TorchEngine:
         if self._pin and x.device.type == "cpu":
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return self._forward(x)[:n].float().cpu().numpy()
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast,
+                                                    enabled=self.autocast is not None):
+            vectors = self.model.embed(x)  # float32 and L2-normalised (EmbeddingNet.embed)
+        return vectors[:n].float().cpu().numpy()
 
     def warm_up_sizes(self) -> list[int]:
         return cuda_buckets(self.bucket_cap) if self.bucket_cap else [1]
