@@ -42,6 +42,7 @@ from clients.cli.services import (EMBEDDER_MODULE, RANKER_MODULE, Services, embe
                                   wait_for_signal)
 from clients.types import DatabaseAugmentation
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
+from imagesearch.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,10 @@ def _job_exit(r, strict: bool = False) -> int:
 
 
 def _write(path: Path, text: str) -> None:
+    """A results file or a report, written atomically (a unique temporary file,
+    fsync, rename): a reader or a crash never sees half of it."""
     try:
-        report.write(path, text)
+        atomic_write_text(path, text)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 

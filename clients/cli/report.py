@@ -8,14 +8,12 @@ import base64
 import html
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from clients.files import file_inside
 from clients.metrics import Evaluation, QueryScore
 from clients.types import Failure, Match
-from imagesearch.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +120,3 @@ def render(title: str, queries: Sequence[tuple[str, Sequence[Match]]], *,
         out.append("</ul>")
     out.append("</body></html>")
     return "\n".join(out)
-
-
-def write(path: str | os.PathLike, text: str) -> Path:
-    """Write a results file or a report atomically (a unique temporary file,
-    fsync, rename): a reader or a crash never sees half of it."""
-    return atomic_write_text(path, text)
