@@ -35,11 +35,11 @@ def test_lite0_imagenet_weights_classify_a_real_photo():
     from PIL import Image
     from skimage import data
 
-    from imagesearch.model.preprocessing import preprocess
+    from imagesearch.model.preprocessing import eval_transform
 
     loaded = load_model(backbone="efficientnet_lite0", weights="imagenet")
     model = loaded.model.eval()
-    x = preprocess(Image.fromarray(data.chelsea()), loaded.spec)[None]
+    x = eval_transform(loaded.spec)(Image.fromarray(data.chelsea()))[None]
     with torch.inference_mode():
         top5 = model(x).topk(5).indices[0].tolist()
         emb = model.embed(x)
