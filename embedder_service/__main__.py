@@ -126,14 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                ("--stream-window", args.stream_window, 0), ("--max-streams", args.max_streams, 0)]:
         if value < least:
             parser.error(f"{flag} must be at least {least}, not {value}")
-    if args.backbone is not None and args.backbone not in defaults.BACKBONES:  # from the environment
-        parser.error(f"{ENV}_BACKBONE={args.backbone!r}: choose one of {', '.join(defaults.BACKBONES)}")
-    for flag, value, choices in [("--device", args.device, ("auto", "cpu", "cuda")),
-                                 ("--tta", args.tta, ("none", "flip")),
-                                 ("--engine", args.engine, defaults.ENGINES),
-                                 ("--decode", args.decode or "draft", defaults.DECODE_MODES)]:
-        if value not in choices:
-            parser.error(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+    for action in parser._actions:  # a default from the environment skips argparse's check of choices
+        value, env = getattr(args, action.dest, None), f"{ENV}_{action.dest.upper()}"
+        if action.choices and value is not None and value not in action.choices:
+            source = f" (from {env})" if os.environ.get(env) == value else ""
+            parser.error(f"{action.option_strings[0]} {value!r}{source}: choose one of {', '.join(action.choices)}")
     if args.checkpoint and args.weights:
         parser.error("--checkpoint and --weights exclude each other: a checkpoint holds its own weights")
     # Fail before binding a port, and before the seconds it takes to import torch.
