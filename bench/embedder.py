@@ -180,7 +180,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "thread plan (embedder_service.threads) in the service")
     p.add_argument("--decode-workers", type=int, default=0, help="service decode threads; 0 = its default")
     p.add_argument("--service-args", default="",
-                   help="more flags for every service, e.g. '--engine-spinning on --stream-window 8'")
+                   help="more flags for every service, e.g. '--decode-workers 3 --stream-window 8'")
     p.add_argument("--images", type=int, default=0, help="clothing images per run; 0 = 192 on cpu, 4096 on cuda")
     p.add_argument("--images-12mp", type=int, default=32, help="12-megapixel images per run")
     p.add_argument("--concurrency", type=int, nargs="*", default=None,

@@ -2,11 +2,10 @@
 
 At the same batch size, torch fp16 (autocast), in one process:
 - forward ceiling: the forward pass alone on a batch already on the GPU;
-- the same with CUDA graphs (one replay per batch);
 - GPU decode + forward: JPEG bytes decoded in batches on the GPU
   (imagesearch.model.gpu.decode_batch: nvJPEG, resize and normalise there), then the forward;
 - CPU decode + forward: `Embedder.embed_images` (Pillow on the CPU, serially);
-- the service (`--device cuda --cuda-graphs`), one EmbedStream, decode threads on the CPU.
+- the service (`--device cuda`), one EmbedStream, decode threads on the CPU.
 Each rate is printed with its ratio to the ceiling (target >= 0.8 with decode included).
 No GPU figure yet.
 """
@@ -45,22 +44,17 @@ def main(args, batch: int, n_images: int) -> int:
     chunks = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
     n = len(chunks) * batch
     plain = Embedder.load(backbone=args.backbone, device="cuda", engine="torch", max_batch=batch)
-    graphed = Embedder.load(backbone=args.backbone, device="cuda", engine="torch", max_batch=batch,
-                            cuda_graphs=True)
     plain.warm_up([batch])
-    graphed.warm_up()
     x = decode_batch(chunks[0], plain.spec, "cuda")
     rows = {
         "forward ceiling (eager, fp16)": lambda: [plain.engine(x) for _ in chunks],
-        "forward, CUDA graphs": lambda: [graphed.engine(x) for _ in chunks],
-        "GPU decode + forward (CUDA graphs)": lambda: [graphed.engine(decode_batch(c, plain.spec, "cuda"))
-                                                      for c in chunks],
+        "GPU decode + forward": lambda: [plain.engine(decode_batch(c, plain.spec, "cuda")) for c in chunks],
         "CPU decode + forward": lambda: [plain.embed_images(c) for c in chunks],
     }
     for fn in rows.values():
         fn()  # warm
     rates = {name: _timed(fn, n, args.repeats) for name, fn in rows.items()}
-    service_args = ["--backbone", args.backbone, "--device", "cuda", "--engine", "torch", "--cuda-graphs",
+    service_args = ["--backbone", args.backbone, "--device", "cuda", "--engine", "torch",
                     "--max-batch", str(batch), "--max-wait-ms", str(args.max_wait_ms)]
     with ServiceProcess("embedder_service", *service_args, startup_timeout=600) as proc, proc.channel() as ch:
         stub = embedder_pb2_grpc.EmbedderServiceStub(ch)

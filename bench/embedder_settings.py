@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.embedder_settings --photos clothing \
         --setting "torch=--engine torch" \
-        --setting "ort-before=--engine onnxruntime --threads 2 --engine-spinning on --stream-window 8" \
+        --setting "ort-before=--engine onnxruntime --threads 2 --stream-window 8" \
         --setting "ort=--engine onnxruntime"
 
 Each setting is a real service process (`python -m embedder_service`, port 0,

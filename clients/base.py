@@ -11,19 +11,25 @@ from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, ManagedChannel, RetryPol
 from clients.errors import ClientError, from_rpc_error
 
 
+# Per-item allowance added to a stream's deadline (a slow CPU model, queued behind other streams).
+PER_ITEM_S = 2.0
+
+
 class ServiceClient:
     """A stub over a ManagedChannel. Subclasses set `what` (the service's name
-    in messages), `hint` (how to start it), `service` (its full proto name)
-    and `stub_class`."""
+    in messages), `hint` (how to start it), `service` (its full proto name),
+    `stub_class` and `default_address` (used when `address` is None)."""
 
     what: str
     hint: str
     service: str
     stub_class: Callable
+    default_address: str
 
-    def __init__(self, address: str, *, security: Security | None, timeout: float, retry: RetryPolicy | None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, per_item_s: float):
-        self.address = address
+    def __init__(self, address: str | None = None, *, security: Security | None = None, timeout: float = 30.0,
+                 retry: RetryPolicy | None = RetryPolicy(), max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 per_item_s: float = PER_ITEM_S):
+        self.address = self.default_address if address is None else address
         self.security = security or Security()
         self.timeout = timeout
         self.retry = retry

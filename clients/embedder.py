@@ -20,7 +20,6 @@ import grpc
 
 from clients import wire
 from clients.base import ServiceClient
-from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
 from clients.errors import SERVE_HINT, ClientError, UsageError
 from clients.types import Embedding, Failure, ModelInfo
 from imagesearch import defaults
@@ -32,8 +31,6 @@ SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
 DEFAULT_ADDRESS = defaults.EMBEDDER_ADDRESS
 ADDRESS_ENV = defaults.EMBEDDER_ENV
 HINT = SERVE_HINT.format(flag="--embedder", env=ADDRESS_ENV)
-# Per-item allowance added to a stream's deadline (a slow CPU model, queued behind other streams).
-PER_ITEM_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +48,8 @@ class EmbedderClient(ServiceClient):
     hint = HINT
     service = SERVICE
     stub_class = embedder_pb2_grpc.EmbedderServiceStub
-
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, security: Security | None = None,
-                 timeout: float = 30.0, retry: RetryPolicy | None = RetryPolicy(),
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, per_item_s: float = PER_ITEM_S):
-        self._info: ModelInfo | None = None
-        super().__init__(address, security=security, timeout=timeout, retry=retry,
-                         max_message_bytes=max_message_bytes, per_item_s=per_item_s)
+    default_address = DEFAULT_ADDRESS
+    _info: ModelInfo | None = None  # GetModelInfo's answer, once asked
 
     @property
     def replicas(self) -> int:

@@ -1,17 +1,10 @@
 """Retrieval metrics for `{query: [ranked gallery names]}` results against
 `{query: [relevant gallery names]}` ground truth.
 
-The per-ranking figures are defined once, in imagesearch.retrieval_metrics:
-- AP@k: sum over ranks i <= k of precision@i at each relevant hit, divided by
-  min(|relevant|, k), so a perfect top-k scores 1 even when more than k are
-  relevant. mAP@k is its mean over queries.
-- precision@k: relevant hits in the top k / k (a list shorter than k counts
-  the missing places as misses).
-- recall@k: relevant hits in the top k / |relevant|.
-- top-1: 1 when the first result is relevant.
-
-A name repeated in a ranking counts once (at its first place). Queries whose
-ground truth is empty are left out of the means and counted apart."""
+The per-ranking figures (AP@k, precision@k, recall@k, top-1) are defined
+once, in imagesearch.retrieval_metrics; mAP@k and the others here are their
+means over queries. Queries whose ground truth is empty are left out of the
+means and counted apart."""
 
 from __future__ import annotations
 
@@ -153,19 +146,20 @@ def labels_from_folders(query_dir: str | os.PathLike, gallery_dir: str | os.Path
                         follow_symlinks: bool = False) -> dict[str, list[str]]:
     """Ground truth from class folders: `query/<class>/x.jpg` is relevant to
     every `gallery/<class>/...` image. Names are relative to each folder."""
+    def classes(folder, role: str) -> list[tuple[str, str]]:
+        """(image name, its class folder) of every image under `folder`."""
+        found = []
+        for name, _ in list_images(folder, what=f"{role} folder", follow_symlinks=follow_symlinks).images:
+            if "/" not in name:
+                raise UsageError(f"--labels-from-folders: {role} image {name} is not inside a class folder "
+                                 f"(expected {folder}/<class>/{name})")
+            found.append((name, name.split("/", 1)[0]))
+        return found
+
     by_class: dict[str, list[str]] = {}
-    gallery = list_images(gallery_dir, what="gallery folder", follow_symlinks=follow_symlinks)
-    for name, _ in gallery.images:
-        if "/" not in name:
-            raise UsageError(f"--labels-from-folders: gallery image {name} is not inside a class folder "
-                             f"(expected {gallery_dir}/<class>/{name})")
-        by_class.setdefault(name.split("/", 1)[0], []).append(name)
-    truth: dict[str, list[str]] = {}
-    for name, _ in list_images(query_dir, what="query folder", follow_symlinks=follow_symlinks).images:
-        if "/" not in name:
-            raise UsageError(f"--labels-from-folders: query image {name} is not inside a class folder "
-                             f"(expected {query_dir}/<class>/{name})")
-        truth[name] = by_class.get(name.split("/", 1)[0], [])
+    for name, label in classes(gallery_dir, "gallery"):
+        by_class.setdefault(label, []).append(name)
+    truth = {name: by_class.get(label, []) for name, label in classes(query_dir, "query")}
     if not truth:
         raise UsageError(f"--labels-from-folders: no images under {query_dir}")
     return truth

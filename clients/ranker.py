@@ -11,7 +11,6 @@ import grpc
 
 from clients import wire
 from clients.base import ServiceClient
-from clients.channels import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, Security
 from clients.errors import SERVE_HINT, ClientError, UsageError
 from clients.types import (
     BackupResult,
@@ -38,7 +37,6 @@ SERVICE = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
 DEFAULT_ADDRESS = defaults.RANKER_ADDRESS
 ADDRESS_ENV = defaults.RANKER_ENV
 HINT = SERVE_HINT.format(flag="--ranker", env=ADDRESS_ENV)
-PER_ITEM_S = 2.0
 # A backup streams the whole database: far longer than one call.
 BACKUP_TIMEOUT_S = 3600.0
 
@@ -66,15 +64,13 @@ class RankerClient(ServiceClient):
     hint = HINT
     service = SERVICE
     stub_class = ranker_pb2_grpc.RankerServiceStub
+    default_address = DEFAULT_ADDRESS
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, security: Security | None = None,
-                 timeout: float = 30.0, retry: RetryPolicy | None = RetryPolicy(),
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, per_item_s: float = PER_ITEM_S):
-        if "," in address and not address.startswith(("ipv4:", "ipv6:", "dns:")):
+    def __init__(self, address: str | None = None, **kwargs):
+        if address and "," in address and not address.startswith(("ipv4:", "ipv6:", "dns:")):
             raise UsageError(f"--ranker takes one address, not a list ({address!r}): "
                              "the ranker holds the gallery, so all clients must talk to the same one")
-        super().__init__(address, security=security, timeout=timeout, retry=retry,
-                         max_message_bytes=max_message_bytes, per_item_s=per_item_s)
+        super().__init__(address, **kwargs)
 
     # ------------------------------------------------------------------ calls
 

@@ -22,7 +22,7 @@ extras.exit_if_missing("embedder", prog="imagesearch-embedder")
 
 from embedder_service.metrics import EmbedderMetrics
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, Limits, register
-from embedder_service.threads import SPINNING, plan_threads
+from embedder_service.threads import plan_threads
 from imagesearch import defaults, errors, serving
 from imagesearch.serving.metrics import add_metrics_arguments
 from imagesearch.serving.observe import Observability
@@ -54,9 +54,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"(env {ENV}_WEIGHTS; default imagenet)")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("DEVICE", "auto"),
                    help=f"auto = cuda when there is one (env {ENV}_DEVICE; default %(default)s)")
-    m.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=_env("PRECISION", "auto"),
-                   help=f"autocast dtype; auto = fp16 on CUDA, fp32 on CPU (env {ENV}_PRECISION; "
-                        f"default %(default)s)")
     m.add_argument("--tta", choices=("none", "flip"), default=_env("TTA", "none"),
                    help=f"test-time augmentation: flip = average the vectors of the image and its mirror image, "
                         f"renormalised (about 2x the compute; other vectors, so another fingerprint) "
@@ -65,11 +62,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"inference engine; auto = onnxruntime on CPU, torch (fp16) on CUDA; onnxruntime and "
                         f"openvino export the model to ONNX once, cached by fingerprint (env {ENV}_ENGINE; "
                         f"default %(default)s)")
-    m.add_argument("--decode", choices=("auto", *defaults.DECODE_MODES), default=_env("DECODE", "auto"),
+    m.add_argument("--decode", choices=defaults.DECODE_MODES, default=_env("DECODE", None),
                    help=f"JPEG decode: draft = at the smallest DCT scale that covers the input size, full = every "
-                        f"pixel; auto = the model's (draft for ImageNet weights and new checkpoints, full for "
-                        f"checkpoints from before draft existed). Enters the fingerprint; full keeps fingerprints "
-                        f"of collections built before (env {ENV}_DECODE; default %(default)s)")
+                        f"pixel (the baseline the benchmarks measure draft against); default: the model's own "
+                        f"mode, draft for ImageNet weights and trainer checkpoints. Enters the fingerprint "
+                        f"(env {ENV}_DECODE)")
     m.add_argument("--engine-cache", default=_env("ENGINE_CACHE", None),
                    help=f"folder for exported ONNX models (env {ENV}_ENGINE_CACHE; default "
                         f"$XDG_CACHE_HOME/imagesearch or ~/.cache/imagesearch)")
@@ -77,9 +74,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"serve an int8 model (onnxruntime, static quantisation) calibrated on the images "
                         f"in FOLDER; its vectors differ from fp32, so it has its own fingerprint "
                         f"(env {ENV}_INT8_CALIBRATION)")
-    m.add_argument("--cuda-graphs", action="store_true", default=_env("CUDA_GRAPHS", "") == "1",
-                   help=f"--engine torch on CUDA: replay the forward pass of each padded batch size as a CUDA "
-                        f"graph (env {ENV}_CUDA_GRAPHS=1; not yet run on a GPU)")
     t = p.add_argument_group("threads (0 / auto = embedder_service.threads.plan_threads, from the core count: "
                              "docs/embedder.md#threads)")
     t.add_argument("--threads", type=int, default=_env("THREADS", 0),
@@ -87,16 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"with --engine torch on CPU, 1 otherwise (env {ENV}_THREADS)")
     t.add_argument("--engine-threads", type=int, default=_env("ENGINE_THREADS", 0),
                    help=f"ONNX Runtime / OpenVINO intra-op threads; 0 = the core count (env {ENV}_ENGINE_THREADS)")
-    t.add_argument("--engine-spinning", choices=SPINNING, default=_env("ENGINE_SPINNING", "auto"),
-                   help=f"whether ONNX Runtime's threads busy-wait for work; auto = "
-                        f"{'on' if defaults.CPU_ENGINE_SPINNING else 'off'} (a spinning thread holds a core the "
-                        f"decode threads need) (env {ENV}_ENGINE_SPINNING; default %(default)s)")
     t.add_argument("--decode-workers", type=int, default=_env("DECODE_WORKERS", 0),
                    help=f"threads that decode and preprocess; 0 = the core count on CPU, min(8, cores) on CUDA "
                         f"(env {ENV}_DECODE_WORKERS)")
-    t.add_argument("--model-workers", type=int, default=_env("MODEL_WORKERS", 0),
-                   help=f"threads running batches through the engine at once; 0 = 1 "
-                        f"(env {ENV}_MODEL_WORKERS)")
     b = p.add_argument_group("batching and limits")
     b.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", 0),
                    help=f"largest batch the model runs; 0 = {defaults.CPU_MAX_BATCH} on CPU, "
@@ -136,20 +123,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                ("--max-inflight-image-bytes", args.max_inflight_image_bytes, 1),
                                ("--threads", args.threads, 0), ("--decode-workers", args.decode_workers, 0),
                                ("--engine-threads", args.engine_threads, 0),
-                               ("--model-workers", args.model_workers, 0),
                                ("--stream-window", args.stream_window, 0), ("--max-streams", args.max_streams, 0)]:
         if value < least:
             parser.error(f"{flag} must be at least {least}, not {value}")
-    if args.backbone is not None and args.backbone not in defaults.BACKBONES:  # from the environment
-        parser.error(f"{ENV}_BACKBONE={args.backbone!r}: choose one of {', '.join(defaults.BACKBONES)}")
-    for flag, value, choices in [("--device", args.device, ("auto", "cpu", "cuda")),
-                                 ("--precision", args.precision, ("auto", "fp32", "fp16", "bf16")),
-                                 ("--tta", args.tta, ("none", "flip")),
-                                 ("--engine", args.engine, defaults.ENGINES),
-                                 ("--decode", args.decode, ("auto", *defaults.DECODE_MODES)),
-                                 ("--engine-spinning", args.engine_spinning, SPINNING)]:
-        if value not in choices:
-            parser.error(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+    for action in parser._actions:  # a default from the environment skips argparse's check of choices
+        value, env = getattr(args, action.dest, None), f"{ENV}_{action.dest.upper()}"
+        if action.choices and value is not None and value not in action.choices:
+            source = f" (from {env})" if os.environ.get(env) == value else ""
+            parser.error(f"{action.option_strings[0]} {value!r}{source}: choose one of {', '.join(action.choices)}")
     if args.checkpoint and args.weights:
         parser.error("--checkpoint and --weights exclude each other: a checkpoint holds its own weights")
     # Fail before binding a port, and before the seconds it takes to import torch.
@@ -211,20 +192,18 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
     device, engine = resolve_engine(args.engine, args.device)
     plan = plan_threads(engine, device.type, args.max_batch,
                         torch_threads=args.threads or int(os.environ.get(defaults.TORCH_THREADS_ENV) or 0),
-                        engine_threads=args.engine_threads, engine_spinning=args.engine_spinning,
-                        decode_workers=args.decode_workers, stream_window=args.stream_window,
-                        model_workers=args.model_workers)
+                        engine_threads=args.engine_threads, decode_workers=args.decode_workers,
+                        stream_window=args.stream_window)
     torch.set_num_threads(plan.torch_threads)
     # decode_image checks --max-image-pixels against the header before any pixel
     # is decoded; PIL's own process-wide guard would only speak first, in its words.
     Image.MAX_IMAGE_PIXELS = None
     embedder = Embedder.load(checkpoint=args.checkpoint, backbone=args.backbone, weights=args.weights,
-                             device=device, precision=args.precision, engine=args.engine,
+                             device=device, engine=args.engine,
                              cache_dir=args.engine_cache, int8_calibration=args.int8_calibration,
-                             decode=args.decode, cuda_graphs=args.cuda_graphs,
+                             decode=args.decode,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                             max_batch=plan.max_batch, tta=args.tta, engine_threads=plan.engine_threads,
-                             engine_spinning=plan.engine_spinning)
+                             max_batch=plan.max_batch, tta=args.tta, engine_threads=plan.engine_threads)
     embedder.warm_up()
     decode, run_batch = embedder.decode, embedder.embed_tensors
     if metrics is not None:
@@ -232,7 +211,7 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
         decode, run_batch = measured.timed_decode(decode, args.max_image_bytes), measured.timed_batch(run_batch)
     batcher = Batcher(lambda item: decode(*item), run_batch,
                       max_batch=plan.max_batch, max_wait_s=args.max_wait_ms / 1000.0,
-                      prepare_workers=plan.decode_workers, model_workers=plan.model_workers)
+                      prepare_workers=plan.decode_workers)
     if metrics is not None:
         measured.watch_queue(batcher)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,

@@ -22,25 +22,18 @@ A request carries an `alive()` callable (for a gRPC call: the call is still
 active and its deadline has not passed). Requests that are no longer alive are
 dropped before preparing and again before inference; their futures fail with
 `Dropped`.
-
-`map_stream` feeds an iterator of (key, payload) through `submit` with at most
-`window` items not yet handed back to the caller (backpressure: a fast client
-cannot make the server queue unbounded memory) and yields (key, done future)
-in completion order.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import heapq
 import itertools
 import logging
-import queue
 import threading
 import time
 from concurrent import futures
-from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Generic, Sequence, TypeVar
 
 from imagesearch import errors
 
@@ -49,7 +42,6 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")  # payload as submitted
 T = TypeVar("T")  # prepared item
 R = TypeVar("R")  # result of one item
-K = TypeVar("K")  # caller's key in map_stream
 
 Alive = Callable[[], bool]
 
@@ -60,17 +52,13 @@ def _always() -> bool:
 
 @dataclasses.dataclass
 class BatcherStats:
-    """Counters since start; `batch_sizes` maps a batch size to how many batches had it."""
+    """Counters since start."""
 
     submitted: int = 0
     prepare_failed: int = 0
     dropped: int = 0
     batches: int = 0
     items: int = 0
-    batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def snapshot(self) -> "BatcherStats":
-        return dataclasses.replace(self, batch_sizes=collections.Counter(self.batch_sizes))
 
 
 class _Request(Generic[P, T, R]):
@@ -89,21 +77,18 @@ class _Request(Generic[P, T, R]):
 
 class Batcher(Generic[P, T, R]):
     """`prepare(payload) -> item` runs on `prepare_workers` threads;
-    `run([item, ...]) -> [result, ...]` runs on `model_workers` model threads
-    (default one; more need a thread-safe `run`), in batches of up to
-    `max_batch` gathered for at most `max_wait_s`."""
+    `run([item, ...]) -> [result, ...]` runs on one model thread, in batches
+    of up to `max_batch` gathered for at most `max_wait_s`."""
 
     def __init__(self, prepare: Callable[[P], T], run: Callable[[list[T]], Sequence[R]], *,
                  max_batch: int = 32, max_wait_s: float = 0.005, prepare_workers: int = 2,
-                 model_workers: int = 1, name: str = "batcher"):
+                 name: str = "batcher"):
         if max_batch < 1:
             raise errors.InvalidArgument(f"max_batch must be at least 1, not {max_batch}")
         if max_wait_s < 0:
             raise errors.InvalidArgument(f"max_wait_s must be >= 0, not {max_wait_s}")
         if prepare_workers < 1:
             raise errors.InvalidArgument(f"prepare_workers must be at least 1, not {prepare_workers}")
-        if model_workers < 1:
-            raise errors.InvalidArgument(f"model_workers must be at least 1, not {model_workers}")
         self._prepare = prepare
         self._run = run
         self.max_batch = max_batch
@@ -127,21 +112,19 @@ class Batcher(Generic[P, T, R]):
         self._running: set[_Request] = set()  # handed to `run`, not yet answered
         self._closed = False
         self._stats = BatcherStats()
-        self._threads = [threading.Thread(target=self._loop, name=f"{name}-model-{i}", daemon=True)
-                         for i in range(model_workers)]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-model", daemon=True)
+        self._thread.start()
 
     # ------------------------------------------------------------ public
 
     @property
     def stats(self) -> BatcherStats:
         with self._lock:
-            return self._stats.snapshot()
+            return dataclasses.replace(self._stats)
 
     @property
     def running(self) -> bool:
-        return any(thread.is_alive() for thread in self._threads)
+        return self._thread.is_alive()
 
     def submit(self, payload: P, alive: Alive | None = None, source: object = None,
                priority: int = 0) -> futures.Future[R]:
@@ -184,61 +167,13 @@ class Batcher(Generic[P, T, R]):
             else:
                 self._inflight.pop(key, None)
 
-    def map_stream(self, items: Iterable[tuple[K, P]], *, window: int,
-                   alive: Alive | None = None) -> Iterator[tuple[K, futures.Future[R]]]:
-        """Submit (key, payload) pairs read from `items` on a reader thread, never
-        more than `window` ahead of what the caller has taken back, and yield
-        (key, done future) as items complete. An exception raised by `items`
-        itself is re-raised here after the items already read are handed back."""
-        if window < 1:
-            raise errors.InvalidArgument(f"window must be at least 1, not {window}")
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        slots = threading.Semaphore(window)
-        stop = threading.Event()
-        end = object()
-        source = object()  # this stream's requests are ranked together
-
-        def reader():
-            count, failure = 0, None
-            try:
-                for key, payload in items:
-                    while not slots.acquire(timeout=0.1):
-                        if stop.is_set():
-                            return
-                    if stop.is_set():
-                        return
-                    future = self.submit(payload, alive, source, priority=1)
-                    future.add_done_callback(lambda f, key=key: done.put((key, f)))
-                    count += 1
-            except BaseException as exc:  # the request stream broke or was cancelled
-                failure = exc
-            finally:
-                done.put((end, (count, failure)))
-
-        thread = threading.Thread(target=reader, name=f"{self.name}-stream-reader", daemon=True)
-        thread.start()
-        expected, failure, handed = None, None, 0
-        try:
-            while expected is None or handed < expected:
-                key, value = done.get()
-                if key is end:
-                    expected, failure = value
-                    continue
-                handed += 1
-                yield key, value
-                slots.release()
-            if failure is not None:
-                raise failure
-        finally:
-            stop.set()
-
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what was submitted, stop the model threads.
+        """Refuse new work, finish what was submitted, stop the model thread.
         With a `timeout`, return within about that many seconds whatever
         `prepare` or `run` do: should the work not be done by then (a model
         call that hangs), every request not yet prepared or not yet run fails
         with Unavailable, and the threads still busy are left to end alone
-        (the model threads are daemons; a prepare worker is let go as soon as
+        (the model thread is a daemon; a prepare worker is let go as soon as
         its own `prepare` call returns)."""
         with self._lock:
             if self._closed:
@@ -257,8 +192,7 @@ class Batcher(Generic[P, T, R]):
             self._stopping = True
             self._has_ready.notify_all()
         self._pool.shutdown(wait=False)  # its queued tasks find nothing left to take
-        for thread in self._threads:
-            thread.join(left())
+        self._thread.join(left())
         if late or self.running:
             self._abandon()
         stats = self.stats
@@ -342,21 +276,16 @@ class Batcher(Generic[P, T, R]):
         full or max_wait_s has passed since a request was first waiting; None
         when closed and nothing is left."""
         with self._has_ready:
-            while True:
-                while not self._ready:
-                    if self._stopping:
-                        return None
-                    self._has_ready.wait()
-                deadline = time.monotonic() + self.max_wait_s
-                while len(self._ready) < self.max_batch and not self._stopping:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._has_ready.wait(remaining)
-                if self._ready:
+            while not self._ready:
+                if self._stopping:
+                    return None
+                self._has_ready.wait()
+            deadline = time.monotonic() + self.max_wait_s
+            while len(self._ready) < self.max_batch and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     break
-                # Another model thread took every prepared request while this one
-                # waited for its batch to fill: wait for the next one from the start.
+                self._has_ready.wait(remaining)
             if self._ready[0].rank[0] == 0 and any(r.rank[0] > 0 for r in self._ready):
                 # Priority-0 requests wait for no bulk: they go in a batch of their own,
                 # which runs in the time of a few images, not of a full batch.
@@ -401,7 +330,6 @@ class Batcher(Generic[P, T, R]):
         with self._lock:
             self._stats.batches += 1
             self._stats.items += len(batch)
-            self._stats.batch_sizes[len(batch)] += 1
         for request, result in zip(batch, results):
             _settle(request, result=result)
 

@@ -48,7 +48,7 @@ class ModelInfo:
     dim: int
     spec: PreprocessSpec
     device: str
-    precision: str  # fp32, fp16, bf16 or int8
+    precision: str  # fp32, fp16 (torch on CUDA) or int8
     engine: str  # torch, onnxruntime or openvino
     fingerprint: str
     weights: str
@@ -59,12 +59,11 @@ class ModelInfo:
 class Embedder:
     """A model ready for inference plus the limits its inputs must respect."""
 
-    def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", precision: str = "auto",
+    def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto",
                  engine: str = "auto", cache_dir: str | os.PathLike | None = None,
-                 int8_calibration: str | os.PathLike | None = None, cuda_graphs: bool = False,
+                 int8_calibration: str | os.PathLike | None = None,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_batch: int | None = None, tta: str = "none", engine_threads: int | None = None,
-                 engine_spinning: bool = True):
+                 max_batch: int | None = None, tta: str = "none", engine_threads: int | None = None):
         if max_image_bytes < 1 or max_image_pixels < 1:
             raise errors.InvalidArgument("image limits must be positive")
         if tta not in TTAS:
@@ -85,9 +84,9 @@ class Embedder:
             int8_path, model_fingerprint = self._int8(
                 model, float_fingerprint, model_fingerprint, Path(int8_calibration), name, cache_dir)
         self.engine = engines.build_engine(name, model, loaded.spec, float_fingerprint,
-                                           device=self.device, precision=precision, max_batch=max_batch,
-                                           cache_dir=cache_dir, int8_path=int8_path, cuda_graphs=cuda_graphs,
-                                           threads=engine_threads, spinning=engine_spinning)
+                                           device=self.device, max_batch=max_batch,
+                                           cache_dir=cache_dir, int8_path=int8_path,
+                                           threads=engine_threads)
         self.info = ModelInfo(
             backbone=loaded.backbone, dim=model.dim, spec=loaded.spec, device=str(self.device),
             precision=self.engine.precision, engine=self.engine.name, fingerprint=model_fingerprint,
@@ -116,11 +115,11 @@ class Embedder:
 
     @classmethod
     def load(cls, *, checkpoint: str | None = None, backbone: str | None = None, weights: str | None = None,
-             decode: str = "auto", **kwargs) -> "Embedder":
+             decode: str | None = None, **kwargs) -> "Embedder":
         """A trainer checkpoint (backbone and preprocessing from its meta), else
         `backbone` (default efficientnet_lite0) with `weights` (default imagenet).
         `decode` "draft" or "full" overrides the spec's JPEG decode mode (and so
-        the fingerprint); "auto" keeps the model's."""
+        the fingerprint)."""
         if checkpoint and weights:
             raise errors.InvalidArgument(
                 "--checkpoint and --weights exclude each other: a checkpoint holds its own weights")
@@ -130,7 +129,7 @@ class Embedder:
             raise errors.InvalidArgument(
                 f"--backbone {backbone} does not match the checkpoint {checkpoint}, "
                 f"which holds {loaded.backbone}; drop --backbone")
-        if decode != "auto":
+        if decode is not None:
             loaded = dataclasses.replace(loaded, spec=dataclasses.replace(loaded.spec, decode=decode))
         embedder = cls(loaded, **kwargs)
         log.info("loaded %s (%s weights, %d-d, tta %s) on %s, engine %s, %s, in %.1fs; fingerprint %s",
@@ -171,9 +170,6 @@ class Embedder:
             batch_sizes = sizes() if sizes else (1,)
         for n in batch_sizes:
             self.embed_tensors([torch.zeros(3, size, size)] * n)
-        capture = getattr(self.engine, "capture_graphs", None)
-        if capture is not None and self.device.type == "cuda":
-            capture((3, size, size))  # after cuDNN autotuning picked each size's kernels
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info("warmed up batch sizes %s in %.1fs", list(batch_sizes), time.monotonic() - started)

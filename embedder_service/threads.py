@@ -19,24 +19,18 @@ from pathlib import Path
 
 from imagesearch import defaults, errors
 
-SPINNING = ("auto", "on", "off")
-
-
 @dataclasses.dataclass(frozen=True)
 class ThreadPlan:
     cores: int
     max_batch: int  # largest batch the model runs
     torch_threads: int  # torch intra-op: the torch engine's forward, and each decode thread's tensor ops
     engine_threads: int  # ONNX Runtime / OpenVINO intra-op threads (the torch engine uses torch_threads)
-    engine_spinning: bool  # ONNX Runtime's intra-op threads busy-wait between operators and runs
     decode_workers: int
     stream_window: int  # items one EmbedStream has in flight
-    model_workers: int = 1  # threads running batches through the engine at once
 
     def describe(self) -> str:
-        return (f"{self.cores} cores: max batch {self.max_batch}, engine threads {self.engine_threads} (spinning "
-                f"{'on' if self.engine_spinning else 'off'}), torch threads {self.torch_threads}, "
-                f"decode workers {self.decode_workers}, model workers {self.model_workers}, "
+        return (f"{self.cores} cores: max batch {self.max_batch}, engine threads {self.engine_threads}, "
+                f"torch threads {self.torch_threads}, decode workers {self.decode_workers}, "
                 f"stream window {self.stream_window}")
 
 
@@ -61,11 +55,11 @@ def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 
 
 def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: int | None = None,
-                 torch_threads: int = 0, engine_threads: int = 0, engine_spinning: str = "auto",
-                 decode_workers: int = 0, stream_window: int = 0, model_workers: int = 0) -> ThreadPlan:
+                 torch_threads: int = 0, engine_threads: int = 0,
+                 decode_workers: int = 0, stream_window: int = 0) -> ThreadPlan:
     """The default thread split for `engine` ("torch", "onnxruntime",
     "openvino": already resolved) on `device_type`, with every non-zero /
-    non-"auto" argument taking precedence.
+    argument taking precedence.
 
     Batch size: defaults.CPU_MAX_BATCH on CPU (measured: batches of 8 stream
     faster than 32 on CPU with either engine), defaults.CUDA_MAX_BATCH on a GPU.
@@ -79,20 +73,16 @@ def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: in
     decode threads' tensor ops: an OpenMP team per decode thread would
     oversubscribe the cores), decode workers = cores, and a window of
     defaults.CPU_STREAM_WINDOW_BATCHES batches so the decode threads prepare
-    batch n+1 while batch n runs; the engine's threads sleep between
-    operators instead of spinning (defaults.CPU_ENGINE_SPINNING) so the
-    decode threads get the cores they need.
+    batch n+1 while batch n runs (the engine's threads never spin:
+    engines.OnnxRuntimeEngine).
 
     On CPU with torch: torch gets every core for the forward pass, decode
     workers = cores, a window of one batch (measured: with torch's OpenMP team
     on every core, decoding further ahead only competes with it)."""
     if engine not in ("torch", "onnxruntime", "openvino"):
         raise errors.InvalidArgument(f"plan_threads needs a resolved engine, not {engine!r}")
-    if engine_spinning not in SPINNING:
-        raise errors.InvalidArgument(f"engine spinning {engine_spinning!r}: one of {', '.join(SPINNING)}")
     for label, value in [("torch threads", torch_threads), ("engine threads", engine_threads),
-                         ("decode workers", decode_workers), ("stream window", stream_window),
-                         ("model workers", model_workers)]:
+                         ("decode workers", decode_workers), ("stream window", stream_window)]:
         if value < 0:
             raise errors.InvalidArgument(f"{label} must be at least 0 (0 = the default), not {value}")
     if max_batch < 0:
@@ -100,15 +90,14 @@ def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: in
     cores = cores or available_cores()
     max_batch = max_batch or (defaults.CUDA_MAX_BATCH if device_type == "cuda" else defaults.CPU_MAX_BATCH)
     if device_type == "cuda":
-        plan = ThreadPlan(cores, max_batch, torch_threads=1, engine_threads=1, engine_spinning=False,
+        plan = ThreadPlan(cores, max_batch, torch_threads=1, engine_threads=1,
                           decode_workers=min(8, cores), stream_window=2 * max_batch)
     elif engine == "torch":
-        plan = ThreadPlan(cores, max_batch, torch_threads=cores, engine_threads=cores, engine_spinning=False,
+        plan = ThreadPlan(cores, max_batch, torch_threads=cores, engine_threads=cores,
                           decode_workers=cores, stream_window=max_batch)
     else:
         plan = ThreadPlan(cores, max_batch, torch_threads=1,
                           engine_threads=max(1, round(cores * defaults.CPU_ENGINE_THREADS_PER_CORE)),
-                          engine_spinning=defaults.CPU_ENGINE_SPINNING,
                           decode_workers=max(1, round(cores * defaults.CPU_DECODE_WORKERS_PER_CORE)),
                           stream_window=defaults.CPU_STREAM_WINDOW_BATCHES * max_batch)
     return dataclasses.replace(
@@ -116,7 +105,5 @@ def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: in
         torch_threads=torch_threads or plan.torch_threads,
         engine_threads=engine_threads or (torch_threads if engine == "torch" and torch_threads else
                                           plan.engine_threads),
-        engine_spinning=plan.engine_spinning if engine_spinning == "auto" else engine_spinning == "on",
         decode_workers=decode_workers or plan.decode_workers,
-        model_workers=model_workers or plan.model_workers,
         stream_window=stream_window or plan.stream_window)

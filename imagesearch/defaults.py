@@ -18,12 +18,11 @@ ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # --engine-cache is given: $XDG_CACHE_HOME/imagesearch, else ~/.cache/imagesearch.
 CACHE_DIR_NAME = "imagesearch"
 # The embedder's thread split on CPU with an ONNX engine (embedder_service.threads,
-# docs/embedder.md#threads): intra-op threads and decode workers per core, whether
-# ONNX Runtime's threads spin, and the EmbedStream window in batches (2: the decode
+# docs/embedder.md#threads): intra-op threads and decode workers per core, and
+# the EmbedStream window in batches (2: the decode
 # threads prepare batch n+1 while batch n runs). Measured: bench/results/embedder.md.
 CPU_ENGINE_THREADS_PER_CORE = 1.0
 CPU_DECODE_WORKERS_PER_CORE = 1.0
-CPU_ENGINE_SPINNING = False
 CPU_STREAM_WINDOW_BATCHES = 2
 # The embedder's --max-batch default: on CPU batches of 8 stream faster than 32 with
 # either engine (bench/results/embedder.md); on CUDA bigger batches feed the device.
@@ -121,8 +120,6 @@ KEEPALIVE_TIME_S = 60.0
 KEEPALIVE_TIMEOUT_S = 20.0
 MIN_CLIENT_PING_INTERVAL_S = 10.0
 MAX_PING_STRIKES = 2
-# Longest client string (item name, stream id) a server echoes into a log line.
-LOG_TEXT_CHARS = 80
 
 # ---------------------------------------------------------------- ports, addresses, environment
 EMBEDDER_PORT = 50051

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from clients import RankerClient
-from clients.cli import demo, main, output, report
+from clients.cli import commands, demo, main, output, report
 from clients.files import list_images
 from clients.types import Failure, Match
 from imagesearch.v1 import ranker_pb2
@@ -176,7 +176,7 @@ def test_results_files_are_written_atomically(tmp_path, monkeypatch):
     synced: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
-    report.write(tmp_path / "r.json", '{"q": ["a"]}\n')
+    commands._write(tmp_path / "r.json", '{"q": ["a"]}\n')
     assert victim.read_text() == "keep"
     assert json.loads((tmp_path / "r.json").read_text()) == {"q": ["a"]}
     assert synced

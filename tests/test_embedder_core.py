@@ -60,7 +60,7 @@ def test_items_arriving_together_fill_batches_up_to_max_batch():
         assert [f.result(WAIT) for f in futures] == [2 * i for i in range(16)]
         stats = b.stats
     assert sorted(len(batch) for batch in run.batches) == [8, 8]
-    assert stats.batch_sizes == {8: 2} and stats.items == 16 and stats.submitted == 16
+    assert stats.batches == 2 and stats.items == 16 and stats.submitted == 16
 
 
 def test_a_lone_item_does_not_wait_for_a_full_batch():
@@ -211,74 +211,60 @@ def test_close_with_a_timeout_that_is_enough_finishes_the_work():
     assert [f.result(0) for f in futures] == [2 * i for i in range(7)] and not b.running
 
 
-def test_map_stream_keeps_at_most_window_items_in_flight():
-    pulled = []
+def test_embed_stream_reads_at_most_its_window_ahead_of_its_answers():
+    """No limit on an EmbedStream's length: the servicer reads at most
+    --stream-window items that are not yet answered, then stops reading (gRPC
+    flow control then holds the client's sends)."""
+    import asyncio
+    from concurrent import futures
+    from types import SimpleNamespace
 
-    def items():
+    from embedder_service.servicer import EmbedderServicer, Limits
+    from imagesearch.v1 import embedder_pb2
+
+    window, pulled, held, written = 4, [], [], []
+
+    class Batcher:
+        def submit(self, payload, alive, source=None, priority=0):
+            held.append(futures.Future())  # the model answers only when the test says so
+            return held[-1]
+
+        def in_flight(self, source):
+            return 0
+
+    class Context:
+        def time_remaining(self):
+            return None
+
+        def add_done_callback(self, fn):
+            pass
+
+        async def write(self, response):
+            written.append(response.id)
+
+    async def requests():
         for i in range(40):
             pulled.append(i)
-            yield str(i), i
+            yield embedder_pb2.EmbedStreamRequest(id=str(i), image=b"x")
 
-    window = 4
-    with Batcher(lambda x: x, Recorder(), max_batch=4, max_wait_s=0.001) as b:
-        got = {}
-        for k, (key, future) in enumerate(b.map_stream(items(), window=window), start=1):
-            time.sleep(0.005)  # a slow consumer: the reader would run ahead if it could
-            # the reader holds at most `window` un-returned items plus the one it waits to submit
-            assert len(pulled) <= k + window, (len(pulled), k)
-            got[key] = future.result()
-    assert got == {str(i): 2 * i for i in range(40)}
+    async def run():
+        servicer = EmbedderServicer()
+        servicer.attach(SimpleNamespace(info=SimpleNamespace(fingerprint="fp")), Batcher(),
+                        Limits(max_image_bytes=10, max_image_pixels=10, max_batch=2, max_message_bytes=100,
+                               stream_window=window))
+        call = asyncio.ensure_future(servicer.EmbedStream(requests(), Context()))
+        await asyncio.sleep(0.3)  # let the reader run as far as it can
+        assert len(pulled) == window and not written
+        while not call.done():  # answer what was read; each answer lets one more in
+            for future in held:
+                if not future.done():
+                    future.set_result(np.zeros(2, np.float32))
+            await asyncio.sleep(0.01)
+            assert len(pulled) - len(written) <= window
+        await call
 
-
-def test_map_stream_hands_back_what_it_read_then_raises_the_iterators_error():
-    def items():
-        yield "a", 1
-        yield "b", 2
-        raise ConnectionError("client went away")
-
-    with Batcher(lambda x: x, Recorder(), max_batch=4, max_wait_s=0.001) as b:
-        seen = []
-        with pytest.raises(ConnectionError):
-            for key, future in b.map_stream(items(), window=8):
-                seen.append((key, future.result()))
-    assert sorted(seen) == [("a", 2), ("b", 4)]
-
-
-def test_model_workers_run_batches_at_the_same_time():
-    """With two model threads, two batches are in `run` at once (a barrier
-    both must reach); every item still gets its own result."""
-    both_in = threading.Barrier(2, timeout=10)
-    calls = iter(range(1_000_000))  # next() is atomic under the GIL
-
-    def run(items):
-        # The first two batches raise BrokenBarrierError (failing the test) unless both are in
-        # run at once. Only those two: on a loaded machine the items can come in an odd number
-        # of batches, and the last one would wait for a partner that never comes.
-        if next(calls) < 2:
-            both_in.wait()
-        return [x * 10 for x in items]
-
-    with Batcher(lambda x: x, run, max_batch=4, max_wait_s=0.001, model_workers=2) as b:
-        results = sorted(f.result(10) for _, f in b.map_stream(((i, i) for i in range(16)), window=16))
-        stats = b.stats
-    assert results == [i * 10 for i in range(16)]
-    assert stats.batches >= 2 and stats.items == 16
-
-
-def test_model_workers_survive_another_taking_the_batch_they_waited_on(monkeypatch):
-    """A model thread waiting for its batch to fill can find that another model
-    thread took every prepared request meanwhile: it must wait again, not die
-    (a dead model thread left requests waiting forever once all had died)."""
-    crashed = []
-    monkeypatch.setattr(threading, "excepthook", lambda hook_args: crashed.append(hook_args.exc_value))
-    for _ in range(20):
-        with Batcher(lambda x: x, lambda xs: [x * 10 for x in xs], max_batch=4, max_wait_s=0.002,
-                     prepare_workers=2, model_workers=4) as b:
-            results = sorted(f.result(10) for _, f in b.map_stream(((i, i) for i in range(200)), window=64))
-            alive = [t.is_alive() for t in b._threads]
-        assert results == [i * 10 for i in range(200)]
-        assert all(alive), alive
-        assert crashed == []
+    asyncio.run(run())
+    assert sorted(written, key=int) == [str(i) for i in range(40)]
 
 
 def test_batcher_refuses_a_priority_below_interactive():
@@ -305,8 +291,7 @@ def test_a_submit_the_prepare_pool_refuses_leaves_nothing_behind(monkeypatch):
         assert b.submit(2, source=stream, priority=1).result(10) == 4
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_batch=0), dict(max_wait_s=-1), dict(prepare_workers=0),
-                                    dict(model_workers=0)])
+@pytest.mark.parametrize("kwargs", [dict(max_batch=0), dict(max_wait_s=-1), dict(prepare_workers=0)])
 def test_batcher_rejects_nonsense_settings(kwargs):
     with pytest.raises(errors.InvalidArgument):
         Batcher(lambda x: x, Recorder(), **kwargs)
@@ -318,15 +303,6 @@ def test_batcher_rejects_nonsense_settings(kwargs):
 def test_autocast_dtype_selection():
     assert autocast_dtype("cpu") is None
     assert autocast_dtype("cuda") is torch.float16
-    assert autocast_dtype("cuda", "bf16") is torch.bfloat16
-    assert autocast_dtype("cuda", "fp32") is None
-    assert autocast_dtype("cpu", "bf16") is torch.bfloat16
-    with pytest.raises(errors.InvalidArgument, match="fp16 needs a CUDA"):
-        autocast_dtype("cpu", "fp16")
-    with pytest.raises(errors.InvalidArgument, match="no bfloat16"):
-        autocast_dtype("cuda", "bf16", bf16_supported=False)
-    with pytest.raises(errors.InvalidArgument, match="unknown precision"):
-        autocast_dtype("cuda", "int8")
 
 
 def test_cuda_batches_are_padded_to_a_few_bucket_sizes():
@@ -407,7 +383,7 @@ def test_flags_and_their_environment_variables(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["--max-batch", "-1"], ["--max-wait-ms", "-1"], ["--max-image-bytes", "0"],
-                                  ["--engine-threads", "-1"], ["--engine-spinning", "maybe"],
+                                  ["--engine-threads", "-1"],
                                   ["--checkpoint", "a.pt", "--weights", "none"], ["--backbone", "resnet50"]])
 def test_nonsense_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -420,8 +396,7 @@ def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
     # ONNX engines on CPU: the engine gets the cores and sleeps when idle, torch one
     # thread (only the decode threads' tensor ops), two batches of stream window.
     ort = plan_threads("onnxruntime", "cpu", 8, cores=4)
-    assert (ort.engine_threads, ort.engine_spinning, ort.torch_threads, ort.decode_workers, ort.stream_window) == (
-        4, False, 1, 4, 16)
+    assert (ort.engine_threads, ort.torch_threads, ort.decode_workers, ort.stream_window) == (4, 1, 4, 16)
     assert plan_threads("openvino", "cpu", 8, cores=2).engine_threads == 2
     # torch on CPU: torch's team on every core, one batch of window.
     torch_cpu = plan_threads("torch", "cpu", 8, cores=2)
@@ -433,17 +408,13 @@ def test_the_thread_plan_is_a_function_of_the_cores_engine_and_device():
     assert (plan_threads("onnxruntime", "cpu").max_batch, plan_threads("torch", "cuda").max_batch) == (8, 32)
     assert plan_threads("onnxruntime", "cpu", 16, cores=2).stream_window == 32
     # Every number can be overridden.
-    assert ort.model_workers == torch_cpu.model_workers == cuda.model_workers == 1
-    custom = plan_threads("onnxruntime", "cpu", 8, cores=2, torch_threads=2, engine_threads=1, engine_spinning="on",
-                          decode_workers=3, stream_window=8, model_workers=2)
-    assert (custom.torch_threads, custom.engine_threads, custom.engine_spinning, custom.decode_workers,
-            custom.stream_window, custom.model_workers) == (2, 1, True, 3, 8, 2)
+    custom = plan_threads("onnxruntime", "cpu", 8, cores=2, torch_threads=2, engine_threads=1,
+                          decode_workers=3, stream_window=8)
+    assert (custom.torch_threads, custom.engine_threads, custom.decode_workers, custom.stream_window) == (2, 1, 3, 8)
     assert plan_threads("torch", "cpu", 8, cores=2, torch_threads=1).engine_threads == 1
     assert plan_threads("onnxruntime", "cpu", 8).cores == available_cores() >= 1
     with pytest.raises(errors.InvalidArgument):
         plan_threads("auto", "cpu", 8)
-    with pytest.raises(errors.InvalidArgument):
-        plan_threads("onnxruntime", "cpu", 8, engine_spinning="sometimes")
 
 
 def test_available_cores_honours_a_cgroup_cpu_quota(tmp_path):
@@ -462,10 +433,8 @@ def test_available_cores_honours_a_cgroup_cpu_quota(tmp_path):
 
 def test_thread_flags_and_environment_reach_the_parser(monkeypatch):
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_THREADS", "3")
-    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_SPINNING", "on")
-    args = cli.parse_args(["--decode-workers", "5", "--model-workers", "2"])
-    assert (args.engine_threads, args.engine_spinning, args.decode_workers, args.model_workers) == (3, "on", 5, 2)
-    assert cli.parse_args(["--engine-spinning", "off"]).engine_spinning == "off"
+    args = cli.parse_args(["--decode-workers", "5"])
+    assert (args.engine_threads, args.decode_workers) == (3, 5)
 
 
 def _first_batch_held():

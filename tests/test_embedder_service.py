@@ -231,7 +231,7 @@ def test_serves_a_trainer_checkpoint_with_its_own_preprocessing(tmp_path, stub):
     model = build_model("efficientnet_lite0", "imagenet", num_classes=3)
     spec = PreprocessSpec(160, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
     meta = {"backbone": "efficientnet_lite0", "class_names": ["hat", "shirt", "shoes"], "preprocess": spec.to_dict(),
-            "embedding_dim": 1280, "epoch": 1, "metrics": {}}
+            "embedding_dim": 1280, "epoch": 1, "metrics": {}, "model": model.options()}
     path = save_checkpoint(tmp_path / "best.pt", model, meta)
     loaded = load_model(path)
     loaded.model.eval()
@@ -261,9 +261,10 @@ def test_a_real_photo_embeds_as_the_documented_preprocessing_says(tmp_path):
     from torchvision import transforms
 
     spec = PreprocessSpec(192, (0.40, 0.45, 0.50), (0.30, 0.25, 0.20), "bicubic")  # none of them the defaults
+    model = build_model("efficientnet_lite0", "imagenet")
     meta = {"backbone": "efficientnet_lite0", "class_names": [], "preprocess": spec.to_dict(),
-            "embedding_dim": 1280, "epoch": 1, "metrics": {}}
-    path = save_checkpoint(tmp_path / "spec.pt", build_model("efficientnet_lite0", "imagenet"), meta)
+            "embedding_dim": 1280, "epoch": 1, "metrics": {}, "model": model.options()}
+    path = save_checkpoint(tmp_path / "spec.pt", model, meta)
     written = torch.load(path, weights_only=True)
     pre = written["meta"]["preprocess"]
     # A real JPEG photo under 2 x S on its short side, so no decoder may take a smaller DCT scale.

@@ -121,18 +121,16 @@ def test_a_cached_file_of_another_model_is_caught_by_the_equality_check(referenc
 
 
 @pytest.mark.slow
-def test_onnxruntime_takes_its_thread_count_and_spinning(reference, cache_dir):
+def test_onnxruntime_takes_its_thread_count_and_never_spins(reference, cache_dir):
     loaded = reference.loaded
     fp = fingerprint(loaded.model, loaded.spec, loaded.backbone)
     path = engines.onnx_file(loaded.model, loaded.spec, fp, cache_dir)
-    for threads, spinning in ((1, False), (2, True)):
-        engine = engines.OnnxRuntimeEngine(path, threads=threads, spinning=spinning)
-        options = engine.session.get_session_options()
+    for threads in (1, 2):
+        options = engines.OnnxRuntimeEngine(path, threads=threads).session.get_session_options()
         assert options.intra_op_num_threads == threads
-        assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     # Through the Embedder, with vectors still torch float32's.
-    embedder = Embedder(loaded, device="cpu", engine="onnxruntime", cache_dir=cache_dir, engine_threads=1,
-                        engine_spinning=False)
+    embedder = Embedder(loaded, device="cpu", engine="onnxruntime", cache_dir=cache_dir, engine_threads=1)
     options = embedder.engine.session.get_session_options()
     assert options.intra_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -152,12 +150,6 @@ def test_auto_is_onnxruntime_on_cpu_and_torch_on_cuda():
         engines.resolve_engine("tensorflow", "cpu")
     assert engines.engine_device("onnxruntime", "auto") == "cpu"
     assert engines.engine_device("auto", "auto") == "auto"
-
-
-def test_onnx_engines_refuse_torch_only_precisions(reference, cache_dir):
-    with pytest.raises(errors.InvalidArgument, match="runs in fp32"):
-        engines.build_engine("onnxruntime", reference.loaded.model, reference.loaded.spec, "x",
-                             device=torch.device("cpu"), precision="bf16", cache_dir=cache_dir)
 
 
 def test_a_missing_engine_package_is_one_clear_error(monkeypatch):
@@ -201,7 +193,7 @@ def test_engine_flags_and_their_environment_variables(monkeypatch, tmp_path):
 def test_the_service_reports_its_engine_and_serves_the_same_vectors(cache_dir, reference, photos):
     engine = "openvino" if HAS_OPENVINO else "onnxruntime"
     with ServiceProcess("embedder_service", "--engine", engine, "--engine-cache", str(cache_dir),
-                        "--max-batch", "4", "--engine-threads", "1", "--engine-spinning", "on",
+                        "--max-batch", "4", "--engine-threads", "1",
                         "--decode-workers", "3") as proc, proc.channel() as channel:
         stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
         info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=30)
@@ -209,7 +201,7 @@ def test_the_service_reports_its_engine_and_serves_the_same_vectors(cache_dir, r
         got = np.array(stub.Embed(embedder_pb2.EmbedRequest(image=photos[0]), timeout=60).vector, np.float32)
         # The thread plan as asked for; torch's one thread from the tests' IMAGESEARCH_TORCH_THREADS=1,
         # the window from the plan (two batches with an ONNX engine on CPU).
-        assert "max batch 4, engine threads 1 (spinning on), torch threads 1, decode workers 3, model workers 1, stream window 8" in proc.output
+        assert "max batch 4, engine threads 1, torch threads 1, decode workers 3, stream window 8" in proc.output
     assert np.abs(got - reference(photos[0])).max() <= TOLERANCE
 
 

@@ -35,11 +35,11 @@ def test_lite0_imagenet_weights_classify_a_real_photo():
     from PIL import Image
     from skimage import data
 
-    from imagesearch.model.preprocessing import preprocess
+    from imagesearch.model.preprocessing import eval_transform
 
     loaded = load_model(backbone="efficientnet_lite0", weights="imagenet")
     model = loaded.model.eval()
-    x = preprocess(Image.fromarray(data.chelsea()), loaded.spec)[None]
+    x = eval_transform(loaded.spec)(Image.fromarray(data.chelsea()))[None]
     with torch.inference_mode():
         top5 = model(x).topk(5).indices[0].tolist()
         emb = model.embed(x)
@@ -96,7 +96,7 @@ def test_checkpoint_round_trip_and_fingerprint(tmp_path):
     model = build_model("efficientnet_lite0", "none", num_classes=3)
     spec = BACKBONES["efficientnet_lite0"].preprocess
     meta = {"backbone": "efficientnet_lite0", "class_names": ["a", "b", "c"], "preprocess": spec.to_dict(),
-            "embedding_dim": 1280, "epoch": 1, "metrics": {}}
+            "embedding_dim": 1280, "epoch": 1, "metrics": {}, "model": model.options()}
     path = save_checkpoint(tmp_path / "best.pt", model, meta)
     assert torch.load(path, weights_only=True)["meta"]["class_names"] == ["a", "b", "c"]
     loaded = load_checkpoint(path)

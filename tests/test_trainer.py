@@ -220,9 +220,6 @@ def test_early_stopping_compares_with_the_best_not_the_previous_epoch():
     scores = EarlyStopping(patience=2, mode="max")  # mAP@10: higher is better
     assert [scores.step(e, v) for e, v in enumerate([0.5, 0.7, 0.6, 0.65], 1)] == [True, True, False, False]
     assert scores.best_epoch == 2 and scores.should_stop
-    old = EarlyStopping(patience=3)  # a last.pt from before the figures were generalised
-    old.load_state_dict({"best_loss": 0.25, "best_epoch": 4, "bad_epochs": 1})
-    assert (old.best_value, old.best_epoch) == (0.25, 4)
 
 
 @pytest.mark.parametrize("select_by, figure, scripted", [
@@ -259,24 +256,14 @@ def test_training_stops_early_and_restores_the_best_epoch(tiny_data, tmp_path, m
 
 # ---------------------------------------------------------------- mixed precision seam
 
-@pytest.mark.parametrize("requested, device, bf16, mode, scales", [
-    ("auto", "cuda", True, "bf16", False),
-    ("auto", "cuda", False, "fp16", True),
-    ("auto", "cpu", False, "off", False),
-    ("off", "cuda", True, "off", False),
-    ("fp16", "cuda", True, "fp16", True),
-    ("bf16", "cpu", False, "bf16", False),
+@pytest.mark.parametrize("device, bf16, mode, scales", [
+    ("cuda", True, "bf16", False),
+    ("cuda", False, "fp16", True),
+    ("cpu", False, "off", False),
 ])
-def test_precision_choice(requested, device, bf16, mode, scales):
-    p = amp.resolve_precision(requested, device, bf16)
+def test_precision_choice(device, bf16, mode, scales):
+    p = amp.resolve_precision(device, bf16)
     assert (p.mode, p.scales_loss, p.device_type) == (mode, scales, device)
-
-
-def test_precision_refusals():
-    with pytest.raises(errors.FailedPrecondition, match="bfloat16"):
-        amp.resolve_precision("bf16", "cuda", False)
-    with pytest.raises(errors.InvalidArgument, match="--amp"):
-        amp.resolve_precision("fp8", "cuda", True)
 
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])

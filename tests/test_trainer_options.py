@@ -20,7 +20,7 @@ from clients import metrics as client_metrics
 from embedder_service.embedder import Embedder
 from imagesearch import errors
 from imagesearch.model.backbones import fingerprint
-from imagesearch.model.checkpoint import load_checkpoint, load_model, save_checkpoint
+from imagesearch.model.checkpoint import load_checkpoint, load_model
 from imagesearch.model.preprocessing import load_tensor
 from imagesearch.retrieval_metrics import leave_one_out, top_k_others
 from testkit import ServiceProcess
@@ -299,18 +299,6 @@ def test_resume_keeps_the_model_options(real_subset, tmp_path, capsys):
     assert "--loss ce differs" in capsys.readouterr().err
     assert cli_main(["--resume", str(out), "--epochs", "3", "--embedding-dim", "16"]) == 2
     assert "--embedding-dim 16 differs" in capsys.readouterr().err
-
-
-def test_a_checkpoint_from_before_the_options_still_loads(tmp_path):
-    from imagesearch.model.backbones import EmbeddingNet
-    from imagesearch.model.preprocessing import PreprocessSpec
-
-    model = EmbeddingNet("efficientnet_lite0", num_classes=3)
-    meta = {"backbone": "efficientnet_lite0", "class_names": ["a", "b", "c"], "embedding_dim": 1280, "epoch": 1,
-            "preprocess": PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3).to_dict()}  # no "model" entry
-    save_checkpoint(tmp_path / "old.pt", model, meta)
-    loaded = load_checkpoint(tmp_path / "old.pt")
-    assert loaded.model.dim == 1280 and loaded.model.neck_dim is None and loaded.model.num_classes == 3
 
 
 # ---------------------------------------------------------------- serving what the checkpoint says

@@ -36,7 +36,6 @@ from imagesearch.model.preprocessing import IMAGE_EXTENSIONS, decode_image, is_i
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 SPLIT_FILE = "val_split.json"  # in the run folder: the validation split carved by --val-split
 
 
@@ -212,12 +211,9 @@ class ImageFiles(Dataset):
     """(tensor, class index) per file, or a `Skipped` record for a file that
     cannot be read or decoded (never an exception that ends the run)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable,
-                 max_bytes: int | None = None, max_pixels: int | None = None, reduce_to: int | None = None):
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, reduce_to: int | None = None):
         self.samples = list(samples)
         self.transform = transform
-        self.max_bytes = max_bytes
-        self.max_pixels = max_pixels
         self.reduce_to = reduce_to  # PreprocessSpec.decode_size: JPEGs decoded as the embedder decodes them
 
     def __len__(self) -> int:
@@ -228,12 +224,7 @@ class ImageFiles(Dataset):
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            kwargs = {}
-            if self.max_bytes is not None:
-                kwargs["max_bytes"] = self.max_bytes
-            if self.max_pixels is not None:
-                kwargs["max_pixels"] = self.max_pixels
-            image = decode_image(data, name=path, reduce_to=self.reduce_to, **kwargs)
+            image = decode_image(data, name=path, reduce_to=self.reduce_to)
             return self.transform(image), target
         except (errors.InvalidImage, errors.ResourceExhausted) as exc:
             return Skipped(path, str(exc))

@@ -27,10 +27,6 @@ class EarlyStopping:
         self.best_epoch = 0  # 1-based; 0 = none yet
         self.bad_epochs = 0
 
-    @property
-    def best_loss(self) -> float:  # the name from when only a loss was watched
-        return self.best_value
-
     def _better(self, value: float) -> bool:
         if not math.isfinite(value):
             return False
@@ -58,6 +54,6 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict) -> None:
         # patience and min_delta come from the command line: --resume may change them.
-        self.best_value = float(state.get("best_value", state.get("best_loss", math.inf)))
+        self.best_value = float(state["best_value"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])

@@ -35,23 +35,24 @@ def _plot(path: Path, epochs, series: dict, ylabel: str, title: str, best_epoch:
         plt.close(fig)
 
 
+# (file, y axis, title, {legend: summary.csv column}) of each plot.
+PLOTS = (
+    ("accuracy.png", "accuracy", "accuracy per epoch",
+     {"train accuracy": "train_accuracy", "validation accuracy": "val_accuracy"}),
+    ("loss.png", "loss", "training loss per epoch", {"train loss": "train_loss", "validation loss": "val_loss"}),
+    ("retrieval.png", "retrieval", "validation retrieval per epoch (each image a query)",
+     {"validation map@10": "val_map@10", "validation precision@10": "val_precision@10"}),
+)
+
+
 def write_plots(run_dir: str | os.PathLike, history: Sequence[dict], best_epoch: int | None = None,
-                title: str = "") -> tuple[Path, Path, Path]:
+                title: str = "") -> tuple[Path, ...]:
     """Draw accuracy.png, loss.png and retrieval.png from the per-epoch rows of summary.csv."""
-    run_dir = Path(run_dir)
     epochs = [row["epoch"] for row in history]
     prefix = f"{title}: " if title else ""
-    acc = run_dir / "accuracy.png"
-    loss = run_dir / "loss.png"
-    retrieval = run_dir / "retrieval.png"
-    _plot(acc, epochs, {"train accuracy": [r["train_accuracy"] for r in history],
-                        "validation accuracy": [r["val_accuracy"] for r in history]},
-          "accuracy", f"{prefix}accuracy per epoch", best_epoch)
-    _plot(loss, epochs, {"train loss": [r["train_loss"] for r in history],
-                         "validation loss": [r["val_loss"] for r in history]},
-          "loss", f"{prefix}training loss per epoch", best_epoch)
-    # Rows written before the retrieval figures existed have none (NaN: a gap).
-    _plot(retrieval, epochs, {f"validation {name}@10": [r.get(f"val_{name}@10", float("nan")) for r in history]
-                              for name in ("map", "precision")},
-          "retrieval", f"{prefix}validation retrieval per epoch (each image a query)", best_epoch)
-    return acc, loss, retrieval
+    paths = []
+    for name, ylabel, what, columns in PLOTS:
+        paths.append(Path(run_dir) / name)
+        series = {label: [row[column] for row in history] for label, column in columns.items()}
+        _plot(paths[-1], epochs, series, ylabel, prefix + what, best_epoch)
+    return tuple(paths)

@@ -13,8 +13,7 @@ seed` (the seed notebook's exactly: its train transforms, Adam 1e-4,
 cross-entropy, batch 50). After every epoch the validation images are
 embedded and scored as a retrieval task (each a query against the rest:
 mAP@10, P@10, top-1); `--select-by map|loss` picks the epoch kept as
-best.pt, early stopping watches `--early-stop-on` (the same figure unless
-given). `--loss ce|arcface|p2sgrad` and `--embedding-dim N` (a linear +
+best.pt and the figure early stopping watches. `--loss ce|arcface|p2sgrad` and `--embedding-dim N` (a linear +
 BatchNorm neck) are options of the one model, recorded in the checkpoint.
 
 RUN_DIR gets args.json, summary.csv (one row per epoch), accuracy.png,
@@ -57,7 +56,7 @@ from imagesearch.model.backbones import (
     default_device,
     set_threads_from_env,
 )
-from imagesearch.model.checkpoint import model_options, read_checkpoint, save_checkpoint
+from imagesearch.model.checkpoint import read_checkpoint, save_checkpoint
 from imagesearch.model.preprocessing import AUGMENTATIONS, PreprocessSpec, eval_transform, train_transform
 from imagesearch.retrieval_metrics import leave_one_out
 from trainer import amp, distributed
@@ -74,7 +73,7 @@ RETRIEVAL_K = 10
 SUMMARY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_map@10",
                   "val_precision@10", "val_top1", "lr", "seconds", "train_skipped", "val_skipped", "train_images",
                   "val_images", "best")
-SELECT_BY = {"map": "val_map@10", "loss": "val_loss"}  # --select-by / --early-stop-on -> summary column
+SELECT_BY = {"map": "val_map@10", "loss": "val_loss"}  # --select-by -> summary column
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -96,8 +95,6 @@ DEFAULTS = {
     "workers": None,  # default_workers(world size)
     "seed": 42,
     "device": "auto",
-    "amp": "auto",
-    "channels_last": True,
     "val_split": None,
 }
 RECIPE_FLAGS = tuple(recipes.RECIPES["default"])  # filled from --recipe when not given
@@ -156,12 +153,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "draw with replacement, as many images an epoch as shuffle "
                         f"(default {d['sampler']}; seed {s['sampler']})")
     r.add_argument("--select-by", choices=sorted(SELECT_BY),
-                   help=f"best.pt is the epoch with the best validation mAP@10 (map) or loss "
-                        f"(default {d['select_by']}; seed {s['select_by']})")
-    r.add_argument("--early-stop-on", choices=sorted(SELECT_BY),
-                   help="the figure early stopping watches (default: the --select-by one)")
+                   help=f"best.pt is the epoch with the best validation mAP@10 (map) or loss, and early "
+                        f"stopping watches that figure (default {d['select_by']}; seed {s['select_by']})")
     r.add_argument("--patience", type=int,
-                   help=f"stop after this many epochs without a better --early-stop-on figure "
+                   help=f"stop after this many epochs without a better --select-by figure "
                         f"(default {d['patience']}; seed {s['patience']})")
     m = p.add_argument_group("model options (recorded in the checkpoint; the embedder serves them)")
     m.add_argument("--loss", choices=LOSSES,
@@ -183,11 +178,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="DataLoader processes per training process (default: half the cores, 1 to 8)")
     p.add_argument("--seed", type=int, help=f"random seed (default: {DEFAULTS['seed']})")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto = cuda when there is one)")
-    p.add_argument("--amp", choices=amp.CHOICES,
-                   help="mixed precision: auto = bf16 (else fp16 + loss scaling) on CUDA, off on CPU "
-                        "(default: auto)")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
-                   help="keep NCHW tensors (channels-last is faster for these convnets on CPU and GPU)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its last.pt: weights, optimizer, epoch and early-stopping "
                         "state; flags not given take that run's values")
@@ -205,10 +195,10 @@ def _core(model: nn.Module) -> EmbeddingNet:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _to_device(batch: Batch, device: torch.device, channels_last: bool):
-    images = batch.images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+def _to_device(batch: Batch, device: torch.device):
+    """The batch on `device`, images channels-last (bench/results/training.md: a training
+    step in 0.63x the time of NCHW on CPU)."""
+    images = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     return images, batch.targets.to(device, non_blocking=True)
 
 
@@ -228,8 +218,7 @@ class SkipLog:
 
 def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.optim.Optimizer,
                     loader, device: torch.device, epoch: int, precision: amp.Precision,
-                    scaler: torch.amp.GradScaler, *, freeze_backbone: bool = False,
-                    channels_last: bool = False, skip_log: SkipLog | None = None,
+                    scaler: torch.amp.GradScaler, *, freeze_backbone: bool = False, skip_log: SkipLog | None = None,
                     progress: bool = True, desc: str = "", schedule: recipes.Schedule | None = None,
                     first_step: int = 0) -> dict:
     """One pass over `loader`. `criterion` gives the batch's mean loss (and
@@ -258,7 +247,7 @@ def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.opt
             continue  # nothing to learn from; an Adam step on zero gradients would still move the weights
         if schedule is not None:
             schedule.apply(optimizer, first_step + index)
-        images, targets = _to_device(batch, device, channels_last)
+        images, targets = _to_device(batch, device)
         with precision.autocast():
             outputs = model(images)
         # An empty batch (distributed: every process must step) contributes a zero loss.
@@ -281,7 +270,7 @@ def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.opt
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, criterion: Criterion, loader, device: torch.device,
-             precision: amp.Precision, *, channels_last: bool = False, skip_log: SkipLog | None = None,
+             precision: amp.Precision, *, skip_log: SkipLog | None = None,
              progress: bool = True, desc: str = "validate", k: int = RETRIEVAL_K) -> dict:
     """Loss and accuracy over `loader` (summed over every process), and the
     split scored as a retrieval task on the embeddings: each image a query
@@ -298,7 +287,7 @@ def evaluate(model: nn.Module, criterion: Criterion, loader, device: torch.devic
         skipped += skip_log.record(batch)
         if len(batch.targets) == 0:
             continue
-        images, targets = _to_device(batch, device, channels_last)
+        images, targets = _to_device(batch, device)
         with precision.autocast():
             features = model.features(images)
             outputs = model.head(features)
@@ -351,7 +340,7 @@ def training_settings(argv: list[str] | None = None, saved: dict | None = None) 
     # A saved run resolves as a --resume of it would: its own flags, then its recipe's.
     given = get_args_parser().parse_args([] if saved is not None else argv or [])
     values = vars(_resolve_args(given, {"args": saved} if saved is not None else None))
-    settings = {k: v for k, v in values.items() if k in (*DEFAULTS, *RECIPE_FLAGS, "early_stop_on")
+    settings = {k: v for k, v in values.items() if k in (*DEFAULTS, *RECIPE_FLAGS)
                 and k not in RUN_LOCAL}
     settings["embedding_dim"] = settings.get("embedding_dim") or 0  # None and 0: no neck
     if settings.get("loss") != "ce":
@@ -391,8 +380,6 @@ def _resolve_args(args: argparse.Namespace, resumed: dict | None) -> argparse.Na
     for key in RECIPE_FLAGS:
         if getattr(args, key, None) is None:
             setattr(args, key, saved.get(key, recipes.RECIPES[args.recipe][key]))
-    if args.early_stop_on is None:
-        args.early_stop_on = saved.get("early_stop_on") or args.select_by
     if args.image_size is None:
         args.image_size = (recipes.SEED_IMAGE_SIZE if args.recipe == "seed"
                            else backbone_info(args.backbone).preprocess.input_size)
@@ -508,9 +495,7 @@ def main(args: argparse.Namespace) -> TrainResult:
         device = torch.device("cuda", dist_info.local_rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-    precision = amp.precision_for(device, args.amp)
-    if precision.device_type == "cpu" and precision.mode == "fp16":
-        log.warning("--amp fp16 on CPU is slow and meant for testing; bf16 or off are the CPU choices")
+    precision = amp.precision_for(device)  # bf16 (else fp16 + loss scaling) on CUDA, off on CPU
 
     carved = read_split(run_dir) if resume_dir else None
     layout = check_layout(args.data, val_split=None if carved else args.val_split, seed=args.seed, carved=carved)
@@ -526,8 +511,7 @@ def main(args: argparse.Namespace) -> TrainResult:
     _seed_all(args.seed)
     head_classes = num_classes if args.loss == "ce" else 0  # a metric-learning loss holds the class weights
     if resumed:
-        options = model_options(resumed["meta"])
-        model = EmbeddingNet(args.backbone, num_classes=options["num_classes"], neck_dim=options["neck_dim"])
+        model = EmbeddingNet(args.backbone, **resumed["meta"]["model"])
         model.load_state_dict(resumed["state_dict"], strict=True)
     else:
         model = build_model(args.backbone, args.weights, head_classes,
@@ -538,8 +522,7 @@ def main(args: argparse.Namespace) -> TrainResult:
     distributed.init(dist_info, device)
     model.to(device)
     criterion.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
     train_model: nn.Module = model
     if dist_info.enabled:
         train_model = nn.parallel.DistributedDataParallel(
@@ -550,8 +533,6 @@ def main(args: argparse.Namespace) -> TrainResult:
     optimizer = recipes.build_optimizer(args.optimizer, groups)
     scaler = precision.grad_scaler()
     selector = EarlyStopping(args.patience, mode="max" if args.select_by == "map" else "min")
-    stopper = selector if args.early_stop_on == args.select_by else EarlyStopping(
-        args.patience, mode="max" if args.early_stop_on == "map" else "min")
     history: list[dict] = []
     start_epoch = 0
     best_state = None
@@ -564,8 +545,6 @@ def main(args: argparse.Namespace) -> TrainResult:
         if resumed.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(resumed["scaler"])
         selector.load_state_dict(resumed["early_stopping"])
-        if stopper is not selector and resumed.get("early_stopping_watch"):
-            stopper.load_state_dict(resumed["early_stopping_watch"])
         history = list(resumed.get("history", []))
         start_epoch = int(resumed["meta"]["epoch"])
         if (run_dir / "best.pt").is_file():
@@ -604,38 +583,36 @@ def main(args: argparse.Namespace) -> TrainResult:
              f"{trainable:,}", args.recipe, args.optimizer, args.lr, args.head_lr_mult, args.schedule,
              args.augment, args.select_by, device, dist_info.world_size, precision.mode, args.batch_size, args.workers)
 
-    watched = SELECT_BY[args.early_stop_on]
+    watched = SELECT_BY[args.select_by]
     if start_epoch >= args.epochs:
         log.info("nothing to do: %s is at epoch %d of --epochs %d (pass a larger --epochs to go on)",
                  run_dir, start_epoch, args.epochs)
-    elif stopper.should_stop:
+    elif selector.should_stop:
         log.info("nothing to do: %s stopped early (%d epochs without a better %s, patience %d; "
-                 "pass a larger --patience to go on)", run_dir, stopper.bad_epochs, watched, args.patience)
+                 "pass a larger --patience to go on)", run_dir, selector.bad_epochs, watched, args.patience)
 
     skip_log = SkipLog()
-    stopped_early = stopper.should_stop
+    stopped_early = selector.should_stop
     epoch = start_epoch
     # Progress bars are for a terminal: a JSON log stream gets only JSON lines.
     bars = main_proc and getattr(args, "log_format", "text") == "text"
-    while epoch < args.epochs and not stopper.should_stop:
+    while epoch < args.epochs and not selector.should_stop:
         epoch += 1
         _seed_all(args.seed + 10_000 * epoch + dist_info.rank)  # same augmentations after --resume
         train_sampler.set_epoch(epoch)
         started = time.monotonic()
         tr = train_one_epoch(train_model, criterion, optimizer, train_loader, device, epoch, precision, scaler,
-                             freeze_backbone=bool(args.freeze_backbone), channels_last=args.channels_last,
-                             skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} train",
+                             freeze_backbone=bool(args.freeze_backbone), skip_log=skip_log, progress=bars,
+                             desc=f"epoch {epoch}/{args.epochs} train",
                              schedule=schedule, first_step=(epoch - 1) * steps_per_epoch)
-        va = evaluate(model, criterion, val_loader, device, precision, channels_last=args.channels_last,
-                      skip_log=skip_log, progress=bars, desc=f"epoch {epoch}/{args.epochs} val")
+        va = evaluate(model, criterion, val_loader, device, precision, skip_log=skip_log, progress=bars,
+                      desc=f"epoch {epoch}/{args.epochs} val")
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_map@10": va["map"],
                "val_precision@10": va["precision"], "val_top1": va["top1"], "lr": optimizer.param_groups[0]["lr"],
                "seconds": round(time.monotonic() - started, 1), "train_skipped": tr["skipped"],
                "val_skipped": va["skipped"], "train_images": tr["images"], "val_images": va["images"]}
-        improved = selector.step(epoch, row[SELECT_BY[args.select_by]])
-        if stopper is not selector:
-            stopper.step(epoch, row[watched])
+        improved = selector.step(epoch, row[watched])
         row["best"] = int(improved)
         if improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -646,8 +623,6 @@ def main(args: argparse.Namespace) -> TrainResult:
                 save_checkpoint(run_dir / "best.pt", model, meta)
             extra = {"scaler": scaler.state_dict(), "early_stopping": selector.state_dict(),
                      "criterion": criterion.state_dict(), "history": history}
-            if stopper is not selector:
-                extra["early_stopping_watch"] = stopper.state_dict()
             save_checkpoint(run_dir / "last.pt", model, meta, optimizer.state_dict(), extra=extra)
             write_summary(run_dir / "summary.csv", history)
             write_plots(run_dir, history, selector.best_epoch, title=args.backbone)
@@ -655,13 +630,13 @@ def main(args: argparse.Namespace) -> TrainResult:
         log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f mAP@10 %.4f P@10 %.4f%s | "
                  "lr %g | %.0fs%s", epoch, args.epochs, tr["loss"], tr["accuracy"], va["loss"], va["accuracy"],
                  va["map"], va["precision"],
-                 " (best)" if improved else f" (best: epoch {selector.best_epoch}, {stopper.bad_epochs}/"
+                 " (best)" if improved else f" (best: epoch {selector.best_epoch}, {selector.bad_epochs}/"
                                             f"{args.patience} without improvement)",
                  row["lr"], row["seconds"], f" | skipped {skipped} bad files" if skipped else "")
-        if stopper.should_stop:
+        if selector.should_stop:
             stopped_early = True
             log.info("early stop after epoch %d: validation %s has not beaten epoch %d's %.4f for %d epochs",
-                     epoch, watched, stopper.best_epoch, stopper.best_value, stopper.bad_epochs)
+                     epoch, watched, selector.best_epoch, selector.best_value, selector.bad_epochs)
         distributed.barrier()
 
     if best_state is not None:
@@ -669,7 +644,7 @@ def main(args: argparse.Namespace) -> TrainResult:
         best = next((r for r in history if r["epoch"] == selector.best_epoch), None)
         if best is not None:
             log.info("restored the best epoch's weights: epoch %d (val loss %.4f, acc %.4f, mAP@10 %.4f) -> %s",
-                     best["epoch"], best["val_loss"], best["val_accuracy"], best.get("val_map@10", math.nan),
+                     best["epoch"], best["val_loss"], best["val_accuracy"], best["val_map@10"],
                      run_dir / "best.pt")
     else:
         log.warning("no epoch had a finite validation %s; best.pt was not written", SELECT_BY[args.select_by])

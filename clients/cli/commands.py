@@ -39,6 +39,7 @@ from clients.ranker import RankerClient
 from clients.cli.services import (EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args, require_extras,
                                   wait_for_signal)
 from imagesearch.defaults import DEFAULT_BACKBONE, MAX_TOP_K
+from imagesearch.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -95,35 +96,38 @@ def _job_exit(r, strict: bool = False) -> int:
     return EXIT_OK
 
 
-def _write_json(path: Path, data) -> None:
+def _write(path: Path, text: str) -> None:
+    """A results file or a report, written atomically (a unique temporary file,
+    fsync, rename): a reader or a crash never sees half of it."""
     try:
-        report.write(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(path, text)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def _check_distinct(out: Path | None, html: Path | None, *, default_html: bool = False) -> None:
-    """The results JSON and the HTML report must be two files: one would
-    overwrite the other (said before any work is done)."""
-    if out is None or html is None:
-        return
-    same = out.resolve() == html.resolve()
-    with contextlib.suppress(OSError):
-        same = same or os.path.samefile(out, html)
-    if same:
-        how = " (the report's default name is --out with .html)" if default_html else ""
-        raise UsageError(f"--out and --html name the same file, {out}{how}: the report would overwrite the "
-                         "results; give --html another name" + (" or pass --no-html" if default_html else ""))
+def _write_json(path: Path, data) -> None:
+    _write(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
-def _check_writable(path: Path | None) -> None:
-    if path is None:
-        return
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; give a file name")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent}")
+def _check_outputs(out: Path | None, html: Path | None, *, default_html: bool = False) -> None:
+    """Said before any work is done: the results JSON and the HTML report
+    must be two files (one would overwrite the other), each one writable."""
+    if out is not None and html is not None:
+        same = out.resolve() == html.resolve()
+        with contextlib.suppress(OSError):
+            same = same or os.path.samefile(out, html)
+        if same:
+            how = " (the report's default name is --out with .html)" if default_html else ""
+            raise UsageError(f"--out and --html name the same file, {out}{how}: the report would overwrite the "
+                             "results; give --html another name" + (" or pass --no-html" if default_html else ""))
+    for path in (out, html):
+        if path is None:
+            continue
+        parent = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder; give a file name")
+        if parent.exists() and not os.access(parent, os.W_OK):
+            raise UsageError(f"cannot write to {parent}")
 
 
 def _write_html(path: Path, r: QueryReport, *, gallery: Path | None, truth, evaluation, title: str) -> None:
@@ -131,12 +135,8 @@ def _write_html(path: Path, r: QueryReport, *, gallery: Path | None, truth, eval
     notes = [f"{r.done} queries against collection {r.collection!r}, top {r.top_k}."]
     if gallery is None:
         notes.append("Gallery thumbnails are missing: pass --gallery GALLERY_DIR to include them.")
-    text = report.render(title, queries, query_root=r.folder, gallery_root=gallery, ground_truth=truth,
-                         evaluation=evaluation, failures=r.failed, notes=notes)
-    try:
-        report.write(path, text)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    _write(path, report.render(title, queries, query_root=r.folder, gallery_root=gallery, ground_truth=truth,
+                               evaluation=evaluation, failures=r.failed, notes=notes))
 
 
 # ---------------------------------------------------------------- commands
@@ -181,6 +181,13 @@ def _rerank(args) -> dict:
     return rerank_options(getattr(args, "query_expansion", None), getattr(args, "rerank", None))
 
 
+def _embedder_args(args) -> list[str]:
+    """The model flags of an embedder this command starts: --checkpoint, else --backbone
+    (default DEFAULT_BACKBONE, whatever the environment says) and --weights."""
+    return embedder_args(checkpoint=args.checkpoint, backbone=args.backbone or DEFAULT_BACKBONE,
+                         weights=args.weights, device=args.device)
+
+
 def cmd_index(args) -> int:
     gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
     with _clients(args) as (emb, rank):
@@ -193,11 +200,9 @@ def cmd_index(args) -> int:
 
 def cmd_query(args) -> int:
     rerank = _rerank(args)
-    _check_distinct(args.out, args.html)
+    _check_outputs(args.out, args.html)
     _check_top_k(args.top_k)
     truth = _load_ground_truth(args)
-    _check_writable(args.out)
-    _check_writable(args.html)
     queries = _require_images(args.queries, "query folder", args.follow_symlinks)
     _check_truth_covers(queries, truth)
     with _clients(args) as (emb, rank):
@@ -318,8 +323,7 @@ def cmd_serve(args) -> int:
     elif args.tls_client_ca:
         raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
     require_extras("embedder", "ranker")
-    emb_args = embedder_args(checkpoint=args.checkpoint, backbone=args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE),
-                             weights=args.weights, device=args.device)
+    emb_args = _embedder_args(args)
     def metrics(offset: int) -> list[str]:
         """Each service its own metrics port: the ranker --metrics-port, replica i that + i."""
         if args.metrics_port is None:
@@ -367,15 +371,10 @@ def run_job(args, *, title: str | None = None) -> int:
     write the JSON and HTML, evaluate, stop what was started."""
     rerank = _rerank(args)
     html_path = None if args.no_html else (args.html or args.out.with_suffix(".html"))
-    _check_distinct(args.out, html_path, default_html=not args.html)
     _check_top_k(args.top_k)
     k = args.k or args.top_k
     truth = _load_ground_truth(args)
-    for folder, what in ((args.gallery, "gallery"), (args.query, "query")):
-        if not folder.is_dir():
-            raise UsageError(f"the {what} folder {folder} does not exist or is not a folder")
-    _check_writable(args.out)
-    _check_writable(html_path)
+    _check_outputs(args.out, html_path, default_html=not args.html)
     gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
     queries = _require_images(args.query, "query folder", args.follow_symlinks)
     if k > args.top_k:
@@ -396,27 +395,21 @@ def run_job(args, *, title: str | None = None) -> int:
         emb_security = security if embedder_address else local
         rank_security = security if ranker_address else local
         env = {AUTH_TOKEN_ENV: args.auth_token} if args.auth_token else {}
-        started = []
+        embedder = ranker = None  # the services started here
         if not embedder_address:
-            backbone = args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE)
-            model = f"checkpoint {args.checkpoint}" if args.checkpoint else f"{backbone} ({args.weights or 'imagenet'})"
-            started.append(("embedder", services.start(
-                "embedder", EMBEDDER_MODULE, embedder_args(checkpoint=args.checkpoint, backbone=backbone,
-                                                           weights=args.weights, device=args.device), env=env)))
-            say(f"starting an embedder: {model}")
+            embedder = services.start("embedder", EMBEDDER_MODULE, _embedder_args(args), env=env)
+            say("starting an embedder: " + (f"checkpoint {args.checkpoint}" if args.checkpoint else
+                                            f"{args.backbone or DEFAULT_BACKBONE} ({args.weights or 'imagenet'})"))
         if not ranker_address:
             db = args.db or tmp / "gallery.db"
-            started.append(("ranker", services.start("ranker", RANKER_MODULE, ["--db", str(db)], env=env)))
+            ranker = services.start("ranker", RANKER_MODULE, ["--db", str(db)], env=env)
             say(f"starting a ranker: {db}")
         t0 = time.monotonic()
         services.wait_ready(START_TIMEOUT_S)
-        if started:
+        if services.children:
             say(f"services ready in {time.monotonic() - t0:.1f}s")
-        for what, child in started:
-            if what == "embedder":
-                embedder_address = child.address
-            else:
-                ranker_address = child.address
+        embedder_address = embedder_address or embedder.address
+        ranker_address = ranker_address or ranker.address
         emb = stack.enter_context(EmbedderClient(embedder_address, security=emb_security, timeout=args.timeout))
         rank = stack.enter_context(RankerClient(ranker_address, security=rank_security, timeout=args.timeout))
         rank.wait_ready(connect_timeout=args.connect_timeout)
@@ -490,9 +483,7 @@ def cmd_demo(args) -> int:
         if args.web:  # services started here outlive the run, for the page
             env = {AUTH_TOKEN_ENV: token} if token else {}
             say("starting the services for the page")
-            services.start("embedder", EMBEDDER_MODULE, embedder_args(
-                checkpoint=args.checkpoint, backbone=args.backbone or (None if args.checkpoint else DEFAULT_BACKBONE),
-                weights=args.weights, device=args.device), env=env)
+            services.start("embedder", EMBEDDER_MODULE, _embedder_args(args), env=env)
             services.start("ranker", RANKER_MODULE, ["--db", str(Path(tmp) / "demo.db")], env=env)
             services.wait_ready(START_TIMEOUT_S)
             embedder, ranker = (child.address for child in services.children)
@@ -519,9 +510,7 @@ def cmd_demo(args) -> int:
 def cmd_dedupe(args) -> int:
     if not -1.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine similarity: between -1 and 1 (got {args.threshold})")
-    _check_distinct(args.out, args.html)
-    _check_writable(args.out)
-    _check_writable(args.html)
+    _check_outputs(args.out, args.html)
     filters = _filters(args)
     with RankerClient(args.ranker or DEFAULT_RANKER, security=_security(args), timeout=args.timeout) as rank:
         rank.wait_ready(connect_timeout=args.connect_timeout)
@@ -544,11 +533,8 @@ def cmd_dedupe(args) -> int:
                  "on the left, the others with their similarity to it."]
         if args.gallery is None:
             notes.append("Thumbnails are missing: pass --gallery GALLERY_DIR to include them.")
-        text = report.render(f"imagesearch dedupe: {args.collection}", dedupe.as_report_rows(groups, names, vectors),
-                             query_root=args.gallery, gallery_root=args.gallery, notes=notes)
-        try:
-            report.write(args.html, text)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.html}: {exc.strerror}") from None
+        _write(args.html, report.render(f"imagesearch dedupe: {args.collection}",
+                                        dedupe.as_report_rows(groups, names, vectors),
+                                        query_root=args.gallery, gallery_root=args.gallery, notes=notes))
         say(f"report: {args.html}")
     return EXIT_OK

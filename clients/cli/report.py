@@ -7,14 +7,12 @@ from __future__ import annotations
 import base64
 import html
 import logging
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from clients.files import file_inside, thumbnail_jpeg
 from clients.metrics import Evaluation, QueryScore
 from clients.types import Failure, Match
-from imagesearch.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +99,3 @@ def render(title: str, queries: Sequence[tuple[str, Sequence[Match]]], *,
         out.append("</ul>")
     out.append("</body></html>")
     return "\n".join(out)
-
-
-def write(path: str | os.PathLike, text: str) -> Path:
-    """Write a results file or a report atomically (a unique temporary file,
-    fsync, rename): a reader or a crash never sees half of it."""
-    return atomic_write_text(path, text)

@@ -138,8 +138,7 @@ class EmbeddingNet(nn.Module):
     """Backbone body (global average pooling) -> optional neck -> the
     embedding -> classifier head.
 
-    Options, recorded in a checkpoint's meta (older checkpoints have none:
-    no neck, a linear head):
+    Options, recorded in a checkpoint's meta:
     - `neck_dim`: a Linear(backbone dim, neck_dim) + BatchNorm1d neck; the
       embedding is then neck_dim-d.
     - `num_classes`: 0 = no classifier head (a metric-learning loss holds the
@@ -299,10 +298,7 @@ def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str, tta: str 
     on it only if their vectors do. (tta "none" adds nothing to the hash, so
     a model served without TTA keeps its fingerprint.)"""
     h = hashlib.sha256()
-    preprocess = spec.to_dict()
-    if preprocess["decode"] == "full":  # fingerprints from before decode modes existed stay valid
-        del preprocess["decode"]
-    settings = {"backbone": backbone, "preprocess": preprocess}
+    settings = {"backbone": backbone, "preprocess": spec.to_dict()}
     if tta != "none":
         settings["tta"] = tta
     h.update(json.dumps(settings, sort_keys=True).encode())

@@ -6,8 +6,7 @@ Layout (loads with `torch.load(path, weights_only=True)`):
      "state_dict": EmbeddingNet.state_dict(),
      "meta": {"backbone", "class_names", "preprocess": {input_size, mean, std,
               interpolation}, "embedding_dim", "epoch", "metrics",
-              "model": {"neck_dim", "num_classes"} (EmbeddingNet.options();
-              absent in older files: no neck, one head per class), ...},
+              "model": {"neck_dim", "num_classes"} (EmbeddingNet.options()), ...},
      "optimizer": optional optimizer state (for --resume)}
 
 Writes are atomic (temporary file + os.replace), so a crash never leaves
@@ -70,19 +69,10 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     payload = read_checkpoint(path)
     meta = payload["meta"]
     class_names = list(meta.get("class_names") or [])
-    options = model_options(meta)
-    model = EmbeddingNet(meta["backbone"], num_classes=options["num_classes"], neck_dim=options["neck_dim"])
+    model = EmbeddingNet(meta["backbone"], **meta["model"])
     model.load_state_dict(payload["state_dict"], strict=True)
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     return LoadedModel(model, spec, meta["backbone"], str(path), class_names, meta)
-
-
-def model_options(meta: dict) -> dict:
-    """EmbeddingNet options a checkpoint's meta records; defaults where it
-    records none."""
-    saved = meta.get("model") or {}
-    classes = len(meta.get("class_names") or []) or 1000
-    return {"neck_dim": saved.get("neck_dim"), "num_classes": int(saved.get("num_classes", classes))}
 
 
 def load_model(checkpoint: str | os.PathLike | None = None, backbone: str = DEFAULT_BACKBONE,

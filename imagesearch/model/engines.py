@@ -39,8 +39,6 @@ from imagesearch.model.preprocessing import PreprocessSpec
 log = logging.getLogger(__name__)
 
 ENGINES = defaults.ENGINES
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Largest max-abs difference an exported model may show against torch float32
 # on the check batch before it is refused (the engines' contract is 1e-4).
 EXPORT_TOLERANCE = 1e-4
@@ -53,7 +51,7 @@ _PACKAGES = {"onnxruntime": ("onnxruntime", "pip install onnxruntime"),
 
 class Engine(Protocol):
     name: str  # "torch", "onnxruntime", "openvino"
-    precision: str  # "fp32", "fp16", "bf16", "int8"
+    precision: str  # "fp32", "fp16" (torch on CUDA), "int8"
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         """(N, 3, S, S) float32 CPU inputs -> (N, dim) float32 unit vectors."""
@@ -92,26 +90,11 @@ def require(package: str):
             f"the {package} package is not installed ({exc}); install it with: {install}") from None
 
 
-def autocast_dtype(device_type: str, precision: str = "auto", *, bf16_supported: bool = True) -> torch.dtype | None:
-    """The autocast dtype for `precision` on a device type; None means plain float32.
-
-    auto: fp16 on CUDA (tensor cores, and 10 mantissa bits keep vectors closer
-    to float32 than bf16's 7), float32 elsewhere. fp16 is CUDA-only; bf16 needs
-    a GPU that has it (Ampere and later) or the CPU."""
-    if precision not in PRECISIONS:
-        raise errors.InvalidArgument(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return torch.float16 if device_type == "cuda" else None
-    dtype = _DTYPES[precision]
-    if dtype is torch.float16 and device_type != "cuda":
-        raise errors.InvalidArgument(f"--precision fp16 needs a CUDA device, not {device_type}; use fp32 or bf16")
-    if dtype is torch.bfloat16 and not bf16_supported:
-        raise errors.InvalidArgument(f"--precision bf16: this {device_type} device has no bfloat16; use fp16 or fp32")
-    return dtype
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The torch engine's autocast dtype on a device type; None means plain float32:
+    fp16 on CUDA (tensor cores, and 10 mantissa bits keep vectors closer to
+    float32 than bf16's 7), float32 elsewhere."""
+    return torch.float16 if device_type == "cuda" else None
 
 
 def bucket_size(n: int, max_batch: int) -> int:
@@ -138,32 +121,21 @@ def default_cache_dir() -> Path:
 
 
 class TorchEngine:
-    """The model in torch, eager. On CUDA: fp16/bf16 autocast, batches padded to
+    """The model in torch, eager. On CUDA: fp16 autocast, batches padded to
     bucket sizes (eval-mode BatchNorm: padding changes no other row), pinned
     host memory and cuDNN autotuning."""
 
     name = "torch"
 
-    def __init__(self, model: EmbeddingNet, device: torch.device, precision: str = "auto",
-                 max_batch: int | None = None, cuda_graphs: bool = False):
-        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else True
-        self.autocast = autocast_dtype(device.type, precision, bf16_supported=bf16)
-        self.precision = precision_name(self.autocast)
+    def __init__(self, model: EmbeddingNet, device: torch.device, max_batch: int | None = None):
+        self.autocast = autocast_dtype(device.type)
+        self.precision = "fp32" if self.autocast is None else "fp16"
         self.device = device
         self.bucket_cap = max_batch if device.type == "cuda" else None
-        if cuda_graphs and not self.bucket_cap:
-            raise errors.InvalidArgument("--cuda-graphs needs --device cuda (and a --max-batch)")
         if self.bucket_cap:
             torch.backends.cudnn.benchmark = True
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self._pin = device.type == "cuda"
-        self.graphs: dict[int, tuple] = {}
-        self._use_graphs = cuda_graphs
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast,
-                                                    enabled=self.autocast is not None):
-            return self.model.embed(x)  # float32 and L2-normalised (EmbeddingNet.embed)
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         n = x.shape[0]
@@ -173,36 +145,10 @@ class TorchEngine:
         if self._pin and x.device.type == "cpu":
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        graph = self.graphs.get(x.shape[0])
-        if graph is not None:
-            g, static_in, static_out = graph
-            static_in.copy_(x)
-            g.replay()
-            vectors = static_out
-        else:
-            vectors = self._forward(x)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast,
+                                                    enabled=self.autocast is not None):
+            vectors = self.model.embed(x)  # float32 and L2-normalised (EmbeddingNet.embed)
         return vectors[:n].float().cpu().numpy()
-
-    def capture_graphs(self, input_shape: tuple[int, int, int]) -> None:
-        """CUDA graphs of the forward pass, one per bucket size (static input
-        and output buffers; a replay launches the whole network at once).
-        Called by warm-up when the engine was built with cuda_graphs=True."""
-        if not self._use_graphs or self.graphs:
-            return
-        for n in cuda_buckets(self.bucket_cap):
-            static_in = torch.zeros((n, *input_shape), device=self.device).contiguous(
-                memory_format=torch.channels_last)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._forward(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static_out = self._forward(static_in)
-            self.graphs[n] = (g, static_in, static_out)
-        log.info("captured CUDA graphs for batch sizes %s", sorted(self.graphs))
 
     def warm_up_sizes(self) -> list[int]:
         return cuda_buckets(self.bucket_cap) if self.bucket_cap else [1]
@@ -289,22 +235,22 @@ def _threads() -> int:
 class OnnxRuntimeEngine:
     """An ONNX file in ONNX Runtime's CPU provider: `threads` intra-op threads
     (None: torch's thread count), one inter-op thread, operators in sequence,
-    every graph optimisation. `spinning`: whether the intra-op threads
-    busy-wait for work between operators and runs instead of sleeping (ONNX
-    Runtime's default). Spinning shaves the wake-up off each of Lite0's ~100
-    operators, but a spinning thread holds a core that the decode threads
-    need: the embedder chooses (embedder_service.threads)."""
+    every graph optimisation. The intra-op threads sleep between operators
+    and runs instead of busy-waiting as ONNX Runtime does by default: spinning
+    shaves the wake-up off each of Lite0's ~100 operators, but a spinning
+    thread holds a core that the decode threads need (the service measured
+    0.95x torch's with spinning, 1.75x without: bench/results/embedder.md)."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None, spinning: bool = True):
+    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or _threads()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
@@ -315,7 +261,6 @@ class OnnxRuntimeEngine:
         self.precision = precision
         self.path = path
         self.threads = options.intra_op_num_threads
-        self.spinning = spinning
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         # A contiguous float32 CPU tensor's numpy view shares its memory: no copy.
@@ -398,34 +343,28 @@ def quantize_int8(float_path: Path, out_path: Path, batches: Iterable[np.ndarray
 
 
 def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerprint: str, *,
-                 device: torch.device, precision: str = "auto", max_batch: int | None = None,
+                 device: torch.device, max_batch: int | None = None,
                  cache_dir: str | os.PathLike | None = None, int8_path: Path | None = None,
-                 cuda_graphs: bool = False, threads: int | None = None, spinning: bool = True) -> Engine:
+                 threads: int | None = None) -> Engine:
     """The engine `name` (already resolved: not "auto") serving `model`.
     ONNX engines export on first use into `cache_dir` and are checked against
     torch float32 before they serve (a stale or corrupt cache file is refused);
     `int8_path` (onnxruntime only) serves that quantised file instead.
-    `threads` (intra-op threads; None: torch's count) and `spinning` are the
-    ONNX runtimes' (OpenVINO has no spinning switch)."""
+    `threads` (intra-op threads; None: torch's count) is the ONNX runtimes'."""
     if name == "torch":
-        return TorchEngine(model, device, precision, max_batch, cuda_graphs)
-    if cuda_graphs:
-        raise errors.InvalidArgument("--cuda-graphs is for --engine torch on CUDA")
-    if precision not in ("auto", "fp32"):
-        raise errors.InvalidArgument(f"--engine {name} runs in fp32 (or int8); --precision {precision} "
-                                     f"is for --engine torch")
+        return TorchEngine(model, device, max_batch)
     require(name)  # a missing runtime is one line before the seconds of an export
     model = model.eval()
     path = onnx_file(model, spec, fingerprint, cache_dir or default_cache_dir())
     if name == "onnxruntime":
-        engine: Engine = OnnxRuntimeEngine(path, threads=threads, spinning=spinning)
+        engine: Engine = OnnxRuntimeEngine(path, threads=threads)
     else:
         engine = OpenVinoEngine(path, threads=threads)
-    reference = TorchEngine(model, torch.device("cpu"), "fp32")
+    reference = TorchEngine(model, torch.device("cpu"))
     diff = check_equal(engine, reference, spec)
     log.info("%s engine equals torch fp32 within %.1e on the check batch", name, diff)
     if int8_path is not None:
         if name != "onnxruntime":
             raise errors.InvalidArgument("int8 (--int8-calibration) is served by --engine onnxruntime")
-        engine = OnnxRuntimeEngine(int8_path, precision="int8", threads=threads, spinning=spinning)
+        engine = OnnxRuntimeEngine(int8_path, precision="int8", threads=threads)
     return engine

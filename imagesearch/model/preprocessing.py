@@ -83,9 +83,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
-        # A spec without a decode mode was trained and served on full decodes.
-        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"),
-                   d.get("decode", "full"))
+        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d["interpolation"], d["decode"])
 
 
 def _describe(name: str) -> str:
@@ -283,15 +281,11 @@ def train_transform(spec: PreprocessSpec, augment: str = "strong") -> transforms
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
 
 
-def preprocess(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
-    """One RGB image -> its (3, S, S) float tensor for the model."""
-    return eval_transform(spec)(img)
-
-
 def load_tensor(data: bytes, spec: PreprocessSpec, *, name: str = "",
                 max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES,
                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Encoded bytes -> model input tensor: decode_image (in the spec's decode mode) + preprocess."""
+    """Encoded bytes -> the model's (3, S, S) float input tensor: decode_image (in
+    the spec's decode mode), then eval_transform."""
     image = decode_image(data, name=name, max_bytes=max_bytes, max_pixels=max_pixels, reduce_to=spec.decode_size)
-    return preprocess(image, spec)
+    return eval_transform(spec)(image)
 

@@ -14,13 +14,12 @@
   stop with a grace period that drains in-flight work.
 """
 
+from imagesearch.logs import add_logging_arguments, configure_logging
 from imagesearch.serving.budget import ByteBudget
 from imagesearch.serving.config import (
                                         ServerConfig,
                                         StartupError,
-                                        add_logging_arguments,
                                         add_server_arguments,
-                                        configure_logging,
                                         env_default,
                                         read_token_file,
                                         run_main,

@@ -1,5 +1,5 @@
 """Server configuration: the flags (with environment defaults) both servers
-take, `ServerConfig` built from them, start-up errors, and logging set-up."""
+take, `ServerConfig` built from them, and start-up errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from imagesearch import defaults, logs
+from imagesearch import defaults
 from imagesearch.defaults import AUTH_TOKEN_ENV
 from imagesearch.defaults import MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES
 from imagesearch.parent import follow_parent
@@ -84,32 +84,14 @@ class ServerConfig:
             raise StartupError("--max-concurrent-rpcs must be 0 (no cap) or more")
         if args.tls_client_ca and not args.tls_cert:
             raise StartupError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
-        for flag, value in [("--stream-idle-timeout", args.stream_idle_timeout), ("--max-workers", args.max_workers),
-                            ("--max-connection-idle", args.max_connection_idle),
-                            ("--max-connection-age", args.max_connection_age),
-                            ("--max-connection-age-grace", args.max_connection_age_grace),
-                            ("--max-streams-per-connection", args.max_streams_per_connection),
-                            ("--max-health-watches", args.max_health_watches)]:
+        limits = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _ in LIMIT_FLAGS}
+        for flag, value in [("--max-workers", args.max_workers),
+                            *((flag, limits[field]) for flag, field, _ in LIMIT_FLAGS)]:
             if value < 0:
                 raise StartupError(f"{flag} must be 0 (off) or more, not {value}")
-        return cls(
-            host=args.host,
-            port=args.port,
-            max_message_bytes=max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
-            auth_token=token or None,
-            grace_s=args.grace,
-            max_workers=args.max_workers,
-            max_concurrent_rpcs=args.max_concurrent_rpcs,
-            stream_idle_timeout_s=args.stream_idle_timeout,
-            max_streams_per_connection=args.max_streams_per_connection,
-            max_connection_idle_s=args.max_connection_idle,
-            max_connection_age_s=args.max_connection_age,
-            max_connection_age_grace_s=args.max_connection_age_grace,
-            max_health_watches=args.max_health_watches,
-        )
+        return cls(host=args.host, port=args.port, max_message_bytes=max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+                   tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                   auth_token=token or None, grace_s=args.grace, max_workers=args.max_workers, **limits)
 
 
 def read_token_file(path: str | os.PathLike) -> str:
@@ -129,6 +111,28 @@ def env_default(name: str, default):
     return type(default)(value) if default is not None and not isinstance(default, str) else value
 
 
+# The limit flags: (flag, ServerConfig field holding its default, help); each reads its
+# default from the environment variable named after it.
+LIMIT_FLAGS = (
+    ("--max-concurrent-rpcs", "max_concurrent_rpcs",
+     "calls in progress; more get RESOURCE_EXHAUSTED at once, 0 = no cap"),
+    ("--stream-idle-timeout", "stream_idle_timeout_s",
+     "seconds a streaming call may go without a message read or a response written before it ends with "
+     "DEADLINE_EXCEEDED; 0 = never"),
+    ("--max-streams-per-connection", "max_streams_per_connection",
+     "HTTP/2 concurrent streams one connection may open; a client queues the rest"),
+    ("--max-connection-idle", "max_connection_idle_s",
+     "seconds a connection with no call open stays up before GOAWAY; 0 = forever"),
+    ("--max-connection-age", "max_connection_age_s",
+     "seconds after which a connection gets GOAWAY (clients reconnect; calls open then get "
+     "--max-connection-age-grace more); 0 = forever"),
+    ("--max-connection-age-grace", "max_connection_age_grace_s",
+     "seconds calls open on a connection past --max-connection-age may still run before they end UNAVAILABLE"),
+    ("--max-health-watches", "max_health_watches",
+     "health Watch streams open at once; more get RESOURCE_EXHAUSTED, 0 = no cap"),
+)
+
+
 def add_server_arguments(parser: argparse.ArgumentParser, *, env_prefix: str, default_port: int) -> None:
     """Flags common to both servers; each has an environment default."""
     def env(name, default):
@@ -145,36 +149,11 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, env_prefix: str, de
                    help="threads for blocking work (searches, database writes); an open call holds none; "
                         f"0 = the CPU count (env {env_prefix}_MAX_WORKERS)")
     a = parser.add_argument_group("limits on calls and connections")
-    a.add_argument("--max-concurrent-rpcs", type=int,
-                   default=env("MAX_CONCURRENT_RPCS", ServerConfig.max_concurrent_rpcs),
-                   help="calls in progress; more get RESOURCE_EXHAUSTED at once, 0 = no cap "
-                        f"(env {env_prefix}_MAX_CONCURRENT_RPCS; default %(default)s)")
-    a.add_argument("--stream-idle-timeout", type=float,
-                   default=env("STREAM_IDLE_TIMEOUT", ServerConfig.stream_idle_timeout_s),
-                   help="seconds a streaming call may go without a message read or a response written before "
-                        f"it ends with DEADLINE_EXCEEDED; 0 = never (env {env_prefix}_STREAM_IDLE_TIMEOUT; "
-                        "default %(default)s)")
-    a.add_argument("--max-streams-per-connection", type=int,
-                   default=env("MAX_STREAMS_PER_CONNECTION", ServerConfig.max_streams_per_connection),
-                   help="HTTP/2 concurrent streams one connection may open; a client queues the rest "
-                        f"(env {env_prefix}_MAX_STREAMS_PER_CONNECTION; default %(default)s)")
-    a.add_argument("--max-connection-idle", type=float,
-                   default=env("MAX_CONNECTION_IDLE", ServerConfig.max_connection_idle_s),
-                   help="seconds a connection with no call open stays up before GOAWAY; 0 = forever "
-                        f"(env {env_prefix}_MAX_CONNECTION_IDLE; default %(default)s)")
-    a.add_argument("--max-connection-age", type=float,
-                   default=env("MAX_CONNECTION_AGE", ServerConfig.max_connection_age_s),
-                   help="seconds after which a connection gets GOAWAY (clients reconnect; calls open then get "
-                        "--max-connection-age-grace more); 0 = forever "
-                        f"(env {env_prefix}_MAX_CONNECTION_AGE; default %(default)s)")
-    a.add_argument("--max-connection-age-grace", type=float,
-                   default=env("MAX_CONNECTION_AGE_GRACE", ServerConfig.max_connection_age_grace_s),
-                   help="seconds calls open on a connection past --max-connection-age may still run before "
-                        f"they end UNAVAILABLE (env {env_prefix}_MAX_CONNECTION_AGE_GRACE; default %(default)s)")
-    a.add_argument("--max-health-watches", type=int,
-                   default=env("MAX_HEALTH_WATCHES", ServerConfig.max_health_watches),
-                   help="health Watch streams open at once; more get RESOURCE_EXHAUSTED, 0 = no cap "
-                        f"(env {env_prefix}_MAX_HEALTH_WATCHES; default %(default)s)")
+    for flag, field, text in LIMIT_FLAGS:
+        name = flag[2:].upper().replace("-", "_")
+        default = getattr(ServerConfig, field)
+        a.add_argument(flag, type=type(default), default=env(name, default),
+                       help=f"{text} (env {env_prefix}_{name}; default %(default)s)")
     s = parser.add_argument_group("security")
     s.add_argument("--tls-cert", type=Path, default=env("TLS_CERT", None),
                    help="PEM certificate chain: serve TLS")
@@ -187,12 +166,3 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, env_prefix: str, de
                    help=f"require 'authorization: Bearer TOKEN' on every RPC but health (env {AUTH_TOKEN_ENV}); "
                         "an empty token is refused")
     s.add_argument("--auth-token-file", type=Path, default=None, help="read the token from this file")
-
-
-def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
-    """--log-level and --log-format (imagesearch.logs)."""
-    logs.add_logging_arguments(parser)
-
-
-def configure_logging(level: str, fmt: str = "text") -> None:
-    logs.configure_logging(level, fmt)

@@ -34,7 +34,6 @@ class StreamReader(Generic[T]):
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, ahead))
         self.failure: errors.ImageSearchError | None = None
         self.broken = False  # the client cancelled or the connection broke: nobody will read an answer
-        self.count = 0
         self._ended = False
         self._task = asyncio.get_running_loop().create_task(self._pump()) if ahead else None
 
@@ -66,7 +65,6 @@ class StreamReader(Generic[T]):
         if item is _END:
             self._ended = True
             return None
-        self.count += 1
         return item
 
     async def batch(self, max_items: int) -> list[T]:
@@ -84,7 +82,6 @@ class StreamReader(Generic[T]):
             if item is _END:
                 self._ended = True
                 break
-            self.count += 1
             batch.append(item)
         return batch
 
