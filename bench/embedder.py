@@ -1,7 +1,7 @@
 """Embedder throughput per inference engine: the gRPC service against the same
 model in-process, on ordinary photos and on 12-megapixel JPEGs.
 
-    .venv/bin/python -m bench.embedder [--engines torch onnxruntime openvino] [--photos both]
+    .venv/bin/python -m bench.embedder [--engines torch onnxruntime] [--photos both]
                                        [--device cpu|cuda] [--batch N] [--threads T]
 
 Side by side, in one run, for each photo set and each (engine, decode) setting,
@@ -170,8 +170,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--engines", nargs="+", default=["torch", "onnxruntime", "openvino"],  # first = clothing baseline
-                   choices=("torch", "onnxruntime", "openvino"), help="engines to compare (cpu)")
+    p.add_argument("--engines", nargs="+", default=["torch", "onnxruntime"],  # first = clothing baseline
+                   choices=("torch", "onnxruntime"), help="engines to compare (cpu)")
     p.add_argument("--photos", choices=("clothing", "12mp", "both"), default="both")
     p.add_argument("--batch", type=int, default=0, help="batch size; 0 = 8 on cpu, 64 on cuda")
     p.add_argument("--threads", type=int, default=0,

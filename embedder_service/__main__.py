@@ -59,8 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"renormalised (about 2x the compute; other vectors, so another fingerprint) "
                         f"(env {ENV}_TTA; default %(default)s)")
     m.add_argument("--engine", choices=defaults.ENGINES, default=_env("ENGINE", "auto"),
-                   help=f"inference engine; auto = onnxruntime on CPU, torch (fp16) on CUDA; onnxruntime and "
-                        f"openvino export the model to ONNX once, cached by fingerprint (env {ENV}_ENGINE; "
+                   help=f"inference engine; auto = onnxruntime on CPU, torch (fp16) on CUDA; onnxruntime "
+                        f"exports the model to ONNX once, cached by fingerprint (env {ENV}_ENGINE; "
                         f"default %(default)s)")
     m.add_argument("--decode", choices=defaults.DECODE_MODES, default=_env("DECODE", None),
                    help=f"JPEG decode: draft = at the smallest DCT scale that covers the input size, full = every "
@@ -80,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"torch intra-op threads; 0 = {defaults.TORCH_THREADS_ENV} if set, else the core count "
                         f"with --engine torch on CPU, 1 otherwise (env {ENV}_THREADS)")
     t.add_argument("--engine-threads", type=int, default=_env("ENGINE_THREADS", 0),
-                   help=f"ONNX Runtime / OpenVINO intra-op threads; 0 = the core count (env {ENV}_ENGINE_THREADS)")
+                   help=f"ONNX Runtime intra-op threads; 0 = the core count (env {ENV}_ENGINE_THREADS)")
     t.add_argument("--decode-workers", type=int, default=_env("DECODE_WORKERS", 0),
                    help=f"threads that decode and preprocess; 0 = the core count on CPU, min(8, cores) on CUDA "
                         f"(env {ENV}_DECODE_WORKERS)")

@@ -3,7 +3,7 @@
 Knows nothing of gRPC. `decode` turns one encoded image into the model's input
 tensor with the project's one preprocessing path (`imagesearch.model.preprocessing`);
 `embed_tensors` runs a batch through the inference engine
-(`imagesearch.model.engines`: torch, onnxruntime or openvino, all equal to the one
+(`imagesearch.model.engines`: torch or onnxruntime, both equal to the one
 model definition's `EmbeddingNet.embed` in float32) and returns float32 unit
 vectors. The batching lives in `embedder_service.batcher`.
 """
@@ -49,7 +49,7 @@ class ModelInfo:
     spec: PreprocessSpec
     device: str
     precision: str  # fp32, fp16 (torch on CUDA) or int8
-    engine: str  # torch, onnxruntime or openvino
+    engine: str  # torch or onnxruntime
     fingerprint: str
     weights: str
     class_names: tuple[str, ...]

@@ -3,7 +3,7 @@ and the batch size that goes with it.
 
 Three pools share the CPU: the decode threads (Pillow decode + resize, then
 torch's ToTensor/Normalize, per image), the inference engine's intra-op
-threads (ONNX Runtime, OpenVINO or torch) and, for the torch engine, torch's
+threads (ONNX Runtime or torch) and, for the torch engine, torch's
 own OpenMP team. `plan_threads` is the default split as a function of the core
 count, the engine and the device; every number can be overridden by a flag or
 its environment variable (docs/embedder.md#threads, measured in
@@ -24,7 +24,7 @@ class ThreadPlan:
     cores: int
     max_batch: int  # largest batch the model runs
     torch_threads: int  # torch intra-op: the torch engine's forward, and each decode thread's tensor ops
-    engine_threads: int  # ONNX Runtime / OpenVINO intra-op threads (the torch engine uses torch_threads)
+    engine_threads: int  # ONNX Runtime intra-op threads (the torch engine uses torch_threads)
     decode_workers: int
     stream_window: int  # items one EmbedStream has in flight
 
@@ -57,8 +57,8 @@ def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: int | None = None,
                  torch_threads: int = 0, engine_threads: int = 0,
                  decode_workers: int = 0, stream_window: int = 0) -> ThreadPlan:
-    """The default thread split for `engine` ("torch", "onnxruntime",
-    "openvino": already resolved) on `device_type`, with every non-zero /
+    """The default thread split for `engine` ("torch" or "onnxruntime", already
+    resolved) on `device_type`, with every non-zero /
     argument taking precedence.
 
     Batch size: defaults.CPU_MAX_BATCH on CPU (measured: batches of 8 stream
@@ -79,7 +79,7 @@ def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: in
     On CPU with torch: torch gets every core for the forward pass, decode
     workers = cores, a window of one batch (measured: with torch's OpenMP team
     on every core, decoding further ahead only competes with it)."""
-    if engine not in ("torch", "onnxruntime", "openvino"):
+    if engine not in ("torch", "onnxruntime"):
         raise errors.InvalidArgument(f"plan_threads needs a resolved engine, not {engine!r}")
     for label, value in [("torch threads", torch_threads), ("engine threads", engine_threads),
                          ("decode workers", decode_workers), ("stream window", stream_window)]:

@@ -13,7 +13,7 @@ BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_b4")
 # offline from PyPI. efficientnet_b4 (the design's backbone) is one flag away.
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # Inference engines (imagesearch.model.engines); auto = onnxruntime on CPU, torch (fp16) on CUDA.
-ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+ENGINES = ("auto", "torch", "onnxruntime")
 # Where exported/quantised models are cached, keyed by model fingerprint, when no
 # --engine-cache is given: $XDG_CACHE_HOME/imagesearch, else ~/.cache/imagesearch.
 CACHE_DIR_NAME = "imagesearch"

@@ -1,14 +1,10 @@
 """Inference engines (imagesearch.model.engines): the ONNX export, its cache,
 the `auto` mapping, clear errors for missing runtimes, and the contract that
 every float32 engine's vectors equal torch float32 within 1e-4 on real photos;
-then the service reporting its engine and refusing a missing one in one line.
-
-onnxruntime is a default dependency (README set-up); openvino is the optional
-extra `imagesearch[openvino]`: its tests skip, saying so, where it is absent."""
+then the service reporting its engine and refusing a missing one in one line."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -29,9 +25,6 @@ from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 TOLERANCE = 1e-4  # the engines' contract: max abs difference to torch float32
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry")
-HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
-needs_openvino = pytest.mark.skipif(
-    not HAS_OPENVINO, reason="openvino is optional (pip install 'imagesearch[openvino]') and not installed here")
 
 
 def real_photos(clothing: int = 10) -> list[bytes]:
@@ -65,7 +58,7 @@ def photos():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["onnxruntime", pytest.param("openvino", marks=needs_openvino)])
+@pytest.mark.parametrize("engine", ["onnxruntime"])
 def test_every_fp32_engine_gives_torch_fp32_vectors_on_real_photos(engine, reference, torch_embedder, photos,
                                                                    cache_dir):
     embedder = Embedder(reference.loaded, device="cpu", engine=engine, cache_dir=cache_dir)
@@ -142,7 +135,7 @@ def test_onnxruntime_takes_its_thread_count_and_never_spins(reference, cache_dir
 def test_auto_is_onnxruntime_on_cpu_and_torch_on_cuda():
     assert engines.resolve_engine("auto", "cpu") == "onnxruntime"
     assert engines.resolve_engine("auto", "cuda") == "torch"
-    assert engines.resolve_engine("openvino", "cpu") == "openvino"
+    assert engines.resolve_engine("onnxruntime", "cpu") == "onnxruntime"
     assert engines.resolve_engine("torch", "cuda") == "torch"
     with pytest.raises(errors.InvalidArgument, match="runs on the CPU"):
         engines.resolve_engine("onnxruntime", "cuda")
@@ -153,11 +146,11 @@ def test_auto_is_onnxruntime_on_cpu_and_torch_on_cuda():
 
 
 def test_a_missing_engine_package_is_one_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     with pytest.raises(errors.FailedPrecondition) as info:
-        engines.require("openvino")
+        engines.require("onnxruntime")
     message = str(info.value)
-    assert "openvino package is not installed" in message and "pip install" in message
+    assert "onnxruntime package is not installed" in message and "pip install" in message
     assert "\n" not in message
 
 
@@ -176,12 +169,12 @@ def test_engine_flags_and_their_environment_variables(monkeypatch, tmp_path):
 
     args = cli.parse_args([])
     assert (args.engine, args.engine_cache, args.int8_calibration) == ("auto", None, None)
-    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE", "openvino")
+    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE", "onnxruntime")
     monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE_CACHE", str(tmp_path))
     args = cli.parse_args([])
-    assert (args.engine, args.engine_cache) == ("openvino", str(tmp_path))
+    assert (args.engine, args.engine_cache) == ("onnxruntime", str(tmp_path))
     assert cli.parse_args(["--engine", "torch"]).engine == "torch"  # a flag beats the environment
-    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE", "tensorrt")
+    monkeypatch.setenv("IMAGESEARCH_EMBEDDER_ENGINE", "openvino")
     with pytest.raises(SystemExit):
         cli.parse_args([])
     monkeypatch.delenv("IMAGESEARCH_EMBEDDER_ENGINE")
@@ -191,7 +184,7 @@ def test_engine_flags_and_their_environment_variables(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_the_service_reports_its_engine_and_serves_the_same_vectors(cache_dir, reference, photos):
-    engine = "openvino" if HAS_OPENVINO else "onnxruntime"
+    engine = "onnxruntime"
     with ServiceProcess("embedder_service", "--engine", engine, "--engine-cache", str(cache_dir),
                         "--max-batch", "4", "--engine-threads", "1",
                         "--decode-workers", "3") as proc, proc.channel() as channel:
@@ -206,20 +199,20 @@ def test_the_service_reports_its_engine_and_serves_the_same_vectors(cache_dir, r
 
 
 def test_a_missing_engine_package_stops_the_service_with_one_line(tmp_path):
-    """A stand-in `openvino` package that fails to import, first on the path:
+    """A stand-in `onnxruntime` package that fails to import, first on the path:
     the service must end with exit 2 and one line, no traceback."""
-    fake = tmp_path / "site" / "openvino"
+    fake = tmp_path / "site" / "onnxruntime"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('no openvino here (test stand-in)')\n")
+    (fake / "__init__.py").write_text("raise ImportError('no onnxruntime here (test stand-in)')\n")
     env = {"PYTHONPATH": f"{tmp_path / 'site'}", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "embedder_service", "--host", "127.0.0.1", "--port", "0",
-                           "--engine", "openvino", "--engine-cache", str(tmp_path / "cache")],
+                           "--engine", "onnxruntime", "--engine-cache", str(tmp_path / "cache")],
                           cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out
     errors_ = [line for line in out.splitlines() if "cannot serve" in line]
-    assert len(errors_) == 1 and "openvino package is not installed" in errors_[0] and "pip install" in errors_[0]
+    assert len(errors_) == 1 and "onnxruntime package is not installed" in errors_[0] and "pip install" in errors_[0]
 
 
 @pytest.mark.slow

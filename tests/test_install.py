@@ -36,7 +36,7 @@ BASE = {"grpcio": "grpc", "grpcio-health-checking": "grpc_health", "protobuf": "
 BEHIND_A_CHECK = {"opentelemetry": "tracing", "starlette": "web", "uvicorn": "web"}
 # What the extras bring; the base import must load none of it.
 HEAVY = ("torch", "torchvision", "timm", "faiss", "pymilvus", "milvus_lite", "onnxruntime", "onnxscript",
-         "sqlite_utils", "matplotlib", "skimage", "sklearn", "pytorch_metric_learning", "openvino",
+         "sqlite_utils", "matplotlib", "skimage", "sklearn", "pytorch_metric_learning",
          "prometheus_client", "opentelemetry", "starlette", "uvicorn")
 CLIENT_SIDE = ("clients", "imagesearch.v1")
 CLIENT_PYTHON_ENV = "IMAGESEARCH_CLIENT_PYTHON"

@@ -2,10 +2,8 @@
 
 - `torch`: the model itself, eager, channels_last, under `inference_mode`; on
   CUDA with fp16/bf16 autocast and batches padded to a few bucket sizes.
-- `onnxruntime` / `openvino` (CPU): the model exported to ONNX once
-  (`onnx_file`), cached in a folder under its fingerprint, then run by that
-  runtime in float32 (OpenVINO with INFERENCE_PRECISION_HINT=f32: on CPUs with
-  bf16 it would otherwise switch to bf16 by itself).
+- `onnxruntime` (CPU): the model exported to ONNX once (`onnx_file`), cached
+  in a folder under its fingerprint, then run by ONNX Runtime in float32.
 - `int8` (optional, onnxruntime): the ONNX file statically quantised with
   calibration inputs (`quantize_int8`); its vectors are not float32-equal, so
   it is served under a fingerprint of its own.
@@ -45,12 +43,11 @@ EXPORT_TOLERANCE = 1e-4
 ONNX_OPSET = 18
 # Engines that need a package beyond the default install, and how to get it.
 _PACKAGES = {"onnxruntime": ("onnxruntime", "pip install onnxruntime"),
-             "openvino": ("openvino", "pip install 'imagesearch[openvino]' (or pip install openvino)"),
              "onnxscript": ("onnxscript", "pip install onnxscript")}
 
 
 class Engine(Protocol):
-    name: str  # "torch", "onnxruntime", "openvino"
+    name: str  # "torch", "onnxruntime"
     precision: str  # "fp32", "fp16" (torch on CUDA), "int8"
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
@@ -75,7 +72,7 @@ def resolve_engine(engine: str, device_type: str) -> str:
 
 def engine_device(engine: str, requested_device: str) -> str:
     """The device an engine runs on when `--device auto`: ONNX engines on the CPU."""
-    if requested_device == "auto" and engine in ("onnxruntime", "openvino"):
+    if requested_device == "auto" and engine == "onnxruntime":
         return "cpu"
     return requested_device
 
@@ -268,28 +265,6 @@ class OnnxRuntimeEngine:
         return self.session.run(None, {self.input_name: array})[0]
 
 
-class OpenVinoEngine:
-    name = "openvino"
-    precision = "fp32"
-
-    def __init__(self, path: Path, threads: int | None = None):
-        ov = require("openvino")
-        self.threads = threads or _threads()
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": self.threads}
-        try:
-            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        except Exception as exc:
-            raise errors.FailedPrecondition(f"openvino cannot load {path}: {type(exc).__name__}: {exc}") from None
-        self.request = self.compiled.create_infer_request()
-        self.path = path
-
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        self.request.infer({0: array})
-        return self.request.get_output_tensor(0).data.copy()
-
-
 # ---------------------------------------------------------------- int8
 
 
@@ -356,15 +331,10 @@ def build_engine(name: str, model: EmbeddingNet, spec: PreprocessSpec, fingerpri
     require(name)  # a missing runtime is one line before the seconds of an export
     model = model.eval()
     path = onnx_file(model, spec, fingerprint, cache_dir or default_cache_dir())
-    if name == "onnxruntime":
-        engine: Engine = OnnxRuntimeEngine(path, threads=threads)
-    else:
-        engine = OpenVinoEngine(path, threads=threads)
+    engine: Engine = OnnxRuntimeEngine(path, threads=threads)
     reference = TorchEngine(model, torch.device("cpu"))
     diff = check_equal(engine, reference, spec)
     log.info("%s engine equals torch fp32 within %.1e on the check batch", name, diff)
     if int8_path is not None:
-        if name != "onnxruntime":
-            raise errors.InvalidArgument("int8 (--int8-calibration) is served by --engine onnxruntime")
         engine = OnnxRuntimeEngine(int8_path, precision="int8", threads=threads)
     return engine
