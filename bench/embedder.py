@@ -20,7 +20,7 @@ baseline (torch, full decode). Each service is a real process
 (`python -m embedder_service`, port 0). Every mode runs --repeats times,
 interleaved; the median counts, and ratios are also taken within each round
 (the machine is shared). With --device cuda: torch fp16 in-process with GPU
-JPEG decode (imagesearch.model.gpu) against the forward ceiling.
+JPEG decode (bench/embedder_gpu.py) against the forward ceiling.
 Prints a table and writes bench/results/embedder.json.
 """
 
