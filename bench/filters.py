@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE, FILTER_OVERFETCH
+from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE
+
+FILTER_OVERFETCH = 2.0  # candidates fetched per match wanted, times 1 / share (the strategy measured here)
 from testkit import unit32
 from ranker_service.memory.registry import make_collection
 from ranker_service.validation import make_spec

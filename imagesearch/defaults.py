@@ -66,9 +66,6 @@ MAX_LIST_PAGE = 10000
 # up to 0.03, on a par with FAISS's selector search at 0.1, slower at 0.3
 # (bench/filters.py, bench/results/ranker.md#filtered-search).
 FILTER_EXACT_SCAN_SHARE = 0.1
-# ... and otherwise over-fetches k * (1 / share) * this from the ANN index,
-# falling back to the exact scan when fewer than k of them pass.
-FILTER_OVERFETCH = 2.0
 # Re-ranking (docs/ranker.md#re-ranking), off unless a request asks.
 # alpha = 3 as in Radenovic et al. (TPAMI 2018) for alpha-weighted query
 # expansion; a small n (2), since a larger one

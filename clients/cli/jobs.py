@@ -48,11 +48,6 @@ class JobReport:
     seconds: float = 0.0
 
     @property
-    def bad_inputs(self) -> dict[str, Failure]:
-        """Failures caused by the file itself (undecodable, too large)."""
-        return {n: f for n, f in self.failed.items() if f.is_input_error}
-
-    @property
     def runtime_failures(self) -> dict[str, Failure]:
         """Failures caused by a service (down, timed out, erroring)."""
         return {n: f for n, f in self.failed.items() if not f.is_input_error}
