@@ -55,13 +55,19 @@ from ranker_service.types import (
 
 log = logging.getLogger(__name__)
 
+def _not_found(exc: BaseException) -> bool:
+    cause = exc.__cause__ or exc
+    return getattr(cause, "code", None) == 100 or any(
+        w in str(cause).lower() for w in ("not found", "can't find", "not exist"))
+
+
 class MilvusBackend(BackendBase):
     """`RankerBackend` over Milvus. Thread-safe. `load()` connects once;
     `follow()` instead loads when Milvus first answers, then keeps following
-    its reachability (link.py). Nothing outlives a call but the names of the
-    Milvus collections this process has loaded: every call reads the settings
-    of the collection it names from Milvus (one get by key), so that what
-    another ranker creates, drops or changes is seen on the next call."""
+    its reachability (link.py). Every call asks Milvus whether the collection
+    it names exists and which incarnation it is (`_find`), so that what another
+    ranker creates, drops or makes again is seen on the next call; only the
+    settings of an incarnation, which never change, are kept."""
 
     LOADING = "the ranker is still connecting to Milvus: retry shortly"
 
@@ -69,7 +75,7 @@ class MilvusBackend(BackendBase):
         super().__init__(batch_size)
         self.uri, self.token, self.timeout = uri, token, timeout
         self.link = Link(uri, token, timeout)
-        self._loaded: dict[str, float] = {}  # Milvus collection -> created_at of the settings it was loaded for
+        self._known: dict[str, tuple[int, Coll]] = {}  # Milvus collection -> (its id, its settings), loaded
         self._lock = threading.Lock()
 
     @property
@@ -86,12 +92,12 @@ class MilvusBackend(BackendBase):
             self.link.connect()
             if not self._call("checking the settings collection", "has_collection", SETTINGS):
                 self._create_settings()
-            self._loaded.clear()
+            self._known.clear()
             self._call("loading the settings collection", "load_collection", SETTINGS)
             colls = self._all()
             count = 0
             for coll in colls:
-                self._ensure_loaded(coll)
+                self._call(f"loading collection {coll.name!r}", "load_collection", coll.key)
                 count += self._count(coll)
         except errors.ImageSearchError as exc:
             raise errors.StoreError(f"cannot use Milvus at {self.uri}: {exc}") from exc
@@ -127,7 +133,6 @@ class MilvusBackend(BackendBase):
         except errors.Unavailable as exc:
             if "not loaded" not in str(exc) or not args or not isinstance(args[0], str):
                 raise
-        self._loaded.pop(args[0], None)
         self.link.call(f"loading {args[0]}", "load_collection", args[0])
         return self.link.call(doing, method, *args, **kwargs)
 
@@ -161,21 +166,31 @@ class MilvusBackend(BackendBase):
                           output_fields=["settings"], consistency_level=CONSISTENCY)
         return sorted((self._from_row(r) for r in rows), key=lambda c: c.name)
 
-    def _ensure_loaded(self, coll: Coll) -> None:
-        """Load the collection unless this process loaded it (as it is now: a
-        collection dropped and made again elsewhere has another created_at)."""
-        if self._loaded.get(coll.key) != coll.created_at:
-            self._call(f"loading collection {coll.name!r}", "load_collection", coll.key)
-            self._loaded[coll.key] = coll.created_at
-
     def _find(self, collection: str) -> Coll | None:
-        """The collection's settings as Milvus holds them now (None: no such collection)."""
-        rows = self._call("reading collection settings", "get", SETTINGS, ids=[milvus_name(collection)],
-                          output_fields=["settings"], consistency_level=CONSISTENCY)
-        if not rows:
+        """The collection's settings (None: no such collection). Milvus's own
+        metadata says at once whether it exists and which incarnation it is
+        (its id: dropped and made again, even by another ranker, it has another);
+        the settings of an id never change, so they are read once per id (a
+        Strong read costs a time tick) and the collection loaded then."""
+        key = milvus_name(collection)
+        try:
+            described = self.link.call("looking up the collection", "describe_collection", key)
+        except errors.Unavailable as exc:
+            if self.link.unreachable_now(exc) or not _not_found(exc):
+                raise
+            self._known.pop(key, None)
+            return None
+        cid = described.get("collection_id")
+        known = self._known.get(key)
+        if known is not None and known[0] == cid:
+            return known[1]
+        rows = self._call("reading collection settings", "get", SETTINGS, ids=[key], output_fields=["settings"],
+                          consistency_level=CONSISTENCY)
+        if not rows:  # being made or dropped by another ranker right now
             return None
         coll = self._from_row(rows[0])
-        self._ensure_loaded(coll)
+        self._call(f"loading collection {collection!r}", "load_collection", key)
+        self._known[key] = (cid, coll)
         return coll
 
     def _get(self, collection: str) -> Coll:
@@ -218,7 +233,6 @@ class MilvusBackend(BackendBase):
                 f"Milvus at {self.uri} cannot make a {spec.label} collection {collection!r}: "
                 f"{exc.__cause__ or exc}") from exc
         self._write_settings(coll)
-        self._loaded[coll.key] = coll.created_at
         log.info("created Milvus collection %s for %r (dim %d, %s)", coll.key, collection, dim, index_type)
         return coll
 
@@ -245,7 +259,7 @@ class MilvusBackend(BackendBase):
             count = self._count(coll)
             self._call(f"dropping {collection!r}", "drop_collection", coll.key)
             self._call(f"dropping {collection!r}", "delete", SETTINGS, ids=[coll.key])
-            self._loaded.pop(coll.key, None)
+            self._known.pop(coll.key, None)
         return count
 
     def upsert_job(self) -> "MilvusUpsertJob":
@@ -456,7 +470,8 @@ class MilvusBackend(BackendBase):
         self._require_ready()
         if collection:
             validation.check_collection(collection, what="stats")
-            return [self._stats(self._get(collection))]
+            coll = self._get(collection)  # then its settings as they are now (updated_at)
+            return [self._stats(next((c for c in self._all() if c.name == collection), coll))]
         return [self._stats(coll) for coll in self._all()]
 
     def memory_bytes(self) -> int:
