@@ -148,8 +148,11 @@ class MilvusServer:
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Until pymilvus lists the collections (the proxy and the coordinators are up)."""
+        import logging
+
         from pymilvus import MilvusClient
 
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # each failed try logs a traceback
         deadline = time.monotonic() + timeout
         while self._binary is None:  # the wrapper writes the config first
             if (self.data_dir / "configs" / "milvus.yaml").is_file() and self._has_child():

@@ -63,7 +63,10 @@ class Link:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+        import pymilvus  # noqa: F401 - its import configures its loggers: quiet them after it
+
+        for name in ("pymilvus", "pymilvus.milvus_client"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     # ------------------------------------------------------------ calls
 
@@ -120,21 +123,19 @@ class Link:
         self._thread.start()
 
     def _run(self, on_up: Callable[[], None], on_change: Callable[[bool], None]) -> None:
-        first = True
+        known: bool | None = None  # what was last told: nothing yet
         while not self._stop.is_set():
             ok, reason = self._probe(on_up)
-            if ok != self.up or first:
-                if ok:
-                    log.info("Milvus at %s answers: serving", self.uri)
-                    self.up = True
-                    _quietly(on_change, True)
-                elif self.up or first:
-                    self.reason = reason
-                    log.error("Milvus at %s is unreachable (%s): health NOT_SERVING, calls UNAVAILABLE, "
-                              "retrying every %.0f s", self.uri, reason, PROBE_INTERVAL_S)
-                    self.up = False
-                    _quietly(on_change, False)
-                first = first and not ok
+            if ok and known is not True:
+                log.info("Milvus at %s answers: serving", self.uri)
+                self.up = known = True
+                _quietly(on_change, True)
+            elif not ok and (known is not False or self.up):
+                self.reason = reason
+                log.error("Milvus at %s is unreachable (%s): health NOT_SERVING, calls UNAVAILABLE, "
+                          "retrying every %.0f s", self.uri, reason, PROBE_INTERVAL_S)
+                self.up, known = False, False
+                _quietly(on_change, False)
             self._wake.wait(PROBE_INTERVAL_S)
             self._wake.clear()
 
