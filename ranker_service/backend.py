@@ -2,7 +2,7 @@
 (`RankerBackend`), and the Upsert job both backends build on (`UpsertJob`).
 
 `SqliteBackend` (sqlite/backend.py: SQLite + in-memory indexes, `--backend
-sqlite`, the default) and `MilvusBackend` (milvus.py, `--backend milvus`)
+sqlite`, the default) and `MilvusBackend` (milvus/, `--backend milvus`)
 both provide it; the backend-agnostic tests (tests/test_ranker_backends.py)
 run against both.
 

@@ -232,7 +232,7 @@ class MilvusServer:
         self._signal(signal.SIGKILL)
         self._reap(10)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM to the server's process group, SIGKILL after `timeout`."""
         self._signal(signal.SIGTERM)
         self._reap(timeout)

@@ -119,7 +119,7 @@ def own_server(tmp_path_factory):
     """A server of this module's own, not started: the tests start and kill it."""
     server = milvus_server_or_skip(tmp_path_factory.mktemp("milvus-own"))
     yield server
-    server.stop()
+    server.kill()  # its data is thrown away: no graceful stop to wait for
 
 
 def test_a_ranker_started_before_milvus_serves_once_it_is_up(own_server):

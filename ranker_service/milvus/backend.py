@@ -22,7 +22,8 @@ from imagesearch import errors
 from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE
 from ranker_service import validation
 from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase
-from ranker_service.milvus.link import Link, deadline_of
+from ranker_service.milvus.link import Link, deadline_of, not_found
+from ranker_service.milvus.ranking import rank_rows
 from ranker_service.milvus.schema import (
     CONSISTENCY,
     MAX_DIM,
@@ -37,9 +38,9 @@ from ranker_service.milvus.schema import (
 )
 from ranker_service.milvus.upsert import MilvusUpsertJob
 from ranker_service.rerank.maths import expand_query
-from ranker_service.topk import rank_exact
 from ranker_service.types import (
     EXACT,
+    IVF_PQ,
     AttributeFilter,
     CollectionStats,
     DeleteResult,
@@ -54,12 +55,6 @@ from ranker_service.types import (
 )
 
 log = logging.getLogger(__name__)
-
-def _not_found(exc: BaseException) -> bool:
-    cause = exc.__cause__ or exc
-    return getattr(cause, "code", None) == 100 or any(
-        w in str(cause).lower() for w in ("not found", "can't find", "not exist"))
-
 
 class MilvusBackend(BackendBase):
     """`RankerBackend` over Milvus. Thread-safe. `load()` connects once;
@@ -176,7 +171,7 @@ class MilvusBackend(BackendBase):
         try:
             described = self.link.call("looking up the collection", "describe_collection", key)
         except errors.Unavailable as exc:
-            if self.link.unreachable_now(exc) or not _not_found(exc):
+            if self.link.unreachable_now(exc) or not not_found(exc):
                 raise
             self._known.pop(key, None)
             return None
@@ -322,15 +317,16 @@ class MilvusBackend(BackendBase):
         q32 = q64.astype(np.float32).tolist()
         expr = filter_expression(query.filters) if query is not None and query.filters else ""
         fields = ["vector", "attributes"] if query is not None and query.with_attributes else ["vector"]
+        hit_fields = fields[1:]  # the vectors come after (_hit_rows)
         if expr and not exact:
             passing = self._count(coll, expr)
             if passing <= FILTER_EXACT_SCAN_SHARE * self._count(coll):  # selective: scan the passing rows
-                return self._rank(self._call("reading filtered rows", "query", coll.key, filter=expr,
+                return rank_rows(self._call("reading filtered rows", "query", coll.key, filter=expr,
                                              output_fields=["name", *fields], consistency_level=CONSISTENCY),
                                   q64, k, query)
         while True:
             (hits,) = self._call("searching", "search", coll.key, data=[q32], limit=fetch, filter=expr,
-                                 output_fields=fields, consistency_level=CONSISTENCY,
+                                 output_fields=hit_fields, consistency_level=CONSISTENCY,
                                  search_params={"metric_type": "IP", "params": search_params})
             names = [h["name"] if "name" in h else h["id"] for h in hits]
             if not exact or len(hits) < fetch or fetch >= MAX_SEARCH_LIMIT or len(hits) <= k:
@@ -341,22 +337,36 @@ class MilvusBackend(BackendBase):
                 break
             fetch = min(MAX_SEARCH_LIMIT, 4 * fetch)
         if expr and len(hits) < k and len(hits) < self._count(coll, expr):  # the ANN search missed some
-            return self._rank(self._call("reading filtered rows", "query", coll.key, filter=expr,
+            return rank_rows(self._call("reading filtered rows", "query", coll.key, filter=expr,
                                          output_fields=["name", *fields], consistency_level=CONSISTENCY),
                               q64, k, query)
-        return self._rank([{"name": name, **h["entity"]} for name, h in zip(names, hits)], q64, k, query)
+        return rank_rows(self._hit_rows(coll, names, hits, q32), q64, k, query)
 
-    @staticmethod
-    def _rank(rows: list[dict], q64: np.ndarray, k: int, query: Query | None) -> list[Match]:
-        """The exact float64 top-k of rows {name, vector[, attributes]}, ties by name."""
-        if not rows:
-            return []
-        by_name = {r["name"]: r for r in rows}
-        found = rank_exact(list(by_name), np.asarray([r["vector"] for r in by_name.values()], dtype=np.float32),
-                           q64, k)
-        with_attributes = query is not None and query.with_attributes
-        return [Match(rank, name, score, dict(by_name[name].get("attributes") or {}) if with_attributes else {})
-                for rank, (name, score) in enumerate(found, 1)]
+    def _hit_rows(self, coll: Coll, names: list[str], hits: list[dict], q32: list[float]) -> list[dict]:
+        """The hits with their vectors. A search returning vectors costs Milvus a
+        second wait for a time tick (it queries them again, Strong), so they are
+        read after the search without one: the search already waited, and a
+        replica reads forward from there. A vector whose float32 score is not the
+        search's (a replica behind, or the item replaced since) or that did not come
+        back is read again, Strong; IVF_PQ's scores are approximate: all are."""
+        rows = {n: {"name": n, **h.get("entity", {})} for n, h in zip(names, hits)}
+        scores = {n: h["distance"] for n, h in zip(names, hits)}
+        wanted = list(rows) if coll.spec.kind == IVF_PQ else []
+        if not wanted and rows:
+            got = {r["name"]: r["vector"] for r in self._call(
+                "reading vectors", "get", coll.key, ids=list(rows), output_fields=["name", "vector"],
+                consistency_level="Eventually")}
+            q = np.asarray(q32, dtype=np.float32)
+            for n in rows:
+                if n in got and abs(float(np.dot(np.asarray(got[n], dtype=np.float32), q)) - scores[n]) <= 1e-4:
+                    rows[n]["vector"] = got[n]
+                else:
+                    wanted.append(n)
+        if wanted:
+            for r in self._call("reading vectors", "get", coll.key, ids=wanted, output_fields=["name", "vector"],
+                                consistency_level=CONSISTENCY):
+                rows[r["name"]]["vector"] = r["vector"]
+        return [r for r in rows.values() if "vector" in r]  # one deleted since the search is gone
 
     def _answer(self, query: Query, what: str) -> list[Match]:
         """One query; with query expansion, the first pass's vectors come back

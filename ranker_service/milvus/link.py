@@ -47,6 +47,12 @@ class deadline_of:
         _deadline.value = self.outer
 
 
+def not_found(exc: BaseException) -> bool:
+    cause = exc.__cause__ or exc
+    return getattr(cause, "code", None) == 100 or any(
+        w in str(cause).lower() for w in ("not found", "can't find", "not exist"))
+
+
 def unreachable_error(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(word in text for word in _UNREACHABLE)
