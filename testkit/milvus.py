@@ -232,6 +232,13 @@ class MilvusServer:
         self._signal(signal.SIGKILL)
         self._reap(10)
 
+    def pause(self) -> None:
+        """SIGSTOP: a server that holds its connections and answers nothing."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM to the server's process group, SIGKILL after `timeout`."""
         self._signal(signal.SIGTERM)

@@ -192,3 +192,31 @@ def test_kill_9_of_milvus_while_the_ranker_serves(own_server):
             assert search(stub, "kept", vectors[i], 1) == [names[i]]
         upsert(stub, "kept", ["after"], vectors[:1])
         assert proc.output.count("answers: serving") == 2, proc.output
+
+
+def test_a_hung_milvus_ends_calls_within_their_deadline(own_server):
+    """Milvus stopped (SIGSTOP: connections open, no answers): each call's Milvus
+    operations are bounded by its deadline, so UNAVAILABLE comes before it, never
+    a hang; the watcher's probe times out and health turns NOT_SERVING; resumed,
+    the ranker serves again."""
+    if own_server.proc is None:
+        own_server.start()
+    vectors = unit32(np.random.default_rng(5).standard_normal((10, DIM)))
+    with ranker(own_server.uri) as proc, proc.channel() as channel:
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        upsert(stub, "hung", [f"h{i}" for i in range(10)], vectors)
+        own_server.pause()
+        try:
+            for call in (lambda: search(stub, "hung", vectors[0], timeout=3),
+                         lambda: upsert(stub, "hung", ["late"], vectors[:1], timeout=3),
+                         lambda: stub.GetStats(pb.GetStatsRequest(collection="hung"), timeout=3)):
+                started = time.monotonic()
+                assert code_of(call) == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() - started < 3
+            to_not_serving = wait_for(lambda: health(proc) == NOT_SERVING, 10, "NOT_SERVING")
+        finally:
+            own_server.resume()
+        to_serving = wait_for(lambda: health(proc) == SERVING, 30, "SERVING again")
+        print(f"\nhung Milvus: NOT_SERVING {to_not_serving:.2f}s after the calls; SERVING {to_serving:.2f}s after "
+              "it resumed")
+        assert search(stub, "hung", vectors[7], 1) == ["h7"]

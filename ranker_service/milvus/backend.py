@@ -21,8 +21,8 @@ import numpy as np
 from imagesearch import errors
 from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE
 from ranker_service import validation
-from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase
-from ranker_service.milvus.link import Link, deadline_of, not_found
+from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, deadline_of
+from ranker_service.milvus.link import Link, not_found
 from ranker_service.milvus.ranking import rank_rows
 from ranker_service.milvus.schema import (
     CONSISTENCY,

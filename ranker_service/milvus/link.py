@@ -1,6 +1,7 @@
 """The Milvus backend's connection (`Link`): one pymilvus client, every call
-through `call()` with a timeout, and a watcher thread that follows Milvus's
-reachability.
+through `call()` with a timeout (the ranker's `--milvus-timeout`, or less where
+the gRPC call's deadline is nearer: ranker_service/backend.py's `deadline_of`),
+and a watcher thread that follows Milvus's reachability.
 
 The watcher probes Milvus every `PROBE_INTERVAL_S` (a `list_collections`
 with a `PROBE_TIMEOUT_S` timeout) and at once when a call fails for want of
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from imagesearch import errors
+from ranker_service.backend import call_deadline
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +31,6 @@ MIN_TIMEOUT_S = 0.05
 # what a call failing for want of Milvus (not for a refused request) says
 _UNREACHABLE = ("fail connecting", "unavailable", "connection refused", "deadline", "timeout", "timed out",
                 "server unavailable", "not ready", "socket closed", "channel closed", "connection reset")
-_deadline = threading.local()
-
-
-class deadline_of:
-    """`with deadline_of(t):` calls made by this thread end by time.monotonic() `t` (None: no limit)."""
-
-    def __init__(self, deadline: float | None):
-        self.deadline = deadline
-
-    def __enter__(self):
-        self.outer = getattr(_deadline, "value", None)
-        _deadline.value = self.deadline
-        return self
-
-    def __exit__(self, *exc):
-        _deadline.value = self.outer
-
-
 def not_found(exc: BaseException) -> bool:
     cause = exc.__cause__ or exc
     return getattr(cause, "code", None) == 100 or any(
@@ -84,7 +68,7 @@ class Link:
 
     def call_timeout(self) -> float:
         """This call's timeout: the ranker's, or less where the caller's deadline is nearer."""
-        deadline = getattr(_deadline, "value", None)
+        deadline = call_deadline()
         if deadline is None:
             return self.timeout
         return max(MIN_TIMEOUT_S, min(self.timeout, deadline - time.monotonic()))
