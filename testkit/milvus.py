@@ -14,6 +14,7 @@ needs `setuptools<70`, so it lives in a venv of its own: `.venv-milvus`).
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -80,6 +81,7 @@ class MilvusServer:
         self._log = None
         self._binary: list[str] | None = None  # known after the first start
         self._binary_env: dict[str, str] = {}
+        atexit.register(self._signal, signal.SIGKILL)  # not left running by a run that ends early
 
     @property
     def port(self) -> int:
