@@ -4,7 +4,9 @@
 
 Opens (creating if missing) and locks the SQLite database, starts the gRPC
 server (health NOT_SERVING, RPCs UNAVAILABLE), loads every collection into
-memory, then turns health SERVING. SIGTERM/SIGINT drain in-flight calls and
+memory, then turns health SERVING. With `--backend milvus` the server starts
+whether or not Milvus answers yet; it loads once Milvus does, and health
+follows Milvus's reachability from then on (ranker_service/milvus/link.py). SIGTERM/SIGINT drain in-flight calls and
 close the database. A database that cannot be used (read-only, locked by
 another process, corrupt) ends the process with exit status 1 and a message.
 """
@@ -64,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"milvus-lite (env {ENV}_MILVUS_URI)")
     r.add_argument("--milvus-token", default=serving.env_default(f"{ENV}_MILVUS_TOKEN", ""),
                    help=f"--backend milvus: user:password or API key (env {ENV}_MILVUS_TOKEN; prefer the env)")
+    r.add_argument("--milvus-timeout", type=float, default=serving.env_default(f"{ENV}_MILVUS_TIMEOUT", 10.0),
+                   help="--backend milvus: seconds a Milvus operation may take (a search: less where its "
+                        "deadline is nearer) before the call answers UNAVAILABLE (default %(default)s)")
     r.add_argument("--batch-size", type=int, default=serving.env_default(f"{ENV}_BATCH_SIZE", DEFAULT_BATCH_SIZE),
                    help="Upsert items per SQLite transaction (one fsync each) (default %(default)s)")
     r.add_argument("--max-batch", type=int, default=serving.env_default(f"{ENV}_MAX_BATCH", DEFAULT_MAX_BATCH),
@@ -101,7 +106,8 @@ def _main(argv: list[str] | None = None) -> int:
 
         if not args.milvus_uri:
             raise SystemExit("error: --backend milvus needs --milvus-uri (or IMAGESEARCH_RANKER_MILVUS_URI)")
-        backend = MilvusBackend(args.milvus_uri, args.milvus_token, batch_size=args.batch_size)
+        backend = MilvusBackend(args.milvus_uri, args.milvus_token, batch_size=args.batch_size,
+                                timeout=args.milvus_timeout)
         return serve(args, config, observed, backend, None, release=lambda: None)
     try:
         store = Store.open(args.db, busy_timeout=args.busy_timeout,
@@ -128,16 +134,23 @@ def serve(args: argparse.Namespace, config: serving.ServerConfig, observed: Obse
     except BaseException:
         release()
         raise
-    try:
-        backend.load()
-    except (StoreError, MemoryError) as exc:
-        log.error("cannot start: %s", exc)
-        running.stop(0).wait()
-        release()
-        raise SystemExit(f"error: {exc}") from None
-    servicer.attach(metered(backend, observed.metrics, db_path,
-                            collection_label(args.metrics_collections, config.auth_token is not None)))
-    running.set_serving(True)
+    def attach():
+        servicer.attach(metered(backend, observed.metrics, db_path,
+                                collection_label(args.metrics_collections, config.auth_token is not None)))
+
+    follow = getattr(backend, "follow", None)
+    if follow is not None:  # Milvus: loads once it answers; health follows its reachability
+        follow(attach, running.set_serving)
+    else:
+        try:
+            backend.load()
+        except (StoreError, MemoryError) as exc:
+            log.error("cannot start: %s", exc)
+            running.stop(0).wait()
+            release()
+            raise SystemExit(f"error: {exc}") from None
+        attach()
+        running.set_serving(True)
 
     def on_stop():
         servicer.ready.detach()

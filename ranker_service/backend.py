@@ -2,7 +2,7 @@
 (`RankerBackend`), and the Upsert job both backends build on (`UpsertJob`).
 
 `SqliteBackend` (sqlite/backend.py: SQLite + in-memory indexes, `--backend
-sqlite`, the default) and `MilvusBackend` (milvus.py, `--backend milvus`)
+sqlite`, the default) and `MilvusBackend` (milvus/, `--backend milvus`)
 both provide it; the backend-agnostic tests (tests/test_ranker_backends.py)
 run against both.
 
@@ -18,6 +18,7 @@ through `_commit_batch`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
@@ -43,6 +44,7 @@ from ranker_service.types import (
 )
 
 BACKENDS = ("sqlite", "milvus")
+_deadline = threading.local()
 DEFAULT_BATCH_SIZE = 256  # Upsert items per commit
 
 
@@ -122,6 +124,29 @@ class BackendBase:
     @property
     def max_top_k(self) -> int:
         return MAX_TOP_K
+
+
+class deadline_of:
+    """`with deadline_of(t):` the backend calls this thread makes are for a
+    gRPC call due by time.monotonic() `t` (None: no limit). The servicer sets
+    it around each blocking call; a backend that waits on another service
+    (Milvus) bounds its waits by it (`call_deadline()`)."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+
+    def __enter__(self):
+        self.outer = getattr(_deadline, "value", None)
+        _deadline.value = self.deadline
+        return self
+
+    def __exit__(self, *exc):
+        _deadline.value = self.outer
+
+
+def call_deadline() -> float | None:
+    """The deadline `deadline_of` set for this thread's current call, or None."""
+    return getattr(_deadline, "value", None)
 
 
 def with_progress(exc: errors.ImageSearchError, committed: int) -> errors.ImageSearchError:

@@ -26,7 +26,7 @@ import grpc
 from imagesearch import errors, serving
 from imagesearch.defaults import DEFAULT_TOP_K, DERIVED_DEADLINE_MARGIN_S
 from imagesearch.v1 import ranker_pb2, ranker_pb2_grpc
-from ranker_service.backend import RankerBackend
+from ranker_service.backend import RankerBackend, deadline_of
 from ranker_service.types import (
     EXACT,
     HNSW,
@@ -155,9 +155,12 @@ def collection_stats(s: CollectionStats) -> ranker_pb2.CollectionStats:
         derived_data=derived_data(s.derived))
 
 
-async def _blocking(fn, *args):
-    """`fn(*args)` on the server's thread pool."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+async def _blocking(fn, *args, deadline: float | None = None):
+    """`fn(*args)` on the server's thread pool, within the call's `deadline` (backend.deadline_of)."""
+    def run():
+        with deadline_of(deadline):
+            return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, run)
 
 
 def _lower_priority() -> None:
@@ -215,17 +218,18 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 if job.add(UpsertItem(r.collection, r.name, r.vector, r.fingerprint, r.attributes)):
                     if job.failed:
                         break
-                    await _blocking(job.flush)
+                    await _blocking(job.flush, deadline=_deadline(context))
             if reader.broken:
                 return None  # cancelled: nobody will read an answer; what was flushed stays committed
             if reader.failure is not None:
                 job.fail(reader.failure)
-        result = await _blocking(job.finish)
+        result = await _blocking(job.finish, deadline=_deadline(context))
         return ranker_pb2.UpsertResponse(upserted=result.upserted, inserted=result.inserted,
                                          replaced=result.replaced)
 
     async def Delete(self, request, context):
-        result = await _blocking(self.ready.core().delete, request.collection, list(request.names))
+        result = await _blocking(self.ready.core().delete, request.collection, list(request.names),
+                                 deadline=_deadline(context))
         return ranker_pb2.DeleteResponse(deleted=result.deleted, not_found=result.not_found)
 
     @contextlib.asynccontextmanager
@@ -287,7 +291,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     async def GetStats(self, request, context):
         gallery = self.ready.core()
-        stats = gallery.stats(request.collection or None)
+        stats = await _blocking(gallery.stats, request.collection or None, deadline=_deadline(context))
         return ranker_pb2.GetStatsResponse(
             collections=[collection_stats(s) for s in stats],
             memory_bytes=sum(s.memory_bytes for s in stats),
@@ -297,21 +301,22 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         pages = self.ready.core().list_items(
             request.collection, page_size=request.page_size, start_after=request.start_after, limit=request.limit,
             filters=_filters(request.filters, "list items"), with_vectors=request.with_vectors)
-        while (page := await _blocking(next, pages, None)) is not None:  # each page is a database read
+        while (page := await _blocking(next, pages, None, deadline=_deadline(context))) is not None:  # each page is a database read
             await context.write(ranker_pb2.ListItemsResponse(items=[_item(i) for i in page.items]))
 
     async def Rename(self, request, context):
         result = await _blocking(self.ready.core().rename, request.collection,
-                                 [(r.from_name, r.to_name) for r in request.renamings], request.in_order)
+                                 [(r.from_name, r.to_name) for r in request.renamings], request.in_order,
+                                 deadline=_deadline(context))
         return ranker_pb2.RenameResponse(renamed=result.renamed, not_found=result.not_found)
 
     async def CreateCollection(self, request, context):
         stats, created = await _blocking(self.ready.core().create_collection, request.collection, request.dim,
-                                         request.fingerprint, index_spec(request.index))
+                                         request.fingerprint, index_spec(request.index), deadline=_deadline(context))
         return ranker_pb2.CreateCollectionResponse(collection=collection_stats(stats), created=created)
 
     async def DropCollection(self, request, context):
-        deleted = await _blocking(self.ready.core().drop_collection, request.collection)
+        deleted = await _blocking(self.ready.core().drop_collection, request.collection, deadline=_deadline(context))
         return ranker_pb2.DropCollectionResponse(deleted=deleted)
 
     async def Backup(self, request, context):

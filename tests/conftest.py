@@ -41,6 +41,29 @@ def grpc_server():
         running.stop(0).wait()
 
 
+def milvus_server_or_skip(folder: Path):
+    """A real Milvus standalone server (testkit/milvus.py), not started yet, or
+    a skip with the reason where none is installed (a failure in CI, which
+    installs one)."""
+    from testkit import milvus
+
+    if milvus.find_server() is None:
+        if milvus.required():
+            pytest.fail(f"CI runs the Milvus server tests: {milvus.missing_reason()}")
+        pytest.skip(milvus.missing_reason())
+    return milvus.MilvusServer(folder)
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """One Milvus server for the whole run, started on first use: every
+    backend-agnostic ranker test's `milvus-server` case, each ranker in a
+    database of its own (`database_uri`). The failure tests start their own."""
+    server = milvus_server_or_skip(tmp_path_factory.mktemp("milvus-server")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def clothing_dir() -> Path:
     if not (CLOTHING / "train").is_dir():

@@ -1,5 +1,5 @@
-"""Item attributes on a real ranker process, on both backends (SQLite and
-milvus-lite): stored with each item (and kept over a restart), returned with
+"""Item attributes on a real ranker process, on every backend (SQLite,
+milvus-lite and a Milvus server): stored with each item (and kept over a restart), returned with
 matches on request, equality and IN filters applied before top-k in Search
 and SearchStream, ListItems paging and filtering, Rename, and
 INVALID_ARGUMENT past the limits."""
@@ -34,7 +34,7 @@ def item_attributes(i: int) -> dict[str, str]:
 @pytest.fixture(scope="module", params=BACKENDS)
 def ranker(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"ranker-{request.param}")
-    proc = ServiceProcess("ranker_service", *backend_args(request.param, folder), "--batch-size", "64",
+    proc = ServiceProcess("ranker_service", *backend_args(request.param, folder, request), "--batch-size", "64",
                           startup_timeout=120)
     proc.backend, proc.folder = request.param, folder
     yield proc
@@ -187,7 +187,7 @@ def test_filters_return_k_matches_on_every_index_kind(ranker, stub, options):
     answered by an exact scan of the passing rows: exactly the reference.
     A broad one (50%) goes through the ANN index with over-fetch: still k
     matches, every one passing. Fewer passing items than k: all of them."""
-    if ranker.backend == "milvus" and options.float16:
+    if ranker.backend.startswith("milvus") and options.float16:
         pytest.skip("the Milvus backend keeps float32 vectors only")
     if ranker.backend == "milvus" and options.kind == pb.INDEX_KIND_IVF_PQ:
         pytest.skip("milvus-lite cannot load an IVF_PQ collection again after a restart (reserved for a future "
@@ -244,7 +244,7 @@ def test_overlapping_renames_are_refused_unless_in_order(stub, data):
     assert got[0].name == "w" and got[0].score == pytest.approx(1.0, abs=1e-6)
 
 
-def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub, data):
+def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub, data, request):
     """(Last in the module: it restarts the ranker.)"""
     rng = np.random.default_rng(3)
     v = unit32(rng.standard_normal((3, DIM)))
@@ -271,7 +271,7 @@ def test_rename_keeps_vector_and_attributes_and_survives_restart(ranker, stub, d
     stub.Delete(pb.DeleteRequest(collection="c", names=["img/0000.jpg"]), timeout=TIMEOUT)
     assert "img/0000.jpg" not in [m.name for m in search(stub, v[0], [("class", ["rare"])])]
     assert ranker.terminate() == 0
-    again = ServiceProcess("ranker_service", *backend_args(ranker.backend, ranker.folder), startup_timeout=120)
+    again = ServiceProcess("ranker_service", *backend_args(ranker.backend, ranker.folder, request), startup_timeout=120)
     try:
         ch = again.channel()
         s = ranker_pb2_grpc.RankerServiceStub(ch)

@@ -1,6 +1,7 @@
 """The ranker's backend-agnostic tests: the same RankerService contract over
-every backend (`--backend sqlite`, and `--backend milvus` on an embedded
-milvus-lite file), each against a real `python -m ranker_service` process.
+every backend (`--backend sqlite`; `--backend milvus` on an embedded
+milvus-lite file, and on a real Milvus standalone server, the session's
+`milvus_server`), each against a real `python -m ranker_service` process.
 
 Backend-agnostic tests in this module (run once per backend):
 - test_results_equal_float64_numpy_top_k
@@ -22,22 +23,27 @@ from testkit import ServiceProcess, reference_ranking, unit32
 from imagesearch.v1 import ranker_pb2 as pb
 from imagesearch.v1 import ranker_pb2_grpc
 
-BACKENDS = ["sqlite", "milvus"]
+BACKENDS = ["sqlite", "milvus", "milvus-server"]
 DIM = 24
 N = 300
 FP = "sha256:model-b"
 TIMEOUT = 60
 
 
-def backend_args(backend: str, folder) -> list[str]:
+def backend_args(backend: str, folder, request) -> list[str]:
+    """The ranker's flags for a backend, its data kept by `folder` (a SQLite file,
+    a milvus-lite file, or a database of its own on the shared Milvus server)."""
     if backend == "milvus":
         pytest.importorskip("milvus_lite", reason="milvus-lite is not installed")
         return ["--backend", "milvus", "--milvus-uri", str(folder / "milvus.db")]
+    if backend == "milvus-server":
+        server = request.getfixturevalue("milvus_server")
+        return ["--backend", "milvus", "--milvus-uri", server.database_uri(folder)]
     return ["--db", str(folder / "gallery.db")]
 
 
-def start(backend: str, folder) -> ServiceProcess:
-    return ServiceProcess("ranker_service", *backend_args(backend, folder), "--batch-size", "64",
+def start(backend: str, folder, request) -> ServiceProcess:
+    return ServiceProcess("ranker_service", *backend_args(backend, folder, request), "--batch-size", "64",
                           startup_timeout=120)
 
 
@@ -54,7 +60,7 @@ def search(stub, collection, vector, top_k=0, fingerprint=""):
 @pytest.fixture(scope="module", params=BACKENDS)
 def ranker(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"ranker-{request.param}")
-    proc = start(request.param, folder)
+    proc = start(request.param, folder, request)
     proc.backend, proc.folder = request.param, folder
     yield proc
     assert proc.terminate() == 0, proc.output
@@ -196,17 +202,17 @@ def test_create_get_stats_and_drop_collection(stub):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_persistence_across_a_restart(backend, tmp_path):
+def test_persistence_across_a_restart(backend, tmp_path, request):
     vectors = unit32(np.random.default_rng(6).standard_normal((50, DIM)))
     names = [f"p{i:02d}" for i in range(50)]
-    with start(backend, tmp_path) as first:
+    with start(backend, tmp_path, request) as first:
         stub = ranker_pb2_grpc.RankerServiceStub(first.channel())
         upsert(stub, "kept", names, vectors)
         stub.Delete(pb.DeleteRequest(collection="kept", names=names[:5]), timeout=TIMEOUT)
         upsert(stub, "kept", [names[5]], [vectors[6]])  # replaced
     assert first.proc.returncode == 0, first.output
     current, current_names = np.concatenate([vectors[6:7], vectors[6:]]), names[5:]
-    with start(backend, tmp_path) as again:
+    with start(backend, tmp_path, request) as again:
         stub = ranker_pb2_grpc.RankerServiceStub(again.channel())
         (stats,) = stub.GetStats(pb.GetStatsRequest(collection="kept"), timeout=TIMEOUT).collections
         assert stats.count == 45 and stats.fingerprint == FP and stats.dim == DIM

@@ -374,13 +374,14 @@ def test_query_expansion_and_k_reciprocal_on_other_kinds(stub, gallery, label, o
 
 # ---------------------------------------------------------------- the Milvus backend
 
-def test_milvus_query_expansion_and_refusals(tmp_path):
-    pytest.importorskip("milvus_lite", reason="milvus-lite is not installed")
+@pytest.mark.parametrize("backend", ["milvus", "milvus-server"])
+def test_milvus_query_expansion_and_refusals(backend, tmp_path, request):
+    from tests.test_ranker_backends import backend_args
+
     rng = np.random.default_rng(9)
     G = clustered(rng, clusters=3, per=10)
     names = [f"m{i:02d}" for i in range(len(G))]
-    proc = ServiceProcess("ranker_service", "--backend", "milvus", "--milvus-uri", str(tmp_path / "m.db"),
-                          startup_timeout=120)
+    proc = ServiceProcess("ranker_service", *backend_args(backend, tmp_path, request), startup_timeout=120)
     try:
         with proc.channel() as channel:
             stub = ranker_pb2_grpc.RankerServiceStub(channel)

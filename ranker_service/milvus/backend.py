@@ -2,33 +2,44 @@
 SQLite backend (backend.RankerBackend), over Milvus collections through
 pymilvus (`--backend milvus --milvus-uri URI`: a server or cluster, or a
 milvus-lite file). Milvus is then the source of truth; this process keeps no
-vectors, only a cache of each collection's settings, which live in a Milvus
-collection so that several rankers can serve one Milvus. It keeps to a Milvus
+vectors and no settings past a call: each collection's settings live in a
+Milvus collection so that several rankers can serve one Milvus. It keeps to a Milvus
 *server's* limits (names, dimension, top-k) and ranks as the SQLite backend
 does (float64, ties by name): docs/ranker.md#milvus-backend.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from imagesearch import errors
 from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE
 from ranker_service import validation
-from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, UpsertJob
+from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, deadline_of
+from ranker_service.milvus.link import Link, not_found
+from ranker_service.milvus.ranking import rank_rows
+from ranker_service.milvus.schema import (
+    CONSISTENCY,
+    MAX_DIM,
+    MAX_NAME_BYTES,
+    MAX_SEARCH_LIMIT,
+    MIN_DIM,
+    SETTINGS,
+    Coll,
+    filter_expression,
+    index_params,
+    milvus_name,
+)
+from ranker_service.milvus.upsert import MilvusUpsertJob
 from ranker_service.rerank.maths import expand_query
-from ranker_service.topk import rank_exact, score_margin
 from ranker_service.types import (
     EXACT,
-    HNSW,
     IVF_PQ,
     AttributeFilter,
     CollectionStats,
@@ -41,108 +52,84 @@ from ranker_service.types import (
     Query,
     RenameResult,
     StoredItem,
-    UpsertItem,
 )
 
 log = logging.getLogger(__name__)
 
-MIN_DIM, MAX_DIM = 2, 32768
-MAX_SEARCH_LIMIT = 16384
-MAX_NAME_BYTES = 16384
-SETTINGS = "imagesearch_collections"
-CONSISTENCY = "Strong"
-_NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_]")
-
-
-def milvus_name(collection: str) -> str:
-    """A Milvus collection name for ours: allowed characters only, unique by hash."""
-    readable = _NOT_ALLOWED.sub("_", collection)[:40]
-    return f"is_{readable}_{hashlib.sha256(collection.encode('utf-8')).hexdigest()[:16]}"
-
-
-def filter_expression(filters: Sequence[AttributeFilter]) -> str:
-    """A Milvus boolean expression over the JSON `attributes` field: each
-    filter an OR of equalities, all ANDed. Keys and values go in as JSON string
-    literals (double quotes, backslash escapes: Milvus's string syntax)."""
-    def literal(text: str) -> str:
-        return json.dumps(text, ensure_ascii=False)
-
-    def one(f: AttributeFilter) -> str:  # (milvus-lite's parser takes no JSON path left of `in`)
-        return "(" + " or ".join(f"attributes[{literal(f.key)}] == {literal(v)}" for v in sorted(f.values)) + ")"
-
-    return " and ".join(one(f) for f in filters)
-
-
-def _index_params(spec: IndexSpec) -> tuple[str, dict, dict]:
-    """(Milvus index type, build params, search params) for a spec."""
-    if spec.kind == HNSW:
-        return "HNSW", {"M": spec.hnsw_m, "efConstruction": spec.ef_construction}, {"ef": spec.ef_search}
-    if spec.kind == IVF_PQ:
-        return "IVF_PQ", {"nlist": spec.nlist, "m": spec.pq_bytes, "nbits": 8}, {"nprobe": spec.nprobe}
-    return "FLAT", {}, {}
-
-
-class _Coll:
-    def __init__(self, name: str, dim: int, fingerprint: str, spec: IndexSpec, created_at: float,
-                 updated_at: float):
-        self.name, self.dim, self.fingerprint, self.spec = name, dim, fingerprint, spec
-        self.created_at, self.updated_at = created_at, updated_at
-        self.key = milvus_name(name)
-        self.margin = score_margin(dim)
-
-
 class MilvusBackend(BackendBase):
-    """`RankerBackend` over Milvus. Thread-safe. `load()` connects."""
+    """`RankerBackend` over Milvus. Thread-safe. `load()` connects once;
+    `follow()` instead loads when Milvus first answers, then keeps following
+    its reachability (link.py). Every call asks Milvus whether the collection
+    it names exists and which incarnation it is (`_find`), so that what another
+    ranker creates, drops or makes again is seen on the next call; only the
+    settings of an incarnation, which never change, are kept."""
 
     LOADING = "the ranker is still connecting to Milvus: retry shortly"
 
-    def __init__(self, uri: str, token: str = "", *, batch_size: int = DEFAULT_BATCH_SIZE, timeout: float = 60.0):
+    def __init__(self, uri: str, token: str = "", *, batch_size: int = DEFAULT_BATCH_SIZE, timeout: float = 10.0):
         super().__init__(batch_size)
         self.uri, self.token, self.timeout = uri, token, timeout
-        self.client = None
-        self._colls: dict[str, _Coll] = {}
+        self.link = Link(uri, token, timeout)
+        self._known: dict[str, tuple[int, Coll]] = {}  # Milvus collection -> (its id, its settings), loaded
         self._lock = threading.Lock()
+
+    @property
+    def client(self):
+        return self.link.client
 
     # ------------------------------------------------------------ life cycle
 
     def load(self) -> LoadReport:
-        from pymilvus import MilvusClient
-
+        """Connect, make the settings collection where missing, and load every
+        collection (a restarted Milvus has released them)."""
         start = time.perf_counter()
         try:
-            self.client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout)
-            if not self.client.has_collection(SETTINGS):
+            self.link.connect()
+            if not self._call("checking the settings collection", "has_collection", SETTINGS):
                 self._create_settings()
-            self.client.load_collection(SETTINGS)
-            rows = self.client.query(SETTINGS, filter='key != ""', output_fields=["*"], consistency_level=CONSISTENCY)
-        except Exception as exc:
+            self._known.clear()
+            self._call("loading the settings collection", "load_collection", SETTINGS)
+            colls = self._all()
+            count = 0
+            for coll in colls:
+                self._call(f"loading collection {coll.name!r}", "load_collection", coll.key)
+                count += self._count(coll)
+        except errors.ImageSearchError as exc:
             raise errors.StoreError(f"cannot use Milvus at {self.uri}: {exc}") from exc
-        count = 0
-        for row in rows:
-            coll = self._from_row(row)
-            self.client.load_collection(coll.key)
-            self._colls[coll.name] = coll
-            count += self._count(coll)
         self._ready = True
-        report = LoadReport(len(self._colls), count, time.perf_counter() - start, 0)
-        log.info("loaded %d vectors in %d collections from Milvus at %s in %.2fs", count, len(self._colls),
+        report = LoadReport(len(colls), count, time.perf_counter() - start, 0)
+        log.info("loaded %d vectors in %d collections from Milvus at %s in %.2fs", count, len(colls),
                  self.uri, report.seconds)
         return report
+
+    def follow(self, on_loaded: Callable[[], None], on_health: Callable[[bool], None]) -> None:
+        """Load in the background once Milvus answers (`on_loaded()` then), and
+        follow its reachability: `on_health(False)` while it is unreachable,
+        `on_health(True)` once it answers again and what it released is loaded."""
+        def on_up():
+            first = not self._ready
+            self.load()
+            if first:
+                on_loaded()
+        self.link.watch(on_up, on_health)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            if self.client is not None:
-                self.client.close()
+            self.link.close()
         log.info("closed the Milvus connection to %s", self.uri)
 
-    def _call(self, doing: str, fn, *args, **kwargs):
+    def _call(self, doing: str, method, *args, **kwargs):
+        """`client.method(...)` through the link (a timeout; UNAVAILABLE when
+        Milvus fails); a collection a restarted Milvus released is loaded again
+        and the call tried once more."""
         try:
-            return fn(*args, **kwargs)
-        except errors.ImageSearchError:
-            raise
-        except Exception as exc:
-            raise errors.Unavailable(f"{doing}: Milvus failed, retry later: {exc}") from exc
+            return self.link.call(doing, method, *args, **kwargs)
+        except errors.Unavailable as exc:
+            if "not loaded" not in str(exc) or not args or not isinstance(args[0], str):
+                raise
+        self.link.call(f"loading {args[0]}", "load_collection", args[0])
+        return self.link.call(doing, method, *args, **kwargs)
 
     # ------------------------------------------------------------ settings
 
@@ -155,37 +142,59 @@ class MilvusBackend(BackendBase):
         schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field
         index = self.client.prepare_index_params()
         index.add_index(field_name="v", index_type="FLAT", metric_type="IP")
-        self.client.create_collection(SETTINGS, schema=schema, index_params=index, consistency_level=CONSISTENCY)
+        self._call("making the settings collection", "create_collection", SETTINGS, schema=schema,
+                   index_params=index, consistency_level=CONSISTENCY)
 
-    def _from_row(self, row: dict) -> _Coll:
+    def _from_row(self, row: dict) -> Coll:
         s = json.loads(row["settings"])
         spec = validation.spec_from_json(s["kind"], json.dumps(s["params"]))
-        return _Coll(s["name"], int(s["dim"]), s["fingerprint"], spec, float(s["created_at"]), float(s["updated_at"]))
+        return Coll(s["name"], int(s["dim"]), s["fingerprint"], spec, float(s["created_at"]), float(s["updated_at"]))
 
-    def _write_settings(self, coll: _Coll) -> None:
+    def _write_settings(self, coll: Coll) -> None:
         settings = {"name": coll.name, "dim": coll.dim, "fingerprint": coll.fingerprint, "kind": coll.spec.kind,
                     "params": coll.spec.params(), "created_at": coll.created_at, "updated_at": coll.updated_at}
-        self._call(f"saving collection {coll.name!r}'s settings", self.client.upsert, SETTINGS,
+        self._call(f"saving collection {coll.name!r}'s settings", "upsert", SETTINGS,
                    [{"key": coll.key, "settings": json.dumps(settings), "v": [1.0, 0.0]}])
 
-    def _find(self, collection: str) -> _Coll | None:
-        coll = self._colls.get(collection)
-        if coll is None:  # perhaps created by another ranker on the same Milvus
-            rows = self._call("reading collection settings", self.client.get, SETTINGS, ids=[milvus_name(collection)],
-                              output_fields=["settings"])
-            if rows:
-                coll = self._from_row(rows[0])
-                self._call(f"loading collection {collection!r}", self.client.load_collection, coll.key)
-                self._colls[collection] = coll
+    def _all(self) -> list[Coll]:
+        rows = self._call("reading collection settings", "query", SETTINGS, filter='key != ""',
+                          output_fields=["settings"], consistency_level=CONSISTENCY)
+        return sorted((self._from_row(r) for r in rows), key=lambda c: c.name)
+
+    def _find(self, collection: str) -> Coll | None:
+        """The collection's settings (None: no such collection). Milvus's own
+        metadata says at once whether it exists and which incarnation it is
+        (its id: dropped and made again, even by another ranker, it has another);
+        the settings of an id never change, so they are read once per id (a
+        Strong read costs a time tick) and the collection loaded then."""
+        key = milvus_name(collection)
+        try:
+            described = self.link.call("looking up the collection", "describe_collection", key)
+        except errors.Unavailable as exc:
+            if self.link.unreachable_now(exc) or not not_found(exc):
+                raise
+            self._known.pop(key, None)
+            return None
+        cid = described.get("collection_id")
+        known = self._known.get(key)
+        if known is not None and known[0] == cid:
+            return known[1]
+        rows = self._call("reading collection settings", "get", SETTINGS, ids=[key], output_fields=["settings"],
+                          consistency_level=CONSISTENCY)
+        if not rows:  # being made or dropped by another ranker right now
+            return None
+        coll = self._from_row(rows[0])
+        self._call(f"loading collection {collection!r}", "load_collection", key)
+        self._known[key] = (cid, coll)
         return coll
 
-    def _get(self, collection: str) -> _Coll:
+    def _get(self, collection: str) -> Coll:
         coll = self._find(collection)
         if coll is None:
-            raise validation.unknown_collection(collection, self._colls)
+            raise validation.unknown_collection(collection, [c.name for c in self._all()])
         return coll
 
-    def _create(self, collection: str, dim: int, fingerprint: str, spec: IndexSpec) -> _Coll:
+    def _create(self, collection: str, dim: int, fingerprint: str, spec: IndexSpec) -> Coll:
         from pymilvus import DataType, MilvusClient
 
         if not MIN_DIM <= dim <= MAX_DIM:
@@ -194,28 +203,31 @@ class MilvusBackend(BackendBase):
         if spec.float16:
             raise errors.InvalidArgument("the Milvus backend keeps float32 vectors: float16 is not available")
         now = time.time()
-        coll = _Coll(collection, dim, fingerprint, spec, now, now)
+        coll = Coll(collection, dim, fingerprint, spec, now, now)
         schema = MilvusClient.create_schema(auto_id=False)
         schema.add_field("name", DataType.VARCHAR, is_primary=True, max_length=MAX_NAME_BYTES)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("created_at", DataType.DOUBLE)
         schema.add_field("updated_at", DataType.DOUBLE)
         schema.add_field("attributes", DataType.JSON)
-        index_type, build, _ = _index_params(spec)
+        index_type, build, _ = index_params(spec)
         index = self.client.prepare_index_params()
         index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=build)
         try:
-            self.client.create_collection(coll.key, schema=schema, index_params=index, consistency_level=CONSISTENCY)
-            self.client.load_collection(coll.key)
-        except Exception as exc:
+            self.link.call(f"making {collection!r}", "create_collection", coll.key, schema=schema,
+                           index_params=index, consistency_level=CONSISTENCY)
+            self.link.call(f"loading {collection!r}", "load_collection", coll.key)
+        except errors.Unavailable as exc:
+            if self.link.unreachable_now(exc):
+                raise
             try:
                 self.client.drop_collection(coll.key)
             except Exception as cleanup:  # noqa: BLE001 - best effort; the first error is the one to report
                 log.warning("could not drop the half-made collection %s: %s", coll.key, cleanup)
             raise errors.FailedPrecondition(
-                f"Milvus at {self.uri} cannot make a {spec.label} collection {collection!r}: {exc}") from exc
+                f"Milvus at {self.uri} cannot make a {spec.label} collection {collection!r}: "
+                f"{exc.__cause__ or exc}") from exc
         self._write_settings(coll)
-        self._colls[collection] = coll
         log.info("created Milvus collection %s for %r (dim %d, %s)", coll.key, collection, dim, index_type)
         return coll
 
@@ -240,9 +252,9 @@ class MilvusBackend(BackendBase):
         with self._lock:
             coll = self._get(collection)
             count = self._count(coll)
-            self._call(f"dropping {collection!r}", self.client.drop_collection, coll.key)
-            self._call(f"dropping {collection!r}", self.client.delete, SETTINGS, ids=[coll.key])
-            self._colls.pop(collection, None)
+            self._call(f"dropping {collection!r}", "drop_collection", coll.key)
+            self._call(f"dropping {collection!r}", "delete", SETTINGS, ids=[coll.key])
+            self._known.pop(coll.key, None)
         return count
 
     def upsert_job(self) -> "MilvusUpsertJob":
@@ -260,10 +272,10 @@ class MilvusBackend(BackendBase):
         for collection, items in by_coll.items():
             coll = self._get(collection)
             existing = {r["name"]: r["created_at"] for r in self._call(
-                "looking up names", self.client.get, coll.key, ids=list(items), output_fields=["name", "created_at"])}
+                "looking up names", "get", coll.key, ids=list(items), output_fields=["name", "created_at"])}
             rows = [{"name": name, "vector": p.vector.tolist(), "created_at": existing.get(name, now),
                      "updated_at": now, "attributes": p.attributes} for name, p in items.items()]
-            self._call(f"upserting {len(rows)} items", self.client.upsert, coll.key, rows)
+            self._call(f"upserting {len(rows)} items", "upsert", coll.key, rows)
             seen = set(existing)
             for p in batch:
                 if p.collection != collection:
@@ -282,38 +294,39 @@ class MilvusBackend(BackendBase):
         validation.check_delete(collection, names)
         coll = self._get(collection)
         wanted = list(dict.fromkeys(names))
-        found = {r["name"] for r in self._call("looking up names", self.client.get, coll.key, ids=wanted,
+        found = {r["name"] for r in self._call("looking up names", "get", coll.key, ids=wanted,
                                                output_fields=["name"])} if wanted else set()
         existing = [n for n in wanted if n in found]
         if existing:
-            self._call(f"deleting {len(existing)} names", self.client.delete, coll.key, ids=existing)
+            self._call(f"deleting {len(existing)} names", "delete", coll.key, ids=existing)
             coll.updated_at = time.time()
             self._write_settings(coll)
         return DeleteResult(len(existing), [n for n in wanted if n not in found])
 
     # ------------------------------------------------------------ reads
 
-    def _prepare(self, query: Query, what: str) -> tuple[_Coll, np.ndarray, int]:
+    def _prepare(self, query: Query, what: str) -> tuple[Coll, np.ndarray, int]:
         k = validation.check_query(query, what)
         coll = self._get(query.collection)
         return coll, validation.query_vector(query, what, coll.name, coll.dim, coll.fingerprint), k
 
-    def _search(self, coll: _Coll, q64: np.ndarray, k: int, query: Query | None = None) -> list[Match]:
-        _, _, search_params = _index_params(coll.spec)
+    def _search(self, coll: Coll, q64: np.ndarray, k: int, query: Query | None = None) -> list[Match]:
+        _, _, search_params = index_params(coll.spec)
         exact = coll.spec.kind == EXACT
         fetch = min(MAX_SEARCH_LIMIT, max(2 * k, k + 64) if exact else coll.spec.candidates(k, MAX_SEARCH_LIMIT))
         q32 = q64.astype(np.float32).tolist()
         expr = filter_expression(query.filters) if query is not None and query.filters else ""
         fields = ["vector", "attributes"] if query is not None and query.with_attributes else ["vector"]
+        hit_fields = fields[1:]  # the vectors come after (_hit_rows)
         if expr and not exact:
             passing = self._count(coll, expr)
             if passing <= FILTER_EXACT_SCAN_SHARE * self._count(coll):  # selective: scan the passing rows
-                return self._rank(self._call("reading filtered rows", self.client.query, coll.key, filter=expr,
+                return rank_rows(self._call("reading filtered rows", "query", coll.key, filter=expr,
                                              output_fields=["name", *fields], consistency_level=CONSISTENCY),
                                   q64, k, query)
         while True:
-            (hits,) = self._call("searching", self.client.search, coll.key, data=[q32], limit=fetch, filter=expr,
-                                 output_fields=fields, consistency_level=CONSISTENCY,
+            (hits,) = self._call("searching", "search", coll.key, data=[q32], limit=fetch, filter=expr,
+                                 output_fields=hit_fields, consistency_level=CONSISTENCY,
                                  search_params={"metric_type": "IP", "params": search_params})
             names = [h["name"] if "name" in h else h["id"] for h in hits]
             if not exact or len(hits) < fetch or fetch >= MAX_SEARCH_LIMIT or len(hits) <= k:
@@ -324,22 +337,36 @@ class MilvusBackend(BackendBase):
                 break
             fetch = min(MAX_SEARCH_LIMIT, 4 * fetch)
         if expr and len(hits) < k and len(hits) < self._count(coll, expr):  # the ANN search missed some
-            return self._rank(self._call("reading filtered rows", self.client.query, coll.key, filter=expr,
+            return rank_rows(self._call("reading filtered rows", "query", coll.key, filter=expr,
                                          output_fields=["name", *fields], consistency_level=CONSISTENCY),
                               q64, k, query)
-        return self._rank([{"name": name, **h["entity"]} for name, h in zip(names, hits)], q64, k, query)
+        return rank_rows(self._hit_rows(coll, names, hits, q32), q64, k, query)
 
-    @staticmethod
-    def _rank(rows: list[dict], q64: np.ndarray, k: int, query: Query | None) -> list[Match]:
-        """The exact float64 top-k of rows {name, vector[, attributes]}, ties by name."""
-        if not rows:
-            return []
-        by_name = {r["name"]: r for r in rows}
-        found = rank_exact(list(by_name), np.asarray([r["vector"] for r in by_name.values()], dtype=np.float32),
-                           q64, k)
-        with_attributes = query is not None and query.with_attributes
-        return [Match(rank, name, score, dict(by_name[name].get("attributes") or {}) if with_attributes else {})
-                for rank, (name, score) in enumerate(found, 1)]
+    def _hit_rows(self, coll: Coll, names: list[str], hits: list[dict], q32: list[float]) -> list[dict]:
+        """The hits with their vectors. A search returning vectors costs Milvus a
+        second wait for a time tick (it queries them again, Strong), so they are
+        read after the search without one: the search already waited, and a
+        replica reads forward from there. A vector whose float32 score is not the
+        search's (a replica behind, or the item replaced since) or that did not come
+        back is read again, Strong; IVF_PQ's scores are approximate: all are."""
+        rows = {n: {"name": n, **h.get("entity", {})} for n, h in zip(names, hits)}
+        scores = {n: h["distance"] for n, h in zip(names, hits)}
+        wanted = list(rows) if coll.spec.kind == IVF_PQ else []
+        if not wanted and rows:
+            got = {r["name"]: r["vector"] for r in self._call(
+                "reading vectors", "get", coll.key, ids=list(rows), output_fields=["name", "vector"],
+                consistency_level="Eventually")}
+            q = np.asarray(q32, dtype=np.float32)
+            for n in rows:
+                if n in got and abs(float(np.dot(np.asarray(got[n], dtype=np.float32), q)) - scores[n]) <= 1e-4:
+                    rows[n]["vector"] = got[n]
+                else:
+                    wanted.append(n)
+        if wanted:
+            for r in self._call("reading vectors", "get", coll.key, ids=wanted, output_fields=["name", "vector"],
+                                consistency_level=CONSISTENCY):
+                rows[r["name"]]["vector"] = r["vector"]
+        return [r for r in rows.values() if "vector" in r]  # one deleted since the search is gone
 
     def _answer(self, query: Query, what: str) -> list[Match]:
         """One query; with query expansion, the first pass's vectors come back
@@ -352,7 +379,7 @@ class MilvusBackend(BackendBase):
         if query.expansion is not None:
             top = self._search(coll, q64, query.expansion.top_n, query)
             if top:
-                rows = self._call("reading vectors", self.client.get, coll.key, ids=[m.name for m in top],
+                rows = self._call("reading vectors", "get", coll.key, ids=[m.name for m in top],
                                   output_fields=["name", "vector"])
                 by_name = {r["name"]: r["vector"] for r in rows}
                 kept = [m for m in top if m.name in by_name]
@@ -363,7 +390,8 @@ class MilvusBackend(BackendBase):
 
     def search(self, query: Query) -> list[Match]:
         self._require_ready()
-        return self._answer(query, validation.describe_query(query))
+        with deadline_of(query.deadline):
+            return self._answer(query, validation.describe_query(query))
 
     def derived_pending(self, query: Query) -> None:
         """No derived data here (k-reciprocal is refused): never waits."""
@@ -374,13 +402,14 @@ class MilvusBackend(BackendBase):
         results: list[list[Match] | errors.ImageSearchError] = []
         for i, query in enumerate(queries):
             try:
-                results.append(self._answer(query, validation.describe_query(query, i)))
+                with deadline_of(query.deadline):
+                    results.append(self._answer(query, validation.describe_query(query, i)))
             except errors.ImageSearchError as exc:
                 results.append(exc)
         return results
 
-    def _count(self, coll: _Coll, expr: str = "") -> int:
-        rows = self._call("counting", self.client.query, coll.key, filter=expr, output_fields=["count(*)"],
+    def _count(self, coll: Coll, expr: str = "") -> int:
+        rows = self._call("counting", "query", coll.key, filter=expr, output_fields=["count(*)"],
                           consistency_level=CONSISTENCY)
         return int(rows[0]["count(*)"])
 
@@ -393,7 +422,7 @@ class MilvusBackend(BackendBase):
         coll = self._get(collection)
         expr = " and ".join(e for e in (f"name > {json.dumps(start_after)}" if start_after else "",
                                         filter_expression(filters)) if e)
-        iterator = self._call("listing names", self.client.query_iterator, coll.key, batch_size=1000,
+        iterator = self._call("listing names", "query_iterator", coll.key, batch_size=1000,
                               filter=expr, output_fields=["name"], consistency_level=CONSISTENCY)
         names = []
         while True:
@@ -408,7 +437,7 @@ class MilvusBackend(BackendBase):
         fields = ["name", "attributes", "created_at", "updated_at"] + (["vector"] if with_vectors else [])
         for start in range(0, len(names), size):
             page = names[start:start + size]
-            rows = {r["name"]: r for r in self._call("reading items", self.client.get, coll.key, ids=page,
+            rows = {r["name"]: r for r in self._call("reading items", "get", coll.key, ids=page,
                                                      output_fields=fields)}
             items = [StoredItem(n, validation.to_json(rows[n].get("attributes") or {}), rows[n]["created_at"],
                                 rows[n]["updated_at"], coll.fingerprint,
@@ -425,7 +454,7 @@ class MilvusBackend(BackendBase):
         done, not_found = 0, []
         with self._lock:
             for old, new in renamings:
-                rows = self._call("reading an item", self.client.get, coll.key, ids=[old],
+                rows = self._call("reading an item", "get", coll.key, ids=[old],
                                   output_fields=["name", "vector", "attributes", "created_at"])
                 if not rows:
                     not_found.append(old)
@@ -434,16 +463,16 @@ class MilvusBackend(BackendBase):
                 if new == old:
                     continue
                 row = rows[0]
-                self._call("renaming", self.client.upsert, coll.key, [{
+                self._call("renaming", "upsert", coll.key, [{
                     "name": new, "vector": list(row["vector"]), "created_at": row["created_at"],
                     "updated_at": time.time(), "attributes": row.get("attributes") or {}}])
-                self._call("renaming", self.client.delete, coll.key, ids=[old])
+                self._call("renaming", "delete", coll.key, ids=[old])
             if done:
                 coll.updated_at = time.time()
                 self._write_settings(coll)
         return RenameResult(done, not_found)
 
-    def _stats(self, coll: _Coll) -> CollectionStats:
+    def _stats(self, coll: Coll) -> CollectionStats:
         return CollectionStats(coll.name, self._count(coll), coll.dim, coll.fingerprint, 0, coll.created_at,
                                coll.updated_at, coll.spec)
 
@@ -451,8 +480,9 @@ class MilvusBackend(BackendBase):
         self._require_ready()
         if collection:
             validation.check_collection(collection, what="stats")
-            return [self._stats(self._get(collection))]
-        return [self._stats(self._colls[name]) for name in sorted(self._colls)]
+            coll = self._get(collection)  # then its settings as they are now (updated_at)
+            return [self._stats(next((c for c in self._all() if c.name == collection), coll))]
+        return [self._stats(coll) for coll in self._all()]
 
     def memory_bytes(self) -> int:
         return 0  # the vectors live in Milvus
@@ -461,40 +491,3 @@ class MilvusBackend(BackendBase):
         raise errors.FailedPrecondition(
             "Backup copies the SQLite backend's database; with --backend milvus the vectors live in Milvus: "
             "back them up with Milvus's own tools (e.g. milvus-backup)")
-
-
-class MilvusUpsertJob(UpsertJob):
-    """The Milvus backend's upsert job (backend.py): a flush is also due
-    when an item names a collection that does not exist yet (it is created,
-    with the first item's dimension and fingerprint, as the batch commits)."""
-
-    def _prepare(self, index: int, item: UpsertItem) -> Pending:
-        p = validation.pending_item(index, item)
-        if len(p.name.encode("utf-8")) > MAX_NAME_BYTES:
-            raise errors.InvalidArgument(f"{p.what}: the name takes more than {MAX_NAME_BYTES} bytes in UTF-8")
-        return p
-
-    def _due(self, p: Pending) -> bool:
-        return self._backend._find(p.collection) is None
-
-    def _commit(self, batch: list[Pending]) -> None:
-        if batch:
-            self._commit_batch(batch, self._backend._commit)
-
-    def flush(self) -> None:
-        backend, batch = self._backend, []
-        pending, self._pending = self._pending, []
-        for p in pending:
-            with backend._lock:
-                coll = backend._find(p.collection)
-                if coll is None:
-                    self._commit(batch)
-                    batch = []
-                    coll = backend._create(p.collection, p.vector.shape[0], p.fingerprint, IndexSpec())
-            try:
-                validation.check_fits(p.collection, coll.dim, coll.fingerprint, p)
-            except errors.ImageSearchError as exc:
-                self.fail(exc)
-                break
-            batch.append(p)
-        self._commit(batch)
