@@ -189,8 +189,10 @@ CLIENT_SCRIPT = textwrap.dedent("""
     from clients import EmbedderClient, RankerClient, file_source
 
     repo, embedder, ranker, photos = sys.argv[1:5]
-    # The installed package, not the checkout; and the base install only.
-    assert not Path(clients.__file__).resolve().is_relative_to(Path(repo).resolve()), clients.__file__
+    # The installed package (in site-packages, wherever the venv lives), not the
+    # checkout's clients/; and the base install only.
+    here = Path(clients.__file__).resolve()
+    assert "site-packages" in here.parts and not here.is_relative_to(Path(repo, "clients").resolve()), here
     extras = [m for m in ("torch", "faiss", "pymilvus", "onnxruntime", "sqlite_utils") if importlib.util.find_spec(m)]
     assert not extras, f"not a base-only install: {extras} installed"
     paths = sorted(Path(photos).iterdir())

@@ -383,7 +383,10 @@ class SqliteBackend(BackendBase):
 
     def list_items(self, collection: str, *, page_size: int = 0, start_after: str = "", limit: int = 0,
                    filters: Sequence[AttributeFilter] = (), with_vectors: bool = False) -> Iterator[ItemPage]:
-        """Pages of a collection's items in name order (see ListItems)."""
+        """Pages of a collection's items in name order (see ListItems). Each page
+        is one read (a snapshot); a short page ends the listing, so a listing of
+        one page is a snapshot too. Pages after the first continue after the
+        last name sent, as a cursor does: a rename between them shows."""
         self._require_ready()
         page_size = validation.check_list_items(collection, page_size, limit)
         self.index.get(collection)  # NotFound for an unknown collection
@@ -394,13 +397,15 @@ class SqliteBackend(BackendBase):
             rows = self.store.items(collection, after, want, with_vectors=with_vectors)
             if not rows:
                 return
-            after = rows[-1].name
+            after, last = rows[-1].name, len(rows) < want  # a short read: the end
             if filters:
                 rows = [r for r in rows if validation.passes(validation.from_json(r.attributes), filters)]
             if rows:
                 if left is not None:
                     left -= len(rows)
                 yield ItemPage(rows, after)
+            if last:
+                return
 
     def stats(self, collection: str | None = None) -> list[CollectionStats]:
         self._require_ready()
