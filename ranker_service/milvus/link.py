@@ -31,7 +31,10 @@ MIN_TIMEOUT_S = 0.05
 # what a call failing for want of Milvus (not for a refused request) says
 _UNREACHABLE = ("fail connecting", "unavailable", "connection refused", "deadline", "timeout", "timed out",
                 "server unavailable", "not ready", "socket closed", "channel closed", "connection reset")
+
+
 def not_found(exc: BaseException) -> bool:
+    """Did Milvus refuse the call because a collection (or partition) is not there?"""
     cause = exc.__cause__ or exc
     return getattr(cause, "code", None) == 100 or any(
         w in str(cause).lower() for w in ("not found", "can't find", "not exist"))
