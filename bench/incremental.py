@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.cli.incremental import sha256_file
 from clients.files import MTIME, SHA256, SIZE
+from imagesearch.files import sha256_file
 from clients.embedder import EmbedderClient
 from clients.ranker import RankerClient
 from clients.types import Embedding

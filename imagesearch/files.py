@@ -1,9 +1,11 @@
-"""Atomic file writes: a temporary file in the target's folder, fsync, then
-`os.replace`, so a crash or a reader never sees half a file. The result gets
-the permissions a plain `open(path, "w")` would give (mkstemp's are 0600)."""
+"""Files, the one way: atomic writes (a temporary file in the target's folder,
+fsync, then `os.replace`, so a crash or a reader never sees half a file; the
+result gets the permissions a plain `open(path, "w")` would give, mkstemp's
+being 0600), and a file's sha256 read in chunks."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -37,3 +39,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     data = text.encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes, read `chunk` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -35,24 +35,15 @@ files unchanged and embeds only the rest.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
 from clients.errors import UsageError
 from clients.files import FILE_KEYS, MTIME, SHA256, SIZE
 from clients.types import StoredItem
+from imagesearch.files import sha256_file
 
 CLASS = "class"
-HASH_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def extra_attributes(fixed: Mapping[str, str], from_folders: bool) -> Callable[[str], dict[str, str]]:

@@ -20,7 +20,6 @@ stops reading ends with the server's stream idle timeout.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import shutil
 import sqlite3
@@ -31,12 +30,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imagesearch import errors
+from imagesearch.files import sha256_file
 from ranker_service.sqlite.store import Store
 from ranker_service.types import BackupCopy
 
 log = logging.getLogger(__name__)
-
-CHUNK_BYTES = 1 << 20
 
 
 def check_copy(path: Path) -> tuple[int, int]:
@@ -53,14 +51,6 @@ def check_copy(path: Path) -> tuple[int, int]:
     finally:
         conn.close()
     return int(collections), int(vectors)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Bytes that copies being made will still write, per folder.
@@ -99,7 +89,7 @@ def backup_copy(store: Store, folder: Path | None = None) -> Iterator[BackupCopy
         store.copy_to(path)
         seconds = time.monotonic() - started
         collections, vectors = check_copy(path)
-        copy = BackupCopy(path, path.stat().st_size, _sha256(path), collections, vectors, seconds)
+        copy = BackupCopy(path, path.stat().st_size, sha256_file(path), collections, vectors, seconds)
         log.info("backup copy: %d collections, %d vectors, %d bytes (writes waited %.3f s)",
                  collections, vectors, copy.size, seconds)
         yield copy
