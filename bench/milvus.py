@@ -81,11 +81,11 @@ def main() -> None:
                                          for n, v in zip(names, vectors)), timeout=3600)
                 ranker_upsert = args.n / (time.perf_counter() - started)
                 assert reply.upserted == args.n
-                from ranker_service.milvus.schema import milvus_name
+                from ranker_service.milvus.schema import collection_schema, milvus_name
 
                 key = milvus_name("bench")
                 twin = "bench_pymilvus"
-                client.create_collection(twin, schema=_schema(args.dim),
+                client.create_collection(twin, schema=collection_schema(args.dim),
                                          index_params=_index(client), consistency_level="Strong")
                 client.load_collection(twin)
                 now = time.time()
@@ -135,20 +135,6 @@ def main() -> None:
     print(f"target (ranker <= 1.2x + 1 ms at p50 and p99): {'met' if result['target_met'] else 'NOT met'}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
-
-
-def _schema(dim: int):
-    from pymilvus import DataType, MilvusClient
-
-    from ranker_service.milvus.schema import MAX_NAME_BYTES
-
-    schema = MilvusClient.create_schema(auto_id=False)
-    schema.add_field("name", DataType.VARCHAR, is_primary=True, max_length=MAX_NAME_BYTES)
-    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    schema.add_field("created_at", DataType.DOUBLE)
-    schema.add_field("updated_at", DataType.DOUBLE)
-    schema.add_field("attributes", DataType.JSON)
-    return schema
 
 
 def _index(client):

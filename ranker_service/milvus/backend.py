@@ -27,11 +27,11 @@ from ranker_service.milvus.ranking import rank_rows
 from ranker_service.milvus.schema import (
     CONSISTENCY,
     MAX_DIM,
-    MAX_NAME_BYTES,
     MAX_SEARCH_LIMIT,
     MIN_DIM,
     SETTINGS,
     Coll,
+    collection_schema,
     filter_expression,
     index_params,
     milvus_name,
@@ -195,8 +195,6 @@ class MilvusBackend(BackendBase):
         return coll
 
     def _create(self, collection: str, dim: int, fingerprint: str, spec: IndexSpec) -> Coll:
-        from pymilvus import DataType, MilvusClient
-
         if not MIN_DIM <= dim <= MAX_DIM:
             raise errors.InvalidArgument(
                 f"collection {collection!r}: dimension {dim} is outside Milvus's limits {MIN_DIM}..{MAX_DIM}")
@@ -204,12 +202,7 @@ class MilvusBackend(BackendBase):
             raise errors.InvalidArgument("the Milvus backend keeps float32 vectors: float16 is not available")
         now = time.time()
         coll = Coll(collection, dim, fingerprint, spec, now, now)
-        schema = MilvusClient.create_schema(auto_id=False)
-        schema.add_field("name", DataType.VARCHAR, is_primary=True, max_length=MAX_NAME_BYTES)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-        schema.add_field("created_at", DataType.DOUBLE)
-        schema.add_field("updated_at", DataType.DOUBLE)
-        schema.add_field("attributes", DataType.JSON)
+        schema = collection_schema(dim)
         index_type, build, _ = index_params(spec)
         index = self.client.prepare_index_params()
         index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=build)

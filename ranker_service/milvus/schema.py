@@ -20,6 +20,20 @@ CONSISTENCY = "Strong"
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_]")
 
 
+def collection_schema(dim: int):
+    """The Milvus schema of one of our collections: the name as primary key,
+    the vector, the times and the attributes as JSON."""
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("name", DataType.VARCHAR, is_primary=True, max_length=MAX_NAME_BYTES)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("created_at", DataType.DOUBLE)
+    schema.add_field("updated_at", DataType.DOUBLE)
+    schema.add_field("attributes", DataType.JSON)
+    return schema
+
+
 def milvus_name(collection: str) -> str:
     """A Milvus collection name for ours: allowed characters only, unique by hash."""
     readable = _NOT_ALLOWED.sub("_", collection)[:40]
