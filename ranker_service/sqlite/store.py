@@ -247,15 +247,7 @@ class Store:
         if collections is not None:
             where = f" WHERE collection IN ({','.join('?' * len(collections))})"
             args = list(collections)
-        with self._lock:
-            cursor = self.db.conn.execute(f"SELECT collection, name, dim, vector FROM vectors{where} ORDER BY rowid",
-                                          args)
-            try:
-                yield from cursor
-            except sqlite3.Error as exc:
-                raise StoreError(describe_open_error(self.path, exc)) from exc
-            finally:
-                cursor.close()
+        yield from self._stream(f"SELECT collection, name, dim, vector FROM vectors{where} ORDER BY rowid", args)
 
     def vector(self, collection: str, name: str) -> np.ndarray | None:
         """The stored float32 vector of (collection, name), or None."""
@@ -266,9 +258,13 @@ class Store:
 
     def iter_attributes(self) -> Iterator[tuple[str, str, str]]:
         """(collection, name, attributes JSON) of every item that has attributes. For start-up loading."""
+        yield from self._stream("SELECT collection, name, attributes FROM vectors WHERE attributes != '{}' "
+                                "ORDER BY rowid", [])
+
+    def _stream(self, sql: str, args: list) -> Iterator[tuple]:
+        """The rows of one query as they are read, under the store's lock."""
         with self._lock:
-            cursor = self.db.conn.execute(
-                "SELECT collection, name, attributes FROM vectors WHERE attributes != '{}' ORDER BY rowid")
+            cursor = self.db.conn.execute(sql, args)
             try:
                 yield from cursor
             except sqlite3.Error as exc:
