@@ -22,7 +22,7 @@ import time
 import pytest
 
 from testkit import ROOT
-from tests.test_report_browser import CHROMIUM, CHROMIUM_ARGS, OUTPUT
+from tests.test_report_browser import OUTPUT, browser  # noqa: F401 (fixture)
 from tests.test_web import COLLECTION, gallery, services  # noqa: F401 (fixtures)
 
 pytest.importorskip("starlette", reason="the [web] extra: pip install 'imagesearch[web]'")
@@ -30,17 +30,6 @@ pytest.importorskip("starlette", reason="the [web] extra: pip install 'imagesear
 URL_LINE = re.compile(r"search page: (http://\S+/)")
 TOP_K = 4
 BUDGET_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (CI does)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
