@@ -122,6 +122,7 @@ class ModelInfo:
     max_message_bytes: int
     max_streams: int = 0  # EmbedStream calls the server keeps open at once (0: no cap)
     stream_window: int = 0  # items of one EmbedStream the server holds at once
+    model: str = ""  # its name in the embedder ("default" for one model served with the single-model flags)
 
 
 @dataclasses.dataclass(frozen=True)

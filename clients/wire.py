@@ -71,7 +71,7 @@ def model_info(reply: embedder_pb2.GetModelInfoResponse) -> ModelInfo:
         interpolation=reply.interpolation, class_names=tuple(reply.class_names),
         max_image_bytes=reply.max_image_bytes, max_image_pixels=reply.max_image_pixels, max_batch=reply.max_batch,
         max_message_bytes=reply.max_message_bytes, max_streams=reply.max_streams,
-        stream_window=reply.stream_window)
+        stream_window=reply.stream_window, model=reply.model)
 
 
 def match(m: ranker_pb2.Match) -> Match:

@@ -32,7 +32,7 @@ class ResourceExhausted(ImageSearchError):
 
 
 class NotFound(ImageSearchError, LookupError):
-    """An unknown collection."""
+    """An unknown collection, or a model the embedder does not serve."""
 
     status = "NOT_FOUND"
 
