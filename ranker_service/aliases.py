@@ -9,15 +9,12 @@ conditional (compare-and-swap on the current target); the target before the
 last switch is kept for a roll-back. A collection an alias points to cannot be
 dropped. Every change is logged at INFO with the old and new target.
 
-A backend's table (sqlite/aliases.py, milvus/aliases.py) keeps the state and
-gives `_changing()` (a context in which no other alias or collection change of
-this ranker runs), `_lookup`, `_put`, `_remove`, `_collections`, `resolve` and
-`list`; the rules and their messages are here, once.
+A backend's table (sqlite/aliases.py, milvus/aliases.py) keeps the state; the
+rules and their messages are here, once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from imagesearch import errors
@@ -37,32 +34,18 @@ def taken(name: str, found: Alias | str) -> errors.AlreadyExists:
 
 
 class AliasTable:
-    """See the module docstring."""
+    """See the module docstring. A subclass gives `resolve(name) -> Target` (the
+    collection `name` names: itself unless it is an alias, and its fingerprint),
+    `list()` (every alias, by name), `_changing()` (a context in which no other
+    alias or collection change of this ranker runs), `_lookup(name)` (the alias
+    `name`, else `name` when it is a collection, else None), `_put(alias, new)`
+    (store a new or switched alias, durably and atomically), `_remove(alias)` and
+    `_collections()` (every collection's name, for messages)."""
 
     def resolve(self, name: str) -> Target:
-        """The collection `name` names (itself unless it is an alias) and its fingerprint."""
         raise NotImplementedError
 
     def list(self) -> list[Alias]:
-        """Every alias, by name."""
-        raise NotImplementedError
-
-    def _changing(self) -> contextlib.AbstractContextManager:
-        raise NotImplementedError
-
-    def _lookup(self, name: str) -> Alias | str | None:
-        """The alias `name`; else `name` when it is a collection; else None."""
-        raise NotImplementedError
-
-    def _put(self, alias: Alias, new: bool) -> None:
-        """Store a new alias, or a switched one, durably and atomically."""
-        raise NotImplementedError
-
-    def _remove(self, alias: Alias) -> None:
-        raise NotImplementedError
-
-    def _collections(self) -> list[str]:
-        """Every collection's name (for messages)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ changes
@@ -80,25 +63,26 @@ class AliasTable:
             self._check_target(alias, collection)
             made = Alias(alias, collection)
             self._put(made, new=True)
-        log.info("alias %r -> %r: created", alias, collection)
+            log.info("alias %r -> %r: created", alias, collection)
         return made
 
     def switch(self, alias: str, collection: str, expected: str = "") -> Alias:
-        """Point `alias` at `collection`, if it points at `expected` now (unless that is "")."""
+        """Point `alias` at `collection`, if it points at `expected` now (unless that is "").
+        A switch to its current target changes nothing: no error (a retried switch)."""
         check_collection(alias, what="switch alias", noun="alias")
         check_collection(collection, what=f"switch alias {alias!r}")
         with self._changing():
             current = self._alias(alias, "switch alias")
+            self._check_target(alias, collection)
+            if current.collection == collection:  # nothing to do (a retried switch too)
+                return current
             if expected and current.collection != expected:
                 raise errors.Aborted(
                     f"switch alias {alias!r}: it points to {current.collection!r}, not {expected!r} as expected "
                     "(another switch came first): read it again (ListAliases) and retry")
-            self._check_target(alias, collection)
-            if current.collection == collection:
-                return current
             switched = Alias(alias, collection, current.collection)
             self._put(switched, new=False)
-        log.info("alias %r switched: %r -> %r", alias, current.collection, collection)
+            log.info("alias %r switched: %r -> %r", alias, current.collection, collection)
         return switched
 
     def drop(self, alias: str) -> None:
@@ -106,7 +90,7 @@ class AliasTable:
         with self._changing():
             current = self._alias(alias, "drop alias")
             self._remove(current)
-        log.info("alias %r (-> %r): dropped", alias, current.collection)
+            log.info("alias %r (-> %r): dropped", alias, current.collection)
 
     # ------------------------------------------------------------ checks for collection changes
 

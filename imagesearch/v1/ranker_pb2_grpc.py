@@ -217,7 +217,8 @@ class RankerServiceServicer:
         """Points an alias at another collection, atomically: a search answers
         wholly from the old or wholly from the new one. With expected_collection
         set, only if the alias still points there (ABORTED otherwise, naming its
-        target: compare-and-swap).
+        target: compare-and-swap). A switch to the current target changes
+        nothing and is no error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
