@@ -12,6 +12,7 @@ import numpy as np
 from google.protobuf import descriptor
 
 from clients.types import (
+    AliasInfo,
     CollectionStats,
     DeleteResult,
     Failure,
@@ -82,6 +83,10 @@ def filters(spec) -> list[ranker_pb2.AttributeFilter]:
     """AttributeFilters from {key: value or [values]} (one value: equality; several: IN)."""
     return [ranker_pb2.AttributeFilter(key=k, values=[v] if isinstance(v, str) else list(v))
             for k, v in (spec or {}).items()]
+
+
+def alias(a: ranker_pb2.Alias) -> AliasInfo:
+    return AliasInfo(a.name, a.collection, a.previous_collection)
 
 
 def stored_item(i: ranker_pb2.Item) -> StoredItem:

@@ -50,6 +50,13 @@ class FailedPrecondition(ImageSearchError):
     status = "FAILED_PRECONDITION"
 
 
+class Aborted(ImageSearchError):
+    """A conditional change lost a race: the state it expected has changed
+    (e.g. an alias switch whose expected target moved). Read again, retry."""
+
+    status = "ABORTED"
+
+
 class WeightsUnavailable(FailedPrecondition):
     """Pretrained weights cannot be had here; the message names the ways out."""
 
