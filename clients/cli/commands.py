@@ -25,7 +25,7 @@ from clients import metrics
 from clients.channels import AUTH_TOKEN_ENV, Security
 from clients.cli import dedupe, report, rollout
 from clients.cli import demo as demo_data
-from clients.cli.jobs import QueryReport, index_folder, query_folder
+from clients.cli.jobs import QueryReport, embedder_for, index_folder, query_folder
 from clients.cli.output import index_summary, json_text, printable, query_summary, say
 from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
 from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
@@ -266,7 +266,7 @@ def cmd_search(args) -> int:
         data = args.image.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {args.image}: {exc.strerror}") from None
-    with _clients(args) as (emb, rank):
+    with _clients(args) as (emb, rank), embedder_for(emb, rank, args.collection, must_exist=True) as (emb, _):
         result = emb.embed(data, name=str(args.image))
         matches = above(rank.search(args.collection, result.vector, top_k=args.top_k, fingerprint=result.fingerprint,
                                     filters=filters, with_attributes=args.json, **rerank), args.min_score)

@@ -36,7 +36,7 @@ from clients.ranker import RankerClient
 from clients.types import AliasInfo, CollectionStats, Match, ModelInfo
 
 SAMPLE_K = 10      # the sample's rankings, and the overlap's depth
-TIE = 1e-6         # a sample image tied on score with the top match (a duplicate file) counts as found
+TIE = 1e-4         # a sample image tied on score with the top match (a duplicate file) counts as found
 
 
 def shadow_name(alias: str, fingerprint: str) -> str:
