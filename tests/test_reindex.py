@@ -181,7 +181,7 @@ def test_clients_searching_the_alias_see_one_model_per_answer_through_reindex_sw
                     failures.append(repr(exc))
 
     added = {}
-    first = sorted(g.iterdir())[0]
+    first = min(g.iterdir())
 
     def change_the_folder_during_the_first_pass():
         with RankerClient(services[1].address) as rank:

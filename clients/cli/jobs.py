@@ -328,7 +328,7 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
         raise UsageError(f"no images under {listing.root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     extra = attributes if callable(attributes) else extra_attributes(attributes or {}, attributes_from_folders)
     start = time.monotonic()
-    with embedder_for(embedder, ranker, collection, must_exist=False) as (embedder, found):
+    with embedder_for(embedder, ranker, collection, must_exist=False) as (model, found):
         count = found.count if found is not None else 0
         stored = ({item.name: item for item in ranker.list_items(collection, timeout=ranker.timeout + count * LIST_S)}
                   if found is not None else {})
@@ -350,7 +350,7 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
         if sync and plan.gone:
             report.deleted = ranker.delete(collection, plan.gone).deleted
         if plan.embed:
-            _embed_and_store(embedder, ranker, FolderListing(listing.root, plan.embed, []), report, plan.attributes,
+            _embed_and_store(model, ranker, FolderListing(listing.root, plan.embed, []), report, plan.attributes,
                              collection=collection, chunk_size=chunk_size, concurrency=concurrency,
                              progress=progress)
     report.seconds = time.monotonic() - start
@@ -414,8 +414,8 @@ def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
             else:
                 chunk.fail(answer)
 
-    with embedder_for(embedder, ranker, collection, must_exist=True) as (embedder, _):
-        job = _Job(embedder, ranker, listing, report, "querying", progress)
+    with embedder_for(embedder, ranker, collection, must_exist=True) as (model, _):
+        job = _Job(model, ranker, listing, report, "querying", progress)
         job.run(step, count_sent=False, unanswered="not done: ", chunk_size=chunk_size, concurrency=concurrency)
     return report
 
