@@ -10,12 +10,14 @@ from clients.embedder import EmbedderClient, ImageSource, file_source
 from clients.errors import ClientError, ServiceUnavailable, UsageError
 from clients.ranker import RankerClient
 from clients.types import (
+    AliasInfo,
     CollectionStats,
     DeleteResult,
     Embedding,
     Failure,
     KReciprocal,
     Match,
+    Matches,
     ModelInfo,
     QueryExpansion,
     SearchResult,
@@ -23,7 +25,7 @@ from clients.types import (
     UpsertResult,
 )
 
-__all__ = ["ClientError", "CollectionStats", "DeleteResult", "EmbedderClient", "Embedding",
-           "Failure", "ImageSource", "KReciprocal", "Match", "ModelInfo", "QueryExpansion", "RankerClient",
+__all__ = ["AliasInfo", "ClientError", "CollectionStats", "DeleteResult", "EmbedderClient", "Embedding",
+           "Failure", "ImageSource", "KReciprocal", "Match", "Matches", "ModelInfo", "QueryExpansion", "RankerClient",
            "RetryPolicy", "SearchResult", "Security", "ServiceUnavailable", "Stats", "UpsertResult", "UsageError",
            "file_source"]

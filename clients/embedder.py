@@ -3,7 +3,9 @@
 Every call has a deadline; UNAVAILABLE is retried by gRPC's retry policy; the
 message limit comes from GetModelInfo; a comma-separated list of replicas is
 balanced by gRPC's round_robin (each call and each stream goes to the next
-replica, so bulk work is cut into several concurrent streams)."""
+replica, so bulk work is cut into several concurrent streams). An embedder
+that serves several models: `model` names the one every call of this client
+goes to ("" = the server's default)."""
 
 from __future__ import annotations
 
@@ -51,31 +53,39 @@ class EmbedderClient(ServiceClient):
     default_address = DEFAULT_ADDRESS
     _info: ModelInfo | None = None  # GetModelInfo's answer, once asked
 
+    def __init__(self, address: str | None = None, *, model: str = "", **kwargs):
+        self.model = model
+        super().__init__(address, **kwargs)
+
     @property
     def replicas(self) -> int:
         return max(1, self.address.count(",") + 1)
 
     def model_info(self, *, refresh: bool = False) -> ModelInfo:
-        """GetModelInfo, cached. The first call also adopts the server's message
-        limit for this channel (reopening it when it differs)."""
-        if self._info is not None and not refresh:
-            return self._info
+        """GetModelInfo of this client's model, cached. The first call also adopts
+        the server's message limit for this channel (reopening it when it differs)."""
+        if self._info is None or refresh:
+            self.models()
+        return self._info
+
+    def models(self) -> list[ModelInfo]:
+        """Every model the embedder serves, the default first (GetModelInfo, asked afresh)."""
         try:
-            info = wire.model_info(self.stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=self.timeout))
+            reply = self.stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(model=self.model), timeout=self.timeout)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
-        self._info = info
+        self._info = info = wire.model_info(reply)
         if info.max_message_bytes and info.max_message_bytes != self._channel.max_message_bytes:
             log.debug("adopting the embedder's message limit of %d bytes", info.max_message_bytes)
             old = self._channel
             self._open(info.max_message_bytes)
             old.close()
-        return info
+        return [wire.model_info(m) for m in reply.models] or [info]  # a server that lists no models serves one
 
     def embed(self, image: bytes, name: str = "", *, timeout: float | None = None) -> Embedding:
         """One image -> its vector. Bad input raises a UsageError naming it."""
         try:
-            reply = self.stub.Embed(embedder_pb2.EmbedRequest(image=image, name=name),
+            reply = self.stub.Embed(embedder_pb2.EmbedRequest(image=image, name=name, model=self.model),
                                     timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise self._error(exc, hint=f"input {name!r}" if name else "") from None
@@ -103,7 +113,7 @@ class EmbedderClient(ServiceClient):
                 except ClientError as exc:
                     failed = Failure(item.name, exc.code or grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 else:
-                    yield embedder_pb2.EmbedStreamRequest(id=item.name, image=data)
+                    yield embedder_pb2.EmbedStreamRequest(id=item.name, image=data, model=self.model)
                     continue
                 with lock:
                     unsent.append(failed)

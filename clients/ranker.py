@@ -13,13 +13,14 @@ from clients import wire
 from clients.base import ServiceClient
 from clients.errors import SERVE_HINT, ClientError, UsageError
 from clients.types import (
+    AliasInfo,
     BackupResult,
     CollectionStats,
     DeleteResult,
     Embedding,
     Failure,
     KReciprocal,
-    Match,
+    Matches,
     QueryExpansion,
     RenameResult,
     SearchResult,
@@ -172,17 +173,20 @@ class RankerClient(ServiceClient):
     def search(self, collection: str, vector, *, top_k: int = 10, fingerprint: str = "",
                filters: Filters | None = None, with_attributes: bool = False,
                query_expansion: QueryExpansion | None = None, k_reciprocal: KReciprocal | None = None,
-               timeout: float | None = None) -> list[Match]:
+               timeout: float | None = None) -> Matches:
         """One query -> its ranked matches, best first (only items passing
         `filters`, applied before top_k), re-ranked when asked
-        (docs/ranker.md#re-ranking)."""
+        (docs/ranker.md#re-ranking); `.collection` and `.fingerprint` say which
+        collection answered (`collection` may be an alias)."""
         request = wire.set_vector(ranker_pb2.SearchRequest(
             collection=collection, top_k=top_k, fingerprint=fingerprint, filters=wire.filters(filters),
             with_attributes=with_attributes, **wire.rerank_fields(query_expansion, k_reciprocal)), vector)
         try:
-            return [wire.match(r.match) for r in self.stub.Search(request, timeout=timeout or self.timeout)]
+            replies = list(self.stub.Search(request, timeout=timeout or self.timeout))
         except grpc.RpcError as exc:
             raise self._error(exc, self._search_hint(exc, collection)) from None
+        head = replies[0] if replies else ranker_pb2.SearchResponse()
+        return Matches([wire.match(r.match) for r in replies], head.collection, head.fingerprint)
 
     @staticmethod
     def _search_hint(exc: grpc.RpcError, collection: str) -> str:
@@ -215,7 +219,8 @@ class RankerClient(ServiceClient):
                 if reply.HasField("error") and reply.error.code:
                     yield wire.failure(reply.id, reply.error)
                 else:
-                    yield SearchResult(reply.id, [wire.match(m) for m in reply.matches])
+                    yield SearchResult(reply.id, [wire.match(m) for m in reply.matches], reply.collection,
+                                       reply.fingerprint)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         finally:
@@ -248,6 +253,36 @@ class RankerClient(ServiceClient):
             return wire.rename_result(self.stub.Rename(request, timeout=self.stream_deadline(len(renamings))))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+
+    # ------------------------------------------------------------------ aliases
+
+    def _aliases(self, method: str, request):
+        try:
+            return getattr(self.stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            hint = ""
+            if exc.code() == grpc.StatusCode.ABORTED:
+                hint = "another switch came first: read the alias again (list_aliases) and decide"
+            raise self._error(exc, hint) from None
+
+    def create_alias(self, alias: str, collection: str) -> AliasInfo:
+        """A name for `collection` that every call taking a collection takes too
+        (the same call again is no error)."""
+        return wire.alias(self._aliases("CreateAlias", ranker_pb2.CreateAliasRequest(
+            alias=alias, collection=collection)).alias)
+
+    def switch_alias(self, alias: str, collection: str, *, expected: str = "") -> AliasInfo:
+        """Point `alias` at `collection` atomically; with `expected`, only if it
+        points there now (else ClientError with code ABORTED). The answer's
+        `previous` is the target before this switch (switch back to roll back)."""
+        return wire.alias(self._aliases("SwitchAlias", ranker_pb2.SwitchAliasRequest(
+            alias=alias, collection=collection, expected_collection=expected)).alias)
+
+    def drop_alias(self, alias: str) -> None:
+        self._aliases("DropAlias", ranker_pb2.DropAliasRequest(alias=alias))
+
+    def list_aliases(self) -> list[AliasInfo]:
+        return [wire.alias(a) for a in self._aliases("ListAliases", ranker_pb2.ListAliasesRequest()).aliases]
 
     def _deadline(self, items) -> float:
         return self.stream_deadline(len(items) if hasattr(items, "__len__") else 0)

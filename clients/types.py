@@ -94,12 +94,36 @@ class StoredItem:
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
-    """One query's ranked matches, best first."""
+    """One query's ranked matches, best first, and the collection that
+    answered (its alias resolved) and its fingerprint."""
 
     name: str
     matches: list[Match]
+    collection: str = ""
+    fingerprint: str = ""
 
     ok = True
+
+
+class Matches(list):
+    """`RankerClient.search`'s answer: a list of Match, best first, with the
+    collection that answered (its alias resolved) and its fingerprint ("" for
+    both when nothing matched: the server sends no message then)."""
+
+    def __init__(self, matches=(), collection: str = "", fingerprint: str = ""):
+        super().__init__(matches)
+        self.collection = collection
+        self.fingerprint = fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasInfo:
+    """An alias: its name, the collection it points to, and the one it pointed
+    to before its last switch ("" before the first), for a roll-back."""
+
+    name: str
+    collection: str
+    previous: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +146,7 @@ class ModelInfo:
     max_message_bytes: int
     max_streams: int = 0  # EmbedStream calls the server keeps open at once (0: no cap)
     stream_window: int = 0  # items of one EmbedStream the server holds at once
+    model: str = ""  # its name in the embedder ("default" for one model served with the single-model flags)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 from google.protobuf import descriptor
 
 from clients.types import (
+    AliasInfo,
     CollectionStats,
     DeleteResult,
     Failure,
@@ -71,7 +72,7 @@ def model_info(reply: embedder_pb2.GetModelInfoResponse) -> ModelInfo:
         interpolation=reply.interpolation, class_names=tuple(reply.class_names),
         max_image_bytes=reply.max_image_bytes, max_image_pixels=reply.max_image_pixels, max_batch=reply.max_batch,
         max_message_bytes=reply.max_message_bytes, max_streams=reply.max_streams,
-        stream_window=reply.stream_window)
+        stream_window=reply.stream_window, model=reply.model)
 
 
 def match(m: ranker_pb2.Match) -> Match:
@@ -82,6 +83,10 @@ def filters(spec) -> list[ranker_pb2.AttributeFilter]:
     """AttributeFilters from {key: value or [values]} (one value: equality; several: IN)."""
     return [ranker_pb2.AttributeFilter(key=k, values=[v] if isinstance(v, str) else list(v))
             for k, v in (spec or {}).items()]
+
+
+def alias(a: ranker_pb2.Alias) -> AliasInfo:
+    return AliasInfo(a.name, a.collection, a.previous_collection)
 
 
 def stored_item(i: ranker_pb2.Item) -> StoredItem:

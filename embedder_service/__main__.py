@@ -1,10 +1,12 @@
 """`python -m embedder_service` / `imagesearch-embedder`: serve EmbedderService.
 
 Start-up order: bind and start the server (health NOT_SERVING, RPCs answer
-UNAVAILABLE), load the model, warm it up, then mark health SERVING. SIGTERM /
-SIGINT: health NOT_SERVING, drain in-flight calls for --grace seconds, then
-stop the batcher's threads. A model that cannot be loaded (weights missing,
-bad checkpoint, no GPU) ends the process with a one-line error, exit code 2.
+UNAVAILABLE), load every model (`--model NAME=SPEC`, repeated; else the
+single-model flags, one model named "default"), warm them up, then mark health
+SERVING. SIGTERM / SIGINT: health NOT_SERVING, drain in-flight calls for
+--grace seconds, then stop the batchers' threads. A model that cannot be
+loaded (weights missing, bad checkpoint, no GPU) ends the process with a
+one-line error, exit code 2.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 from imagesearch import extras
@@ -22,7 +26,7 @@ extras.exit_if_missing("embedder", prog="imagesearch-embedder")
 
 from embedder_service.metrics import EmbedderMetrics
 from embedder_service.servicer import SERVICE_NAME, EmbedderServicer, Limits, register
-from embedder_service.threads import plan_threads
+from embedder_service.threads import Turns, plan_threads
 from imagesearch import defaults, errors, serving
 from imagesearch.serving.metrics import add_metrics_arguments
 from imagesearch.serving.observe import Observability
@@ -32,6 +36,8 @@ log = logging.getLogger("embedder_service")
 ENV = defaults.EMBEDDER_ENV
 # Room for the other fields and protobuf framing around the largest image.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SINGLE_MODEL_FLAGS = ("checkpoint", "backbone", "weights")
 
 
 def _env(name: str, default):
@@ -44,6 +50,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="gRPC EmbedderService: encoded images in, L2-normalised float32 vectors out.")
     serving.add_server_arguments(p, env_prefix=ENV, default_port=defaults.EMBEDDER_PORT)
     m = p.add_argument_group("model")
+    m.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
+                   help="serve several models, one --model each: SPEC is a trainer checkpoint or "
+                        "BACKBONE[:WEIGHTS] (WEIGHTS: imagenet | none | FILE); the first is the default. "
+                        "Replaces --checkpoint/--backbone/--weights (those serve one model, named default); "
+                        "the other model flags apply to every model (docs/embedder.md#several-models-in-one-embedder)")
     m.add_argument("--checkpoint", default=_env("CHECKPOINT", None),
                    help=f"trainer checkpoint to serve; backbone and preprocessing come from its meta "
                         f"(env {ENV}_CHECKPOINT)")
@@ -131,6 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if action.choices and value is not None and value not in action.choices:
             source = f" (from {env})" if os.environ.get(env) == value else ""
             parser.error(f"{action.option_strings[0]} {value!r}{source}: choose one of {', '.join(action.choices)}")
+    args.models = _models(parser, args)
     if args.checkpoint and args.weights:
         parser.error("--checkpoint and --weights exclude each other: a checkpoint holds its own weights")
     # Fail before binding a port, and before the seconds it takes to import torch.
@@ -141,6 +153,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.weights not in (None, "imagenet", "none") and not Path(args.weights).is_file():
         parser.error(f"--weights {args.weights}: no such file; use imagenet, none or a path to a weights file")
     return args
+
+
+def _models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, dict]:
+    """{name: Embedder.load's checkpoint / backbone / weights}, the default first."""
+    if not args.model:
+        return {"default": {flag: getattr(args, flag) for flag in SINGLE_MODEL_FLAGS}}
+    single = [f"--{flag}" + (f" (from {ENV}_{flag.upper()})" if os.environ.get(f"{ENV}_{flag.upper()}") else "")
+              for flag in SINGLE_MODEL_FLAGS if getattr(args, flag)]
+    if single:
+        parser.error(f"--model and {', '.join(single)} exclude each other: each --model names its own checkpoint "
+                     f"or backbone, and without --model those flags serve one model")
+    models: dict[str, dict] = {}
+    for text in args.model:
+        name, _, spec = text.partition("=")
+        backbone, _, weights = spec.partition(":")
+        if not spec:
+            parser.error(f"--model {text!r}: write NAME=CHECKPOINT or NAME=BACKBONE[:WEIGHTS], "
+                         f"e.g. --model new=runs/clothing/best.pt")
+        if not MODEL_NAME.fullmatch(name):
+            parser.error(f"--model {text!r}: a model name is 1 to 64 letters, digits, '_', '.' or '-'")
+        if name in models:
+            parser.error(f"--model {name} is given twice: each model needs a name of its own")
+        if backbone in defaults.BACKBONES:
+            if weights not in ("", "imagenet", "none") and not Path(weights).is_file():
+                parser.error(f"--model {text}: weights {weights}: no such file; use imagenet, none or a weights file")
+            models[name] = {"backbone": backbone, "weights": weights or None}
+        elif Path(spec).is_file():
+            models[name] = {"checkpoint": spec}
+        else:
+            parser.error(f"--model {text}: {spec} is neither a backbone ({', '.join(defaults.BACKBONES)}) "
+                         f"nor a checkpoint file")
+    return models
 
 
 def main(argv=None) -> int:
@@ -160,7 +204,7 @@ def _main(argv=None) -> int:
     running = serving.build_server(config, register(servicer), [SERVICE_NAME], observed.interceptors)
     try:
         observed.start(args.host)
-        batcher = _load(args, servicer, max_message_bytes, observed.metrics)
+        batchers = _load(args, servicer, max_message_bytes, observed.metrics)
     except errors.ImageSearchError as exc:
         running.stop(0).wait()
         log.error("cannot serve: %s", exc)
@@ -169,20 +213,22 @@ def _main(argv=None) -> int:
         running.stop(0).wait()
         raise
     running.set_serving(True)
-    log.info("serving %s", SERVICE_NAME)
+    log.info("serving %s: models %s", SERVICE_NAME, ", ".join(args.models))
 
     def on_stop():
         servicer.ready.detach()
         # The calls are over (answered, or cancelled at the end of the grace period), so what
         # is left is dropped at once; a model call that hangs cannot hold the stop past this.
-        batcher.close(timeout=config.grace_s)
+        deadline = time.monotonic() + config.grace_s
+        for batcher in batchers:
+            batcher.close(timeout=max(0.0, deadline - time.monotonic()))
         observed.close()
     serving.serve_until_signalled(running, on_stop=on_stop)
     return 0
 
 
-def _load(args, servicer, max_message_bytes: int, metrics=None):
-    """Import torch, load and warm up the model, attach it to the servicer."""
+def _load(args, servicer, max_message_bytes: int, metrics=None) -> list:
+    """Import torch, load and warm up every model, attach them to the servicer; their batchers."""
     import torch  # noqa: F401  (heavy: only after the port is bound and health answers)
     from PIL import Image
 
@@ -190,6 +236,7 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
     from embedder_service.embedder import Embedder, resolve_engine
 
     device, engine = resolve_engine(args.engine, args.device)
+    # One plan for every model: the engines take turns (Turns), so it is not multiplied by them.
     plan = plan_threads(engine, device.type, args.max_batch,
                         torch_threads=args.threads or int(os.environ.get(defaults.TORCH_THREADS_ENV) or 0),
                         engine_threads=args.engine_threads, decode_workers=args.decode_workers,
@@ -198,29 +245,40 @@ def _load(args, servicer, max_message_bytes: int, metrics=None):
     # decode_image checks --max-image-pixels against the header before any pixel
     # is decoded; PIL's own process-wide guard would only speak first, in its words.
     Image.MAX_IMAGE_PIXELS = None
-    embedder = Embedder.load(checkpoint=args.checkpoint, backbone=args.backbone, weights=args.weights,
-                             device=device, engine=args.engine,
-                             cache_dir=args.engine_cache, int8_calibration=args.int8_calibration,
-                             decode=args.decode,
-                             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                             max_batch=plan.max_batch, tta=args.tta, engine_threads=plan.engine_threads)
-    embedder.warm_up()
-    decode, run_batch = embedder.decode, embedder.embed_tensors
-    if metrics is not None:
-        measured = EmbedderMetrics(metrics)
-        decode, run_batch = measured.timed_decode(decode, args.max_image_bytes), measured.timed_batch(run_batch)
-    batcher = Batcher(lambda item: decode(*item), run_batch,
-                      max_batch=plan.max_batch, max_wait_s=args.max_wait_ms / 1000.0,
-                      prepare_workers=plan.decode_workers)
-    if metrics is not None:
-        measured.watch_queue(batcher)
+    embedders = {}
+    for name, model in args.models.items():
+        try:
+            embedders[name] = Embedder.load(
+                **model, device=device, engine=args.engine, cache_dir=args.engine_cache,
+                int8_calibration=args.int8_calibration, decode=args.decode, max_image_bytes=args.max_image_bytes,
+                max_image_pixels=args.max_image_pixels, max_batch=plan.max_batch, tta=args.tta,
+                engine_threads=plan.engine_threads)
+        except errors.ImageSearchError as exc:
+            if not args.model:
+                raise
+            raise type(exc)(f"--model {name}: {exc}") from exc
+        embedders[name].warm_up()
+    measured = EmbedderMetrics(metrics) if metrics is not None else None
+    turns = Turns()
+    served = {}
+    for name, embedder in embedders.items():
+        decode, run_batch = embedder.decode, embedder.embed_tensors
+        if measured is not None:
+            decode, run_batch = (measured.timed_decode(decode, args.max_image_bytes, name),
+                                 measured.timed_batch(run_batch, name))
+        batcher = Batcher(lambda item, decode=decode: decode(*item), turns.taking(run_batch),
+                          max_batch=plan.max_batch, max_wait_s=args.max_wait_ms / 1000.0,
+                          prepare_workers=plan.decode_workers, name=f"{name} batcher")
+        if measured is not None:
+            measured.watch_queue(batcher, name)
+        served[name] = (embedder, batcher)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_batch=plan.max_batch, max_message_bytes=max_message_bytes,
                     max_inflight_image_bytes=args.max_inflight_image_bytes,
                     stream_window=plan.stream_window, max_streams=args.max_streams)
-    servicer.attach(embedder, batcher, limits)
+    servicer.attach(served, limits)
     log.info("threads: %s; max wait %.1f ms", plan.describe(), args.max_wait_ms)
-    return batcher
+    return [batcher for _, batcher in served.values()]
 
 
 if __name__ == "__main__":

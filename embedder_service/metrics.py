@@ -1,11 +1,12 @@
 """The embedder's own Prometheus metrics, on top of the per-RPC ones
-(imagesearch.serving.metrics):
+(imagesearch.serving.metrics), each by served model (`model`: its name, "default" for
+one model served with the single-model flags):
 
-    imagesearch_embedder_batch_size_images          images per model batch (histogram)
-    imagesearch_embedder_queue_depth_images         images accepted and not yet through the model
-    imagesearch_embedder_decode_seconds             decode + preprocess of one image (histogram)
-    imagesearch_embedder_inference_seconds          one model batch (histogram)
-    imagesearch_embedder_images_refused_total{reason}  too_many_bytes, too_many_pixels, undecodable
+    imagesearch_embedder_batch_size_images{model}          images per model batch (histogram)
+    imagesearch_embedder_queue_depth_images{model}         images accepted and not yet through the model
+    imagesearch_embedder_decode_seconds{model}             decode + preprocess of one image (histogram)
+    imagesearch_embedder_inference_seconds{model}          one model batch (histogram)
+    imagesearch_embedder_images_refused_total{model,reason}  too_many_bytes, too_many_pixels, undecodable
 
 They are taken by wrapping the two functions the batcher runs (decode one
 image, run one batch), so neither the batcher nor the model knows of them.
@@ -34,18 +35,22 @@ def refusal_reason(exc: BaseException, size: int, max_bytes: int) -> str | None:
 
 class EmbedderMetrics:
     def __init__(self, metrics: ServiceMetrics):
-        self.batch_size = metrics.histogram("batch_size_images", "Images per model batch", buckets=BATCH_BUCKETS)
+        self.batch_size = metrics.histogram("batch_size_images", "Images per model batch", ["model"],
+                                            buckets=BATCH_BUCKETS)
         self.queue_depth = metrics.gauge("queue_depth_images",
-                                         "Images accepted and not yet through the model (decoding or queued)")
-        self.decode = metrics.histogram("decode_seconds", "Decoding and preprocessing one image",
+                                         "Images accepted and not yet through the model (decoding or queued)",
+                                         ["model"])
+        self.decode = metrics.histogram("decode_seconds", "Decoding and preprocessing one image", ["model"],
                                         buckets=DECODE_BUCKETS)
-        self.inference = metrics.histogram("inference_seconds", "Running the model on one batch")
-        self.refused = metrics.counter("images_refused", "Images refused before the model, by reason", ["reason"])
-        for reason in REASONS:  # every series exists from the start, at 0
-            self.refused.labels(reason)
+        self.inference = metrics.histogram("inference_seconds", "Running the model on one batch", ["model"])
+        self.refused = metrics.counter("images_refused", "Images refused before the model, by reason",
+                                       ["model", "reason"])
 
-    def timed_decode(self, decode: Callable, max_bytes: int) -> Callable:
-        """`decode(data, name)` that observes its time and counts refusals."""
+    def timed_decode(self, decode: Callable, max_bytes: int, model: str) -> Callable:
+        """`decode(data, name)` of `model` that observes its time and counts refusals."""
+        refused = {reason: self.refused.labels(model, reason) for reason in REASONS}  # each series from the start
+        seconds = self.decode.labels(model)
+
         def run(data: bytes, name: str = ""):
             started = time.perf_counter()
             try:
@@ -53,23 +58,25 @@ class EmbedderMetrics:
             except errors.ImageSearchError as exc:
                 reason = refusal_reason(exc, len(data), max_bytes)
                 if reason:
-                    self.refused.labels(reason).inc()
+                    refused[reason].inc()
                 raise
             finally:
-                self.decode.observe(time.perf_counter() - started)
+                seconds.observe(time.perf_counter() - started)
         return run
 
-    def timed_batch(self, run_batch: Callable[[Sequence], Sequence]) -> Callable[[Sequence], Sequence]:
-        """`run_batch(tensors)` that observes the batch size and the model's time."""
+    def timed_batch(self, run_batch: Callable[[Sequence], Sequence], model: str) -> Callable[[Sequence], Sequence]:
+        """`run_batch(tensors)` of `model` that observes the batch size and the model's time."""
+        batch_size, inference = self.batch_size.labels(model), self.inference.labels(model)
+
         def run(tensors):
             tensors = list(tensors)
-            self.batch_size.observe(len(tensors))
-            with self.inference.time():
+            batch_size.observe(len(tensors))
+            with inference.time():
                 return run_batch(tensors)
         return run
 
-    def watch_queue(self, batcher) -> None:
+    def watch_queue(self, batcher, model: str) -> None:
         def depth() -> int:
             s = batcher.stats
             return s.submitted - s.items - s.dropped - s.prepare_failed
-        self.queue_depth.set_function(depth)
+        self.queue_depth.labels(model).set_function(depth)

@@ -11,8 +11,11 @@ streams the one with fewer items in flight goes first (in the budget and in
 the batcher), so one Embed is not queued behind a thousand streams' windows. Domain errors become status codes in the shared
 `imagesearch.serving.ErrorMappingInterceptor`; per-item errors inside
 `EmbedStream` become `EmbedStreamResponse.error` and the stream goes on.
-Imports no torch: the model arrives through `attach` once it is loaded, and
-until then every RPC answers UNAVAILABLE.
+Several models may be served, each an `Embedder` with its own `Batcher`; a
+request names one (`model`, "" = the default), and the limits and the byte
+budget are the server's, shared by them all.
+Imports no torch: the models arrive through `attach` once every one is
+loaded, and until then every RPC answers UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -52,11 +55,26 @@ class Limits:
 
 
 @dataclasses.dataclass
-class _Core:
+class _Model:
+    name: str
     embedder: object
     batcher: object
+
+
+@dataclasses.dataclass
+class _Core:
+    models: dict[str, _Model]  # the default first
     limits: Limits
     budget: serving.ByteBudget
+
+    def model(self, name: str) -> _Model:
+        """The model a request names; "" = the default."""
+        default = next(iter(self.models))
+        found = self.models.get(name or default)
+        if found is None:
+            raise errors.NotFound(f"no model {shorten(name)!r} here: this embedder serves "
+                                  f"{', '.join(self.models)} (\"\" = {default})")
+        return found
 
 
 def call_alive(context) -> Callable[[], bool]:
@@ -86,23 +104,26 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             "the embedder is still loading its model (health NOT_SERVING); retry shortly")
         self.streams = 0  # EmbedStream calls open
 
-    def attach(self, embedder, batcher, limits: Limits) -> None:
-        """Start answering with this core (an `Embedder` and its `Batcher`) within `limits`."""
-        self.ready.attach(_Core(embedder, batcher, limits, serving.ByteBudget(limits.max_inflight_image_bytes)))
+    def attach(self, models: dict[str, tuple[object, object]], limits: Limits) -> None:
+        """Start answering with `models` ({name: (`Embedder`, its `Batcher`)}, the
+        default first) within `limits`."""
+        served = {name: _Model(name, embedder, batcher) for name, (embedder, batcher) in models.items()}
+        self.ready.attach(_Core(served, limits, serving.ByteBudget(limits.max_inflight_image_bytes)))
 
     # ------------------------------------------------------------ RPCs
 
     async def Embed(self, request: embedder_pb2.EmbedRequest, context) -> embedder_pb2.EmbedResponse:
         core = self.ready.core()
+        model = core.model(request.model)
         name = request.name or "image"
         check_label(name, "name")
         held = await core.budget.acquire(len(request.image), rank=(0, 0))
         try:
-            future = core.batcher.submit((request.image, name), call_alive(context), priority=0)
+            future = model.batcher.submit((request.image, name), call_alive(context), priority=0)
             vector = await asyncio.wrap_future(future)  # the item's domain error, if any, raises here
         finally:
             core.budget.release(held)
-        return embedder_pb2.EmbedResponse(vector=vector.tolist(), fingerprint=core.embedder.info.fingerprint)
+        return embedder_pb2.EmbedResponse(vector=vector.tolist(), fingerprint=model.embedder.info.fingerprint)
 
     async def EmbedStream(self, requests, context) -> None:
         core = self.ready.core()
@@ -119,7 +140,6 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             self.streams -= 1
 
     async def _embed_stream(self, core: _Core, requests, context) -> None:
-        fingerprint = core.embedder.info.fingerprint
         alive = call_alive(context)
         source = object()  # this stream's items are ranked together in the batcher and the byte budget
         window = asyncio.Semaphore(core.limits.stream_window)
@@ -127,13 +147,13 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         done: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Future] = set()
 
-        def finished(item_id: str, held: int, future: asyncio.Future) -> None:
+        def finished(item_id: str, fingerprint: str, held: int, future: asyncio.Future) -> None:
             # Here, so a call that ends early still gives its bytes back. (Answers are not
             # charged: a stream that never reads would then starve every other call;
             # its unwritten answers are bounded by its window instead.)
             core.budget.release(held)
             pending.discard(future)
-            done.put_nowait((item_id, future))
+            done.put_nowait((item_id, future, fingerprint))
 
         async def feed(reader: serving.StreamReader) -> None:
             # The window and the bytes are taken before a message is read, so an
@@ -144,7 +164,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             try:
                 while True:
                     await window.acquire()
-                    held = await core.budget.acquire(guess, rank=(1, core.batcher.in_flight(source)), limit=bulk_limit)
+                    held = await core.budget.acquire(guess, rank=(1, len(pending)), limit=bulk_limit)
                     request = await reader.next()
                     if request is None:
                         break
@@ -162,30 +182,32 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                     count += 1
                     try:
                         check_label(request.id, "item id")
-                    except errors.InvalidArgument as exc:
+                        model = core.model(request.model)
+                    except (errors.InvalidArgument, errors.NotFound) as exc:
                         core.budget.release(held)
                         held = 0
                         failed = asyncio.get_running_loop().create_future()
                         failed.set_exception(exc)
-                        done.put_nowait((request.id, failed))
+                        done.put_nowait((request.id, failed, ""))
                         continue
                     future = asyncio.wrap_future(
-                        core.batcher.submit((request.image, f"item {request.id!r}"), alive, source, priority=1))
+                        model.batcher.submit((request.image, f"item {request.id!r}"), alive, source, priority=1))
                     pending.add(future)
-                    future.add_done_callback(lambda f, i=request.id, h=held: finished(i, h, f))
+                    future.add_done_callback(
+                        lambda f, i=request.id, p=model.embedder.info.fingerprint, h=held: finished(i, p, h, f))
                     held = 0
             except errors.ImageSearchError as exc:  # e.g. the batcher is shutting down
                 failure = exc
             finally:
                 core.budget.release(held)  # ended (or cancelled) between reading and submitting
-            done.put_nowait((_END, (count, failure or reader.failure)))
+            done.put_nowait((_END, (count, failure or reader.failure), ""))
 
         async with serving.StreamReader(requests, ahead=0) as reader:
             feeder = asyncio.get_running_loop().create_task(feed(reader))
             expected, failure, handed = None, None, 0
             try:
                 while expected is None or handed < expected:
-                    item_id, result = await done.get()
+                    item_id, result, fingerprint = await done.get()
                     if item_id is _END:
                         expected, failure = result
                         continue
@@ -201,15 +223,21 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
 
     async def GetModelInfo(self, request, context) -> embedder_pb2.GetModelInfoResponse:
         core = self.ready.core()
-        info, limits = core.embedder.info, core.limits
-        return embedder_pb2.GetModelInfoResponse(
-            backbone=info.backbone, dim=info.dim, input_size=info.spec.input_size,
-            mean=info.spec.mean, std=info.spec.std, interpolation=info.spec.interpolation,
-            device=info.device, fingerprint=info.fingerprint, weights=info.weights,
-            class_names=info.class_names, max_image_bytes=limits.max_image_bytes,
-            max_image_pixels=limits.max_image_pixels, max_batch=limits.max_batch,
-            max_message_bytes=limits.max_message_bytes, engine=info.engine, precision=info.precision,
-            decode=info.spec.decode, max_streams=limits.max_streams, stream_window=limits.stream_window)
+        described = _model_info(core.model(request.model), core.limits)
+        described.models.extend(_model_info(model, core.limits) for model in core.models.values())
+        return described
+
+
+def _model_info(model: _Model, limits: Limits) -> embedder_pb2.GetModelInfoResponse:
+    info = model.embedder.info
+    return embedder_pb2.GetModelInfoResponse(
+        model=model.name, backbone=info.backbone, dim=info.dim, input_size=info.spec.input_size,
+        mean=info.spec.mean, std=info.spec.std, interpolation=info.spec.interpolation,
+        device=info.device, fingerprint=info.fingerprint, weights=info.weights,
+        class_names=info.class_names, max_image_bytes=limits.max_image_bytes,
+        max_image_pixels=limits.max_image_pixels, max_batch=limits.max_batch,
+        max_message_bytes=limits.max_message_bytes, engine=info.engine, precision=info.precision,
+        decode=info.spec.decode, max_streams=limits.max_streams, stream_window=limits.stream_window)
 
 
 def _stream_response(item_id: str, future: asyncio.Future, fingerprint: str) -> embedder_pb2.EmbedStreamResponse:

@@ -12,9 +12,11 @@ bench/results/embedder.md).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
+import threading
 from pathlib import Path
 
 from imagesearch import defaults, errors
@@ -107,3 +109,30 @@ def plan_threads(engine: str, device_type: str, max_batch: int = 0, *, cores: in
                                           plan.engine_threads),
         decode_workers=decode_workers or plan.decode_workers,
         stream_window=stream_window or plan.stream_window)
+
+
+class Turns:
+    """One model batch at a time across the models an embedder serves, in the
+    order their model threads ask: each engine is sized for the whole machine
+    (one plan for all), so two batches at once would only split its cores,
+    and first come, first served keeps a busy model from starving another.
+    A model thread waiting for its turn sleeps."""
+
+    def __init__(self):
+        self._queue: collections.deque = collections.deque()
+        self._changed = threading.Condition()
+
+    def taking(self, run):
+        """`run` made to wait for its turn."""
+        def in_turn(*args):
+            me = object()
+            with self._changed:
+                self._queue.append(me)
+                self._changed.wait_for(lambda: self._queue[0] is me)
+            try:
+                return run(*args)
+            finally:
+                with self._changed:
+                    self._queue.popleft()
+                    self._changed.notify_all()
+        return in_turn

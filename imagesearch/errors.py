@@ -32,7 +32,7 @@ class ResourceExhausted(ImageSearchError):
 
 
 class NotFound(ImageSearchError, LookupError):
-    """An unknown collection."""
+    """An unknown collection, or a model the embedder does not serve."""
 
     status = "NOT_FOUND"
 
@@ -48,6 +48,13 @@ class FailedPrecondition(ImageSearchError):
     vector from another model than the collection's."""
 
     status = "FAILED_PRECONDITION"
+
+
+class Aborted(ImageSearchError):
+    """A conditional change lost a race: the state it expected has changed
+    (e.g. an alias switch whose expected target moved). Read again, retry."""
+
+    status = "ABORTED"
 
 
 class WeightsUnavailable(FailedPrecondition):

@@ -27,6 +27,7 @@ from typing import Protocol
 from imagesearch import errors
 from imagesearch.defaults import MAX_TOP_K
 from imagesearch.errors import shorten
+from ranker_service.aliases import AliasTable
 from ranker_service.types import (
     AttributeFilter,
     BackupCopy,
@@ -49,6 +50,8 @@ DEFAULT_BATCH_SIZE = 256  # Upsert items per commit
 
 
 class RankerBackend(Protocol):
+    aliases: AliasTable  # aliases of collections; the servicer resolves every name through it
+
     @property
     def ready(self) -> bool: ...
 

@@ -6,13 +6,15 @@ raises `imagesearch.errors`, which `imagesearch.serving`'s interceptor maps to
 status codes. Every handler is a coroutine (an open call costs no thread);
 searches and database writes run on the server's thread pool. Inside
 `SearchStream` a failed query becomes that query's `error` answer and the
-stream goes on.
+stream goes on. A collection name may be an alias: each call resolves it
+here, once (`backend.aliases`), and passes the backend the collection it names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -31,6 +33,7 @@ from ranker_service.types import (
     EXACT,
     HNSW,
     IVF_PQ,
+    Alias,
     AttributeFilter,
     CollectionStats,
     DerivedStatus,
@@ -38,6 +41,7 @@ from ranker_service.types import (
     Match,
     Query,
     StoredItem,
+    Target,
     UpsertItem,
 )
 from ranker_service.validation import (
@@ -90,7 +94,7 @@ def _deadline(context) -> float | None:
     return time.monotonic() + remaining - min(DERIVED_DEADLINE_MARGIN_S, remaining / 10)
 
 
-def _query(r, what: str, id: str = "", deadline: float | None = None) -> Query:
+def _query(r, what: str, id: str = "", deadline: float | None = None, collection: str = "") -> Query:
     expansion = k_reciprocal = None
     if r.HasField("query_expansion"):
         qe = r.query_expansion
@@ -99,8 +103,8 @@ def _query(r, what: str, id: str = "", deadline: float | None = None) -> Query:
         kr = r.k_reciprocal
         k_reciprocal = make_k_reciprocal(kr.k1, kr.k2, _optional(kr, "lambda"), kr.shortlist,
                                          what=f"{what}: k_reciprocal")
-    return Query(r.collection, r.vector, r.top_k, r.fingerprint, id, _filters(r.filters, what), r.with_attributes,
-                 expansion, k_reciprocal, deadline)
+    return Query(collection or r.collection, r.vector, r.top_k, r.fingerprint, id, _filters(r.filters, what),
+                 r.with_attributes, expansion, k_reciprocal, deadline)
 
 
 def _item(item: StoredItem) -> ranker_pb2.Item:
@@ -153,6 +157,24 @@ def collection_stats(s: CollectionStats) -> ranker_pb2.CollectionStats:
         name=s.name, count=s.count, dim=s.dim, fingerprint=s.fingerprint, memory_bytes=s.memory_bytes,
         created_at=s.created_at, updated_at=s.updated_at, index=index_options(s.spec),
         derived_data=derived_data(s.derived))
+
+
+def _alias(a: Alias) -> ranker_pb2.Alias:
+    return ranker_pb2.Alias(name=a.name, collection=a.collection, previous_collection=a.previous)
+
+
+def _on_target(gallery: RankerBackend, op, name: str, *args):
+    """`op(the collection name resolves to, *args)`: an alias resolved once, in the same pool job."""
+    return op(gallery.aliases.resolve(name).collection, *args)
+
+
+def _search_now(gallery: RankerBackend, query: Query) -> tuple[Target, Query, list[Match] | None]:
+    """The query's collection resolved, and its matches; None instead when the
+    derived re-ranking data it needs is being rebuilt (awaited on the event loop,
+    then searched). One pool job for the usual search."""
+    target = gallery.aliases.resolve(query.collection)
+    query = dataclasses.replace(query, collection=target.collection)
+    return target, query, None if gallery.derived_pending(query) is not None else gallery.search(query)
 
 
 async def _blocking(fn, *args, deadline: float | None = None):
@@ -211,11 +233,22 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def attach(self, gallery: RankerBackend) -> None:
         self.ready.attach(gallery)
 
+    async def _resolve(self, gallery: RankerBackend, names, targets: dict[str, Target], context) -> None:
+        """Resolve the names not in `targets` yet (once per call: an alias switched
+        meanwhile does not change where the rest of the call goes)."""
+        new = [n for n in dict.fromkeys(names) if n not in targets]
+        if new:
+            targets.update(zip(new, await _blocking(lambda: [gallery.aliases.resolve(n) for n in new],
+                                                    deadline=_deadline(context))))
+
     async def Upsert(self, requests, context):
-        job = self.ready.core().upsert_job()
+        gallery = self.ready.core()
+        job, targets = gallery.upsert_job(), {}
         async with serving.StreamReader(requests, ahead=UPSERT_READ_AHEAD) as reader:
             while (r := await reader.next()) is not None:
-                if job.add(UpsertItem(r.collection, r.name, r.vector, r.fingerprint, r.attributes)):
+                await self._resolve(gallery, [r.collection], targets, context)
+                if job.add(UpsertItem(targets[r.collection].collection, r.name, r.vector, r.fingerprint,
+                                      r.attributes)):
                     if job.failed:
                         break
                     await _blocking(job.flush, deadline=_deadline(context))
@@ -228,7 +261,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                                          replaced=result.replaced)
 
     async def Delete(self, request, context):
-        result = await _blocking(self.ready.core().delete, request.collection, list(request.names),
+        gallery = self.ready.core()
+        result = await _blocking(_on_target, gallery, gallery.delete, request.collection, list(request.names),
                                  deadline=_deadline(context))
         return ranker_pb2.DeleteResponse(deleted=result.deleted, not_found=result.not_found)
 
@@ -247,26 +281,32 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         gallery = self.ready.core()
         query = _query(request, "query", deadline=_deadline(context))
         async with self._answer_room(query.top_k or DEFAULT_TOP_K):
-            await _derived_ready(gallery, [query])
-            matches = await _blocking(gallery.search, query)
+            target, query, matches = await _blocking(_search_now, gallery, query, deadline=query.deadline)
+            if matches is None:
+                await _derived_ready(gallery, [query])
+                matches = await _blocking(gallery.search, query)
+            origin = {"collection": target.collection, "fingerprint": target.fingerprint}
             page = request.page_size
             if page:
                 for start in range(0, len(matches), page):
                     await context.write(ranker_pb2.SearchResponse(
-                        matches=[_match(m) for m in matches[start:start + page]]))
+                        matches=[_match(m) for m in matches[start:start + page]], **origin))
             else:
                 for m in matches:
-                    await context.write(ranker_pb2.SearchResponse(match=_match(m)))
+                    await context.write(ranker_pb2.SearchResponse(match=_match(m), **origin))
 
     async def SearchStream(self, requests, context):
         gallery = self.ready.core()
         deadline = _deadline(context)
+        targets: dict[str, Target] = {}  # each name resolved once, at its first query
         async with serving.StreamReader(requests, ahead=4 * self.max_batch) as reader:
             while batch := await reader.batch(self.max_batch):
+                await self._resolve(gallery, [r.collection for r in batch], targets, context)
                 queries, bad = [], {}
                 for i, r in enumerate(batch):
                     try:
-                        queries.append(_query(r, f"query {r.id!r}", r.id, deadline))
+                        queries.append(_query(r, f"query {r.id!r}", r.id, deadline,
+                                              targets[r.collection].collection))
                     except errors.ImageSearchError as exc:  # bad filters: this query's error answer
                         bad[i] = exc
                         queries.append(Query(r.collection, (), id=r.id))
@@ -279,33 +319,41 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                     except errors.ImageSearchError as exc:  # e.g. shutting down: every query of the batch gets it
                         answers = iter([exc] * len(good))
                     results = [bad[i] if i in bad else next(answers) for i in range(len(queries))]
-                    for query, result in zip(queries, results):
+                    for r, query, result in zip(batch, queries, results):
                         if isinstance(result, Exception):
                             answer = ranker_pb2.SearchStreamResponse(
                                 id=query.id, error=serving.item_error(result, "SearchStream", f"query {query.id!r}"))
                         else:
-                            answer = ranker_pb2.SearchStreamResponse(id=query.id,
-                                                                     matches=[_match(m) for m in result])
+                            target = targets[r.collection]
+                            answer = ranker_pb2.SearchStreamResponse(
+                                id=query.id, matches=[_match(m) for m in result], collection=target.collection,
+                                fingerprint=target.fingerprint)
                         await context.write(answer)
         reader.raise_failure()
 
     async def GetStats(self, request, context):
         gallery = self.ready.core()
-        stats = await _blocking(gallery.stats, request.collection or None, deadline=_deadline(context))
+        if request.collection:  # an alias: its collection's
+            stats = await _blocking(_on_target, gallery, gallery.stats, request.collection,
+                                    deadline=_deadline(context))
+        else:
+            stats = await _blocking(gallery.stats, None, deadline=_deadline(context))
         return ranker_pb2.GetStatsResponse(
             collections=[collection_stats(s) for s in stats],
             memory_bytes=sum(s.memory_bytes for s in stats),
             max_top_k=gallery.max_top_k)
 
     async def ListItems(self, request, context):
-        pages = self.ready.core().list_items(
-            request.collection, page_size=request.page_size, start_after=request.start_after, limit=request.limit,
-            filters=_filters(request.filters, "list items"), with_vectors=request.with_vectors)
+        gallery, filters = self.ready.core(), _filters(request.filters, "list items")
+        pages = await _blocking(_on_target, gallery, lambda collection: gallery.list_items(
+            collection, page_size=request.page_size, start_after=request.start_after, limit=request.limit,
+            filters=filters, with_vectors=request.with_vectors), request.collection, deadline=_deadline(context))
         while (page := await _blocking(next, pages, None, deadline=_deadline(context))) is not None:  # each page is a database read
             await context.write(ranker_pb2.ListItemsResponse(items=[_item(i) for i in page.items]))
 
     async def Rename(self, request, context):
-        result = await _blocking(self.ready.core().rename, request.collection,
+        gallery = self.ready.core()
+        result = await _blocking(_on_target, gallery, gallery.rename, request.collection,
                                  [(r.from_name, r.to_name) for r in request.renamings], request.in_order,
                                  deadline=_deadline(context))
         return ranker_pb2.RenameResponse(renamed=result.renamed, not_found=result.not_found)
@@ -318,6 +366,24 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     async def DropCollection(self, request, context):
         deleted = await _blocking(self.ready.core().drop_collection, request.collection, deadline=_deadline(context))
         return ranker_pb2.DropCollectionResponse(deleted=deleted)
+
+    async def CreateAlias(self, request, context):
+        alias = await _blocking(self.ready.core().aliases.create, request.alias, request.collection,
+                                deadline=_deadline(context))
+        return ranker_pb2.CreateAliasResponse(alias=_alias(alias))
+
+    async def SwitchAlias(self, request, context):
+        alias = await _blocking(self.ready.core().aliases.switch, request.alias, request.collection,
+                                request.expected_collection, deadline=_deadline(context))
+        return ranker_pb2.SwitchAliasResponse(alias=_alias(alias))
+
+    async def DropAlias(self, request, context):
+        await _blocking(self.ready.core().aliases.drop, request.alias, deadline=_deadline(context))
+        return ranker_pb2.DropAliasResponse()
+
+    async def ListAliases(self, request, context):
+        aliases = await _blocking(self.ready.core().aliases.list, deadline=_deadline(context))
+        return ranker_pb2.ListAliasesResponse(aliases=[_alias(a) for a in aliases])
 
     async def Backup(self, request, context):
         core = self.ready.core()

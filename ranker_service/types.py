@@ -145,6 +145,24 @@ class CollectionStats:
 
 
 @dataclasses.dataclass(frozen=True)
+class Alias:
+    """A name for a collection (docs/ranker.md#aliases)."""
+
+    name: str
+    collection: str  # the collection it points to
+    previous: str = ""  # the target before its last switch ("" before the first)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a collection name or an alias resolves to: the collection and its
+    fingerprint ("" for a collection that does not exist)."""
+
+    collection: str
+    fingerprint: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class UpsertItem:
     collection: str
     name: str

@@ -52,18 +52,19 @@ def _has_control_chars(text: str) -> bool:
     return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
-def check_collection(collection: str, *, what: str = "request") -> str:
-    """A collection name: 1..128 characters, no control characters, not blank."""
+def check_collection(collection: str, *, what: str = "request", noun: str = "collection") -> str:
+    """A collection name, or an alias (`noun`; one namespace, the same rules):
+    1..128 characters, no control characters, not blank."""
     if not collection:
-        raise errors.InvalidArgument(f"{what}: empty collection name: say which collection to use")
+        raise errors.InvalidArgument(f"{what}: empty {noun} name: say which {noun} to use")
     if len(collection) > MAX_COLLECTION_CHARS:
         raise errors.InvalidArgument(
-            f"{what}: collection name {collection[:40]!r}... has {len(collection)} characters; "
+            f"{what}: {noun} name {collection[:40]!r}... has {len(collection)} characters; "
             f"at most {MAX_COLLECTION_CHARS} are allowed")
     if not collection.strip():
-        raise errors.InvalidArgument(f"{what}: collection name {collection!r} is blank")
+        raise errors.InvalidArgument(f"{what}: {noun} name {collection!r} is blank")
     if _has_control_chars(collection):
-        raise errors.InvalidArgument(f"{what}: collection name {collection!r} contains control characters")
+        raise errors.InvalidArgument(f"{what}: {noun} name {collection!r} contains control characters")
     return collection
 
 

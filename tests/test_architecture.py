@@ -43,8 +43,9 @@ RULES = [
      ("ranker_service.sqlite", "ranker_service.memory", "sqlite3", "sqlite_utils", "faiss")),
     ("the re-ranking maths knows no index and no storage", ("ranker_service.rerank.maths",),
      ("ranker_service.memory", "ranker_service.sqlite", "ranker_service.milvus")),
-    ("the ranker's value types, checks and backend protocol import no other layer of it",
-     ("ranker_service.types", "ranker_service.validation", "ranker_service.backend", "ranker_service.topk"),
+    ("the ranker's value types, checks, alias rules and backend protocol import no other layer of it",
+     ("ranker_service.types", "ranker_service.validation", "ranker_service.aliases", "ranker_service.backend",
+      "ranker_service.topk"),
      ("ranker_service.memory", "ranker_service.sqlite", "ranker_service.rerank", "ranker_service.milvus",
       "ranker_service.servicer", "ranker_service.metrics", "ranker_service.__main__", "grpc", "faiss")),
 ]

@@ -33,6 +33,10 @@ EXPECTED = {
         "Backup": (False, True),
         "ListItems": (False, True),
         "Rename": (False, False),
+        "CreateAlias": (False, False),
+        "SwitchAlias": (False, False),
+        "DropAlias": (False, False),
+        "ListAliases": (False, False),
     },
 }
 

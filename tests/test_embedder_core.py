@@ -229,9 +229,6 @@ def test_embed_stream_reads_at_most_its_window_ahead_of_its_answers():
             held.append(futures.Future())  # the model answers only when the test says so
             return held[-1]
 
-        def in_flight(self, source):
-            return 0
-
     class Context:
         def time_remaining(self):
             return None
@@ -249,7 +246,7 @@ def test_embed_stream_reads_at_most_its_window_ahead_of_its_answers():
 
     async def run():
         servicer = EmbedderServicer()
-        servicer.attach(SimpleNamespace(info=SimpleNamespace(fingerprint="fp")), Batcher(),
+        servicer.attach({"default": (SimpleNamespace(info=SimpleNamespace(fingerprint="fp")), Batcher())},
                         Limits(max_image_bytes=10, max_image_pixels=10, max_batch=2, max_message_bytes=100,
                                stream_window=window))
         call = asyncio.ensure_future(servicer.EmbedStream(requests(), Context()))

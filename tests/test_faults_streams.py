@@ -113,6 +113,8 @@ def test_bidirectional_streams_are_not_retried_and_the_rest_are():
                        ("RankerService", "Upsert"), ("RankerService", "Delete"), ("RankerService", "Search"),
                        ("RankerService", "GetStats"), ("RankerService", "CreateCollection"),
                        ("RankerService", "DropCollection"), ("RankerService", "Backup"),
-                       ("RankerService", "ListItems"), ("RankerService", "Rename")}
+                       ("RankerService", "ListItems"), ("RankerService", "Rename"),
+                       ("RankerService", "CreateAlias"), ("RankerService", "SwitchAlias"),
+                       ("RankerService", "DropAlias"), ("RankerService", "ListAliases")}
     assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "methodConfig" not in service_config([EMBEDDER_SERVICE], None)

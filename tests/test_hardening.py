@@ -51,7 +51,7 @@ def start_embedder(grpc_server, config=None, **limits):
     batcher = Batcher(lambda item: item[0], lambda items: [np.full(4, 0.5, np.float32) for _ in items],
                       max_batch=4, max_wait_s=0.001)
     servicer = EmbedderServicer()
-    servicer.attach(_FakeEmbedder(), batcher, Limits(**{
+    servicer.attach({"default": (_FakeEmbedder(), batcher)}, Limits(**{
         "max_image_bytes": 1 << 20, "max_image_pixels": 1 << 20, "max_batch": 4, "max_message_bytes": 2 << 20,
         "stream_window": 4, **limits}))
     _, channel = grpc_server(register_embedder(servicer), [EMBEDDER], config=config)

@@ -11,12 +11,13 @@ import subprocess
 
 import numpy as np
 import pytest
+import sqlite_utils
 
 from imagesearch import errors
 from imagesearch.errors import StoreError
 from testkit import unit32
 from ranker_service.sqlite.backend import SqliteBackend
-from ranker_service.sqlite.migrations import MIGRATIONS, MIGRATIONS_TABLE
+from ranker_service.sqlite.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migrations, m001_collections_and_vectors
 from ranker_service.sqlite.store import Store, UpsertRow
 from ranker_service.types import Query, UpsertItem
 
@@ -72,12 +73,30 @@ def test_new_database_is_wal_fsynced_locked_and_migrated(store, db_path):
     assert store.pragma("locking_mode") == "exclusive"
     assert store.pragma("page_size") == 16384
     applied = [r[0] for r in store.db.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")]
-    assert applied == MIGRATIONS.names == ["m001_collections_and_vectors"]
-    assert {"collections", "vectors"} <= set(store.db.table_names())
+    assert applied == MIGRATIONS.names == ["m001_collections_and_vectors", "m002_aliases"]
+    assert {"collections", "vectors", "aliases"} <= set(store.db.table_names())
     store.close()
     reopened = Store.open(db_path)
     assert MIGRATIONS.pending(reopened.db) == []
     reopened.close()
+
+
+def test_a_database_from_before_aliases_gains_their_table_and_keeps_its_rows(db_path):
+    with raw(db_path) as conn:  # as a ranker without aliases left it: migration 1 only
+        older = Migrations()
+        older(m001_collections_and_vectors)
+        older.apply(sqlite_utils.Database(conn))
+    with contextlib.closing(Store.open(db_path)) as store:
+        store.upsert([UpsertRow("c", "a.jpg", unit32([1, 0]), "fp")], [("c", 2, "fp")])
+    with contextlib.closing(Store.open(db_path)) as store:
+        assert MIGRATIONS.applied(store.db) == MIGRATIONS.names and store.names("c") == ["a.jpg"]
+        store.set_alias("live", "c", "")
+        assert store.aliases() == [("live", "c", "")]
+        with pytest.raises(errors.ImageSearchError, match="FOREIGN KEY"):  # a target cannot go from under an alias
+            store.drop_collection("c")
+        with pytest.raises(errors.ImageSearchError, match="FOREIGN KEY"):
+            store.set_alias("dangling", "missing", "")
+        assert store.names("c") == ["a.jpg"] and store.aliases() == [("live", "c", "")]
 
 
 def test_vector_rows_hold_float32_le_blob_dim_fingerprint_and_timestamps(store, db_path):

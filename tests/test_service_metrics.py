@@ -119,14 +119,16 @@ def test_embedder_counters_move_by_exactly_the_calls_made():
     assert moved(before, after, requests, method=EMBEDDER + "Embed", code="RESOURCE_EXHAUSTED") == 1
     assert moved(before, after, requests, method=EMBEDDER + "EmbedStream", code="OK") == 1
     assert moved(before, after, requests, method=EMBEDDER + "GetModelInfo", code="OK") == 1
-    assert moved(before, after, "imagesearch_embedder_images_refused_total", reason="undecodable") == 1
-    assert moved(before, after, "imagesearch_embedder_images_refused_total", reason="too_many_pixels") == 1
-    assert moved(before, after, "imagesearch_embedder_images_refused_total", reason="too_many_bytes") == 0
-    assert moved(before, after, "imagesearch_embedder_decode_seconds_count") == 7
-    assert moved(before, after, "imagesearch_embedder_batch_size_images_sum") == 5, "5 good images through the model"
-    assert moved(before, after, "imagesearch_embedder_inference_seconds_count") == \
-        moved(before, after, "imagesearch_embedder_batch_size_images_count") >= 3
-    assert value(after, "imagesearch_embedder_queue_depth_images") == 0
+    one = {"model": "default"}  # the single-model flags serve one model named default
+    refused = "imagesearch_embedder_images_refused_total"
+    assert moved(before, after, refused, **one, reason="undecodable") == 1
+    assert moved(before, after, refused, **one, reason="too_many_pixels") == 1
+    assert moved(before, after, refused, **one, reason="too_many_bytes") == 0
+    assert moved(before, after, "imagesearch_embedder_decode_seconds_count", **one) == 7
+    assert moved(before, after, "imagesearch_embedder_batch_size_images_sum", **one) == 5, "5 good images through the model"
+    assert moved(before, after, "imagesearch_embedder_inference_seconds_count", **one) == \
+        moved(before, after, "imagesearch_embedder_batch_size_images_count", **one) >= 3
+    assert value(after, "imagesearch_embedder_queue_depth_images", **one) == 0
     assert value(after, "imagesearch_embedder_requests_in_flight", method=EMBEDDER + "Embed") == 0
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from imagesearch.v1 import common_pb2 as imagesearch_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dimagesearch/v1/embedder.proto\x12\x0eimagesearch.v1\x1a\x1bimagesearch/v1/common.proto\"+\n\x0c\x45mbedRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\"4\n\rEmbedResponse\x12\x0e\n\x06vector\x18\x01 \x03(\x02\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"/\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\"\x9c\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\tembedding\x18\x02 \x01(\x0b\x32\x19.imagesearch.v1.EmbeddingH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.imagesearch.v1.ItemErrorH\x00\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\tB\x08\n\x06result\"\x1b\n\tEmbedding\x12\x0e\n\x06vector\x18\x01 \x03(\x02\"\x15\n\x13GetModelInfoRequest\"\x86\x03\n\x14GetModelInfoResponse\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x0f\n\x07weights\x18\x08 \x01(\t\x12\x17\n\x0fmax_image_bytes\x18\t \x01(\x04\x12\x18\n\x10max_image_pixels\x18\n \x01(\x04\x12\x11\n\tmax_batch\x18\x0b \x01(\r\x12\x19\n\x11max_message_bytes\x18\x0c \x01(\x04\x12\x13\n\x0b\x63lass_names\x18\r \x03(\t\x12\x15\n\rinterpolation\x18\x0e \x01(\t\x12\x0e\n\x06\x65ngine\x18\x0f \x01(\t\x12\x11\n\tprecision\x18\x10 \x01(\t\x12\x0e\n\x06\x64\x65\x63ode\x18\x11 \x01(\t\x12\x13\n\x0bmax_streams\x18\x12 \x01(\r\x12\x15\n\rstream_window\x18\x13 \x01(\r2\x8e\x02\n\x0f\x45mbedderService\x12\x44\n\x05\x45mbed\x12\x1c.imagesearch.v1.EmbedRequest\x1a\x1d.imagesearch.v1.EmbedResponse\x12Z\n\x0b\x45mbedStream\x12\".imagesearch.v1.EmbedStreamRequest\x1a#.imagesearch.v1.EmbedStreamResponse(\x01\x30\x01\x12Y\n\x0cGetModelInfo\x12#.imagesearch.v1.GetModelInfoRequest\x1a$.imagesearch.v1.GetModelInfoResponseB\x90\x01\n\x12\x63om.imagesearch.v1B\rEmbedderProtoP\x01Z/imagesearch/gen/go/imagesearch/v1;imagesearchv1\xa2\x02\x03IXX\xaa\x02\x0eImageSearch.V1\xca\x02\x0eImageSearch\\V1\xea\x02\x0fImageSearch::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dimagesearch/v1/embedder.proto\x12\x0eimagesearch.v1\x1a\x1bimagesearch/v1/common.proto\":\n\x0c\x45mbedRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"4\n\rEmbedResponse\x12\x0e\n\x06vector\x18\x01 \x03(\x02\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\">\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05model\x18\x03 \x01(\t\"\x9c\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\tembedding\x18\x02 \x01(\x0b\x32\x19.imagesearch.v1.EmbeddingH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.imagesearch.v1.ItemErrorH\x00\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\tB\x08\n\x06result\"\x1b\n\tEmbedding\x12\x0e\n\x06vector\x18\x01 \x03(\x02\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xcb\x03\n\x14GetModelInfoResponse\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x0f\n\x07weights\x18\x08 \x01(\t\x12\x17\n\x0fmax_image_bytes\x18\t \x01(\x04\x12\x18\n\x10max_image_pixels\x18\n \x01(\x04\x12\x11\n\tmax_batch\x18\x0b \x01(\r\x12\x19\n\x11max_message_bytes\x18\x0c \x01(\x04\x12\x13\n\x0b\x63lass_names\x18\r \x03(\t\x12\x15\n\rinterpolation\x18\x0e \x01(\t\x12\x0e\n\x06\x65ngine\x18\x0f \x01(\t\x12\x11\n\tprecision\x18\x10 \x01(\t\x12\x0e\n\x06\x64\x65\x63ode\x18\x11 \x01(\t\x12\x13\n\x0bmax_streams\x18\x12 \x01(\r\x12\x15\n\rstream_window\x18\x13 \x01(\r\x12\r\n\x05model\x18\x14 \x01(\t\x12\x34\n\x06models\x18\x15 \x03(\x0b\x32$.imagesearch.v1.GetModelInfoResponse2\x8e\x02\n\x0f\x45mbedderService\x12\x44\n\x05\x45mbed\x12\x1c.imagesearch.v1.EmbedRequest\x1a\x1d.imagesearch.v1.EmbedResponse\x12Z\n\x0b\x45mbedStream\x12\".imagesearch.v1.EmbedStreamRequest\x1a#.imagesearch.v1.EmbedStreamResponse(\x01\x30\x01\x12Y\n\x0cGetModelInfo\x12#.imagesearch.v1.GetModelInfoRequest\x1a$.imagesearch.v1.GetModelInfoResponseB\x90\x01\n\x12\x63om.imagesearch.v1B\rEmbedderProtoP\x01Z/imagesearch/gen/go/imagesearch/v1;imagesearchv1\xa2\x02\x03IXX\xaa\x02\x0eImageSearch.V1\xca\x02\x0eImageSearch\\V1\xea\x02\x0fImageSearch::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022com.imagesearch.v1B\rEmbedderProtoP\001Z/imagesearch/gen/go/imagesearch/v1;imagesearchv1\242\002\003IXX\252\002\016ImageSearch.V1\312\002\016ImageSearch\\V1\352\002\017ImageSearch::V1'
   _globals['_EMBEDREQUEST']._serialized_start=78
-  _globals['_EMBEDREQUEST']._serialized_end=121
-  _globals['_EMBEDRESPONSE']._serialized_start=123
-  _globals['_EMBEDRESPONSE']._serialized_end=175
-  _globals['_EMBEDSTREAMREQUEST']._serialized_start=177
-  _globals['_EMBEDSTREAMREQUEST']._serialized_end=224
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=227
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=383
-  _globals['_EMBEDDING']._serialized_start=385
-  _globals['_EMBEDDING']._serialized_end=412
-  _globals['_GETMODELINFOREQUEST']._serialized_start=414
-  _globals['_GETMODELINFOREQUEST']._serialized_end=435
-  _globals['_GETMODELINFORESPONSE']._serialized_start=438
-  _globals['_GETMODELINFORESPONSE']._serialized_end=828
-  _globals['_EMBEDDERSERVICE']._serialized_start=831
-  _globals['_EMBEDDERSERVICE']._serialized_end=1101
+  _globals['_EMBEDREQUEST']._serialized_end=136
+  _globals['_EMBEDRESPONSE']._serialized_start=138
+  _globals['_EMBEDRESPONSE']._serialized_end=190
+  _globals['_EMBEDSTREAMREQUEST']._serialized_start=192
+  _globals['_EMBEDSTREAMREQUEST']._serialized_end=254
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=257
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=413
+  _globals['_EMBEDDING']._serialized_start=415
+  _globals['_EMBEDDING']._serialized_end=442
+  _globals['_GETMODELINFOREQUEST']._serialized_start=444
+  _globals['_GETMODELINFOREQUEST']._serialized_end=480
+  _globals['_GETMODELINFORESPONSE']._serialized_start=483
+  _globals['_GETMODELINFORESPONSE']._serialized_end=942
+  _globals['_EMBEDDERSERVICE']._serialized_start=945
+  _globals['_EMBEDDERSERVICE']._serialized_end=1215
 # @@protoc_insertion_point(module_scope)

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("image", "name")
+    __slots__ = ("image", "name", "model")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     name: str
-    def __init__(self, image: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, image: _Optional[bytes] = ..., name: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("vector", "fingerprint")
@@ -24,12 +26,14 @@ class EmbedResponse(_message.Message):
     def __init__(self, vector: _Optional[_Iterable[float]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class EmbedStreamRequest(_message.Message):
-    __slots__ = ("id", "image")
+    __slots__ = ("id", "image", "model")
     ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     image: bytes
-    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
+    model: str
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EmbedStreamResponse(_message.Message):
     __slots__ = ("id", "embedding", "error", "fingerprint")
@@ -50,11 +54,13 @@ class Embedding(_message.Message):
     def __init__(self, vector: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("backbone", "dim", "input_size", "mean", "std", "device", "fingerprint", "weights", "max_image_bytes", "max_image_pixels", "max_batch", "max_message_bytes", "class_names", "interpolation", "engine", "precision", "decode", "max_streams", "stream_window")
+    __slots__ = ("backbone", "dim", "input_size", "mean", "std", "device", "fingerprint", "weights", "max_image_bytes", "max_image_pixels", "max_batch", "max_message_bytes", "class_names", "interpolation", "engine", "precision", "decode", "max_streams", "stream_window", "model", "models")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +80,8 @@ class GetModelInfoResponse(_message.Message):
     DECODE_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     STREAM_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     dim: int
     input_size: int
@@ -93,4 +101,6 @@ class GetModelInfoResponse(_message.Message):
     decode: str
     max_streams: int
     stream_window: int
-    def __init__(self, backbone: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., device: _Optional[str] = ..., fingerprint: _Optional[str] = ..., weights: _Optional[str] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., interpolation: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., decode: _Optional[str] = ..., max_streams: _Optional[int] = ..., stream_window: _Optional[int] = ...) -> None: ...
+    model: str
+    models: _containers.RepeatedCompositeFieldContainer[GetModelInfoResponse]
+    def __init__(self, backbone: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., device: _Optional[str] = ..., fingerprint: _Optional[str] = ..., weights: _Optional[str] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., interpolation: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., decode: _Optional[str] = ..., max_streams: _Optional[int] = ..., stream_window: _Optional[int] = ..., model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[GetModelInfoResponse, _Mapping]]] = ...) -> None: ...

@@ -212,12 +212,16 @@ class Match(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., name: _Optional[str] = ..., score: _Optional[float] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("match", "matches")
+    __slots__ = ("match", "matches", "collection", "fingerprint")
     MATCH_FIELD_NUMBER: _ClassVar[int]
     MATCHES_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     match: Match
     matches: _containers.RepeatedCompositeFieldContainer[Match]
-    def __init__(self, match: _Optional[_Union[Match, _Mapping]] = ..., matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ...) -> None: ...
+    collection: str
+    fingerprint: str
+    def __init__(self, match: _Optional[_Union[Match, _Mapping]] = ..., matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., collection: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class SearchStreamRequest(_message.Message):
     __slots__ = ("id", "collection", "vector", "top_k", "fingerprint", "filters", "with_attributes", "query_expansion", "k_reciprocal")
@@ -242,14 +246,18 @@ class SearchStreamRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., fingerprint: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[AttributeFilter, _Mapping]]] = ..., with_attributes: _Optional[bool] = ..., query_expansion: _Optional[_Union[QueryExpansion, _Mapping]] = ..., k_reciprocal: _Optional[_Union[KReciprocalRerank, _Mapping]] = ...) -> None: ...
 
 class SearchStreamResponse(_message.Message):
-    __slots__ = ("id", "matches", "error")
+    __slots__ = ("id", "matches", "error", "collection", "fingerprint")
     ID_FIELD_NUMBER: _ClassVar[int]
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     id: str
     matches: _containers.RepeatedCompositeFieldContainer[Match]
     error: _common_pb2.ItemError
-    def __init__(self, id: _Optional[str] = ..., matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ...) -> None: ...
+    collection: str
+    fingerprint: str
+    def __init__(self, id: _Optional[str] = ..., matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ..., collection: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ("collection",)
@@ -393,3 +401,63 @@ class RenameResponse(_message.Message):
     renamed: int
     not_found: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, renamed: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Alias(_message.Message):
+    __slots__ = ("name", "collection", "previous_collection")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    collection: str
+    previous_collection: str
+    def __init__(self, name: _Optional[str] = ..., collection: _Optional[str] = ..., previous_collection: _Optional[str] = ...) -> None: ...
+
+class CreateAliasRequest(_message.Message):
+    __slots__ = ("alias", "collection")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    collection: str
+    def __init__(self, alias: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
+
+class CreateAliasResponse(_message.Message):
+    __slots__ = ("alias",)
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    alias: Alias
+    def __init__(self, alias: _Optional[_Union[Alias, _Mapping]] = ...) -> None: ...
+
+class SwitchAliasRequest(_message.Message):
+    __slots__ = ("alias", "collection", "expected_collection")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    collection: str
+    expected_collection: str
+    def __init__(self, alias: _Optional[str] = ..., collection: _Optional[str] = ..., expected_collection: _Optional[str] = ...) -> None: ...
+
+class SwitchAliasResponse(_message.Message):
+    __slots__ = ("alias",)
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    alias: Alias
+    def __init__(self, alias: _Optional[_Union[Alias, _Mapping]] = ...) -> None: ...
+
+class DropAliasRequest(_message.Message):
+    __slots__ = ("alias",)
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    def __init__(self, alias: _Optional[str] = ...) -> None: ...
+
+class DropAliasResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAliasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAliasesResponse(_message.Message):
+    __slots__ = ("aliases",)
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    aliases: _containers.RepeatedCompositeFieldContainer[Alias]
+    def __init__(self, aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ...) -> None: ...

@@ -87,6 +87,26 @@ class RankerServiceStub:
                 request_serializer=imagesearch_dot_v1_dot_ranker__pb2.RenameRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.RenameResponse.FromString,
                 _registered_method=True)
+        self.CreateAlias = channel.unary_unary(
+                '/imagesearch.v1.RankerService/CreateAlias',
+                request_serializer=imagesearch_dot_v1_dot_ranker__pb2.CreateAliasRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.CreateAliasResponse.FromString,
+                _registered_method=True)
+        self.SwitchAlias = channel.unary_unary(
+                '/imagesearch.v1.RankerService/SwitchAlias',
+                request_serializer=imagesearch_dot_v1_dot_ranker__pb2.SwitchAliasRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.SwitchAliasResponse.FromString,
+                _registered_method=True)
+        self.DropAlias = channel.unary_unary(
+                '/imagesearch.v1.RankerService/DropAlias',
+                request_serializer=imagesearch_dot_v1_dot_ranker__pb2.DropAliasRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.DropAliasResponse.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/imagesearch.v1.RankerService/ListAliases',
+                request_serializer=imagesearch_dot_v1_dot_ranker__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_ranker__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
 
 
 class RankerServiceServicer:
@@ -146,7 +166,8 @@ class RankerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DropCollection(self, request, context):
-        """Deletes a collection and every vector in it (NOT_FOUND if unknown).
+        """Deletes a collection and every vector in it (NOT_FOUND if unknown;
+        FAILED_PRECONDITION while an alias points to it, or given an alias).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +197,42 @@ class RankerServiceServicer:
     def Rename(self, request, context):
         """Gives items new names, keeping their vectors and attributes (no
         re-embedding). A target name already in the collection is replaced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAlias(self, request, context):
+        """Names a collection by an alias. Every RPC that takes a collection name
+        takes an alias instead (resolved once per call; a SearchStream resolves
+        each name once, at its first query). Aliases and collections share one
+        namespace: ALREADY_EXISTS when the name is taken (the same call again is
+        no error); NOT_FOUND when the collection does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwitchAlias(self, request, context):
+        """Points an alias at another collection, atomically: a search answers
+        wholly from the old or wholly from the new one. With expected_collection
+        set, only if the alias still points there (ABORTED otherwise, naming its
+        target: compare-and-swap). A switch to the current target changes
+        nothing and is no error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropAlias(self, request, context):
+        """Removes an alias (its collection stays); NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliases(self, request, context):
+        """Every alias, by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,6 +290,26 @@ def add_RankerServiceServicer_to_server(servicer, server):
                     servicer.Rename,
                     request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.RenameRequest.FromString,
                     response_serializer=imagesearch_dot_v1_dot_ranker__pb2.RenameResponse.SerializeToString,
+            ),
+            'CreateAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAlias,
+                    request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.CreateAliasRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_ranker__pb2.CreateAliasResponse.SerializeToString,
+            ),
+            'SwitchAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchAlias,
+                    request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.SwitchAliasRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_ranker__pb2.SwitchAliasResponse.SerializeToString,
+            ),
+            'DropAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropAlias,
+                    request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.DropAliasRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_ranker__pb2.DropAliasResponse.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=imagesearch_dot_v1_dot_ranker__pb2.ListAliasesRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_ranker__pb2.ListAliasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -508,6 +585,114 @@ class RankerService:
             '/imagesearch.v1.RankerService/Rename',
             imagesearch_dot_v1_dot_ranker__pb2.RenameRequest.SerializeToString,
             imagesearch_dot_v1_dot_ranker__pb2.RenameResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.RankerService/CreateAlias',
+            imagesearch_dot_v1_dot_ranker__pb2.CreateAliasRequest.SerializeToString,
+            imagesearch_dot_v1_dot_ranker__pb2.CreateAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.RankerService/SwitchAlias',
+            imagesearch_dot_v1_dot_ranker__pb2.SwitchAliasRequest.SerializeToString,
+            imagesearch_dot_v1_dot_ranker__pb2.SwitchAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.RankerService/DropAlias',
+            imagesearch_dot_v1_dot_ranker__pb2.DropAliasRequest.SerializeToString,
+            imagesearch_dot_v1_dot_ranker__pb2.DropAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.RankerService/ListAliases',
+            imagesearch_dot_v1_dot_ranker__pb2.ListAliasesRequest.SerializeToString,
+            imagesearch_dot_v1_dot_ranker__pb2.ListAliasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

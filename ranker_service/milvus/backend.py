@@ -22,9 +22,11 @@ from imagesearch import errors
 from imagesearch.defaults import FILTER_EXACT_SCAN_SHARE
 from ranker_service import validation
 from ranker_service.backend import DEFAULT_BATCH_SIZE, BackendBase, deadline_of
+from ranker_service.milvus.aliases import MilvusAliases
 from ranker_service.milvus.link import Link, not_found
 from ranker_service.milvus.ranking import rank_rows
 from ranker_service.milvus.schema import (
+    ALIASES,
     CONSISTENCY,
     MAX_DIM,
     MAX_SEARCH_LIMIT,
@@ -71,7 +73,8 @@ class MilvusBackend(BackendBase):
         self.uri, self.token, self.timeout = uri, token, timeout
         self.link = Link(uri, token, timeout)
         self._known: dict[str, tuple[int, Coll]] = {}  # Milvus collection -> (its id, its settings), loaded
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # collection and alias changes
+        self.aliases = MilvusAliases(self)
 
     @property
     def client(self):
@@ -85,10 +88,11 @@ class MilvusBackend(BackendBase):
         start = time.perf_counter()
         try:
             self.link.connect()
-            if not self._call("checking the settings collection", "has_collection", SETTINGS):
-                self._create_settings()
             self._known.clear()
-            self._call("loading the settings collection", "load_collection", SETTINGS)
+            for name in (SETTINGS, ALIASES):
+                if not self._call("checking the settings collections", "has_collection", name):
+                    self._create_settings(name)
+                self._call("loading the settings collections", "load_collection", name)
             colls = self._all()
             count = 0
             for coll in colls:
@@ -133,7 +137,7 @@ class MilvusBackend(BackendBase):
 
     # ------------------------------------------------------------ settings
 
-    def _create_settings(self) -> None:
+    def _create_settings(self, name: str) -> None:
         from pymilvus import DataType, MilvusClient
 
         schema = MilvusClient.create_schema(auto_id=False)
@@ -142,7 +146,7 @@ class MilvusBackend(BackendBase):
         schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field
         index = self.client.prepare_index_params()
         index.add_index(field_name="v", index_type="FLAT", metric_type="IP")
-        self._call("making the settings collection", "create_collection", SETTINGS, schema=schema,
+        self._call("making the settings collections", "create_collection", name, schema=schema,
                    index_params=index, consistency_level=CONSISTENCY)
 
     def _from_row(self, row: dict) -> Coll:
@@ -162,9 +166,10 @@ class MilvusBackend(BackendBase):
         return sorted((self._from_row(r) for r in rows), key=lambda c: c.name)
 
     def _find(self, collection: str) -> Coll | None:
-        """The collection's settings (None: no such collection). Milvus's own
-        metadata says at once whether it exists and which incarnation it is
-        (its id: dropped and made again, even by another ranker, it has another);
+        """The collection's settings (None: no such collection); given an alias,
+        those of its collection (Coll.name tells). Milvus's own metadata says
+        at once whether it exists, which collection an alias names, and which
+        incarnation it is (its id: dropped and made again, even by another ranker, it has another);
         the settings of an id never change, so they are read once per id (a
         Strong read costs a time tick) and the collection loaded then."""
         key = milvus_name(collection)
@@ -175,7 +180,7 @@ class MilvusBackend(BackendBase):
                 raise
             self._known.pop(key, None)
             return None
-        cid = described.get("collection_id")
+        cid, key = described.get("collection_id"), described.get("collection_name", key)  # an alias resolved
         known = self._known.get(key)
         if known is not None and known[0] == cid:
             return known[1]
@@ -231,6 +236,7 @@ class MilvusBackend(BackendBase):
         self._require_ready()
         validation.check_new_collection(collection, dim, spec, MIN_DIM, MAX_DIM)
         with self._lock:
+            self.aliases.check_new_collection(collection)
             coll = self._find(collection)
             if coll is not None:
                 validation.check_same_collection(collection, (coll.dim, coll.fingerprint, coll.spec),
@@ -243,6 +249,7 @@ class MilvusBackend(BackendBase):
         self._require_ready()
         validation.check_collection(collection, what="drop collection")
         with self._lock:
+            self.aliases.check_drop(collection)
             coll = self._get(collection)
             count = self._count(coll)
             self._call(f"dropping {collection!r}", "drop_collection", coll.key)

@@ -16,6 +16,7 @@ MIN_DIM, MAX_DIM = 2, 32768
 MAX_SEARCH_LIMIT = 16384
 MAX_NAME_BYTES = 16384
 SETTINGS = "imagesearch_collections"
+ALIASES = "imagesearch_aliases"  # what Milvus does not keep of an alias (milvus/aliases.py)
 CONSISTENCY = "Strong"
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_]")
 

@@ -34,6 +34,7 @@ from ranker_service.memory.registry import Registry, matches
 from ranker_service.rerank.cache import DerivedData, Wait
 from ranker_service.rerank.search import needs, reranked_search
 from ranker_service.sqlite import snapshots
+from ranker_service.sqlite.aliases import SqliteAliases
 from ranker_service.sqlite.backup import backup_copy
 from ranker_service.sqlite.store import STORED_DTYPE, Store, UpsertRow
 from ranker_service.types import (
@@ -72,6 +73,7 @@ class SqliteBackend(BackendBase):
         # collection -> database generation of its last write that memory holds (rerank/cache.py)
         self._generations: dict[str, int] = {}
         self._write_lock = threading.Lock()
+        self.aliases = SqliteAliases(self)
 
     # ------------------------------------------------------------ life cycle
 
@@ -122,6 +124,7 @@ class SqliteBackend(BackendBase):
         for coll in self.index.collections():  # derived data the last clean stop saved for this generation
             generation = self._generations[coll.name]
             self.derived.track(coll, generation, built=self.snapshots.load_derived(coll, generation))
+        self.aliases.load()
         self._ready = True
         report = LoadReport(len(self.index.collection_names()), count, time.perf_counter() - start,
                             self.memory_bytes())
@@ -197,15 +200,16 @@ class SqliteBackend(BackendBase):
             for p in batch:
                 coll = self.index.find(p.collection)
                 spec = (coll.dim, coll.fingerprint) if coll is not None else specs.get(p.collection)
-                if spec is None:
-                    specs[p.collection] = (p.vector.shape[0], p.fingerprint)
-                    new_collections.append((p.collection, p.vector.shape[0], p.fingerprint))
-                else:
-                    try:
+                try:
+                    if spec is None:
+                        self.aliases.check_new_collection(p.collection)  # an alias made since the call resolved it
+                        specs[p.collection] = (p.vector.shape[0], p.fingerprint)
+                        new_collections.append((p.collection, p.vector.shape[0], p.fingerprint))
+                    else:
                         validation.check_fits(p.collection, *spec, p)
-                    except errors.ImageSearchError as exc:
-                        failure = exc
-                        break
+                except errors.ImageSearchError as exc:
+                    failure = exc
+                    break
                 ok.append(p)
             if not ok:
                 return 0, 0, failure
@@ -265,6 +269,7 @@ class SqliteBackend(BackendBase):
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
+            self.aliases.check_new_collection(collection)
             coll = self.index.find(collection)
             if coll is not None:
                 validation.check_same_collection(collection, (coll.dim, coll.fingerprint, coll.spec),
@@ -285,6 +290,7 @@ class SqliteBackend(BackendBase):
         with self._write_lock:
             if self._closed:
                 raise errors.Unavailable("the ranker is shutting down")
+            self.aliases.check_drop(collection)
             self.index.get(collection)  # NotFound if unknown
             count = self.store.drop_collection(collection)
             self.index.drop(collection)

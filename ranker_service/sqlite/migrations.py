@@ -121,3 +121,17 @@ def m001_collections_and_vectors(db: sqlite_utils.Database) -> None:
                 UPDATE collections SET generation = (SELECT value FROM ranker_state WHERE key = 'generation')
                     WHERE name = {row}.collection;
             END""")
+
+
+@MIGRATIONS
+def m002_aliases(db: sqlite_utils.Database) -> None:
+    """An alias names a collection (a foreign key: a collection an alias
+    points to cannot be deleted) and keeps the collection it pointed to before
+    its last switch ('' before the first; it may since have been dropped).
+    Each change is one row written in one transaction."""
+    db["aliases"].create(
+        {"name": str, "collection": str, "previous_collection": str, "updated_at": float},
+        pk="name", not_null={"collection", "previous_collection", "updated_at"},
+        defaults={"previous_collection": ""},
+        foreign_keys=[("collection", "collections", "name")],
+    )

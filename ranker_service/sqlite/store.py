@@ -233,6 +233,11 @@ class Store:
                                  params, int(generation))
                 for name, dim, fingerprint, created_at, updated_at, kind, params, generation in rows]
 
+    def aliases(self) -> list[tuple[str, str, str]]:
+        """(name, collection, previous collection) of every alias."""
+        with self._lock:
+            return self.db.execute("SELECT name, collection, previous_collection FROM aliases ORDER BY name").fetchall()
+
     def generation(self, collection: str) -> int | None:
         """The database generation of the collection's last write (None if unknown)."""
         with self._lock:
@@ -393,6 +398,16 @@ class Store:
                                            "updated_at": now, "kind": kind, "params": params,
                                            "generation": generation})
         return StoredCollection(name, dim, fingerprint, now, now, 0, kind, params, generation)
+
+    def set_alias(self, name: str, collection: str, previous: str) -> None:
+        """Make or switch an alias, in one transaction."""
+        with self._transaction(f"setting alias {name!r}"):
+            self.db.execute("INSERT OR REPLACE INTO aliases (name, collection, previous_collection, updated_at) "
+                            "VALUES (?, ?, ?, ?)", [name, collection, previous, time.time()])
+
+    def drop_alias(self, name: str) -> None:
+        with self._transaction(f"dropping alias {name!r}"):
+            self.db.execute("DELETE FROM aliases WHERE name = ?", [name])
 
     def drop_collection(self, name: str) -> int:
         """Delete a collection and its vectors in one transaction; returns how many vectors it held."""
