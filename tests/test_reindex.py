@@ -115,8 +115,12 @@ def test_alias_commands_index_alias_and_the_mismatch_message(services, fingerpri
     capsys.readouterr()
 
     r = f[:4]
+    with RankerClient(services[1].address) as rank:
+        rank.create_collection("other", 1280, fingerprints["base"])
     assert cli.main(["alias", "create", "mirror", shop, *r]) == 0
-    assert cli.main(["alias", "create", "mirror", shop, *r]) == 2          # exists
+    assert cli.main(["alias", "create", "mirror", shop, *r]) == 0          # the same again: no error
+    assert cli.main(["alias", "create", "mirror", "other", *r]) == 2       # another target: exists
+    assert "ALREADY_EXISTS" in capsys.readouterr().err
     assert cli.main(["alias", "create", shop, "shop", *r]) == 2             # a collection's name
     assert cli.main(["alias", "switch", "mirror", "no-such-collection", *r]) == 2
     assert cli.main(["alias", "rollback", "mirror", *r]) == 2               # no previous collection
@@ -127,8 +131,6 @@ def test_alias_commands_index_alias_and_the_mismatch_message(services, fingerpri
     assert listed[0].split() == ["ALIAS", "COLLECTION", "PREVIOUS"]
     assert sorted(line.split() for line in listed[1:]) == [["mirror", shop, "-"], ["shop", shop, "-"]]
 
-    with RankerClient(services[1].address) as rank:
-        rank.create_collection("other", 1280, fingerprints["base"])
     assert cli.main(["alias", "switch", "mirror", "other", *r]) == 0
     assert aliases(services)["mirror"].collection == "other"
     assert cli.main(["alias", "rollback", "mirror", *r]) == 0
@@ -199,13 +201,13 @@ def test_clients_searching_the_alias_see_one_model_per_answer_through_reindex_sw
         t.start()
     try:
         time.sleep(0.5)
+        started_at = len(answers)
         rc = cli.main(["reindex", str(g), "--alias", "live", "--model", "base", "--chunk-size", "2",
                        "--concurrency", "1", *f])
         err = capsys.readouterr().err
         switched_at = len(answers)
         time.sleep(0.5)
         assert cli.main(["alias", "rollback", "live", *f[:4]]) == 0
-        rolled_at = len(answers)
         time.sleep(0.5)
     finally:
         stop.set()
@@ -235,7 +237,7 @@ def test_clients_searching_the_alias_see_one_model_per_answer_through_reindex_sw
     seen = [fp for _, fp, _, _ in answers]
     changes = [i for i in range(1, len(seen)) if seen[i] != seen[i - 1]]
     assert seen[0] == fingerprints["small"] and len(changes) == 2, changes
-    assert changes[0] <= switched_at < changes[1] <= rolled_at
+    assert started_at <= changes[0] and switched_at <= changes[1]  # switched by reindex, back by the rollback
     assert aliases(services)["live"].collection == old and aliases(services)["live"].previous == new
 
 
@@ -291,6 +293,11 @@ def test_a_new_model_that_scores_lower_is_switched_to_only_with_force(services, 
     assert cli.main(["reindex", str(g), "--alias", "q", "--model", "base", *quality, *f]) == 0
     err = capsys.readouterr().err
     assert "check: mAP@10" in err and f"switched alias 'q': {small!r} -> {base!r}" in err, err
+    # query follows the alias to the model of its new target (the embedder's default is still `small`).
+    out = tmp_path / "r.json"
+    assert cli.main(["query", str(photo_set[1]), "--collection", "q", "--out", str(out), *f]) == 0
+    truth = json.loads(photo_set[2].read_text())
+    assert sum(json.loads(out.read_text())[k][0] in v for k, v in truth.items()) == len(truth)  # base: all top-1
     # base -> small scores lower: refused, exit 2, nothing switched; the previous collection is reused.
     assert cli.main(["reindex", str(g), "--alias", "q", "--model", "small", *quality, *f]) == 2
     err = capsys.readouterr().err

@@ -168,18 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     _job_arguments(p)
     p.set_defaults(func=commands.cmd_reindex)
 
-    p = sub.add_parser("alias", parents=[client], help="list, create, switch, drop or roll back aliases",
+    p = sub.add_parser("alias", help="list, create, switch, drop or roll back aliases",
                        description="An alias names a collection; searches, indexing and every other call accept it "
                                    "where they take a collection.")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("list", help="every alias, its collection and its previous one")
-    for action, text in (("create", "a new alias of COLLECTION"), ("switch", "point ALIAS at COLLECTION")):
-        a = actions.add_parser(action, help=text)
-        a.add_argument("alias", metavar="ALIAS")
-        a.add_argument("collection", metavar="COLLECTION")
-    actions.add_parser("drop", help="drop the alias (not its collection)").add_argument("alias", metavar="ALIAS")
-    actions.add_parser("rollback", help="switch ALIAS back to its previous collection").add_argument(
-        "alias", metavar="ALIAS")
+    for action, text, args in (("list", "every alias, its collection and its previous one", ()),
+                               ("create", "a new alias of COLLECTION", ("alias", "collection")),
+                               ("switch", "point ALIAS at COLLECTION", ("alias", "collection")),
+                               ("drop", "drop the alias (not its collection)", ("alias",)),
+                               ("rollback", "switch ALIAS back to its previous collection", ("alias",))):
+        a = actions.add_parser(action, parents=[client], help=text, description=text)
+        for arg in args:
+            a.add_argument(arg, metavar=arg.upper())
     p.set_defaults(func=commands.cmd_alias)
 
     p = sub.add_parser("query", parents=[client], help="rank the gallery for every image under a folder",
