@@ -266,7 +266,7 @@ def cmd_search(args) -> int:
         data = args.image.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {args.image}: {exc.strerror}") from None
-    with _clients(args) as (emb, rank), embedder_for(emb, rank, args.collection, must_exist=True) as (emb, _):
+    with _clients(args) as (emb, rank), embedder_for(emb, rank, args.collection, must_exist=False) as (emb, _):
         result = emb.embed(data, name=str(args.image))
         matches = above(rank.search(args.collection, result.vector, top_k=args.top_k, fingerprint=result.fingerprint,
                                     filters=filters, with_attributes=args.json, **rerank), args.min_score)
