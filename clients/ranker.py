@@ -193,7 +193,8 @@ class RankerClient(ServiceClient):
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return f"index a gallery first: imagesearch index GALLERY_DIR --collection {collection}"
         if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-            return f"the gallery was indexed with another model: query with that one, or move the gallery to yours: {REINDEX}"
+            return ("the gallery was indexed with another model: query with that one, or move the gallery to "
+                    f"yours: {REINDEX}")
         return ""
 
     def search_stream(self, collection: str, queries: Iterable[Item], *, top_k: int = 10, fingerprint: str = "",

@@ -312,3 +312,32 @@ def test_a_new_model_that_scores_lower_is_switched_to_only_with_force(services, 
     with RankerClient(services[1].address) as rank:
         assert rank.stats().collection(base) is None
     assert cli.main(["alias", "rollback", "q", *f[:4]]) == 2  # its previous collection is gone
+
+
+def test_an_alias_moved_during_the_reindex_is_not_switched(services, fingerprints, photo_set, tmp_path, capsys):
+    f = flags(services)
+    g = copy_gallery(photo_set[0], tmp_path / "gallery")
+    assert cli.main(["index", str(g), "--alias", "cas", *f]) == 0
+    capsys.readouterr()
+    shadow = f"cas-{fingerprints['base'][:12]}"
+    with RankerClient(services[1].address) as rank:
+        rank.create_collection("cas-elsewhere", 1280, fingerprints["small"])
+
+        def move_it():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                stats = rank.stats().collection(shadow)
+                if stats is not None and stats.count >= 2:
+                    rank.switch_alias("cas", "cas-elsewhere")
+                    return
+                time.sleep(0.01)
+
+        mover = threading.Thread(target=move_it)
+        mover.start()
+        rc = cli.main(["reindex", str(g), "--alias", "cas", "--model", "base", "--chunk-size", "2",
+                       "--concurrency", "1", *f])
+        mover.join()
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "not switched: alias 'cas' was moved off" in err and "cas-elsewhere" in err, err
+    assert aliases(services)["cas"].collection == "cas-elsewhere"

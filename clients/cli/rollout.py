@@ -96,7 +96,8 @@ def _map(embedder: EmbedderClient, ranker: RankerClient, collection: str, querie
          truth: dict, job: dict) -> float:
     r = query_folder(embedder, ranker, queries, collection=collection, top_k=SAMPLE_K, **job)
     if r.service_error or r.runtime_failures:
-        raise ClientError(f"querying collection {collection!r} failed: {r.service_error or next(iter(r.failed.values()))}")
+        why = r.service_error or next(iter(r.runtime_failures.values()))
+        raise ClientError(f"querying collection {collection!r} failed: {why}")
     return metrics.evaluate(r.names(), truth, k=SAMPLE_K).map
 
 
