@@ -1,20 +1,11 @@
 """A new model behind an alias, with no downtime for the clients that search
-through it (docs/operations.md#roll-out-a-new-model): `imagesearch reindex`,
-`imagesearch alias ...` and `index --alias`.
+through it: `imagesearch reindex`, `imagesearch alias ...`, `index --alias`
+(docs/operations.md#roll-out-a-new-model, where the steps and checks are).
 
-`reindex` leaves the alias on its target (the old collection) while the
-gallery is embedded with the new model into a shadow collection named
-ALIAS-FINGERPRINT[:12] by the `index` job itself (clients.cli.jobs), so a
-killed run finds the shadow and embeds only what it lacks; then once more
-with --sync semantics, for the files added, changed or removed meanwhile
-(the folder is the source of truth). Before the switch it checks: one item
-per indexable file; a seeded sample of gallery images each at rank 1; the
-top-10 overlap of old and new on that sample (the old side embedded by the
-served model whose fingerprint the old collection holds); with queries and
-ground truth, mAP@10 old against new (a lower new score stops it unless
---force). The alias then switches by compare-and-swap on the target it
-started from; the old collection is kept for `alias rollback`, unless
---drop-old."""
+`reindex` fills a shadow collection ALIAS-FINGERPRINT[:12] with the `index`
+job itself (clients.cli.jobs: a killed run resumes there), syncs once more
+with the folder, checks, and switches the alias by compare-and-swap on the
+target it started from; the old collection stays for `alias rollback`."""
 
 from __future__ import annotations
 
@@ -105,9 +96,13 @@ def reindex(new: EmbedderClient, ranker: RankerClient, gallery: Path, *, alias: 
             others: Sequence[EmbedderClient] = (), sample: int = 20, seed: int = 0,
             queries: FolderListing | None = None, truth: dict | None = None, force: bool = False,
             drop_old: bool = False, follow_symlinks: bool = False, **job) -> int:
-    """Move `alias` to the model `new` embeds with (see the module's text).
-    `others`: further embedders where the old collection's model may be
-    served; `job`: chunk_size, concurrency, progress of the index job."""
+    """Move `alias` to the model `new` embeds with. Before the switch: one
+    item per indexable file, and a seeded sample each its own best match (or
+    ClientError); the top-10 overlap of old and new on the sample, the old
+    side embedded by the served model (of `new`'s embedder or `others`) whose
+    fingerprint the old collection holds; with `queries` and `truth`, mAP@10
+    old against new (a lower new one is a UsageError unless `force`). `job`:
+    chunk_size, concurrency, progress of the index job."""
     current = find_alias(ranker, alias)
     if current is None:
         raise UsageError(f"no alias {alias!r} on the ranker at {ranker.address}: give the gallery one with "
