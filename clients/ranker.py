@@ -38,6 +38,7 @@ SERVICE = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
 DEFAULT_ADDRESS = defaults.RANKER_ADDRESS
 ADDRESS_ENV = defaults.RANKER_ENV
 HINT = SERVE_HINT.format(flag="--ranker", env=ADDRESS_ENV)
+REINDEX = "imagesearch reindex GALLERY_DIR --alias ALIAS --model NAME (docs/operations.md#roll-out-a-new-model)"
 # A backup streams the whole database: far longer than one call.
 BACKUP_TIMEOUT_S = 3600.0
 
@@ -104,8 +105,8 @@ class RankerClient(ServiceClient):
         except grpc.RpcError as exc:
             hint = ""
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                hint = ("the collection holds vectors of another model: index into a new --collection, "
-                        "or delete this one's database and index again")
+                hint = ("the collection holds vectors of another model: serve that model, or move the gallery "
+                        f"to this one without downtime: {REINDEX}")
             raise self._error(exc, hint) from None
 
     def backup(self, path, *, timeout: float = BACKUP_TIMEOUT_S) -> BackupResult:
@@ -153,6 +154,14 @@ class RankerClient(ServiceClient):
             raise self._error(exc, hint) from None
         return wire.collection_stats(reply.collection), reply.created
 
+    def drop_collection(self, collection: str) -> int:
+        """DropCollection: the collection and its items; returns how many it held."""
+        try:
+            return self.stub.DropCollection(ranker_pb2.DropCollectionRequest(collection=collection),
+                                            timeout=self.timeout).deleted
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
     def delete(self, collection: str, names: Sequence[str]) -> DeleteResult:
         try:
             return wire.delete_result(self.stub.Delete(ranker_pb2.DeleteRequest(collection=collection,
@@ -184,7 +193,8 @@ class RankerClient(ServiceClient):
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return f"index a gallery first: imagesearch index GALLERY_DIR --collection {collection}"
         if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-            return "the gallery was indexed with another model: index it again with the model you query with"
+            return ("the gallery was indexed with another model: query with that one, or move the gallery to "
+                    f"yours: {REINDEX}")
         return ""
 
     def search_stream(self, collection: str, queries: Iterable[Item], *, top_k: int = 10, fingerprint: str = "",

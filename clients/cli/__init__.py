@@ -7,12 +7,14 @@
     imagesearch embed IMAGE...                   vectors
     imagesearch evaluate r.json --ground-truth gt.json
     imagesearch run --gallery G --query Q --out r.json   all of it, services included
+    imagesearch reindex GALLERY_DIR --alias A --model NEW   a new model behind an alias, without downtime
+    imagesearch alias list|create|switch|drop|rollback
     imagesearch demo                             `run` on photos shipped with scikit-image/-learn
     imagesearch web --gallery GALLERY_DIR        search by picture in a browser (the [web] extra)
 
 parser (flags), commands (one function per sub-command), jobs (index and
-query over a folder), output (terminal summaries), report (HTML), demo (its
-photos). Exit codes: 0 ok, 1 runtime failure (a service down or failing), 2
+query over a folder), rollout (reindex and aliases), output (terminal
+summaries), report (HTML), demo (its photos). Exit codes: 0 ok, 1 runtime failure (a service down or failing), 2
 usage or input error. Only the client library and the contracts are imported
 (no torch): it starts fast.
 """

@@ -23,9 +23,9 @@ import numpy as np
 
 from clients import metrics
 from clients.channels import AUTH_TOKEN_ENV, Security
-from clients.cli import dedupe, report
+from clients.cli import dedupe, report, rollout
 from clients.cli import demo as demo_data
-from clients.cli.jobs import QueryReport, index_folder, query_folder
+from clients.cli.jobs import QueryReport, embedder_for, index_folder, query_folder
 from clients.cli.output import index_summary, json_text, printable, query_summary, say
 from clients.embedder import ADDRESS_ENV as EMBEDDER_ENV
 from clients.embedder import DEFAULT_ADDRESS as DEFAULT_EMBEDDER
@@ -63,9 +63,10 @@ def _check_top_k(top_k: int) -> None:
 
 @contextlib.contextmanager
 def _clients(args, *, embedder: str | None = None, ranker: str | None = None, security: Security | None = None,
-             need_ranker: bool = True) -> Iterator[tuple[EmbedderClient, RankerClient | None]]:
+             need_ranker: bool = True, model: str = "") -> Iterator[tuple[EmbedderClient, RankerClient | None]]:
     security = security or _security(args)
-    emb = EmbedderClient(embedder or args.embedder or DEFAULT_EMBEDDER, security=security, timeout=args.timeout)
+    emb = EmbedderClient(embedder or args.embedder or DEFAULT_EMBEDDER, security=security, timeout=args.timeout,
+                         model=model)
     rank = None
     try:
         if need_ranker:
@@ -191,11 +192,41 @@ def _embedder_args(args) -> list[str]:
 def cmd_index(args) -> int:
     gallery = _require_images(args.gallery, "gallery folder", args.follow_symlinks)
     with _clients(args) as (emb, rank):
-        r = index_folder(emb, rank, gallery, collection=args.collection, chunk_size=args.chunk_size,
+        if args.alias:
+            rollout.index_alias(emb, rank, args.alias)
+        r = index_folder(emb, rank, gallery, collection=args.alias or args.collection, chunk_size=args.chunk_size,
                          concurrency=args.concurrency, progress=args.progress, attributes=_attributes(args),
                          attributes_from_folders=args.attributes_from_folders, sync=args.sync, full=args.full)
     index_summary(r)
     return _job_exit(r, args.strict)
+
+
+def cmd_reindex(args) -> int:
+    if (args.queries is None) != (args.ground_truth is None):
+        raise UsageError("--queries and --ground-truth go together: the queries and what each should find")
+    if args.sample < 1:
+        raise UsageError(f"--sample must be at least 1 (got {args.sample})")
+    truth = _load_ground_truth(args)
+    queries = _require_images(args.queries, "query folder", args.follow_symlinks) if args.queries else None
+    if queries is not None:
+        _check_truth_covers(queries, truth)
+    _require_images(args.gallery, "gallery folder", args.follow_symlinks)
+    # The embedder the environment names, when --embedder names another: it may serve the old model.
+    current = os.environ.get(EMBEDDER_ENV)
+    with _clients(args, model=args.model or "") as (emb, rank), contextlib.ExitStack() as stack:
+        others = []
+        if current and current != emb.address:
+            others.append(stack.enter_context(EmbedderClient(current, security=_security(args), timeout=args.timeout)))
+        return rollout.reindex(emb, rank, args.gallery, alias=args.alias, others=others, sample=args.sample,
+                               seed=args.seed, queries=queries, truth=truth, force=args.force,
+                               drop_old=args.drop_old, follow_symlinks=args.follow_symlinks,
+                               chunk_size=args.chunk_size, concurrency=args.concurrency, progress=args.progress)
+
+
+def cmd_alias(args) -> int:
+    with RankerClient(args.ranker or DEFAULT_RANKER, security=_security(args), timeout=args.timeout) as rank:
+        rank.wait_ready(connect_timeout=args.connect_timeout)
+        return rollout.alias_command(rank, args)
 
 
 def cmd_query(args) -> int:
@@ -235,7 +266,7 @@ def cmd_search(args) -> int:
         data = args.image.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {args.image}: {exc.strerror}") from None
-    with _clients(args) as (emb, rank):
+    with _clients(args) as (emb, rank), embedder_for(emb, rank, args.collection, must_exist=False) as (emb, _):
         result = emb.embed(data, name=str(args.image))
         matches = above(rank.search(args.collection, result.vector, top_k=args.top_k, fingerprint=result.fingerprint,
                                     filters=filters, with_attributes=args.json, **rerank), args.min_score)

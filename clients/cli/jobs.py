@@ -14,6 +14,7 @@ is listed, so a re-run (which replaces rather than duplicates) completes the job
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -31,8 +32,8 @@ from clients.embedder import EmbedderClient, file_source
 from clients.errors import ClientError, UsageError
 from clients.options import above
 from clients.files import IMAGE_EXTENSIONS, FolderListing, list_images
-from clients.ranker import RankerClient
-from clients.types import Embedding, Failure, KReciprocal, Match, QueryExpansion
+from clients.ranker import REINDEX, RankerClient
+from clients.types import CollectionStats, Embedding, Failure, KReciprocal, Match, QueryExpansion
 
 log = logging.getLogger(__name__)
 
@@ -98,26 +99,49 @@ class _Progress:
             self._bar.close()
 
 
-def check_collection_model(embedder: EmbedderClient, ranker: RankerClient, collection: str, *,
-                           must_exist: bool) -> None:
-    """Early, clear errors: an unknown collection (for queries) or one indexed
-    with another model than the embedder serves."""
-    stats = ranker.stats()
-    found = stats.collection(collection)
+def collection_stats(ranker: RankerClient, collection: str) -> CollectionStats | None:
+    """The stats of a collection, or of an alias's target; None when neither exists."""
+    try:
+        found = ranker.stats(collection).collections
+    except ClientError as exc:
+        if exc.code != grpc.StatusCode.NOT_FOUND:
+            raise
+        return None
+    return found[0] if found else None
+
+
+def model_client(embedder: EmbedderClient, model: str) -> EmbedderClient:
+    """A client for another model the same embedder serves."""
+    return EmbedderClient(embedder.address, security=embedder.security, timeout=embedder.timeout, model=model)
+
+
+@contextlib.contextmanager
+def embedder_for(embedder: EmbedderClient, ranker: RankerClient, collection: str, *,
+                 must_exist: bool) -> Iterator[tuple[EmbedderClient, CollectionStats | None]]:
+    """(the client that embeds for `collection` (or an alias's target), its
+    stats): `embedder`, or the model it also serves whose fingerprint the
+    collection holds. Early, clear errors: an unknown collection (for
+    queries), or a model not served."""
+    found = collection_stats(ranker, collection)
     info = embedder.model_info()
     if found is None:
         if must_exist:
-            names = ", ".join(c.name for c in stats.collections) or "none"
+            names = ", ".join(c.name for c in ranker.stats().collections) or "none"
             raise UsageError(f"collection {collection!r} does not exist on the ranker at {ranker.address} "
                              f"(it has: {names}); index a gallery first: "
                              f"imagesearch index GALLERY_DIR --collection {collection}")
+    elif found.fingerprint and info.fingerprint and found.fingerprint != info.fingerprint:
+        served = next((m for m in embedder.models() if m.fingerprint == found.fingerprint), None)
+        if served is None:
+            raise UsageError(
+                f"collection {collection!r} on the ranker at {ranker.address} was indexed with another model "
+                f"(fingerprint {found.fingerprint[:12]}) than the embedder at {embedder.address} serves "
+                f"({info.backbone}, {info.weights}, fingerprint {info.fingerprint[:12]}): serve the model it was "
+                f"indexed with, or move the gallery to this model without downtime: {REINDEX}")
+        with model_client(embedder, served.model) as other:
+            yield other, found
         return
-    if found.fingerprint and info.fingerprint and found.fingerprint != info.fingerprint:
-        raise UsageError(
-            f"collection {collection!r} on the ranker at {ranker.address} was indexed with another model "
-            f"(fingerprint {found.fingerprint[:12]}) than the embedder at {embedder.address} serves "
-            f"({info.backbone}, {info.weights}, fingerprint {info.fingerprint[:12]}): index the gallery again "
-            "into a new --collection with this model, or serve the model it was indexed with")
+    yield embedder, found
 
 
 def _error_failure(name: str, exc: ClientError | None, prefix: str) -> Failure:
@@ -289,43 +313,46 @@ LIST_S, LIST_VECTORS_S = 0.001, 0.01
 
 def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | Path | FolderListing, *,
                  collection: str, chunk_size: int = 32, concurrency: int | None = None,
-                 progress: bool | None = None, attributes: Mapping[str, str] | None = None,
+                 progress: bool | None = None, attributes: Mapping[str, str] | Callable[[str], dict] | None = None,
                  attributes_from_folders: bool = False, sync: bool = False, full: bool = False) -> IndexReport:
-    """Bring `collection` in step with the images under `folder` (or of a
-    listing already made by clients.files.list_images, so that a folder is
-    listed once): embed only new and changed files, re-key renamed ones,
-    refresh attributes, and with `sync` delete items whose files are gone
-    (see clients.cli.incremental). `full` embeds every file again."""
+    """Bring `collection` (or an alias's target) in step with the images under
+    `folder` (or of a listing already made by clients.files.list_images, so
+    that a folder is listed once): embed only new and changed files, re-key
+    renamed ones, refresh attributes, and with `sync` delete items whose files
+    are gone (see clients.cli.incremental). `full` embeds every file again.
+    `attributes`: one map for every file, or a function of the file's name."""
     listing = _listing(folder, "gallery folder")
     report = IndexReport(folder=listing.root, total_images=len(listing.images), skipped=listing.skipped,
                          collection=collection)
     if not listing.images:
         raise UsageError(f"no images under {listing.root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    extra = extra_attributes(attributes or {}, attributes_from_folders)
-    check_collection_model(embedder, ranker, collection, must_exist=False)
+    extra = attributes if callable(attributes) else extra_attributes(attributes or {}, attributes_from_folders)
     start = time.monotonic()
-    found = ranker.stats().collection(collection)
-    count = found.count if found is not None else 0
-    stored = ({item.name: item for item in ranker.list_items(collection, timeout=ranker.timeout + count * LIST_S)}
-              if found is not None else {})
-    plan = make_plan(listing.images, stored, extra, full=full)
-    report.unchanged, report.gone, report.hashed = len(plan.unchanged), plan.gone, plan.hashed
-    report.vanished = plan.vanished
-    report.total_images -= len(plan.vanished)
-    report.failed.update({n: Failure(n, grpc.StatusCode.INVALID_ARGUMENT, why) for n, why in plan.unreadable.items()})
-    for i in range(0, len(plan.renames), RENAME_BATCH):
-        report.renamed += ranker.rename(collection, plan.renames[i:i + RENAME_BATCH]).renamed
-    if plan.retag:
-        wanted = set(plan.retag)
-        items = [Embedding(i.name, i.vector, i.fingerprint)
-                 for i in ranker.list_items(collection, with_vectors=True, timeout=ranker.timeout + count * LIST_VECTORS_S)
-                 if i.name in wanted]
-        report.retagged = ranker.upsert(collection, items, attributes=plan.attributes.get).upserted
-    if sync and plan.gone:
-        report.deleted = ranker.delete(collection, plan.gone).deleted
-    if plan.embed:
-        _embed_and_store(embedder, ranker, FolderListing(listing.root, plan.embed, []), report, plan.attributes,
-                         collection=collection, chunk_size=chunk_size, concurrency=concurrency, progress=progress)
+    with embedder_for(embedder, ranker, collection, must_exist=False) as (model, found):
+        count = found.count if found is not None else 0
+        stored = ({item.name: item for item in ranker.list_items(collection, timeout=ranker.timeout + count * LIST_S)}
+                  if found is not None else {})
+        plan = make_plan(listing.images, stored, extra, full=full)
+        report.unchanged, report.gone, report.hashed = len(plan.unchanged), plan.gone, plan.hashed
+        report.vanished = plan.vanished
+        report.total_images -= len(plan.vanished)
+        report.failed.update({n: Failure(n, grpc.StatusCode.INVALID_ARGUMENT, why)
+                              for n, why in plan.unreadable.items()})
+        for i in range(0, len(plan.renames), RENAME_BATCH):
+            report.renamed += ranker.rename(collection, plan.renames[i:i + RENAME_BATCH]).renamed
+        if plan.retag:
+            wanted = set(plan.retag)
+            items = [Embedding(i.name, i.vector, i.fingerprint)
+                     for i in ranker.list_items(collection, with_vectors=True,
+                                                timeout=ranker.timeout + count * LIST_VECTORS_S)
+                     if i.name in wanted]
+            report.retagged = ranker.upsert(collection, items, attributes=plan.attributes.get).upserted
+        if sync and plan.gone:
+            report.deleted = ranker.delete(collection, plan.gone).deleted
+        if plan.embed:
+            _embed_and_store(model, ranker, FolderListing(listing.root, plan.embed, []), report, plan.attributes,
+                             collection=collection, chunk_size=chunk_size, concurrency=concurrency,
+                             progress=progress)
     report.seconds = time.monotonic() - start
     return report
 
@@ -375,8 +402,6 @@ def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
     listing = _listing(folder, "query folder")
     report = QueryReport(folder=listing.root, total_images=len(listing.images), skipped=listing.skipped,
                          collection=collection, top_k=top_k)
-    job = _Job(embedder, ranker, listing, report, "querying", progress)
-    check_collection_model(embedder, ranker, collection, must_exist=True)
 
     def step(chunk: _Chunk, embeddings: Iterator[Embedding], timeout: float) -> None:
         for answer in ranker.search_stream(collection, embeddings, top_k=top_k, filters=filters, timeout=timeout,
@@ -389,6 +414,8 @@ def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
             else:
                 chunk.fail(answer)
 
-    job.run(step, count_sent=False, unanswered="not done: ", chunk_size=chunk_size, concurrency=concurrency)
+    with embedder_for(embedder, ranker, collection, must_exist=True) as (model, _):
+        job = _Job(model, ranker, listing, report, "querying", progress)
+        job.run(step, count_sent=False, unanswered="not done: ", chunk_size=chunk_size, concurrency=concurrency)
     return report
 

@@ -128,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--sync also deletes items whose files are gone. Files that were not indexed "
                                    "are listed with the reason.")
     p.add_argument("gallery", type=Path, metavar="GALLERY_DIR")
-    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION),
-                   help="(env IMAGESEARCH_COLLECTION; default %(default)s)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION),
+                       help="a collection or an alias (env IMAGESEARCH_COLLECTION; default %(default)s)")
+    where.add_argument("--alias", help="index through this alias; one that does not exist is created, with a "
+                                       "collection ALIAS-FINGERPRINT[:12] for the embedder's model")
     p.add_argument("--attributes", action="append", default=[], metavar="KEY=VALUE",
                    help="store this attribute with every image of the run (repeat for more)")
     p.add_argument("--attributes-from-folders", action="store_true",
@@ -141,10 +144,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 2 when any image could not be indexed")
     p.set_defaults(func=commands.cmd_index)
 
+    p = sub.add_parser("reindex", parents=[client], help="move an alias's gallery to a new model, without downtime",
+                       description="Embeds GALLERY_DIR with the new model into a collection ALIAS-FINGERPRINT[:12] "
+                                   "while ALIAS keeps serving the old one (as `index` does: a killed run resumes), "
+                                   "syncs once more with the folder, checks (item count, a sample at rank 1, top-10 "
+                                   "overlap of old and new, mAP@10 old against new with --queries), then switches "
+                                   "ALIAS by compare-and-swap. The old collection is kept for "
+                                   "`imagesearch alias rollback ALIAS`. docs/operations.md#roll-out-a-new-model")
+    p.add_argument("gallery", type=Path, metavar="GALLERY_DIR")
+    p.add_argument("--alias", required=True, help="the alias the clients search through")
+    p.add_argument("--model", help="the new model: a name the embedder at --embedder serves (--model NAME=SPEC); "
+                                   "default: its default model")
+    p.add_argument("--sample", type=int, default=20,
+                   help="gallery images that must find themselves at rank 1 (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default %(default)s)")
+    p.add_argument("--queries", type=Path, metavar="QUERY_DIR", help="with --ground-truth: compare mAP@10 old "
+                                                                    "against new, and switch only if new is not lower")
+    p.add_argument("--ground-truth", type=Path, metavar="GT.json",
+                   help="JSON {query file: [relevant gallery files]} for --queries")
+    p.add_argument("--force", action="store_true", help="switch even when the new model scores lower")
+    p.add_argument("--drop-old", action="store_true",
+                   help="drop the old collection after the switch (no rollback then)")
+    _job_arguments(p)
+    p.set_defaults(func=commands.cmd_reindex)
+
+    p = sub.add_parser("alias", help="list, create, switch, drop or roll back aliases",
+                       description="An alias names a collection; searches, indexing and every other call accept it "
+                                   "where they take a collection.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text, args in (("list", "every alias, its collection and its previous one", ()),
+                               ("create", "a new alias of COLLECTION", ("alias", "collection")),
+                               ("switch", "point ALIAS at COLLECTION", ("alias", "collection")),
+                               ("drop", "drop the alias (not its collection)", ("alias",)),
+                               ("rollback", "switch ALIAS back to its previous collection", ("alias",))):
+        a = actions.add_parser(action, parents=[client], help=text, description=text)
+        for arg in args:
+            a.add_argument(arg, metavar=arg.upper())
+    p.set_defaults(func=commands.cmd_alias)
+
     p = sub.add_parser("query", parents=[client], help="rank the gallery for every image under a folder",
                        description="Writes {query file: [top-k gallery files]} JSON, and an HTML report.")
     p.add_argument("queries", type=Path, metavar="QUERY_DIR")
-    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
+    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION),
+                   help="a collection or an alias (env IMAGESEARCH_COLLECTION; default %(default)s)")
     p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
     p.add_argument("--out", type=Path, help="write the results JSON here (default: standard output)")
     p.add_argument("--html", type=Path, help="write an HTML report with thumbnails and scores here")
@@ -158,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", parents=[client], help="one image's ranked matches")
     p.add_argument("image", type=Path, metavar="IMAGE")
-    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
+    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION),
+                   help="a collection or an alias (env IMAGESEARCH_COLLECTION; default %(default)s)")
     p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
     _filter_arguments(p)
     _rerank_arguments(p)
@@ -169,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every pair of items whose cosine similarity is at least --threshold, joined "
                                    "into groups (connected components): printed or written as JSON, and as an "
                                    "HTML report with thumbnails.")
-    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
+    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION),
+                   help="a collection or an alias (env IMAGESEARCH_COLLECTION; default %(default)s)")
     p.add_argument("--threshold", type=float, default=0.97, help="cosine similarity (default %(default)s)")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="only items with this attribute value (repeat a key for IN, other keys AND)")
@@ -287,7 +331,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", type=Path, help="HTML report (default: the --out path with .html)")
     p.add_argument("--no-html", action="store_true", help="write no HTML report")
     _gt_arguments(p)
-    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION))
+    p.add_argument("--collection", default=env("IMAGESEARCH_COLLECTION", DEFAULT_COLLECTION),
+                   help="a collection or an alias (env IMAGESEARCH_COLLECTION; default %(default)s)")
     p.add_argument("--top-k", type=int, default=10, help="(default %(default)s)")
     p.add_argument("--k", type=int, default=None, help="cut-off of the metrics (default: --top-k)")
     _min_score_argument(p)
