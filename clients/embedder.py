@@ -57,6 +57,10 @@ class EmbedderClient(ServiceClient):
         self.model = model
         super().__init__(address, **kwargs)
 
+    def with_model(self, model: str) -> EmbedderClient:
+        """A new client, with this one's settings, for another model the embedder serves."""
+        return EmbedderClient(self.address, security=self.security, timeout=self.timeout, model=model)
+
     @property
     def replicas(self) -> int:
         return max(1, self.address.count(",") + 1)

@@ -86,6 +86,17 @@ class RankerClient(ServiceClient):
                 hint = f"index a gallery into it first: imagesearch index GALLERY_DIR --collection {collection}"
             raise self._error(exc, hint) from None
 
+    def collection(self, name: str) -> CollectionStats | None:
+        """The stats of a collection, or of an alias's target (its own name in
+        `.name`); None when neither exists."""
+        try:
+            found = self.stats(name).collections
+        except ClientError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            return None
+        return found[0] if found else None
+
     def upsert(self, collection: str, items: Iterable[Item], *, fingerprint: str = "",
                attributes: AttributesFor = None, timeout: float | None = None) -> UpsertResult:
         """One Upsert call storing `items` (which may be a generator fed by an

@@ -298,6 +298,7 @@ def test_a_new_model_that_scores_lower_is_switched_to_only_with_force(services, 
     assert cli.main(["query", str(photo_set[1]), "--collection", "q", "--out", str(out), *f]) == 0
     truth = json.loads(photo_set[2].read_text())
     assert sum(json.loads(out.read_text())[k][0] in v for k, v in truth.items()) == len(truth)  # base: all top-1
+    web_search_follows_the_alias(services, photo_set[1], collection="q", target=base, fingerprint=fingerprints["base"])
     # base -> small scores lower: refused, exit 2, nothing switched; the previous collection is reused.
     assert cli.main(["reindex", str(g), "--alias", "q", "--model", "small", *quality, *f]) == 2
     err = capsys.readouterr().err
@@ -341,3 +342,21 @@ def test_an_alias_moved_during_the_reindex_is_not_switched(services, fingerprint
     assert rc == 1, err
     assert "not switched: alias 'cas' was moved off" in err and "cas-elsewhere" in err, err
     assert aliases(services)["cas"].collection == "cas-elsewhere"
+
+
+def web_search_follows_the_alias(services, queries: Path, *, collection: str, target: str, fingerprint: str) -> None:
+    """The web page lists the alias, and a search through it embeds with the
+    model of its target (not the embedder's default) and answers from it."""
+    pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx (dev extra)")
+    from starlette.testclient import TestClient
+
+    from clients.web.app import WebConfig, create_app
+
+    with TestClient(create_app(WebConfig(services[0].address, services[1].address))) as c:
+        listed = c.get("/api/collections").json()["collections"]
+        assert {"name": collection, "alias_of": target} in [{k: x[k] for k in ("name", "alias_of")} for x in listed]
+        photo = next(queries.iterdir())
+        answer = c.post("/api/search", data={"collection": collection},
+                        files={"image": (photo.name, photo.read_bytes(), "image/jpeg")})
+        assert answer.status_code == 200, answer.text
+        assert (answer.json()["collection"], answer.json()["fingerprint"]) == (target, fingerprint)

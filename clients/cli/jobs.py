@@ -99,22 +99,6 @@ class _Progress:
             self._bar.close()
 
 
-def collection_stats(ranker: RankerClient, collection: str) -> CollectionStats | None:
-    """The stats of a collection, or of an alias's target; None when neither exists."""
-    try:
-        found = ranker.stats(collection).collections
-    except ClientError as exc:
-        if exc.code != grpc.StatusCode.NOT_FOUND:
-            raise
-        return None
-    return found[0] if found else None
-
-
-def model_client(embedder: EmbedderClient, model: str) -> EmbedderClient:
-    """A client for another model the same embedder serves."""
-    return EmbedderClient(embedder.address, security=embedder.security, timeout=embedder.timeout, model=model)
-
-
 @contextlib.contextmanager
 def embedder_for(embedder: EmbedderClient, ranker: RankerClient, collection: str, *,
                  must_exist: bool) -> Iterator[tuple[EmbedderClient, CollectionStats | None]]:
@@ -122,7 +106,7 @@ def embedder_for(embedder: EmbedderClient, ranker: RankerClient, collection: str
     stats): `embedder`, or the model it also serves whose fingerprint the
     collection holds. Early, clear errors: an unknown collection (for
     queries), or a model not served."""
-    found = collection_stats(ranker, collection)
+    found = ranker.collection(collection)
     info = embedder.model_info()
     if found is None:
         if must_exist:
@@ -138,7 +122,7 @@ def embedder_for(embedder: EmbedderClient, ranker: RankerClient, collection: str
                 f"(fingerprint {found.fingerprint[:12]}) than the embedder at {embedder.address} serves "
                 f"({info.backbone}, {info.weights}, fingerprint {info.fingerprint[:12]}): serve the model it was "
                 f"indexed with, or move the gallery to this model without downtime: {REINDEX}")
-        with model_client(embedder, served.model) as other:
+        with embedder.with_model(served.model) as other:
             yield other, found
         return
     yield embedder, found
@@ -329,6 +313,8 @@ def index_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
     extra = attributes if callable(attributes) else extra_attributes(attributes or {}, attributes_from_folders)
     start = time.monotonic()
     with embedder_for(embedder, ranker, collection, must_exist=False) as (model, found):
+        # An alias is resolved once: the whole run writes to the collection it names now.
+        collection = found.name if found is not None else collection
         count = found.count if found is not None else 0
         stored = ({item.name: item for item in ranker.list_items(collection, timeout=ranker.timeout + count * LIST_S)}
                   if found is not None else {})
@@ -404,7 +390,7 @@ def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
                          collection=collection, top_k=top_k)
 
     def step(chunk: _Chunk, embeddings: Iterator[Embedding], timeout: float) -> None:
-        for answer in ranker.search_stream(collection, embeddings, top_k=top_k, filters=filters, timeout=timeout,
+        for answer in ranker.search_stream(target, embeddings, top_k=top_k, filters=filters, timeout=timeout,
                                            query_expansion=query_expansion, k_reciprocal=k_reciprocal):
             if answer.ok:
                 with job.lock:
@@ -414,7 +400,8 @@ def query_folder(embedder: EmbedderClient, ranker: RankerClient, folder: str | P
             else:
                 chunk.fail(answer)
 
-    with embedder_for(embedder, ranker, collection, must_exist=True) as (model, _):
+    with embedder_for(embedder, ranker, collection, must_exist=True) as (model, found):
+        target = found.name  # an alias resolved once: every answer comes from one collection
         job = _Job(model, ranker, listing, report, "querying", progress)
         job.run(step, count_sent=False, unanswered="not done: ", chunk_size=chunk_size, concurrency=concurrency)
     return report

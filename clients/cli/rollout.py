@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from clients import metrics
-from clients.cli.jobs import collection_stats, index_folder, model_client, query_folder
+from clients.cli.jobs import index_folder, query_folder
 from clients.cli.output import index_summary, printable, say
 from clients.embedder import EmbedderClient, file_source
 from clients.errors import EXIT_OK, ClientError, UsageError
@@ -48,7 +48,7 @@ def index_alias(embedder: EmbedderClient, ranker: RankerClient, alias: str) -> N
     collection (named as reindex names its shadow) for the embedder's model."""
     if find_alias(ranker, alias) is not None:
         return
-    if collection_stats(ranker, alias) is not None:
+    if ranker.collection(alias) is not None:
         raise UsageError(f"{alias!r} is a collection, not an alias: index it with --collection {alias}, or give it "
                          f"an alias of another name: imagesearch alias create ALIAS {alias}")
     info = embedder.model_info()
@@ -68,7 +68,7 @@ def _old_model(embedders: Sequence[EmbedderClient], old: CollectionStats,
             say(f"note: {exc}")
             continue
         if served is not None:
-            return stack.enter_context(model_client(embedder, served.model))
+            return stack.enter_context(embedder.with_model(served.model))
     return None
 
 
@@ -108,7 +108,7 @@ def reindex(new: EmbedderClient, ranker: RankerClient, gallery: Path, *, alias: 
         raise UsageError(f"no alias {alias!r} on the ranker at {ranker.address}: give the gallery one with "
                          f"imagesearch index GALLERY_DIR --alias {alias}, or imagesearch alias create {alias} "
                          "COLLECTION")
-    old = collection_stats(ranker, current.collection)
+    old = ranker.collection(current.collection)
     info = new.model_info()
     if old.fingerprint == info.fingerprint:
         say(f"alias {alias!r} -> {old.name!r} already holds the vectors of {_model(info)}: nothing to switch")
@@ -135,7 +135,7 @@ def reindex(new: EmbedderClient, ranker: RankerClient, gallery: Path, *, alias: 
 
     problems, worse = [], ""
     expected = r.total_images - sum(f.is_input_error for f in r.failed.values())
-    count = collection_stats(ranker, shadow).count
+    count = ranker.collection(shadow).count
     say(f"check: {count} items in {shadow!r} for {expected} indexable files: {'ok' if count == expected else 'NO'}")
     if count != expected:
         problems.append(f"{shadow!r} holds {count} items for {expected} indexable files")

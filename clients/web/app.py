@@ -118,13 +118,31 @@ class Backend:
         self.embedder = EmbedderClient(config.embedder, security=config.security, timeout=config.timeout)
         self.ranker = RankerClient(config.ranker, security=config.security, timeout=config.timeout)
         self._info_lock = threading.Lock()
+        self._models: dict[str, EmbedderClient] = {}  # fingerprint -> a client of the model that has it
         self._attributes: dict[str, tuple[tuple, dict[str, list[str]]]] = {}
         self._thumbs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._thumbs_lock = threading.Lock()
 
     def close(self) -> None:
-        self.embedder.close()
-        self.ranker.close()
+        for client in (self.embedder, self.ranker, *self._models.values()):
+            client.close()
+
+    def model_for(self, collection: str) -> tuple[EmbedderClient, str]:
+        """(a client of the served model whose fingerprint `collection` holds
+        (an alias: its target's now), the collection's own name): a search that
+        names it answers from that collection even if the alias switches meanwhile.
+        The default model when none matches: the search then names the mismatch."""
+        found = self.ranker.collection(collection)
+        if found is None:
+            return self.embedder, collection  # the search says it does not exist
+        with self._info_lock:
+            client = self._models.get(found.fingerprint)
+            if client is None:
+                served = next((m.model for m in self.embedder.models() if m.fingerprint == found.fingerprint), None)
+                if served is None:
+                    return self.embedder, found.name
+                client = self._models[found.fingerprint] = self.embedder.with_model(served)
+        return client, found.name
 
     def max_image_bytes(self) -> int:
         with self._info_lock:  # the first GetModelInfo may reopen the channel: once
@@ -254,8 +272,9 @@ async def search(request: Request) -> JSONResponse:
         raise _too_large(f"{len(data):,} bytes", limit)
     if not data:
         raise WebError(400, f"{name} is empty: send an image file")
+    model, options["collection"] = await run_in_threadpool(backend.model_for, options["collection"])
     try:
-        query = await run_in_threadpool(backend.embedder.embed, data, name)
+        query = await run_in_threadpool(model.embed, data, name)
     except UsageError as exc:
         if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
             raise
@@ -271,9 +290,13 @@ async def search(request: Request) -> JSONResponse:
 async def list_collections(request: Request) -> JSONResponse:
     backend: Backend = request.app.state.backend
     stats = await run_in_threadpool(backend.ranker.stats)
-    found = []
-    for c in stats.collections:
-        found.append({"name": c.name, "count": c.count, "dim": c.dim, "kind": c.kind, "fingerprint": c.fingerprint,
+    aliases = await run_in_threadpool(backend.ranker.list_aliases)
+    by_name = {c.name: c for c in stats.collections}
+    found = []  # aliases first: what the page should search through
+    for name, c in [(a.name, by_name[a.collection]) for a in aliases if a.collection in by_name] + \
+            [(c.name, c) for c in stats.collections]:
+        found.append({"name": name, "count": c.count, "dim": c.dim, "kind": c.kind, "fingerprint": c.fingerprint,
+                      "alias_of": c.name if name != c.name else "",
                       "attributes": await run_in_threadpool(backend.attributes, c)})
     try:
         limit: int | None = await run_in_threadpool(backend.max_image_bytes)

@@ -178,7 +178,8 @@ async function start() {
     say(`Cannot list the collections. ${err.message}`, true);
     return;
   }
-  for (const c of info.collections) $("collection").append(new Option(`${c.name} (${c.count})`, c.name));
+  for (const c of info.collections) $("collection").append(new Option(
+    c.alias_of ? `${c.name} → ${c.alias_of} (${c.count})` : `${c.name} (${c.count})`, c.name));
   for (const r of info.rerank) $("rerank").append(new Option(r, r));
   $("top_k").max = info.max_top_k;
   if (!info.collections.length) say("The ranker holds no collection yet: index a gallery first " +
