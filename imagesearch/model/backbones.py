@@ -13,6 +13,9 @@ L2-normalised. Backbones:
 
 `weights` is "imagenet", "none" (random init, only when asked) or a path to a
 state_dict / trainer checkpoint.
+
+`FusedNet` serves a fine-tuned model with an ImageNet feature beside its
+embedding, in one unit vector (a trainer checkpoint's meta "fusion").
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import socket
@@ -226,6 +230,52 @@ class EmbeddingNet(nn.Module):
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
 
+FUSION_SOURCES = ("imagenet", "pooled")
+
+
+def fuse_vectors(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """[sqrt(w) a, sqrt(1-w) b] for unit rows a and b: a unit vector whose
+    cosine with another such vector is w cos_a + (1-w) cos_b."""
+    return torch.cat([a * math.sqrt(weight), b * math.sqrt(1 - weight)], dim=1)
+
+
+class FusedNet(nn.Module):
+    """A fine-tuned EmbeddingNet served as `fuse_vectors(a, b, weight)`: b its
+    embedding, a an ImageNet feature, each L2-normalised; (backbone dim +
+    embedding dim)-d. `source` "imagenet": a = the ImageNet-pretrained body's
+    pooled features (a frozen copy, a second forward pass on the same input);
+    "pooled": a = the fine-tuned body's own pooled features (before the neck),
+    one pass."""
+
+    def __init__(self, tuned: EmbeddingNet, weight: float, source: str):
+        super().__init__()
+        if not 0 < weight <= 1 or source not in FUSION_SOURCES:
+            raise errors.InvalidArgument(f"fusion weight {weight} from {source!r}: the weight must be in (0, 1] "
+                                         f"and the source one of {', '.join(FUSION_SOURCES)}")
+        self.tuned, self.backbone = tuned, tuned.backbone
+        self.fusion = {"weight": float(weight), "source": source}  # in the fingerprint
+        self.dim = backbone_info(tuned.backbone).dim + tuned.dim
+        if source == "imagenet":
+            self.imagenet = build_model(tuned.backbone, "imagenet").body.requires_grad_(False).eval()
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b), each (N, d) and L2-normalised."""
+        pooled = self.tuned.body(x)
+        a = self.imagenet(x) if self.fusion["source"] == "imagenet" else pooled
+        return F.normalize(a.float(), dim=1), F.normalize(self.tuned.neck(pooled).float(), dim=1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return fuse_vectors(*self.parts(x), self.fusion["weight"])
+
+
+def fused(model: EmbeddingNet, fusion: dict | None) -> EmbeddingNet | FusedNet:
+    """The model a checkpoint's meta "fusion" ({"weight", "source"}) serves:
+    the plain model itself at weight 0 (or no fusion), else a FusedNet."""
+    if not fusion or not fusion["weight"]:
+        return model
+    return FusedNet(model, fusion["weight"], fusion["source"])
+
+
 def _strip_prefix(state: dict, prefix: str) -> dict:
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items()}
@@ -296,9 +346,12 @@ def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str, tta: str 
     """sha256 over every weight tensor (name, dtype, shape, bytes), the
     preprocessing settings and the test-time augmentation: two servers agree
     on it only if their vectors do. (tta "none" adds nothing to the hash, so
-    a model served without TTA keeps its fingerprint.)"""
+    a model served without TTA keeps its fingerprint; a FusedNet adds its
+    weight and source.)"""
     h = hashlib.sha256()
     settings = {"backbone": backbone, "preprocess": spec.to_dict()}
+    if isinstance(model, FusedNet):
+        settings["fusion"] = model.fusion
     if tta != "none":
         settings["tta"] = tta
     h.update(json.dumps(settings, sort_keys=True).encode())
