@@ -33,15 +33,11 @@ Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library def
     tta               the embedder with --tta flip
     qe                each query with alpha-weighted query expansion (n 2, alpha 3)
     kreciprocal       k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3), after qe when both
-    fused-a           the embedding fused with the ImageNet backbone's features (source imagenet,
-                      a second forward pass) at the weight its val/ chose for that source
-    fused-b           the same with the tuned backbone's own pooled features (source pooled, one pass)
-    wW                at fusion weight W (e.g. w0.5; w0: the plain embedding), from the source the
-                      run chose unless fused-a/fused-b says
+    wW                the embedding fused with the pooled features at weight W (e.g. w0.5;
+                      w0: the plain embedding)
 
-A trained row without fusion modifiers serves best.pt as the trainer leaves it: fused at the
-weight and source its val/ chose (a run without RUN_DIR/fusion.json gets `python -m trainer
-fuse RUN_DIR` first). `--demo` measures the rows on `imagesearch demo`'s instance queries
+A trained row without wW serves best.pt as the trainer leaves it: fused at the weight its
+val/ chose (a run without RUN_DIR/fusion.json gets `python -m trainer fuse RUN_DIR` first). `--demo` measures the rows on `imagesearch demo`'s instance queries
 (altered copies of 22 photos, demo seed 0) instead of clothing-small's retrieval split.
 
 `--seeds 42,7` trains and measures each trained base once per seed (rows
@@ -90,6 +86,7 @@ from clients.ranker import RankerClient  # noqa: E402
 from clients.cli import demo as demo_data  # noqa: E402
 from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
 from clients.types import KReciprocal, QueryExpansion  # noqa: E402
+from imagesearch.model.backbones import FUSION_SOURCE  # noqa: E402
 from imagesearch.model.checkpoint import read_checkpoint, update_meta  # noqa: E402
 from trainer.train import DEFAULTS as TRAINER_DEFAULTS  # noqa: E402
 from trainer.train import training_settings  # noqa: E402
@@ -129,7 +126,6 @@ MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
     "qe": ([], {}, {"query_expansion": QueryExpansion()}),
     "kreciprocal": ([], {}, {"k_reciprocal": KReciprocal()}),
 }
-FUSED = {"fused-a": "imagenet", "fused-b": "pooled"}  # modifier -> the checkpoint meta's fusion source
 
 
 def fusion_weight(mod: str) -> float | None:
@@ -145,13 +141,13 @@ DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "arcface", "default",
 def parse_option(option: str) -> tuple[str, list[str]]:
     """"base+mod+mod" -> (base, [mod, ...]); SystemExit naming the choices on a bad one."""
     base, *mods = option.split("+")
-    bad = [m for m in mods if m not in MODIFIERS and m not in FUSED and fusion_weight(m) is None]
-    fusion = [m for m in mods if m not in MODIFIERS]
-    if (base not in BASES or bad or len(set(mods)) != len(mods) or sum(m in FUSED for m in mods) > 1
-            or len(fusion) > sum(m in FUSED for m in mods) + 1 or (fusion and BASES.get(base) is None)):
+    bad = [m for m in mods if m not in MODIFIERS and fusion_weight(m) is None]
+    weights = [m for m in mods if m not in MODIFIERS]
+    if (base not in BASES or bad or len(set(mods)) != len(mods) or len(weights) > 1
+            or (weights and BASES.get(base) is None)):
         raise SystemExit(f"unknown option {option!r}: a base ({', '.join(BASES)}) optionally followed by "
-                         f"distinct +modifiers ({', '.join(MODIFIERS)}; on a trained base at most one of "
-                         f"{', '.join(FUSED)} and one weight wW, e.g. w0.5)")
+                         f"distinct +modifiers ({', '.join(MODIFIERS)}; on a trained base one fusion weight wW, "
+                         f"e.g. w0.5)")
     return base, mods
 
 
@@ -250,22 +246,15 @@ def train(args, option: str, seed: int) -> Path:
 def served_checkpoint(option: str, label: str, run: Path, folder: Path) -> Path:
     """The checkpoint `option` serves from `run`: best.pt as the trainer leaves it
     (fused as its val/ chose: `trainer fuse` first on a run without fusion.json),
-    or a copy in `folder` at the fusion its modifiers ask for."""
+    or a copy in `folder` at the fusion weight its modifier asks for."""
     if not (run / "fusion.json").is_file():
         command = [sys.executable, "-m", "trainer", "fuse", str(run), "--workers", "1"]
         print("choosing the fusion weight:", " ".join(command), flush=True)
         subprocess.run(command, cwd=ROOT, check=True)
-    mods = parse_option(option)[1]
-    source = next((FUSED[m] for m in mods if m in FUSED), None)
-    weight = next((w for m in mods if (w := fusion_weight(m)) is not None), None)
-    if source is None and weight is None:
+    weight = next((w for m in parse_option(option)[1] if (w := fusion_weight(m)) is not None), None)
+    if weight is None:
         return run / "best.pt"
-    chosen = json.loads((run / "fusion.json").read_text())
-    source = source or chosen["chosen"]["source"]
-    if weight is None:  # the weight val/ picks for this source, as trainer.train.choose_fusion does
-        weight = max((r for r in chosen["table"] if r["source"] == source),
-                     key=lambda r: (r["map@10"], -r["weight"]))["weight"]
-    return update_meta(run / "best.pt", {"fusion": {"weight": weight, "source": source}},
+    return update_meta(run / "best.pt", {"fusion": {"weight": weight, "source": FUSION_SOURCE}},
                        out=folder / f"{label.replace('+', '-').replace('@', '-seed')}.pt")
 
 
@@ -400,11 +389,11 @@ def main(argv=None) -> int:
           f"through the embedder and ranker services")
     width = max([22, *(len(r["option"]) + 1 for r in rows)])
     print(f"{'option':<{width}} {'backbone':<18} {'dim':>5} {f'P@{k}':>7} {f'mAP@{k}':>7} {'top-1':>7} "
-          f"{'train min':>9}  {'fusion':<14} checkpoint")
+          f"{'train min':>9}  {'fusion':<6} checkpoint")
     for r in rows:
-        fusion = f"{r['fusion']['weight']:g} {r['fusion']['source']}" if r["fusion"] else "-"
+        fusion = f"{r['fusion']['weight']:g}" if r["fusion"] else "-"
         print(f"{r['option']:<{width}} {r['backbone']:<18} {r['dim']:>5} {r[f'precision@{k}']:>7.4f} "
-              f"{r[f'map@{k}']:>7.4f} {r['top1']:>7.4f} {r['train_minutes']:>9.1f}  {fusion:<14} {r['checkpoint']}")
+              f"{r[f'map@{k}']:>7.4f} {r['top1']:>7.4f} {r['train_minutes']:>9.1f}  {fusion:<6} {r['checkpoint']}")
     means = seed_means(rows, k)
     if means:
         print(f"\nmean over seeds {','.join(map(str, args.seeds))} (min-max):")

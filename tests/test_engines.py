@@ -19,7 +19,7 @@ from PIL import Image
 from embedder_service.embedder import Embedder
 from imagesearch import errors
 from imagesearch.model import engines
-from imagesearch.model.backbones import BACKBONES, FUSION_SOURCES, FusedNet, build_model, fingerprint
+from imagesearch.model.backbones import BACKBONES, FusedNet, build_model, fingerprint
 from imagesearch.model.checkpoint import LoadedModel
 from testkit import ROOT, ServiceProcess
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
@@ -76,12 +76,10 @@ def test_every_fp32_engine_gives_torch_fp32_vectors_on_real_photos(engine, refer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", FUSION_SOURCES)
-def test_a_fused_model_exports_to_onnxruntime_within_tolerance(source, photos, cache_dir):
-    """Both parts in one exported graph: the ImageNet body beside the tuned one (imagenet), or the
-    tuned body's pooled features beside its neck (pooled)."""
+def test_a_fused_model_exports_to_onnxruntime_within_tolerance(photos, cache_dir):
+    """Both parts in one exported graph: the pooled features beside the neck's embedding."""
     tuned = build_model("efficientnet_lite0", "imagenet", 0, neck_dim=16)
-    loaded = LoadedModel(FusedNet(tuned.eval(), 0.4, source), BACKBONES["efficientnet_lite0"].preprocess,
+    loaded = LoadedModel(FusedNet(tuned.eval(), 0.4), BACKBONES["efficientnet_lite0"].preprocess,
                          "efficientnet_lite0", "test", [], {})
     want = Embedder(loaded, device="cpu", engine="torch").embed_images(photos)
     embedder = Embedder(loaded, device="cpu", engine="onnxruntime", cache_dir=cache_dir)

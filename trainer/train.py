@@ -3,6 +3,7 @@
     imagesearch-train --data DIR --out RUN_DIR [--backbone efficientnet_lite0] ...
     python -m trainer ...                              (the same)
     torchrun --nproc_per_node=N -m trainer ...         (DistributedDataParallel)
+    imagesearch-train fuse RUN_DIR [--fusion-weight W] (choose a run's fusion weight again)
 
 Shaped like torchvision's references/classification/train.py:
 `get_args_parser()`, `main(args)`, `train_one_epoch(...)`, `evaluate(...)`.
@@ -15,8 +16,10 @@ embedded and scored as a retrieval task (each a query against the rest:
 mAP@10, P@10, top-1); `--select-by map|loss` picks the epoch kept as
 best.pt and the figure early stopping watches. `--loss ce|arcface|p2sgrad` and `--embedding-dim N` (a linear +
 BatchNorm neck) are options of the one model, recorded in the checkpoint.
+After training, `choose_fusion` picks on val/ the weight at which best.pt is
+served fused with its pooled features (`--fusion-weight` fixes it).
 
-RUN_DIR gets args.json, summary.csv (one row per epoch), accuracy.png,
+RUN_DIR gets args.json, fusion.json and fusion.md, summary.csv (one row per epoch), accuracy.png,
 loss.png, retrieval.png, best.pt and last.pt (imagesearch.model.checkpoint format;
 last.pt also holds the optimizer, loss, loss-scaler and early-stopping state
 for --resume).
@@ -49,7 +52,7 @@ from imagesearch.defaults import DEFAULT_BACKBONE, LOG_FORMAT_ENV
 from imagesearch.files import atomic_write_text
 from imagesearch.model.backbones import (
     BACKBONES,
-    FUSION_SOURCES,
+    FUSION_SOURCE,
     WEIGHTS_CHOICES_HELP,
     EmbeddingNet,
     backbone_info,
@@ -169,9 +172,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="a neck (linear + BatchNorm) to an N-d embedding before the loss; 0 = none, the backbone's "
                         f"pooled features (default {d['embedding_dim']}; seed {s['embedding_dim']})")
     m.add_argument("--fusion-weight", type=float, metavar="W",
-                   help="serve the embedding fused with an ImageNet feature, cosine = W x the feature's + (1 - W) x "
-                        "the embedding's; 0 = the plain embedding (default: chosen after training, the weight with "
-                        "the best validation mAP@10: RUN_DIR/fusion.md)")
+                   help="serve the embedding fused with the pooled backbone features, cosine = W x theirs + "
+                        "(1 - W) x the embedding's; 0 = the plain embedding (default: chosen after training, the "
+                        "weight with the best validation mAP@10: RUN_DIR/fusion.md; needs a neck)")
     p.add_argument("--image-size", type=int, metavar="PX",
                    help="square input size (default: the backbone's own, as EfficientNet scales resolution with "
                         "the model: " + ", ".join(f"{name.removeprefix('efficientnet_')} {info.preprocess.input_size}"
@@ -372,7 +375,7 @@ def _metrics(loss_sum, correct, seen, skipped, device) -> dict:
             "images": int(seen), "skipped": int(skipped)}
 
 
-# ---------------------------------------------------------------- fusion with an ImageNet feature
+# ---------------------------------------------------------------- fusion with the pooled features
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
@@ -381,47 +384,46 @@ FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 def choose_fusion(model: nn.Module, loader, device: torch.device, precision: amp.Precision,
                   run_dir: Path | None, weight: float | None = None, *, skip_log: SkipLog | None = None,
                   progress: bool = False) -> dict:
-    """The checkpoint's meta "fusion" (imagesearch.model.backbones.fused): each
-    source's ImageNet feature fused with the embedding at each of FUSION_WEIGHTS
-    (and `weight`), scored on `loader` (the validation split) with every image
-    a query against the others (leave-one-out mAP@10, P@10, top-1). The best
-    mAP@10 wins (ties: the smaller weight, then the one-pass source); `weight`
-    fixes the weight. Writes run_dir/fusion.json and fusion.md when run_dir is
-    given (the main process)."""
+    """The checkpoint's meta "fusion" (imagesearch.model.backbones.fused): the
+    embedding fused with the pooled features at each of FUSION_WEIGHTS (and
+    `weight`), scored on `loader` (the validation split) with every image a
+    query against the others (leave-one-out mAP@10, P@10, top-1). The best
+    mAP@10 wins (ties: the smaller weight); `weight` fixes it. A model without
+    a neck serves its embedding (weight 0). Writes run_dir/fusion.json and
+    fusion.md when run_dir is given (the main process)."""
     model = _core(model).eval()
-    imagenet = build_model(model.backbone, "imagenet").body.to(device).eval()
     d = backbone_info(model.backbone).dim
+    table, labels = [], []
+    if model.neck_dim:
+        def step(images, _):
+            with precision.autocast():
+                pooled = model.body(images)
+                parts = (pooled, model.neck(pooled))
+            return torch.cat([F.normalize(p.float(), dim=1) for p in parts], dim=1)
 
-    def step(images, _):
-        with precision.autocast():
-            pooled = model.body(images)
-            parts = (imagenet(images), pooled, model.neck(pooled))
-        return torch.cat([F.normalize(p.float(), dim=1) for p in parts], dim=1)
-
-    vectors, labels, _ = _embed_split(loader, device, step, 2 * d + model.dim, skip_log=skip_log or SkipLog(),
-                                      progress=progress, desc="fusion weights")
-    vectors = torch.from_numpy(vectors)
-    table = []
-    for w in sorted({*FUSION_WEIGHTS, *([] if weight is None else [weight])}):
-        for source, a in zip(FUSION_SOURCES, (vectors[:, :d], vectors[:, d:2 * d])):
-            scores = leave_one_out(fuse_vectors(a, vectors[:, 2 * d:], w).numpy(), labels, RETRIEVAL_K)
-            table.append({"weight": w, "source": source, "map@10": scores["map"],
-                          "precision@10": scores["precision"], "top1": scores["top1"]})
+        vectors, labels, _ = _embed_split(loader, device, step, d + model.dim, skip_log=skip_log or SkipLog(),
+                                          progress=progress, desc="fusion weights")
+        vectors = torch.from_numpy(vectors)
+        for w in sorted({*FUSION_WEIGHTS, *([] if weight is None else [weight])}):
+            scores = leave_one_out(fuse_vectors(vectors[:, :d], vectors[:, d:], w).numpy(), labels, RETRIEVAL_K)
+            table.append({"weight": w, "map@10": scores["map"], "precision@10": scores["precision"],
+                          "top1": scores["top1"]})
     pick = max((r for r in table if weight is None or r["weight"] == weight),
-               key=lambda r: (-1 if math.isnan(r["map@10"]) else r["map@10"], -r["weight"], r["source"] == "pooled"))
-    fusion = {"weight": pick["weight"], "source": pick["source"], "val_images": len(labels),
-              "chosen_by": "validation mAP@10" if weight is None else "--fusion-weight"}
+               key=lambda r: (-1 if math.isnan(r["map@10"]) else r["map@10"], -r["weight"]), default={"weight": 0.0})
+    fusion = {"weight": pick["weight"], "source": FUSION_SOURCE, "val_images": len(labels),
+              "chosen_by": ("no neck" if not model.neck_dim else "validation mAP@10" if weight is None
+                            else "--fusion-weight")}
     if run_dir is not None:
         atomic_write_text(run_dir / "fusion.json", json.dumps({"chosen": fusion, "table": table}, indent=1) + "\n")
-        lines = [f"# Fusion weight: {fusion['weight']:g} from {fusion['source']} ({fusion['chosen_by']})", "",
-                 (f"Validation split, {len(labels)} images, each a query against the others; cosine = w x "
-                  f"ImageNet feature's + (1 - w) x embedding's."), "",
-                 "| weight | source | mAP@10 | P@10 | top-1 |", "|---:|---|---:|---:|---:|"]
-        lines += [f"| {r['weight']:g} | {r['source']} | {r['map@10']:.4f} | {r['precision@10']:.4f} | "
-                  f"{r['top1']:.4f} |" for r in table]
+        lines = [f"# Fusion weight {fusion['weight']:g} ({fusion['chosen_by']})", "",
+                 (f"Validation split, {len(labels)} images, each a query against the others; cosine = w x the "
+                  f"pooled features' + (1 - w) x the embedding's."), "",
+                 "| weight | mAP@10 | P@10 | top-1 |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['weight']:g} | {r['map@10']:.4f} | {r['precision@10']:.4f} | {r['top1']:.4f} |"
+                  for r in table]
         atomic_write_text(run_dir / "fusion.md", "\n".join(lines) + "\n")
-    log.info("fusion: weight %g from %s (%s; val mAP@10 %.4f, plain %.4f)", fusion["weight"], fusion["source"],
-             fusion["chosen_by"], pick["map@10"], table[0]["map@10"])
+    log.info("fusion weight %g (%s; val mAP@10 %.4f, plain %.4f)", fusion["weight"], fusion["chosen_by"],
+             pick.get("map@10", math.nan), table[0]["map@10"] if table else math.nan)
     return fusion
 
 
@@ -509,6 +511,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise errors.InvalidArgument(f"{flag} {value}: must be a positive number")
     if args.fusion_weight is not None and not 0 <= args.fusion_weight <= 1:
         raise errors.InvalidArgument(f"--fusion-weight {args.fusion_weight}: must be between 0 and 1")
+    if args.fusion_weight and not args.embedding_dim:
+        raise errors.InvalidArgument(f"--fusion-weight {args.fusion_weight} needs a neck (--embedding-dim N): "
+                                     f"without one the embedding is the pooled features")
     for flag, value, high in (("--weight-decay", args.weight_decay, math.inf),
                               ("--warmup-epochs", args.warmup_epochs, math.inf),
                               ("--label-smoothing", args.label_smoothing, 1.0)):

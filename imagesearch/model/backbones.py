@@ -14,8 +14,8 @@ L2-normalised. Backbones:
 `weights` is "imagenet", "none" (random init, only when asked) or a path to a
 state_dict / trainer checkpoint.
 
-`FusedNet` serves a fine-tuned model with an ImageNet feature beside its
-embedding, in one unit vector (a trainer checkpoint's meta "fusion").
+`FusedNet` serves a fine-tuned model's pooled backbone features beside its
+neck's embedding, in one unit vector (a trainer checkpoint's meta "fusion").
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ class EmbeddingNet(nn.Module):
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
 
-FUSION_SOURCES = ("imagenet", "pooled")
+FUSION_SOURCE = "pooled"  # the only source of the feature fused with the embedding (meta "fusion")
 
 
 def fuse_vectors(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
@@ -240,32 +240,31 @@ def fuse_vectors(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tenso
 
 
 class FusedNet(nn.Module):
-    """A fine-tuned EmbeddingNet served as `fuse_vectors(a, b, weight)`: b its
-    embedding, a an ImageNet feature, each L2-normalised; (backbone dim +
-    embedding dim)-d. `source` "imagenet": a = the ImageNet-pretrained body's
-    pooled features (a frozen copy, a second forward pass on the same input);
-    "pooled": a = the fine-tuned body's own pooled features (before the neck),
-    one pass."""
+    """A fine-tuned EmbeddingNet with a neck, served as `fuse_vectors(a, b,
+    weight)`: a its body's pooled features, b its neck's embedding, each
+    L2-normalised; one forward pass, (backbone dim + embedding dim)-d. The
+    pooled features keep more of the ImageNet features' instance likeness (two
+    shots of one object) than the neck trained on categories does."""
 
-    def __init__(self, tuned: EmbeddingNet, weight: float, source: str):
+    def __init__(self, tuned: EmbeddingNet, weight: float):
         super().__init__()
-        if not 0 < weight <= 1 or source not in FUSION_SOURCES:
-            raise errors.InvalidArgument(f"fusion weight {weight} from {source!r}: the weight must be in (0, 1] "
-                                         f"and the source one of {', '.join(FUSION_SOURCES)}")
-        self.tuned, self.backbone = tuned, tuned.backbone
-        self.fusion = {"weight": float(weight), "source": source}  # in the fingerprint
+        if not 0 < weight <= 1 or not tuned.neck_dim:
+            raise errors.InvalidArgument(f"fusion weight {weight}: must be in (0, 1], on a model with a neck "
+                                         f"(without one its embedding is the pooled features)")
+        self.tuned, self.backbone, self.weight = tuned, tuned.backbone, float(weight)
         self.dim = backbone_info(tuned.backbone).dim + tuned.dim
-        if source == "imagenet":
-            self.imagenet = build_model(tuned.backbone, "imagenet").body.requires_grad_(False).eval()
+
+    @property
+    def fusion(self) -> dict:  # in the fingerprint
+        return {"weight": self.weight, "source": FUSION_SOURCE}
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b), each (N, d) and L2-normalised."""
         pooled = self.tuned.body(x)
-        a = self.imagenet(x) if self.fusion["source"] == "imagenet" else pooled
-        return F.normalize(a.float(), dim=1), F.normalize(self.tuned.neck(pooled).float(), dim=1)
+        return F.normalize(pooled.float(), dim=1), F.normalize(self.tuned.neck(pooled).float(), dim=1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return fuse_vectors(*self.parts(x), self.fusion["weight"])
+        return fuse_vectors(*self.parts(x), self.weight)
 
 
 def fused(model: EmbeddingNet, fusion: dict | None) -> EmbeddingNet | FusedNet:
@@ -273,7 +272,10 @@ def fused(model: EmbeddingNet, fusion: dict | None) -> EmbeddingNet | FusedNet:
     the plain model itself at weight 0 (or no fusion), else a FusedNet."""
     if not fusion or not fusion["weight"]:
         return model
-    return FusedNet(model, fusion["weight"], fusion["source"])
+    if fusion.get("source") != FUSION_SOURCE:
+        raise errors.InvalidArgument(f"fusion source {fusion.get('source')!r}: only {FUSION_SOURCE!r} is served; "
+                                     f"choose the weight again with `imagesearch-train fuse RUN_DIR`")
+    return FusedNet(model, fusion["weight"])
 
 
 def _strip_prefix(state: dict, prefix: str) -> dict:
@@ -347,7 +349,7 @@ def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str, tta: str 
     preprocessing settings and the test-time augmentation: two servers agree
     on it only if their vectors do. (tta "none" adds nothing to the hash, so
     a model served without TTA keeps its fingerprint; a FusedNet adds its
-    weight and source.)"""
+    fusion weight.)"""
     h = hashlib.sha256()
     settings = {"backbone": backbone, "preprocess": spec.to_dict()}
     if isinstance(model, FusedNet):
