@@ -3,6 +3,7 @@ model in-process, on ordinary photos and on 12-megapixel JPEGs.
 
     .venv/bin/python -m bench.embedder [--engines torch onnxruntime] [--photos both]
                                        [--device cpu|cuda] [--batch N] [--threads T]
+                                       [--checkpoints A.pt B.pt ...]
 
 Side by side, in one run, for each photo set and each (engine, decode) setting,
 same model, batch size, device and torch thread count:
@@ -12,6 +13,10 @@ same model, batch size, device and torch thread count:
   including decode), plus the forward alone on pre-decoded tensors (the ceiling);
 - service, EmbedStream: one bidirectional stream carrying every image;
 - service, Embed x C: C client threads each calling Embed in a loop.
+
+`--checkpoints` serves trainer checkpoints (e.g. one plain and its fused
+copies) instead of --backbone's ImageNet model: every setting once per checkpoint,
+the first checkpoint's the baseline.
 
 Photo sets: `clothing` = the clothing-small gallery (about 256 px; else
 scikit-image / scikit-learn sample photos); `12mp` = the same photos upscaled
@@ -188,6 +193,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--engine-cache", default=None, help="the services' and in-process --engine-cache")
+    p.add_argument("--checkpoints", nargs="+", type=Path, default=[],
+                   help="trainer checkpoints to serve, each crossed with the settings (default: --backbone)")
     p.add_argument("--int8-calibration", type=Path, default=None,
                    help="also run onnxruntime int8 calibrated on this folder (setting onnxruntime-int8)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "embedder.json")
@@ -206,19 +213,21 @@ def bench_set(args, label: str, images: list[bytes], batch: int, threads: int, c
     settings = settings_for(label, args.engines)
     if args.int8_calibration:
         settings.append(("onnxruntime-int8", "draft"))
+    settings = [(setting, decode, model) for model in args.checkpoints or [None] for setting, decode in settings]
     warm = images[:2 * batch]
     cache = ["--engine-cache", args.engine_cache] if args.engine_cache else []
     embedders, services, stubs, times = {}, {}, {}, {}
-    for setting, decode in settings:
-        key = (setting, decode)
+    for key in settings:
+        setting, decode, checkpoint = key
         engine = setting.removesuffix("-int8")  # "onnxruntime-int8": onnxruntime with --int8-calibration
         int8 = ["--int8-calibration", str(args.int8_calibration)] if setting.endswith("-int8") else []
-        embedders[key] = Embedder.load(backbone=args.backbone, device=args.device, engine=engine, decode=decode,
+        model = {"checkpoint": str(checkpoint)} if checkpoint else {"backbone": args.backbone}
+        embedders[key] = Embedder.load(**model, device=args.device, engine=engine, decode=decode,
                                        cache_dir=args.engine_cache, max_batch=batch, engine_threads=threads,
                                        int8_calibration=args.int8_calibration if int8 else None)
         embedders[key].warm_up()
-        service_args = ["--backbone", args.backbone, "--device", args.device, "--max-batch", str(batch),
-                        "--max-wait-ms", str(args.max_wait_ms), "--engine", engine,
+        service_args = [*(x for k, v in model.items() for x in (f"--{k}", v)), "--device", args.device,
+                        "--max-batch", str(batch), "--max-wait-ms", str(args.max_wait_ms), "--engine", engine,
                         "--decode", decode, *cache, *int8, *shlex.split(args.service_args)]
         if args.threads:
             service_args += ["--threads", str(threads), "--engine-threads", str(threads)]
@@ -260,6 +269,7 @@ def bench_set(args, label: str, images: list[bytes], batch: int, threads: int, c
             base_in_process = times[key]["in-process (decode + forward)"]
             rows.append({
                 "photos": label, "engine": key[0], "decode": key[1], "mode": mode, "images": n,
+                "model": key[2].name if key[2] else args.backbone, "dim": embedders[key].info.dim,
                 "median_s": statistics.median(ts), "runs_s": ts, "images_per_s": n / statistics.median(ts),
                 # Paired: each round runs every setting and mode back to back, so a ratio
                 # within a round cancels the load other jobs put on the machine then.
@@ -295,10 +305,12 @@ def main(argv=None) -> int:
         rows += bench_set(args, label, images, batch, threads, concurrency)
     load = os.getloadavg()
     print()
-    print("| photos | engine | decode | mode | images/s (median) | ratio to baseline | ratio to own in-process |")
-    print("|---|---|---|---|---:|---:|---:|")
+    print("| model | dim | photos | engine | decode | mode | images/s (median) | ratio to baseline "
+          "| ratio to own in-process |")
+    print("|---|---:|---|---|---|---|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['photos']} | {row['engine']} | {row['decode']} | {row['mode']} | {row['images_per_s']:.1f} "
+        print(f"| {row['model']} | {row['dim']} | {row['photos']} | {row['engine']} | {row['decode']} | {row['mode']} "
+              f"| {row['images_per_s']:.1f} "
               f"| {row['ratio_to_baseline']:.2f} | {row['ratio_to_in_process']:.2f} |")
     print("\nbaseline: the first setting of each photo set, same mode (torch draft on clothing, where draft "
           "changes nothing at 256 px; torch full decode on 12mp: today's service)")

@@ -33,6 +33,12 @@ Modifiers (serving the base's checkpoint; docs/ranker.md#re-ranking, library def
     tta               the embedder with --tta flip
     qe                each query with alpha-weighted query expansion (n 2, alpha 3)
     kreciprocal       k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3), after qe when both
+    wW                the embedding fused with the pooled features at weight W (e.g. w0.5;
+                      w0: the plain embedding)
+
+A trained row without wW serves best.pt as the trainer leaves it: fused at the weight its
+val/ chose (a run without RUN_DIR/fusion.json gets `python -m trainer fuse RUN_DIR` first). `--demo` measures the rows on `imagesearch demo`'s instance queries
+(altered copies of 22 photos, demo seed 0) instead of clothing-small's retrieval split.
 
 `--seeds 42,7` trains and measures each trained base once per seed (rows
 `default@7`...) and prints each option's mean over the seeds: one run's
@@ -61,6 +67,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -76,14 +83,18 @@ from clients.cli.jobs import index_folder, query_folder  # noqa: E402
 from clients.embedder import EmbedderClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
 from clients.ranker import RankerClient  # noqa: E402
+from clients.cli import demo as demo_data  # noqa: E402
 from clients.cli.services import EMBEDDER_MODULE, RANKER_MODULE, Services, embedder_args  # noqa: E402
 from clients.types import KReciprocal, QueryExpansion  # noqa: E402
+from imagesearch.model.backbones import FUSION_SOURCE  # noqa: E402
+from imagesearch.model.checkpoint import read_checkpoint, update_meta  # noqa: E402
 from trainer.train import DEFAULTS as TRAINER_DEFAULTS  # noqa: E402
 from trainer.train import training_settings  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("IMAGESEARCH_CLOTHING_DIR", ROOT.parent / "shared" / "data" / "clothing-small"))
 RUNS = ROOT / "runs" / "quality"
 RESULTS = ROOT / "bench" / "results" / "quality.json"
+RESULTS_DEMO = ROOT / "bench" / "results" / "quality-demo.json"
 BACKBONE = "efficientnet_lite0"
 TRAINER_SEED = TRAINER_DEFAULTS["seed"]  # runs trained with the trainer's own seed keep their plain folder names
 
@@ -116,6 +127,11 @@ MODIFIERS: dict[str, tuple[list[str], dict, dict]] = {
     "kreciprocal": ([], {}, {"k_reciprocal": KReciprocal()}),
 }
 
+
+def fusion_weight(mod: str) -> float | None:
+    """"w0.5" -> 0.5; None for anything else."""
+    return float(mod[1:]) if re.fullmatch(r"w(0(\.\d+)?|1(\.0*)?)", mod) else None
+
 DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "arcface", "default", "default+tta", "default+qe",
                 "default+kreciprocal", "default+qe+kreciprocal", "default+tta+qe+kreciprocal",
                 "lr3e-4", "sqrt", "balanced", "batch32", "lite2", "lite2+tta+qe+kreciprocal", "default-lite2",
@@ -125,17 +141,20 @@ DEFAULT_ROWS = ["off-the-shelf", "seed", "ce-ls0.1", "ce", "arcface", "default",
 def parse_option(option: str) -> tuple[str, list[str]]:
     """"base+mod+mod" -> (base, [mod, ...]); SystemExit naming the choices on a bad one."""
     base, *mods = option.split("+")
-    bad = [m for m in mods if m not in MODIFIERS]
-    if base not in BASES or bad or len(set(mods)) != len(mods):
+    bad = [m for m in mods if m not in MODIFIERS and fusion_weight(m) is None]
+    weights = [m for m in mods if m not in MODIFIERS]
+    if (base not in BASES or bad or len(set(mods)) != len(mods) or len(weights) > 1
+            or (weights and BASES.get(base) is None)):
         raise SystemExit(f"unknown option {option!r}: a base ({', '.join(BASES)}) optionally followed by "
-                         f"distinct +modifiers ({', '.join(MODIFIERS)})")
+                         f"distinct +modifiers ({', '.join(MODIFIERS)}; on a trained base one fusion weight wW, "
+                         f"e.g. w0.5)")
     return base, mods
 
 
 def row_settings(option: str) -> tuple[list[str], dict, dict]:
     """The row's embedder extra arguments, index and query keyword arguments."""
     emb, index_kw, query_kw = [], {}, {}
-    for mod in parse_option(option)[1]:
+    for mod in [m for m in parse_option(option)[1] if m in MODIFIERS]:
         e, i, q = MODIFIERS[mod]
         emb, index_kw, query_kw = emb + e, {**index_kw, **i}, {**query_kw, **q}
     return emb, index_kw, query_kw
@@ -158,7 +177,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="metrics cut-off and top-k (default %(default)s)")
     p.add_argument("--device", default=None, help="trainer and embedder device: auto | cpu | cuda")
     p.add_argument("--runs", type=Path, default=RUNS, help="where trained runs are kept (default %(default)s)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="JSON results (default %(default)s)")
+    p.add_argument("--demo", action="store_true",
+                   help="measure on `imagesearch demo`'s instance queries instead of clothing-small's retrieval split")
+    p.add_argument("--out", type=Path, help=f"JSON results (default {RESULTS}, with --demo {RESULTS_DEMO})")
     return p
 
 
@@ -220,6 +241,21 @@ def train(args, option: str, seed: int) -> Path:
     print(f"training {option}:", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
     return run
+
+
+def served_checkpoint(option: str, label: str, run: Path, folder: Path) -> Path:
+    """The checkpoint `option` serves from `run`: best.pt as the trainer leaves it
+    (fused as its val/ chose: `trainer fuse` first on a run without fusion.json),
+    or a copy in `folder` at the fusion weight its modifier asks for."""
+    if not (run / "fusion.json").is_file():
+        command = [sys.executable, "-m", "trainer", "fuse", str(run), "--workers", "1"]
+        print("choosing the fusion weight:", " ".join(command), flush=True)
+        subprocess.run(command, cwd=ROOT, check=True)
+    weight = next((w for m in parse_option(option)[1] if (w := fusion_weight(m)) is not None), None)
+    if weight is None:
+        return run / "best.pt"
+    return update_meta(run / "best.pt", {"fusion": {"weight": weight, "source": FUSION_SOURCE}},
+                       out=folder / f"{label.replace('+', '-').replace('@', '-seed')}.pt")
 
 
 def training_minutes(run: Path) -> float:
@@ -291,8 +327,9 @@ def first_hit_misses(rows: list[dict]) -> list[tuple[str, int]]:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    args.out = args.out or (RESULTS_DEMO if args.demo else RESULTS)
     retrieval = args.data / "retrieval"
-    if not (retrieval / "ground_truth.json").is_file():
+    if not args.demo and not (retrieval / "ground_truth.json").is_file():
         raise SystemExit(f"no clothing-small retrieval split at {retrieval} (pass --data)")
     options = [o.strip() for o in args.options.split(",") if o.strip()]
     for option in options:
@@ -316,37 +353,47 @@ def main(argv=None) -> int:
             if not finished(run):
                 left_out.append(f"{label} (no finished run at {run}; pass --train)")
                 continue
-            plan.append((option, label, embedder_args(checkpoint=str(run / "best.pt"), device=args.device,
-                                                      extra=emb_extra), run, state, seed))
+            plan.append((option, label, None, run, state, seed))
     if args.train_only:
         print("trained; measured nothing (--train-only)")
         return 0
 
-    truth = metrics.load_ground_truth(retrieval / "ground_truth.json")
     k = args.k
     rows = []
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp, Services() as services:
+        if args.demo:  # the demo's own photos and queries, at its default seed
+            retrieval = demo_data.build(Path(tmp) / "demo", seed=0)[0].parent
+        truth = metrics.load_ground_truth(retrieval / "ground_truth.json")
         ranker_child = services.start("ranker", RANKER_MODULE, ["--db", str(Path(tmp) / "quality.db")])
         ranker_child.wait_ready(120)
         with RankerClient(ranker_child.address, timeout=120) as ranker:
             for option, label, emb_args, run, state, seed in plan:
+                fusion = None
+                if run is not None:
+                    checkpoint = served_checkpoint(option, label, run, Path(tmp))
+                    fusion = read_checkpoint(checkpoint)["meta"].get("fusion")
+                    emb_args = embedder_args(checkpoint=str(checkpoint), device=args.device,
+                                             extra=row_settings(option)[0])
                 row = measure(option, label, emb_args, ranker, services, retrieval, truth, k)
                 row.update(base_option=option, seed=seed, run=str(run) if run else None, checkpoint=state or "-",
+                           fusion=fusion,
                            train_minutes=training_minutes(run) if run else 0.0,
                            trainer_args=trainer_args(args, parse_option(option)[0], seed) if run else None)
                 rows.append(row)
                 print(f"  {label}: P@{k} {row[f'precision@{k}']:.4f} mAP@{k} {row[f'map@{k}']:.4f} "
                       f"top-1 {row['top1']:.4f}", flush=True)
 
-    print(f"\nclothing-small retrieval: {rows[0]['queries'] if rows else 0} queries, "
+    print(f"\n{'demo instance queries' if args.demo else 'clothing-small retrieval'}: "
+          f"{rows[0]['queries'] if rows else 0} queries, "
           f"{rows[0]['gallery'] if rows else 0} gallery images, k={k}, {args.epochs} epochs, "
           f"through the embedder and ranker services")
     width = max([22, *(len(r["option"]) + 1 for r in rows)])
     print(f"{'option':<{width}} {'backbone':<18} {'dim':>5} {f'P@{k}':>7} {f'mAP@{k}':>7} {'top-1':>7} "
-          f"{'train min':>9}  checkpoint")
+          f"{'train min':>9}  {'fusion':<6} checkpoint")
     for r in rows:
+        fusion = f"{r['fusion']['weight']:g}" if r["fusion"] else "-"
         print(f"{r['option']:<{width}} {r['backbone']:<18} {r['dim']:>5} {r[f'precision@{k}']:>7.4f} "
-              f"{r[f'map@{k}']:>7.4f} {r['top1']:>7.4f} {r['train_minutes']:>9.1f}  {r['checkpoint']}")
+              f"{r[f'map@{k}']:>7.4f} {r['top1']:>7.4f} {r['train_minutes']:>9.1f}  {fusion:<6} {r['checkpoint']}")
     means = seed_means(rows, k)
     if means:
         print(f"\nmean over seeds {','.join(map(str, args.seeds))} (min-max):")
@@ -362,7 +409,7 @@ def main(argv=None) -> int:
         print(f"left out: {note}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "bench": "quality", "data": str(args.data), "k": k, "epochs": args.epochs,
+        "bench": "quality", "data": "demo" if args.demo else str(args.data), "k": k, "epochs": args.epochs,
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "seeds": args.seeds, "rows": rows, "seed_means": means, "left_out": left_out,
     }, indent=1) + "\n")

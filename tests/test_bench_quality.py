@@ -24,8 +24,10 @@ def test_bad_seeds_and_options_are_refused():
     for seeds, message in (("7,7", "distinct seeds"), ("4a", "whole numbers")):
         done = bench("--seeds", seeds)
         assert done.returncode == 2 and message in done.stderr
-    done = bench("--options", "default+fast")
-    assert done.returncode != 0 and "unknown option 'default+fast'" in done.stderr
+    for option in ("default+fast", "default+fused-a", "default+w1.5", "default+w0.3+w0.5",
+                   "off-the-shelf+w0.5"):
+        done = bench("--options", option)
+        assert done.returncode != 0 and f"unknown option '{option}'" in done.stderr
 
 
 def test_each_base_and_seed_names_its_own_run(tmp_path):
@@ -35,12 +37,16 @@ def test_each_base_and_seed_names_its_own_run(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     out = tmp_path / "quality.json"
-    done = bench("--data", str(data), "--runs", str(runs), "--out", str(out), "--options", "default,lite2,lr3e-4",
-                 "--seeds", "42,7")
+    done = bench("--data", str(data), "--runs", str(runs), "--out", str(out), "--options",
+                 "default,lite2,lr3e-4,default+w0.5", "--seeds", "42,7")
     assert done.returncode == 0, done.stderr
     left_out = json.loads(out.read_text())["left_out"]
     named = {line.split(" ")[0]: Path(line.split(" at ")[1].split(";")[0]).name for line in left_out}
-    assert set(named) == {"default@42", "default@7", "lite2@42", "lite2@7", "lr3e-4@42", "lr3e-4@7"}
+    assert set(named) == {"default@42", "default@7", "lite2@42", "lite2@7", "lr3e-4@42", "lr3e-4@7",
+                          "default+w0.5@42", "default+w0.5@7"}
+    # A fusion modifier serves the base's own run.
+    assert named.pop("default+w0.5@7") == named["default@7"]
+    named.pop("default+w0.5@42")
     # The trainer's default seed keeps the plain name; another seed says so; the keys differ
     # (lr3e-4, the default recipe at its former peak, is a model of its own, not today's default).
     assert named["default@42"].startswith("default-") and "seed" not in named["default@42"]

@@ -19,7 +19,8 @@ from PIL import Image
 from embedder_service.embedder import Embedder
 from imagesearch import errors
 from imagesearch.model import engines
-from imagesearch.model.backbones import fingerprint
+from imagesearch.model.backbones import BACKBONES, FusedNet, build_model, fingerprint
+from imagesearch.model.checkpoint import LoadedModel
 from testkit import ROOT, ServiceProcess
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -72,6 +73,20 @@ def test_every_fp32_engine_gives_torch_fp32_vectors_on_real_photos(engine, refer
         assert got.dtype == np.float32 and got.shape == (len(batch), 1280)
         assert np.abs(got - want[start:start + len(batch)]).max() <= TOLERANCE
     assert np.allclose(np.linalg.norm(embedder.embed_images(photos), axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_fused_model_exports_to_onnxruntime_within_tolerance(photos, cache_dir):
+    """Both parts in one exported graph: the pooled features beside the neck's embedding."""
+    tuned = build_model("efficientnet_lite0", "imagenet", 0, neck_dim=16)
+    loaded = LoadedModel(FusedNet(tuned.eval(), 0.4), BACKBONES["efficientnet_lite0"].preprocess,
+                         "efficientnet_lite0", "test", [], {})
+    want = Embedder(loaded, device="cpu", engine="torch").embed_images(photos)
+    embedder = Embedder(loaded, device="cpu", engine="onnxruntime", cache_dir=cache_dir)
+    got = embedder.embed_images(photos)
+    assert got.shape == (len(photos), 1280 + 16) and embedder.info.dim == 1296
+    assert np.abs(got - want).max() <= TOLERANCE
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from imagesearch import errors
-from imagesearch.model.backbones import BACKBONES, EmbeddingNet, build_model, fingerprint, load_by_key_order
-from imagesearch.model.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from imagesearch.model.backbones import (
+    BACKBONES,
+    EmbeddingNet,
+    FusedNet,
+    build_model,
+    fingerprint,
+    load_by_key_order,
+)
+from imagesearch.model.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint, update_meta
 
 torch.set_num_threads(1)
 
@@ -107,3 +114,47 @@ def test_checkpoint_round_trip_and_fingerprint(tmp_path):
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
     assert fingerprint(model, spec, "efficientnet_lite0") != fingerprint(loaded.model, spec, "efficientnet_lite0")
+
+
+def test_a_fused_checkpoint_serves_one_unit_vector_and_its_fingerprint_says_how(tmp_path):
+    """meta "fusion" {weight w}: [sqrt(w) a, sqrt(1-w) b] (a the pooled features, b the
+    neck's embedding), whose cosine is w cos_a + (1-w) cos_b; weight 0 is the plain model
+    under today's fingerprint; the weight and either part's weights change the fingerprint."""
+    lite0 = "efficientnet_lite0"
+    tuned = build_model(lite0, "none", 0, neck_dim=8).eval()
+    spec = BACKBONES[lite0].preprocess
+    meta = {"backbone": lite0, "class_names": ["a", "b"], "preprocess": spec.to_dict(), "embedding_dim": 8,
+            "epoch": 1, "metrics": {}, "model": tuned.options()}
+    path = save_checkpoint(tmp_path / "best.pt", tuned, meta)
+
+    def load(weight, source="pooled"):
+        return load_checkpoint(update_meta(path, {"fusion": {"weight": weight, "source": source}})).model.eval()
+
+    plain = fingerprint(tuned, spec, lite0)
+    zero = load(0.0)
+    assert type(zero) is EmbeddingNet and fingerprint(zero, spec, lite0) == plain
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    prints = {}
+    for weight in (0.5, 0.3, 1.0):
+        model = load(weight)
+        assert isinstance(model, FusedNet) and model.dim == 1280 + 8
+        with torch.no_grad():
+            v = model.embed(x)
+            a, b = model.parts(x)
+            assert torch.allclose(a, torch.nn.functional.normalize(model.tuned.body(x), dim=1), atol=1e-6)
+            assert torch.allclose(b, zero.embed(x), atol=1e-6)
+        assert v.shape == (3, 1288) and torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-6)
+        assert torch.allclose(v @ v.T, weight * (a @ a.T) + (1 - weight) * (b @ b.T), atol=1e-6)
+        prints[weight] = fingerprint(model, spec, lite0)
+    assert len(set(prints.values()) | {plain}) == 4
+    for part in ("body", "neck"):  # either part's weights
+        model = load(0.5)
+        assert fingerprint(model, spec, lite0) == prints[0.5]
+        with torch.no_grad():
+            next(getattr(model.tuned, part).parameters()).add_(1e-3)
+        assert fingerprint(model, spec, lite0) != prints[0.5]
+    with pytest.raises(errors.InvalidArgument, match="only 'pooled'"):
+        load(0.5, "imagenet")
+    for weight, model in ((1.5, tuned), (-0.1, tuned), (0.5, build_model(lite0, "none", 0))):
+        with pytest.raises(errors.InvalidArgument, match="fusion weight"):
+            FusedNet(model, weight)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from imagesearch import errors
+from imagesearch.model.backbones import EmbeddingNet
 from imagesearch.model.checkpoint import FORMAT, load_checkpoint
 from imagesearch.model.preprocessing import PreprocessSpec, eval_transform
 from tests.helpers import make_dataset
@@ -32,7 +33,8 @@ from trainer.early_stopping import EarlyStopping
 from trainer.losses import CrossEntropy
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_FILES = {"args.json", "summary.csv", "accuracy.png", "loss.png", "retrieval.png", "best.pt", "last.pt"}
+RUN_FILES = {"args.json", "summary.csv", "accuracy.png", "loss.png", "retrieval.png", "best.pt", "last.pt",
+             "fusion.json", "fusion.md"}
 
 
 @pytest.fixture(autouse=True)
@@ -359,7 +361,7 @@ def test_run_folder_and_checkpoint_format(tiny_data, tmp_path):
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["meta"]["epoch"] == 2 and last["optimizer"]["state"] and len(last["history"]) == 2
 
-    loaded = load_checkpoint(out / "best.pt")  # what the embedder's --checkpoint does
+    loaded = load_checkpoint(out / "best.pt", fusion=False)  # the trained model (served: fused, below)
     assert loaded.backbone == "efficientnet_lite0" and loaded.class_names == ["blue", "green", "red"]
     assert loaded.spec == PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3, "bicubic")
     loaded.model.eval()
@@ -368,6 +370,44 @@ def test_run_folder_and_checkpoint_format(tiny_data, tmp_path):
     with torch.no_grad():
         v = loaded.model.embed(x)
     assert v.shape == (1, 512) and torch.linalg.vector_norm(v, dim=1).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_fusion_weight_is_chosen_on_val_and_the_flag_or_fuse_sets_it(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(tiny_args(tiny_data, out)) == 0
+    table = json.loads((out / "fusion.json").read_text())
+    rows = table["table"]
+    assert [r["weight"] for r in rows] == list(train_mod.FUSION_WEIGHTS)
+    # Weight 0 is the plain embedding: the best epoch's own val mAP@10.
+    best_epoch = max(read_summary(out), key=lambda r: float(r["val_map@10"]))
+    assert rows[0]["map@10"] == pytest.approx(float(best_epoch["val_map@10"]), abs=1e-4)
+    fusion = torch.load(out / "best.pt", weights_only=True)["meta"]["fusion"]
+    top = max(r["map@10"] for r in rows)
+    assert fusion == table["chosen"] and fusion["chosen_by"] == "validation mAP@10" and fusion["val_images"] == 9
+    assert fusion["weight"] == min(r["weight"] for r in rows if r["map@10"] == top)
+    assert fusion["source"] == "pooled" and f"| {fusion['weight']:g} | " in (out / "fusion.md").read_text()
+    served = load_checkpoint(out / "best.pt").model
+    assert served.dim == (512 if fusion["weight"] == 0 else 1280 + 512)
+
+    fixed = tmp_path / "fixed"
+    assert cli_main(tiny_args(tiny_data, fixed, "--fusion-weight", "0.3")) == 0
+    fusion = torch.load(fixed / "best.pt", weights_only=True)["meta"]["fusion"]
+    assert fusion["weight"] == 0.3 and fusion["chosen_by"] == "--fusion-weight"
+    assert load_checkpoint(fixed / "best.pt").model.dim == 1280 + 512
+    # Re-chosen without training: weight 0 serves the plain model, and the table says so.
+    before = (fixed / "best.pt").read_bytes()
+    assert cli_main(["fuse", str(fixed), "--fusion-weight", "0", "--workers", "0"]) == 0
+    assert type(load_checkpoint(fixed / "best.pt").model) is EmbeddingNet
+    assert json.loads((fixed / "fusion.json").read_text())["chosen"]["weight"] == 0
+    assert cli_main(["fuse", str(fixed), "--workers", "0"]) == 0
+    assert torch.load(fixed / "best.pt", weights_only=True)["meta"]["fusion"]["chosen_by"] == "validation mAP@10"
+    assert len((fixed / "best.pt").read_bytes()) == pytest.approx(len(before), rel=0.01)  # meta only
+    for argv, message in ((["fuse", str(fixed), "--fusion-weight", "1.5"], "between 0 and 1"),
+                          (["fuse", str(tmp_path)], "no best.pt"),
+                          (tiny_args(tiny_data, tmp_path / "bad", "--fusion-weight", "-1"), "between 0 and 1"),
+                          (tiny_args(tiny_data, tmp_path / "bad", "--fusion-weight", "0.5", "--embedding-dim", "0"),
+                           "needs a neck")):
+        assert cli_main(argv) == 2 and message in capsys.readouterr().err
 
 
 def test_out_holding_a_run_is_not_overwritten(tiny_data, tmp_path, capsys):

@@ -4,6 +4,7 @@ with rank 0 writing the run folder, metrics summed over both processes."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -51,8 +52,10 @@ def test_torchrun_two_cpu_processes_write_one_run_in_the_checkpoint_format(tmp_p
     assert raw["format"] == FORMAT and raw["meta"]["epoch"] == 2
     assert raw["meta"]["args"]["backbone"] == "efficientnet_lite0"
     assert not any(k.startswith("module.") for k in raw["state_dict"]), "DDP wrapper must not leak into keys"
-    loaded = load_checkpoint(out / "best.pt")
+    loaded = load_checkpoint(out / "best.pt", fusion=False)
     assert loaded.class_names == ["blue", "green", "red"] and loaded.spec.input_size == 32
+    # The fusion weights were scored on the whole validation split, gathered from both processes.
+    assert json.loads((out / "fusion.json").read_text())["chosen"]["val_images"] == 9
     assert loaded.meta["embedding_dim"] == 512  # the default recipe's neck
 
     x = torch.rand(2, 3, 32, 32)

@@ -263,7 +263,7 @@ def test_each_option_trains_and_its_checkpoint_rebuilds_the_model(real_subset, t
         assert int(r["val_images"]) == 9 and 0 < float(r["val_map@10"]) <= 1
         assert 0 < float(r["val_precision@10"]) <= 0.2  # 2 relevant of 10
     saved = json.loads((out / "args.json").read_text())
-    loaded = load_checkpoint(out / "best.pt")
+    loaded = load_checkpoint(out / "best.pt", fusion=False)
     meta = loaded.meta
     neck = saved["embedding_dim"] or None  # 0: no neck
     metric_loss = saved["loss"] != "ce"
@@ -326,7 +326,8 @@ def test_flip_tta_averages_the_mirror_and_changes_the_fingerprint(clothing_dir):
 @pytest.mark.slow
 def test_the_embedder_serves_a_neck_checkpoint_at_its_dimension(real_subset, tmp_path):
     out = tmp_path / "run"
-    assert cli_main(args_for(real_subset, out, "--loss", "arcface", "--embedding-dim", "24")) == 0
+    assert cli_main(args_for(real_subset, out, "--loss", "arcface", "--embedding-dim", "24",
+                             "--fusion-weight", "0")) == 0  # the plain embedding
     best = out / "best.pt"
     loaded = load_checkpoint(best)
     image = sorted((real_subset / "val" / "shoes").iterdir())[0].read_bytes()

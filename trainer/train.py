@@ -3,6 +3,7 @@
     imagesearch-train --data DIR --out RUN_DIR [--backbone efficientnet_lite0] ...
     python -m trainer ...                              (the same)
     torchrun --nproc_per_node=N -m trainer ...         (DistributedDataParallel)
+    imagesearch-train fuse RUN_DIR [--fusion-weight W] (choose a run's fusion weight again)
 
 Shaped like torchvision's references/classification/train.py:
 `get_args_parser()`, `main(args)`, `train_one_epoch(...)`, `evaluate(...)`.
@@ -15,8 +16,10 @@ embedded and scored as a retrieval task (each a query against the rest:
 mAP@10, P@10, top-1); `--select-by map|loss` picks the epoch kept as
 best.pt and the figure early stopping watches. `--loss ce|arcface|p2sgrad` and `--embedding-dim N` (a linear +
 BatchNorm neck) are options of the one model, recorded in the checkpoint.
+After training, `choose_fusion` picks on val/ the weight at which best.pt is
+served fused with its pooled features (`--fusion-weight` fixes it).
 
-RUN_DIR gets args.json, summary.csv (one row per epoch), accuracy.png,
+RUN_DIR gets args.json, fusion.json and fusion.md, summary.csv (one row per epoch), accuracy.png,
 loss.png, retrieval.png, best.pt and last.pt (imagesearch.model.checkpoint format;
 last.pt also holds the optimizer, loss, loss-scaler and early-stopping state
 for --resume).
@@ -49,14 +52,16 @@ from imagesearch.defaults import DEFAULT_BACKBONE, LOG_FORMAT_ENV
 from imagesearch.files import atomic_write_text
 from imagesearch.model.backbones import (
     BACKBONES,
+    FUSION_SOURCE,
     WEIGHTS_CHOICES_HELP,
     EmbeddingNet,
     backbone_info,
     build_model,
     default_device,
+    fuse_vectors,
     set_threads_from_env,
 )
-from imagesearch.model.checkpoint import read_checkpoint, save_checkpoint
+from imagesearch.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, update_meta
 from imagesearch.model.preprocessing import AUGMENTATIONS, PreprocessSpec, eval_transform, train_transform
 from imagesearch.retrieval_metrics import leave_one_out
 from trainer import amp, distributed
@@ -166,6 +171,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     m.add_argument("--embedding-dim", type=int, metavar="N",
                    help="a neck (linear + BatchNorm) to an N-d embedding before the loss; 0 = none, the backbone's "
                         f"pooled features (default {d['embedding_dim']}; seed {s['embedding_dim']})")
+    m.add_argument("--fusion-weight", type=float, metavar="W",
+                   help="serve the embedding fused with the pooled backbone features, cosine = W x theirs + "
+                        "(1 - W) x the embedding's; 0 = the plain embedding (default: chosen after training, the "
+                        "weight with the best validation mAP@10: RUN_DIR/fusion.md; needs a neck)")
     p.add_argument("--image-size", type=int, metavar="PX",
                    help="square input size (default: the backbone's own, as EfficientNet scales resolution with "
                         "the model: " + ", ".join(f"{name.removeprefix('efficientnet_')} {info.preprocess.input_size}"
@@ -174,19 +183,64 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--freeze-backbone", action="store_true", default=None,
                    help="train the classifier head only (the seed's fine_tune=False); "
                         "default: all layers trainable")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="DataLoader processes per training process (default: half the cores, 1 to 8)")
     p.add_argument("--seed", type=int, help=f"random seed (default: {DEFAULTS['seed']})")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto = cuda when there is one)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its last.pt: weights, optimizer, epoch and early-stopping "
                         "state; flags not given take that run's values")
+    return _local_flags(p)
+
+
+def _local_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags that say where and how a command runs, not what it makes."""
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="DataLoader processes per training process (default: half the cores, 1 to 8)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto = cuda when there is one)")
     p.add_argument("--log-level", default=os.environ.get("IMAGESEARCH_LOG_LEVEL", "INFO"),
                    help="logging level (default: INFO, env IMAGESEARCH_LOG_LEVEL)")
     p.add_argument("--log-format", default=os.environ.get(LOG_FORMAT_ENV) or "text", choices=logs.FORMATS,
                    help=f"text, or json: one object a line (time, level, logger, message, ...) "
                         f"(env {LOG_FORMAT_ENV}; default %(default)s)")
     return p
+
+
+def get_fuse_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} fuse", description="(Re)choose a training run's fusion weight without training: score "
+        "the weights on the run's validation split, write RUN_DIR/fusion.json and fusion.md, and the chosen "
+        "weight into RUN_DIR/best.pt (what the embedder serves).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's folder (args.json, best.pt)")
+    p.add_argument("--fusion-weight", type=float, metavar="W",
+                   help="this weight (0 = the plain embedding) instead of the one with the best validation mAP@10")
+    p.add_argument("--data", metavar="DIR", help="the run's data folder (default: the one its args.json names)")
+    return _local_flags(p)
+
+
+def fuse(args: argparse.Namespace) -> dict:
+    """`imagesearch-train fuse RUN_DIR`: `choose_fusion` on a run's validation split, into its best.pt."""
+    set_threads_from_env()
+    run = Path(args.run_dir)
+    if not (run / "best.pt").is_file() or not (run / "args.json").is_file():
+        raise errors.InvalidArgument(f"{run}: no best.pt and args.json there; pass the RUN_DIR of a training run")
+    given = [x for flag, value in (("--data", args.data), ("--workers", args.workers), ("--device", args.device))
+             if value is not None for x in (flag, str(value))]
+    saved = json.loads((run / "args.json").read_text())
+    targs = _resolve_args(get_args_parser().parse_args(["--resume", str(run), *given]), {"args": saved})
+    targs.fusion_weight = args.fusion_weight
+    targs.workers = default_workers() if targs.workers is None else targs.workers
+    _check_numbers(targs)
+    device = default_device(targs.device)
+    loaded = load_checkpoint(run / "best.pt", fusion=False)
+    carved = read_split(run)
+    layout = check_layout(targs.data, val_split=None if carved else targs.val_split, seed=targs.seed, carved=carved)
+    if list(layout.class_names) != loaded.class_names:
+        raise errors.InvalidArgument(f"--data {targs.data} has classes {list(layout.class_names)}, but {run} was "
+                                     f"trained on {loaded.class_names}")
+    _, val_loader, _ = _loaders(layout, loaded.spec, targs, distributed.DistInfo(), device)
+    model = loaded.model.to(device, memory_format=torch.channels_last)
+    fusion = choose_fusion(model, val_loader, device, amp.precision_for(device), run, targs.fusion_weight,
+                           progress=targs.log_format == "text")
+    update_meta(run / "best.pt", {"fusion": fusion})
+    return fusion
 
 
 # ---------------------------------------------------------------- training loop
@@ -268,6 +322,23 @@ def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.opt
     return _metrics(loss_sum, correct, seen, skipped, device)
 
 
+def _embed_split(loader, device: torch.device, step, dim: int, *, skip_log: SkipLog, progress: bool, desc: str):
+    """(vectors, labels, skipped files) over `loader`: `step(images, targets)` gives each
+    batch's (N, dim) vectors; rows gathered over every process."""
+    vectors, labels, skipped = [], [], 0
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False,
+               file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30)
+    for batch in bar:
+        skipped += skip_log.record(batch)
+        if len(batch.targets):
+            vectors.append(step(*_to_device(batch, device)).float().cpu().numpy())
+            labels.append(batch.targets.numpy())
+    bar.close()
+    vectors = distributed.all_gather_arrays(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32))
+    labels = distributed.all_gather_arrays(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    return vectors, labels, skipped
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, criterion: Criterion, loader, device: torch.device,
              precision: amp.Precision, *, skip_log: SkipLog | None = None,
@@ -278,29 +349,20 @@ def evaluate(model: nn.Module, criterion: Criterion, loader, device: torch.devic
     model = _core(model)  # no DDP collectives: ranks may hold different numbers of batches
     model.eval()
     criterion.eval()
-    skip_log = skip_log or SkipLog()
-    loss_sum = correct = seen = skipped = 0.0
-    vectors, labels = [], []
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False,
-               file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30)
-    for batch in bar:
-        skipped += skip_log.record(batch)
-        if len(batch.targets) == 0:
-            continue
-        images, targets = _to_device(batch, device)
+    sums = [0.0, 0.0, 0]  # loss, correct, seen
+
+    def step(images, targets):
         with precision.autocast():
             features = model.features(images)
             outputs = model.head(features)
-        loss_sum += criterion(outputs, targets).item() * len(targets)
-        correct += (criterion.logits(outputs).argmax(1) == targets).sum().item()
-        seen += len(targets)
-        vectors.append(F.normalize(features.float(), dim=1).cpu().numpy())
-        labels.append(targets.cpu().numpy())
-    bar.close()
-    out = _metrics(loss_sum, correct, seen, skipped, device)
-    vectors = distributed.all_gather_arrays(
-        np.concatenate(vectors) if vectors else np.zeros((0, model.dim), np.float32))
-    labels = distributed.all_gather_arrays(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+        sums[0] += criterion(outputs, targets).item() * len(targets)
+        sums[1] += (criterion.logits(outputs).argmax(1) == targets).sum().item()
+        sums[2] += len(targets)
+        return F.normalize(features.float(), dim=1)
+
+    vectors, labels, skipped = _embed_split(loader, device, step, model.dim, skip_log=skip_log or SkipLog(),
+                                            progress=progress, desc=desc)
+    out = _metrics(*sums, skipped, device)
     scores = leave_one_out(vectors, labels, k)
     out.update(map=scores["map"], precision=scores["precision"], top1=scores["top1"])
     return out
@@ -311,6 +373,58 @@ def _metrics(loss_sum, correct, seen, skipped, device) -> dict:
     return {"loss": loss_sum / seen if seen else math.nan,
             "accuracy": correct / seen if seen else math.nan,
             "images": int(seen), "skipped": int(skipped)}
+
+
+# ---------------------------------------------------------------- fusion with the pooled features
+
+FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+
+
+@torch.inference_mode()
+def choose_fusion(model: nn.Module, loader, device: torch.device, precision: amp.Precision,
+                  run_dir: Path | None, weight: float | None = None, *, skip_log: SkipLog | None = None,
+                  progress: bool = False) -> dict:
+    """The checkpoint's meta "fusion" (imagesearch.model.backbones.fused): the
+    embedding fused with the pooled features at each of FUSION_WEIGHTS (and
+    `weight`), scored on `loader` (the validation split) with every image a
+    query against the others (leave-one-out mAP@10, P@10, top-1). The best
+    mAP@10 wins (ties: the smaller weight); `weight` fixes it. A model without
+    a neck serves its embedding (weight 0). Writes run_dir/fusion.json and
+    fusion.md when run_dir is given (the main process)."""
+    model = _core(model).eval()
+    d = backbone_info(model.backbone).dim
+    table, labels = [], []
+    if model.neck_dim:
+        def step(images, _):
+            with precision.autocast():
+                pooled = model.body(images)
+                parts = (pooled, model.neck(pooled))
+            return torch.cat([F.normalize(p.float(), dim=1) for p in parts], dim=1)
+
+        vectors, labels, _ = _embed_split(loader, device, step, d + model.dim, skip_log=skip_log or SkipLog(),
+                                          progress=progress, desc="fusion weights")
+        vectors = torch.from_numpy(vectors)
+        for w in sorted({*FUSION_WEIGHTS, *([] if weight is None else [weight])}):
+            scores = leave_one_out(fuse_vectors(vectors[:, :d], vectors[:, d:], w).numpy(), labels, RETRIEVAL_K)
+            table.append({"weight": w, "map@10": scores["map"], "precision@10": scores["precision"],
+                          "top1": scores["top1"]})
+    pick = max((r for r in table if weight is None or r["weight"] == weight),
+               key=lambda r: (-1 if math.isnan(r["map@10"]) else r["map@10"], -r["weight"]), default={"weight": 0.0})
+    fusion = {"weight": pick["weight"], "source": FUSION_SOURCE, "val_images": len(labels),
+              "chosen_by": ("no neck" if not model.neck_dim else "validation mAP@10" if weight is None
+                            else "--fusion-weight")}
+    if run_dir is not None:
+        atomic_write_text(run_dir / "fusion.json", json.dumps({"chosen": fusion, "table": table}, indent=1) + "\n")
+        lines = [f"# Fusion weight {fusion['weight']:g} ({fusion['chosen_by']})", "",
+                 (f"Validation split, {len(labels)} images, each a query against the others; cosine = w x the "
+                  f"pooled features' + (1 - w) x the embedding's."), "",
+                 "| weight | mAP@10 | P@10 | top-1 |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['weight']:g} | {r['map@10']:.4f} | {r['precision@10']:.4f} | {r['top1']:.4f} |"
+                  for r in table]
+        atomic_write_text(run_dir / "fusion.md", "\n".join(lines) + "\n")
+    log.info("fusion weight %g (%s; val mAP@10 %.4f, plain %.4f)", fusion["weight"], fusion["chosen_by"],
+             pick.get("map@10", math.nan), table[0]["map@10"] if table else math.nan)
+    return fusion
 
 
 # ---------------------------------------------------------------- run folder
@@ -395,6 +509,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value in (("--lr", args.lr), ("--head-lr-mult", args.head_lr_mult)):
         if not (value > 0 and math.isfinite(value)):
             raise errors.InvalidArgument(f"{flag} {value}: must be a positive number")
+    if args.fusion_weight is not None and not 0 <= args.fusion_weight <= 1:
+        raise errors.InvalidArgument(f"--fusion-weight {args.fusion_weight}: must be between 0 and 1")
+    if args.fusion_weight and not args.embedding_dim:
+        raise errors.InvalidArgument(f"--fusion-weight {args.fusion_weight} needs a neck (--embedding-dim N): "
+                                     f"without one the embedding is the pooled features")
     for flag, value, high in (("--weight-decay", args.weight_decay, math.inf),
                               ("--warmup-epochs", args.warmup_epochs, math.inf),
                               ("--label-smoothing", args.label_smoothing, 1.0)):
@@ -646,6 +765,10 @@ def main(args: argparse.Namespace) -> TrainResult:
             log.info("restored the best epoch's weights: epoch %d (val loss %.4f, acc %.4f, mAP@10 %.4f) -> %s",
                      best["epoch"], best["val_loss"], best["val_accuracy"], best["val_map@10"],
                      run_dir / "best.pt")
+        fusion = choose_fusion(model, val_loader, device, precision, run_dir if main_proc else None,
+                               args.fusion_weight, skip_log=skip_log, progress=bars)
+        if main_proc and (run_dir / "best.pt").is_file():
+            update_meta(run_dir / "best.pt", {"fusion": fusion})
     else:
         log.warning("no epoch had a finite validation %s; best.pt was not written", SELECT_BY[args.select_by])
     return TrainResult(model, run_dir, history, selector.best_epoch, stopped_early)

@@ -13,6 +13,9 @@ L2-normalised. Backbones:
 
 `weights` is "imagenet", "none" (random init, only when asked) or a path to a
 state_dict / trainer checkpoint.
+
+`FusedNet` serves a fine-tuned model's pooled backbone features beside its
+neck's embedding, in one unit vector (a trainer checkpoint's meta "fusion").
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import socket
@@ -226,6 +230,54 @@ class EmbeddingNet(nn.Module):
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
 
+FUSION_SOURCE = "pooled"  # the only source of the feature fused with the embedding (meta "fusion")
+
+
+def fuse_vectors(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """[sqrt(w) a, sqrt(1-w) b] for unit rows a and b: a unit vector whose
+    cosine with another such vector is w cos_a + (1-w) cos_b."""
+    return torch.cat([a * math.sqrt(weight), b * math.sqrt(1 - weight)], dim=1)
+
+
+class FusedNet(nn.Module):
+    """A fine-tuned EmbeddingNet with a neck, served as `fuse_vectors(a, b,
+    weight)`: a its body's pooled features, b its neck's embedding, each
+    L2-normalised; one forward pass, (backbone dim + embedding dim)-d. The
+    pooled features keep more of the ImageNet features' instance likeness (two
+    shots of one object) than the neck trained on categories does."""
+
+    def __init__(self, tuned: EmbeddingNet, weight: float):
+        super().__init__()
+        if not 0 < weight <= 1 or not tuned.neck_dim:
+            raise errors.InvalidArgument(f"fusion weight {weight}: must be in (0, 1], on a model with a neck "
+                                         f"(without one its embedding is the pooled features)")
+        self.tuned, self.backbone, self.weight = tuned, tuned.backbone, float(weight)
+        self.dim = backbone_info(tuned.backbone).dim + tuned.dim
+
+    @property
+    def fusion(self) -> dict:  # in the fingerprint
+        return {"weight": self.weight, "source": FUSION_SOURCE}
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b), each (N, d) and L2-normalised."""
+        pooled = self.tuned.body(x)
+        return F.normalize(pooled.float(), dim=1), F.normalize(self.tuned.neck(pooled).float(), dim=1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return fuse_vectors(*self.parts(x), self.weight)
+
+
+def fused(model: EmbeddingNet, fusion: dict | None) -> EmbeddingNet | FusedNet:
+    """The model a checkpoint's meta "fusion" ({"weight", "source"}) serves:
+    the plain model itself at weight 0 (or no fusion), else a FusedNet."""
+    if not fusion or not fusion["weight"]:
+        return model
+    if fusion.get("source") != FUSION_SOURCE:
+        raise errors.InvalidArgument(f"fusion source {fusion.get('source')!r}: only {FUSION_SOURCE!r} is served; "
+                                     f"choose the weight again with `imagesearch-train fuse RUN_DIR`")
+    return FusedNet(model, fusion["weight"])
+
+
 def _strip_prefix(state: dict, prefix: str) -> dict:
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items()}
@@ -296,9 +348,12 @@ def fingerprint(model: nn.Module, spec: PreprocessSpec, backbone: str, tta: str 
     """sha256 over every weight tensor (name, dtype, shape, bytes), the
     preprocessing settings and the test-time augmentation: two servers agree
     on it only if their vectors do. (tta "none" adds nothing to the hash, so
-    a model served without TTA keeps its fingerprint.)"""
+    a model served without TTA keeps its fingerprint; a FusedNet adds its
+    fusion weight.)"""
     h = hashlib.sha256()
     settings = {"backbone": backbone, "preprocess": spec.to_dict()}
+    if isinstance(model, FusedNet):
+        settings["fusion"] = model.fusion
     if tta != "none":
         settings["tta"] = tta
     h.update(json.dumps(settings, sort_keys=True).encode())

@@ -6,7 +6,8 @@ Layout (loads with `torch.load(path, weights_only=True)`):
      "state_dict": EmbeddingNet.state_dict(),
      "meta": {"backbone", "class_names", "preprocess": {input_size, mean, std,
               interpolation}, "embedding_dim", "epoch", "metrics",
-              "model": {"neck_dim", "num_classes"} (EmbeddingNet.options()), ...},
+              "model": {"neck_dim", "num_classes"} (EmbeddingNet.options()),
+              "fusion": {"weight", "source"} (optional; what is served: backbones.fused), ...},
      "optimizer": optional optimizer state (for --resume)}
 
 Writes are atomic (temporary file + os.replace), so a crash never leaves
@@ -24,7 +25,7 @@ import torch
 from imagesearch import errors
 from imagesearch.defaults import DEFAULT_BACKBONE
 from imagesearch.files import atomic_write
-from imagesearch.model.backbones import EmbeddingNet, backbone_info, build_model, load_tensors
+from imagesearch.model.backbones import EmbeddingNet, FusedNet, backbone_info, build_model, fused, load_tensors
 from imagesearch.model.preprocessing import PreprocessSpec
 
 FORMAT = "imagesearch.checkpoint/1"
@@ -34,7 +35,7 @@ FORMAT = "imagesearch.checkpoint/1"
 class LoadedModel:
     """A model ready for inference and what describes it."""
 
-    model: EmbeddingNet
+    model: EmbeddingNet | FusedNet
     spec: PreprocessSpec
     backbone: str
     weights: str  # "imagenet", "none", a weights path or a checkpoint path
@@ -65,14 +66,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
+def update_meta(path: str | os.PathLike, changes: dict, out: str | os.PathLike | None = None) -> Path:
+    """Write checkpoint `path` with `changes` in its meta to `out` (default: `path` itself)."""
+    payload = read_checkpoint(path)
+    payload["meta"].update(changes)
+    return atomic_write(out or path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | os.PathLike, *, fusion: bool = True) -> LoadedModel:
+    """The model a checkpoint serves: fused as its meta says, or (fusion=False) the plain one."""
     payload = read_checkpoint(path)
     meta = payload["meta"]
     class_names = list(meta.get("class_names") or [])
     model = EmbeddingNet(meta["backbone"], **meta["model"])
     model.load_state_dict(payload["state_dict"], strict=True)
     spec = PreprocessSpec.from_dict(meta["preprocess"])
-    return LoadedModel(model, spec, meta["backbone"], str(path), class_names, meta)
+    return LoadedModel(fused(model, meta.get("fusion") if fusion else None), spec, meta["backbone"], str(path),
+                       class_names, meta)
 
 
 def load_model(checkpoint: str | os.PathLike | None = None, backbone: str = DEFAULT_BACKBONE,

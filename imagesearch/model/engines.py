@@ -155,7 +155,7 @@ class TorchEngine:
 
 
 class _Embed(nn.Module):
-    """What is exported: input batch -> normalised embedding (EmbeddingNet.embed)."""
+    """What is exported: input batch -> normalised embedding (EmbeddingNet.embed or FusedNet.embed)."""
 
     def __init__(self, model: EmbeddingNet):
         super().__init__()
