@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -168,13 +168,14 @@ def _on_target(gallery: RankerBackend, op, name: str, *args):
     return op(gallery.aliases.resolve(name).collection, *args)
 
 
-def _search_now(gallery: RankerBackend, query: Query) -> tuple[Target, Query, list[Match] | None]:
-    """The query's collection resolved, and its matches; None instead when the
-    derived re-ranking data it needs is being rebuilt (awaited on the event loop,
-    then searched). One pool job for the usual search."""
+def _search_now(gallery: RankerBackend, query: Query) -> tuple[Target, Query, list[Match] | None, Future | None]:
+    """The query's collection resolved, and its matches; instead of them, when
+    the derived re-ranking data it needs is being rebuilt, the future to await
+    on the event loop before searching. One pool job for the usual search."""
     target = gallery.aliases.resolve(query.collection)
     query = dataclasses.replace(query, collection=target.collection)
-    return target, query, None if gallery.derived_pending(query) is not None else gallery.search(query)
+    wait = gallery.derived_pending(query)
+    return target, query, gallery.search(query) if wait is None else None, wait
 
 
 async def _blocking(fn, *args, deadline: float | None = None):
@@ -204,10 +205,13 @@ async def _derived_ready(gallery: RankerBackend, queries: list[Query]) -> None:
     in the background: rerank/cache.py), within the first query's deadline (the
     call's); DeadlineExceeded past it. The search itself then waits no more
     (unless another write came meanwhile)."""
-    waits = [w for q in queries if (w := gallery.derived_pending(q)) is not None]
+    await _awaited([w for q in queries if (w := gallery.derived_pending(q)) is not None], queries[0].deadline)
+
+
+async def _awaited(waits: list[Future], deadline: float | None) -> None:
+    """Every future done, or DeadlineExceeded past `deadline`."""
     if not waits:
         return
-    deadline = queries[0].deadline
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(w) for w in waits)), timeout)
@@ -281,9 +285,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         gallery = self.ready.core()
         query = _query(request, "query", deadline=_deadline(context))
         async with self._answer_room(query.top_k or DEFAULT_TOP_K):
-            target, query, matches = await _blocking(_search_now, gallery, query, deadline=query.deadline)
-            if matches is None:
-                await _derived_ready(gallery, [query])
+            target, query, matches, wait = await _blocking(_search_now, gallery, query, deadline=query.deadline)
+            if matches is None:  # the rebuild `wait` stands for is started: await it, no second request
+                await _awaited([wait], query.deadline)
                 matches = await _blocking(gallery.search, query)
             origin = {"collection": target.collection, "fingerprint": target.fingerprint}
             page = request.page_size
