@@ -205,7 +205,8 @@ async def _derived_ready(gallery: RankerBackend, queries: list[Query]) -> None:
     in the background: rerank/cache.py), within the first query's deadline (the
     call's); DeadlineExceeded past it. The search itself then waits no more
     (unless another write came meanwhile)."""
-    await _awaited([w for q in queries if (w := gallery.derived_pending(q)) is not None], queries[0].deadline)
+    waits = [w for q in queries if (w := gallery.derived_pending(q)) is not None]
+    await _awaited(waits, queries[0].deadline if waits else None)
 
 
 async def _awaited(waits: list[Future], deadline: float | None) -> None:
