@@ -328,12 +328,12 @@ def first_hit_misses(rows: list[dict]) -> list[tuple[str, int]]:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     args.out = args.out or (RESULTS_DEMO if args.demo else RESULTS)
+    options = [o.strip() for o in args.options.split(",") if o.strip()]
+    for option in options:  # a bad option is refused first, with or without the data
+        parse_option(option)
     retrieval = args.data / "retrieval"
     if not args.demo and not (retrieval / "ground_truth.json").is_file():
         raise SystemExit(f"no clothing-small retrieval split at {retrieval} (pass --data)")
-    options = [o.strip() for o in args.options.split(",") if o.strip()]
-    for option in options:
-        parse_option(option)
 
     plan, left_out = [], []
     for option in options:
