@@ -30,15 +30,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     db = tmp_path_factory.mktemp("ranker") / "g.db"
-    embedder = ServiceProcess("embedder_service", "--backbone", "efficientnet_lite0")
-    try:
-        ranker = ServiceProcess("ranker_service", "--db", str(db))
-        try:
-            yield embedder, ranker
-        finally:
-            ranker.terminate()
-    finally:
-        embedder.terminate()
+    with ServiceProcess("embedder_service", "--backbone", "efficientnet_lite0") as embedder, \
+            ServiceProcess("ranker_service", "--db", str(db)) as ranker:
+        yield embedder, ranker
 
 
 @pytest.fixture(scope="module")

@@ -54,16 +54,10 @@ def small_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, small_checkpoint):
     db = tmp_path_factory.mktemp("ranker") / "g.db"
-    embedder = ServiceProcess("embedder_service", "--model", f"small={small_checkpoint}",
-                              "--model", "base=efficientnet_lite0")
-    try:
-        ranker = ServiceProcess("ranker_service", "--db", str(db))
-        try:
-            yield embedder, ranker
-        finally:
-            ranker.terminate()
-    finally:
-        embedder.terminate()
+    with ServiceProcess("embedder_service", "--model", f"small={small_checkpoint}",
+                        "--model", "base=efficientnet_lite0") as embedder, \
+            ServiceProcess("ranker_service", "--db", str(db)) as ranker:
+        yield embedder, ranker
 
 
 @pytest.fixture(scope="module")

@@ -32,16 +32,10 @@ CLASSES = ("a", "a", "b", "b", "c", "c")
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    embedder = ServiceProcess("embedder_service", "--backbone", "efficientnet_lite0",
-                              "--max-image-bytes", MAX_IMAGE_BYTES, startup_timeout=180)
-    try:
-        ranker = ServiceProcess("ranker_service", "--db", tmp_path_factory.mktemp("db") / "g.db")
-        try:
-            yield embedder, ranker
-        finally:
-            ranker.terminate()
-    finally:
-        embedder.terminate()
+    with ServiceProcess("embedder_service", "--backbone", "efficientnet_lite0",
+                        "--max-image-bytes", MAX_IMAGE_BYTES, startup_timeout=180) as embedder, \
+            ServiceProcess("ranker_service", "--db", tmp_path_factory.mktemp("db") / "g.db") as ranker:
+        yield embedder, ranker
 
 
 @pytest.fixture(scope="module")
