@@ -354,3 +354,36 @@ def web_search_follows_the_alias(services, queries: Path, *, collection: str, ta
                         files={"image": (photo.name, photo.read_bytes(), "image/jpeg")})
         assert answer.status_code == 200, answer.text
         assert (answer.json()["collection"], answer.json()["fingerprint"]) == (target, fingerprint)
+
+
+def test_a_query_run_that_spans_a_switch_is_answered_by_one_collection(services, fingerprints, photo_set, tmp_path,
+                                                                       capsys):
+    """`query` resolves the alias once: a switch after its first chunk leaves the
+    rest of the run on the collection it started with (no chunk fails on the
+    fingerprint check of the other model's collection)."""
+    from clients.cli.jobs import query_folder
+
+    f = flags(services)
+    g = copy_gallery(photo_set[0], tmp_path / "gallery")
+    assert cli.main(["index", str(g), "--alias", "span", *f]) == 0
+    with RankerClient(services[1].address) as rank:  # the other model's collection, ready to switch to
+        rank.create_collection("span-base", 1280, fingerprints["base"])
+    assert cli.main(["index", str(g), "--collection", "span-base", *f]) == 0
+    capsys.readouterr()
+    old = aliases(services)["span"].collection
+    with EmbedderClient(services[0].address) as emb, \
+            RankerClient(services[1].address) as rank, RankerClient(services[1].address) as other:
+        searched = []
+
+        def switching(collection, *args, **kwargs):
+            searched.append(collection)
+            if len(searched) == 1:
+                other.switch_alias("span", "span-base")
+            return search_stream(collection, *args, **kwargs)
+
+        search_stream, rank.search_stream = rank.search_stream, switching
+        report = query_folder(emb, rank, photo_set[1], collection="span", chunk_size=2,
+                              concurrency=1, progress=False)
+    assert aliases(services)["span"].collection == "span-base"
+    assert not report.failed and len(report.results) == 22, report.failed
+    assert len(searched) == 11 and set(searched) == {old}, searched
